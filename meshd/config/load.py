@@ -1,0 +1,58 @@
+"""Thin file wrappers around the pure parsers: read TOML, attach the file name to every problem."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from meshd.config.parse import parse_host_config, parse_routes
+from meshd.config.schema import HostConfig, RouteTable
+from meshd.errors import ConfigError, Problem
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError([Problem(str(path), "", "file not found")]) from None
+    except OSError as exc:
+        raise ConfigError([Problem(str(path), "", f"cannot read: {exc.strerror}")]) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([Problem(str(path), "", f"invalid TOML: {exc}")]) from exc
+
+
+def load_host_config(path: Path) -> HostConfig:
+    return parse_host_config(read_toml(path), str(path), path.parent)
+
+
+def load_routes(path: Path) -> RouteTable:
+    return parse_routes(read_toml(path), str(path))
+
+
+def file_kind(data: dict[str, Any]) -> str:
+    """``routes`` for a routes.toml, ``host`` for a meshd.toml, ``mesh`` for a mesh.toml."""
+    if "destinations" in data:
+        return "routes"
+    if "hosts" in data:
+        return "mesh"
+    return "host"
+
+
+def validate_file(path: Path) -> list[Problem]:
+    """Every problem in one file (empty when valid); the kind of file is told by its content."""
+    try:
+        data = read_toml(path)
+        kind = file_kind(data)
+        if kind == "routes":
+            parse_routes(data, str(path))
+        elif kind == "mesh":
+            from meshd.dev.mesh import parse_mesh  # the laptop runner's format
+
+            parse_mesh(data, str(path), path.parent)
+        else:
+            parse_host_config(data, str(path), path.parent)
+    except ConfigError as exc:
+        return exc.problems
+    return []

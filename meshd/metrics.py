@@ -1,0 +1,54 @@
+"""Prometheus collectors for one meshd, on an explicit registry (never the global one).
+
+Names follow Istio's where they have an equivalent, with the ``meshd_`` prefix."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                   5.0, 10.0, 30.0)
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "meshd_requests", "HTTP requests proxied",
+            ["direction", "source", "destination", "subset", "code"], registry=r)
+        self.request_duration = Histogram(
+            "meshd_request_duration_seconds", "HTTP request duration, head to end of response",
+            ["direction", "destination", "subset"], buckets=LATENCY_BUCKETS, registry=r)
+        self.tcp_connections = Counter(
+            "meshd_tcp_connections_opened", "TCP connections proxied",
+            ["direction", "source", "destination", "subset"], registry=r)
+        self.tcp_bytes = Counter(
+            "meshd_tcp_bytes", "bytes proxied",
+            ["direction", "destination", "flow"], registry=r)
+        self.connection_errors = Counter(
+            "meshd_connection_errors", "connections refused or failed",
+            ["direction", "reason"], registry=r)
+        self.config_generation = Gauge(
+            "meshd_config_generation", "route table generation in force", registry=r)
+        self.config_reloads = Counter(
+            "meshd_config_reloads", "route table updates", ["result"], registry=r)
+        self.registry_staleness = Gauge(
+            "meshd_registry_staleness_seconds",
+            "age of the oldest endpoint view (seconds since last successful registry read)",
+            registry=r)
+        self.endpoints = Gauge(
+            "meshd_endpoints", "known endpoints by destination and health",
+            ["destination", "version", "healthy"], registry=r)
+        self.cert_expiry = Gauge(
+            "meshd_cert_expiry_timestamp_seconds", "leaf certificate notAfter (unix time)",
+            ["service"], registry=r)
+        self.local_health = Gauge(
+            "meshd_local_service_healthy", "1 when the local app passes its health check",
+            ["service"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,44 @@
+"""What the proxy reads on every request: the routes and endpoints in force.
+
+The daemon builds a new immutable ``MeshView`` whenever routes or endpoints change and swaps it
+into the ``ViewCell``; a request reads ``cell.current`` once and uses that snapshot to the end, so
+a reload never changes the rules under a request in flight."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from meshd.config.schema import RouteTable
+from meshd.registry.model import EndpointSet
+
+
+@dataclass(frozen=True)
+class MeshView:
+    routes: RouteTable = field(default_factory=RouteTable)
+    endpoints: Mapping[str, EndpointSet] = field(default_factory=lambda: MappingProxyType({}))
+    generation: int = 0  # bumped on every route table change
+
+    def endpoint_set(self, service: str) -> EndpointSet | None:
+        return self.endpoints.get(service)
+
+
+class ViewCell:
+    """The one mutable holder of the current ``MeshView``."""
+
+    def __init__(self, view: MeshView | None = None) -> None:
+        self.current = view or MeshView()
+
+    def set_routes(self, routes: RouteTable) -> MeshView:
+        self.current = dataclasses.replace(
+            self.current, routes=routes, generation=self.current.generation + 1
+        )
+        return self.current
+
+    def set_endpoints(self, endpoints: EndpointSet) -> MeshView:
+        merged = dict(self.current.endpoints)
+        merged[endpoints.service] = endpoints
+        self.current = dataclasses.replace(self.current, endpoints=MappingProxyType(merged))
+        return self.current

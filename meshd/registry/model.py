@@ -1,0 +1,101 @@
+"""Immutable endpoint snapshots and their diffs: the registry's view as the proxy consumes it.
+
+Pure: translating a registry answer (``/v1/health/connect/:service``, Consul's sidecar-proxy
+convention) into ``Endpoint`` values and diffing two snapshots never touches the network."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+VERSION_META = "version"
+NODE_META = "meshd-node"
+
+
+@dataclass(frozen=True, order=True)
+class Endpoint:
+    """One instance of a service, reached through its host's meshd inbound listener."""
+
+    service: str
+    instance_id: str
+    node: str
+    address: str  # the host's address, where its meshd inbound listener is
+    port: int  # the host's meshd inbound port
+    version: str
+    healthy: bool = True
+
+    @property
+    def key(self) -> str:
+        return f"{self.node}/{self.instance_id}"
+
+
+@dataclass(frozen=True)
+class EndpointSet:
+    """Every known instance of one destination service, as of registry index ``index``,
+    fetched at ``fetched_at`` (monotonic seconds)."""
+
+    service: str
+    endpoints: tuple[Endpoint, ...]
+    index: int
+    fetched_at: float
+
+    def healthy(self) -> tuple[Endpoint, ...]:
+        return tuple(e for e in self.endpoints if e.healthy)
+
+    def by_version(self, version: str) -> tuple[Endpoint, ...]:
+        return tuple(e for e in self.endpoints if e.healthy and e.version == version)
+
+
+@dataclass(frozen=True)
+class EndpointDiff:
+    added: tuple[Endpoint, ...]
+    removed: tuple[Endpoint, ...]
+    changed: tuple[Endpoint, ...]
+
+    @property
+    def empty(self) -> bool:
+        return not (self.added or self.removed or self.changed)
+
+
+def diff_endpoints(old: Iterable[Endpoint], new: Iterable[Endpoint]) -> EndpointDiff:
+    before = {e.key: e for e in old}
+    after = {e.key: e for e in new}
+    return EndpointDiff(
+        added=tuple(sorted(e for k, e in after.items() if k not in before)),
+        removed=tuple(sorted(e for k, e in before.items() if k not in after)),
+        changed=tuple(sorted(e for k, e in after.items() if k in before and before[k] != e)),
+    )
+
+
+def _passing(checks: Iterable[Mapping[str, Any]]) -> bool:
+    return all(c.get("Status") == "passing" for c in checks)
+
+
+def endpoints_from_health_connect(
+    service: str, entries: Iterable[Mapping[str, Any]]
+) -> tuple[Endpoint, ...]:
+    """Endpoints from a ``/v1/health/connect/<service>`` answer: the ``connect-proxy`` services
+    (one per host meshd fronting an instance) with their node, address, port and version."""
+    out: list[Endpoint] = []
+    for entry in entries:
+        node = entry.get("Node") or {}
+        svc = entry.get("Service") or {}
+        proxy = svc.get("Proxy") or {}
+        if svc.get("Kind") != "connect-proxy" or proxy.get("DestinationServiceName") != service:
+            continue
+        meta = svc.get("Meta") or {}
+        address = svc.get("Address") or node.get("Address") or ""
+        port = svc.get("Port") or 0
+        if not address or not port:
+            continue
+        out.append(Endpoint(
+            service=service,
+            instance_id=str(proxy.get("DestinationServiceID") or svc.get("ID") or ""),
+            node=str(meta.get(NODE_META) or node.get("Node") or ""),
+            address=str(address),
+            port=int(port),
+            version=str(meta.get(VERSION_META) or ""),
+            healthy=_passing(entry.get("Checks") or []),
+        ))
+    return tuple(sorted(out))
