@@ -191,7 +191,10 @@ def _parse_target(target: str) -> tuple[str, dict[str, tuple[str, ...]]]:
 
 
 def _render(response: Response, keep_alive: bool, head_only: bool = False) -> bytes:
-    reason = HTTPStatus(response.status).phrase if response.status in HTTPStatus._value2member_map_ else ""
+    try:
+        reason = HTTPStatus(response.status).phrase
+    except ValueError:
+        reason = ""
     lines = [f"HTTP/1.1 {response.status} {reason}"]
     names = set()
     for key, value in response.headers:

@@ -7,16 +7,16 @@ registry's KV) becomes a ``RouteTable``. Parsing and validation live in ``meshd.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 
-class Protocol(str, Enum):
+class Protocol(StrEnum):
     HTTP = "http"
     TCP = "tcp"
 
 
-class MTLSMode(str, Enum):
+class MTLSMode(StrEnum):
     STRICT = "strict"
     PERMISSIVE = "permissive"
 

@@ -1,0 +1,92 @@
+"""The ``/v1/state`` document: one meshd's view of itself and of the mesh, as the console and
+``meshd status`` read it. Pure: built from values, so its shape is tested without a daemon.
+
+Shape (stable keys; a later console issue may add, never rename):
+    node, address, trust_domain, version, ready, uptime_seconds, generation,
+    services[]      {name, version, protocol, address, port, health, health_output}
+    upstreams[]     {service, destination, local_address, local_port}
+    destinations{}  name -> {index, age_seconds, endpoints[] {node, instance_id, address, port,
+                             version, healthy}}
+    routes          the route table in force (canonical form, as stored in the registry)
+    registry        {url, staleness_seconds, watches[] {name, index, staleness_seconds, error}}
+    certificates[]  {service, spiffe_id, serial, not_after, expires_in_seconds}
+    config_error    the last rejected route table's reasons ("" when none)
+    process         {pid, cpu_seconds, rss_bytes, open_fds}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import meshd
+from meshd.config.parse import routes_to_data
+from meshd.config.schema import HostConfig
+from meshd.proxy.view import MeshView
+
+if TYPE_CHECKING:
+    from meshd.daemon import DaemonState
+
+
+def build_state(
+    *, config: HostConfig, view: MeshView, state: DaemonState, now_monotonic: float,
+    now_wall: float, process: Mapping[str, Any], registry_url: str,
+) -> dict[str, Any]:
+    watches = [
+        {"name": w.name, "index": w.index,
+         "staleness_seconds": round(w.staleness(now_monotonic), 3), "error": w.last_error}
+        for w in state.watches.values()
+    ]
+    services = []
+    for svc in config.services:
+        result = state.health.get(svc.name)
+        services.append({
+            "name": svc.name, "version": svc.version, "protocol": svc.protocol.value,
+            "address": svc.address, "port": svc.port,
+            "health": result.status if result else "unknown",
+            "health_output": result.output if result else "",
+        })
+    destinations = {
+        name: {
+            "index": eps.index,
+            "age_seconds": round(now_monotonic - eps.fetched_at, 3),
+            "endpoints": [
+                {"node": e.node, "instance_id": e.instance_id, "address": e.address,
+                 "port": e.port, "version": e.version, "healthy": e.healthy}
+                for e in eps.endpoints
+            ],
+        }
+        for name, eps in sorted(view.endpoints.items())
+    }
+    certificates = [
+        {"service": i.service, "spiffe_id": i.spiffe_id, "serial": i.serial,
+         "not_after": i.not_after.isoformat().replace("+00:00", "Z"),
+         "expires_in_seconds": round(i.not_after.timestamp() - now_wall)}
+        for i in state.identities.values()
+    ]
+    return {
+        "node": config.node,
+        "address": config.address,
+        "trust_domain": config.trust_domain,
+        "version": getattr(meshd, "__version__", "0"),
+        "ready": state.ready,
+        "uptime_seconds": round(now_wall - state.started_at, 3),
+        "generation": view.generation,
+        "inbound": {"address": config.address, "port": config.inbound_port},
+        "services": services,
+        "upstreams": [
+            {"service": s.name, "destination": u.name,
+             "local_address": config.outbound_address, "local_port": u.local_port}
+            for s, u in config.upstreams
+        ],
+        "destinations": destinations,
+        "routes": routes_to_data(view.routes),
+        "registry": {
+            "url": registry_url,
+            "staleness_seconds": max((w["staleness_seconds"] for w in watches), default=0.0),
+            "watches": watches,
+        },
+        "certificates": certificates,
+        "config_error": state.last_config_error,
+        "process": dict(process),
+    }

@@ -1,0 +1,309 @@
+"""The per-host daemon's lifetime tree.
+
+    Daemon.run
+      ├─ identities: join the CA (keys generated here, only CSRs sent)
+      ├─ admin server            (/healthz /readyz /metrics /v1/state)
+      ├─ route-table watcher     (registry KV, blocking query)
+      ├─ endpoint watchers       (one per upstream destination, blocking queries)
+      ├─ proxy                   (outbound listener per upstream, inbound mTLS listener)
+      └─ health reporters        (probe each local app, feed its TTL checks)
+
+Ready means: identities in hand, first route table and endpoint views read, every listener
+accepting and every local service registered. ``stop()`` (SIGTERM) deregisters first so peers
+stop choosing this host, drains in-flight requests until a deadline, then cancels the tree.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psutil
+import trio
+
+from meshd.admin.server import AdminAPI
+from meshd.admin.state import build_state
+from meshd.ca import files as ca_files
+from meshd.ca.client import join
+from meshd.ca.identity import Identity, TrustBundle
+from meshd.config.parse import routes_to_data
+from meshd.config.schema import HostConfig, RouteTable
+from meshd.errors import CAError, ConfigError, MeshError, RegistryError
+from meshd.health import ProbeResult, report_health
+from meshd.metrics import Metrics
+from meshd.proxy.server import Proxy
+from meshd.proxy.tls import TLSState
+from meshd.proxy.view import ViewCell
+from meshd.registry import registration
+from meshd.registry.consul import ConsulClient
+from meshd.registry.model import EndpointSet
+from meshd.registry.watch import WatchStatus, watch_endpoints, watch_routes
+
+log = logging.getLogger(__name__)
+
+DRAIN_DEADLINE = 10.0
+DEREGISTER_TIMEOUT = 5.0
+
+
+@dataclass
+class DaemonState:
+    """Mutable facts the daemon gathers while running, read by ``/v1/state``."""
+
+    started_at: float = field(default_factory=time.time)
+    ready: bool = False
+    stopping: bool = False
+    identities: dict[str, Identity] = field(default_factory=dict)
+    bundle: TrustBundle | None = None
+    health: dict[str, ProbeResult] = field(default_factory=dict)
+    watches: dict[str, WatchStatus] = field(default_factory=dict)
+    last_config_error: str = ""
+
+
+def cert_dir(config: HostConfig) -> Path:
+    return config.state_dir / "certs"
+
+
+async def obtain_identities(config: HostConfig) -> tuple[TrustBundle, dict[str, Identity]]:
+    """Join the CA for every local service. If the CA cannot be reached but certificates from
+    an earlier join are on disk and still valid, keep serving with those (a CA outage must not
+    take a host down); an expired certificate is never used."""
+    directory = cert_dir(config)
+    services = [s.name for s in config.services]
+    try:
+        token = config.ca.token_file.read_text().strip()
+    except OSError as exc:
+        token = ""
+        token_error = f"cannot read join token {config.ca.token_file}: {exc.strerror}"
+    else:
+        token_error = "" if token else f"join token file {config.ca.token_file} is empty"
+    try:
+        if token_error:
+            raise CAError(token_error)
+        result = await join(config.ca.url, token=token, node=config.node, services=services,
+                            fingerprint=config.ca.fingerprint)
+    except CAError as exc:
+        on_disk = _identities_on_disk(config, services)
+        if on_disk is None:
+            raise CAError(f"cannot obtain certificates from {config.ca.url}: {exc}") from exc
+        log.warning("CA join failed (%s); serving with certificates already on disk", exc)
+        return on_disk
+    for identity in result.identities.values():
+        ca_files.write_identity(directory, identity)
+    ca_files.write_bundle(directory, result.bundle)
+    log.info("joined CA %s: %s", config.ca.url, ", ".join(
+        f"{i.spiffe_id} until {i.not_after:%Y-%m-%d %H:%M}Z" for i in result.identities.values()))
+    return result.bundle, dict(result.identities)
+
+
+def _identities_on_disk(
+    config: HostConfig, services: list[str]
+) -> tuple[TrustBundle, dict[str, Identity]] | None:
+    directory = cert_dir(config)
+    now = datetime.now(UTC)
+    try:
+        bundle = ca_files.read_bundle(directory, config.trust_domain)
+        identities = {s: ca_files.read_identity(directory, s) for s in services}
+    except CAError:
+        return None
+    if any(i.not_after <= now for i in identities.values()):
+        return None
+    return bundle, identities
+
+
+class Daemon:
+    def __init__(self, config: HostConfig) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.view = ViewCell()
+        self.state = DaemonState()
+        self.proxy: Proxy | None = None
+        self._cancel = trio.CancelScope()
+        self._consul: ConsulClient | None = None
+        self._registered: list[str] = []
+
+    # -- callbacks from watchers -------------------------------------------------------------
+
+    def _apply_routes(self, table: RouteTable) -> None:
+        view = self.view.set_routes(table)
+        self.metrics.config_generation.set(view.generation)
+        self.metrics.config_reloads.labels("applied").inc()
+        self.state.last_config_error = ""
+        log.info("route table generation %d applied: %s", view.generation,
+                 routes_to_data(table)["destinations"] or "(empty)")
+
+    def _reject_routes(self, exc: ConfigError) -> None:
+        self.metrics.config_reloads.labels("rejected").inc()
+        self.state.last_config_error = str(exc)
+        log.error("route table in the registry rejected, generation %d stays in force:\n%s",
+                  self.view.current.generation, exc)
+
+    def _apply_endpoints(self, endpoints: EndpointSet) -> None:
+        self.view.set_endpoints(endpoints)
+
+    def _record_health(self, service: str, result: ProbeResult) -> None:
+        self.state.health[service] = result
+        self.metrics.local_health.labels(service).set(1 if result.status == "passing" else 0)
+
+    # -- observability -------------------------------------------------------------------------
+
+    def refresh_gauges(self) -> None:
+        now = trio.current_time()
+        stale = [w.staleness(now) for w in self.state.watches.values()]
+        self.metrics.registry_staleness.set(max(stale, default=0.0))
+        for service, identity in self.state.identities.items():
+            self.metrics.cert_expiry.labels(service).set(identity.not_after.timestamp())
+        self.metrics.endpoints.clear()
+        for name, eps in self.view.current.endpoints.items():
+            counts: dict[tuple[str, str], int] = {}
+            for e in eps.endpoints:
+                key = (e.version, "true" if e.healthy else "false")
+                counts[key] = counts.get(key, 0) + 1
+            for (version, healthy), n in counts.items():
+                self.metrics.endpoints.labels(name, version, healthy).set(n)
+
+    def snapshot(self) -> Mapping[str, Any]:
+        proc = psutil.Process(os.getpid())
+        with proc.oneshot():
+            process = {
+                "pid": proc.pid,
+                "cpu_seconds": sum(proc.cpu_times()[:2]),
+                "rss_bytes": proc.memory_info().rss,
+                "open_fds": proc.num_fds(),
+            }
+        return build_state(
+            config=self.config, view=self.view.current, state=self.state,
+            now_monotonic=trio.current_time(), now_wall=time.time(), process=process,
+            registry_url=self.config.registry_url,
+        )
+
+    # -- lifetime ------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        config = self.config
+        with self._cancel:
+            bundle, identities = await obtain_identities(config)
+            self.state.bundle, self.state.identities = bundle, identities
+            tls = TLSState(cert_dir(config), config.trust_domain,
+                           [s.name for s in config.services])
+            async with ConsulClient(config.registry_url) as consul, trio.open_nursery() as n:
+                self._consul = consul
+                admin = AdminAPI(self.metrics, lambda: self.state.ready, self.snapshot,
+                                 self.refresh_gauges)
+                await n.start(admin.serve, config.admin_host, config.admin_port)
+                log.info("admin API on http://%s:%d", config.admin_host, config.admin_port)
+
+                routes_status = self.state.watches.setdefault("routes", WatchStatus("routes"))
+                await n.start(self._wait_for_registry, "route table",
+                              watch_routes, consul, self._apply_routes, self._reject_routes,
+                              routes_status)
+                for dest in sorted({u.name for _, u in config.upstreams}):
+                    status = self.state.watches.setdefault(f"endpoints/{dest}",
+                                                           WatchStatus(f"endpoints/{dest}"))
+                    await n.start(self._wait_for_registry, f"endpoints of {dest}",
+                                  watch_endpoints, consul, dest, self._apply_endpoints, status)
+
+                self.proxy = Proxy(config, self.view, tls, self.metrics)
+                await n.start(self.proxy.run)
+
+                await self._register(consul)
+                for svc in config.services:
+                    sid = registration.service_id(config, svc)
+                    checks = (registration.check_id(sid),
+                              registration.check_id(registration.proxy_id(config, svc)))
+                    await n.start(report_health, svc, consul, checks,
+                                  lambda r, name=svc.name: self._record_health(name, r))
+                self.state.ready = True
+                log.info("meshd %s ready: inbound %s:%d, %d service(s), %d upstream(s)",
+                         config.node, config.address, config.inbound_port,
+                         len(config.services), len(config.upstreams))
+                task_status.started()
+
+    async def _wait_for_registry(
+        self, what: str, watcher: Any, *args: Any,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run a watcher; log while its first answer is slow (registry down at boot)."""
+        nag_scope = trio.CancelScope()
+
+        async def nag() -> None:
+            with nag_scope:
+                while True:
+                    await trio.sleep(5)
+                    log.warning("still waiting for the registry (%s) at %s",
+                                what, self.config.registry_url)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(nag)
+            await nursery.start(watcher, *args)
+            nag_scope.cancel()
+            task_status.started()
+
+    async def _register(self, consul: ConsulClient) -> None:
+        attempt = 0
+        for svc in self.config.services:
+            for definition in (registration.app_registration(self.config, svc),
+                               registration.proxy_registration(self.config, svc)):
+                while True:
+                    try:
+                        await consul.register_service(definition)
+                        break
+                    except RegistryError as exc:
+                        attempt += 1
+                        log.warning("registering %s failed (attempt %d): %s",
+                                    definition["ID"], attempt, exc)
+                        await trio.sleep(min(10.0, 0.5 * attempt))
+                self._registered.append(definition["ID"])
+                log.info("registered %s in %s", definition["ID"], self.config.registry_url)
+
+    async def stop(self) -> None:
+        """Graceful stop: deregister, drain, then end the lifetime tree."""
+        if self.state.stopping:
+            return
+        self.state.stopping = True
+        self.state.ready = False
+        with trio.CancelScope(shield=True):
+            if self._consul is not None:
+                with trio.move_on_after(DEREGISTER_TIMEOUT):
+                    for sid in reversed(self._registered):
+                        try:
+                            await self._consul.deregister_service(sid)
+                            log.info("deregistered %s", sid)
+                        except RegistryError as exc:
+                            log.warning("deregistering %s failed: %s", sid, exc)
+                self._registered.clear()
+            if self.proxy is not None:
+                await self.proxy.drain(trio.current_time() + DRAIN_DEADLINE)
+        self._cancel.cancel()
+
+
+async def run_daemon(config: HostConfig) -> None:
+    """Run until SIGTERM/SIGINT, then stop gracefully."""
+    import signal
+
+    daemon = Daemon(config)
+    async with trio.open_nursery() as nursery:
+
+        async def signals() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as receiver:
+                async for signum in receiver:
+                    log.info("received %s, stopping", signal.Signals(signum).name)
+                    await daemon.stop()
+                    return
+
+        async def main() -> None:
+            try:
+                await daemon.run()
+            finally:
+                nursery.cancel_scope.cancel()
+
+        nursery.start_soon(signals)
+        nursery.start_soon(main)
+
+
+__all__ = ["Daemon", "MeshError", "obtain_identities", "run_daemon"]

@@ -1,0 +1,179 @@
+"""The one adapter between meshd and a Consul HTTP API (real Consul or ``meshd registry serve``).
+
+It speaks the HTTP API directly with httpx, which runs natively under trio, so a blocking query is
+an ordinary cancellable await rather than a worker thread parked for up to ten minutes (py-consul
+is synchronous; it remains the compatibility oracle in the tests). Every transport or protocol
+failure is raised as ``RegistryError``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from meshd.config.durations import format_duration
+from meshd.errors import RegistryError
+
+CONNECT_TIMEOUT = 5.0
+REQUEST_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class KVEntry:
+    key: str
+    value: bytes
+    flags: int
+    create_index: int
+    modify_index: int
+
+
+@dataclass(frozen=True)
+class Blocking:
+    """The result of a blocking-capable read: the data and the index to send next time."""
+
+    data: Any
+    index: int
+
+
+def next_index(previous: int, returned: int) -> int:
+    """What to send as ``index`` next, per Consul's client rules: reset when the index went
+    backwards (a restored or restarted registry), and never send 0 after a first answer."""
+    if returned < previous:
+        return 0
+    return max(returned, 1)
+
+
+class ConsulClient:
+    def __init__(self, base_url: str, *, token: str | None = None) -> None:
+        self.base_url = base_url.rstrip("/")
+        headers = {"X-Consul-Token": token} if token else {}
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url, headers=headers,
+            timeout=httpx.Timeout(REQUEST_TIMEOUT, connect=CONNECT_TIMEOUT),
+            limits=httpx.Limits(max_keepalive_connections=16, keepalive_expiry=30.0),
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> ConsulClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # -- transport ---------------------------------------------------------------------------
+
+    async def _request(
+        self, method: str, path: str, *, params: Mapping[str, str] | None = None,
+        json_body: Any = None, content: bytes | None = None, wait: float | None = None,
+        ok_404: bool = False,
+    ) -> httpx.Response:
+        timeout: httpx.Timeout | None = None
+        if wait is not None:
+            # the server may hold the request for wait + wait/16; give it that and some slack
+            timeout = httpx.Timeout(wait + wait / 16 + REQUEST_TIMEOUT, connect=CONNECT_TIMEOUT)
+        kwargs: dict[str, Any] = {"params": params}
+        if json_body is not None:
+            kwargs["content"] = json.dumps(json_body).encode()
+        elif content is not None:
+            kwargs["content"] = content
+        if timeout is not None:
+            kwargs["timeout"] = timeout
+        try:
+            response = await self._http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise RegistryError(f"registry {self.base_url}: {method} {path}: {exc!r}") from exc
+        if response.status_code == 404 and ok_404:
+            return response
+        if response.status_code >= 400:
+            raise RegistryError(
+                f"registry {self.base_url}: {method} {path}: {response.status_code} "
+                f"{response.text.strip()[:200]}"
+            )
+        return response
+
+    @staticmethod
+    def _index(response: httpx.Response) -> int:
+        raw = response.headers.get("X-Consul-Index")
+        if raw is None or not raw.isdigit():
+            raise RegistryError(f"{response.request.url.path}: missing X-Consul-Index header")
+        return int(raw)
+
+    @staticmethod
+    def _blocking_params(index: int, wait: float | None) -> dict[str, str]:
+        params: dict[str, str] = {}
+        if index > 0:
+            params["index"] = str(index)
+            if wait is not None:
+                params["wait"] = format_duration(max(1.0, math.ceil(wait)))
+        return params
+
+    # -- agent -------------------------------------------------------------------------------
+
+    async def register_service(self, definition: Mapping[str, Any]) -> None:
+        await self._request("PUT", "/v1/agent/service/register", json_body=definition,
+                            params={"replace-existing-checks": "true"})
+
+    async def deregister_service(self, service_id: str) -> None:
+        await self._request("PUT", f"/v1/agent/service/deregister/{service_id}", ok_404=True)
+
+    async def update_ttl(self, check_id: str, status: str, output: str = "") -> None:
+        await self._request("PUT", f"/v1/agent/check/update/{check_id}",
+                            json_body={"Status": status, "Output": output})
+
+    # -- health / catalog ----------------------------------------------------------------------
+
+    async def health_connect(
+        self, service: str, *, index: int = 0, wait: float | None = None, passing: bool = False,
+    ) -> Blocking:
+        """``/v1/health/connect/:service``: the proxies fronting ``service`` (blocking)."""
+        params = self._blocking_params(index, wait)
+        if passing:
+            params["passing"] = "1"
+        response = await self._request("GET", f"/v1/health/connect/{service}", params=params,
+                                       wait=wait if index else None)
+        return Blocking(response.json(), self._index(response))
+
+    async def catalog_services(self) -> dict[str, list[str]]:
+        response = await self._request("GET", "/v1/catalog/services")
+        data: dict[str, list[str]] = response.json()
+        return data
+
+    async def leader(self) -> str:
+        response = await self._request("GET", "/v1/status/leader")
+        return str(response.json())
+
+    # -- KV ------------------------------------------------------------------------------------
+
+    async def kv_get(
+        self, key: str, *, index: int = 0, wait: float | None = None
+    ) -> Blocking:
+        """One key; ``Blocking.data`` is a ``KVEntry`` or None when the key does not exist."""
+        response = await self._request("GET", f"/v1/kv/{key}",
+                                       params=self._blocking_params(index, wait),
+                                       wait=wait if index else None, ok_404=True)
+        idx = self._index(response)
+        if response.status_code == 404:
+            return Blocking(None, idx)
+        raw = response.json()[0]
+        value = base64.b64decode(raw["Value"]) if raw.get("Value") else b""
+        entry = KVEntry(raw["Key"], value, int(raw.get("Flags", 0)),
+                        int(raw["CreateIndex"]), int(raw["ModifyIndex"]))
+        return Blocking(entry, idx)
+
+    async def kv_put(self, key: str, value: bytes, *, cas: int | None = None) -> bool:
+        """Write a key; with ``cas`` only if its ModifyIndex still equals it (0: only if new).
+        Returns whether the write happened."""
+        params = {"cas": str(cas)} if cas is not None else None
+        response = await self._request("PUT", f"/v1/kv/{key}", content=value, params=params)
+        return bool(response.json())
+
+    async def kv_delete(self, key: str) -> None:
+        await self._request("DELETE", f"/v1/kv/{key}")

@@ -1,0 +1,81 @@
+"""What meshd registers for each local service, following Consul's sidecar convention so that a
+real Consul's UI and catalog show a mesh service: the app itself, and a ``connect-proxy`` service
+(meshd's inbound listener) fronting it. Both carry a TTL check that meshd feeds from its own probe
+of the app, and ``DeregisterCriticalServiceAfter`` so a crashed host's entries disappear. Pure."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from meshd.config.schema import HostConfig, LocalService
+from meshd.registry.model import NODE_META, VERSION_META
+
+CHECK_TTL_FACTOR = 3  # a TTL of three probe intervals tolerates one late report
+MIN_TTL = 3.0
+DEREGISTER_CRITICAL_AFTER = "1m"
+
+
+def service_id(config: HostConfig, svc: LocalService) -> str:
+    return f"{svc.name}-{config.node}"
+
+
+def proxy_id(config: HostConfig, svc: LocalService) -> str:
+    return f"{service_id(config, svc)}-sidecar-proxy"
+
+
+def check_id(sid: str) -> str:
+    return f"service:{sid}"
+
+
+def _ttl(svc: LocalService) -> str:
+    seconds = max(MIN_TTL, svc.health.interval * CHECK_TTL_FACTOR)
+    return f"{seconds:g}s"
+
+
+def _meta(config: HostConfig, svc: LocalService) -> dict[str, str]:
+    return {VERSION_META: svc.version, NODE_META: config.node,
+            "protocol": svc.protocol.value}
+
+
+def app_registration(config: HostConfig, svc: LocalService) -> dict[str, Any]:
+    sid = service_id(config, svc)
+    return {
+        "ID": sid,
+        "Name": svc.name,
+        "Tags": [svc.version, "meshd"],
+        "Address": config.address,
+        "Port": svc.port,
+        "Meta": _meta(config, svc),
+        "Check": {
+            "CheckID": check_id(sid),
+            "Name": f"meshd probe of {svc.name} ({svc.health.kind})",
+            "TTL": _ttl(svc),
+            "DeregisterCriticalServiceAfter": DEREGISTER_CRITICAL_AFTER,
+        },
+    }
+
+
+def proxy_registration(config: HostConfig, svc: LocalService) -> dict[str, Any]:
+    sid = service_id(config, svc)
+    pid = proxy_id(config, svc)
+    return {
+        "ID": pid,
+        "Name": f"{svc.name}-sidecar-proxy",
+        "Kind": "connect-proxy",
+        "Tags": [svc.version, "meshd"],
+        "Address": config.address,
+        "Port": config.inbound_port,
+        "Meta": _meta(config, svc),
+        "Proxy": {
+            "DestinationServiceName": svc.name,
+            "DestinationServiceID": sid,
+            "LocalServiceAddress": svc.address,
+            "LocalServicePort": svc.port,
+        },
+        "Check": {
+            "CheckID": check_id(pid),
+            "Name": f"meshd inbound for {svc.name}",
+            "TTL": _ttl(svc),
+            "DeregisterCriticalServiceAfter": DEREGISTER_CRITICAL_AFTER,
+        },
+    }

@@ -1,0 +1,159 @@
+"""Blocking-query watchers: one per destination in use, one for the mesh route table.
+
+Each watcher long-polls the registry, turns answers into immutable values with pure code, and
+hands them to a callback. When the registry is unreachable it backs off with jitter and the last
+known value stays in force; ``WatchStatus`` records how stale that value is."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from meshd.backoff import backoff_delay
+from meshd.config.parse import parse_routes
+from meshd.config.schema import RouteTable
+from meshd.errors import ConfigError, RegistryError
+from meshd.registry.consul import ConsulClient, next_index
+from meshd.registry.model import EndpointSet, diff_endpoints, endpoints_from_health_connect
+
+log = logging.getLogger(__name__)
+
+ROUTES_KEY = "meshd/config/routes"
+DEFAULT_WAIT = 60.0
+MIN_LOOP_INTERVAL = 0.05  # never spin faster than this, whatever the registry answers
+
+
+@dataclass
+class WatchStatus:
+    """Health of one watcher, for ``/v1/state`` and the staleness gauge (monotonic seconds)."""
+
+    name: str
+    last_success: float | None = None
+    failing_since: float | None = None
+    last_error: str = ""
+    index: int = 0
+
+    def succeeded(self, now: float, index: int) -> None:
+        if self.failing_since is not None:
+            log.info("registry watch %s recovered", self.name)
+        self.last_success = now
+        self.failing_since = None
+        self.last_error = ""
+        self.index = index
+
+    def failed(self, now: float, error: str) -> None:
+        if self.failing_since is None:
+            self.failing_since = now
+            log.warning("registry watch %s failing, keeping last known state: %s",
+                        self.name, error)
+        self.last_error = error
+
+    def staleness(self, now: float) -> float:
+        """0 while the watch is healthy, else seconds since its last good answer (or since it
+        began failing, when it never had one)."""
+        if self.failing_since is None:
+            return 0.0
+        since = self.last_success if self.last_success is not None else self.failing_since
+        return max(0.0, now - since)
+
+
+async def watch_endpoints(
+    client: ConsulClient,
+    service: str,
+    on_update: Callable[[EndpointSet], None],
+    status: WatchStatus,
+    *,
+    wait: float = DEFAULT_WAIT,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Watch ``/v1/health/connect/<service>``; call ``on_update`` with each new snapshot.
+    ``task_status.started()`` fires after the first successful answer."""
+    index = 0
+    attempt = 0
+    current: EndpointSet | None = None
+    started = False
+    while True:
+        try:
+            answer = await client.health_connect(service, index=index, wait=wait)
+        except RegistryError as exc:
+            status.failed(trio.current_time(), str(exc))
+            await trio.sleep(backoff_delay(attempt, random.random()))
+            attempt += 1
+            continue
+        attempt = 0
+        now = trio.current_time()
+        status.succeeded(now, answer.index)
+        endpoints = endpoints_from_health_connect(service, answer.data)
+        if current is None or current.endpoints != endpoints:
+            if current is not None:
+                change = diff_endpoints(current.endpoints, endpoints)
+                log.info("endpoints of %s: +%d -%d ~%d", service, len(change.added),
+                         len(change.removed), len(change.changed))
+            current = EndpointSet(service, endpoints, answer.index, now)
+            on_update(current)
+        if not started:
+            task_status.started()
+            started = True
+        index = next_index(index, answer.index)
+        await trio.sleep(MIN_LOOP_INTERVAL)
+
+
+def decode_routes(raw: bytes, source: str = f"registry kv {ROUTES_KEY}") -> RouteTable:
+    """Parse the canonical JSON route table stored in KV (raises ConfigError with reasons)."""
+    from meshd.errors import Problem
+
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise ConfigError([Problem(source, "", f"invalid JSON: {exc}")]) from exc
+    if not isinstance(data, dict):
+        raise ConfigError([Problem(source, "", "expected a JSON object")])
+    return parse_routes(data, source)
+
+
+async def watch_routes(
+    client: ConsulClient,
+    on_update: Callable[[RouteTable], None],
+    on_rejected: Callable[[ConfigError], None],
+    status: WatchStatus,
+    *,
+    key: str = ROUTES_KEY,
+    wait: float = DEFAULT_WAIT,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Watch the route table key. A missing key means an empty table; an invalid value is
+    rejected (``on_rejected``) and the table in force stays."""
+    index = 0
+    attempt = 0
+    seen_modify: int | None = -1
+    started = False
+    while True:
+        try:
+            answer = await client.kv_get(key, index=index, wait=wait)
+        except RegistryError as exc:
+            status.failed(trio.current_time(), str(exc))
+            await trio.sleep(backoff_delay(attempt, random.random()))
+            attempt += 1
+            continue
+        attempt = 0
+        status.succeeded(trio.current_time(), answer.index)
+        modify = answer.data.modify_index if answer.data is not None else None
+        if modify != seen_modify:
+            seen_modify = modify
+            if answer.data is None:
+                on_update(RouteTable())
+            else:
+                try:
+                    on_update(decode_routes(answer.data.value))
+                except ConfigError as exc:
+                    on_rejected(exc)
+        if not started:
+            task_status.started()
+            started = True
+        index = next_index(index, answer.index)
+        await trio.sleep(MIN_LOOP_INTERVAL)

@@ -1,0 +1,197 @@
+"""Table tests for meshd.toml / routes.toml parsing: every defect names its key path and reason,
+and all defects of a file are reported at once."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from meshd.config.durations import format_duration, parse_duration
+from meshd.config.load import validate_file
+from meshd.config.parse import parse_host_config, parse_routes, routes_to_data
+from meshd.config.schema import MTLSMode, Protocol
+from meshd.errors import ConfigError
+
+FP = "sha256:" + "ab" * 32
+
+HOST: dict[str, Any] = {
+    "node": "host-a",
+    "address": "127.0.0.2",
+    "trust_domain": "shop.mesh",
+    "registry": "consul://127.0.0.1:8500",
+    "ca": {"url": "https://127.0.0.1:8443", "fingerprint": FP, "token_file": "join-token"},
+    "inbound": {"port": 15001},
+    "admin": {"address": "127.0.0.2:15000"},
+    "services": [
+        {"name": "web", "port": 8080, "version": "v1",
+         "health": {"http": "/healthz", "interval": "1s"},
+         "upstreams": [{"name": "payments", "local_port": 9191}]},
+        {"name": "db", "port": 5432, "protocol": "tcp", "mtls": "permissive"},
+    ],
+}
+
+ROUTES: dict[str, Any] = {
+    "destinations": {
+        "payments": {
+            "subsets": {"v1": {"version": "v1"}, "v2": {"version": "v2"}},
+            "split": {"v1": 90, "v2": 10},
+            "timeout": "3s",
+        }
+    }
+}
+
+
+def test_valid_host_config_parses_into_frozen_tree(tmp_path: Path) -> None:
+    config = parse_host_config(HOST, "meshd.toml", tmp_path)
+    assert config.node == "host-a"
+    assert config.registry_url == "http://127.0.0.1:8500"
+    assert config.ca.token_file == tmp_path / "join-token"
+    assert config.admin_host == "127.0.0.2" and config.admin_port == 15000
+    web, db = config.services
+    assert web.health.kind == "http" and web.health.interval == 1.0
+    assert web.upstreams[0].name == "payments" and web.upstreams[0].local_port == 9191
+    assert db.protocol is Protocol.TCP and db.mtls is MTLSMode.PERMISSIVE
+    with pytest.raises(AttributeError):
+        config.node = "other"  # type: ignore[misc]
+
+
+def _with(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    data = copy.deepcopy(base)
+    keys = path.replace("]", "").replace("[", ".").split(".")
+    target: Any = data
+    for key in keys[:-1]:
+        target = target[int(key)] if key.isdigit() else target[key]
+    last = keys[-1]
+    if value is _DELETE:
+        del target[last]
+    elif last.isdigit():
+        target[int(last)] = value
+    else:
+        target[last] = value
+    return data
+
+
+_DELETE = object()
+
+HOST_CASES = [
+    ("services[0].port", 70000, "services[0].port", "port 70000 out of range (1-65535)"),
+    ("services[0].port", "8080", "services[0].port", "expected an integer, got str"),
+    ("services[0].port", True, "services[0].port", "expected an integer, got a boolean"),
+    ("services[1].port", 8080, "services[1].port",
+     "duplicate local port 8080 (also services[0].port)"),
+    ("services[0].upstreams[0].local_port", 15001, "services[0].upstreams[0].local_port",
+     "duplicate local port 15001 (also inbound.port)"),
+    ("services[0].protocol", "grpc", "services[0].protocol",
+     "must be one of http, tcp, got 'grpc'"),
+    ("services[0].name", "Web_1", "services[0].name",
+     "invalid name 'Web_1': use lowercase letters, digits and '-' (max 63)"),
+    ("services[1].name", "web", "services[1].name", "duplicate service 'web' (also services[0])"),
+    ("services[0].health.interval", "soon", "services[0].health.interval",
+     "invalid duration 'soon' (use e.g. 500ms, 10s, 1m30s, 24h)"),
+    ("node", _DELETE, "node", "required key is missing"),
+    ("ca", _DELETE, "ca", "required table is missing (url, fingerprint, token_file)"),
+    ("ca.url", "http://127.0.0.1:8443", "ca.url",
+     "the CA is only reached over https, got 'http://127.0.0.1:8443'"),
+    ("ca.fingerprint", "abc", "ca.fingerprint",
+     "expected sha256:<64 hex digits> as printed by `meshd ca init`"),
+    ("registry", "redis://x", "registry",
+     "expected consul://HOST:PORT or http(s)://HOST:PORT, got 'redis://x'"),
+    ("admin.address", "localhost", "admin.address",
+     "expected HOST:PORT with a port in 1-65535, got 'localhost'"),
+    ("address", "host-a.local", "address", "'host-a.local' is not an IP address"),
+    ("colour", "blue", "colour", "unknown key (expected one of: address, admin, ca, inbound, "
+     "node, outbound, registry, services, state_dir, trust_domain)"),
+]
+
+
+@pytest.mark.parametrize(("path", "value", "where", "reason"), HOST_CASES)
+def test_host_config_problem_names_key_path_and_reason(
+    path: str, value: Any, where: str, reason: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_host_config(_with(HOST, path, value), "hosts/a.toml")
+    rendered = [str(p) for p in info.value.problems]
+    assert f"hosts/a.toml: {where}: {reason}" in rendered
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    data = _with(_with(HOST, "services[0].port", 0), "ca.fingerprint", "x")
+    with pytest.raises(ConfigError) as info:
+        parse_host_config(data, "m.toml")
+    assert {p.path for p in info.value.problems} == {"services[0].port", "ca.fingerprint"}
+
+
+ROUTE_CASES = [
+    ("destinations.payments.split.v1", 85, "destinations.payments.split",
+     "weights sum to 95, must sum to 100"),
+    ("destinations.payments.split.v3", 0, "destinations.payments.split.v3",
+     "unknown subset 'v3' (declared: v1, v2)"),
+    ("destinations.payments.split.v1", 101, "destinations.payments.split.v1",
+     "weight 101 out of range (0-100)"),
+    ("destinations.payments.split.v1", 89.5, "destinations.payments.split.v1",
+     "weight must be an integer, got 89.5"),
+    ("destinations.payments.timeout", "-1s", "destinations.payments.timeout",
+     "invalid duration '-1s' (use e.g. 500ms, 10s, 1m30s, 24h)"),
+    ("destinations.payments.subsets.v2", "v2", "destinations.payments.subsets.v2",
+     'expected a table like { version = "v1" }'),
+    ("destinations.payments.retries", 3, "destinations.payments.retries",
+     "unknown key (expected one of: split, subsets, timeout)"),
+]
+
+
+@pytest.mark.parametrize(("path", "value", "where", "reason"), ROUTE_CASES)
+def test_routes_problem_names_key_path_and_reason(
+    path: str, value: Any, where: str, reason: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_routes(_with(ROUTES, path, value), "routes.toml")
+    assert f"routes.toml: {where}: {reason}" in [str(p) for p in info.value.problems]
+
+
+def test_routes_round_trip_through_canonical_form() -> None:
+    table = parse_routes(ROUTES)
+    dest = table.get("payments")
+    assert dest is not None and dest.timeout == 3.0
+    assert [(leg.subset, leg.weight) for leg in dest.split] == [("v1", 90), ("v2", 10)]
+    assert parse_routes(routes_to_data(table)) == table
+
+
+@pytest.mark.parametrize(("text", "seconds"), [
+    ("250ms", 0.25), ("10s", 10.0), ("1m30s", 90.0), ("24h", 86400.0), ("1.5s", 1.5), ("0", 0.0),
+])
+def test_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == pytest.approx(seconds)
+    assert parse_duration(format_duration(seconds)) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["", "10", "s", "1x", "1s2", "-1s"])
+def test_bad_durations(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+def test_validate_command_exit_codes_and_lines(tmp_path: Path) -> None:
+    good = tmp_path / "routes.toml"
+    good.write_text('[destinations.payments]\nsplit = { v1 = 100 }\n'
+                    '[destinations.payments.subsets]\nv1 = { version = "v1" }\n')
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[destinations.payments]\nsplit = { v1 = 90, v2 = 5 }\n'
+                   '[destinations.payments.subsets]\nv1 = { version = "v1" }\n'
+                   'v2 = { version = "v2" }\n')
+    broken = tmp_path / "broken.toml"
+    broken.write_text("node = \n")
+    ok = subprocess.run([sys.executable, "-m", "meshd", "validate", str(good)],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    res = subprocess.run([sys.executable, "-m", "meshd", "validate", str(good), str(bad),
+                          str(broken)], capture_output=True, text=True)
+    assert res.returncode == 1
+    lines = res.stderr.strip().splitlines()
+    assert f"{bad}: destinations.payments.split: weights sum to 95, must sum to 100" in lines
+    assert any(line.startswith(f"{broken}: <root>: invalid TOML") for line in lines)
+    assert validate_file(tmp_path / "missing.toml")[0].reason == "file not found"
