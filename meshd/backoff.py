@@ -7,5 +7,5 @@ def backoff_delay(attempt: int, rand: float, *, base: float = 0.25, cap: float =
     """Seconds to wait before retry number ``attempt`` (0-based): exponential growth capped at
     ``cap``, with "equal jitter" (half fixed, half random) so that many hosts retrying after
     the same outage spread out instead of arriving together. ``rand`` is in [0, 1)."""
-    ceiling = min(cap, base * (2 ** min(attempt, 32)))
+    ceiling: float = min(cap, base * 2.0 ** min(attempt, 32))
     return ceiling / 2 + rand * ceiling / 2

@@ -138,12 +138,16 @@ class _RequestReader:
     def in_progress(self) -> bool:
         return bool(self._url) or bool(self._headers)
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             raise _BadRequest(400, "upgrade not supported on this endpoint") from None
         except httptools.HttpParserError as exc:
+            # httptools wraps an exception raised in a callback (our 413/414/431) in
+            # HttpParserCallbackError, keeping the original as __context__.
+            if isinstance(exc.__context__, _BadRequest):
+                raise exc.__context__ from None
             raise _BadRequest(400, f"malformed request: {exc}") from None
 
     # httptools callbacks

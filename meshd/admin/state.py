@@ -32,7 +32,7 @@ def build_state(
     *, config: HostConfig, view: MeshView, state: DaemonState, now_monotonic: float,
     now_wall: float, process: Mapping[str, Any], registry_url: str,
 ) -> dict[str, Any]:
-    watches = [
+    watches: list[dict[str, Any]] = [
         {"name": w.name, "index": w.index,
          "staleness_seconds": round(w.staleness(now_monotonic), 3), "error": w.last_error}
         for w in state.watches.values()
@@ -83,7 +83,8 @@ def build_state(
         "routes": routes_to_data(view.routes),
         "registry": {
             "url": registry_url,
-            "staleness_seconds": max((w["staleness_seconds"] for w in watches), default=0.0),
+            "staleness_seconds": max(
+                (float(w["staleness_seconds"]) for w in watches), default=0.0),
             "watches": watches,
         },
         "certificates": certificates,

@@ -1,0 +1,135 @@
+"""Key and certificate files on disk: atomic writes, private modes, identity directories.
+
+Every write goes to a temporary file in the same directory (created 0600 by ``mkstemp``), is
+fsynced, renamed over the target and the directory fsynced, so a crash leaves either the old file
+or the new one, and a private key is never readable by others, not even for a moment.
+
+An identity directory holds ``<service>.crt`` and ``<service>.key`` per service and ``ca.crt``, the
+trust bundle. The key is written before the certificate; a reader that catches the pair mid-update
+sees a mismatch, which ``read_identity`` reports instead of returning it.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+from pathlib import Path
+
+from meshd.ca.identity import Identity, TrustBundle
+from meshd.ca.spiffe import check_name
+from meshd.errors import CAError
+
+PRIVATE_FILE_MODE = 0o600
+PUBLIC_FILE_MODE = 0o644
+PRIVATE_DIR_MODE = 0o700
+BUNDLE_FILE = "ca.crt"
+
+
+def write_private_file(path: str | os.PathLike[str], data: bytes) -> None:
+    """Atomically replace ``path`` with ``data``, mode 0600. Raises OSError."""
+    _write_atomic(Path(path), data, PRIVATE_FILE_MODE)
+
+
+def write_public_file(path: str | os.PathLike[str], data: bytes) -> None:
+    """Atomically replace ``path`` with ``data``, mode 0644. Raises OSError."""
+    _write_atomic(Path(path), data, PUBLIC_FILE_MODE)
+
+
+def ensure_private_dir(path: str | os.PathLike[str]) -> Path:
+    """Create ``path`` (and parents) if needed and make it 0700. Raises OSError."""
+    directory = Path(path)
+    directory.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+    if stat.S_IMODE(directory.stat().st_mode) != PRIVATE_DIR_MODE:
+        directory.chmod(PRIVATE_DIR_MODE)
+    return directory
+
+
+def write_identity(directory: str | os.PathLike[str], identity: Identity) -> None:
+    """Store ``identity`` as ``<service>.key`` (0600) and ``<service>.crt`` in ``directory`` (0700).
+
+    Raises CAError if the files cannot be written.
+    """
+    service = _service_file_stem(identity.service)
+    try:
+        d = ensure_private_dir(directory)
+        write_private_file(d / f"{service}.key", identity.key_pem)
+        write_public_file(d / f"{service}.crt", identity.cert_pem)
+    except OSError as exc:
+        raise CAError(f"cannot write identity for {service!r} to {directory}: {exc}") from exc
+
+
+def read_identity(directory: str | os.PathLike[str], service: str) -> Identity:
+    """Load ``<service>.crt``/``<service>.key`` from ``directory``.
+
+    Raises CAError if they are missing, unreadable, do not belong together or are not the
+    certificate of ``service``.
+    """
+    stem = _service_file_stem(service)
+    d = Path(directory)
+    try:
+        cert_pem = (d / f"{stem}.crt").read_bytes()
+        key_pem = (d / f"{stem}.key").read_bytes()
+    except OSError as exc:
+        raise CAError(f"cannot read identity for {service!r} from {d}: {exc}") from exc
+    try:
+        identity = Identity.from_pem(cert_pem, key_pem)
+    except ValueError as exc:
+        raise CAError(f"invalid identity for {service!r} in {d}: {exc}") from exc
+    if identity.service != service:
+        raise CAError(
+            f"{d / (stem + '.crt')} is the certificate of {identity.spiffe_id}, not of {service!r}"
+        )
+    return identity
+
+
+def write_bundle(directory: str | os.PathLike[str], bundle: TrustBundle) -> None:
+    """Store the trust bundle as ``ca.crt`` in ``directory``. Raises CAError."""
+    try:
+        d = ensure_private_dir(directory)
+        write_public_file(d / BUNDLE_FILE, bundle.pem())
+    except OSError as exc:
+        raise CAError(f"cannot write trust bundle to {directory}: {exc}") from exc
+
+
+def read_bundle(directory: str | os.PathLike[str], trust_domain: str) -> TrustBundle:
+    """Load ``ca.crt`` from ``directory`` as the bundle of ``trust_domain``. Raises CAError."""
+    path = Path(directory) / BUNDLE_FILE
+    try:
+        return TrustBundle.from_pems(trust_domain, [path.read_bytes()])
+    except (OSError, ValueError) as exc:
+        raise CAError(f"cannot load trust bundle {path}: {exc}") from exc
+
+
+def _service_file_stem(service: str) -> str:
+    try:
+        return check_name(service)
+    except ValueError as exc:
+        raise CAError(str(exc)) from None
+
+
+def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if mode != PRIVATE_FILE_MODE:
+                os.fchmod(f.fileno(), mode)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,287 @@
+"""Certificate issuance, pure: keys, a root, leaves from CSRs, the CA's own TLS certificate.
+
+Nothing here reads the clock, the disk or the network. Callers pass ``now`` and lifetimes, so
+rotation schedules can be tested with an injected clock; the only impurity is randomness (fresh
+keys, random serials), and a serial can be passed in for reproducible tests.
+
+What a leaf looks like (it ignores whatever the CSR asks for except its public key):
+exactly one URI SAN ``spiffe://<td>/svc/<service>``, CN = service, not a CA, digitalSignature,
+EKU serverAuth + clientAuth, valid from ``now - backdate`` for ``lifetime`` (never beyond the root).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from meshd.ca.spiffe import check_trust_domain, spiffe_id_for
+
+ROOT_LIFETIME = timedelta(days=3650)
+DEFAULT_LEAF_LIFETIME = timedelta(hours=24)
+DEFAULT_BACKDATE = timedelta(minutes=1)
+CURVE_NAME = "secp256r1"
+
+
+class CSRRejected(ValueError):
+    """A CSR the CA will not sign; ``str(exc)`` is a sentence fit for the requester."""
+
+
+@dataclass(frozen=True)
+class Signer:
+    """The root key and certificate that sign leaves."""
+
+    key: ec.EllipticCurvePrivateKey
+    cert: x509.Certificate
+
+
+def new_private_key() -> ec.EllipticCurvePrivateKey:
+    """A fresh ECDSA P-256 key (CPU-bound for a few milliseconds; shells run it in a thread)."""
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def private_key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def load_private_key_pem(data: bytes) -> ec.EllipticCurvePrivateKey:
+    """Parse an unencrypted PEM key; raises ValueError unless it is an EC P-256 key."""
+    key = serialization.load_pem_private_key(data, password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != CURVE_NAME:
+        raise ValueError("private key is not an ECDSA P-256 key")
+    return key
+
+
+def cert_pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    """``sha256:<64 hex>`` of the DER certificate: how meshd.toml pins the CA."""
+    der = cert.public_bytes(serialization.Encoding.DER)
+    return "sha256:" + hashlib.sha256(der).hexdigest()
+
+
+def serial_hex(cert: x509.Certificate) -> str:
+    return format(cert.serial_number, "x")
+
+
+def same_public_key(a: ec.EllipticCurvePublicKey, b: object) -> bool:
+    if not isinstance(b, ec.EllipticCurvePublicKey):
+        return False
+    fmt = serialization.PublicFormat.SubjectPublicKeyInfo
+    return a.public_bytes(serialization.Encoding.DER, fmt) == b.public_bytes(
+        serialization.Encoding.DER, fmt
+    )
+
+
+def build_root(
+    key: ec.EllipticCurvePrivateKey,
+    trust_domain: str,
+    now: datetime,
+    lifetime: timedelta = ROOT_LIFETIME,
+    *,
+    serial: int | None = None,
+) -> x509.Certificate:
+    """A self-signed root for ``trust_domain``: CA:TRUE pathlen 0, keyCertSign + cRLSign."""
+    check_trust_domain(trust_domain)
+    name = x509.Name([
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "meshd"),
+        x509.NameAttribute(NameOID.COMMON_NAME, f"meshd root {trust_domain}"),
+    ])
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(serial if serial is not None else x509.random_serial_number())
+        .not_valid_before(now - DEFAULT_BACKDATE)
+        .not_valid_after(now + lifetime)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_key_usage(key_cert_sign=True), critical=True)
+        .add_extension(ski, critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
+        )
+    )
+    return builder.sign(key, hashes.SHA256())
+
+
+def check_csr(csr: x509.CertificateSigningRequest) -> ec.EllipticCurvePublicKey:
+    """The CSR's public key, if its self-signature holds and the key is P-256."""
+    try:
+        public_key = csr.public_key()
+    except (ValueError, TypeError) as exc:
+        raise CSRRejected(f"the CSR's public key cannot be read: {exc}") from None
+    if not isinstance(public_key, ec.EllipticCurvePublicKey):
+        kind = type(public_key).__name__.removeprefix("_").replace("PublicKey", "")
+        raise CSRRejected(f"the CSR carries a {kind or 'non-EC'} key; only ECDSA P-256 is accepted")
+    if public_key.curve.name != CURVE_NAME:
+        raise CSRRejected(
+            f"the CSR's key is on curve {public_key.curve.name}; only P-256 (secp256r1) is accepted"
+        )
+    if not csr.is_signature_valid:
+        raise CSRRejected("the CSR's signature does not verify against its own public key")
+    return public_key
+
+
+def load_csr_pem(data: bytes) -> x509.CertificateSigningRequest:
+    try:
+        return x509.load_pem_x509_csr(data)
+    except ValueError as exc:
+        raise CSRRejected(f"not a PEM certificate signing request: {exc}") from None
+
+
+def issue_leaf(
+    signer: Signer,
+    public_key: ec.EllipticCurvePublicKey,
+    *,
+    service: str,
+    trust_domain: str,
+    now: datetime,
+    lifetime: timedelta = DEFAULT_LEAF_LIFETIME,
+    backdate: timedelta = DEFAULT_BACKDATE,
+    serial: int | None = None,
+) -> x509.Certificate:
+    """A workload certificate for ``service`` binding ``public_key`` to its SPIFFE ID."""
+    spiffe_id = spiffe_id_for(trust_domain, service)
+    builder = _leaf_builder(signer, public_key, now, lifetime, backdate, serial)
+    builder = (
+        builder.subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, service)]))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)]),
+            critical=False,
+        )
+    )
+    return builder.sign(signer.key, hashes.SHA256())
+
+
+def issue_leaf_from_csr(
+    signer: Signer,
+    csr: x509.CertificateSigningRequest,
+    *,
+    service: str,
+    trust_domain: str,
+    now: datetime,
+    lifetime: timedelta = DEFAULT_LEAF_LIFETIME,
+    backdate: timedelta = DEFAULT_BACKDATE,
+    serial: int | None = None,
+) -> x509.Certificate:
+    """Check ``csr`` (raises CSRRejected) and issue a leaf for its key; its subject and
+    extensions are ignored."""
+    public_key = check_csr(csr)
+    return issue_leaf(
+        signer, public_key, service=service, trust_domain=trust_domain, now=now,
+        lifetime=lifetime, backdate=backdate, serial=serial,
+    )
+
+
+def issue_server_cert(
+    signer: Signer,
+    public_key: ec.EllipticCurvePublicKey,
+    *,
+    hosts: Iterable[str],
+    now: datetime,
+    lifetime: timedelta,
+    backdate: timedelta = DEFAULT_BACKDATE,
+) -> x509.Certificate:
+    """The CA API's own TLS certificate: DNS/IP SANs for ``hosts``, serverAuth only.
+
+    It deliberately carries no SPIFFE ID, and workload leaves carry no DNS/IP SANs, so a service's
+    key can never pass a client's hostname check for the CA.
+    """
+    names: list[x509.GeneralName] = []
+    seen: set[str] = set()
+    for host in hosts:
+        if not host or host in seen:
+            continue
+        seen.add(host)
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    if not names:
+        raise ValueError("the CA's server certificate needs at least one host name or address")
+    builder = _leaf_builder(signer, public_key, now, lifetime, backdate, None, client=False)
+    builder = (
+        builder.subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "meshd ca")]))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+    )
+    return builder.sign(signer.key, hashes.SHA256())
+
+
+def verify_issued_by(cert: x509.Certificate, roots: Iterable[x509.Certificate]) -> bool:
+    """Whether one of ``roots`` signed ``cert`` (signature and issuer name; no time check)."""
+    for root in roots:
+        try:
+            cert.verify_directly_issued_by(root)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        return True
+    return False
+
+
+def _leaf_builder(
+    signer: Signer,
+    public_key: ec.EllipticCurvePublicKey,
+    now: datetime,
+    lifetime: timedelta,
+    backdate: timedelta,
+    serial: int | None,
+    *,
+    client: bool = True,
+) -> x509.CertificateBuilder:
+    if lifetime <= timedelta(0):
+        raise ValueError("certificate lifetime must be positive")
+    not_before = max(now - backdate, signer.cert.not_valid_before_utc)
+    not_after = min(now + lifetime, signer.cert.not_valid_after_utc)
+    if not_after <= now:
+        raise ValueError("the root certificate has expired; no leaf can be issued")
+    usages = [ExtendedKeyUsageOID.SERVER_AUTH]
+    if client:
+        usages.append(ExtendedKeyUsageOID.CLIENT_AUTH)
+    issuer_ski = signer.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    return (
+        x509.CertificateBuilder()
+        .issuer_name(signer.cert.subject)
+        .public_key(public_key)
+        .serial_number(serial if serial is not None else x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_key_usage(), critical=True)
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(issuer_ski),
+            critical=False,
+        )
+    )
+
+
+def _key_usage(*, key_cert_sign: bool = False) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=key_cert_sign,
+        crl_sign=key_cert_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
