@@ -277,11 +277,12 @@ def _parse_local_service(r: _Reader, raw: Mapping[str, Any], path: str) -> Local
         if not isinstance(up, dict):
             r.problem(upath, "expected a table ([[services.upstreams]])")
             continue
-        r.unknown_keys(up, upath, {"name", "local_port"})
+        r.unknown_keys(up, upath, {"name", "local_port", "protocol"})
         uname = r.name(up, "name", upath)
         uport = r.port(up, "local_port", upath)
-        if uname is not None and uport is not None:
-            upstreams.append(Upstream(uname, uport))
+        uproto = r.choice(up, "protocol", upath, Protocol, ["http", "tcp"], Protocol.HTTP)
+        if uname is not None and uport is not None and uproto is not None:
+            upstreams.append(Upstream(uname, uport, uproto))
     if len(r.problems) != before:
         return None
     return LocalService(name=name, port=port, protocol=protocol, version=version,

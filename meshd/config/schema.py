@@ -34,10 +34,14 @@ class HealthCheck:
 
 @dataclass(frozen=True)
 class Upstream:
-    """A destination this service calls, reached at ``outbound_address:local_port``."""
+    """A destination this service calls, reached at ``outbound_address:local_port``.
+
+    ``protocol`` is how the outbound listener treats it: ``http`` (parsed, routed per request)
+    or ``tcp`` (an opaque byte stream, one endpoint chosen per connection)."""
 
     name: str
     local_port: int
+    protocol: Protocol = Protocol.HTTP
 
 
 @dataclass(frozen=True)

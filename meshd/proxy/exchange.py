@@ -1,0 +1,236 @@
+"""One HTTP/1.1 request/response exchange over two streams: the trio shell around ``http1``.
+
+The request body streams up while the response streams back, concurrently, so a server that
+answers before reading the whole body (or never reads it) cannot deadlock us, and nothing is
+buffered beyond one read: each side reads again only once its last write went out.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+
+import trio
+
+from meshd.errors import ProxyError
+from meshd.proxy.http1 import (
+    END,
+    Data,
+    Event,
+    Framing,
+    NoResponse,
+    ProtocolError,
+    RequestHead,
+    RequestReader,
+    ResponseHead,
+    ResponseReader,
+    downstream_framing,
+)
+from meshd.proxy.http1_write import (
+    encode_data,
+    encode_end,
+    end_to_end,
+    serialize_response,
+)
+
+log = logging.getLogger(__name__)
+
+CHUNK = 64 * 1024
+STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+class ClientGone(ProxyError):
+    """The downstream connection failed or was closed mid-exchange."""
+
+
+class UpstreamFailed(ProxyError):
+    """The upstream connection failed. ``stale`` marks a reused connection that the server had
+    closed before this request got any answer: safe to retry on a fresh one."""
+
+    def __init__(self, message: str, stale: bool = False) -> None:
+        super().__init__(message)
+        self.stale = stale
+
+
+class RequestSource:
+    """The request direction of a client connection: one event at a time, reading (and so
+    accepting more bytes from the client) only when the previous events are used up.
+
+    ``message_done`` is true once the current request's ``END`` has been taken."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.reader = RequestReader()
+        self.message_done = True
+        self._events: deque[Event] = deque()
+        self._eof = False
+
+    async def next_event(self) -> Event | None:
+        """The next event, or None when the client closed between requests. Raises
+        ``ProtocolError`` (malformed or truncated request) and ``ClientGone``."""
+        while not self._events:
+            if self._eof:
+                return None
+            try:
+                data = await self.stream.receive_some(CHUNK)
+            except STREAM_ERRORS as exc:
+                raise ClientGone(f"client connection failed: {exc}") from exc
+            if data:
+                self._events.extend(self.reader.feed(data))
+            else:
+                self._eof = True
+                self._events.extend(self.reader.feed_eof())
+        event = self._events.popleft()
+        if isinstance(event, RequestHead):
+            self.message_done = False
+        elif event is END:
+            self.message_done = True
+        return event
+
+    def take_empty_body(self) -> None:
+        """Consume the ``END`` of a bodiless request (llhttp emits it with the head)."""
+        if not self.message_done and self._events and self._events[0] is END:
+            self._events.popleft()
+            self.message_done = True
+
+
+class Exchange:
+    """Forward one request to an upstream connection and its response back to the client.
+
+    Attributes fill in as it runs, so a caller whose timeout cancelled ``run`` can still see
+    how far it got (``response_started`` decides between a 504 and cutting the client off)."""
+
+    def __init__(self, request: RequestHead, source: RequestSource, client: trio.abc.Stream,
+                 upstream: trio.abc.Stream, upstream_head: bytes, *, keep_client: bool,
+                 reused_upstream: bool) -> None:
+        self.request = request
+        self.source = source
+        self.client = client
+        self.upstream = upstream
+        self.upstream_head = upstream_head
+        self.keep_client = keep_client  # the client may keep its connection if all completes
+        self.reused_upstream = reused_upstream
+        self.status = 0  # the status sent to the client, 0 until a response head went out
+        self.response_started = False
+        self.request_done = False  # the whole request went upstream
+        self.response_done = False  # the whole response went to the client
+        self.upstream_reusable = False
+        self.client_error: ProxyError | None = None
+        self.upstream_error: UpstreamFailed | None = None
+        self._reader = ResponseReader(request.method)
+        self._pending: deque[Event] = deque()
+
+    @property
+    def client_reusable(self) -> bool:
+        return (self.keep_client and self.source.message_done and self.response_done
+                and self.client_error is None and self.upstream_error is None)
+
+    async def run(self) -> None:
+        """Never raises ``ProxyError``: failures land in ``client_error``/``upstream_error``."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._send_request, nursery.cancel_scope)
+            try:
+                await self._relay_response()
+            except ClientGone as exc:
+                self.client_error = exc
+            except UpstreamFailed as exc:
+                self.upstream_error = exc
+            nursery.cancel_scope.cancel()
+        reader = self._reader
+        self.upstream_reusable = (self.response_done and self.request_done
+                                  and reader.keep_alive and not reader.extra
+                                  and self.upstream_error is None)
+
+    async def _send_request(self, cancel: trio.CancelScope) -> None:
+        try:
+            await self._write_upstream(self.upstream_head)
+            # A bodiless request retried on a fresh connection: its END is already taken.
+            while not self.source.message_done:
+                event = await self.source.next_event()
+                if isinstance(event, Data):
+                    await self._write_upstream(encode_data(self.request.framing, event.data))
+                elif event is not END:
+                    raise ProtocolError("connection closed in the middle of a request")
+            await self._write_upstream(encode_end(self.request.framing))
+            self.request_done = True
+        except (ClientGone, ProtocolError) as exc:
+            # Nothing more can come from this client: stop the exchange.
+            self.client_error = exc
+            cancel.cancel()
+        except UpstreamFailed as exc:
+            # The server stopped reading. Its response (often an early error) may still come,
+            # so the response side goes on, and reports the failure if it does not.
+            log.debug("sending the request upstream stopped: %s", exc)
+
+    async def _relay_response(self) -> None:
+        framing = Framing.NONE
+        while True:
+            event = await self._next_upstream_event()
+            if isinstance(event, ResponseHead):
+                if event.informational:
+                    if self.request.version == "1.1":
+                        await self._write_client(serialize_response(
+                            event.status, event.reason, end_to_end(event.headers),
+                            Framing.NONE))
+                    continue
+                framing = downstream_framing(event, self.request)
+                if framing is Framing.CLOSE:
+                    self.keep_client = False
+                await self._write_client(self._client_head(event, framing))
+                self.status = event.status
+                self.response_started = True
+            elif isinstance(event, Data):
+                await self._write_client(encode_data(framing, event.data))
+            else:
+                await self._write_client(encode_end(framing))
+                self.response_done = True
+                return
+
+    def _client_head(self, head: ResponseHead, framing: Framing) -> bytes:
+        connection: bytes | None = None
+        if not self.keep_client:
+            connection = b"close"
+        elif self.request.version != "1.1":
+            connection = b"keep-alive"
+        # A response without a body (HEAD, 204, 304) keeps the length the upstream announced.
+        headers = end_to_end(head.headers, keep_length=framing is Framing.NONE)
+        return serialize_response(head.status, head.reason, headers, framing,
+                                  head.content_length, connection)
+
+    async def _next_upstream_event(self) -> Event:
+        reader = self._reader
+        while not self._pending:
+            try:
+                data = await self.upstream.receive_some(CHUNK)
+            except STREAM_ERRORS as exc:
+                raise UpstreamFailed(f"upstream connection failed: {exc}",
+                                     stale=self._stale()) from exc
+            try:
+                self._pending.extend(reader.feed(data) if data else reader.feed_eof())
+            except NoResponse as exc:
+                raise UpstreamFailed(str(exc), stale=self._stale()) from exc
+            except ProtocolError as exc:
+                raise UpstreamFailed(f"malformed response from upstream: {exc}") from exc
+        return self._pending.popleft()
+
+    def _stale(self) -> bool:
+        # Retrying is only safe when the request can be sent again: it had no body.
+        return (self.reused_upstream and not self._reader.done and not self.response_started
+                and self.request.framing is Framing.NONE)
+
+    async def _write_upstream(self, data: bytes) -> None:
+        if not data:
+            return
+        try:
+            await self.upstream.send_all(data)
+        except STREAM_ERRORS as exc:
+            raise UpstreamFailed(f"upstream connection failed: {exc}",
+                                 stale=self._stale()) from exc
+
+    async def _write_client(self, data: bytes) -> None:
+        if not data:
+            return
+        try:
+            await self.client.send_all(data)
+        except STREAM_ERRORS as exc:
+            raise ClientGone(f"client connection failed: {exc}") from exc

@@ -1,0 +1,190 @@
+"""HTTP proxying shared by both directions: the client keep-alive loop and one proxied request.
+
+``serve_requests`` runs a client connection (keep-alive, idle timeout, 400 on malformed input,
+drain) and hands each request head to a handler. ``proxy_request`` is what handlers do with it:
+take an upstream connection from a pool, run an ``Exchange`` under the request timeout, retry
+once on a fresh connection when a reused one turns out stale, and answer the client itself
+(502/504...) when no upstream response could be relayed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass
+
+import trio
+
+from meshd.errors import ProxyError
+from meshd.proxy.exchange import (
+    STREAM_ERRORS,
+    ClientGone,
+    Exchange,
+    RequestSource,
+)
+from meshd.proxy.http1 import (
+    Header,
+    ProtocolError,
+    RequestHead,
+)
+from meshd.proxy.http1_write import (
+    append_forwarded_for,
+    end_to_end,
+    serialize_request,
+    simple_response,
+)
+from meshd.proxy.pool import ConnectionPool, Connector
+
+log = logging.getLogger(__name__)
+
+
+class ConnectFailed(ProxyError):
+    """No upstream connection could be made. ``reason`` is the metric label."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(eq=False)
+class ClientConnection:
+    """One accepted connection, as the drain logic sees it."""
+
+    peer: str
+    draining: bool = False
+    idle_scope: trio.CancelScope | None = None
+
+
+@dataclass(frozen=True)
+class Result:
+    """How a proxied request ended: the status the client got (0: none, connection cut), whether
+    its connection may carry another request, and why meshd answered itself, if it did."""
+
+    status: int
+    keep: bool
+    detail: str = ""
+
+
+def upstream_request_head(request: RequestHead, *, forwarded_for: str, default_host: str,
+                          drop: tuple[bytes, ...] = (), extra: tuple[Header, ...] = ()) -> bytes:
+    """The head sent upstream: end-to-end headers only (minus ``drop``), the client appended
+    to ``X-Forwarded-For``, ``extra`` added, the same body framing, always HTTP/1.1 (upstream
+    connections are kept alive whatever the client wants for its own)."""
+    headers = end_to_end(request.headers, drop=drop)
+    if not any(n.lower() == b"host" for n, _ in headers):
+        headers.insert(0, (b"host", default_host.encode("ascii")))
+    headers = append_forwarded_for(headers, forwarded_for)
+    headers.extend(extra)
+    return serialize_request(request.method, request.target, headers, request.framing,
+                             request.content_length)
+
+
+async def answer_locally(client: trio.abc.Stream, source: RequestSource, request: RequestHead,
+                         conn: ClientConnection, status: int, text: str,
+                         headers: list[Header] | None = None) -> bool:
+    """Answer the request ourselves. The connection stays open only if the request had no
+    body (an unread body would be taken for the next request). False if it must close."""
+    source.take_empty_body()
+    close = not (request.keep_alive and source.message_done and not conn.draining)
+    try:
+        await client.send_all(simple_response(status, text, close=close, headers=headers or []))
+    except STREAM_ERRORS:
+        return False
+    return not close
+
+
+async def proxy_request(request: RequestHead, source: RequestSource, client: trio.abc.Stream,
+                        conn: ClientConnection, *, pool: ConnectionPool, key: Hashable,
+                        connect: Connector, upstream_head: bytes,
+                        request_timeout: float | None) -> Result:
+    """Forward ``request`` over a pooled connection for ``key`` and relay the response.
+
+    ``connect`` raises ``ConnectFailed``. ``request_timeout`` bounds the whole exchange, connecting
+    included: past it the client gets a 504, or is cut off if its response had started."""
+    keep_client = request.keep_alive and not conn.draining
+    exchange: Exchange | None = None
+    failure: ConnectFailed | None = None
+    with trio.move_on_after(
+            request_timeout if request_timeout is not None else math.inf) as scope:
+        for attempt in range(2):
+            try:
+                lease = await pool.acquire(key, connect)
+            except ConnectFailed as exc:
+                failure = exc
+                break
+            exchange = Exchange(request, source, client, lease.stream, upstream_head,
+                                keep_client=keep_client, reused_upstream=lease.reused)
+            try:
+                await exchange.run()
+            finally:
+                await pool.release(lease, exchange.upstream_reusable)
+            stale = exchange.upstream_error is not None and exchange.upstream_error.stale
+            if not (stale and attempt == 0):
+                break
+            log.debug("pooled connection for %s was stale, retrying on a new one", key)
+
+    if scope.cancelled_caught:
+        if exchange is None or not exchange.response_started:
+            text = f"upstream did not answer within {request_timeout:g}s"
+            keep = await answer_locally(client, source, request, conn, 504, text)
+            return Result(504, keep, text)
+        return Result(exchange.status, False, "timed out while relaying the response")
+    if failure is not None:
+        keep = await answer_locally(client, source, request, conn, 502, str(failure))
+        return Result(502, keep, str(failure))
+    assert exchange is not None
+    if exchange.client_error is not None:
+        error = exchange.client_error
+        if isinstance(error, ProtocolError) and not exchange.response_started:
+            try:
+                await client.send_all(simple_response(error.status, str(error), close=True))
+            except STREAM_ERRORS:
+                pass
+            return Result(error.status, False, str(error))
+        return Result(exchange.status, False, str(error))
+    if exchange.upstream_error is not None:
+        if not exchange.response_started:
+            text = f"bad gateway: {exchange.upstream_error}"
+            keep = await answer_locally(client, source, request, conn, 502, text)
+            return Result(502, keep, text)
+        return Result(exchange.status, False, str(exchange.upstream_error))
+    return Result(exchange.status, exchange.client_reusable)
+
+
+Handler = Callable[[RequestHead, RequestSource, ClientConnection], Awaitable[bool]]
+
+
+async def serve_requests(client: trio.abc.Stream, conn: ClientConnection, handle: Handler,
+                         idle_timeout: float,
+                         on_bad_request: Callable[[ProtocolError], None] | None = None) -> None:
+    """The keep-alive loop of one client connection: each request head goes to ``handle``,
+    which returns whether the connection may carry another. Malformed input is answered with
+    its 4xx and the connection closed. Returns when the connection is done (the caller
+    closes it)."""
+    source = RequestSource(client)
+    while not conn.draining:
+        with trio.move_on_after(idle_timeout) as scope:
+            conn.idle_scope = scope
+            try:
+                event = await source.next_event()
+            except ProtocolError as exc:
+                log.info("bad request from %s: %s", conn.peer, exc)
+                if on_bad_request is not None:
+                    on_bad_request(exc)
+                try:
+                    await client.send_all(simple_response(exc.status, str(exc), close=True))
+                except STREAM_ERRORS:
+                    pass
+                return
+            except ClientGone:
+                return
+            finally:
+                conn.idle_scope = None
+        if scope.cancelled_caught or event is None:
+            return
+        if not isinstance(event, RequestHead):  # a handler consumes every body it starts
+            raise AssertionError(f"request events out of order: {event!r}")
+        if not await handle(event, source, conn):
+            return
+

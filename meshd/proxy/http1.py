@@ -1,0 +1,371 @@
+"""HTTP/1.1 framing for the data plane. Pure: bytes in, events out; no I/O.
+
+httptools (llhttp) does the byte-level parsing; this module turns its callbacks into small
+events (``RequestHead``/``ResponseHead``, ``Data``, ``END``), decides how each body is framed on
+the way in and on the way out (``http1_write`` re-serialises). The trio shells feed it what
+they read and write what it returns, so every decision here is testable a byte at a time.
+
+Two llhttp traits shape the readers:
+
+* ``should_keep_alive()`` is only meaningful inside a callback, so it is read in
+  ``on_headers_complete`` / ``on_message_complete`` and stored on the event.
+* httptools never tells llhttp that a response answers a HEAD request, so for HEAD (and for
+  204/304, which llhttp knows about) the reader ends the message itself at the end of the head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+import httptools
+
+from meshd.errors import ProxyError
+
+Header = tuple[bytes, bytes]
+
+MAX_HEAD_BYTES = 64 * 1024
+MAX_HEADERS = 128
+
+
+class ProtocolError(ProxyError):
+    """The peer sent something that is not acceptable HTTP/1.1. ``status`` is what a server
+    answers it with (400, 431, 501...) before closing the connection."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class NoResponse(ProtocolError):
+    """The upstream closed the connection before sending a single byte of a response: on a
+    reused keep-alive connection this is the server having timed it out, not a bad answer."""
+
+
+class Framing(Enum):
+    NONE = "none"  # no body at all
+    LENGTH = "length"  # Content-Length
+    CHUNKED = "chunked"  # Transfer-Encoding: chunked
+    CLOSE = "close"  # the body ends when the connection does (responses only)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestHead:
+    method: bytes
+    target: bytes
+    version: str  # "1.1" or "1.0"
+    headers: tuple[Header, ...]
+    keep_alive: bool
+    framing: Framing
+    content_length: int | None = None
+    upgrade: bool = False  # asked for a protocol switch (not honoured yet: forwarded without it)
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseHead:
+    status: int
+    reason: bytes
+    version: str
+    headers: tuple[Header, ...]
+    keep_alive: bool
+    framing: Framing
+    content_length: int | None = None
+
+    @property
+    def informational(self) -> bool:
+        return 100 <= self.status < 200
+
+
+@dataclass(frozen=True, slots=True)
+class Data:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class EndOfMessage:
+    pass
+
+
+END = EndOfMessage()
+Event = RequestHead | ResponseHead | Data | EndOfMessage
+
+
+# ------------------------------------------------------------------------------------------
+# header helpers
+
+
+def header_values(headers: Iterable[Header], name: bytes) -> list[bytes]:
+    """Every value of header ``name`` (lower-case), in order."""
+    return [v for n, v in headers if n.lower() == name]
+
+
+def _content_length(headers: Sequence[Header]) -> int | None:
+    values = header_values(headers, b"content-length")
+    if not values:
+        return None
+    parsed = {v.strip() for value in values for v in value.split(b",")}
+    if len(parsed) != 1:
+        raise ProtocolError("conflicting Content-Length values")
+    (raw,) = parsed
+    if not raw.isdigit() or len(raw) > 18:
+        raise ProtocolError(f"invalid Content-Length {raw[:20]!r}")
+    return int(raw)
+
+
+def request_framing(headers: Sequence[Header]) -> tuple[Framing, int | None]:
+    """How a request body is delimited (llhttp has already refused TE+CL and a non-chunked
+    final transfer coding, which a request cannot have)."""
+    if header_values(headers, b"transfer-encoding"):
+        return Framing.CHUNKED, None
+    length = _content_length(headers)
+    if length is None:
+        return Framing.NONE, None
+    return Framing.LENGTH, length
+
+
+def response_framing(status: int, request_method: bytes,
+                     headers: Sequence[Header]) -> tuple[Framing, int | None]:
+    """How a response body is delimited (RFC 9112 6.3)."""
+    if request_method == b"HEAD" or 100 <= status < 200 or status in (204, 304):
+        return Framing.NONE, None
+    codings = header_values(headers, b"transfer-encoding")
+    if codings:
+        last = codings[-1].split(b",")[-1].strip().lower()
+        return (Framing.CHUNKED, None) if last == b"chunked" else (Framing.CLOSE, None)
+    length = _content_length(headers)
+    if length is None:
+        return Framing.CLOSE, None
+    return Framing.LENGTH, length
+
+
+def downstream_framing(response: ResponseHead, request: RequestHead) -> Framing:
+    """How to frame ``response`` towards the client that sent ``request``: a close-delimited
+    body becomes chunked for an HTTP/1.1 client (so its connection survives), and an HTTP/1.0
+    client, which cannot read chunked, gets a close-delimited one."""
+    if request.version != "1.1" and response.framing is Framing.CHUNKED:
+        return Framing.CLOSE
+    if request.version == "1.1" and response.framing is Framing.CLOSE:
+        return Framing.CHUNKED
+    return response.framing
+
+
+# ------------------------------------------------------------------------------------------
+# readers
+
+
+class _Stop(Exception):
+    """Raised inside a callback to stop llhttp: the rest of the buffer belongs to no message."""
+
+
+class _Reader:
+    """What request and response readers share: accumulating a head within size limits,
+    body events, and turning httptools errors into ``ProtocolError`` at one place."""
+
+    too_large_status = 431
+
+    def __init__(self) -> None:
+        self._events: list[Event] = []
+        self._headers: list[Header] = []
+        self._head_bytes = 0
+        self._in_head = False
+        self._in_message = False
+        self._error: ProtocolError | None = None
+
+    def _grow_head(self, size: int) -> None:
+        self._head_bytes += size
+        if self._head_bytes > MAX_HEAD_BYTES:
+            raise ProtocolError("message head too large", self.too_large_status)
+
+    # httptools callbacks shared by both directions
+    def on_message_begin(self) -> None:
+        self._headers = []
+        self._head_bytes = 0
+        self._in_head = True
+        self._in_message = True
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._grow_head(len(name) + len(value) + 4)
+        if not self._in_head:
+            return  # a chunked trailer: dropped (trailers are not forwarded yet)
+        if len(self._headers) >= MAX_HEADERS:
+            raise ProtocolError("too many header fields", self.too_large_status)
+        self._headers.append((name, value))
+
+    def on_body(self, body: bytes) -> None:
+        self._events.append(Data(body))
+
+    def _take(self) -> list[Event]:
+        events, self._events = self._events, []
+        return events
+
+    def _run(self, parser: httptools.HttpRequestParser | httptools.HttpResponseParser,
+             data: bytes | bytearray) -> list[Event]:
+        """Feed ``data``; an error after complete events is kept for the next call, so a good
+        request followed by garbage is still served before the connection is refused."""
+        if self._error is not None:
+            raise self._error
+        try:
+            while True:
+                try:
+                    parser.feed_data(data)
+                    break
+                except httptools.HttpParserUpgrade as upgrade:
+                    # Upgrades are not honoured yet: the request was reported (upgrade=True)
+                    # and goes on as a plain one; httptools resumed the parser, so the bytes
+                    # after it are simply the next message.
+                    data = data[int(upgrade.args[0]):]
+                    if not data:
+                        break
+        except httptools.HttpParserError as exc:
+            cause = exc.__context__
+            if not isinstance(cause, _Stop):
+                self._error = (cause if isinstance(cause, ProtocolError)
+                               else ProtocolError(f"malformed HTTP: {exc}"))
+        events = self._take()
+        if self._error is not None and not events:
+            raise self._error
+        return events
+
+
+class RequestReader(_Reader):
+    """Server side of a connection: bytes from a client in, request events out. Pipelined
+    requests simply follow each other in the event list."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._target = bytearray()
+        self._parser = httptools.HttpRequestParser(self)
+
+    @property
+    def mid_message(self) -> bool:
+        return self._in_message
+
+    def feed(self, data: bytes | bytearray) -> list[Event]:
+        return self._run(self._parser, data)
+
+    def feed_eof(self) -> list[Event]:
+        """The client closed its side. Between requests that is the normal end of a
+        keep-alive connection; inside one it is an aborted request."""
+        if self._error is not None:
+            raise self._error
+        if self._in_message:
+            raise ProtocolError("connection closed in the middle of a request")
+        return []
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._target = bytearray()
+
+    def on_url(self, url: bytes) -> None:
+        self._grow_head(len(url))
+        self._target += url
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        p = self._parser
+        method = p.get_method()
+        headers = tuple(self._headers)
+        version = p.get_http_version()
+        if method == b"CONNECT":
+            raise ProtocolError("CONNECT is not supported on a mesh listener", 405)
+        if version == "1.1" and len(header_values(headers, b"host")) != 1:
+            raise ProtocolError("an HTTP/1.1 request needs exactly one Host header")
+        framing, length = request_framing(headers)
+        upgrade = p.should_upgrade()
+        if upgrade and framing is not Framing.NONE:
+            raise ProtocolError("an Upgrade request with a body is not supported", 501)
+        self._events.append(RequestHead(
+            method=method, target=bytes(self._target), version=version, headers=headers,
+            keep_alive=p.should_keep_alive(), framing=framing, content_length=length,
+            upgrade=upgrade))
+
+    def on_message_complete(self) -> None:
+        self._in_message = False
+        self._events.append(END)
+
+
+class ResponseReader(_Reader):
+    """Client side of one exchange: the bytes of the response to one request in, events out.
+
+    1xx heads come out as their own events (without ``END``); the final response ends with
+    ``END``. After that ``done`` is true, ``keep_alive`` says whether the connection may carry
+    another request, and ``extra`` whether the server sent bytes after the response (then it
+    may not)."""
+
+    too_large_status = 502
+
+    def __init__(self, request_method: bytes) -> None:
+        super().__init__()
+        self._method = request_method
+        self._reason = bytearray()
+        self._framing = Framing.NONE
+        self._received = False
+        self.done = False
+        self.keep_alive = False
+        self.extra = False
+        self._parser = httptools.HttpResponseParser(self)
+
+    def feed(self, data: bytes | bytearray) -> list[Event]:
+        if not data:
+            return []
+        if self.done:
+            self.extra = True
+            return []
+        self._received = True
+        return self._run(self._parser, data)
+
+    def feed_eof(self) -> list[Event]:
+        if self._error is not None:
+            raise self._error
+        if self.done:
+            return []
+        if not self._received:
+            raise NoResponse("the upstream closed the connection without responding")
+        if not self._in_head and self._in_message and self._framing is Framing.CLOSE:
+            self.done, self.keep_alive = True, False
+            return [END]
+        raise ProtocolError("the upstream closed the connection in the middle of a response")
+
+    def on_message_begin(self) -> None:
+        if self.done:
+            self.extra = True
+            raise _Stop
+        super().on_message_begin()
+        self._reason = bytearray()
+
+    def on_status(self, reason: bytes) -> None:
+        self._grow_head(len(reason))
+        self._reason += reason
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        p = self._parser
+        status = p.get_status_code()
+        if status == 101:
+            raise ProtocolError("the upstream switched protocols without being asked")
+        headers = tuple(self._headers)
+        framing, length = response_framing(status, self._method, headers)
+        self._framing = framing
+        head = ResponseHead(status=status, reason=bytes(self._reason),
+                            version=p.get_http_version(), headers=headers,
+                            keep_alive=p.should_keep_alive(), framing=framing,
+                            content_length=length)
+        self._events.append(head)
+        if framing is Framing.NONE and not head.informational:
+            # HEAD/204/304: complete at the end of the head, whatever llhttp expects next.
+            self.done, self.keep_alive = True, head.keep_alive
+            self._events.append(END)
+
+    def on_body(self, body: bytes) -> None:
+        if self.done:
+            self.extra = True
+            raise _Stop
+        super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        self._in_message = False
+        if self.done or 100 <= self._parser.get_status_code() < 200:
+            return
+        self.done, self.keep_alive = True, self._parser.should_keep_alive()
+        self._events.append(END)

@@ -1,0 +1,161 @@
+"""Keep-alive connection pooling.
+
+``IdleConnections`` is the policy, pure and synchronous (``now`` passed in): which idle
+connection to reuse, which have idled too long, which to evict. ``ConnectionPool`` is the trio
+shell: it opens connections through a connector, hands them out, takes them back, and closes
+what the policy returns.
+
+A connection goes back to the pool only when the exchange that used it ended cleanly: the whole
+request sent, the whole response read, no ``Connection: close``, nothing extra from the server.
+Idle connections are dropped after ``idle_timeout`` (30 s for mesh hops: before any peer's own
+keep-alive timeout, so a reused connection is rarely one the peer is closing).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+import trio
+
+log = logging.getLogger(__name__)
+
+C = TypeVar("C")
+
+DEFAULT_IDLE_TIMEOUT = 30.0
+DEFAULT_MAX_IDLE_PER_KEY = 64
+
+
+@dataclass
+class _Idle(Generic[C]):
+    conn: C
+    since: float
+
+
+@dataclass
+class IdleConnections(Generic[C]):
+    """Idle connections per key, most recently used reused first (so surplus ones age out)."""
+
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    max_per_key: int = DEFAULT_MAX_IDLE_PER_KEY
+    _idle: dict[Hashable, list[_Idle[C]]] = field(default_factory=dict)
+
+    def checkout(self, key: Hashable, now: float) -> tuple[C | None, list[C]]:
+        """A reusable connection for ``key`` (or None) and the expired ones to close."""
+        expired = self._expire_key(key, now)
+        stack = self._idle.get(key)
+        if not stack:
+            return None, expired
+        conn = stack.pop().conn
+        if not stack:
+            del self._idle[key]
+        return conn, expired
+
+    def checkin(self, key: Hashable, conn: C, now: float) -> list[C]:
+        """Park ``conn``; returns connections evicted to respect ``max_per_key``."""
+        stack = self._idle.setdefault(key, [])
+        stack.append(_Idle(conn, now))
+        evicted = []
+        while len(stack) > self.max_per_key:
+            evicted.append(stack.pop(0).conn)
+        return evicted
+
+    def expire(self, now: float) -> list[C]:
+        """Every connection idle for ``idle_timeout`` or longer, removed from the pool."""
+        return [c for key in list(self._idle) for c in self._expire_key(key, now)]
+
+    def next_expiry(self) -> float | None:
+        oldest = [stack[0].since for stack in self._idle.values() if stack]
+        return min(oldest) + self.idle_timeout if oldest else None
+
+    def take_all(self) -> list[C]:
+        conns = [entry.conn for stack in self._idle.values() for entry in stack]
+        self._idle.clear()
+        return conns
+
+    def __len__(self) -> int:
+        return sum(len(stack) for stack in self._idle.values())
+
+    def _expire_key(self, key: Hashable, now: float) -> list[C]:
+        stack = self._idle.get(key)
+        if not stack:
+            return []
+        cutoff = now - self.idle_timeout
+        keep = [entry for entry in stack if entry.since > cutoff]
+        expired = [entry.conn for entry in stack if entry.since <= cutoff]
+        if keep:
+            self._idle[key] = keep
+        else:
+            del self._idle[key]
+        return expired
+
+
+@dataclass
+class Lease:
+    """A connection handed out by the pool; ``reused`` tells whether it carried an exchange
+    before (then a server close before any response byte means "stale", not "failed")."""
+
+    key: Hashable
+    stream: trio.abc.HalfCloseableStream
+    reused: bool
+
+
+Connector = Callable[[], Awaitable[trio.abc.HalfCloseableStream]]
+
+
+class ConnectionPool:
+    """Pooled connections by key; ``run`` must be started (it closes idle connections)."""
+
+    def __init__(self, idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+                 max_idle_per_key: int = DEFAULT_MAX_IDLE_PER_KEY) -> None:
+        self._idle: IdleConnections[trio.abc.HalfCloseableStream] = IdleConnections(
+            idle_timeout, max_idle_per_key)
+        self._changed = trio.Event()
+        self.opened = 0  # connections opened through this pool, for tests and /v1/state
+        self._closed = False
+
+    @property
+    def idle_count(self) -> int:
+        return len(self._idle)
+
+    async def acquire(self, key: Hashable, connect: Connector) -> Lease:
+        """A pooled connection for ``key``, or a new one from ``connect`` (whose exceptions
+        propagate)."""
+        conn, expired = self._idle.checkout(key, trio.current_time())
+        await _close_all(expired)
+        if conn is not None:
+            return Lease(key, conn, reused=True)
+        stream = await connect()
+        self.opened += 1
+        return Lease(key, stream, reused=False)
+
+    async def release(self, lease: Lease, reusable: bool) -> None:
+        """Give a connection back: parked when ``reusable`` (and the pool is open), else closed."""
+        if not reusable or self._closed:
+            await trio.aclose_forcefully(lease.stream)
+            return
+        evicted = self._idle.checkin(lease.key, lease.stream, trio.current_time())
+        self._changed.set()
+        await _close_all(evicted)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Close connections as they pass their idle timeout; on cancellation close them all."""
+        task_status.started()
+        try:
+            while True:
+                deadline = self._idle.next_expiry()
+                with trio.move_on_at(deadline if deadline is not None else float("inf")):
+                    await self._changed.wait()
+                    self._changed = trio.Event()
+                await _close_all(self._idle.expire(trio.current_time()))
+        finally:
+            self._closed = True
+            with trio.CancelScope(shield=True):
+                await _close_all(self._idle.take_all())
+
+
+async def _close_all(conns: list[trio.abc.HalfCloseableStream]) -> None:
+    for conn in conns:
+        await trio.aclose_forcefully(conn)

@@ -1,0 +1,202 @@
+"""The data plane of one host: every listener, the connection pools, drain.
+
+    Proxy.run
+      ├─ pool reapers            (mesh connections: 30 s idle; app connections: 4 s)
+      └─ connections nursery     (one task per accepted connection)
+           └─ accept loops       (inbound mTLS listener; one outbound listener per upstream)
+
+``run`` binds every listener first (a port in use is a ``ProxyError`` naming the address) and
+reports started only once all of them accept. ``drain(deadline)`` stops accepting, lets
+requests in flight finish (idle keep-alive connections are closed at once, busy ones after
+their current response) and cuts whatever is left at the deadline.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import trio
+
+from meshd.config.schema import HostConfig
+from meshd.errors import ProxyError
+from meshd.metrics import Metrics
+from meshd.proxy.forward import ClientConnection
+from meshd.proxy.inbound import APP_IDLE_TIMEOUT, Inbound, InboundContext
+from meshd.proxy.outbound import Outbound, OutboundContext
+from meshd.proxy.pool import DEFAULT_IDLE_TIMEOUT, ConnectionPool
+from meshd.proxy.tls import TLSState
+from meshd.proxy.view import ViewCell
+
+log = logging.getLogger(__name__)
+
+# accept() failures that mean "out of resources for now": back off instead of crashing
+_RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+MAX_ACCEPT_BACKOFF = 1.0
+STOP_GRACE = 2.0
+
+ConnectionHandler = Callable[[trio.SocketStream, ClientConnection], Awaitable[None]]
+
+
+@dataclass
+class _Listener:
+    direction: str  # "inbound" / "outbound"
+    name: str  # what it serves, for logs
+    host: str
+    port: int
+    handle: ConnectionHandler
+    sockets: list[trio.SocketListener]
+
+
+class Proxy:
+    def __init__(self, config: HostConfig, view: ViewCell, tls: TLSState, metrics: Metrics, *,
+                 rand: Callable[[], float] = random.random) -> None:
+        self.config = config
+        self.view = view
+        self.tls = tls
+        self.metrics = metrics
+        self.pool = ConnectionPool(idle_timeout=DEFAULT_IDLE_TIMEOUT)
+        self.app_pool = ConnectionPool(idle_timeout=APP_IDLE_TIMEOUT)
+        outbound_ctx = OutboundContext(view=view, tls=tls, metrics=metrics, pool=self.pool,
+                                       rand=rand)
+        inbound = Inbound(InboundContext(config, tls, metrics, self.app_pool))
+        self._listeners = [_Listener("inbound", "mesh", config.address, config.inbound_port,
+                                     inbound.handle, [])]
+        for service, upstream in config.upstreams:
+            handler = Outbound(service, upstream, outbound_ctx)
+            self._listeners.append(_Listener(
+                "outbound", f"{service.name}->{upstream.name}", config.outbound_address,
+                upstream.local_port, handler.handle, []))
+        self._connections: set[ClientConnection] = set()
+        self._accepting = trio.CancelScope()
+        self._everything = trio.CancelScope()
+        self._draining = False
+        self._drained = trio.Event()
+        self._stopped = trio.Event()
+
+    # -- addresses (useful with port 0) ----------------------------------------------------------
+
+    @property
+    def inbound_address(self) -> tuple[str, int]:
+        return self._bound(self._listeners[0])
+
+    def outbound_address(self, service: str, upstream: str) -> tuple[str, int]:
+        name = f"{service}->{upstream}"
+        listener = next((x for x in self._listeners if x.name == name), None)
+        if listener is None:
+            raise KeyError(f"no outbound listener for {name}")
+        return self._bound(listener)
+
+    @staticmethod
+    def _bound(listener: _Listener) -> tuple[str, int]:
+        if not listener.sockets:
+            raise RuntimeError("the proxy is not listening yet")
+        host, port = listener.sockets[0].socket.getsockname()[:2]
+        return host, port
+
+    # -- lifetime ------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await self._bind_all()
+            with self._everything:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(self.pool.run)
+                    await nursery.start(self.app_pool.run)
+                    async with trio.open_nursery() as connections:
+                        with self._accepting:
+                            async with trio.open_nursery() as accepting:
+                                for listener in self._listeners:
+                                    for sock in listener.sockets:
+                                        accepting.start_soon(self._accept_loop, listener, sock,
+                                                             connections)
+                                self._log_listening()
+                                task_status.started()
+                        await self._close_listeners()
+                    self._drained.set()
+                    nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._close_listeners()
+            self._stopped.set()
+
+    async def drain(self, deadline: float) -> None:
+        """Stop accepting, let in-flight requests finish until ``deadline`` (trio clock), then
+        cut the rest. Returns once the proxy has stopped."""
+        self._draining = True
+        self._accepting.cancel()
+        for conn in list(self._connections):
+            conn.draining = True
+            if conn.idle_scope is not None:
+                conn.idle_scope.cancel()
+        with trio.move_on_at(deadline) as scope:
+            await self._drained.wait()
+        if scope.cancelled_caught:
+            log.warning("drain deadline reached: cutting %d connection(s)",
+                        len(self._connections))
+        self._everything.cancel()
+        with trio.move_on_after(STOP_GRACE):
+            await self._stopped.wait()
+
+    # -- internals -----------------------------------------------------------------------------
+
+    async def _bind_all(self) -> None:
+        for listener in self._listeners:
+            try:
+                listener.sockets = await trio.open_tcp_listeners(listener.port,
+                                                                 host=listener.host)
+            except OSError as exc:
+                await self._close_listeners()
+                raise ProxyError(
+                    f"cannot listen on {listener.host}:{listener.port} "
+                    f"({listener.direction} {listener.name}): {exc.strerror or exc}") from exc
+
+    async def _close_listeners(self) -> None:
+        for listener in self._listeners:
+            sockets, listener.sockets = listener.sockets, []
+            for sock in sockets:
+                await trio.aclose_forcefully(sock)
+
+    def _log_listening(self) -> None:
+        for listener in self._listeners:
+            host, port = self._bound(listener)
+            log.info("%s listener %s on %s:%d", listener.direction, listener.name, host, port)
+
+    async def _accept_loop(self, listener: _Listener, sock: trio.SocketListener,
+                           connections: trio.Nursery) -> None:
+        backoff = 0.0
+        while True:
+            try:
+                stream = await sock.accept()
+            except OSError as exc:
+                if exc.errno not in _RESOURCE_ERRNOS:
+                    raise
+                backoff = min(max(backoff * 2, 0.01), MAX_ACCEPT_BACKOFF)
+                log.warning("%s listener %s: accept failed (%s), retrying in %.2fs",
+                            listener.direction, listener.name, exc.strerror, backoff)
+                self.metrics.connection_errors.labels(listener.direction, "accept_failed").inc()
+                await trio.sleep(backoff)
+                continue
+            backoff = 0.0
+            connections.start_soon(self._serve_connection, listener, stream)
+
+    async def _serve_connection(self, listener: _Listener, stream: trio.SocketStream) -> None:
+        try:
+            peer = str(stream.socket.getpeername()[0])
+        except OSError:
+            await trio.aclose_forcefully(stream)
+            return
+        conn = ClientConnection(peer, draining=self._draining)
+        self._connections.add(conn)
+        try:
+            await listener.handle(stream, conn)
+        except Exception:
+            # A bug in one connection must not take the listener down with it.
+            log.exception("%s listener %s: connection from %s failed", listener.direction,
+                          listener.name, peer)
+        finally:
+            self._connections.discard(conn)
+            await trio.aclose_forcefully(stream)

@@ -1,0 +1,274 @@
+"""The stream seam: everything above this module speaks ``trio.abc.HalfCloseableStream``.
+
+Plain connections are ``trio.SocketStream``. mTLS connections are ``TLSStream``, a lean TLS
+stream over ``ssl.SSLObject`` and memory BIOs on top of a socket stream. It exists (rather than
+``trio.SSLStream``) for one behaviour: ``send_eof``. Opaque TCP through the mesh must carry a
+half-close across the mTLS hop; TLS 1.3 allows it (a ``close_notify`` closes one direction,
+RFC 8446 6.1) but ``trio.SSLStream`` cannot send one and keep reading.
+
+The later speed work (a non-blocking ``ssl.SSLSocket`` stream, see perf-notes) slots in here:
+``open_mtls`` / ``accept_mtls`` are the only places that build TLS streams.
+"""
+
+from __future__ import annotations
+
+import ssl
+
+import trio
+
+from meshd.proxy.tls import HandshakeRefused, MeshSSLObject, TLSState, classify_tls_failure
+
+RECEIVE_SIZE = 64 * 1024
+CLOSE_NOTIFY_TIMEOUT = 0.5
+
+
+class TLSStream(trio.abc.HalfCloseableStream):
+    """TLS over a transport stream. One task may send while another receives; ``send_eof``
+    sends ``close_notify`` and leaves the receiving direction open."""
+
+    def __init__(self, transport: trio.abc.Stream, context: ssl.SSLContext, *,
+                 server_side: bool, server_hostname: str | None = None) -> None:
+        self.transport = transport
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self.ssl_object = context.wrap_bio(self._incoming, self._outgoing,
+                                           server_side=server_side,
+                                           server_hostname=server_hostname)
+        # Whoever holds this lock drains the outgoing BIO into the transport, so records go
+        # out in the order OpenSSL produced them even when sender and receiver both write.
+        self._transport_send = trio.StrictFIFOLock()
+        self._plaintext = b""  # decrypted bytes set aside by send_eof, returned first
+        self._sending = False
+        self._receiving = False
+        self._handshake_done = False
+        self._eof_sent = False
+        self._closed = False
+        self._broken = False
+
+    def peer_certificate(self) -> bytes | None:
+        return self.ssl_object.getpeercert(binary_form=True)
+
+    async def do_handshake(self) -> None:
+        while True:
+            try:
+                self.ssl_object.do_handshake()
+            except ssl.SSLWantReadError:
+                await self._flush()
+                await self._fill()
+                continue
+            except ssl.SSLError as exc:
+                self._broken = True
+                await self._flush_alert()
+                raise trio.BrokenResourceError(f"TLS handshake failed: {exc}") from exc
+            await self._flush()
+            self._handshake_done = True
+            return
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._receiving:
+            raise trio.BusyResourceError("another task is receiving on this stream")
+        self._receiving = True
+        try:
+            want = max_bytes or RECEIVE_SIZE
+            while True:
+                self._check_open()
+                if self._plaintext:
+                    data, self._plaintext = self._plaintext[:want], self._plaintext[want:]
+                    await trio.lowlevel.checkpoint()
+                    return data
+                try:
+                    data = self._read(want)
+                except ssl.SSLWantReadError:
+                    pass
+                except ssl.SSLZeroReturnError:
+                    await trio.lowlevel.checkpoint()
+                    return b""
+                except ssl.SSLError as exc:
+                    self._broken = True
+                    raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
+                else:
+                    await trio.lowlevel.checkpoint()
+                    return data
+                if self._outgoing.pending and not self._transport_send.locked():
+                    await self._flush()
+                await self._fill()
+        finally:
+            self._receiving = False
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this stream")
+        self._sending = True
+        try:
+            self._check_open()
+            if self._eof_sent:
+                raise trio.ClosedResourceError("send_eof was called on this stream")
+            if data:
+                try:
+                    self.ssl_object.write(data)
+                except ssl.SSLError as exc:
+                    self._broken = True
+                    raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
+            await self._flush()
+        finally:
+            self._sending = False
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.transport.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this stream")
+        self._sending = True
+        try:
+            self._check_open()
+            if not self._eof_sent:
+                self._close_notify()
+            await self._flush()
+        finally:
+            self._sending = False
+
+    async def aclose(self) -> None:
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self._closed = True
+        try:
+            if self._handshake_done and not self._eof_sent and not self._broken:
+                with trio.move_on_after(CLOSE_NOTIFY_TIMEOUT) as scope:
+                    scope.shield = True
+                    try:
+                        self._close_notify()
+                        await self._flush()
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass
+        finally:
+            await self.transport.aclose()
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("the stream is closed")
+        if self._broken:
+            raise trio.BrokenResourceError("the TLS connection failed earlier")
+
+    def _read(self, want: int) -> bytes:
+        """As many bytes as OpenSSL can decrypt now (up to ``want``), across records."""
+        first = self.ssl_object.read(want)
+        if not first or len(first) >= want:
+            return first
+        parts = [first]
+        got = len(first)
+        while got < want:
+            try:
+                more = self.ssl_object.read(want - got)
+            except ssl.SSLError:
+                break  # raised again by the next call if it matters
+            if not more:
+                break
+            parts.append(more)
+            got += len(more)
+        return b"".join(parts)
+
+    def _close_notify(self) -> None:
+        """Send our close_notify, keeping the receive direction intact.
+
+        ``SSLObject.unwrap`` calls ``SSL_shutdown`` twice; the second call reads, and fails on
+        any application data it finds. So first take decrypted bytes and buffered ciphertext
+        out of OpenSSL's reach, then put the ciphertext back for the receiver."""
+        self._eof_sent = True
+        pending = []
+        while self.ssl_object.pending():
+            try:
+                pending.append(self.ssl_object.read(self.ssl_object.pending()))
+            except ssl.SSLError:
+                break
+        self._plaintext += b"".join(pending)
+        ciphertext = self._incoming.read()
+        try:
+            self.ssl_object.unwrap()
+        except ssl.SSLWantReadError:
+            pass  # close_notify written; the peer's comes later, through receive_some
+        except ssl.SSLError as exc:
+            self._broken = True
+            raise trio.BrokenResourceError(f"TLS error on shutdown: {exc}") from exc
+        finally:
+            if ciphertext:
+                self._incoming.write(ciphertext)
+
+    async def _fill(self) -> None:
+        data = await self.transport.receive_some(RECEIVE_SIZE)
+        if not data:
+            self._broken = True
+            what = "handshake" if not self._handshake_done else "session"
+            raise trio.BrokenResourceError(
+                f"peer closed the connection during the TLS {what} (no close_notify)")
+        self._incoming.write(data)
+
+    async def _flush(self) -> None:
+        async with self._transport_send:
+            while self._outgoing.pending:
+                try:
+                    await self.transport.send_all(self._outgoing.read())
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    self._broken = True
+                    raise
+
+    async def _flush_alert(self) -> None:
+        """Best effort: tell the peer why the handshake failed (OpenSSL queued an alert)."""
+        if not self._outgoing.pending:
+            return
+        with trio.move_on_after(CLOSE_NOTIFY_TIMEOUT):
+            try:
+                await self.transport.send_all(self._outgoing.read())
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+
+async def open_mtls(address: str, port: int, tls: TLSState, source: str,
+                    destination: str) -> TLSStream:
+    """Connect to a meshd inbound listener as ``source`` and check it serves ``destination``.
+
+    The caller bounds the time with ``fail_after``. Raises ``OSError`` when the connection
+    cannot be made and ``HandshakeRefused`` when TLS or the identity check fails."""
+    transport = await trio.open_tcp_stream(address, port)
+    stream = TLSStream(transport, tls.client_context(source), server_side=False,
+                       server_hostname=destination)
+    try:
+        try:
+            await stream.do_handshake()
+        except trio.BrokenResourceError as exc:
+            label, text = classify_tls_failure(exc)
+            raise HandshakeRefused(label, f"{address}:{port} ({destination}): {text}") from exc
+        tls.check_server(stream.peer_certificate(), destination)
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+    return stream
+
+
+async def accept_mtls(transport: trio.SocketStream, tls: TLSState) -> tuple[TLSStream, str, str]:
+    """Run the server side of the handshake on an accepted connection; return the stream, the
+    local service the client asked for (SNI) and the calling service (its SPIFFE ID).
+
+    The caller bounds the time. Raises ``HandshakeRefused`` (and leaves closing to the
+    caller)."""
+    stream = TLSStream(transport, tls.server_context, server_side=True)
+    try:
+        await stream.do_handshake()
+    except trio.BrokenResourceError as exc:
+        obj = stream.ssl_object
+        if isinstance(obj, MeshSSLObject) and obj.sni_refusal:
+            raise HandshakeRefused("unknown_service", obj.sni_refusal) from exc
+        if exc.__cause__ is None:
+            raise HandshakeRefused("handshake_eof",
+                                   "client closed the connection during the handshake") from exc
+        label, text = classify_tls_failure(exc)
+        raise HandshakeRefused(label, text) from exc
+    source = tls.source_of(stream.peer_certificate())
+    obj = stream.ssl_object
+    service = obj.sni if isinstance(obj, MeshSSLObject) else None
+    if not service:
+        raise HandshakeRefused("unknown_service", "client sent no SNI")
+    return stream, service, source

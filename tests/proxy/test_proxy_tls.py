@@ -1,0 +1,145 @@
+"""TLS identities (contexts, SPIFFE checks, reload) and the half-closable TLS stream."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from proxy_testing import TD, MiniCA
+
+from meshd.errors import IdentityError
+from meshd.proxy.streams import TLSStream, accept_mtls, open_mtls
+from meshd.proxy.tls import HandshakeRefused, TLSState
+
+
+@pytest.fixture
+def ca() -> MiniCA:
+    return MiniCA.create()
+
+
+@pytest.fixture
+def identities(tmp_path: Path, ca: MiniCA) -> Path:
+    directory = tmp_path / "certs"
+    for service in ("web", "payments"):
+        ca.write_identity(directory, service)
+    return directory
+
+
+async def _tls_pair(tls: TLSState, client_service: str = "web",
+                    sni: str = "payments") -> tuple[TLSStream, TLSStream]:
+    left, right = trio.testing.memory_stream_pair()
+    client = TLSStream(left, tls.client_context(client_service), server_side=False,
+                       server_hostname=sni)
+    server = TLSStream(right, tls.server_context, server_side=True)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.do_handshake)
+        nursery.start_soon(server.do_handshake)
+    return client, server
+
+
+async def _receive_all(stream: TLSStream) -> bytes:
+    out = bytearray()
+    while data := await stream.receive_some(65536):
+        out += data
+    return bytes(out)
+
+
+async def test_half_close_keeps_the_other_direction_open(identities: Path) -> None:
+    client, server = await _tls_pair(TLSState(identities, TD, ["web", "payments"]))
+    await client.send_all(b"request")
+    await client.send_eof()
+    assert await _receive_all(server) == b"request"  # EOF arrived after the data
+    await server.send_all(b"answer after the client's EOF")
+    await server.aclose()
+    assert await _receive_all(client) == b"answer after the client's EOF"
+    with pytest.raises(trio.ClosedResourceError):
+        await client.send_all(b"more")
+
+
+async def test_half_close_with_unread_data_loses_nothing(identities: Path) -> None:
+    """send_eof while the peer's data sits decrypted and undecrypted in our buffers."""
+    client, server = await _tls_pair(TLSState(identities, TD, ["web", "payments"]))
+    payload = os.urandom(300_000)
+    await server.send_all(payload)
+    first = await client.receive_some(10)
+    await client.send_eof()
+    assert await server.receive_some() == b""
+    await server.aclose()
+    assert first + await _receive_all(client) == payload
+
+
+async def test_handshake_checks_identities_both_ways(identities: Path) -> None:
+    tls = TLSState(identities, TD, ["web", "payments"])
+    (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listener.socket.getsockname()[1]
+    seen = []
+
+    async def server_side(transport: trio.SocketStream) -> None:
+        stream, service, source = await accept_mtls(transport, tls)
+        seen.append((service, source))
+        await stream.send_all(await stream.receive_some())
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.serve_listeners, server_side, [listener])
+        stream = await open_mtls("127.0.0.1", port, tls, "web", "payments")
+        await stream.send_all(b"ping")
+        assert await stream.receive_some() == b"ping"
+        await stream.aclose()
+        # asking for "web" while expecting "payments" fails the client-side check
+        with pytest.raises(HandshakeRefused, match=r"expected spiffe://mesh\.test/svc/payments"):
+            tls.check_server(_leaf_der(identities, "web"), "payments")
+        nursery.cancel_scope.cancel()
+    assert seen == [("payments", "web")]
+
+
+def _leaf_der(directory: Path, service: str) -> bytes:
+    cert = x509.load_pem_x509_certificate((directory / f"{service}.crt").read_bytes())
+    return cert.public_bytes(Encoding.DER)
+
+
+async def test_reload_serves_new_certificates_to_new_connections_only(
+        identities: Path, ca: MiniCA) -> None:
+    tls = TLSState(identities, TD, ["web", "payments"])
+    old_client, old_server = await _tls_pair(tls)
+    old_serial = _serial(old_client)
+
+    renewed = ca.write_identity(identities, "payments")
+    tls.reload()
+    new_client, _ = await _tls_pair(tls)
+    assert _serial(new_client) == renewed.serial_number != old_serial
+
+    # the connection made before the reload carries on
+    await old_client.send_all(b"still here")
+    assert await old_server.receive_some() == b"still here"
+
+
+async def test_reload_failure_keeps_the_contexts_in_force(identities: Path) -> None:
+    tls = TLSState(identities, TD, ["web", "payments"])
+    (identities / "payments.crt").write_bytes(b"not a certificate")
+    with pytest.raises(IdentityError, match=r"payments\.crt"):
+        tls.reload()
+    client, server = await _tls_pair(tls)  # still serving with what was loaded before
+    await client.send_all(b"ok")
+    assert await server.receive_some() == b"ok"
+
+
+def test_missing_or_mismatched_identity_is_an_error(tmp_path: Path, ca: MiniCA) -> None:
+    with pytest.raises(IdentityError, match=r"cannot load TLS identities"):
+        TLSState(tmp_path, TD, ["web"])
+    ca.write_identity(tmp_path, "web")
+    (tmp_path / "web.crt").rename(tmp_path / "cart.crt")
+    (tmp_path / "web.key").rename(tmp_path / "cart.key")
+    with pytest.raises(IdentityError, match=r"not of spiffe://mesh\.test/svc/cart"):
+        TLSState(tmp_path, TD, ["cart"])
+
+
+def _serial(stream: TLSStream) -> int:
+    der = stream.peer_certificate()
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
