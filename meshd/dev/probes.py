@@ -1,0 +1,89 @@
+"""How ``meshd up`` talks to what it started: readiness probes, one-shot ``meshd`` commands, and
+the routes it writes to the registry's KV. Foreign errors become ``MeshError`` here."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+
+import httpx
+import trio
+
+from meshd.dev.supervisor import Child, describe_exit
+from meshd.errors import MeshError, RegistryError
+
+POLL_INTERVAL = 0.2
+PROBE_TIMEOUT = 2.0
+ROUTES_KEY = "meshd/config/routes"
+
+
+def http_client() -> httpx.AsyncClient:
+    # trust_env=False: an HTTP(S)_PROXY in the environment must not see loopback probes
+    return httpx.AsyncClient(timeout=PROBE_TIMEOUT, trust_env=False, verify=False)
+
+
+def http_ok(client: httpx.AsyncClient, url: str) -> Callable[[], Awaitable[bool]]:
+    async def probe() -> bool:
+        try:
+            response = await client.get(url)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+    return probe
+
+
+async def wait_ready(probe: Callable[[], Awaitable[bool]], *, what: str, how: str,
+                     give_up_after: float, child: Child | None = None) -> None:
+    """Poll ``probe`` until it passes (another process: there is no event to wait on); after
+    ``give_up_after`` seconds raise a MeshError that names ``what``, ``how`` it was checked and,
+    for a child, what it said last."""
+    with trio.move_on_after(give_up_after):
+        while True:
+            if await probe():
+                return
+            await trio.sleep(POLL_INTERVAL)
+    raise MeshError(f"{what} did not become ready within {give_up_after:g}s ({how})"
+                    + (child_report(child) if child is not None else ""))
+
+
+def child_report(child: Child) -> str:
+    history = ""
+    if child.exit_codes:
+        exits = ", ".join(describe_exit(c) for c in child.exit_codes[-3:])
+        history = f"; it was started {child.starts} times (last exits: {exits})"
+    tail = child.tail_text() or "(no output)"
+    return (f"{history}\n--- last lines of {child.label} (full log: {child.spec.log_path}):\n"
+            f"{tail}\n---")
+
+
+async def run_command(argv: Sequence[str], *, what: str, env: Mapping[str, str],
+                      give_up_after: float = 60.0) -> str:
+    """Run a one-shot command to completion and return its stdout; MeshError (with its stderr)
+    if it fails. It runs in its own session, like the supervised children."""
+    try:
+        with trio.fail_after(give_up_after):
+            result = await trio.run_process(
+                list(argv), capture_stdout=True, capture_stderr=True, check=False,
+                stdin=subprocess.DEVNULL, env=dict(env), start_new_session=True,
+            )
+    except OSError as exc:
+        raise MeshError(f"{what}: cannot run {argv[0]}: {exc.strerror or exc}") from exc
+    except trio.TooSlowError:
+        raise MeshError(f"{what} did not finish within {give_up_after:g}s") from None
+    if result.returncode != 0:
+        stderr = result.stderr.decode(errors="replace").strip()
+        lines = "\n".join(stderr.splitlines()[-15:]) or "(no output)"
+        raise MeshError(f"{what} failed ({describe_exit(result.returncode)}):\n{lines}")
+    return str(result.stdout.decode(errors="replace"))
+
+
+async def put_kv(client: httpx.AsyncClient, registry: str, key: str, body: bytes) -> None:
+    url = f"http://{registry}/v1/kv/{key}"
+    try:
+        response = await client.put(url, content=body)
+    except httpx.HTTPError as exc:
+        raise RegistryError(f"cannot write {key} to the registry at {registry}: {exc}") from exc
+    if response.status_code != 200 or response.text.strip() != "true":
+        raise RegistryError(f"the registry refused {key}: HTTP {response.status_code} "
+                            f"{response.text.strip()[:200]}")

@@ -1,0 +1,348 @@
+"""``meshd up``: a whole mesh as child processes of one runner, on one machine.
+
+Start order: registry -> ready -> CA init and join tokens -> CA serve -> ready -> routes into the
+registry's KV -> the apps -> one meshd per simulated host -> every ``/readyz`` answers 200. Then the
+runner prints what runs where and ``meshd up: ready``, and waits for SIGINT or SIGTERM. The first
+signal cancels whatever step is under way and the supervisor stops everything in order; a second
+one kills what is left at once. Either way the exit path is the same, including after a failed
+start: nothing this runner started outlives it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import TextIO
+
+import httpx
+import trio
+
+import meshd
+from meshd.config.load import load_host_config, load_routes, read_toml
+from meshd.config.parse import FINGERPRINT_RE, routes_to_data
+from meshd.config.schema import RouteTable
+from meshd.dev import probes
+from meshd.dev.console import Console
+from meshd.dev.generate import expand_command, host_config_data, render_toml
+from meshd.dev.mesh import parse_mesh
+from meshd.dev.model import MeshConfig, MeshHost, MeshService, port_claims
+from meshd.dev.ports import ports_in_use
+from meshd.dev.report import Row, format_table
+from meshd.dev.supervisor import Child, ChildSpec, Supervisor
+from meshd.errors import MeshError
+
+# stop groups: the meshds go first so they deregister while the registry still answers
+MESHD_GROUP, APP_GROUP, CA_GROUP, REGISTRY_GROUP = range(4)
+REGISTRY_TIMEOUT = 30.0
+CA_TIMEOUT = 30.0
+MESHD_TIMEOUT = 60.0
+TOKEN_TTL = "24h"
+RUN_DIR_MARKER = ".meshd-up"
+
+
+def load_mesh(path: Path) -> MeshConfig:
+    return parse_mesh(read_toml(path), str(path), path.parent)
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Where one run keeps its generated configs, CA, registry data and logs."""
+
+    root: Path
+
+    @property
+    def registry(self) -> Path:
+        return self.root / "registry"
+
+    @property
+    def ca(self) -> Path:
+        return self.root / "ca"
+
+    def host(self, name: str) -> Path:
+        return self.root / "hosts" / name
+
+    def log(self, label: str) -> Path:
+        return self.root / "logs" / (re.sub(r"[^A-Za-z0-9_.-]+", "-", label) + ".log")
+
+
+def prepare_run_dir(path: Path | None) -> tuple[RunDir, bool]:
+    """The run directory, and whether it is a fresh temporary one. A given directory must be
+    empty, new, or one an earlier ``meshd up`` used (whose generated content is replaced)."""
+    try:
+        if path is None:
+            root = Path(tempfile.mkdtemp(prefix="meshd-up-"))
+            (root / RUN_DIR_MARKER).write_text("meshd up run directory\n")
+            return RunDir(root), True
+        root = path.expanduser().resolve()
+        if root.exists():
+            if not root.is_dir():
+                raise MeshError(f"run dir {root} is not a directory")
+            if any(root.iterdir()) and not (root / RUN_DIR_MARKER).exists():
+                raise MeshError(f"run dir {root} is not empty and was not made by meshd up; "
+                                "give an empty or new directory")
+        run_dir = RunDir(root)
+        for old in (run_dir.registry, run_dir.ca, root / "hosts", root / "logs"):
+            shutil.rmtree(old, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+        (root / RUN_DIR_MARKER).write_text("meshd up run directory\n")
+        return run_dir, False
+    except OSError as exc:
+        raise MeshError(f"cannot prepare the run dir {path or 'in the temp dir'}: "
+                        f"{exc.strerror or exc}") from exc
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Everything ``bring_up`` needs, decided before anything starts."""
+
+    mesh: MeshConfig
+    mesh_file: Path
+    routes: RouteTable | None
+    run_dir: RunDir
+    python: str
+    log_level: str
+    keep: bool
+
+    def meshd_argv(self, *args: str) -> tuple[str, ...]:
+        # `python -m meshd`, so a venv without the console script on PATH works too
+        return (self.python, "-m", "meshd", "--log-level", self.log_level, *args)
+
+    @property
+    def env(self) -> dict[str, str]:
+        source_root = str(Path(meshd.__file__).resolve().parent.parent)
+        path = os.environ.get("PYTHONPATH")
+        return {"PYTHONUNBUFFERED": "1",
+                "PYTHONPATH": source_root + (os.pathsep + path if path else "")}
+
+
+def app_labels(mesh: MeshConfig) -> dict[tuple[str, str], str]:
+    """(host, service) -> ``"web v1"``; with the host added where that alone is ambiguous."""
+    plain: dict[str, int] = {}
+    for host in mesh.hosts:
+        for ms in host.services:
+            key = f"{ms.service.name} {ms.service.version}"
+            plain[key] = plain.get(key, 0) + 1
+    labels: dict[tuple[str, str], str] = {}
+    for host in mesh.hosts:
+        for ms in host.services:
+            key = f"{ms.service.name} {ms.service.version}"
+            labels[(host.name, ms.service.name)] = key if plain[key] == 1 else f"{key} @{host.name}"
+    return labels
+
+
+def main(file: Path, *, keep: bool = False, run_dir: Path | None = None,
+         log_level: str = "info", stream: TextIO | None = None) -> int:
+    console = Console(stream or sys.stdout)
+    # one line per probe request is noise among the children's output
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    mesh = load_mesh(file)
+    routes = load_routes(mesh.routes) if mesh.routes is not None else None
+    busy = ports_in_use(port_claims(mesh))
+    if busy:
+        for line in busy:
+            console.error(line)
+        console.error("nothing was started")
+        return 1
+    rd, temporary = prepare_run_dir(run_dir or mesh.run_dir)
+    launch = Launch(mesh=mesh, mesh_file=file.resolve(), routes=routes, run_dir=rd,
+                    python=sys.executable, log_level=log_level, keep=keep or not temporary)
+    supervisor = Supervisor(console, sweep_all_descendants=True)
+    try:
+        return trio.run(supervise_until_signal, console, supervisor,
+                        partial(bring_up, launch, console))
+    finally:
+        if not launch.keep:
+            shutil.rmtree(rd.root, ignore_errors=True)
+
+
+async def supervise_until_signal(
+    console: Console, supervisor: Supervisor,
+    bring_up: Callable[[Supervisor], Awaitable[None]],
+) -> int:
+    """Run ``bring_up`` under ``supervisor``, then wait for SIGINT, SIGTERM or SIGHUP; stop
+    everything and return 0, or 1 if ``bring_up`` failed."""
+    code = 0
+    # SIGHUP too: closing the terminal must not orphan the children
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        async with trio.open_nursery() as nursery:
+            startup = trio.CancelScope()
+            nursery.start_soon(_watch_signals, signals, startup, supervisor, console)
+            async with supervisor.running():
+                with startup:
+                    try:
+                        await bring_up(supervisor)
+                    except MeshError as exc:
+                        console.error(str(exc))
+                        console.error("stopping everything")
+                        code = 1
+                    else:
+                        await trio.sleep_forever()
+            nursery.cancel_scope.cancel()
+    console.say("stopped")
+    return code
+
+
+async def _watch_signals(signals: AsyncIterator[int], startup: trio.CancelScope,
+                         supervisor: Supervisor, console: Console) -> None:
+    async for signum in signals:
+        name = signal.Signals(signum).name
+        if not startup.cancel_called:
+            console.say(f"{name}: stopping (once more to kill everything at once)")
+            startup.cancel()
+        else:
+            console.say(f"{name}: killing what is left")
+            supervisor.hurry()
+
+
+async def bring_up(launch: Launch, console: Console, supervisor: Supervisor) -> None:
+    mesh, rd = launch.mesh, launch.run_dir
+    labels = app_labels(mesh)
+    console.say(f"starting {launch.mesh_file} (run dir {rd.root})")
+    async with probes.http_client() as client:
+        registry = await supervisor.start(ChildSpec(
+            "registry", launch.meshd_argv("registry", "serve", "--http", str(mesh.registry),
+                                          "--data-dir", str(rd.registry)),
+            rd.log("registry"), REGISTRY_GROUP, env=launch.env))
+        await probes.wait_ready(
+            probes.http_ok(client, f"http://{mesh.registry}/v1/status/leader"),
+            what="the registry", how=f"GET http://{mesh.registry}/v1/status/leader",
+            give_up_after=REGISTRY_TIMEOUT, child=registry)
+
+        fingerprint = _fingerprint(await probes.run_command(
+            launch.meshd_argv("ca", "init", "--dir", str(rd.ca),
+                              "--trust-domain", mesh.trust_domain),
+            what="meshd ca init", env=launch.env))
+        configs: dict[str, Path] = {}
+        for host in mesh.hosts:
+            token = await probes.run_command(
+                launch.meshd_argv("ca", "token", "--dir", str(rd.ca), "--node", host.name,
+                                  "--services", ",".join(s.service.name for s in host.services),
+                                  "--ttl", TOKEN_TTL),
+                what=f"meshd ca token for {host.name}", env=launch.env)
+            configs[host.name] = write_host_files(rd, launch, host, fingerprint,
+                                                  _last_line(token))
+        ca = await supervisor.start(ChildSpec(
+            "ca", launch.meshd_argv("ca", "serve", "--dir", str(rd.ca), "--listen", str(mesh.ca)),
+            rd.log("ca"), CA_GROUP, env=launch.env))
+        # the API itself, not only a TCP connect: a bare connect makes the CA log a failed
+        # TLS handshake
+        await probes.wait_ready(probes.http_ok(client, f"https://{mesh.ca}/v1/ca/roots"),
+                                what="the CA", how=f"GET https://{mesh.ca}/v1/ca/roots",
+                                give_up_after=CA_TIMEOUT, child=ca)
+
+        if launch.routes is not None:
+            body = json.dumps(routes_to_data(launch.routes)).encode()
+            await probes.put_kv(client, str(mesh.registry), probes.ROUTES_KEY, body)
+            console.say(f"routes from {mesh.routes} written to {probes.ROUTES_KEY}")
+
+        apps: dict[tuple[str, str], Child] = {}
+        for host in mesh.hosts:
+            for ms in host.services:
+                if ms.command:
+                    apps[(host.name, ms.service.name)] = await supervisor.start(
+                        app_spec(launch, host, ms, labels[(host.name, ms.service.name)]))
+        meshds: dict[str, Child] = {}
+        for host in mesh.hosts:
+            meshds[host.name] = await supervisor.start(ChildSpec(
+                f"meshd {host.name}", launch.meshd_argv("run", "--config",
+                                                         str(configs[host.name])),
+                rd.log(f"meshd {host.name}"), MESHD_GROUP, cwd=rd.host(host.name),
+                env=launch.env))
+        await _wait_meshds_ready(client, mesh, meshds)
+
+    rows = [Row("registry", registry.pid, f"http://{mesh.registry}"),
+            Row("ca", ca.pid, f"https://{mesh.ca}")]
+    for host in mesh.hosts:
+        ups = [f"{u.name} -> {host.outbound_address}:{u.local_port}"
+               for ms in host.services for u in ms.service.upstreams]
+        rows.append(Row(f"meshd {host.name}", meshds[host.name].pid,
+                        f"inbound {host.inbound}, admin http://{host.admin}"
+                        + "".join(f", upstream {u}" for u in ups)))
+        for ms in host.services:
+            app = apps.get((host.name, ms.service.name))
+            where = f"{ms.service.protocol.value}://{ms.service.address}:{ms.service.port}"
+            rows.append(Row(labels[(host.name, ms.service.name)],
+                            app.pid if app is not None else None,
+                            f"{where} on {host.name}"
+                            + ("" if app is not None else " (not started by meshd up)")))
+    console.plain(format_table(rows))
+    console.plain("try:")
+    for hint in (*mesh.hints, f"curl -s http://{mesh.hosts[0].admin}/v1/state"):
+        console.plain(f"  {hint}")
+    console.plain(f"logs: {rd.root / 'logs'}"
+                  + ("" if launch.keep else " (the run dir is removed on exit; --keep keeps it)"))
+    console.say("ready")
+
+
+async def _wait_meshds_ready(client: httpx.AsyncClient, mesh: MeshConfig,
+                             meshds: dict[str, Child]) -> None:
+    failures: list[str] = []
+
+    async def one(host: MeshHost) -> None:
+        url = f"http://{host.admin}/readyz"
+        try:
+            await probes.wait_ready(probes.http_ok(client, url), what=f"meshd {host.name}",
+                                    how=f"GET {url}", give_up_after=MESHD_TIMEOUT,
+                                    child=meshds[host.name])
+        except MeshError as exc:
+            failures.append(str(exc))
+
+    async with trio.open_nursery() as nursery:
+        for host in mesh.hosts:
+            nursery.start_soon(one, host)
+    if failures:
+        raise MeshError("\n".join(failures))
+
+
+def app_spec(launch: Launch, host: MeshHost, ms: MeshService, label: str) -> ChildSpec:
+    here = launch.mesh_file.parent
+    argv = expand_command(ms.command, host=host, service=ms.service, python=launch.python,
+                          here=here)
+    return ChildSpec(label, tuple(argv), launch.run_dir.log(label), APP_GROUP, cwd=here,
+                     env=launch.env)
+
+
+def write_host_files(rd: RunDir, launch: Launch, host: MeshHost, fingerprint: str,
+                     token: str) -> Path:
+    """Write a host's meshd.toml and join token; check the daemon's own parser accepts it."""
+    directory = rd.host(host.name)
+    data = host_config_data(launch.mesh, host, fingerprint=fingerprint)
+    header = (f"meshd.toml of {host.name}, generated by `meshd up` from {launch.mesh_file}.\n"
+              "Edits are overwritten by the next run.")
+    path = directory / "meshd.toml"
+    try:
+        (directory / "state").mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(directory / "join-token", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(token)
+        path.write_text(render_toml(data, header))
+    except OSError as exc:
+        raise MeshError(f"cannot write the configuration of {host.name} to {directory}: "
+                        f"{exc.strerror or exc}") from exc
+    load_host_config(path)
+    return path
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise MeshError("expected a line of output, got none")
+    return lines[-1]
+
+
+def _fingerprint(output: str) -> str:
+    for line in reversed(output.splitlines()):
+        if FINGERPRINT_RE.match(line.strip()):
+            return line.strip()
+    raise MeshError(f"meshd ca init printed no sha256:<hex> fingerprint: {output.strip()!r}")
