@@ -1,0 +1,180 @@
+"""The embedded registry's records and the write-ahead unit they travel in.
+
+Records are frozen dataclasses, one per stored object (node, service, check, KV entry). A write is
+planned as a ``Mutation``: the index it is written at plus a list of ``Op`` (put or delete one
+record). The same ops are applied to memory and appended to the on-disk log, so a replay after a
+restart goes through exactly the code that applied them the first time. JSON codecs for the log
+live here too, next to the fields they must keep in step with.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+from meshd.errors import RegistryError
+
+PASSING, WARNING, CRITICAL = "passing", "warning", "critical"
+CHECK_STATUSES = (PASSING, WARNING, CRITICAL)
+
+
+class ApiError(RegistryError):
+    """A request the registry refuses: answered with ``status`` and the plain-text ``text``."""
+
+    def __init__(self, status: int, text: str) -> None:
+        super().__init__(text)
+        self.status = status
+        self.text = text
+
+
+@dataclass(frozen=True)
+class Node:
+    id: str
+    name: str
+    address: str
+    datacenter: str
+    tagged_addresses: dict[str, str] = field(default_factory=dict)
+    meta: dict[str, str] = field(default_factory=dict)
+    create_index: int = 0
+    modify_index: int = 0
+
+
+@dataclass(frozen=True)
+class Service:
+    """A service instance as the agent holds it (Go names live in the decoder and renderer)."""
+
+    id: str
+    name: str
+    tags: tuple[str, ...] = ()
+    address: str = ""
+    port: int = 0
+    meta: dict[str, str] = field(default_factory=dict)
+    tagged_addresses: dict[str, dict[str, Any]] = field(default_factory=dict)
+    weights: tuple[int, int] = (1, 1)  # (Passing, Warning)
+    enable_tag_override: bool = False
+    kind: str = ""
+    proxy: dict[str, Any] | None = None  # Go-named, normalised by the decoder
+    connect: dict[str, Any] | None = None
+    socket_path: str = ""
+    locality: dict[str, str] | None = None
+    agent: bool = True  # False for catalog-only entries (the `consul` service)
+    create_index: int = 0
+    modify_index: int = 0
+
+
+@dataclass(frozen=True)
+class Check:
+    """A health check. ``service_id == ""`` makes it a node-level check."""
+
+    id: str
+    name: str
+    status: str = CRITICAL
+    notes: str = ""
+    output: str = ""
+    service_id: str = ""
+    type: str = ""  # ttl, http, tcp, udp, grpc, h2ping, alias, "" (serfHealth)
+    ttl: float = 0.0  # seconds
+    interval: float = 0.0
+    timeout: float = 0.0
+    deregister_critical_after: float = 0.0
+    output_max_size: int = 4096
+    definition: dict[str, Any] = field(default_factory=dict)  # HTTP, TCP, Header... for runners
+    agent: bool = True  # False for serfHealth: not listed by /v1/agent/checks
+    create_index: int = 0
+    modify_index: int = 0
+
+
+@dataclass(frozen=True)
+class KVEntry:
+    key: str
+    value: bytes = b""
+    flags: int = 0
+    lock_index: int = 0
+    session: str = ""
+    create_index: int = 0
+    modify_index: int = 0
+
+
+Table = Literal["node", "service", "check", "kv"]
+Record = Node | Service | Check | KVEntry
+
+
+@dataclass(frozen=True)
+class Op:
+    """Put ``value`` under ``key`` in ``table``, or delete the key when ``value`` is None."""
+
+    table: Table
+    key: str
+    value: Record | None
+
+
+@dataclass(frozen=True)
+class Mutation:
+    """A planned write: apply it (after logging it) or answer ``result`` without writing.
+
+    ``index`` is 0 when there is nothing to write. ``ttl_resets`` lists TTL checks whose timer
+    restarts and ``ttl_clears`` those whose timer stops (it fired); timers live in memory only, so
+    they are not part of the logged ops.
+    """
+
+    index: int = 0
+    ops: tuple[Op, ...] = ()
+    ttl_resets: tuple[str, ...] = ()
+    ttl_clears: tuple[str, ...] = ()
+    result: Any = None
+
+
+# --- JSON codec for the log and snapshots -------------------------------------------------------
+
+_TYPES: dict[str, type[Node] | type[Service] | type[Check] | type[KVEntry]] = {
+    "node": Node, "service": Service, "check": Check, "kv": KVEntry,
+}
+
+
+def record_to_json(record: Record) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in fields(record):
+        value = getattr(record, f.name)
+        if isinstance(value, bytes):
+            value = base64.b64encode(value).decode("ascii")
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out
+
+
+def record_from_json(table: str, data: Mapping[str, Any]) -> Record:
+    cls = _TYPES.get(table)
+    if cls is None:
+        raise RegistryError(f"unknown table {table!r}")
+    kwargs: dict[str, Any] = {}
+    try:
+        for f in fields(cls):
+            if f.name not in data:
+                continue
+            value = data[f.name]
+            if f.name == "value" and cls is KVEntry:
+                value = base64.b64decode(value, validate=True)
+            elif f.name in ("tags", "weights") and cls is Service:
+                value = tuple(value)
+            kwargs[f.name] = value
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise RegistryError(f"bad {table} record: {exc}") from exc
+
+
+def op_to_json(op: Op) -> list[Any]:
+    return [op.table, op.key, None if op.value is None else record_to_json(op.value)]
+
+
+def op_from_json(data: Any) -> Op:
+    if not (isinstance(data, list) and len(data) == 3 and isinstance(data[1], str)):
+        raise RegistryError(f"bad op {data!r:.80}")
+    table, key, value = data
+    if table not in _TYPES:
+        raise RegistryError(f"unknown table {table!r}")
+    if value is not None and not isinstance(value, dict):
+        raise RegistryError(f"bad {table} record for {key!r}")
+    return Op(table, key, None if value is None else record_from_json(table, value))
