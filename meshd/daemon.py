@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,18 +25,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psutil
 import trio
 
 from meshd.admin.server import AdminAPI
 from meshd.admin.state import build_state
+from meshd.backoff import backoff_delay
 from meshd.ca import files as ca_files
 from meshd.ca.client import join
 from meshd.ca.identity import Identity, TrustBundle
 from meshd.config.parse import routes_to_data
 from meshd.config.schema import HostConfig, RouteTable
 from meshd.errors import CAError, ConfigError, MeshError, RegistryError
-from meshd.health import ProbeResult, report_health
+from meshd.health import ProbeResult, probe, report_health
 from meshd.metrics import Metrics
 from meshd.proxy.server import Proxy
 from meshd.proxy.tls import TLSState
@@ -245,21 +248,30 @@ class Daemon:
             task_status.started()
 
     async def _register(self, consul: ConsulClient) -> None:
+        """Register every local service and its proxy, each check starting in the state of a
+        first probe of the app."""
         attempt = 0
-        for svc in self.config.services:
-            for definition in (registration.app_registration(self.config, svc),
-                               registration.proxy_registration(self.config, svc)):
-                while True:
-                    try:
-                        await consul.register_service(definition)
-                        break
-                    except RegistryError as exc:
-                        attempt += 1
-                        log.warning("registering %s failed (attempt %d): %s",
-                                    definition["ID"], attempt, exc)
-                        await trio.sleep(min(10.0, 0.5 * attempt))
-                self._registered.append(definition["ID"])
-                log.info("registered %s in %s", definition["ID"], self.config.registry_url)
+        async with httpx.AsyncClient() as http:
+            for svc in self.config.services:
+                first = await probe(svc, http)
+                first.at = trio.current_time()
+                self._record_health(svc.name, first)
+                for definition in (
+                    registration.app_registration(self.config, svc, first.status),
+                    registration.proxy_registration(self.config, svc, first.status),
+                ):
+                    while True:
+                        try:
+                            await consul.register_service(definition)
+                            break
+                        except RegistryError as exc:
+                            attempt += 1
+                            log.warning("registering %s failed (attempt %d): %s",
+                                        definition["ID"], attempt, exc)
+                            await trio.sleep(backoff_delay(attempt, random.random()))
+                    self._registered.append(definition["ID"])
+                    log.info("registered %s in %s (%s)", definition["ID"],
+                             self.config.registry_url, first.status)
 
     async def stop(self) -> None:
         """Graceful stop: deregister, drain, then end the lifetime tree."""

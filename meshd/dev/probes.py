@@ -33,6 +33,28 @@ def http_ok(client: httpx.AsyncClient, url: str) -> Callable[[], Awaitable[bool]
     return probe
 
 
+def sees_healthy(
+    client: httpx.AsyncClient, admin: str, wanted: Mapping[str, int]
+) -> Callable[[], Awaitable[bool]]:
+    """A probe that passes once the meshd at ``admin`` sees, in its ``/v1/state``, at least
+    ``wanted[destination]`` healthy endpoints of every destination named."""
+    async def probe() -> bool:
+        try:
+            response = await client.get(f"http://{admin}/v1/state")
+        except httpx.HTTPError:
+            return False
+        if response.status_code != 200:
+            return False
+        destinations = response.json().get("destinations", {})
+        for name, count in wanted.items():
+            endpoints = destinations.get(name, {}).get("endpoints", [])
+            if sum(1 for e in endpoints if e.get("healthy")) < count:
+                return False
+        return True
+
+    return probe
+
+
 async def wait_ready(probe: Callable[[], Awaitable[bool]], *, what: str, how: str,
                      give_up_after: float, child: Child | None = None) -> None:
     """Poll ``probe`` until it passes (another process: there is no event to wait on); after

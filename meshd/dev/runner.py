@@ -304,6 +304,35 @@ async def _wait_meshds_ready(client: httpx.AsyncClient, mesh: MeshConfig,
     if failures:
         raise MeshError("\n".join(failures))
 
+    # Every meshd answering /readyz is not yet a working mesh: a consumer learns that a new
+    # instance passes its health check a moment later, through its registry watch. The mesh is
+    # ready when every consumer sees every instance the mesh declares of each of its upstreams.
+    declared: dict[str, int] = {}
+    for host in mesh.hosts:
+        for ms in host.services:
+            declared[ms.service.name] = declared.get(ms.service.name, 0) + 1
+
+    async def sees_all(host: MeshHost) -> None:
+        wanted = {u.name: declared.get(u.name, 0)
+                  for ms in host.services for u in ms.service.upstreams}
+        if not wanted:
+            return
+        how = (f"GET http://{host.admin}/v1/state shows healthy endpoints "
+               + ", ".join(f"{n} x{c}" for n, c in sorted(wanted.items())))
+        try:
+            await probes.wait_ready(probes.sees_healthy(client, str(host.admin), wanted),
+                                    what=f"meshd {host.name}'s view of its upstreams",
+                                    how=how, give_up_after=MESHD_TIMEOUT,
+                                    child=meshds[host.name])
+        except MeshError as exc:
+            failures.append(str(exc))
+
+    async with trio.open_nursery() as nursery:
+        for host in mesh.hosts:
+            nursery.start_soon(sees_all, host)
+    if failures:
+        raise MeshError("\n".join(failures))
+
 
 def app_spec(launch: Launch, host: MeshHost, ms: MeshService, label: str) -> ChildSpec:
     here = launch.mesh_file.parent

@@ -37,7 +37,11 @@ def _meta(config: HostConfig, svc: LocalService) -> dict[str, str]:
             "protocol": svc.protocol.value}
 
 
-def app_registration(config: HostConfig, svc: LocalService) -> dict[str, Any]:
+def app_registration(
+    config: HostConfig, svc: LocalService, status: str = "critical"
+) -> dict[str, Any]:
+    """``status``: the first probe's result, so a healthy new instance does not start critical
+    (unroutable) until its first TTL report."""
     sid = service_id(config, svc)
     return {
         "ID": sid,
@@ -50,12 +54,15 @@ def app_registration(config: HostConfig, svc: LocalService) -> dict[str, Any]:
             "CheckID": check_id(sid),
             "Name": f"meshd probe of {svc.name} ({svc.health.kind})",
             "TTL": _ttl(svc),
+            "Status": status,
             "DeregisterCriticalServiceAfter": DEREGISTER_CRITICAL_AFTER,
         },
     }
 
 
-def proxy_registration(config: HostConfig, svc: LocalService) -> dict[str, Any]:
+def proxy_registration(
+    config: HostConfig, svc: LocalService, status: str = "critical"
+) -> dict[str, Any]:
     sid = service_id(config, svc)
     pid = proxy_id(config, svc)
     return {
@@ -76,6 +83,7 @@ def proxy_registration(config: HostConfig, svc: LocalService) -> dict[str, Any]:
             "CheckID": check_id(pid),
             "Name": f"meshd inbound for {svc.name}",
             "TTL": _ttl(svc),
+            "Status": status,
             "DeregisterCriticalServiceAfter": DEREGISTER_CRITICAL_AFTER,
         },
     }

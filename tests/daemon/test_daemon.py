@@ -100,9 +100,11 @@ async def start_daemon(nursery: trio.Nursery, config: HostConfig) -> Daemon:
     return daemon
 
 
-async def wait_for(predicate: Any, timeout: float = 10.0) -> None:
-    with trio.fail_after(timeout):
-        while not await predicate():
+async def wait_for(predicate: Any) -> None:
+    """Poll another process's HTTP view until ``predicate`` holds (there is no event to wait on
+    across a socket); bounded by ``fail_after`` so a broken mesh fails the test, not hangs it."""
+    with trio.fail_after(10):
+        while not await predicate():  # noqa: ASYNC110
             await trio.sleep(0.05)
 
 

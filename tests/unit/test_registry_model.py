@@ -96,6 +96,8 @@ def test_registration_follows_the_sidecar_convention(tmp_path: Path) -> None:
     assert app["Meta"]["version"] == "v2" and "v2" in app["Tags"]
     assert app["Check"]["TTL"] == "6s"
     assert app["Check"]["DeregisterCriticalServiceAfter"] == "1m"
+    assert app["Check"]["Status"] == "critical"  # until a probe says otherwise
+    assert registration.proxy_registration(config, svc, "passing")["Check"]["Status"] == "passing"
     assert proxy["Kind"] == "connect-proxy" and proxy["Port"] == 15001
     assert proxy["Proxy"]["DestinationServiceName"] == "payments"
     assert proxy["Proxy"]["LocalServicePort"] == 9001
