@@ -213,3 +213,61 @@ async def test_registry_outage_keeps_last_known_endpoints(mesh: Mesh) -> None:
     assert status.failing_since is not None and "payments" in status.name
     assert status.staleness(trio.current_time()) > 0.5
     assert "127.0.0.1" in status.last_error
+
+
+async def test_meshd_run_process_sigterm_deregisters_and_exits_zero(
+    mesh: Mesh, nursery: trio.Nursery
+) -> None:
+    """`meshd run` as a real child process: ready, registered, then SIGTERM -> deregistered,
+    exit 0, and its listeners are closed."""
+    import signal
+    import subprocess
+    import sys
+
+    app_port = free_port(HOST_B)
+    await nursery.start(payments_app, HOST_B, app_port, "v1")
+    conf = mesh.host_config("host-b", HOST_B, [{
+        "name": "payments", "port": app_port, "address": HOST_B, "version": "v1",
+        "health": {"http": "/healthz", "interval": "200ms"}}])
+    toml = conf.ca.token_file.parent / "meshd.toml"
+    toml.write_text(
+        f'node = "host-b"\naddress = "{HOST_B}"\ntrust_domain = "{TD}"\n'
+        f'registry = "{mesh.registry_url}"\nstate_dir = "state"\n'
+        f'[ca]\nurl = "{mesh.ca_url}"\nfingerprint = "{mesh.fingerprint}"\n'
+        f'token_file = "join-token"\n[inbound]\nport = {conf.inbound_port}\n'
+        f'[admin]\naddress = "{conf.admin_host}:{conf.admin_port}"\n'
+        f'[[services]]\nname = "payments"\nport = {app_port}\naddress = "{HOST_B}"\n'
+        f'version = "v1"\nhealth = {{ http = "/healthz", interval = "200ms" }}\n')
+    log = toml.parent / "meshd.log"
+    with log.open("wb") as out:
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "meshd", "run", "--config", str(toml)],
+            stdout=out, stderr=subprocess.STDOUT)
+        try:
+            admin = f"http://{conf.admin_host}:{conf.admin_port}"
+
+            async def ready() -> bool:
+                try:
+                    return (await mesh.http.get(f"{admin}/readyz")).status_code == 200
+                except httpx.HTTPError:
+                    return False
+            with trio.fail_after(30):
+                while not await ready():  # noqa: ASYNC110 - another process
+                    await trio.sleep(0.1)
+            services = (await mesh.http.get(f"{mesh.registry_url}/v1/agent/services")).json()
+            assert {"payments-host-b", "payments-host-b-sidecar-proxy"} <= set(services)
+
+            proc.send_signal(signal.SIGTERM)
+            with trio.fail_after(20):
+                code = await proc.wait()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    text = log.read_text()
+    assert code == 0, text
+    assert "deregistered payments-host-b" in text
+    services = (await mesh.http.get(f"{mesh.registry_url}/v1/agent/services")).json()
+    assert not any(k.startswith("payments") for k in services), services
+    with pytest.raises(OSError), socket.create_connection((HOST_B, conf.inbound_port), 1):
+        pass
