@@ -17,7 +17,6 @@ from meshd.config.schema import (
     HealthCheck,
     HostConfig,
     LocalService,
-    MTLSMode,
     Protocol,
     RouteTable,
     SplitLeg,
@@ -178,6 +177,10 @@ def parse_host_config(data: Mapping[str, Any], file: str = "meshd.toml",
     r.unknown_keys(admin, "admin", {"address"})
     admin_host, admin_port = _hostport(r, admin.get("address", "127.0.0.1:15000"),
                                        "admin.address")
+    if admin_host and not _is_loopback(admin_host):
+        r.problem("admin.address",
+                  f"{admin_host} is not a loopback address: the admin API (state, metrics) is "
+                  "unauthenticated and stays on loopback (127.0.0.0/8 or ::1)")
 
     outbound = r.get(data, "outbound", "", dict, {}) or {}
     r.unknown_keys(outbound, "outbound", {"address"})
@@ -196,7 +199,10 @@ def parse_host_config(data: Mapping[str, Any], file: str = "meshd.toml",
         svc = _parse_local_service(r, raw, path)
         if svc is not None:
             services.append(svc)
-    _check_local_uniqueness(r, services, inbound_port, admin_port)
+    listeners = [(address or "", inbound_port, "inbound.port")] if inbound_port else []
+    if admin_port:
+        listeners.append((admin_host, admin_port, "admin.address"))
+    _check_local_uniqueness(r, services, listeners)
 
     r.fail_if_problems()
     assert ca is not None
@@ -242,6 +248,13 @@ def _parse_ca(r: _Reader, raw: Mapping[str, Any] | None, base: Path) -> CASettin
                       token_file=base / (token_file or ""))
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _hostport(r: _Reader, raw: Any, path: str) -> tuple[str, int]:
     if not isinstance(raw, str):
         r.problem(path, "expected \"HOST:PORT\"")
@@ -258,7 +271,7 @@ def _hostport(r: _Reader, raw: Any, path: str) -> tuple[str, int]:
     return host, int(port)
 
 
-SERVICE_KEYS = {"name", "port", "protocol", "version", "address", "mtls", "health", "upstreams"}
+SERVICE_KEYS = {"name", "port", "protocol", "version", "address", "health", "upstreams"}
 
 
 def _parse_local_service(r: _Reader, raw: Mapping[str, Any], path: str) -> LocalService | None:
@@ -269,7 +282,6 @@ def _parse_local_service(r: _Reader, raw: Mapping[str, Any], path: str) -> Local
     protocol = r.choice(raw, "protocol", path, Protocol, ["http", "tcp"], Protocol.HTTP)
     version = r.name(raw, "version", path, "v1")
     address = r.ip(raw, "address", path, "127.0.0.1")
-    mtls = r.choice(raw, "mtls", path, MTLSMode, ["strict", "permissive"], MTLSMode.STRICT)
     health = _parse_health(r, r.get(raw, "health", path, dict, {}) or {}, f"{path}.health")
     upstreams: list[Upstream] = []
     for j, up in enumerate(r.get(raw, "upstreams", path, list, []) or []):
@@ -286,7 +298,7 @@ def _parse_local_service(r: _Reader, raw: Mapping[str, Any], path: str) -> Local
     if len(r.problems) != before:
         return None
     return LocalService(name=name, port=port, protocol=protocol, version=version,
-                        address=address, mtls=mtls, health=health,
+                        address=address, health=health,
                         upstreams=tuple(upstreams))
 
 
@@ -312,38 +324,39 @@ def _parse_health(r: _Reader, raw: Mapping[str, Any], path: str) -> HealthCheck:
 
 
 def _check_local_uniqueness(
-    r: _Reader, services: list[LocalService], inbound_port: int | None, admin_port: int
+    r: _Reader, services: list[LocalService], listeners: list[tuple[str, int, str]]
 ) -> None:
+    """No two services share a name, and no two sockets on this host (meshd's own listeners,
+    given as (address, port, key path), and the apps') share an address and port."""
     seen_names: dict[str, int] = {}
-    # (address, port) a meshd-owned listener or an app binds on this host
-    meshd_ports: dict[int, str] = {}
-    if inbound_port:
-        meshd_ports[inbound_port] = "inbound.port"
-    if admin_port:
-        meshd_ports.setdefault(admin_port, "admin.address")
     for i, svc in enumerate(services):
         if svc.name in seen_names:
             r.problem(f"services[{i}].name",
                       f"duplicate service {svc.name!r} (also services[{seen_names[svc.name]}])")
         seen_names.setdefault(svc.name, i)
-    app_ports: dict[tuple[str, int], str] = {}
-    for i, svc in enumerate(services):
-        key = (svc.address, svc.port)
-        where = f"services[{i}].port"
-        if key in app_ports:
-            r.problem(where, f"duplicate local port {svc.port} (also {app_ports[key]})")
-        app_ports.setdefault(key, where)
-    for i, svc in enumerate(services):
         for j, up in enumerate(svc.upstreams):
-            where = f"services[{i}].upstreams[{j}].local_port"
-            if up.local_port in meshd_ports:
-                r.problem(where,
-                          f"duplicate local port {up.local_port} "
-                          f"(also {meshd_ports[up.local_port]})")
-            meshd_ports.setdefault(up.local_port, where)
             if up.name == svc.name:
                 r.problem(f"services[{i}].upstreams[{j}].name",
                           "a service cannot declare itself as an upstream")
+    claims = list(listeners)
+    for i, svc in enumerate(services):
+        claims.append((svc.address, svc.port, f"services[{i}].port"))
+    for i, svc in enumerate(services):
+        for j, up in enumerate(svc.upstreams):
+            claims.append(("", up.local_port, f"services[{i}].upstreams[{j}].local_port"))
+    taken: list[tuple[str, int, str]] = []
+    for address, port, where in claims:
+        clash = next((w for a, p, w in taken if p == port and _overlap(a, address)), None)
+        if clash is not None:
+            r.problem(where, f"duplicate local port {port} (also {clash})")
+        taken.append((address, port, where))
+
+
+def _overlap(a: str, b: str) -> bool:
+    """Whether two bind addresses collide ("" = the outbound address, compared by port only:
+    upstream listeners and apps on the same port of any loopback address confuse operators)."""
+    wildcard = ("", "0.0.0.0", "::")
+    return a == b or a in wildcard or b in wildcard
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,11 +16,6 @@ class Protocol(StrEnum):
     TCP = "tcp"
 
 
-class MTLSMode(StrEnum):
-    STRICT = "strict"
-    PERMISSIVE = "permissive"
-
-
 @dataclass(frozen=True)
 class HealthCheck:
     """How meshd checks its local app. ``kind`` is ``http`` (GET ``path``, 2xx passes), ``tcp``
@@ -51,7 +46,6 @@ class LocalService:
     protocol: Protocol = Protocol.HTTP
     version: str = "v1"
     address: str = "127.0.0.1"
-    mtls: MTLSMode = MTLSMode.STRICT
     health: HealthCheck = field(default_factory=HealthCheck)
     upstreams: tuple[Upstream, ...] = ()
 

@@ -34,7 +34,7 @@ def service_data(svc: LocalService) -> dict[str, Any]:
     health["timeout"] = format_duration(svc.health.timeout)
     data: dict[str, Any] = {
         "name": svc.name, "port": svc.port, "address": svc.address,
-        "protocol": svc.protocol.value, "version": svc.version, "mtls": svc.mtls.value,
+        "protocol": svc.protocol.value, "version": svc.version,
         "health": health,
     }
     if svc.upstreams:

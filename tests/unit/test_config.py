@@ -14,7 +14,7 @@ import pytest
 from meshd.config.durations import format_duration, parse_duration
 from meshd.config.load import validate_file
 from meshd.config.parse import parse_host_config, parse_routes, routes_to_data
-from meshd.config.schema import MTLSMode, Protocol
+from meshd.config.schema import Protocol
 from meshd.errors import ConfigError
 
 FP = "sha256:" + "ab" * 32
@@ -31,7 +31,7 @@ HOST: dict[str, Any] = {
         {"name": "web", "port": 8080, "version": "v1",
          "health": {"http": "/healthz", "interval": "1s"},
          "upstreams": [{"name": "payments", "local_port": 9191}]},
-        {"name": "db", "port": 5432, "protocol": "tcp", "mtls": "permissive"},
+        {"name": "db", "port": 5432, "protocol": "tcp"},
     ],
 }
 
@@ -55,7 +55,7 @@ def test_valid_host_config_parses_into_frozen_tree(tmp_path: Path) -> None:
     web, db = config.services
     assert web.health.kind == "http" and web.health.interval == 1.0
     assert web.upstreams[0].name == "payments" and web.upstreams[0].local_port == 9191
-    assert db.protocol is Protocol.TCP and db.mtls is MTLSMode.PERMISSIVE
+    assert db.protocol is Protocol.TCP
     with pytest.raises(AttributeError):
         config.node = "other"  # type: ignore[misc]
 
@@ -86,6 +86,13 @@ HOST_CASES = [
      "duplicate local port 8080 (also services[0].port)"),
     ("services[0].upstreams[0].local_port", 15001, "services[0].upstreams[0].local_port",
      "duplicate local port 15001 (also inbound.port)"),
+    ("services[0].upstreams[0].local_port", 8080, "services[0].upstreams[0].local_port",
+     "duplicate local port 8080 (also services[0].port)"),
+    ("admin.address", "0.0.0.0:15000", "admin.address",
+     "0.0.0.0 is not a loopback address: the admin API (state, metrics) is unauthenticated and "
+     "stays on loopback (127.0.0.0/8 or ::1)"),
+    ("services[1].mtls", "permissive", "services[1].mtls",
+     "unknown key (expected one of: address, health, name, port, protocol, upstreams, version)"),
     ("services[0].protocol", "grpc", "services[0].protocol",
      "must be one of http, tcp, got 'grpc'"),
     ("services[0].name", "Web_1", "services[0].name",
