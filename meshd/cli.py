@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from meshd.errors import MeshError
+from meshd.errors import MeshError, only_mesh_error
 
 # module path -> registers one or more top-level subcommands
 COMMAND_MODULES = (
@@ -61,6 +61,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BaseExceptionGroup as group:
+        # trio nurseries wrap errors in groups; a single MeshError is an ordinary refusal
+        error = only_mesh_error(group)
+        if error is None:
+            raise
+        print(f"meshd: {error}", file=sys.stderr)
+        return 1
     return int(code or 0)
 
 

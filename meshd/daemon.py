@@ -25,7 +25,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psutil
 import trio
 
@@ -33,12 +32,12 @@ from meshd.admin.server import AdminAPI
 from meshd.admin.state import build_state
 from meshd.backoff import backoff_delay
 from meshd.ca import files as ca_files
-from meshd.ca.client import join
+from meshd.ca.client import CARefusedError, join
 from meshd.ca.identity import Identity, TrustBundle
 from meshd.config.parse import routes_to_data
-from meshd.config.schema import HostConfig, RouteTable
-from meshd.errors import CAError, ConfigError, MeshError, RegistryError
-from meshd.health import ProbeResult, probe, report_health
+from meshd.config.schema import HostConfig, LocalService, RouteTable
+from meshd.errors import CAError, ConfigError, MeshError, Problem, RegistryError
+from meshd.health import ProbeResult, probe, probe_client, report_health
 from meshd.metrics import Metrics
 from meshd.proxy.server import Proxy
 from meshd.proxy.tls import TLSState
@@ -72,6 +71,20 @@ def cert_dir(config: HostConfig) -> Path:
     return config.state_dir / "certs"
 
 
+def read_join_token(config: HostConfig) -> str:
+    """The join token, from the file meshd.toml names (an operator's problem if unreadable)."""
+    path = config.ca.token_file
+    try:
+        token = path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError([Problem(config.source, "ca.token_file",
+                                   f"cannot read join token {path}: {exc.strerror}")]) from exc
+    if not token:
+        raise ConfigError([Problem(config.source, "ca.token_file",
+                                   f"join token file {path} is empty")])
+    return token
+
+
 async def obtain_identities(config: HostConfig) -> tuple[TrustBundle, dict[str, Identity]]:
     """Join the CA for every local service. If the CA cannot be reached but certificates from
     an earlier join are on disk and still valid, keep serving with those (a CA outage must not
@@ -79,21 +92,12 @@ async def obtain_identities(config: HostConfig) -> tuple[TrustBundle, dict[str, 
     directory = cert_dir(config)
     services = [s.name for s in config.services]
     try:
-        token = config.ca.token_file.read_text().strip()
-    except OSError as exc:
-        token = ""
-        token_error = f"cannot read join token {config.ca.token_file}: {exc.strerror}"
-    else:
-        token_error = "" if token else f"join token file {config.ca.token_file} is empty"
-    try:
-        if token_error:
-            raise CAError(token_error)
-        result = await join(config.ca.url, token=token, node=config.node, services=services,
-                            fingerprint=config.ca.fingerprint)
+        result = await join(config.ca.url, token=read_join_token(config), node=config.node,
+                            services=services, fingerprint=config.ca.fingerprint)
     except CAError as exc:
         on_disk = _identities_on_disk(config, services)
         if on_disk is None:
-            raise CAError(f"cannot obtain certificates from {config.ca.url}: {exc}") from exc
+            raise
         log.warning("CA join failed (%s); serving with certificates already on disk", exc)
         return on_disk
     for identity in result.identities.values():
@@ -129,6 +133,8 @@ class Daemon:
         self._cancel = trio.CancelScope()
         self._consul: ConsulClient | None = None
         self._registered: list[str] = []
+        self._registry_lock = trio.Lock()
+        self._reporters = trio.CancelScope()
 
     # -- callbacks from watchers -------------------------------------------------------------
 
@@ -190,42 +196,67 @@ class Daemon:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         config = self.config
         with self._cancel:
-            bundle, identities = await obtain_identities(config)
-            self.state.bundle, self.state.identities = bundle, identities
-            tls = TLSState(cert_dir(config), config.trust_domain,
-                           [s.name for s in config.services])
-            async with ConsulClient(config.registry_url) as consul, trio.open_nursery() as n:
+            async with ConsulClient(config.registry_url) as consul:
                 self._consul = consul
-                admin = AdminAPI(self.metrics, lambda: self.state.ready, self.snapshot,
-                                 self.refresh_gauges)
-                await n.start(admin.serve, config.admin_host, config.admin_port)
-                log.info("admin API on http://%s:%d", config.admin_host, config.admin_port)
+                try:
+                    async with trio.open_nursery() as n:
+                        await self._start(consul, n)
+                        task_status.started()
+                finally:
+                    # however the tree ends (stop, error, cancellation): no entry left behind
+                    await self._deregister_all()
 
-                routes_status = self.state.watches.setdefault("routes", WatchStatus("routes"))
-                await n.start(self._wait_for_registry, "route table",
-                              watch_routes, consul, self._apply_routes, self._reject_routes,
-                              routes_status)
-                for dest in sorted({u.name for _, u in config.upstreams}):
-                    status = self.state.watches.setdefault(f"endpoints/{dest}",
-                                                           WatchStatus(f"endpoints/{dest}"))
-                    await n.start(self._wait_for_registry, f"endpoints of {dest}",
-                                  watch_endpoints, consul, dest, self._apply_endpoints, status)
+    async def _start(self, consul: ConsulClient, n: trio.Nursery) -> None:
+        config = self.config
+        admin = AdminAPI(self.metrics, lambda: self.state.ready, self.snapshot,
+                         self.refresh_gauges)
+        await n.start(admin.serve, config.admin_host, config.admin_port)
+        log.info("admin API on http://%s:%d", config.admin_host, config.admin_port)
 
-                self.proxy = Proxy(config, self.view, tls, self.metrics)
-                await n.start(self.proxy.run)
+        bundle, identities = await self._join_with_retry()
+        self.state.bundle, self.state.identities = bundle, identities
+        tls = TLSState(cert_dir(config), config.trust_domain, [s.name for s in config.services])
 
-                await self._register(consul)
-                for svc in config.services:
-                    sid = registration.service_id(config, svc)
-                    checks = (registration.check_id(sid),
-                              registration.check_id(registration.proxy_id(config, svc)))
-                    await n.start(report_health, svc, consul, checks,
-                                  lambda r, name=svc.name: self._record_health(name, r))
-                self.state.ready = True
-                log.info("meshd %s ready: inbound %s:%d, %d service(s), %d upstream(s)",
-                         config.node, config.address, config.inbound_port,
-                         len(config.services), len(config.upstreams))
-                task_status.started()
+        routes_status = self.state.watches.setdefault("routes", WatchStatus("routes"))
+        await n.start(self._wait_for_registry, "route table",
+                      watch_routes, consul, self._apply_routes, self._reject_routes,
+                      routes_status)
+        for dest in sorted({u.name for _, u in config.upstreams}):
+            status = self.state.watches.setdefault(f"endpoints/{dest}",
+                                                   WatchStatus(f"endpoints/{dest}"))
+            await n.start(self._wait_for_registry, f"endpoints of {dest}",
+                          watch_endpoints, consul, dest, self._apply_endpoints, status)
+
+        self.proxy = Proxy(config, self.view, tls, self.metrics)
+        await n.start(self.proxy.run)
+
+        await self._register_all(consul)
+        await n.start(self._report_health, consul)
+        if not self.state.stopping:
+            self.state.ready = True
+            log.info("meshd %s ready: inbound %s:%d, %d service(s), %d upstream(s)",
+                     config.node, config.address, config.inbound_port,
+                     len(config.services), len(config.upstreams))
+
+    async def _join_with_retry(self) -> tuple[TrustBundle, dict[str, Identity]]:
+        """Join the CA; while it is unreachable (or failing), retry with backoff and stay not
+        ready. A refusal (bad, expired or used-up token; a service the token does not allow)
+        needs an operator, so it ends the daemon with the CA's reason."""
+        attempt = 0
+        while True:
+            try:
+                return await obtain_identities(self.config)
+            except CARefusedError as exc:
+                if exc.status < 500:
+                    raise
+                error: CAError = exc
+            except CAError as exc:
+                error = exc
+            delay = backoff_delay(attempt, random.random())
+            attempt += 1
+            log.warning("cannot join the CA yet (attempt %d, next in %.1fs): %s",
+                        attempt, delay, error)
+            await trio.sleep(delay)
 
     async def _wait_for_registry(
         self, what: str, watcher: Any, *args: Any,
@@ -247,49 +278,90 @@ class Daemon:
             nag_scope.cancel()
             task_status.started()
 
-    async def _register(self, consul: ConsulClient) -> None:
+    # -- registration --------------------------------------------------------------------------
+
+    async def _register_all(self, consul: ConsulClient) -> None:
         """Register every local service and its proxy, each check starting in the state of a
         first probe of the app."""
-        attempt = 0
-        async with httpx.AsyncClient() as http:
+        async with probe_client() as http:
             for svc in self.config.services:
                 first = await probe(svc, http)
                 first.at = trio.current_time()
                 self._record_health(svc.name, first)
-                for definition in (
-                    registration.app_registration(self.config, svc, first.status),
-                    registration.proxy_registration(self.config, svc, first.status),
-                ):
-                    while True:
-                        try:
-                            await consul.register_service(definition)
-                            break
-                        except RegistryError as exc:
-                            attempt += 1
-                            log.warning("registering %s failed (attempt %d): %s",
-                                        definition["ID"], attempt, exc)
-                            await trio.sleep(backoff_delay(attempt, random.random()))
-                    self._registered.append(definition["ID"])
-                    log.info("registered %s in %s (%s)", definition["ID"],
-                             self.config.registry_url, first.status)
+                await self._register(consul, svc, first)
+
+    async def _register(self, consul: ConsulClient, svc: LocalService,
+                        health: ProbeResult) -> None:
+        """Register ``svc`` and its proxy, retrying with backoff. Serialised with
+        deregistration, and a no-op once stopping, so a SIGTERM during start-up never leaves
+        an entry behind."""
+        for definition in (registration.app_registration(self.config, svc, health.status),
+                           registration.proxy_registration(self.config, svc, health.status)):
+            attempt = 0
+            while True:
+                async with self._registry_lock:
+                    if self.state.stopping:
+                        return
+                    try:
+                        await consul.register_service(definition)
+                    except RegistryError as exc:
+                        error = exc
+                    else:
+                        if definition["ID"] not in self._registered:
+                            self._registered.append(definition["ID"])
+                        log.info("registered %s in %s (%s)", definition["ID"],
+                                 self.config.registry_url, health.status)
+                        break
+                attempt += 1
+                log.warning("registering %s failed (attempt %d): %s", definition["ID"],
+                            attempt, error)
+                await trio.sleep(backoff_delay(attempt, random.random()))
+
+    async def _report_health(
+        self, consul: ConsulClient,
+        *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """The health reporters, under one scope that ``stop()`` cancels before it
+        deregisters (so no TTL update races the deregistration)."""
+        config = self.config
+        with self._reporters:
+            async with trio.open_nursery() as nursery:
+                for svc in config.services:
+                    sid = registration.service_id(config, svc)
+                    checks = (registration.check_id(sid),
+                              registration.check_id(registration.proxy_id(config, svc)))
+
+                    async def reregister(result: ProbeResult, svc: LocalService = svc) -> None:
+                        await self._register(consul, svc, result)
+
+                    await nursery.start(
+                        report_health, svc, consul, checks,
+                        lambda r, name=svc.name: self._record_health(name, r), reregister)
+                task_status.started()
+
+    async def _deregister_all(self) -> None:
+        """Remove every entry this daemon registered (shielded, bounded)."""
+        with trio.CancelScope(shield=True), trio.move_on_after(DEREGISTER_TIMEOUT):
+            async with self._registry_lock:
+                while self._registered and self._consul is not None:
+                    sid = self._registered.pop()
+                    try:
+                        await self._consul.deregister_service(sid)
+                        log.info("deregistered %s", sid)
+                    except RegistryError as exc:
+                        log.warning("deregistering %s failed: %s", sid, exc)
 
     async def stop(self) -> None:
-        """Graceful stop: deregister, drain, then end the lifetime tree."""
+        """Graceful stop: stop reporting health, deregister (so peers stop choosing this host),
+        drain in-flight requests until a deadline, then end the lifetime tree."""
         if self.state.stopping:
             return
         self.state.stopping = True
         self.state.ready = False
-        with trio.CancelScope(shield=True):
-            if self._consul is not None:
-                with trio.move_on_after(DEREGISTER_TIMEOUT):
-                    for sid in reversed(self._registered):
-                        try:
-                            await self._consul.deregister_service(sid)
-                            log.info("deregistered %s", sid)
-                        except RegistryError as exc:
-                            log.warning("deregistering %s failed: %s", sid, exc)
-                self._registered.clear()
-            if self.proxy is not None:
+        self._reporters.cancel()
+        await self._deregister_all()
+        if self.proxy is not None:
+            with trio.CancelScope(shield=True):
                 await self.proxy.drain(trio.current_time() + DRAIN_DEADLINE)
         self._cancel.cancel()
 

@@ -50,8 +50,30 @@ class Problem:
         return hash((self.file, self.path, self.reason))
 
 
+def only_mesh_error(exc: BaseException) -> MeshError | None:
+    """The single ``MeshError`` an exception carries once nurseries' exception groups are
+    unwrapped, or None if it carries anything else (which is then a bug to show in full)."""
+    leaves: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for inner in e.exceptions:
+                walk(inner)
+        else:
+            leaves.append(e)
+
+    walk(exc)
+    if len(leaves) == 1 and isinstance(leaves[0], MeshError):
+        return leaves[0]
+    return None
+
+
 class RegistryError(MeshError):
     """The registry (Consul or the embedded one) failed or answered unexpectedly."""
+
+
+class RegistryNotFound(RegistryError):
+    """The registry does not know the service or check named (e.g. it was reaped)."""
 
 
 class CAError(MeshError):

@@ -4,14 +4,14 @@ Consul agent runs a check, but done by meshd so the same code works against any 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import httpx
 import trio
 
 from meshd.config.schema import LocalService
-from meshd.errors import RegistryError
+from meshd.errors import RegistryError, RegistryNotFound
 from meshd.registry.consul import ConsulClient
 
 log = logging.getLogger(__name__)
@@ -52,19 +52,28 @@ async def probe(svc: LocalService, http: httpx.AsyncClient) -> ProbeResult:
     return ProbeResult(PASSING, f"TCP connect {svc.address}:{svc.port}: ok")
 
 
+def probe_client(timeout: float = 10.0) -> httpx.AsyncClient:
+    """An HTTP client for loopback probes: an HTTP(S)_PROXY from the environment must not see
+    them (it would mark a healthy local app critical)."""
+    return httpx.AsyncClient(timeout=timeout, trust_env=False)
+
+
 async def report_health(
     svc: LocalService,
     consul: ConsulClient,
     check_ids: tuple[str, ...],
     on_result: Callable[[ProbeResult], None],
+    reregister: Callable[[ProbeResult], Awaitable[None]],
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Probe every ``interval`` and push the result to each TTL check (which also refreshes the
-    TTL). ``task_status.started()`` after the first report, so readiness reflects real health."""
+    TTL). If the registry no longer knows a check (reaped after a long outage of the app, or a
+    registry that lost its state), register the service again: anti-entropy, as Consul's own
+    agent does. ``task_status.started()`` after the first report."""
     started = False
     last_status: str | None = None
-    async with httpx.AsyncClient(timeout=svc.health.timeout) as http:
+    async with probe_client(svc.health.timeout) as http:
         while True:
             result = await probe(svc, http)
             result.at = trio.current_time()
@@ -76,6 +85,14 @@ async def report_health(
             for cid in check_ids:
                 try:
                     await consul.update_ttl(cid, result.status, result.output)
+                except RegistryNotFound:
+                    log.warning("the registry lost check %s of %s; registering %s again",
+                                cid, svc.name, svc.name)
+                    try:
+                        await reregister(result)
+                    except RegistryError as exc:
+                        log.warning("registering %s again failed: %s", svc.name, exc)
+                    break
                 except RegistryError as exc:
                     log.warning("could not report health of %s: %s", svc.name, exc)
             if not started:

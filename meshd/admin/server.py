@@ -8,6 +8,7 @@ from typing import Any
 
 import trio
 
+from meshd.errors import MeshError
 from meshd.httpd import Request, Response, serve_http
 from meshd.metrics import Metrics
 
@@ -47,4 +48,8 @@ class AdminAPI:
         self, host: str, port: int,
         *, task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        await serve_http(self.handle, host, port, task_status=task_status)
+        try:
+            await serve_http(self.handle, host, port, task_status=task_status)
+        except OSError as exc:
+            raise MeshError(f"cannot listen on admin address {host}:{port}: "
+                            f"{exc.strerror or exc}") from exc

@@ -232,9 +232,9 @@ async def open_mtls(address: str, port: int, tls: TLSState, source: str,
 
     The caller bounds the time with ``fail_after``. Raises ``OSError`` when the connection
     cannot be made and ``HandshakeRefused`` when TLS or the identity check fails."""
+    context = tls.client_context(source)  # before connecting: a failure here leaks no socket
     transport = await trio.open_tcp_stream(address, port)
-    stream = TLSStream(transport, tls.client_context(source), server_side=False,
-                       server_hostname=destination)
+    stream = TLSStream(transport, context, server_side=False, server_hostname=destination)
     try:
         try:
             await stream.do_handshake()

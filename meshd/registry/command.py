@@ -9,7 +9,7 @@ from typing import Any
 
 import trio
 
-from meshd.errors import MeshError, RegistryError
+from meshd.errors import RegistryError
 from meshd.httpd import parse_hostport
 from meshd.registry.server import RegistryConfig, serve_registry
 
@@ -42,13 +42,7 @@ def config_from_args(args: argparse.Namespace) -> RegistryConfig:
 
 def run_serve(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    try:
-        trio.run(_main, config)
-    except BaseExceptionGroup as group:
-        error = _only_mesh_error(group)
-        if error is None:
-            raise
-        raise error from None
+    trio.run(_main, config)  # a MeshError inside a nursery is unwrapped by meshd.cli
     return 0
 
 
@@ -64,19 +58,3 @@ async def _main(config: RegistryConfig) -> None:
                     return
 
             nursery.start_soon(stop_on_signal)
-
-
-def _only_mesh_error(group: BaseExceptionGroup[BaseException]) -> MeshError | None:
-    leaves: list[BaseException] = []
-
-    def walk(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for inner in exc.exceptions:
-                walk(inner)
-        else:
-            leaves.append(exc)
-
-    walk(group)
-    if len(leaves) == 1 and isinstance(leaves[0], MeshError):
-        return leaves[0]
-    return None

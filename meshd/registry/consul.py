@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 
 from meshd.config.durations import format_duration
-from meshd.errors import RegistryError
+from meshd.errors import RegistryError, RegistryNotFound
 
 CONNECT_TIMEOUT = 5.0
 REQUEST_TIMEOUT = 10.0
@@ -53,8 +53,10 @@ class ConsulClient:
     def __init__(self, base_url: str, *, token: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         headers = {"X-Consul-Token": token} if token else {}
+        # trust_env=False: an HTTP(S)_PROXY meant for the outside world must never carry
+        # registry traffic (nor the token in its headers)
         self._http = httpx.AsyncClient(
-            base_url=self.base_url, headers=headers,
+            base_url=self.base_url, headers=headers, trust_env=False,
             timeout=httpx.Timeout(REQUEST_TIMEOUT, connect=CONNECT_TIMEOUT),
             limits=httpx.Limits(max_keepalive_connections=16, keepalive_expiry=30.0),
         )
@@ -92,12 +94,24 @@ class ConsulClient:
             raise RegistryError(f"registry {self.base_url}: {method} {path}: {exc!r}") from exc
         if response.status_code == 404 and ok_404:
             return response
+        if response.status_code == 404:
+            raise RegistryNotFound(
+                f"registry {self.base_url}: {method} {path}: 404 {response.text.strip()[:200]}")
         if response.status_code >= 400:
             raise RegistryError(
                 f"registry {self.base_url}: {method} {path}: {response.status_code} "
                 f"{response.text.strip()[:200]}"
             )
         return response
+
+    @staticmethod
+    def _json(response: httpx.Response) -> Any:
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise RegistryError(
+                f"{response.request.url.path}: answer is not JSON: {response.text[:100]!r}"
+            ) from exc
 
     @staticmethod
     def _index(response: httpx.Response) -> int:
@@ -139,16 +153,21 @@ class ConsulClient:
             params["passing"] = "1"
         response = await self._request("GET", f"/v1/health/connect/{service}", params=params,
                                        wait=wait if index else None)
-        return Blocking(response.json(), self._index(response))
+        data = self._json(response)
+        if not isinstance(data, list):
+            raise RegistryError(f"/v1/health/connect/{service}: expected a JSON array")
+        return Blocking(data, self._index(response))
 
     async def catalog_services(self) -> dict[str, list[str]]:
         response = await self._request("GET", "/v1/catalog/services")
-        data: dict[str, list[str]] = response.json()
+        data = self._json(response)
+        if not isinstance(data, dict):
+            raise RegistryError("/v1/catalog/services: expected a JSON object")
         return data
 
     async def leader(self) -> str:
         response = await self._request("GET", "/v1/status/leader")
-        return str(response.json())
+        return str(self._json(response))
 
     # -- KV ------------------------------------------------------------------------------------
 
@@ -162,10 +181,13 @@ class ConsulClient:
         idx = self._index(response)
         if response.status_code == 404:
             return Blocking(None, idx)
-        raw = response.json()[0]
-        value = base64.b64decode(raw["Value"]) if raw.get("Value") else b""
-        entry = KVEntry(raw["Key"], value, int(raw.get("Flags", 0)),
-                        int(raw["CreateIndex"]), int(raw["ModifyIndex"]))
+        try:
+            raw = self._json(response)[0]
+            value = base64.b64decode(raw["Value"]) if raw.get("Value") else b""
+            entry = KVEntry(raw["Key"], value, int(raw.get("Flags", 0)),
+                            int(raw["CreateIndex"]), int(raw["ModifyIndex"]))
+        except (LookupError, TypeError, ValueError, AttributeError) as exc:
+            raise RegistryError(f"/v1/kv/{key}: unexpected answer: {exc!r}") from exc
         return Blocking(entry, idx)
 
     async def kv_put(self, key: str, value: bytes, *, cas: int | None = None) -> bool:
@@ -173,7 +195,7 @@ class ConsulClient:
         Returns whether the write happened."""
         params = {"cas": str(cas)} if cas is not None else None
         response = await self._request("PUT", f"/v1/kv/{key}", content=value, params=params)
-        return bool(response.json())
+        return self._json(response) is True
 
     async def kv_delete(self, key: str) -> None:
         await self._request("DELETE", f"/v1/kv/{key}")

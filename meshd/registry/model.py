@@ -73,21 +73,28 @@ def _passing(checks: Iterable[Mapping[str, Any]]) -> bool:
 
 
 def endpoints_from_health_connect(
-    service: str, entries: Iterable[Mapping[str, Any]]
+    service: str, entries: Iterable[Any]
 ) -> tuple[Endpoint, ...]:
     """Endpoints from a ``/v1/health/connect/<service>`` answer: the ``connect-proxy`` services
     (one per host meshd fronting an instance) with their node, address, port and version."""
     out: list[Endpoint] = []
     for entry in entries:
-        node = entry.get("Node") or {}
-        svc = entry.get("Service") or {}
-        proxy = svc.get("Proxy") or {}
-        if svc.get("Kind") != "connect-proxy" or proxy.get("DestinationServiceName") != service:
+        if not isinstance(entry, Mapping):
+            continue  # a malformed answer loses that entry, never the whole view
+        svc = entry.get("Service")
+        if not isinstance(svc, Mapping):
             continue
-        meta = svc.get("Meta") or {}
+        proxy = svc.get("Proxy")
+        if (svc.get("Kind") != "connect-proxy" or not isinstance(proxy, Mapping)
+                or proxy.get("DestinationServiceName") != service):
+            continue
+        node = entry.get("Node")
+        node = node if isinstance(node, Mapping) else {}
+        meta = svc.get("Meta")
+        meta = meta if isinstance(meta, Mapping) else {}
         address = svc.get("Address") or node.get("Address") or ""
-        port = svc.get("Port") or 0
-        if not address or not port:
+        port = svc.get("Port")
+        if not address or not isinstance(port, int) or not 0 < port < 65536:
             continue
         out.append(Endpoint(
             service=service,

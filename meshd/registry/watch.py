@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
@@ -18,7 +18,7 @@ from meshd.backoff import backoff_delay
 from meshd.config.parse import parse_routes
 from meshd.config.schema import RouteTable
 from meshd.errors import ConfigError, RegistryError
-from meshd.registry.consul import ConsulClient, next_index
+from meshd.registry.consul import Blocking, ConsulClient, KVEntry, next_index
 from meshd.registry.model import EndpointSet, diff_endpoints, endpoints_from_health_connect
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,37 @@ class WatchStatus:
         return max(0.0, now - since)
 
 
+async def long_poll(
+    status: WatchStatus,
+    fetch: Callable[[int], Awaitable[Blocking]],
+    on_answer: Callable[[Blocking], None],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """The one blocking-query loop: ``fetch(index)`` until cancelled, ``on_answer`` for each
+    answer, backoff with jitter while the registry fails (the last value stays in force).
+    ``task_status.started()`` fires after the first successful answer."""
+    index = 0
+    attempt = 0
+    started = False
+    while True:
+        try:
+            answer = await fetch(index)
+        except RegistryError as exc:
+            status.failed(trio.current_time(), str(exc))
+            await trio.sleep(backoff_delay(attempt, random.random()))
+            attempt += 1
+            continue
+        attempt = 0
+        status.succeeded(trio.current_time(), answer.index)
+        on_answer(answer)
+        if not started:
+            task_status.started()
+            started = True
+        index = next_index(index, answer.index)
+        await trio.sleep(MIN_LOOP_INTERVAL)
+
+
 async def watch_endpoints(
     client: ConsulClient,
     service: str,
@@ -71,36 +102,25 @@ async def watch_endpoints(
     wait: float = DEFAULT_WAIT,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Watch ``/v1/health/connect/<service>``; call ``on_update`` with each new snapshot.
-    ``task_status.started()`` fires after the first successful answer."""
-    index = 0
-    attempt = 0
+    """Watch ``/v1/health/connect/<service>``; call ``on_update`` with each changed snapshot."""
     current: EndpointSet | None = None
-    started = False
-    while True:
-        try:
-            answer = await client.health_connect(service, index=index, wait=wait)
-        except RegistryError as exc:
-            status.failed(trio.current_time(), str(exc))
-            await trio.sleep(backoff_delay(attempt, random.random()))
-            attempt += 1
-            continue
-        attempt = 0
-        now = trio.current_time()
-        status.succeeded(now, answer.index)
+
+    def on_answer(answer: Blocking) -> None:
+        nonlocal current
         endpoints = endpoints_from_health_connect(service, answer.data)
-        if current is None or current.endpoints != endpoints:
-            if current is not None:
-                change = diff_endpoints(current.endpoints, endpoints)
-                log.info("endpoints of %s: +%d -%d ~%d", service, len(change.added),
-                         len(change.removed), len(change.changed))
-            current = EndpointSet(service, endpoints, answer.index, now)
-            on_update(current)
-        if not started:
-            task_status.started()
-            started = True
-        index = next_index(index, answer.index)
-        await trio.sleep(MIN_LOOP_INTERVAL)
+        if current is not None and current.endpoints == endpoints:
+            return
+        if current is not None:
+            change = diff_endpoints(current.endpoints, endpoints)
+            log.info("endpoints of %s: +%d -%d ~%d", service, len(change.added),
+                     len(change.removed), len(change.changed))
+        current = EndpointSet(service, endpoints, answer.index, trio.current_time())
+        on_update(current)
+
+    async def fetch(index: int) -> Blocking:
+        return await client.health_connect(service, index=index, wait=wait)
+
+    await long_poll(status, fetch, on_answer, task_status=task_status)
 
 
 def decode_routes(raw: bytes, source: str = f"registry kv {ROUTES_KEY}") -> RouteTable:
@@ -128,32 +148,26 @@ async def watch_routes(
 ) -> None:
     """Watch the route table key. A missing key means an empty table; an invalid value is
     rejected (``on_rejected``) and the table in force stays."""
-    index = 0
-    attempt = 0
     seen_modify: int | None = -1
-    started = False
-    while True:
+
+    def on_answer(answer: Blocking) -> None:
+        nonlocal seen_modify
+        entry: KVEntry | None = answer.data
+        modify = entry.modify_index if entry is not None else None
+        if modify == seen_modify:
+            return
+        seen_modify = modify
+        if entry is None:
+            on_update(RouteTable())
+            return
         try:
-            answer = await client.kv_get(key, index=index, wait=wait)
-        except RegistryError as exc:
-            status.failed(trio.current_time(), str(exc))
-            await trio.sleep(backoff_delay(attempt, random.random()))
-            attempt += 1
-            continue
-        attempt = 0
-        status.succeeded(trio.current_time(), answer.index)
-        modify = answer.data.modify_index if answer.data is not None else None
-        if modify != seen_modify:
-            seen_modify = modify
-            if answer.data is None:
-                on_update(RouteTable())
-            else:
-                try:
-                    on_update(decode_routes(answer.data.value))
-                except ConfigError as exc:
-                    on_rejected(exc)
-        if not started:
-            task_status.started()
-            started = True
-        index = next_index(index, answer.index)
-        await trio.sleep(MIN_LOOP_INTERVAL)
+            table = decode_routes(entry.value)
+        except ConfigError as exc:
+            on_rejected(exc)
+            return
+        on_update(table)
+
+    async def fetch(index: int) -> Blocking:
+        return await client.kv_get(key, index=index, wait=wait)
+
+    await long_poll(status, fetch, on_answer, task_status=task_status)
