@@ -27,6 +27,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import httptools
 import trio
 
+from meshd.config import hostport as config_hostport
+
 log = logging.getLogger(__name__)
 
 MAX_HEADER_BYTES = 64 * 1024
@@ -339,11 +341,12 @@ async def _send_error(stream: trio.abc.Stream, status: int, reason: str) -> None
 
 
 def parse_hostport(addr: str) -> tuple[str, int]:
-    """``"127.0.0.1:8500"`` -> ("127.0.0.1", 8500); ``"[::1]:80"`` -> ("::1", 80)."""
-    host, sep, port = addr.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"expected HOST:PORT, got {addr!r}")
-    return host.strip("[]") or "127.0.0.1", int(port)
+    """A listen address: ``"127.0.0.1:8500"`` -> ("127.0.0.1", 8500); ``"[::1]:80"`` -> ("::1",
+    80); a host name is left to the listener, ``":8500"`` means 127.0.0.1 and port 0 lets the
+    kernel pick. Raises ValueError."""
+    if addr.startswith(":"):
+        addr = "127.0.0.1" + addr
+    return config_hostport.parse_hostport(addr, allow_port_zero=True, allow_names=True)
 
 
 async def serve_http(

@@ -1,8 +1,8 @@
 """Key and certificate files on disk: atomic writes, private modes, identity directories.
 
-Every write goes to a temporary file in the same directory (created 0600 by ``mkstemp``), is
-fsynced, renamed over the target and the directory fsynced, so a crash leaves either the old file
-or the new one, and a private key is never readable by others, not even for a moment.
+Every write is atomic (``meshd.fileio.write_atomic``: a temporary file created 0600, fsynced,
+renamed over the target, the directory fsynced), so a crash leaves either the old file or the new
+one, and a private key is never readable by others, not even for a moment.
 
 An identity directory holds ``<service>.crt`` and ``<service>.key`` per service and ``ca.crt``, the
 trust bundle. The key is written before the certificate; a reader that catches the pair mid-update
@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import os
 import stat
-import tempfile
 from pathlib import Path
 
 from meshd.ca.identity import Identity, TrustBundle
 from meshd.ca.spiffe import check_name
 from meshd.errors import CAError
+from meshd.fileio import write_atomic
 
 PRIVATE_FILE_MODE = 0o600
 PUBLIC_FILE_MODE = 0o644
@@ -28,12 +28,12 @@ BUNDLE_FILE = "ca.crt"
 
 def write_private_file(path: str | os.PathLike[str], data: bytes) -> None:
     """Atomically replace ``path`` with ``data``, mode 0600. Raises OSError."""
-    _write_atomic(Path(path), data, PRIVATE_FILE_MODE)
+    write_atomic(path, data, PRIVATE_FILE_MODE)
 
 
 def write_public_file(path: str | os.PathLike[str], data: bytes) -> None:
     """Atomically replace ``path`` with ``data``, mode 0644. Raises OSError."""
-    _write_atomic(Path(path), data, PUBLIC_FILE_MODE)
+    write_atomic(path, data, PUBLIC_FILE_MODE)
 
 
 def ensure_private_dir(path: str | os.PathLike[str]) -> Path:
@@ -106,30 +106,3 @@ def _service_file_stem(service: str) -> str:
         return check_name(service)
     except ValueError as exc:
         raise CAError(str(exc)) from None
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if mode != PRIVATE_FILE_MODE:
-                os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

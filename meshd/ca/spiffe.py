@@ -2,7 +2,8 @@
 
 The syntax follows the SPIFFE ID specification (lower-case trust domain of letters, digits, ``.``,
 ``-``, ``_``; path segments of letters, digits, ``.``, ``-``, ``_``), narrowed to the one shape
-meshd issues, so that a peer's identity is either exactly a meshd service or nothing.
+meshd issues, so that a peer's identity is either exactly a meshd service or nothing: the service
+segment is a mesh name (``meshd.names``, the rule the config files use).
 """
 
 from __future__ import annotations
@@ -11,13 +12,13 @@ import re
 
 from cryptography import x509
 
+from meshd.names import MAX_NAME, NAME_RULE, is_valid_name
+
 SCHEME = "spiffe://"
 SERVICE_PATH = "/svc/"
 
 _TRUST_DOMAIN = re.compile(r"[a-z0-9._-]+")
-_NAME = re.compile(r"[A-Za-z0-9._-]+")
 MAX_TRUST_DOMAIN = 255
-MAX_NAME = 128
 
 
 def check_trust_domain(trust_domain: str) -> str:
@@ -36,16 +37,15 @@ def check_trust_domain(trust_domain: str) -> str:
 def check_name(name: str, what: str = "service") -> str:
     """Return ``name`` if it is a valid service (or node) name, else raise ValueError.
 
-    Service names become a SPIFFE path segment, so they are limited to what a segment allows.
+    Names follow the mesh-wide rule of ``meshd.names`` (a lower-case DNS label), which also makes
+    them valid SPIFFE path segments.
     """
     if not name:
         raise ValueError(f"{what} name is empty")
     if len(name) > MAX_NAME:
         raise ValueError(f"{what} name {name[:20]!r}... is longer than {MAX_NAME} characters")
-    if name in (".", "..") or not _NAME.fullmatch(name):
-        raise ValueError(
-            f"invalid {what} name {name!r}: use letters, digits, '.', '-', '_'"
-        )
+    if not is_valid_name(name):
+        raise ValueError(f"invalid {what} name {name!r}: {NAME_RULE}")
     return name
 
 

@@ -48,7 +48,10 @@ KEEP_SPENT_TOKENS = timedelta(days=7)
 
 
 @dataclass(frozen=True)
-class CASettings:
+class CAStoreSettings:
+    """What ``ca.json`` records about the CA (not a host's ``[ca]`` table: that is
+    ``meshd.config.schema.CASettings``)."""
+
     trust_domain: str
     leaf_lifetime: timedelta = issuer.DEFAULT_LEAF_LIFETIME
 
@@ -58,7 +61,7 @@ class CAMaterial:
     """A loaded CA: its settings and the signer (root key + certificate)."""
 
     directory: Path
-    settings: CASettings
+    settings: CAStoreSettings
     signer: issuer.Signer
 
     @property
@@ -98,7 +101,7 @@ def init_ca(
         )
     key = issuer.new_private_key()
     root = issuer.build_root(key, trust_domain, now)
-    settings = CASettings(trust_domain, leaf_lifetime)
+    settings = CAStoreSettings(trust_domain, leaf_lifetime)
     try:
         ensure_private_dir(d)
         with _tokens_locked(d):
@@ -125,7 +128,7 @@ def load_ca(directory: str | os.PathLike[str]) -> CAMaterial:
         key = issuer.load_private_key_pem(key_path.read_bytes())
         root = x509.load_pem_x509_certificate((d / ROOT_CERT).read_bytes())
         raw = json.loads((d / SETTINGS).read_text())
-        settings = CASettings(
+        settings = CAStoreSettings(
             trust_domain=check_trust_domain(str(raw["trust_domain"])),
             leaf_lifetime=timedelta(seconds=int(raw["leaf_lifetime_seconds"])),
         )
@@ -229,7 +232,7 @@ def _load_tokens(path: Path) -> dict[str, JoinToken]:
         raise CAError(f"corrupt join-token file {path}: {exc}") from exc
 
 
-def _settings_json(settings: CASettings, root: x509.Certificate, now: datetime) -> bytes:
+def _settings_json(settings: CAStoreSettings, root: x509.Certificate, now: datetime) -> bytes:
     body: dict[str, Any] = {
         "version": FORMAT_VERSION,
         "trust_domain": settings.trust_domain,

@@ -4,8 +4,9 @@ Pure: a mapping in, a frozen ``MeshConfig`` (``meshd.dev.model``) out, or a ``Co
 listing every problem with its key path; ``meshd.dev.generate`` turns the tree back into one
 ``meshd.toml`` per simulated host. The services of each host are validated by generating that
 host's ``meshd.toml`` mapping and handing it to
-``meshd.config.parse.parse_host_config``, so ``meshd up`` and ``meshd run`` can never disagree about
+``meshd.config.host.parse_host_config``, so ``meshd up`` and ``meshd run`` can never disagree about
 what a service declaration means; problems it finds are translated back to ``mesh.toml`` key paths.
+The keys of ``mesh.toml`` itself are checked with the same toolkit (``meshd.config.reader``).
 
 The format (also in ``meshd up --help`` and ``examples/shop/README.md``)::
 
@@ -32,7 +33,6 @@ The format (also in ``meshd up --help`` and ``examples/shop/README.md``)::
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import string
 from collections.abc import Mapping
@@ -40,7 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from meshd.config.parse import NAME_RE, SERVICE_KEYS, TRUST_DOMAIN_RE, parse_host_config
+from meshd.config.host import SERVICE_KEYS, parse_host_config
+from meshd.config.reader import Reader
 from meshd.dev.model import (
     DEFAULT_ADMIN_PORT,
     DEFAULT_CA,
@@ -55,7 +56,7 @@ from meshd.dev.model import (
     host_data,
     port_claims_of,
 )
-from meshd.errors import ConfigError, Problem
+from meshd.errors import ConfigError
 
 MESH_KEYS = {"trust_domain", "registry", "ca", "routes", "run_dir", "try", "hosts"}
 HOST_KEYS = {"name", "address", "inbound_port", "admin_port", "outbound_address", "services"}
@@ -71,31 +72,21 @@ def parse_mesh(data: Mapping[str, Any], file: str = "mesh.toml",
     """Build a ``MeshConfig`` from a parsed ``mesh.toml``; paths in it are relative to
     ``base_dir`` (the file's directory). Raises ``ConfigError`` with every problem found."""
     base = base_dir or Path(".")
-    problem = _Problems(file)
-
-    for key in data:
-        if key not in MESH_KEYS:
-            problem(key, f"unknown key (expected one of: {', '.join(sorted(MESH_KEYS))})")
-
-    trust_domain = data.get("trust_domain")
-    if trust_domain is None:
-        problem("trust_domain", "required key is missing")
-    elif not isinstance(trust_domain, str) or not TRUST_DOMAIN_RE.match(trust_domain):
-        problem("trust_domain", f"invalid trust domain {trust_domain!r}")
-        trust_domain = None
-
-    registry = _hostport(data.get("registry", DEFAULT_REGISTRY), "registry", problem)
-    ca = _hostport(data.get("ca", DEFAULT_CA), "ca", problem)
-    routes = _relative_path(data, "routes", base, problem)
-    run_dir = _relative_path(data, "run_dir", base, problem)
-    hints = _string_list(data, "try", problem)
+    r = Reader(file)
+    r.unknown_keys(data, "", MESH_KEYS)
+    trust_domain = r.trust_domain(data, "trust_domain", "")
+    registry = _hostport(r, data.get("registry", DEFAULT_REGISTRY), "registry")
+    ca = _hostport(r, data.get("ca", DEFAULT_CA), "ca")
+    routes = _relative_path(r, data, "routes", base)
+    run_dir = _relative_path(r, data, "run_dir", base)
+    hints = _string_list(r, data, "try")
 
     hosts_raw = data.get("hosts")
     hosts: list[MeshHost] = []
     if hosts_raw is None:
-        problem("hosts", "required key is missing (declare at least one [[hosts]])")
+        r.problem("hosts", "required key is missing (declare at least one [[hosts]])")
     elif not isinstance(hosts_raw, list) or not hosts_raw:
-        problem("hosts", "expected a non-empty array of tables ([[hosts]])")
+        r.problem("hosts", "expected a non-empty array of tables ([[hosts]])")
     else:
         context = _HostContext(
             file=file, base=base, trust_domain=trust_domain or "placeholder.mesh",
@@ -103,36 +94,21 @@ def parse_mesh(data: Mapping[str, Any], file: str = "mesh.toml",
             ca=ca or HostPort("127.0.0.1", 8443),
         )
         for i, raw in enumerate(hosts_raw):
-            host = _parse_host(raw, f"hosts[{i}]", context, problem)
+            host = _parse_host(r, raw, f"hosts[{i}]", context)
             if host is not None:
                 hosts.append(host)
-        _check_host_names(hosts_raw, problem)
+        _check_host_names(r, hosts_raw)
 
-    if not problem.found:
-        _check_upstreams_exist(hosts, problem)
+    if not r.problems:
+        _check_upstreams_exist(r, hosts)
         claims = port_claims_of(hosts, registry, ca)
         for claim, other in clashes(claims):
-            problem(claim.key_path, f"{claim} is also used by {other.owner} ({other.key_path})")
+            r.problem(claim.key_path, f"{claim} is also used by {other.owner} ({other.key_path})")
 
-    if problem.found:
-        raise ConfigError(problem.found)
+    r.fail_if_problems()
     assert trust_domain is not None and registry is not None and ca is not None
     return MeshConfig(trust_domain=trust_domain, hosts=tuple(hosts), registry=registry, ca=ca,
                       routes=routes, run_dir=run_dir, hints=hints, source=file)
-
-
-class _Problems:
-    """Collects problems instead of stopping at the first; a problem already reported (the same
-    file, key path and reason) is not repeated."""
-
-    def __init__(self, file: str) -> None:
-        self.file = file
-        self.found: list[Problem] = []
-
-    def __call__(self, path: str, reason: str) -> None:
-        p = Problem(self.file, path, reason)
-        if p not in self.found:
-            self.found.append(p)
 
 
 @dataclass(frozen=True)
@@ -144,54 +120,43 @@ class _HostContext:
     ca: HostPort
 
 
-def _parse_host(raw: Any, path: str, ctx: _HostContext, problem: _Problems) -> MeshHost | None:
+def _parse_host(r: Reader, raw: Any, path: str, ctx: _HostContext) -> MeshHost | None:
     if not isinstance(raw, dict):
-        problem(path, "expected a table ([[hosts]])")
+        r.problem(path, "expected a table ([[hosts]])")
         return None
-    before = len(problem.found)
-    for key in raw:
-        if key not in HOST_KEYS:
-            problem(f"{path}.{key}",
-                    f"unknown key (expected one of: {', '.join(sorted(HOST_KEYS))})")
-    name = raw.get("name")
-    if name is None:
-        problem(f"{path}.name", "required key is missing")
-    elif not isinstance(name, str) or not NAME_RE.match(name):
-        problem(f"{path}.name",
-                f"invalid name {name!r}: use lowercase letters, digits and '-' (max 63)")
-    address = _ip(raw, "address", path, problem, required=True)
-    outbound = _ip(raw, "outbound_address", path, problem, default=DEFAULT_OUTBOUND_ADDRESS)
-    inbound_port = _port(raw, "inbound_port", path, problem, DEFAULT_INBOUND_PORT)
-    admin_port = _port(raw, "admin_port", path, problem, DEFAULT_ADMIN_PORT)
+    before = len(r.problems)
+    r.unknown_keys(raw, path, HOST_KEYS)
+    name = r.name(raw, "name", path)
+    address = r.ip(raw, "address", path)
+    outbound = r.ip(raw, "outbound_address", path, DEFAULT_OUTBOUND_ADDRESS)
+    inbound_port = r.port(raw, "inbound_port", path, DEFAULT_INBOUND_PORT)
+    admin_port = r.port(raw, "admin_port", path, DEFAULT_ADMIN_PORT)
     if inbound_port is not None and inbound_port == admin_port:
-        problem(f"{path}.admin_port", f"port {admin_port} is also the inbound port")
+        r.problem(f"{path}.admin_port", f"port {admin_port} is also the inbound port")
 
     services_raw = raw.get("services", [])
     if not isinstance(services_raw, list):
-        problem(f"{path}.services", "expected an array of tables ([[hosts.services]])")
+        r.problem(f"{path}.services", "expected an array of tables ([[hosts.services]])")
         services_raw = []
     elif not services_raw:
         # its join token has to name at least one service it may claim
-        problem(f"{path}.services", "declare at least one service ([[hosts.services]])")
+        r.problem(f"{path}.services", "declare at least one service ([[hosts.services]])")
     commands: list[tuple[str, ...]] = []
     service_tables: list[dict[str, Any]] = []
     index_of: list[int] = []   # position in service_tables -> position in mesh.toml
     for j, svc in enumerate(services_raw):
         spath = f"{path}.services[{j}]"
         if not isinstance(svc, dict):
-            problem(spath, "expected a table ([[hosts.services]])")
+            r.problem(spath, "expected a table ([[hosts.services]])")
             continue
-        for key in svc:
-            if key not in MESH_SERVICE_KEYS:
-                problem(f"{spath}.{key}", "unknown key (expected one of: "
-                        f"{', '.join(sorted(MESH_SERVICE_KEYS))})")
-        commands.append(_command(svc, spath, problem))
+        r.unknown_keys(svc, spath, MESH_SERVICE_KEYS)
+        commands.append(_command(r, svc, spath))
         table = {k: v for k, v in svc.items() if k in SERVICE_KEYS}
         if isinstance(address, str):
             table.setdefault("address", address)
         service_tables.append(table)
         index_of.append(j)
-    if len(problem.found) != before or not isinstance(name, str) or not isinstance(address, str):
+    if len(r.problems) != before or not isinstance(name, str) or not isinstance(address, str):
         return None
 
     host = MeshHost(name=name, address=address, inbound_port=inbound_port,
@@ -202,7 +167,7 @@ def _parse_host(raw: Any, path: str, ctx: _HostContext, problem: _Problems) -> M
         parsed = parse_host_config(data, ctx.file, ctx.base)
     except ConfigError as exc:
         for p in exc.problems:
-            problem(_host_path(p.path, path, index_of), p.reason)
+            r.problem(_host_path(p.path, path, index_of), p.reason)
         return None
     services = tuple(MeshService(s, c) for s, c in zip(parsed.services, commands, strict=True))
     return MeshHost(name=name, address=address, inbound_port=inbound_port,
@@ -229,109 +194,67 @@ def _host_path(host_path: str, prefix: str, index_of: list[int]) -> str:
     return prefix
 
 
-def _command(svc: Mapping[str, Any], path: str, problem: _Problems) -> tuple[str, ...]:
+def _command(r: Reader, svc: Mapping[str, Any], path: str) -> tuple[str, ...]:
     raw = svc.get("command")
     if raw is None:
         return ()
     where = f"{path}.command"
     if not isinstance(raw, list) or not raw or not all(isinstance(a, str) for a in raw):
-        problem(where, "expected a non-empty array of strings (the argv of the app)")
+        r.problem(where, "expected a non-empty array of strings (the argv of the app)")
         return ()
     for k, arg in enumerate(raw):
         try:
             fields = [f for _, f, _, _ in string.Formatter().parse(arg) if f is not None]
         except ValueError as exc:
-            problem(f"{where}[{k}]", f"{exc} (write a literal brace as {{{{ or }}}})")
+            r.problem(f"{where}[{k}]", f"{exc} (write a literal brace as {{{{ or }}}})")
             continue
         for field in fields:
             if field not in PLACEHOLDERS:
-                problem(f"{where}[{k}]", f"unknown placeholder {{{field}}} (known: "
-                        f"{', '.join('{' + p + '}' for p in sorted(PLACEHOLDERS))})")
+                r.problem(f"{where}[{k}]", f"unknown placeholder {{{field}}} (known: "
+                          f"{', '.join('{' + p + '}' for p in sorted(PLACEHOLDERS))})")
     return tuple(raw)
 
 
-def _hostport(raw: Any, path: str, problem: _Problems) -> HostPort | None:
-    if not isinstance(raw, str):
-        problem(path, 'expected "HOST:PORT"')
-        return None
-    host, sep, port = raw.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
-        problem(path, f"expected HOST:PORT with a port in 1-65535, got {raw!r}")
-        return None
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        problem(path, f"{host!r} is not an IP address")
-        return None
-    return HostPort(host, int(port))
+def _hostport(r: Reader, raw: Any, path: str) -> HostPort | None:
+    pair = r.hostport(raw, path)
+    return HostPort(*pair) if pair is not None else None
 
 
-def _ip(raw: Mapping[str, Any], key: str, path: str, problem: _Problems, *,
-        required: bool = False, default: str = "") -> Any:
-    where = f"{path}.{key}"
-    if key not in raw:
-        if required:
-            problem(where, "required key is missing")
-            return None
-        return default
-    value = raw[key]
-    try:
-        ipaddress.ip_address(value if isinstance(value, str) else "")
-    except ValueError:
-        problem(where, f"{value!r} is not an IP address")
-        return None
-    return value
-
-
-def _port(raw: Mapping[str, Any], key: str, path: str, problem: _Problems, default: int) -> Any:
-    value = raw.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int):
-        problem(f"{path}.{key}", f"expected an integer, got {type(value).__name__}")
-        return None
-    if not 1 <= value <= 65535:
-        problem(f"{path}.{key}", f"port {value} out of range (1-65535)")
-        return None
-    return value
-
-
-def _relative_path(
-    data: Mapping[str, Any], key: str, base: Path, problem: _Problems
-) -> Path | None:
+def _relative_path(r: Reader, data: Mapping[str, Any], key: str, base: Path) -> Path | None:
     raw = data.get(key)
     if raw is None:
         return None
     if not isinstance(raw, str) or not raw:
-        problem(key, "expected a path (a non-empty string)")
+        r.problem(key, "expected a path (a non-empty string)")
         return None
     return base / Path(raw).expanduser()
 
 
-def _string_list(data: Mapping[str, Any], key: str, problem: _Problems) -> tuple[str, ...]:
+def _string_list(r: Reader, data: Mapping[str, Any], key: str) -> tuple[str, ...]:
     raw = data.get(key, [])
     if not isinstance(raw, list) or not all(isinstance(s, str) for s in raw):
-        problem(key, "expected an array of strings")
+        r.problem(key, "expected an array of strings")
         return ()
     return tuple(raw)
 
 
-def _check_host_names(hosts_raw: list[Any], problem: _Problems) -> None:
+def _check_host_names(r: Reader, hosts_raw: list[Any]) -> None:
     seen: dict[Any, int] = {}
     for i, raw in enumerate(hosts_raw):
         if not isinstance(raw, dict):
             continue
         name = raw.get("name")
         if isinstance(name, str) and name in seen:
-            problem(f"hosts[{i}].name", f"duplicate host {name!r} (also hosts[{seen[name]}])")
+            r.problem(f"hosts[{i}].name", f"duplicate host {name!r} (also hosts[{seen[name]}])")
         if isinstance(name, str):
             seen.setdefault(name, i)
 
 
-def _check_upstreams_exist(hosts: list[MeshHost], problem: _Problems) -> None:
+def _check_upstreams_exist(r: Reader, hosts: list[MeshHost]) -> None:
     provided = {ms.service.name for h in hosts for ms in h.services}
     for i, host in enumerate(hosts):
         for j, ms in enumerate(host.services):
             for k, up in enumerate(ms.service.upstreams):
                 if up.name not in provided:
-                    problem(f"hosts[{i}].services[{j}].upstreams[{k}].name",
-                            f"no host in this mesh runs service {up.name!r}")
+                    r.problem(f"hosts[{i}].services[{j}].upstreams[{k}].name",
+                              f"no host in this mesh runs service {up.name!r}")

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from meshd.errors import RegistryError
+from meshd.fileio import fsync_dir, write_atomic
 from meshd.registry.state import RegistryState
 from meshd.registry.store_records import Mutation, op_from_json, op_to_json
 
@@ -69,14 +70,6 @@ def unframe(line: bytes) -> Any:
     if zlib.crc32(body) != expected:
         raise ValueError("checksum mismatch")
     return json.loads(body)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass
@@ -138,7 +131,7 @@ class DataDir:
         try:
             self._wal_fd = os.open(wal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             self.wal_size = os.fstat(self._wal_fd).st_size
-            _fsync_dir(self.path)
+            fsync_dir(self.path)
         except OSError as exc:
             raise RegistryError(f"cannot open {wal_path}: {exc.strerror}") from exc
         return Loaded(state, replayed, truncated)
@@ -226,19 +219,14 @@ class DataDir:
 
     def compact(self, snapshot: bytes) -> None:
         """Install ``snapshot`` and start an empty log."""
-        snap_tmp = self.path / (SNAPSHOT + ".tmp")
         wal_tmp = self.path / (WAL + ".tmp")
         try:
-            with open(snap_tmp, "wb") as f:
-                f.write(snapshot)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(snap_tmp, self.path / SNAPSHOT)
-            _fsync_dir(self.path)
+            write_atomic(self.path / SNAPSHOT, snapshot, 0o600)
+            # the new log stays open as the log, so it is not written with write_atomic
             fd = os.open(wal_tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
             os.fsync(fd)
             os.replace(wal_tmp, self.path / WAL)
-            _fsync_dir(self.path)
+            fsync_dir(self.path)
         except OSError as exc:
             raise RegistryError(f"cannot compact {self.path}: {exc.strerror}") from exc
         os.close(self._wal_fd)

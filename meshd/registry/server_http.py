@@ -12,9 +12,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from meshd.durations import parse_go_duration
 from meshd.httpd import Request, Response
 from meshd.registry.state import RegistryState
-from meshd.registry.store_decode import parse_go_duration
 from meshd.registry.store_records import ApiError, Mutation
 
 DEFAULT_WAIT = 300.0

@@ -11,11 +11,11 @@ place that knows the rules. It returns plain dicts keyed by the canonical Go nam
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Union
 
+from meshd.durations import format_go_duration, parse_go_duration
 from meshd.registry.store_records import ApiError
 
 
@@ -160,35 +160,7 @@ def _decode_value(ftype: FieldType, value: Any, where: str) -> Any:
     raise AssertionError(f"unknown field type {ftype!r}")
 
 
-# --- Go durations --------------------------------------------------------------------------------
-
-_UNITS = {
-    "ns": 1e-9, "us": 1e-6, "\u00b5s": 1e-6, "\u03bcs": 1e-6, "ms": 1e-3, "s": 1.0,
-    "m": 60.0, "h": 3600.0,
-}
-_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
-
-
-def parse_go_duration(text: str) -> float | None:
-    """Seconds for a Go duration string (``"1m30s"``, ``"100ms"``, ``"0"``), None if invalid."""
-    s = text
-    sign = 1.0
-    if s[:1] in "+-" and s:
-        sign = -1.0 if s[0] == "-" else 1.0
-        s = s[1:]
-    if s == "0":
-        return 0.0
-    if not s:
-        return None
-    total = 0.0
-    pos = 0
-    while pos < len(s):
-        m = _PART.match(s, pos)
-        if m is None:
-            return None
-        total += float(m.group(1)) * _UNITS[m.group(2)]
-        pos = m.end()
-    return sign * total
+# --- Go durations: the grammar is meshd.durations', the error texts are the API's -----------------
 
 
 def parse_duration(text: str) -> float:
@@ -199,29 +171,10 @@ def parse_duration(text: str) -> float:
 
 
 def format_duration(seconds: float) -> str:
-    """Go's ``Duration.String()``: ``10s``, ``1m30s``, ``100ms``, ``1h0m0s``; ``""`` for 0 here."""
-    ns = round(seconds * 1e9)
-    if ns == 0:
-        return ""
-    sign = "-" if ns < 0 else ""
-    ns = abs(ns)
-    if ns < 1_000_000_000:
-        for unit, size in (("ms", 1_000_000), ("\u00b5s", 1_000), ("ns", 1)):
-            if ns >= size:
-                return sign + _trim(ns / size) + unit
-    hours, rest = divmod(ns, 3_600_000_000_000)
-    minutes, rest = divmod(rest, 60_000_000_000)
-    secs = _trim(rest / 1e9) + "s"
-    if hours:
-        return f"{sign}{hours}h{minutes}m{secs}"
-    if minutes:
-        return f"{sign}{minutes}m{secs}"
-    return sign + secs
-
-
-def _trim(value: float) -> str:
-    text = f"{value:.9f}".rstrip("0").rstrip(".")
-    return text or "0"
+    """Go's ``Duration.String()`` (``10s``, ``1m30s``, ``1h0m0s``), but ``""`` for zero, as
+    Consul renders an unset interval."""
+    text = format_go_duration(seconds)
+    return "" if text == "0s" else text
 
 
 # --- Schemas for the bodies of this API subset ---------------------------------------------------

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 from cryptography import x509
+from net_testing import free_port
 
 from meshd.ca import client
 from meshd.ca.command import parse_duration
@@ -156,9 +156,7 @@ async def test_serve_joins_and_stops_on_sigterm(tmp_path: Path) -> None:
 def test_serve_exits_zero_on_sigint(tmp_path: Path) -> None:
     ca_dir = tmp_path / "ca"
     meshd("ca", "init", "--dir", ca_dir, "--trust-domain", "mesh.test")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "meshd", "ca", "serve", "--dir", str(ca_dir),
          "--listen", f"127.0.0.1:{port}"],

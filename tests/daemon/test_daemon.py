@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
+from net_testing import free_port
 
 from meshd.ca.server import serve_ca
 from meshd.ca.store import TokenStore, init_ca
@@ -29,12 +30,6 @@ from meshd.registry.watch import ROUTES_KEY
 TD = "test.mesh"
 HOST_A = "127.0.20.2"
 HOST_B = "127.0.20.3"
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -14,14 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from net_testing import free_port
 
 SHOP = Path(__file__).resolve().parents[2] / "examples" / "shop"
-
-
-def free_port(address: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((address, 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_listening(address: str, port: int, proc: subprocess.Popen[bytes]) -> None:

@@ -9,13 +9,13 @@ import pytest
 import trio
 from conftest import start_registry
 
+from meshd.durations import parse_go_duration
 from meshd.registry.state import RegistryState
 from meshd.registry.store_decode import (
     SERVICE_SCHEMA,
     DecodeError,
     decode_body,
     format_duration,
-    parse_go_duration,
 )
 from meshd.registry.store_records import ApiError, Mutation, op_from_json, op_to_json
 

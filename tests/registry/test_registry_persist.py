@@ -15,6 +15,7 @@ import httpx
 import pytest
 import trio
 from conftest import start_registry
+from net_testing import free_port
 
 from meshd.errors import RegistryError
 from meshd.registry.server import RegistryConfig, serve_registry
@@ -120,12 +121,6 @@ async def test_torn_last_record_is_dropped(tmp_path: Path) -> None:
     assert wal.read_bytes().endswith(b"\n")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _spawn(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "meshd", "registry", "serve", "--http", f"127.0.0.1:{port}",
@@ -147,7 +142,7 @@ def _wait_ready(client: httpx.Client, proc: subprocess.Popen[bytes]) -> None:
 
 
 def _kill9_scenario(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
         proc = _spawn(tmp_path, port)
         try:
@@ -188,7 +183,7 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess[bytes]:
 
 async def test_cli_reports_corrupt_snapshot_and_busy_port(tmp_path: Path) -> None:
     (tmp_path / "snapshot.json").write_bytes(b"garbage\n")
-    port = _free_port()
+    port = free_port()
     result = await trio.to_thread.run_sync(
         _run_cli, "--http", f"127.0.0.1:{port}", "--data-dir", str(tmp_path))
     assert result.returncode == 1

@@ -1,0 +1,215 @@
+"""``meshd.toml``, one host's configuration: a parsed mapping in, a frozen ``HostConfig`` out, or
+a ``ConfigError`` listing every problem with its file, key path and reason. Pure (file I/O is in
+``meshd.config.load``)."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from meshd.config.reader import Reader
+from meshd.config.schema import (
+    CASettings,
+    HealthCheck,
+    HostConfig,
+    LocalService,
+    Protocol,
+    Upstream,
+)
+
+FINGERPRINT_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+HOST_KEYS = {"node", "address", "trust_domain", "registry", "ca", "inbound", "admin",
+             "outbound", "state_dir", "services"}
+
+
+def parse_host_config(data: Mapping[str, Any], file: str = "meshd.toml",
+                      base_dir: Path | None = None) -> HostConfig:
+    """Build a ``HostConfig`` from a parsed ``meshd.toml``. Relative paths in it are resolved
+    against ``base_dir`` (the file's directory)."""
+    r = Reader(file)
+    base = base_dir or Path(".")
+    r.unknown_keys(data, "", HOST_KEYS)
+    node = r.name(data, "node", "")
+    address = r.ip(data, "address", "", "127.0.0.1")
+    trust_domain = r.trust_domain(data, "trust_domain", "")
+    registry_url = _registry_url(r, r.get(data, "registry", "", str, "consul://127.0.0.1:8500"))
+
+    ca = _parse_ca(r, r.get(data, "ca", "", dict, None), base)
+
+    inbound = r.get(data, "inbound", "", dict, {}) or {}
+    r.unknown_keys(inbound, "inbound", {"port"})
+    inbound_port = r.port(inbound, "port", "inbound", 15001)
+
+    admin = r.get(data, "admin", "", dict, {}) or {}
+    r.unknown_keys(admin, "admin", {"address"})
+    admin_address = r.hostport(admin.get("address", "127.0.0.1:15000"), "admin.address")
+    admin_host, admin_port = admin_address or ("127.0.0.1", 0)
+    if admin_host and not _is_loopback(admin_host):
+        r.problem("admin.address",
+                  f"{admin_host} is not a loopback address: the admin API (state, metrics) is "
+                  "unauthenticated and stays on loopback (127.0.0.0/8 or ::1)")
+
+    outbound = r.get(data, "outbound", "", dict, {}) or {}
+    r.unknown_keys(outbound, "outbound", {"address"})
+    outbound_address = r.ip(outbound, "address", "outbound", "127.0.0.1")
+
+    state_dir_raw = r.get(data, "state_dir", "", str, "/var/lib/meshd")
+    state_dir = (base / state_dir_raw) if isinstance(state_dir_raw, str) else Path(".")
+
+    services_raw = r.get(data, "services", "", list, [])
+    services: list[LocalService] = []
+    for i, raw in enumerate(services_raw or []):
+        path = f"services[{i}]"
+        if not isinstance(raw, dict):
+            r.problem(path, "expected a table ([[services]])")
+            continue
+        svc = _parse_local_service(r, raw, path)
+        if svc is not None:
+            services.append(svc)
+    listeners = [(address or "", inbound_port, "inbound.port")] if inbound_port else []
+    if admin_port:
+        listeners.append((admin_host, admin_port, "admin.address"))
+    _check_local_uniqueness(r, services, listeners)
+
+    r.fail_if_problems()
+    assert ca is not None
+    return HostConfig(
+        node=node, address=address, trust_domain=trust_domain, registry_url=registry_url,
+        ca=ca, inbound_port=inbound_port, admin_host=admin_host, admin_port=admin_port,
+        outbound_address=outbound_address, state_dir=state_dir, services=tuple(services),
+        source=file,
+    )
+
+
+def _registry_url(r: Reader, raw: str | None) -> str:
+    if raw is None:
+        return ""
+    parts = urlsplit(raw)
+    if parts.scheme not in ("consul", "http", "https") or not parts.hostname:
+        r.problem("registry", f"expected consul://HOST:PORT or http(s)://HOST:PORT, got {raw!r}")
+        return ""
+    scheme = "http" if parts.scheme == "consul" else parts.scheme
+    try:
+        port = parts.port or 8500
+    except ValueError:
+        r.problem("registry", f"invalid port in {raw!r}")
+        return ""
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{scheme}://{host}:{port}"
+
+
+def _parse_ca(r: Reader, raw: Mapping[str, Any] | None, base: Path) -> CASettings | None:
+    if raw is None:
+        r.problem("ca", "required table is missing (url, fingerprint, token_file)")
+        return None
+    r.unknown_keys(raw, "ca", {"url", "fingerprint", "token_file"})
+    url = r.get(raw, "url", "ca", str)
+    if isinstance(url, str) and urlsplit(url).scheme != "https":
+        r.problem("ca.url", f"the CA is only reached over https, got {url!r}")
+    fingerprint = r.get(raw, "fingerprint", "ca", str)
+    if isinstance(fingerprint, str) and not FINGERPRINT_RE.match(fingerprint):
+        r.problem("ca.fingerprint",
+                  "expected sha256:<64 hex digits> as printed by `meshd ca init`")
+    token_file = r.get(raw, "token_file", "ca", str)
+    return CASettings(url=url or "", fingerprint=fingerprint or "",
+                      token_file=base / (token_file or ""))
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+SERVICE_KEYS = {"name", "port", "protocol", "version", "address", "health", "upstreams"}
+
+
+def _parse_local_service(r: Reader, raw: Mapping[str, Any], path: str) -> LocalService | None:
+    before = len(r.problems)
+    r.unknown_keys(raw, path, SERVICE_KEYS)
+    name = r.name(raw, "name", path)
+    port = r.port(raw, "port", path)
+    protocol = r.choice(raw, "protocol", path, Protocol, ["http", "tcp"], Protocol.HTTP)
+    version = r.name(raw, "version", path, "v1")
+    address = r.ip(raw, "address", path, "127.0.0.1")
+    health = _parse_health(r, r.get(raw, "health", path, dict, {}) or {}, f"{path}.health")
+    upstreams: list[Upstream] = []
+    for j, up in enumerate(r.get(raw, "upstreams", path, list, []) or []):
+        upath = f"{path}.upstreams[{j}]"
+        if not isinstance(up, dict):
+            r.problem(upath, "expected a table ([[services.upstreams]])")
+            continue
+        r.unknown_keys(up, upath, {"name", "local_port", "protocol"})
+        uname = r.name(up, "name", upath)
+        uport = r.port(up, "local_port", upath)
+        uproto = r.choice(up, "protocol", upath, Protocol, ["http", "tcp"], Protocol.HTTP)
+        if uname is not None and uport is not None and uproto is not None:
+            upstreams.append(Upstream(uname, uport, uproto))
+    if len(r.problems) != before:
+        return None
+    return LocalService(name=name, port=port, protocol=protocol, version=version,
+                        address=address, health=health,
+                        upstreams=tuple(upstreams))
+
+
+def _parse_health(r: Reader, raw: Mapping[str, Any], path: str) -> HealthCheck:
+    r.unknown_keys(raw, path, {"http", "tcp", "none", "interval", "timeout"})
+    interval = r.duration(raw, "interval", path, 5.0)
+    timeout = r.duration(raw, "timeout", path, 2.0)
+    kinds = [k for k in ("http", "tcp", "none") if k in raw]
+    if len(kinds) > 1:
+        r.problem(path, f"choose one check kind, got {' and '.join(kinds)}")
+        return HealthCheck()
+    if "http" in raw:
+        hpath = r.get(raw, "http", path, str)
+        if isinstance(hpath, str) and not hpath.startswith("/"):
+            r.problem(f"{path}.http", f"expected a path starting with '/', got {hpath!r}")
+        return HealthCheck("http", hpath or "/", interval or 5.0, timeout or 2.0)
+    if "none" in raw:
+        r.get(raw, "none", path, bool)
+        return HealthCheck("none", "/", interval or 5.0, timeout or 2.0)
+    if "tcp" in raw:
+        r.get(raw, "tcp", path, bool)
+    return HealthCheck("tcp", "/", interval or 5.0, timeout or 2.0)
+
+
+def _check_local_uniqueness(
+    r: Reader, services: list[LocalService], listeners: list[tuple[str, int, str]]
+) -> None:
+    """No two services share a name, and no two sockets on this host (meshd's own listeners,
+    given as (address, port, key path), and the apps') share an address and port."""
+    seen_names: dict[str, int] = {}
+    for i, svc in enumerate(services):
+        if svc.name in seen_names:
+            r.problem(f"services[{i}].name",
+                      f"duplicate service {svc.name!r} (also services[{seen_names[svc.name]}])")
+        seen_names.setdefault(svc.name, i)
+        for j, up in enumerate(svc.upstreams):
+            if up.name == svc.name:
+                r.problem(f"services[{i}].upstreams[{j}].name",
+                          "a service cannot declare itself as an upstream")
+    claims = list(listeners)
+    for i, svc in enumerate(services):
+        claims.append((svc.address, svc.port, f"services[{i}].port"))
+    for i, svc in enumerate(services):
+        for j, up in enumerate(svc.upstreams):
+            claims.append(("", up.local_port, f"services[{i}].upstreams[{j}].local_port"))
+    taken: list[tuple[str, int, str]] = []
+    for address, port, where in claims:
+        clash = next((w for a, p, w in taken if p == port and _overlap(a, address)), None)
+        if clash is not None:
+            r.problem(where, f"duplicate local port {port} (also {clash})")
+        taken.append((address, port, where))
+
+
+def _overlap(a: str, b: str) -> bool:
+    """Whether two bind addresses collide ("" = the outbound address, compared by port only:
+    upstream listeners and apps on the same port of any loopback address confuse operators)."""
+    wildcard = ("", "0.0.0.0", "::")
+    return a == b or a in wildcard or b in wildcard
