@@ -20,6 +20,10 @@ COMMAND_MODULES = (
     "meshd.registry.command",   # registry serve
     "meshd.ca.command",         # ca init|token|issue|serve
     "meshd.dev.command",        # up
+    "meshd.tui_command",        # tui
+    "meshd.status_command",     # status
+    "meshd.routes_command",     # routes apply|show|set-split
+    "meshd.explain_command",    # explain
 )
 
 

@@ -1,0 +1,175 @@
+"""The console against the real shop demo (`meshd up` as a child process, on a loopback block of
+its own): in a real terminal (tmux: start `meshd tui`, send keys, capture the pane) the topology
+shows web → payments; headless, the split editor moves payments from 90/10 to 50/50, the
+registry holds the new table, every meshd takes it, and 1000 real checkouts split ~50/50, as the
+console itself measures from the meshds' metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from tui_pilot import open_editor, until
+from tui_processes import REPO, Running, ShopAddresses, derive_shop_mesh, start
+
+from meshd.registry.consul import ConsulClient
+from meshd.registry.watch import ROUTES_KEY
+from tui.app import MeshConsole
+from tui.source import RegistrySource
+from tui.views import build_graph, propagation
+
+pytestmark = pytest.mark.e2e
+
+REQUESTS = 1000
+# 4 sigma of Binomial(1000, 0.5): 500 +- 4 * sqrt(1000 * 0.5 * 0.5) = 500 +- 63.2
+V2_RANGE = range(437, 564)
+
+
+@dataclass
+class Shop:
+    running: Running
+    addresses: ShopAddresses
+
+
+@pytest.fixture(scope="module")
+def shop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shop]:
+    directory = tmp_path_factory.mktemp("tui-shop")
+    mesh, addresses = derive_shop_mesh(directory)
+    running = start(["up", str(mesh), "--run-dir", str(directory / "run")], "meshd up: ready")
+    try:
+        yield Shop(running, addresses)
+    finally:
+        running.stop()
+
+
+# -- a real terminal --------------------------------------------------------------------------
+
+
+class Tmux:
+    """A tmux server of our own (its own socket), so no user session is touched."""
+
+    def __init__(self) -> None:
+        self.socket = f"meshd-tui-test-{os.getpid()}"
+
+    def __call__(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["tmux", "-u", "-L", self.socket, *args], capture_output=True,
+                              text=True, timeout=10, env={**os.environ, "LANG": "C.UTF-8"})
+
+    def screen(self) -> str:
+        return self("capture-pane", "-p", "-t", "tui").stdout
+
+    def wait_for(self, check: str, within: float = 20.0) -> str:
+        deadline = time.monotonic() + within
+        text = ""
+        while time.monotonic() < deadline:
+            text = self.screen()
+            if check in text:
+                return text
+            time.sleep(0.2)
+        raise AssertionError(f"{check!r} not on the screen within {within}s:\n{text}")
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+def test_topology_appears_in_a_real_terminal(shop: Shop) -> None:
+    tmux = Tmux()
+    command = (f"{sys.executable} -m meshd tui --registry {shop.addresses.registry} "
+               "--admin-port 15000")
+    try:
+        started = tmux("new-session", "-d", "-s", "tui", "-x", "100", "-y", "30",
+                       "-c", str(REPO), command)
+        assert started.returncode == 0, started.stderr
+        screen = tmux.wait_for("payments")
+        screen = tmux.wait_for("v2 ")  # the edge's second leg, once traffic views exist
+        lines = screen.splitlines()
+        assert any("web" in line and "├" in line for line in lines), screen
+        legs = [line for line in lines if "▶" in line]
+        assert any(" v1 " in line for line in legs) and any(" v2 " in line for line in legs), \
+            screen
+        assert any("payments" in line for line in lines) and "hosts 3/3" in screen, screen
+
+        tmux("send-keys", "-t", "tui", "3")  # hosts view
+        hosts = tmux.wait_for("host-c")
+        assert "host-a" in hosts and "host-b" in hosts
+        tmux("send-keys", "-t", "tui", "q")
+        deadline = time.monotonic() + 10
+        while tmux("has-session", "-t", "tui").returncode == 0:
+            assert time.monotonic() < deadline, "meshd tui did not quit on q"
+            time.sleep(0.1)
+    finally:
+        tmux("kill-server")
+
+
+# -- the split editor, end to end -------------------------------------------------------------
+
+
+def checkouts(address: tuple[str, int], n: int) -> Counter[str]:
+    versions: Counter[str] = Counter()
+    conn = http.client.HTTPConnection(*address, timeout=10)
+    try:
+        for _ in range(n):
+            conn.request("GET", "/checkout")
+            response = conn.getresponse()
+            body = response.read()
+            assert response.status == 200, body[:200]
+            versions[json.loads(body)["version"]] += 1
+    finally:
+        conn.close()
+    return versions
+
+
+def test_editor_moves_payments_from_90_10_to_50_50(shop: Shop) -> None:
+    async def scenario() -> None:
+        app = MeshConsole(RegistrySource(shop.addresses.registry, 15000))
+        async with app.run_test(size=(120, 40)) as pilot:
+            def ready() -> bool:
+                _, edges = build_graph(app.model)
+                hosts = app.model.hosts.values()
+                return (len(hosts) == 3 and all(h.reachable for h in hosts)
+                        and any((e.source, e.destination) == ("web", "payments")
+                                for e in edges))
+
+            await until(pilot, ready, 20, "three meshds and web → payments")
+            editor = await open_editor(app, pilot)
+            assert editor.destination == "payments"
+            assert editor.draft is not None and editor.draft.weights == {"v1": 90, "v2": 10}
+            await pilot.press("5", "0", "down", "5", "0")
+            assert editor.draft.weights == {"v1": 50, "v2": 50}
+            await pilot.press("a")
+            await until(pilot, lambda: editor.writes == 1, 10, "split written")
+
+            async with ConsulClient(shop.addresses.registry) as consul:
+                stored = (await consul.kv_get(ROUTES_KEY)).data
+            assert stored is not None
+            table = json.loads(stored.value)
+            assert table["destinations"]["payments"]["split"] == {"v1": 50, "v2": 50}
+            assert editor.target == table
+            await until(pilot, lambda: propagation(app.model, table).complete, 15,
+                        "every meshd on the new table")
+            await until(pilot, lambda: editor.baseline is not None, 5, "share baseline")
+
+            versions = await asyncio.to_thread(checkouts, shop.addresses.front_door, REQUESTS)
+            assert set(versions) <= {"v1", "v2"}
+            assert versions["v2"] in V2_RANGE, f"v2 share {versions['v2']}/{REQUESTS}"
+
+            # the console measures the same split from the meshds' /metrics
+            def measured() -> dict[str, float]:
+                assert editor.baseline is not None
+                now = app.model.outbound_counts("payments")
+                return {k: v - editor.baseline.get(k, 0.0) for k, v in now.items()}
+
+            await until(pilot, lambda: sum(measured().values()) >= REQUESTS, 10,
+                        "the console to see the checkouts")
+            assert measured() == {"v1": versions["v1"], "v2": versions["v2"]}
+            assert "measured share since then (1000 requests)" in editor.share_text().plain
+
+    asyncio.run(scenario())

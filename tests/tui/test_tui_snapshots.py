@@ -1,0 +1,50 @@
+"""What each view shows, pinned as SVG snapshots (pytest-textual-snapshot) of the console on fixed
+data (tests/tui/tui_data.py), at a fixed time, in UTC. After a deliberate change of the screens,
+review and accept with `pytest tests/tui --snapshot-update`, then refresh the README's copies with
+`python tests/tui/export_screenshots.py`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from tui_data import fixed_app
+
+Compare = Callable[..., bool]
+
+
+def test_topology_graph(snap_compare: Compare) -> None:
+    assert snap_compare(fixed_app(), terminal_size=(120, 36))
+
+
+def test_topology_at_80x24_is_an_edge_list(snap_compare: Compare) -> None:
+    assert snap_compare(fixed_app(), terminal_size=(80, 24))
+
+
+def test_services(snap_compare: Compare) -> None:
+    assert snap_compare(fixed_app(), press=["2"], terminal_size=(100, 24))
+
+
+def test_hosts(snap_compare: Compare) -> None:
+    assert snap_compare(fixed_app(), press=["3"], terminal_size=(110, 24))
+
+
+def test_events(snap_compare: Compare) -> None:
+    assert snap_compare(fixed_app(), press=["4"], terminal_size=(100, 24))
+
+
+def test_service_detail(snap_compare: Compare) -> None:
+    assert snap_compare(fixed_app(), press=["2", "down", "down", "enter"],
+                        terminal_size=(100, 36))
+
+
+def test_split_editor(snap_compare: Compare) -> None:
+    assert snap_compare(fixed_app(), press=["w", "_", "c"], terminal_size=(100, 24))
+
+
+def test_filter(snap_compare: Compare) -> None:
+    assert snap_compare(fixed_app(), press=["slash", "p", "a", "y", "enter"],
+                        terminal_size=(80, 24))
+
+
+def test_help(snap_compare: Compare) -> None:
+    assert snap_compare(fixed_app(), press=["question_mark"], terminal_size=(100, 40))

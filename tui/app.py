@@ -1,0 +1,284 @@
+"""``meshd tui``: the operator console (Textual).
+
+The main screen has four views (topology, services, hosts, events) in tabs, a status line and an
+events pane when the terminal is tall enough. A worker refreshes the model from the data source
+every ``interval`` seconds; the source bounds each read with a timeout, so the UI never waits on
+the network. Service detail and the split editor are screens pushed on top."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rich.text import Text
+from textual import events, work
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.widgets import DataTable, Footer, Input, Static, TabbedContent, TabPane
+
+from tui import fmt
+from tui.fmt import STYLE, SYMBOL, Status
+from tui.model import MeshModel
+from tui.source import MeshSource
+from tui.split import editable_destinations
+from tui.widgets import (
+    EventsPane,
+    EventsTable,
+    HostsTable,
+    ServiceChosen,
+    ServicesTable,
+    TopologyPane,
+    selected_key,
+)
+
+VIEWS = ("topology", "services", "hosts", "events")
+MAIN_SCREEN_ACTIONS = {"view", "split", "filter", "clear_filter"}
+TALL = 34  # rows from which the events pane shows under the views
+EVENTS_PANE_LINES = 6
+
+
+class MeshConsole(App[None]):
+    CSS_PATH = Path(__file__).with_name("console.tcss")
+    TITLE = "meshd console"
+    AUTO_FOCUS = "#topology-pane"
+    ENABLE_COMMAND_PALETTE = False
+    BINDINGS = [
+        Binding("1", "view('topology')", "Topology", show=False),
+        Binding("2", "view('services')", "Services", show=False),
+        Binding("3", "view('hosts')", "Hosts", show=False),
+        Binding("4", "view('events')", "Events", show=False),
+        Binding("w", "split", "Split"),
+        Binding("slash", "filter", "Filter", key_display="/"),
+        Binding("question_mark", "help", "Help", key_display="?"),
+        Binding("q", "quit", "Quit"),
+        Binding("r", "refresh_now", "Refresh", show=False),
+        Binding("escape", "clear_filter", "Clear filter", show=False),
+        Binding("ctrl+c", "quit", "Quit", show=False, priority=True),
+    ]
+
+    def __init__(
+        self, source: MeshSource, *, interval: float = 1.0,
+        clock: Callable[[], float] = time.time, clock_format: fmt.ClockFormat = fmt.local_clock,
+        model: MeshModel | None = None, poll: bool = True,
+    ) -> None:
+        super().__init__()
+        self.source = source
+        self.interval = interval
+        self.clock = clock
+        self.clock_format = clock_format
+        self.model = model or MeshModel()
+        self.filter_text = ""
+        self._poll = poll
+        self._wake = asyncio.Event()
+        self.refreshes = 0  # completed refreshes (tests wait on it)
+
+    # -- layout --------------------------------------------------------------------------------
+
+    def compose(self) -> ComposeResult:
+        yield Static(id="status")
+        with TabbedContent(initial="topology", id="views"):
+            with TabPane("1 Topology", id="topology"):
+                yield TopologyPane(id="topology-pane")
+            with TabPane("2 Services", id="services"):
+                yield ServicesTable(id="services-table")
+            with TabPane("3 Hosts", id="hosts"):
+                yield HostsTable(id="hosts-table")
+            with TabPane("4 Events", id="events"):
+                yield EventsTable(id="events-table")
+        yield EventsPane(id="events-pane")
+        yield Input(placeholder="filter services, hosts, events (esc clears)", id="filter",
+                    compact=True)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self._apply_height(self.size.height)
+        self.refresh_views()
+        if self._poll:
+            self.poll_loop()
+
+    async def on_unmount(self) -> None:
+        await self.source.aclose()
+
+    def on_resize(self, event: events.Resize) -> None:
+        self._apply_height(event.size.height)
+
+    def _apply_height(self, height: int) -> None:
+        self.screen.set_class(height >= TALL, "tall")
+
+    # -- refreshing ----------------------------------------------------------------------------
+
+    @work(exclusive=True, group="poll")
+    async def poll_loop(self) -> None:
+        while True:
+            started = time.monotonic()
+            try:
+                observation = await self.source.poll()
+            except Exception as exc:  # a bug in a source must not take the console down
+                self.model.note(self.clock(), "console", "error", f"refresh failed: {exc!r}")
+            else:
+                self.model.ingest(observation)
+            self.refreshes += 1
+            self.refresh_views()
+            self._wake.clear()
+            delay = max(0.05, self.interval - (time.monotonic() - started))
+            try:
+                await asyncio.wait_for(self._wake.wait(), delay)
+            except TimeoutError:
+                pass
+
+    def refresh_views(self) -> None:
+        """Show the model: on the main screen, or on whichever screen is on top."""
+        if len(self.screen_stack) > 1:
+            update = getattr(self.screen, "model_updated", None)
+            if update is not None:
+                update()
+            return
+        self.query_one("#status", Static).update(self.status_text())
+        now = self.clock()
+        active = self.query_one(TabbedContent).active
+        if active == "topology":
+            self.query_one(TopologyPane).show(self.model, self.filter_text)
+        elif active == "services":
+            self.query_one(ServicesTable).show(self.model, self.filter_text)
+        elif active == "hosts":
+            self.query_one(HostsTable).show(self.model, self.filter_text, now)
+        elif active == "events":
+            self.query_one(EventsTable).show(self.model, self.filter_text, self.clock_format)
+        if self.screen.has_class("tall"):
+            self.query_one(EventsPane).show(self.model, self.filter_text, self.clock_format,
+                                            EVENTS_PANE_LINES)
+
+    def status_text(self) -> Text:
+        model, now = self.model, self.clock()
+        text = Text()
+        text.append(" meshd ", style="bold reverse")
+        reg = model.registry
+        if model.registry_error:
+            since = model.registry_outage_since or now
+            text.append(f" {SYMBOL[Status.FAIL]} {self.source.description} unreachable "
+                        f"{fmt.age(now - since)} (last known view)", style=STYLE[Status.FAIL])
+        elif reg is None:
+            text.append(f" {SYMBOL[Status.IDLE]} {self.source.description}: waiting",
+                        style="dim")
+        else:
+            text.append(f" {SYMBOL[Status.OK]} {self.source.description}",
+                        style=STYLE[Status.OK])
+        hosts = model.sorted_hosts()
+        up = sum(h.reachable for h in hosts)
+        status = Status.OK if up == len(hosts) and hosts else (
+            Status.FAIL if hosts else Status.IDLE)
+        text.append(f"  {SYMBOL[status]} hosts {up}/{len(hosts)}", style=STYLE[status])
+        if reg is not None:
+            text.append(f"  routes @{reg.routes_index}", style="dim")
+        if model.last_at:
+            text.append(f"  {self.clock_format(model.last_at)}", style="dim")
+        if self.filter_text:
+            text.append(f"  filter: {self.filter_text}", style="bold yellow")
+        return text
+
+    # -- actions -------------------------------------------------------------------------------
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        # the main screen's actions: not while a detail or editor screen is on top
+        return action not in MAIN_SCREEN_ACTIONS or len(self.screen_stack) == 1
+
+    def action_view(self, view: str) -> None:
+        self.query_one(TabbedContent).active = view
+        self._focus_view(view)
+        self.refresh_views()
+
+    def _focus_view(self, view: str) -> None:
+        self.query_one(f"#{view}-{'pane' if view == 'topology' else 'table'}").focus()
+
+    def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
+        self.refresh_views()
+
+    def action_refresh_now(self) -> None:
+        self._wake.set()
+
+    def action_help(self) -> None:
+        from tui.screens import HelpScreen
+
+        self.push_screen(HelpScreen())
+
+    def action_filter(self) -> None:
+        box = self.query_one("#filter", Input)
+        box.add_class("shown")
+        box.focus()
+
+    def action_clear_filter(self) -> None:
+        box = self.query_one("#filter", Input)
+        box.value = ""
+        box.remove_class("shown")
+        self.filter_text = ""
+        self._focus_view(self.query_one(TabbedContent).active or "topology")
+        self.refresh_views()
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        if event.input.id == "filter":
+            self.filter_text = event.value
+            self.refresh_views()
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        if event.input.id == "filter":
+            if not event.value:
+                event.input.remove_class("shown")
+            self._focus_view(self.query_one(TabbedContent).active or "topology")
+
+    def on_service_chosen(self, message: ServiceChosen) -> None:
+        from tui.detail import ServiceScreen
+
+        self.push_screen(ServiceScreen(message.service))
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        if isinstance(event.data_table, ServicesTable) and event.row_key.value:
+            self.post_message(ServiceChosen(str(event.row_key.value)))
+
+    def selected_service(self) -> str | None:
+        active = self.query_one(TabbedContent).active
+        if active == "topology":
+            return self.query_one(TopologyPane).selected
+        if active == "services":
+            return selected_key(self.query_one(ServicesTable))
+        return None
+
+    def action_split(self) -> None:
+        self.open_split_editor(self.selected_service())
+
+    def open_split_editor(self, service: str | None, explicit: bool = False) -> None:
+        from tui.editor import SplitEditorScreen
+        from tui.screens import DestinationPicker
+
+        choices = editable_destinations(self.model.stored_routes())
+        if service in choices:
+            self.push_screen(SplitEditorScreen(service))
+        elif len(choices) == 1:
+            if explicit:
+                self.notify(f"{service} has no subsets to split; editing {choices[0]}")
+            self.push_screen(SplitEditorScreen(choices[0]))
+        elif choices:
+            def chosen(name: str | None) -> None:
+                if name:
+                    self.push_screen(SplitEditorScreen(name))
+
+            self.push_screen(DestinationPicker(choices), chosen)
+        else:
+            self.notify("no destination with subsets in the stored route table",
+                        severity="warning")
+
+    def health_by_version(self, service: str) -> dict[str, tuple[int, int]] | None:
+        """version -> (healthy, all) endpoints of ``service`` in the registry (None: unknown)."""
+        if self.model.registry is None:
+            return None
+        out: dict[str, tuple[int, int]] = {}
+        for inst in self.model.instances(service):
+            healthy, total = out.get(inst.version, (0, 0))
+            out[inst.version] = (healthy + inst.healthy, total + 1)
+        return out
+
+
+def run_console(source: MeshSource, interval: float = 1.0, **kwargs: Any) -> None:
+    MeshConsole(source, interval=interval, **kwargs).run()
