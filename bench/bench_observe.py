@@ -1,0 +1,146 @@
+"""What the proxies said while under load: CPU time, meshd's own counters, log lines, restarts.
+
+``MeshObserver.snapshot`` is taken before and after the meshd path's load; ``notes`` compares
+the two and describes, one line each, what a person should look at: non-200 answers counted by
+meshd, connection errors, warnings and errors in a meshd's log, a meshd that was restarted.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import httpx
+import psutil
+from prometheus_client.parser import text_string_to_metric_families
+
+from meshd.dev.supervisor import Child
+
+WATCHED_SAMPLES = ("meshd_requests_total", "meshd_connection_errors_total")
+NOTABLE_LOG = re.compile(r" (WARNING|ERROR|CRITICAL) |Traceback|^--- meshd up: started")
+_TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ ")
+MAX_LOG_LINES = 8
+
+SampleKey = tuple[str, str, tuple[tuple[str, str], ...]]   # (process, sample name, labels)
+
+
+def cpu_seconds(children: Iterable[Child]) -> dict[str, float]:
+    """User + system CPU seconds so far of each child's current process (absent if it is not
+    running)."""
+    out: dict[str, float] = {}
+    for child in children:
+        if child.pid is None:
+            continue
+        try:
+            times = psutil.Process(child.pid).cpu_times()
+        except psutil.Error:
+            continue
+        out[child.label] = times.user + times.system
+    return out
+
+
+@dataclass(frozen=True)
+class MeshSnapshot:
+    counters: dict[SampleKey, float]
+    log_sizes: dict[str, int]
+    starts: dict[str, int]
+
+
+class MeshObserver:
+    """Watches the meshd processes of the mesh path (their admin API, logs and restarts)."""
+
+    def __init__(self, meshds: Sequence[Child], admin_urls: dict[str, str]) -> None:
+        self.meshds = meshds
+        self.admin_urls = admin_urls    # child label -> http://address:port
+
+    async def snapshot(self, client: httpx.AsyncClient) -> MeshSnapshot:
+        counters: dict[SampleKey, float] = {}
+        for child in self.meshds:
+            counters |= await self._counters(client, child.label)
+        return MeshSnapshot(
+            counters=counters,
+            log_sizes={c.label: _size(c) for c in self.meshds},
+            starts={c.label: c.starts for c in self.meshds},
+        )
+
+    def notes(self, before: MeshSnapshot, after: MeshSnapshot) -> list[str]:
+        notes = [*_counter_notes(before.counters, after.counters)]
+        for child in self.meshds:
+            if after.starts[child.label] != before.starts[child.label]:
+                exits = ", ".join(str(c) for c in child.exit_codes[-3:])
+                notes.append(f"{child.label} was restarted under load (exit codes: {exits})")
+            notes += _log_notes(child, before.log_sizes[child.label])
+        return notes
+
+    async def _counters(self, client: httpx.AsyncClient, label: str) -> dict[SampleKey, float]:
+        url = f"{self.admin_urls[label]}/metrics"
+        try:
+            response = await client.get(url)
+        except httpx.HTTPError:
+            return {}
+        out: dict[SampleKey, float] = {}
+        for family in text_string_to_metric_families(response.text):
+            for sample in family.samples:
+                if sample.name in WATCHED_SAMPLES:
+                    key = (label, sample.name, tuple(sorted(sample.labels.items())))
+                    out[key] = sample.value
+        return out
+
+
+def _counter_notes(before: dict[SampleKey, float], after: dict[SampleKey, float]) -> list[str]:
+    """One line per process and counter: the requests meshd counted by code (``200 x 9812``),
+    and any connection errors."""
+    grouped: dict[tuple[str, str], list[str]] = {}
+    unusual = False
+    for key in sorted(after):
+        delta = after[key] - before.get(key, 0.0)
+        if delta <= 0:
+            continue
+        label, name, labels = key
+        fields = dict(labels)
+        if name == "meshd_requests_total":
+            what = f"{label} {fields.get('direction', '?')} requests (warm-up + both runs)"
+            entry = f"{fields.get('code', '?')} x {delta:.0f}"
+            unusual |= fields.get("code") != "200"
+        else:
+            what = f"{label} connection errors"
+            entry = f"{fields.get('direction', '?')}/{fields.get('reason', '?')} x {delta:.0f}"
+            unusual = True
+        grouped.setdefault((label, what), []).append(entry)
+    lines = [f"{what}: {', '.join(entries)}" for (_, what), entries in grouped.items()]
+    if lines and not unusual:
+        lines.append("meshd counted only 200s and no connection errors")
+    return lines
+
+
+def _log_notes(child: Child, offset: int) -> list[str]:
+    lines = _read_from(child, offset)
+    notable = [line for line in lines if NOTABLE_LOG.search(line)]
+    if not notable:
+        return []
+    distinct: dict[str, int] = {}
+    for line in notable:
+        message = _TIMESTAMP.sub("", line)
+        distinct[message] = distinct.get(message, 0) + 1
+    shown = [f"  {n} x {message}" for message, n in list(distinct.items())[:MAX_LOG_LINES]]
+    more = len(distinct) - MAX_LOG_LINES
+    return [f"{child.label} logged {len(notable)} warning/error line(s) under load "
+            f"({child.spec.log_path}):", *shown,
+            *([f"  ... and {more} more distinct lines"] if more > 0 else [])]
+
+
+def _size(child: Child) -> int:
+    try:
+        return child.spec.log_path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _read_from(child: Child, offset: int) -> list[str]:
+    try:
+        with child.spec.log_path.open("rb") as fh:
+            fh.seek(offset)
+            return fh.read().decode(errors="replace").splitlines()
+    except OSError:
+        return []

@@ -1,0 +1,190 @@
+"""What the benchmark measures, started as supervised child processes.
+
+The processes run under ``meshd up``'s own ``Supervisor`` (own session per child, a log per child,
+ordered stop, a final psutil sweep) and the mesh is brought up by ``meshd up``'s own
+``bring_up``: the embedded registry, ``meshd ca init``/``token``/``serve`` and one ``meshd run``
+per host with a generated ``meshd.toml``, waited for until every meshd is ready and sees the
+backend. nginx and haproxy are further children of the same supervisor.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from bench_configs import (
+    Layout,
+    TLSFiles,
+    haproxy_hop_a_conf,
+    haproxy_hop_b_conf,
+    haproxy_l7_conf,
+    mesh_toml,
+    nginx_conf,
+)
+
+from meshd.dev import probes
+from meshd.dev.console import Console
+from meshd.dev.model import MeshConfig, PortClaim, port_claims
+from meshd.dev.runner import (
+    APP_GROUP,
+    MESHD_GROUP,
+    Launch,
+    RunDir,
+    bring_up,
+    load_mesh,
+)
+from meshd.dev.supervisor import Child, ChildSpec, Supervisor
+from meshd.errors import MeshError
+
+READY_TIMEOUT = 20.0
+HOP_A, HOP_B = "hop-a", "hop-b"
+# program -> the Debian package that provides it
+PACKAGES = {"haproxy": "haproxy", "wrk": "wrk", "nginx": "nginx-light"}
+# nginx and haproxy live in /usr/sbin, which a user's PATH may lack
+SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin",
+                               "/sbin"])
+
+
+@dataclass(frozen=True)
+class Tools:
+    """Absolute paths of the external programs."""
+
+    nginx: str
+    haproxy: str
+    wrk: str
+
+
+def find_tools(needed: tuple[str, ...]) -> tuple[Tools | None, list[str]]:
+    """The tools, or None and the programs of ``needed`` that are missing."""
+    found = {name: shutil.which(name, path=SEARCH_PATH) for name in PACKAGES}
+    missing = [name for name in needed if found[name] is None]
+    if missing:
+        return None, missing
+    return Tools(nginx=found["nginx"] or "nginx", haproxy=found["haproxy"] or "haproxy",
+                 wrk=found["wrk"] or "wrk"), []
+
+
+@dataclass(frozen=True)
+class Target:
+    """One path under test: where wrk sends its requests, and whose CPU is the proxy's."""
+
+    name: str
+    url: str
+    description: str
+    proxies: tuple[Child, ...] = ()
+
+
+def write_mesh_file(layout: Layout, run_dir: RunDir) -> tuple[Path, MeshConfig]:
+    """Write the benchmark's mesh.toml into the run dir and parse it as ``meshd up`` does."""
+    path = run_dir.root / "mesh.toml"
+    path.write_text(mesh_toml(layout))
+    return path, load_mesh(path)
+
+
+def all_claims(layout: Layout, mesh: MeshConfig) -> list[PortClaim]:
+    """Every address:port of the run, each once (the mesh declares nginx's port too)."""
+    seen: set[tuple[str, int]] = set()
+    claims: list[PortClaim] = []
+    for claim in [*port_claims(mesh), *layout.bench_claims()]:
+        if (claim.address, claim.port) not in seen:
+            seen.add((claim.address, claim.port))
+            claims.append(claim)
+    return claims
+
+
+class Stack:
+    """Starts each path's processes under ``supervisor`` and says how to reach them."""
+
+    def __init__(self, tools: Tools, layout: Layout, run_dir: RunDir, mesh_file: Path,
+                 mesh: MeshConfig, supervisor: Supervisor, console: Console,
+                 meshd_log_level: str) -> None:
+        self.tools = tools
+        self.layout = layout
+        self.run_dir = run_dir
+        self.supervisor = supervisor
+        self.console = console
+        self.work = run_dir.root / "bench"
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.launch = Launch(mesh=mesh, mesh_file=mesh_file, routes=None, run_dir=run_dir,
+                             python=sys.executable, log_level=meshd_log_level, keep=True)
+
+    async def start_backend(self, client: httpx.AsyncClient) -> Target:
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+            (self.work / kind).mkdir(exist_ok=True)
+        conf = self._write("nginx.conf", nginx_conf(self.layout, self.work))
+        url = f"http://{self.layout.backend}/"
+        argv = (self.tools.nginx, "-e", "stderr", "-p", str(self.work), "-c", str(conf))
+        await self._start_ready(client, "nginx", argv, url, APP_GROUP)
+        return Target("direct", url, "wrk -> nginx")
+
+    async def start_haproxy(self, client: httpx.AsyncClient) -> Target:
+        conf = self._write("haproxy.cfg", haproxy_l7_conf(self.layout))
+        url = f"http://{self.layout.haproxy}/"
+        child = await self._start_ready(client, "haproxy", self._haproxy_argv(conf), url,
+                                        MESHD_GROUP)
+        return Target("haproxy", url, "wrk -> haproxy (HTTP, keep-alive) -> nginx", (child,))
+
+    async def start_mesh(self) -> Target:
+        """``meshd up``'s bring_up: registry, CA, two ``meshd run``; ready when host A sees B."""
+        await bring_up(self.launch, self.console, self.supervisor)
+        meshds = tuple(self.child(f"meshd {host.name}") for host in self.launch.mesh.hosts)
+        return Target("meshd", f"http://{self.layout.mesh_outbound}/",
+                      "wrk -> meshd A outbound -> mTLS -> meshd B inbound -> nginx", meshds)
+
+    async def start_haproxy_two_hop(self, client: httpx.AsyncClient) -> Target:
+        """Two haproxy processes with TLS between them, certificates from ``meshd ca issue``
+        (needs the mesh's CA: call after ``start_mesh``)."""
+        tls = await self._issue_certificates()
+        conf_b = self._write("haproxy-hop-b.cfg", haproxy_hop_b_conf(self.layout, tls))
+        conf_a = self._write("haproxy-hop-a.cfg", haproxy_hop_a_conf(self.layout, tls))
+        hop_b = await self.supervisor.start(self._spec("haproxy hop B",
+                                                       self._haproxy_argv(conf_b), MESHD_GROUP))
+        url = f"http://{self.layout.hop_a}/"
+        hop_a = await self._start_ready(client, "haproxy hop A", self._haproxy_argv(conf_a), url,
+                                        MESHD_GROUP)
+        return Target("haproxy-2hop", url,
+                      "wrk -> haproxy A -> TLS 1.3, client certs -> haproxy B -> nginx",
+                      (hop_a, hop_b))
+
+    def child(self, label: str) -> Child:
+        for child in self.supervisor.children:
+            if child.label == label:
+                return child
+        raise MeshError(f"no child process labelled {label!r}")
+
+    # ----------------------------------------------------------------------------------------
+
+    async def _issue_certificates(self) -> TLSFiles:
+        out = self.work / "certs"
+        for service in (HOP_A, HOP_B):
+            await probes.run_command(
+                self.launch.meshd_argv("ca", "issue", "--dir", str(self.run_dir.ca),
+                                       "--service", service, "--out", str(out)),
+                what=f"meshd ca issue --service {service}", env=self.launch.env)
+            pem = (out / f"{service}.crt").read_bytes() + (out / f"{service}.key").read_bytes()
+            (out / f"{service}.pem").write_bytes(pem)
+            (out / f"{service}.pem").chmod(0o600)
+        return TLSFiles(ca_bundle=out / "ca.crt", hop_a_pem=out / f"{HOP_A}.pem",
+                        hop_b_pem=out / f"{HOP_B}.pem")
+
+    async def _start_ready(self, client: httpx.AsyncClient, label: str, argv: tuple[str, ...],
+                           url: str, stop_group: int) -> Child:
+        child = await self.supervisor.start(self._spec(label, argv, stop_group))
+        await probes.wait_ready(probes.http_ok(client, url), what=label, how=f"GET {url}",
+                                give_up_after=READY_TIMEOUT, child=child)
+        return child
+
+    def _haproxy_argv(self, conf: Path) -> tuple[str, ...]:
+        return (self.tools.haproxy, "-db", "-f", str(conf))   # -db: in the foreground
+
+    def _spec(self, label: str, argv: tuple[str, ...], stop_group: int) -> ChildSpec:
+        return ChildSpec(label, argv, self.run_dir.log(label), stop_group, cwd=self.work)
+
+    def _write(self, name: str, text: str) -> Path:
+        path = self.work / name
+        path.write_text(text)
+        return path

@@ -1,0 +1,368 @@
+"""Compare, in one run and side by side, the cost of a request through:
+
+  direct        wrk -> nginx
+  haproxy       wrk -> haproxy (HTTP mode, keep-alive to the backend) -> nginx
+  meshd         wrk -> meshd host A outbound -> mTLS -> meshd host B inbound -> nginx
+  haproxy-2hop  wrk -> haproxy A -> TLS 1.3 with client certificates -> haproxy B -> nginx
+
+For each path: req/s at a fixed concurrency, latency p50/p99 at concurrency 1, and the proxies'
+CPU time per request; then meshd's ratios to each baseline. Everything listens on loopback and
+every process started is stopped at the end (also on Ctrl-C or failure), which is checked.
+
+    .venv/bin/python bench/proxy_bench.py [--duration 10] [--json] [--paths direct,meshd]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import httpx
+import psutil
+import trio
+from bench_configs import Layout
+from bench_measure import LoadSettings, Measurement, Sample, measure_round, warm_up
+from bench_observe import MeshObserver
+from bench_report import format_text, to_json
+from bench_stack import PACKAGES, Stack, Target, Tools, all_claims, find_tools, write_mesh_file
+from bench_wrk import WRK_GRACE, WrkError
+
+from meshd.dev import probes
+from meshd.dev.console import Console
+from meshd.dev.ports import ports_in_use
+from meshd.dev.runner import RunDir, prepare_run_dir
+from meshd.dev.supervisor import Supervisor
+from meshd.errors import MeshError
+
+PATHS = ("direct", "haproxy", "meshd", "haproxy-2hop")
+EXIT_OK, EXIT_FAILED, EXIT_MISSING_TOOLS, EXIT_INTERRUPTED = 0, 1, 2, 130
+# lines of the supervisor (in the console log) that say a child misbehaved
+SUPERVISOR_TROUBLE = ("exited", "did not stop", "left behind", "restart", "could not be started")
+
+ProcessId = tuple[int, float]   # (pid, create time): a pid alone may be reused
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="direct vs haproxy vs meshd (two hops, mTLS) vs haproxy two-hop TLS, "
+        "measured with wrk against an nginx backend on loopback.")
+    p.add_argument("--duration", type=_positive, default=5, metavar="S",
+                   help="seconds of each throughput run (default 5)")
+    p.add_argument("--latency-duration", type=_positive, default=None, metavar="S",
+                   help="seconds of each c=1 latency run (default: half of --duration)")
+    p.add_argument("--warmup", type=int, default=2, metavar="S",
+                   help="seconds of load before a path's first round (default 2)")
+    p.add_argument("--rounds", type=_positive, default=2,
+                   help="rounds per path, interleaved across paths; medians are reported "
+                   "(default 2)")
+    p.add_argument("--connections", "-c", type=_positive, default=16,
+                   help="wrk connections of the throughput run (default 16)")
+    p.add_argument("--threads", "-t", type=_positive, default=1,
+                   help="wrk threads (default 1)")
+    p.add_argument("--paths", type=_paths, default=PATHS, metavar="LIST",
+                   help=f"comma-separated subset of {','.join(PATHS)} (default: all)")
+    p.add_argument("--prefix", default="127.77.0", metavar="A.B.C",
+                   help="the loopback /24 everything listens in (default 127.77.0)")
+    p.add_argument("--meshd-log-level", default="warning",
+                   choices=["debug", "info", "warning", "error"],
+                   help="log level of the registry, CA and meshds (default warning; info adds "
+                   "an access-log line per request and hop)")
+    p.add_argument("--timeout", type=_positive, default=None, metavar="S",
+                   help="give up after S seconds in all (default: from the durations)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the run dir (configs, certificates, logs) after exit")
+    return p.parse_args(argv)
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def _paths(text: str) -> tuple[str, ...]:
+    chosen = tuple(p.strip() for p in text.split(",") if p.strip())
+    unknown = [p for p in chosen if p not in PATHS]
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(f"choose from {','.join(PATHS)}, got {text!r}")
+    return tuple(p for p in PATHS if p in chosen)
+
+
+def needed_tools(paths: tuple[str, ...]) -> tuple[str, ...]:
+    uses_haproxy = "haproxy" in paths or "haproxy-2hop" in paths
+    return ("nginx", "wrk", *(("haproxy",) if uses_haproxy else ()))
+
+
+def say(text: str) -> None:
+    print(f"proxy_bench: {text}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Outcome:
+    measurements: list[Measurement] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)           # meshd under load
+    process_notes: list[str] = field(default_factory=list)   # the supervisor's complaints
+    error: str | None = None
+    interrupted: bool = False
+    started: set[ProcessId] = field(default_factory=set)
+    load_before: float = 0.0   # the machine's 1-minute load average
+    load_after: float = 0.0
+
+    def machine_line(self) -> str:
+        return (f"machine: {psutil.cpu_count()} CPUs, 1-min load average {self.load_before:.1f} "
+                f"before, {self.load_after:.1f} after (the benchmark itself adds about 2)")
+
+
+# -- the run, inside trio ------------------------------------------------------------------------
+
+async def run_guarded(stack: Stack, settings: LoadSettings, paths: tuple[str, ...],
+                      time_limit: float) -> Outcome:
+    """Start, measure and stop everything; the first SIGINT/SIGTERM (or ``time_limit``) cancels
+    the run and stops the children in order, a second one kills them at once."""
+    outcome = Outcome()
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            work = trio.CancelScope(deadline=trio.current_time() + time_limit)
+            nursery.start_soon(_watch_signals, signals, work, stack.supervisor, outcome)
+            # inside the supervisor's block, so that cancelling the work leaves the supervisor
+            # running to stop its children in order
+            async with stack.supervisor.running():
+                with work:
+                    try:
+                        await bring_up_and_measure(stack, settings, paths, outcome)
+                    except (MeshError, WrkError, OSError) as exc:
+                        outcome.error = str(exc)
+                # whatever runs now, before the supervisor stops it, must be gone afterwards
+                outcome.started |= process_trees(c.pid for c in stack.supervisor.children)
+            if work.cancelled_caught and not outcome.interrupted:
+                outcome.error = f"the run did not finish within {time_limit:g}s"
+            nursery.cancel_scope.cancel()
+    return outcome
+
+
+async def _watch_signals(signals: AsyncIterator[int], work: trio.CancelScope,
+                         supervisor: Supervisor, outcome: Outcome) -> None:
+    async for signum in signals:
+        if not outcome.interrupted:
+            say(f"{signal.Signals(signum).name}: stopping everything (once more to kill it)")
+            outcome.interrupted = True
+            work.cancel()
+        else:
+            supervisor.hurry()
+
+
+async def bring_up_and_measure(stack: Stack, settings: LoadSettings, paths: tuple[str, ...],
+                               outcome: Outcome) -> None:
+    """Start the paths, then measure them round by round, interleaved; the summary in
+    ``outcome`` is brought up to date after each round, so an interrupted run still reports."""
+    async with probes.http_client() as client:
+        targets = await start_targets(stack, client, paths)
+        observer = mesh_observer(stack)
+        before = await observer.snapshot(client)
+        samples: dict[str, list[Sample]] = {name: [] for name in paths}
+        for n in range(1, settings.rounds + 1):
+            for name in paths:
+                target = targets[name]
+                if n == 1:
+                    await warm_up(target, settings)
+                say(f"round {n}/{settings.rounds}, {name}: {target.description}")
+                sample = await measure_round(target, settings)
+                samples[name].append(sample)
+                p50 = sample.latency.percentile(50.0)
+                say(f"  {sample.load.requests_per_second:,.0f} req/s; at c=1 p50 "
+                    + (f"{p50:.3f} ms" if p50 is not None else "?"))
+            outcome.measurements = [Measurement.of(targets[name], samples[name])
+                                    for name in paths]
+        if "meshd" in paths:
+            outcome.notes += observer.notes(before, await observer.snapshot(client))
+
+
+async def start_targets(stack: Stack, client: httpx.AsyncClient,
+                        paths: tuple[str, ...]) -> dict[str, Target]:
+    """Start what the chosen paths need (the two-hop haproxy needs the mesh's CA)."""
+    steps: list[tuple[str, bool, Callable[[], Awaitable[Target]]]] = [
+        ("nginx", True, lambda: stack.start_backend(client)),
+        ("haproxy", "haproxy" in paths, lambda: stack.start_haproxy(client)),
+        ("the mesh (registry, CA, 2 x meshd run)",
+         "meshd" in paths or "haproxy-2hop" in paths, stack.start_mesh),
+        ("haproxy two-hop", "haproxy-2hop" in paths,
+         lambda: stack.start_haproxy_two_hop(client)),
+    ]
+    targets: dict[str, Target] = {}
+    for what, wanted, start in steps:
+        if not wanted:
+            continue
+        say(f"starting {what}")
+        target = await start()
+        targets[target.name] = target
+    return targets
+
+
+def mesh_observer(stack: Stack) -> MeshObserver:
+    hosts = stack.launch.mesh.hosts
+    meshds = [c for c in stack.supervisor.children if c.label.startswith("meshd ")]
+    return MeshObserver(meshds, {f"meshd {h.name}": f"http://{h.admin}" for h in hosts})
+
+
+# -- processes ---------------------------------------------------------------------------------
+
+def process_trees(pids: Iterable[int | None]) -> set[ProcessId]:
+    """Each process of ``pids`` and all its descendants, as they are now."""
+    out: set[ProcessId] = set()
+    for pid in pids:
+        if pid is None:
+            continue
+        try:
+            root = psutil.Process(pid)
+            for proc in [root, *root.children(recursive=True)]:
+                out.add((proc.pid, proc.create_time()))
+        except psutil.Error:
+            continue
+    return out
+
+
+def survivors(started: Iterable[ProcessId]) -> list[psutil.Process]:
+    """The processes of ``started`` still alive (zombies are dead), plus any child of ours."""
+    alive: dict[int, psutil.Process] = {}
+    for pid, created in started:
+        try:
+            proc = psutil.Process(pid)
+            if proc.create_time() == created and proc.status() != psutil.STATUS_ZOMBIE:
+                alive[pid] = proc
+        except psutil.Error:
+            continue
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE:
+                alive[proc.pid] = proc
+        except psutil.Error:
+            continue
+    return list(alive.values())
+
+
+def verify_cleanup(started: set[ProcessId]) -> bool:
+    left = survivors(started)
+    if not left:
+        say(f"cleanup: all {len(started)} processes started are gone")
+        return True
+    for proc in left:
+        say(f"cleanup: pid {proc.pid} ({proc.name()}) outlived the run; killing it")
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    return False
+
+
+def supervisor_trouble(console_log: Path) -> list[str]:
+    """What the supervisor said about children exiting, restarting or not stopping in time."""
+    try:
+        lines = console_log.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    return [line for line in lines
+            if line.startswith("meshd up:") and any(w in line for w in SUPERVISOR_TROUBLE)]
+
+
+# -- main --------------------------------------------------------------------------------------
+
+def settings_of(args: argparse.Namespace, tools: Tools) -> LoadSettings:
+    return LoadSettings(wrk=tools.wrk, connections=args.connections, threads=args.threads,
+                        seconds=args.duration,
+                        latency_seconds=args.latency_duration or max(1, args.duration // 2),
+                        warmup_seconds=args.warmup, rounds=args.rounds)
+
+
+def default_timeout(settings: LoadSettings, paths: tuple[str, ...]) -> float:
+    per_round = settings.seconds + settings.latency_seconds + 2 * WRK_GRACE
+    per_path = settings.warmup_seconds + WRK_GRACE + per_round * settings.rounds
+    return 180.0 + per_path * len(paths)
+
+
+def print_results(outcome: Outcome, settings: LoadSettings, as_json: bool,
+                  stream: TextIO) -> None:
+    if as_json:
+        document = to_json(outcome.measurements, settings, outcome.notes)
+        document["process_notes"] = outcome.process_notes
+        document["machine"] = {"cpus": psutil.cpu_count(), "load_before": outcome.load_before,
+                               "load_after": outcome.load_after}
+        json.dump(document, stream, indent=2)
+        stream.write("\n")
+    else:
+        text = format_text(outcome.measurements, settings, outcome.notes)
+        if outcome.process_notes:
+            text += "\n\nprocesses (from the supervisor):\n" + "\n".join(
+                f"  {line}" for line in outcome.process_notes)
+        stream.write(f"{text}\n\n{outcome.machine_line()}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    tools, missing = find_tools(needed_tools(args.paths))
+    if tools is None:
+        packages = " ".join(sorted({PACKAGES[m] for m in missing}))
+        say(f"missing: {', '.join(missing)}; install with: apt-get install -y {packages}")
+        return EXIT_MISSING_TOOLS
+    try:
+        layout = Layout(args.prefix)
+    except ValueError as exc:
+        say(str(exc))
+        return EXIT_FAILED
+    settings = settings_of(args, tools)
+    run_dir, _ = prepare_run_dir(None)
+    keep = True   # kept if run() itself raises
+    try:
+        code, keep_for_debugging = run(args, tools, layout, run_dir, settings)
+        keep = args.keep or keep_for_debugging
+        return code
+    finally:
+        if keep:
+            say(f"run dir kept: {run_dir.root}")
+        else:
+            shutil.rmtree(run_dir.root, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, tools: Tools, layout: Layout, run_dir: RunDir,
+        settings: LoadSettings) -> tuple[int, bool]:
+    """The exit code, and whether to keep the run dir for debugging."""
+    mesh_file, mesh = write_mesh_file(layout, run_dir)
+    busy = ports_in_use(all_claims(layout, mesh))
+    if busy:
+        for line in busy:
+            say(line)
+        say("nothing was started; try another --prefix")
+        return EXIT_FAILED, False
+    console_log = run_dir.log("meshd-up-console")
+    console_log.parent.mkdir(parents=True, exist_ok=True)
+    with console_log.open("w") as console_stream:
+        console = Console(console_stream, color=False)
+        supervisor = Supervisor(console, stop_timeout=5.0, sweep_all_descendants=True)
+        stack = Stack(tools, layout, run_dir, mesh_file, mesh, supervisor, console,
+                      args.meshd_log_level)
+        timeout = args.timeout or default_timeout(settings, args.paths)
+        load_before = psutil.getloadavg()[0]
+        outcome = trio.run(run_guarded, stack, settings, args.paths, timeout)
+        outcome.load_before, outcome.load_after = load_before, psutil.getloadavg()[0]
+    outcome.process_notes = supervisor_trouble(console_log)
+    clean = verify_cleanup(outcome.started)
+    if outcome.measurements:
+        print_results(outcome, settings, args.json, sys.stdout)
+    if outcome.interrupted:
+        return EXIT_INTERRUPTED, False
+    if outcome.error is not None:
+        say(f"failed: {outcome.error}")
+        say(f"logs: {run_dir.root / 'logs'}")
+        return EXIT_FAILED, True
+    return (EXIT_OK if clean else EXIT_FAILED), not clean
+
+
+if __name__ == "__main__":
+    sys.exit(main())
