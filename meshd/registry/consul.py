@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +40,25 @@ class Blocking:
 
     data: Any
     index: int
+
+
+DEFAULT_REGISTRY = "http://127.0.0.1:8500"
+
+
+def registry_url(addr: str | None = None) -> str:
+    """A registry base URL from ``HOST:PORT``, ``http(s)://...`` or ``consul://HOST:PORT``;
+    without one, ``$CONSUL_HTTP_ADDR`` or http://127.0.0.1:8500 (as Consul's own tools do)."""
+    addr = addr or os.environ.get("CONSUL_HTTP_ADDR") or DEFAULT_REGISTRY
+    if addr.startswith("consul://"):
+        addr = "http://" + addr[len("consul://"):]
+    elif "://" not in addr:
+        addr = "http://" + addr
+    return addr.rstrip("/")
+
+
+def registry_token(configured: str | None = None) -> str | None:
+    """The ACL token to send: the configured one, else ``$CONSUL_HTTP_TOKEN``, else none."""
+    return configured or os.environ.get("CONSUL_HTTP_TOKEN") or None
 
 
 def next_index(previous: int, returned: int) -> int:

@@ -24,6 +24,7 @@ import trio
 
 from meshd.errors import RegistryError
 from meshd.httpd import Request, Response, serve_http
+from meshd.registry.checks_runner import MIN_INTERVAL, CheckRunner
 from meshd.registry.persist import DEFAULT_COMPACT_BYTES, DataDir
 from meshd.registry.server_http import (
     QueryOptions,
@@ -36,9 +37,10 @@ from meshd.registry.server_http import (
     query_options,
     with_common_headers,
 )
-from meshd.registry.server_routes import KV_MAX_VALUE, Api
+from meshd.registry.server_routes import KV_MAX_VALUE, Api, ApiSettings
 from meshd.registry.state import REAP_MINIMUM, RegistryState, Wake
 from meshd.registry.store_records import ApiError, Mutation
+from meshd.registry.store_sessions import SESSION_TTL_MIN
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +96,9 @@ class RegistryConfig:
     reap_interval: float = REAP_INTERVAL
     reap_minimum: float = REAP_MINIMUM
     compact_bytes: int = DEFAULT_COMPACT_BYTES  # snapshot + new log once the log is this big
+    acl_master_token: str | None = None  # None: ACLs off
+    session_ttl_min: float = SESSION_TTL_MIN  # Consul's session_ttl_min
+    check_min_interval: float = MIN_INTERVAL  # HTTP/TCP check intervals are raised to this
 
 
 class RegistryServer:
@@ -103,7 +108,12 @@ class RegistryServer:
         self.state = state
         self.data = data
         self.notifier = Notifier()
-        self.router = Router(Api(state, config.datacenter).routes())
+        api = Api(state, ApiSettings(datacenter=config.datacenter,
+                                     acl_master_token=config.acl_master_token,
+                                     session_ttl_min=config.session_ttl_min))
+        self.default_policy = api.acl.default_policy
+        self.router = Router(api.routes())
+        self.checks = CheckRunner(state, self.commit, min_interval=config.check_min_interval)
         self._write_lock = trio.Lock()
         self._timers_changed = trio.Event()
 
@@ -117,7 +127,7 @@ class RegistryServer:
         except RegistryError as exc:
             log.error("%s %s failed: %s", request.method, request.path, exc)
             response = Response.text(str(exc), 500)
-        return with_common_headers(response)
+        return with_common_headers(response, self.default_policy)
 
     async def _handle(self, request: Request) -> Response:
         if request.path in ("/", ""):
@@ -155,17 +165,18 @@ class RegistryServer:
         mutation = await self.commit(write.plan)
         return write.respond(mutation)
 
-    async def commit(self, plan: Callable[[RegistryState], Mutation]) -> Mutation:
+    async def commit(self, plan: Callable[[RegistryState, float], Mutation]) -> Mutation:
         """Plan, make durable, apply and announce one write. Not cancellable once planned: a
         client hanging up must not leave a logged write unapplied."""
         async with self._write_lock:
-            mutation = plan(self.state)
+            mutation = plan(self.state, trio.current_time())
             with trio.CancelScope(shield=True):
                 if mutation.ops and self.data is not None:
                     await trio.to_thread.run_sync(self.data.append, mutation)
                 wake = self.state.apply(mutation, trio.current_time())
                 self.notifier.wake(wake)
                 self._timers_changed.set()
+                self.checks.checks_changed(mutation.ops)
                 if self.data is not None and self.data.needs_compaction():
                     snapshot = self.data.snapshot_bytes(self.state)
                     await trio.to_thread.run_sync(self.data.compact, snapshot)
@@ -174,25 +185,37 @@ class RegistryServer:
     # --- timers ----------------------------------------------------------------------------------
 
     async def run_timers(self) -> None:
-        """TTL expiry (as soon as a deadline passes) and the critical-service reaper sweep."""
+        """TTL check and TTL session expiry (as soon as a deadline passes) and the
+        critical-service reaper sweep."""
         next_reap = trio.current_time() + self.config.reap_interval
         while True:
-            ttl = self.state.next_ttl_deadline()
-            deadline = next_reap if ttl is None else min(ttl, next_reap)
+            due = self.state.next_deadline()
+            deadline = next_reap if due is None else min(due, next_reap)
             with trio.move_on_at(deadline):
                 await self._timers_changed.wait()
             self._timers_changed = trio.Event()
             now = trio.current_time()
-            ttl = self.state.next_ttl_deadline()
-            if ttl is not None and ttl <= now:
-                await self.commit(partial(RegistryState.plan_ttl_expiry, now=now))
+            due = self.state.next_deadline()
+            if due is not None and due <= now:
+                await self.commit(partial(_at, RegistryState.plan_ttl_expiry, now))
+                expired = await self.commit(
+                    partial(_at, RegistryState.plan_session_expiry, now))
+                if expired.ops:
+                    log.info("sessions invalidated by TTL: %s", ", ".join(
+                        op.key for op in expired.ops if op.table == "session"))
             if now >= next_reap:
-                mutation = await self.commit(partial(RegistryState.plan_reap, now=now))
+                mutation = await self.commit(partial(_at, RegistryState.plan_reap, now))
                 removed = sorted({op.key for op in mutation.ops if op.table == "service"})
                 if removed:
                     log.info("deregistered services critical for too long: %s",
                              ", ".join(removed))
                 next_reap = now + self.config.reap_interval
+
+
+def _at(plan: Callable[[RegistryState, float], Mutation], at: float, state: RegistryState,
+        now: float) -> Mutation:
+    """A timer's plan, run for the time ``at`` at which the timer fired."""
+    return plan(state, at)
 
 
 def load_state(config: RegistryConfig, data: DataDir | None) -> RegistryState:
@@ -233,7 +256,7 @@ async def _serve(config: RegistryConfig, data: DataDir | None,
     state = load_state(config, data)
     server = RegistryServer(config, state, data)
     node_id = state.node.id if state.node is not None else str(uuid.uuid4())
-    await server.commit(lambda s: s.plan_boot(
+    await server.commit(lambda s, _: s.plan_boot(
         node_name=config.node_name, node_id=node_id, address=address,
         datacenter=config.datacenter))
     state.restart_timers(trio.current_time())
@@ -248,6 +271,7 @@ async def _serve(config: RegistryConfig, data: DataDir | None,
                      config.host, listen_port(listeners), config.node_name, config.datacenter,
                      f"data in {config.data_dir}" if config.data_dir else "in memory")
             nursery.start_soon(server.run_timers)
+            await nursery.start(server.checks.run)
             task_status.started(listeners)
     if failure is not None:
         raise RegistryError(f"cannot listen on {config.host}:{config.port}: "

@@ -20,7 +20,6 @@ from meshd.registry.store_records import ApiError, Mutation
 DEFAULT_WAIT = 300.0
 MAX_WAIT = 600.0
 NOT_FOUND_TEXT = "Invalid URL path: not a recognized HTTP API endpoint\n"
-ALWAYS_HEADERS = [("X-Consul-Default-ACL-Policy", "allow")]
 
 
 @dataclass(frozen=True)
@@ -38,10 +37,10 @@ class Read:
 
 @dataclass(frozen=True)
 class Write:
-    """``plan`` runs under the write lock against the current state; ``respond`` shapes the
-    answer once the mutation is durable and applied."""
+    """``plan(state, now)`` runs under the write lock against the current state; ``respond``
+    shapes the answer once the mutation is durable and applied."""
 
-    plan: Callable[[RegistryState], Mutation]
+    plan: Callable[[RegistryState, float], Mutation]
     respond: Callable[[Mutation], Response]
 
 
@@ -151,8 +150,10 @@ def finish(read: Read, options: QueryOptions | None) -> Response:
     return Response(response.status, response.body, headers)
 
 
-def with_common_headers(response: Response) -> Response:
-    return Response(response.status, response.body, [*response.headers, *ALWAYS_HEADERS])
+def with_common_headers(response: Response, default_policy: str = "allow") -> Response:
+    """Every answer says the default ACL policy (consul-api.md §1.4)."""
+    return Response(response.status, response.body,
+                    [*response.headers, ("X-Consul-Default-ACL-Policy", default_policy)])
 
 
 def json_response(request: Request, obj: Any, status: int = 200) -> Response:

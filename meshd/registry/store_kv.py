@@ -4,6 +4,10 @@ Pure: writes are planned as ``Mutation`` objects (see ``store_records``) and app
 Tombstones record the index at which a key was deleted so that a blocking ``recurse``/``keys``
 watcher of any prefix containing it sees the removal (consul-api.md §2.1, §8.3). A tombstone is
 dropped when its key is written again (the new ModifyIndex is higher anyway).
+
+Locks (``?acquire``/``?release``, txn ``lock``/``unlock``): an entry held by a session names it;
+``by_session`` finds a session's keys when it is invalidated, and ``lock_delay`` (memory only, as
+in Consul) refuses a new acquisition until the invalidated holder's lock delay has passed.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ class KVStore:
         self._sorted: list[str] = []
         self.tombstones: dict[str, int] = {}
         self.table_index = 0
+        self.by_session: dict[str, set[str]] = {}
+        self.lock_delay: dict[str, float] = {}  # key -> time before which acquire is refused
 
     # --- reads -----------------------------------------------------------------------------------
 
@@ -79,6 +85,37 @@ class KVStore:
             entry = replace(existing, value=value, flags=flags, modify_index=index)
         return Mutation(index=index, ops=(Op("kv", key, entry),), result=True)
 
+    def plan_lock(
+        self, key: str, value: bytes, *, flags: int, session: str, index: int, now: float
+    ) -> Mutation:
+        """``?acquire=<session>`` (the session is known to exist): False when another session
+        holds the key or the key is inside a lock delay."""
+        existing = self.entries.get(key)
+        if existing is not None and existing.session:
+            if existing.session != session:
+                return Mutation(result=False)
+            entry = replace(existing, value=value, flags=flags, modify_index=index)
+            return Mutation(index=index, ops=(Op("kv", key, entry),), result=True)
+        if self.lock_delay.get(key, 0.0) > now:
+            return Mutation(result=False)
+        if existing is None:
+            entry = KVEntry(key=key, value=value, flags=flags, lock_index=1, session=session,
+                            create_index=index, modify_index=index)
+        else:
+            entry = replace(existing, value=value, flags=flags, session=session,
+                            lock_index=existing.lock_index + 1, modify_index=index)
+        return Mutation(index=index, ops=(Op("kv", key, entry),), result=True)
+
+    def plan_unlock(
+        self, key: str, value: bytes, *, flags: int, session: str, index: int
+    ) -> Mutation:
+        """``?release=<session>``: False unless ``session`` holds the key."""
+        existing = self.entries.get(key)
+        if existing is None or existing.session != session:
+            return Mutation(result=False)
+        entry = replace(existing, value=value, flags=flags, session="", modify_index=index)
+        return Mutation(index=index, ops=(Op("kv", key, entry),), result=True)
+
     def plan_delete(self, key: str, *, recurse: bool, cas: int | None, index: int) -> Mutation:
         if recurse:
             keys = self._prefix_keys(key)
@@ -97,6 +134,15 @@ class KVStore:
 
     def apply(self, op: Op, index: int) -> None:
         key = op.key
+        old = self.entries.get(key)
+        if old is not None and old.session:
+            held = self.by_session.get(old.session)
+            if held is not None:
+                held.discard(key)
+                if not held:
+                    del self.by_session[old.session]
+        if isinstance(op.value, KVEntry) and op.value.session:
+            self.by_session.setdefault(op.value.session, set()).add(key)
         if op.value is None:
             if self.entries.pop(key, None) is not None:
                 pos = bisect.bisect_left(self._sorted, key)

@@ -29,6 +29,12 @@ class ApiError(RegistryError):
         self.text = text
 
 
+def record_key(node: str, ident: str) -> str:
+    """The table key of a service or check: its ID on the registry's own node (``node == ""``),
+    ``<node>\x1f<ID>`` on a node registered through the catalog."""
+    return ident if not node else f"{node}\x1f{ident}"
+
+
 @dataclass(frozen=True)
 class Node:
     id: str
@@ -37,6 +43,7 @@ class Node:
     datacenter: str
     tagged_addresses: dict[str, str] = field(default_factory=dict)
     meta: dict[str, str] = field(default_factory=dict)
+    agent: bool = True  # the registry's own node; False for nodes added by catalog/register
     create_index: int = 0
     modify_index: int = 0
 
@@ -59,9 +66,14 @@ class Service:
     connect: dict[str, Any] | None = None
     socket_path: str = ""
     locality: dict[str, str] | None = None
-    agent: bool = True  # False for catalog-only entries (the `consul` service)
+    agent: bool = True  # False for catalog-only entries (the `consul` service, other nodes)
+    node: str = ""  # "" = the registry's own node, else a node added by catalog/register
     create_index: int = 0
     modify_index: int = 0
+
+    @property
+    def key(self) -> str:
+        return record_key(self.node, self.id)
 
 
 @dataclass(frozen=True)
@@ -81,9 +93,18 @@ class Check:
     deregister_critical_after: float = 0.0
     output_max_size: int = 4096
     definition: dict[str, Any] = field(default_factory=dict)  # HTTP, TCP, Header... for runners
-    agent: bool = True  # False for serfHealth: not listed by /v1/agent/checks
+    agent: bool = True  # False for serfHealth and other nodes: not listed by /v1/agent/checks
+    node: str = ""  # as Service.node
     create_index: int = 0
     modify_index: int = 0
+
+    @property
+    def key(self) -> str:
+        return record_key(self.node, self.id)
+
+    @property
+    def service_key(self) -> str:
+        return record_key(self.node, self.service_id) if self.service_id else ""
 
 
 @dataclass(frozen=True)
@@ -97,8 +118,28 @@ class KVEntry:
     modify_index: int = 0
 
 
-Table = Literal["node", "service", "check", "kv"]
-Record = Node | Service | Check | KVEntry
+SESSION_RELEASE, SESSION_DELETE = "release", "delete"
+
+
+@dataclass(frozen=True)
+class Session:
+    """A session (consul-api.md §9.1). Its TTL timer and the lock delays it leaves behind live in
+    memory only, as in Consul."""
+
+    id: str
+    name: str = ""
+    node: str = ""  # as Service.node
+    lock_delay: float = 15.0  # seconds
+    behavior: str = SESSION_RELEASE
+    ttl: float = 0.0  # seconds; 0: no TTL
+    node_checks: tuple[str, ...] = ()
+    service_checks: tuple[str, ...] = ()
+    create_index: int = 0
+    modify_index: int = 0
+
+
+Table = Literal["node", "service", "check", "kv", "session"]
+Record = Node | Service | Check | KVEntry | Session
 
 
 @dataclass(frozen=True)
@@ -115,22 +156,24 @@ class Mutation:
     """A planned write: apply it (after logging it) or answer ``result`` without writing.
 
     ``index`` is 0 when there is nothing to write. ``ttl_resets`` lists TTL checks whose timer
-    restarts and ``ttl_clears`` those whose timer stops (it fired); timers live in memory only, so
-    they are not part of the logged ops.
+    restarts, ``ttl_clears`` those whose timer stops (it fired) and ``session_resets`` the TTL
+    sessions renewed; timers live in memory only, so they are not part of the logged ops.
     """
 
     index: int = 0
     ops: tuple[Op, ...] = ()
     ttl_resets: tuple[str, ...] = ()
     ttl_clears: tuple[str, ...] = ()
+    session_resets: tuple[str, ...] = ()
     result: Any = None
 
 
 # --- JSON codec for the log and snapshots -------------------------------------------------------
 
-_TYPES: dict[str, type[Node] | type[Service] | type[Check] | type[KVEntry]] = {
-    "node": Node, "service": Service, "check": Check, "kv": KVEntry,
+_TYPES: dict[str, type[Node] | type[Service] | type[Check] | type[KVEntry] | type[Session]] = {
+    "node": Node, "service": Service, "check": Check, "kv": KVEntry, "session": Session,
 }
+_TUPLE_FIELDS = {"tags", "weights", "node_checks", "service_checks"}
 
 
 def record_to_json(record: Record) -> dict[str, Any]:
@@ -157,7 +200,7 @@ def record_from_json(table: str, data: Mapping[str, Any]) -> Record:
             value = data[f.name]
             if f.name == "value" and cls is KVEntry:
                 value = base64.b64decode(value, validate=True)
-            elif f.name in ("tags", "weights") and cls is Service:
+            elif f.name in _TUPLE_FIELDS:
                 value = tuple(value)
             kwargs[f.name] = value
         return cls(**kwargs)

@@ -121,10 +121,10 @@ def catalog_service_json(node: Node, service: Service) -> dict[str, Any]:
 
 
 def check_json(state: RegistryState, check: Check, *, agent_view: bool = False) -> dict[str, Any]:
-    owner = state.services.get(check.service_id) if check.service_id else None
+    owner = state.owner(check)
     definition = dict(check.definition)
     return {
-        "Node": state.node.name if state.node else "",
+        "Node": state.node_name(check.node),
         "CheckID": check.id, "Name": check.name, "Status": check.status, "Notes": check.notes,
         "Output": check.output, "ServiceID": check.service_id,
         "ServiceName": owner.name if owner else "",
@@ -137,11 +137,10 @@ def check_json(state: RegistryState, check: Check, *, agent_view: bool = False) 
 
 
 def health_entry_json(state: RegistryState, service: Service) -> dict[str, Any]:
-    assert state.node is not None
-    checks = state.node_checks() + state.checks_of(service.id)
+    checks = state.node_checks(service.node) + state.checks_of(service.key)
     svc = node_service_json(service, health=True)
     return {
-        "Node": node_json(state.node),
+        "Node": node_json(state.node_record(service.node)),
         "Service": svc,
         "Checks": [check_json(state, c) for c in checks],
     }
@@ -163,11 +162,12 @@ def leader_address(node: Node) -> str:
     return f"{host}:{SERVER_RPC_PORT}"
 
 
-def member_json(node: Node) -> dict[str, Any]:
+def member_json(node: Node, *, acls: bool = False) -> dict[str, Any]:
     return {
         "Name": node.name, "Addr": node.address, "Port": SERF_LAN_PORT,
         "Tags": {
-            "acls": "0", "build": CONSUL_VERSION, "dc": node.datacenter, "id": node.id,
+            "acls": "1" if acls else "0", "build": CONSUL_VERSION, "dc": node.datacenter,
+            "id": node.id,
             "port": str(SERVER_RPC_PORT), "role": "consul", "segment": "", "vsn": "2",
             "vsn_max": "3", "vsn_min": "2",
         },
@@ -176,7 +176,10 @@ def member_json(node: Node) -> dict[str, Any]:
     }
 
 
-def agent_self_json(node: Node) -> dict[str, Any]:
+def agent_self_json(state: RegistryState, *, acls: bool = False) -> dict[str, Any]:
+    node = state.node_record("")
+    services = sum(s.agent for s in state.services.values())
+    checks = [c for c in state.checks.values() if c.agent]
     return {
         "Config": {
             "Datacenter": node.datacenter, "PrimaryDatacenter": node.datacenter,
@@ -185,11 +188,13 @@ def agent_self_json(node: Node) -> dict[str, Any]:
         },
         "DebugConfig": {},
         "Coord": {"Vec": [0.0] * 8, "Error": 1.5, "Adjustment": 0.0, "Height": 1e-05},
-        "Member": member_json(node),
+        "Member": member_json(node, acls=acls),
         "Stats": {
             "consul": {"leader": "true", "leader_addr": leader_address(node), "server": "true",
                        "known_datacenters": "1", "bootstrap": "true"},
-            "agent": {"check_monitors": "0", "check_ttls": "0", "services": "0", "checks": "0"},
+            "agent": {"check_monitors": "0",
+                      "check_ttls": str(sum(c.type == "ttl" for c in checks)),
+                      "services": str(services), "checks": str(len(checks))},
         },
         "Meta": dict(node.meta),
         "xDS": {"SupportedProxies": {}, "Port": -1, "Ports": {"Plaintext": -1, "TLS": -1}},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import httpx
 import trio
+from conftest import Registry
 
 
 async def register(client: httpx.AsyncClient, body: dict[str, object], **params: str) -> None:
@@ -156,7 +157,8 @@ async def test_check_register_and_deregister(client: httpx.AsyncClient) -> None:
     assert (r.status_code, r.text) == (500, 'CheckID "n" does not have associated TTL')
 
 
-async def test_health_service_passing_filter_and_node_checks(client: httpx.AsyncClient) -> None:
+async def test_health_service_passing_filter_and_node_checks(registry: Registry) -> None:
+    client = registry.client
     for i in (1, 2):
         await register(client, {"Name": "web", "ID": f"web-{i}", "Port": 8000 + i,
                                 "Tags": [f"v{i}"], "Check": {"TTL": "30s"}})
@@ -185,12 +187,13 @@ async def test_health_service_passing_filter_and_node_checks(client: httpx.Async
                                             "service:web-2"]
     assert [c["CheckID"] for c in (await client.get("/v1/health/checks/web")).json()] == [
         "service:web-1", "service:web-2"]
-    assert len((await client.get("/v1/health/node/meshd-registry")).json()) == 4
+    assert len((await client.get(f"/v1/health/node/{registry.node}")).json()) == 4
     assert (await client.get("/v1/health/node/other")).json() == []
     assert (await client.get("/v1/health/service/unknown")).json() == []
 
 
-async def test_catalog_shapes_and_standing_state(client: httpx.AsyncClient) -> None:
+async def test_catalog_shapes_and_standing_state(registry: Registry) -> None:
+    client = registry.client
     assert (await client.get("/v1/catalog/services")).json() == {"consul": []}
     assert (await client.get("/v1/agent/services")).json() == {}
     assert (await client.get("/v1/agent/checks")).json() == {}
@@ -217,8 +220,8 @@ async def test_catalog_shapes_and_standing_state(client: httpx.AsyncClient) -> N
     assert consul[0]["ServicePort"] == 8300
     assert (await client.get("/v1/catalog/datacenters")).json() == ["dc1"]
     nodes = (await client.get("/v1/catalog/nodes")).json()
-    assert [n["Node"] for n in nodes] == ["meshd-registry"]
-    node = (await client.get("/v1/catalog/node/meshd-registry")).json()
+    assert [n["Node"] for n in nodes] == [registry.node]
+    node = (await client.get(f"/v1/catalog/node/{registry.node}")).json()
     assert sorted(node["Services"]) == ["consul", "web-1", "web-2"]
     r = await client.get("/v1/catalog/node/ghost")
     assert (r.status_code, r.text) == (200, "null")
@@ -226,7 +229,7 @@ async def test_catalog_shapes_and_standing_state(client: httpx.AsyncClient) -> N
     assert (await client.get("/v1/status/peers")).json() == ["127.0.0.1:8300"]
     me = (await client.get("/v1/agent/self")).json()
     assert set(me) == {"Member", "xDS", "Stats", "Config", "Coord", "DebugConfig", "Meta"}
-    assert me["Config"]["NodeName"] == "meshd-registry"
+    assert me["Config"]["NodeName"] == registry.node
     members = (await client.get("/v1/agent/members")).json()
     assert members[0]["Status"] == 1
     r = await client.get("/v1/catalog/services?dc=dc9")

@@ -95,15 +95,15 @@ def test_per_service_index_and_vanished_names() -> None:
 def test_ttl_expiry_and_restart() -> None:
     state = _booted()
     _do(state, state.plan_register_service({"Name": "web", "Check": {"TTL": 10.0}}), now=100.0)
-    assert state.next_ttl_deadline() == 110.0
+    assert state.next_deadline() == 110.0
     _do(state, state.plan_check_update("service:web", "passing", "ok"), now=105.0)
-    assert state.next_ttl_deadline() == 115.0
+    assert state.next_deadline() == 115.0
     assert state.plan_ttl_expiry(114.0).ops == ()
     expiry = _do(state, state.plan_ttl_expiry(115.0), now=115.0)
     assert state.checks["service:web"].output == (
         "TTL expired (last output before timeout follows): ok")
     assert state.checks["service:web"].status == "critical" and expiry.ops
-    assert state.next_ttl_deadline() is None
+    assert state.next_deadline() is None
     with pytest.raises(ApiError) as info:
         state.plan_check_update("serfHealth", "passing", "")
     assert info.value.status == 404
@@ -152,6 +152,14 @@ def test_replaying_logged_ops_rebuilds_the_same_state() -> None:
         lambda s: s.plan_kv_put("k", b"\x00\xff", flags=7, cas=None),
         lambda s: s.plan_kv_delete("k", recurse=False, cas=None),
         lambda s: s.plan_deregister_check("disk"),
+        lambda s: s.plan_catalog_register({
+            "Node": "n2", "Address": "10.0.0.2", "Service": {"Service": "db", "ID": "db-1"},
+            "Check": {"CheckID": "db-up", "Name": "db up", "ServiceID": "db-1"}}),
+        lambda s: s.plan_session_create({"TTL": "30s"}, "sess-1"),
+        lambda s: s.plan_kv_acquire("lock", b"me", flags=0, session="sess-1", now=0.0),
+        lambda s: s.plan_service_maintenance("w1", True, "upgrade"),
+        lambda s: s.plan_session_destroy("sess-1"),
+        lambda s: s.plan_catalog_deregister({"Node": "n2"}),
     ):
         mutation = plan(state)
         state.apply(mutation, 0.0)
@@ -165,8 +173,14 @@ def test_replaying_logged_ops_rebuilds_the_same_state() -> None:
         replica.apply(Mutation(index=mutation.index, ops=ops))
     assert replica.indexes() == state.indexes()
     assert replica.services == state.services and replica.checks == state.checks
+    assert replica.sessions == state.sessions and replica.nodes == state.nodes
+    assert replica.kv.entries == state.kv.entries
+    assert "lock" in state.kv.entries and not state.kv.entries["lock"].session
+    assert state.kv.lock_delay["lock"] == 15.0  # memory only: the replica has none
+    assert replica.kv.lock_delay == {}
 
 
+@pytest.mark.embedded_only("shortens the reaper's interval and minimum")
 async def test_reaper_runs_in_the_server(nursery: trio.Nursery) -> None:
     reg = await start_registry(nursery, reap_interval=0.1, reap_minimum=0.3)
     client: httpx.AsyncClient = reg.client

@@ -95,3 +95,14 @@ async def test_kv_errors(client: httpx.AsyncClient) -> None:
     assert (r.status_code, r.text) == (400, "Missing key name")
     r = await client.put("/v1/kv/k?flags=x")
     assert r.status_code == 500
+
+
+async def test_binary_values_and_flags(client: httpx.AsyncClient) -> None:
+    blob = bytes(range(256)) * 3  # not UTF-8, NULs included
+    assert await put(client, "bin/blob", blob, flags="18446744073709551615")
+    [entry] = (await client.get("/v1/kv/bin/blob")).json()
+    assert base64.b64decode(entry["Value"]) == blob
+    assert entry["Flags"] == 2**64 - 1
+    assert (await client.get("/v1/kv/bin/blob?raw")).content == blob
+    [listed] = (await client.get("/v1/kv/bin/?recurse")).json()
+    assert base64.b64decode(listed["Value"]) == blob

@@ -20,6 +20,9 @@ from net_testing import free_port
 from meshd.errors import RegistryError
 from meshd.registry.server import RegistryConfig, serve_registry
 
+pytestmark = pytest.mark.embedded_only(
+    "restarts, kill -9 and corrupts the embedded registry's own data directory")
+
 
 async def _write_some_state(client: httpx.AsyncClient) -> None:
     r = await client.put("/v1/agent/service/register",
@@ -30,6 +33,10 @@ async def _write_some_state(client: httpx.AsyncClient) -> None:
     assert (await client.put("/v1/kv/meshd/config/routes", content=b"{}")).json() is True
     await client.put("/v1/kv/doomed", content=b"x")
     await client.delete("/v1/kv/doomed")
+    await client.put("/v1/catalog/register", json={
+        "Node": "db-host", "Address": "10.0.0.9", "Service": {"Service": "db", "Port": 5432}})
+    sid = (await client.put("/v1/session/create", json={"Name": "lock"})).json()["ID"]
+    assert (await client.put(f"/v1/kv/leader?acquire={sid}", content=b"me")).json() is True
 
 
 async def test_restart_keeps_state_and_index(tmp_path: Path) -> None:
@@ -41,6 +48,8 @@ async def test_restart_keeps_state_and_index(tmp_path: Path) -> None:
             kv_before = await client.get("/v1/kv/meshd/config/routes")
             prefix_before = await client.get("/v1/kv/?recurse")
             node_before = (await client.get("/v1/catalog/nodes")).json()
+            sessions_before = await client.get("/v1/session/list")
+            leader_before = (await client.get("/v1/kv/leader")).json()
         nursery.cancel_scope.cancel()
 
     async with trio.open_nursery() as nursery:
@@ -55,6 +64,13 @@ async def test_restart_keeps_state_and_index(tmp_path: Path) -> None:
             assert (await client.get("/v1/kv/?recurse")).headers["X-Consul-Index"] == \
                 prefix_before.headers["X-Consul-Index"]
             assert (await client.get("/v1/catalog/nodes")).json() == node_before
+            assert len(node_before) == 2
+            sessions_after = await client.get("/v1/session/list")
+            assert sessions_after.json() == sessions_before.json() != []
+            assert sessions_after.headers["X-Consul-Index"] == sessions_before.headers[
+                "X-Consul-Index"]
+            assert (await client.get("/v1/kv/leader")).json() == leader_before
+            assert (await client.get("/v1/catalog/service/db")).json()[0]["Node"] == "db-host"
             # the next write continues from the old index
             await client.put("/v1/kv/next", content=b"1")
             [entry] = (await client.get("/v1/kv/next")).json()

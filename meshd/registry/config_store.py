@@ -1,0 +1,111 @@
+"""The mesh config in the registry's KV (``meshd/config/routes``), read and written with
+check-and-set: shared by ``meshd routes`` and the console.
+
+Every write names the ModifyIndex it was based on; if the key moved meanwhile nothing is written
+and ``ConfigConflict`` says from which index to which, with the value now stored, so the caller
+can show it: two operators never overwrite each other silently. What is written is always the
+canonical form, ``json.dumps(routes_to_data(table), sort_keys=True)`` of a validated table, so the
+same table always gives the same bytes and every meshd can parse it.
+
+Async over meshd's one Consul adapter (httpx), so it runs under trio (the CLI) and asyncio (the
+console) alike.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from meshd.config.routes import parse_routes, routes_to_data
+from meshd.config.schema import RouteTable
+from meshd.errors import ConfigError, MeshError, Problem
+from meshd.registry.consul import ConsulClient
+from meshd.registry.watch import ROUTES_KEY, decode_routes
+
+
+def encode_routes(table: RouteTable) -> bytes:
+    """The canonical bytes stored in KV for a route table."""
+    return json.dumps(routes_to_data(table), sort_keys=True).encode()
+
+
+@dataclass(frozen=True)
+class StoredRoutes:
+    """The route table stored in KV and its ModifyIndex (0: the key does not exist, which means
+    an empty table)."""
+
+    table: RouteTable
+    modify_index: int
+
+
+class ConfigConflict(MeshError):
+    """The key moved between our read and our write: nothing was written."""
+
+    def __init__(self, key: str, expected: int, current: StoredRoutes | None,
+                 current_error: ConfigError | None = None) -> None:
+        self.key = key
+        self.expected = expected
+        self.current = current
+        self.current_error = current_error
+        moved_to = current.modify_index if current is not None else "?"
+        super().__init__(
+            f"conflict: {key} changed while this command ran (ModifyIndex {expected} -> "
+            f"{moved_to}); who changed what is unknown. Nothing was written.")
+
+
+class RouteConfigStore:
+    def __init__(self, client: ConsulClient, key: str = ROUTES_KEY) -> None:
+        self.client = client
+        self.key = key
+
+    @property
+    def source(self) -> str:
+        return f"registry kv {self.key}"
+
+    async def current_index(self) -> int:
+        """The key's ModifyIndex (0 when absent), whatever its value."""
+        answer = await self.client.kv_get(self.key)
+        return answer.data.modify_index if answer.data is not None else 0
+
+    async def read(self) -> StoredRoutes:
+        """The stored table; ``ConfigError`` when the stored value is not a valid table."""
+        answer = await self.client.kv_get(self.key)
+        if answer.data is None:
+            return StoredRoutes(RouteTable(), 0)
+        return StoredRoutes(decode_routes(answer.data.value, self.source),
+                            answer.data.modify_index)
+
+    async def write(self, table: RouteTable, cas: int) -> StoredRoutes:
+        """Store ``table`` if the key's ModifyIndex is still ``cas`` (0: only if absent).
+        Returns what is stored afterwards; raises ``ConfigConflict`` if the key moved."""
+        if await self.client.kv_put(self.key, encode_routes(table), cas=cas):
+            return StoredRoutes(table, await self.current_index())
+        try:
+            current: StoredRoutes | None = await self.read()
+            error = None
+        except ConfigError as exc:
+            current, error = StoredRoutes(RouteTable(), await self.current_index()), exc
+        raise ConfigConflict(self.key, cas, current, error)
+
+    async def apply(self, table: RouteTable) -> StoredRoutes:
+        """Replace the stored table (whatever it was) with ``table``, unless it changes between
+        our read of its index and our write."""
+        return await self.write(table, await self.current_index())
+
+    async def set_split(self, service: str, weights: Mapping[str, int]) -> tuple[StoredRoutes,
+                                                                                 StoredRoutes]:
+        """Change one destination's split; returns (before, after). The result is validated
+        like a routes.toml (unknown subsets, weights not summing to 100 are refused)."""
+        before = await self.read()
+        data: dict[str, Any] = routes_to_data(before.table)
+        destination = data["destinations"].get(service)
+        if destination is None:
+            known = ", ".join(sorted(data["destinations"])) or "none"
+            raise ConfigError([Problem(self.source, f"destinations.{service}",
+                                       f"no such destination in the route table (known: "
+                                       f"{known}); declare it and its subsets in routes.toml "
+                                       "and apply that")])
+        destination["split"] = dict(weights)
+        table = parse_routes(data, f"set-split {service}")
+        return before, await self.write(table, before.modify_index)

@@ -1,0 +1,165 @@
+"""``meshd routes``: the mesh route table in the registry's KV (``meshd/config/routes``).
+
+``apply FILE`` validates a routes.toml and writes its canonical form; ``show`` prints the stored
+table as TOML with its ModifyIndex; ``set-split SERVICE v1=90 v2=10`` changes one split. Every
+write is a check-and-set on the ModifyIndex that was read: if someone else changed the key
+meanwhile, nothing is written, the command says the index moved and shows the new value, and
+exits 1. The registry is ``--registry URL`` (default ``$CONSUL_HTTP_ADDR`` or
+http://127.0.0.1:8500), the token ``--token`` (default ``$CONSUL_HTTP_TOKEN``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+import tomlkit
+import trio
+
+from meshd.config.load import load_routes
+from meshd.config.routes import routes_to_data
+from meshd.errors import ConfigError, Problem
+from meshd.registry.config_store import ConfigConflict, RouteConfigStore, StoredRoutes
+from meshd.registry.consul import ConsulClient, registry_token, registry_url
+from meshd.registry.watch import ROUTES_KEY
+
+
+def register(subparsers: Any) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--registry", metavar="URL", default=argparse.SUPPRESS,
+                        help="the registry's HTTP API (default: $CONSUL_HTTP_ADDR or "
+                             "http://127.0.0.1:8500)")
+    common.add_argument("--token", metavar="TOKEN", default=argparse.SUPPRESS,
+                        help="ACL token (default: $CONSUL_HTTP_TOKEN)")
+    parser = subparsers.add_parser("routes", parents=[common],
+                                   help=f"the mesh route table in the registry ({ROUTES_KEY})")
+    sub = parser.add_subparsers(dest="routes_command", metavar="SUBCOMMAND", required=True)
+    apply = sub.add_parser("apply", parents=[common],
+                           help="validate a routes.toml and write it to the registry")
+    apply.add_argument("file", type=Path, metavar="FILE")
+    apply.set_defaults(func=run, action=_apply)
+    show = sub.add_parser("show", parents=[common],
+                          help="print the route table in force, as TOML")
+    show.set_defaults(func=run, action=_show)
+    split = sub.add_parser("set-split", parents=[common],
+                           help="set one destination's weighted split (check-and-set)")
+    split.add_argument("service")
+    split.add_argument("weights", nargs="+", metavar="SUBSET=WEIGHT")
+    split.set_defaults(func=run, action=_set_split)
+
+
+Action = Callable[[RouteConfigStore, argparse.Namespace, TextIO], Awaitable[int]]
+
+
+def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    url = registry_url(getattr(args, "registry", None))
+    token = registry_token(getattr(args, "token", None))
+    action: Action = args.action
+    stream = out or sys.stdout
+
+    async def main() -> int:
+        async with ConsulClient(url, token=token) as client:
+            return await action(RouteConfigStore(client), args, stream)
+
+    return trio.run(main)
+
+
+def render_toml(stored: StoredRoutes) -> str:
+    """The stored table as TOML, in its canonical form (``meshd routes apply`` takes it back):
+    one ``[destinations.NAME]`` table each, small tables inline, routes as arrays of tables."""
+    doc = tomlkit.document()
+    destinations = tomlkit.table(is_super_table=True)
+    for name, entry in routes_to_data(stored.table)["destinations"].items():
+        table = tomlkit.table()
+        for key, value in entry.items():
+            table.add(key, _toml_value(value, top=True))
+        destinations.add(name, table)
+    doc.add("destinations", destinations)
+    return tomlkit.dumps(doc)
+
+
+def _toml_value(value: Any, *, top: bool = False) -> Any:
+    if isinstance(value, dict):
+        inline = tomlkit.inline_table()
+        for key, inner in value.items():
+            inline.append(key, _toml_value(inner))
+        return inline
+    if isinstance(value, list) and top and value and all(isinstance(v, dict) for v in value):
+        array = tomlkit.aot()
+        for item in value:
+            table = tomlkit.table()
+            for key, inner in item.items():
+                table.add(key, _toml_value(inner))
+            array.append(table)
+        return array
+    if isinstance(value, list):
+        return [_toml_value(v) for v in value]
+    return value
+
+
+def _header(store: RouteConfigStore, stored: StoredRoutes) -> str:
+    return f"# {store.key} at ModifyIndex {stored.modify_index} ({store.client.base_url})\n"
+
+
+def _show_conflict(conflict: ConfigConflict, store: RouteConfigStore, out: TextIO) -> int:
+    print(f"meshd: {conflict}", file=sys.stderr)
+    if conflict.current_error is not None:
+        print(f"meshd: the value now stored is not a valid route table:\n"
+              f"{conflict.current_error}", file=sys.stderr)
+    elif conflict.current is not None:
+        print("meshd: the route table now stored:", file=sys.stderr)
+        print(_header(store, conflict.current) + render_toml(conflict.current), file=out)
+    return 1
+
+
+async def _apply(store: RouteConfigStore, args: argparse.Namespace, out: TextIO) -> int:
+    table = load_routes(args.file)  # ConfigError: file, key path and reason for each problem
+    try:
+        stored = await store.apply(table)
+    except ConfigConflict as conflict:
+        return _show_conflict(conflict, store, out)
+    print(f"{args.file}: {len(table.destinations)} destination(s) written to {store.key} "
+          f"(ModifyIndex {stored.modify_index})", file=out)
+    return 0
+
+
+async def _show(store: RouteConfigStore, args: argparse.Namespace, out: TextIO) -> int:
+    stored = await store.read()
+    text = render_toml(stored)
+    if stored.modify_index == 0:
+        text = "# no route table stored: every destination uses all its healthy instances\n"
+    print(_header(store, stored) + text, end="" if text.endswith("\n") else "\n", file=out)
+    return 0
+
+
+def parse_weights(items: list[str]) -> dict[str, int]:
+    weights: dict[str, int] = {}
+    problems = []
+    for item in items:
+        name, sep, raw = item.partition("=")
+        if not sep or not name or not raw.strip().isdigit():
+            problems.append(Problem("", item, "expected SUBSET=WEIGHT, e.g. v1=90"))
+        elif name in weights:
+            problems.append(Problem("", item, f"subset {name!r} given twice"))
+        else:
+            weights[name] = int(raw)
+    if problems:
+        raise ConfigError(problems)
+    return weights
+
+
+async def _set_split(store: RouteConfigStore, args: argparse.Namespace, out: TextIO) -> int:
+    weights = parse_weights(args.weights)
+    try:
+        before, after = await store.set_split(args.service, weights)
+    except ConfigConflict as conflict:
+        return _show_conflict(conflict, store, out)
+    old = before.table.get(args.service)
+    old_split = ", ".join(f"{leg.subset}={leg.weight}" for leg in old.split) if old else ""
+    new_split = ", ".join(f"{k}={v}" for k, v in weights.items())
+    print(f"{args.service}: split {old_split or '(none)'} -> {new_split} in {store.key} "
+          f"(ModifyIndex {before.modify_index} -> {after.modify_index})", file=out)
+    return 0
