@@ -1,6 +1,10 @@
 """The mesh's certificate authority and its client.
 
-``issuer`` (pure signing), ``tokens`` (pure join-token decisions), ``spiffe`` (pure ID syntax),
-``identity`` (frozen values), ``files`` and ``store`` (disk), ``server`` (HTTPS API), ``client``
-(join from a host), ``command`` (``meshd ca ...``).
+Pure: ``issuer`` (signing, cross-signing), ``tokens`` (join-token decisions), ``ledger`` (nodes,
+certificates issued, revocations, what depends on a root), ``schedule`` (when a host renews,
+retries, warns), ``requests`` (the API's request bodies), ``spiffe`` (ID syntax), ``identity``
+(frozen values). On disk: ``files`` (a host's identity directory), ``store`` (the CA directory
+and its locked transactions), ``journal`` (the certificates issued), ``audit`` (the audit log),
+``operations`` (revoke, rotate, offline issuance). Network: ``server`` and ``server_tls`` (the
+HTTPS API), ``client`` and ``access`` (a host's side). ``command``: ``meshd ca ...``.
 """

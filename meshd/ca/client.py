@@ -1,17 +1,23 @@
-"""The CA client the per-host daemon uses to join the mesh.
+"""The CA client the per-host daemon uses: join once, then renew and watch the trust bundle and
+the deny list with its node certificate.
 
 Trust on first contact works like kubeadm's discovery hash: the roots are fetched over TLS
 *without* verification, and accepted only if one of them has the SHA-256 fingerprint the operator
 configured (``ca_fingerprint`` in meshd.toml). Every later request runs over TLS verified against
-exactly that bundle, with hostname checking. Private keys are generated here and never sent.
+exactly that bundle, with hostname checking; after the join, against the bundle the host keeps
+on disk (which follows root rotations: each new bundle is fetched over TLS verified by the one
+before). Private keys are generated here and never sent.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import ssl
 import types
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -23,11 +29,13 @@ from cryptography.x509.oid import NameOID
 
 from meshd.ca import issuer
 from meshd.ca.identity import Identity, JoinResult, TrustBundle
-from meshd.ca.spiffe import check_name, spiffe_id_for, spiffe_ids_from_cert
+from meshd.ca.spiffe import Kind, check_name, spiffe_id_of, spiffe_ids_from_cert
 from meshd.errors import CAError
 
 __all__ = [
+    "CAConnection",
     "CARefusedError",
+    "DenyList",
     "Identity",
     "JoinResult",
     "TrustBundle",
@@ -108,7 +116,8 @@ async def join(
     services: Sequence[str],
     fingerprint: str,
 ) -> JoinResult:
-    """Join the mesh as ``node``: one locally generated P-256 key and certificate per service.
+    """Join the mesh as ``node``: one locally generated P-256 key and certificate per service,
+    and one for the node itself.
 
     Raises CARefusedError when the CA says no (with its reason), CAError for everything else
     (unreachable CA, pin mismatch, an answer that does not match what was asked).
@@ -121,82 +130,194 @@ async def join(
     bundle = await fetch_roots(ca_url, fingerprint)
     pin = normalize_fingerprint(fingerprint)
     base = _base_url(ca_url)
-    requests = await trio.to_thread.run_sync(_keys_and_csrs, bundle.trust_domain, names)
-    payload = {
-        "token": token,
-        "node": node,
-        "csrs": {service: csr for service, (_, csr) in requests.items()},
-    }
+    requests = await trio.to_thread.run_sync(_keys_and_csrs, bundle.trust_domain, node, names)
+    payload = {"token": token, "node": node, **_csr_payload(requests)}
     async with httpx.AsyncClient(verify=_verified_context(bundle), timeout=REQUEST_TIMEOUT) as http:
         body = await _request_json(http, "POST", f"{base}/v1/ca/join", payload)
-
-    # The connection was verified, but check the answer is what was asked for anyway: a CA bug
-    # here would otherwise surface much later as a failed mTLS handshake.
     answered = _bundle_from(body, base)
     select_pinned(answered, pin, f"the CA at {base}")
-    if answered.trust_domain != bundle.trust_domain:
+    return _result(body, requests, answered, bundle.trust_domain, node, base)
+
+
+@dataclass(frozen=True)
+class DenyList:
+    """Serials (hex, as ``issuer.serial_hex``) the CA has revoked, the list's version, and the
+    fingerprints of the roots the CA's bundle holds now (empty: unknown, fetch the roots)."""
+
+    version: int
+    serials: frozenset[str]
+    roots: frozenset[str] = frozenset()
+
+
+class CAConnection:
+    """The daemon's channel to the CA after the join: TLS verified against the bundle in
+    ``bundle_file`` and, when ``node_files`` (certificate, key) are given, the node certificate as
+    client certificate. Call ``reload()`` after those files changed, ``aclose()`` at the end."""
+
+    def __init__(self, ca_url: str, trust_domain: str, bundle_file: Path,
+                 node_files: tuple[Path, Path] | None = None) -> None:
+        self.base = _base_url(ca_url)
+        self.trust_domain = trust_domain
+        self._bundle_file = bundle_file
+        self._node_files = node_files
+        self._http: httpx.AsyncClient | None = None
+
+    async def reload(self, node_files: tuple[Path, Path] | None) -> None:
+        """Use these files (and the bundle file as it is now) from the next request on."""
+        self._node_files = node_files
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        http, self._http = self._http, None
+        if http is not None:
+            await http.aclose()
+
+    def _client(self) -> httpx.AsyncClient:
+        if self._http is None:
+            self._http = httpx.AsyncClient(verify=self._context(), timeout=REQUEST_TIMEOUT)
+        return self._http
+
+    def _context(self) -> ssl.SSLContext:
+        try:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.minimum_version = ssl.TLSVersion.TLSv1_3
+            context.load_verify_locations(cafile=os.fspath(self._bundle_file))
+            if self._node_files is not None:
+                cert, key = self._node_files
+                context.load_cert_chain(os.fspath(cert), os.fspath(key))
+        except (OSError, ssl.SSLError) as exc:
+            raise CAError(f"cannot set up TLS to the CA: {exc}") from exc
+        return context
+
+    async def renew(self, node: str, services: Sequence[str]) -> JoinResult:
+        """New keys and certificates for ``services`` and the node, authenticated by the node
+        certificate. Raises CARefusedError (the CA said no) or CAError."""
+        if self._node_files is None:
+            raise CAError("renewing needs the node certificate")
+        names = _check_services(services)
+        requests = await trio.to_thread.run_sync(_keys_and_csrs, self.trust_domain, node, names)
+        body = await _request_json(self._client(), "POST", f"{self.base}/v1/ca/renew",
+                                   _csr_payload(requests))
+        answered = _bundle_from(body, self.base)
+        return _result(body, requests, answered, self.trust_domain, node, self.base)
+
+    async def roots(self) -> TrustBundle:
+        """The CA's current bundle (old and new roots during a rotation)."""
+        body = await _request_json(self._client(), "GET", f"{self.base}/v1/ca/roots")
+        bundle = _bundle_from(body, self.base)
+        if bundle.trust_domain != self.trust_domain:
+            raise CAError(f"the CA at {self.base} serves trust domain {bundle.trust_domain!r}, "
+                          f"not {self.trust_domain!r}")
+        return bundle
+
+    async def denylist(self) -> DenyList:
+        body = await _request_json(self._client(), "GET", f"{self.base}/v1/ca/denylist")
+        version = body.get("version")
+        serials, roots = _strings(body.get("serials")), _strings(body.get("roots", []))
+        if not isinstance(version, int) or serials is None or roots is None:
+            raise CAError(f"malformed deny list from the CA at {self.base}")
+        return DenyList(version, frozenset(s.lower() for s in serials), frozenset(roots))
+
+
+def _strings(value: object) -> list[str] | None:
+    """``value`` if it is a list of strings, else None."""
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return value
+    return None
+
+
+def _csr_payload(requests: Mapping[tuple[Kind, str], tuple[bytes, str]]) -> dict[str, Any]:
+    return {
+        "csrs": {name: csr for (kind, name), (_, csr) in requests.items()
+                 if kind is Kind.SERVICE},
+        "node_csr": next(csr for (kind, _), (_, csr) in requests.items() if kind is Kind.NODE),
+    }
+
+
+def _result(
+    body: Mapping[str, Any],
+    requests: Mapping[tuple[Kind, str], tuple[bytes, str]],
+    answered: TrustBundle,
+    trust_domain: str,
+    node: str,
+    base: str,
+) -> JoinResult:
+    # The connection was verified, but check the answer is what was asked for anyway: a CA bug
+    # here would otherwise surface much later as a failed mTLS handshake.
+    if answered.trust_domain != trust_domain:
         raise CAError(
-            f"the CA at {base} changed trust domain from {bundle.trust_domain!r} to "
+            f"the CA at {base} changed trust domain from {trust_domain!r} to "
             f"{answered.trust_domain!r} between requests"
         )
     issued = body.get("certificates")
     if not isinstance(issued, dict):
-        raise CAError(f"malformed join answer from {base}: no 'certificates' object")
+        raise CAError(f"malformed answer from {base}: no 'certificates' object")
     roots = answered.certificates()
     identities: dict[str, Identity] = {}
-    for service, (key_pem, _) in requests.items():
-        entry = issued.get(service)
+    node_identity: Identity | None = None
+    for (kind, name), (key_pem, _) in requests.items():
+        entry = body.get("node_certificate") if kind is Kind.NODE else issued.get(name)
         if not isinstance(entry, dict) or not isinstance(entry.get("cert_pem"), str):
-            raise CAError(f"the CA at {base} returned no certificate for {service!r}")
-        identities[service] = _identity(entry["cert_pem"].encode(), key_pem, service,
-                                        answered.trust_domain, roots, base)
+            raise CAError(f"the CA at {base} returned no certificate for {kind.value} {name!r}")
+        identity = _identity(entry["cert_pem"].encode(), key_pem, kind, name,
+                             answered.trust_domain, roots, base)
+        if kind is Kind.NODE:
+            node_identity = identity
+        else:
+            identities[name] = identity
+    assert node_identity is not None
     return JoinResult(
         trust_domain=answered.trust_domain,
         bundle=answered,
         identities=types.MappingProxyType(identities),
+        node=node_identity,
     )
 
 
 def _identity(
     cert_pem: bytes,
     key_pem: bytes,
-    service: str,
+    kind: Kind,
+    name: str,
     trust_domain: str,
     roots: list[x509.Certificate],
     base: str,
 ) -> Identity:
-    expected = spiffe_id_for(trust_domain, service)
+    expected = spiffe_id_of(trust_domain, kind, name)
     try:
         cert = x509.load_pem_x509_certificate(cert_pem)
-        identity = Identity.from_pem(cert_pem, key_pem)
+        identity = Identity.from_pem(cert_pem, key_pem, kind)
     except ValueError as exc:
         raise CAError(f"the CA at {base} returned an unusable certificate for "
-                      f"{service!r}: {exc}") from exc
+                      f"{name!r}: {exc}") from exc
     if spiffe_ids_from_cert(cert) != [expected]:
         raise CAError(f"the CA at {base} returned a certificate for {spiffe_ids_from_cert(cert)}, "
                       f"expected [{expected!r}]")
     if not issuer.verify_issued_by(cert, roots):
-        raise CAError(f"the certificate for {service!r} is not signed by the CA's roots")
+        raise CAError(f"the certificate for {name!r} is not signed by the CA's roots")
     return identity
 
 
-def _keys_and_csrs(trust_domain: str, services: Sequence[str]) -> dict[str, tuple[bytes, str]]:
-    """Per service: a new key (PEM) and a CSR for it. CPU-bound: runs in a worker thread."""
-    out: dict[str, tuple[bytes, str]] = {}
-    for service in services:
+def _keys_and_csrs(
+    trust_domain: str, node: str, services: Sequence[str]
+) -> dict[tuple[Kind, str], tuple[bytes, str]]:
+    """A new key (PEM) and a CSR for it, for the node and per service. CPU-bound: runs in a
+    worker thread."""
+    out: dict[tuple[Kind, str], tuple[bytes, str]] = {}
+    for kind, name in [(Kind.NODE, node), *((Kind.SERVICE, s) for s in services)]:
         key = issuer.new_private_key()
         csr = (
             x509.CertificateSigningRequestBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, service)]))
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
             .add_extension(
                 x509.SubjectAlternativeName(
-                    [x509.UniformResourceIdentifier(spiffe_id_for(trust_domain, service))]
+                    [x509.UniformResourceIdentifier(spiffe_id_of(trust_domain, kind, name))]
                 ),
                 critical=False,
             )
             .sign(key, hashes.SHA256())
         )
-        out[service] = (issuer.private_key_pem(key), csr.public_bytes(Encoding.PEM).decode())
+        out[(kind, name)] = (issuer.private_key_pem(key), csr.public_bytes(Encoding.PEM).decode())
     return out
 
 

@@ -1,4 +1,4 @@
-"""``meshd ca init|token|issue|serve``: the operator's side of the CA.
+"""``meshd ca init|token|issue|revoke|rotate|serve``: the operator's side of the CA.
 
 stdout carries only what scripts consume (the fingerprint, the token, the listen URL); everything
 else goes to the log on stderr.
@@ -16,8 +16,9 @@ from typing import Any
 
 import trio
 
-from meshd.ca import files, issuer, server, store, tokens
-from meshd.ca.spiffe import check_name
+from meshd import systemd
+from meshd.ca import files, issuer, operations, server, store, tokens
+from meshd.ca.spiffe import Kind, check_name, spiffe_id_of
 from meshd.config import durations as config_durations
 from meshd.errors import CAError
 from meshd.httpd import parse_hostport
@@ -76,18 +77,36 @@ def register(subparsers: Any) -> None:
                    help="comma-separated services the node may claim")
     p.add_argument("--ttl", type=_duration_arg, default=timedelta(hours=1),
                    help="validity, e.g. 30m, 1h, 24h (default 1h)")
-    p.add_argument("--uses", type=_positive_int, default=None,
-                   help="number of joins allowed (default: unlimited within the ttl)")
+    p.add_argument("--uses", type=_positive_int, default=1,
+                   help="number of joins allowed within the ttl (default 1: a joined node "
+                        "renews with its node certificate and never needs the token again)")
     p.set_defaults(func=cmd_token)
 
-    p = sub.add_parser("issue", help="issue a service certificate offline")
+    p = sub.add_parser("issue", help="issue a service or operator certificate offline")
     p.add_argument("--dir", required=True, type=Path, help="CA directory")
-    p.add_argument("--service", required=True, help="service name")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--service", help="service name (spiffe://TD/svc/NAME)")
+    who.add_argument("--operator", help="operator name (spiffe://TD/operator/NAME, client "
+                                        "auth only: for admin APIs served over mutual TLS)")
     p.add_argument("--out", required=True, type=Path,
                    help="directory for NAME.crt, NAME.key and ca.crt")
     p.add_argument("--ttl", type=_duration_arg, default=None,
                    help="lifetime (default: the CA's leaf lifetime)")
     p.set_defaults(func=cmd_issue)
+
+    p = sub.add_parser("revoke", help="revoke a node (and stop its renewals) or one certificate")
+    p.add_argument("--dir", required=True, type=Path, help="CA directory")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--node", help="node name: every live certificate of it, and renewals")
+    which.add_argument("--serial", help="serial number (hex) of one certificate")
+    p.set_defaults(func=cmd_revoke)
+
+    p = sub.add_parser("rotate", help="start a root rotation (new root, certified by the old "
+                                      "one), or --finish it")
+    p.add_argument("--dir", required=True, type=Path, help="CA directory")
+    p.add_argument("--finish", action="store_true",
+                   help="drop the previous root (refused while a live certificate needs it)")
+    p.set_defaults(func=cmd_rotate)
 
     p = sub.add_parser("serve", help="run the CA's HTTPS API")
     p.add_argument("--dir", required=True, type=Path, help="CA directory")
@@ -123,21 +142,13 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 def cmd_issue(args: argparse.Namespace) -> int:
-    try:
-        service = check_name(args.service)
-    except ValueError as exc:
-        raise CAError(str(exc)) from None
-    material = store.load_ca(args.dir)
-    key = issuer.new_private_key()
-    cert = issuer.issue_leaf(
-        material.signer, key.public_key(), service=service,
-        trust_domain=material.trust_domain, now=datetime.now(UTC),
-        lifetime=args.ttl or material.settings.leaf_lifetime,
-    )
+    kind, name = (Kind.OPERATOR, args.operator) if args.operator else (Kind.SERVICE, args.service)
+    material, key_pem, cert, chain = operations.issue_offline(
+        args.dir, kind, name, now=datetime.now(UTC), lifetime=args.ttl)
     try:
         out = files.ensure_private_dir(args.out)
-        files.write_private_file(out / f"{service}.key", issuer.private_key_pem(key))
-        files.write_public_file(out / f"{service}.crt", issuer.cert_pem(cert))
+        files.write_private_file(out / f"{name}.key", key_pem)
+        files.write_public_file(out / f"{name}.crt", chain)
         files.write_public_file(
             out / files.BUNDLE_FILE, b"".join(issuer.cert_pem(c) for c in material.roots())
         )
@@ -145,8 +156,37 @@ def cmd_issue(args: argparse.Namespace) -> int:
         raise CAError(f"cannot write to {args.out}: {exc}") from exc
     log.info(
         "issued certificate for %s (serial %s) valid until %s into %s",
-        service, issuer.serial_hex(cert), cert.not_valid_after_utc.isoformat(), args.out,
+        spiffe_id_of(material.trust_domain, kind, name), issuer.serial_hex(cert),
+        cert.not_valid_after_utc.isoformat(), args.out,
     )
+    return 0
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    store.load_ca(args.dir)
+    done = operations.revoke(args.dir, now=datetime.now(UTC), node=args.node, serial=args.serial)
+    what = f"node {args.node}" if args.node else f"serial {args.serial}"
+    log.info("revoked %s: %d live certificate(s) on the deny list%s", what, len(done),
+             "; its renewals are refused" if args.node else "")
+    for revocation in done:
+        print(revocation.serial)
+    return 0
+
+
+def cmd_rotate(args: argparse.Namespace) -> int:
+    now = datetime.now(UTC)
+    if args.finish:
+        material = operations.finish_rotation(args.dir, now=now)
+        log.info("root rotation finished: only %s is trusted now; hosts drop the previous root "
+                 "within seconds. New joins need ca.fingerprint = %s in meshd.toml",
+                 material.fingerprint, material.fingerprint)
+    else:
+        material = operations.rotate_ca(args.dir, now=now)
+        log.info("root rotation started: %s signs from now on, %s stays trusted; hosts trust "
+                 "both within seconds and move to the new root at their next renewal. Then run "
+                 "`meshd ca rotate --finish`", material.fingerprint,
+                 material.previous_fingerprint)
+    print(material.fingerprint)
     return 0
 
 
@@ -170,8 +210,11 @@ async def _serve(directory: Path, host: str, port: int, extra_hosts: list[str]) 
                 failure = exc  # re-raised below, outside the nursery (no exception group)
             else:
                 print(f"listening on {endpoint.url}", flush=True)
+                systemd.notify(ready=True, status=f"serving the CA API on {endpoint.url}")
+                nursery.start_soon(systemd.watchdog_task)
                 async for signum in signals:
                     log.info("received %s, shutting down", signal.Signals(signum).name)
+                    systemd.notify(stopping=True, status="stopping")
                     break
                 nursery.cancel_scope.cancel()
     if failure is not None:

@@ -4,9 +4,11 @@ Every write is atomic (``meshd.fileio.write_atomic``: a temporary file created 0
 renamed over the target, the directory fsynced), so a crash leaves either the old file or the new
 one, and a private key is never readable by others, not even for a moment.
 
-An identity directory holds ``<service>.crt`` and ``<service>.key`` per service and ``ca.crt``, the
-trust bundle. The key is written before the certificate; a reader that catches the pair mid-update
-sees a mismatch, which ``read_identity`` reports instead of returning it.
+An identity directory holds ``<service>.crt`` and ``<service>.key`` per service, ``ca.crt``, the
+trust bundle, and ``_node.crt``/``_node.key``, the node's own identity (``_`` cannot start a
+service name, so the two never collide). The key is written before the certificate; a reader that
+catches the pair mid-update sees a mismatch, which ``read_identity`` reports instead of returning
+it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import stat
 from pathlib import Path
 
 from meshd.ca.identity import Identity, TrustBundle
-from meshd.ca.spiffe import check_name
+from meshd.ca.spiffe import Kind, check_name
 from meshd.errors import CAError
 from meshd.fileio import write_atomic
 
@@ -24,6 +26,7 @@ PRIVATE_FILE_MODE = 0o600
 PUBLIC_FILE_MODE = 0o644
 PRIVATE_DIR_MODE = 0o700
 BUNDLE_FILE = "ca.crt"
+NODE_STEM = "_node"
 
 
 def write_private_file(path: str | os.PathLike[str], data: bytes) -> None:
@@ -81,6 +84,38 @@ def read_identity(directory: str | os.PathLike[str], service: str) -> Identity:
             f"{d / (stem + '.crt')} is the certificate of {identity.spiffe_id}, not of {service!r}"
         )
     return identity
+
+
+def node_files(directory: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """Where the node identity lives: (certificate, key)."""
+    d = Path(directory)
+    return d / f"{NODE_STEM}.crt", d / f"{NODE_STEM}.key"
+
+
+def write_node_identity(directory: str | os.PathLike[str], identity: Identity) -> None:
+    """Store the node identity (key 0600 first, then the certificate). Raises CAError."""
+    if identity.kind is not Kind.NODE:
+        raise CAError(f"{identity.spiffe_id} is not a node identity")
+    cert, key = node_files(directory)
+    try:
+        ensure_private_dir(directory)
+        write_private_file(key, identity.key_pem)
+        write_public_file(cert, identity.cert_pem)
+    except OSError as exc:
+        raise CAError(f"cannot write the node identity to {directory}: {exc}") from exc
+
+
+def read_node_identity(directory: str | os.PathLike[str]) -> Identity:
+    """Load the node identity. Raises CAError if missing, mismatched or not a node's."""
+    cert, key = node_files(directory)
+    try:
+        cert_pem, key_pem = cert.read_bytes(), key.read_bytes()
+    except OSError as exc:
+        raise CAError(f"cannot read the node identity from {directory}: {exc}") from exc
+    try:
+        return Identity.from_pem(cert_pem, key_pem, Kind.NODE)
+    except ValueError as exc:
+        raise CAError(f"invalid node identity in {directory}: {exc}") from exc
 
 
 def write_bundle(directory: str | os.PathLike[str], bundle: TrustBundle) -> None:

@@ -1,6 +1,6 @@
-"""What the CA hands a host: a trust bundle and one identity (certificate + local key) per
-service. Frozen values, built from PEM by pure functions; ``meshd.ca.files`` stores them and
-``meshd.ca.client`` fetches them."""
+"""What the CA hands a host: a trust bundle, one identity (certificate + local key) per service,
+and the node's own identity. Frozen values, built from PEM by pure functions; ``meshd.ca.files``
+stores them and ``meshd.ca.client`` fetches them."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from datetime import datetime
 from cryptography import x509
 
 from meshd.ca import issuer
-from meshd.ca.spiffe import check_trust_domain, parse_spiffe_id, spiffe_ids_from_cert
+from meshd.ca.spiffe import Kind, check_trust_domain, parse_identity, spiffe_ids_from_cert
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,10 @@ class TrustBundle:
 
 @dataclass(frozen=True)
 class Identity:
-    """One service's workload certificate and its private key (which never left this host)."""
+    """One certificate (a service's, or the node's own) and its private key, which never left
+    this host. ``cert_pem`` is the leaf followed by any chain certificate the CA added (during a
+    root rotation, the new root certified by the old); ``service`` is the name in the SPIFFE ID
+    (the node name for a node identity)."""
 
     service: str
     spiffe_id: str
@@ -56,42 +59,59 @@ class Identity:
     serial: str
     not_before: datetime
     not_after: datetime
+    kind: Kind = Kind.SERVICE
 
     @classmethod
-    def from_pem(cls, cert_pem: bytes, key_pem: bytes) -> Identity:
-        """Build from a leaf and its key; raises ValueError if they do not belong together or the
-        certificate is not a meshd service certificate."""
-        cert = x509.load_pem_x509_certificate(cert_pem)
+    def from_pem(cls, cert_pem: bytes, key_pem: bytes, kind: Kind = Kind.SERVICE) -> Identity:
+        """Build from a leaf (and chain) and its key; raises ValueError if they do not belong
+        together or the certificate is not a meshd certificate of ``kind``."""
+        certs = x509.load_pem_x509_certificates(cert_pem)
+        if not certs:
+            raise ValueError("no certificate in the PEM data")
+        cert = certs[0]
         key = issuer.load_private_key_pem(key_pem)
         if not issuer.same_public_key(key.public_key(), cert.public_key()):
             raise ValueError("the private key does not match the certificate")
         ids = spiffe_ids_from_cert(cert)
         if len(ids) != 1:
             raise ValueError(f"expected exactly one SPIFFE ID in the certificate, found {ids}")
-        _, service = parse_spiffe_id(ids[0])
+        _, found, name = parse_identity(ids[0])
+        if found is not kind:
+            raise ValueError(f"{ids[0]} is not a {kind.value} identity")
         return cls(
-            service=service,
+            service=name,
             spiffe_id=ids[0],
-            cert_pem=issuer.cert_pem(cert),
+            cert_pem=b"".join(issuer.cert_pem(c) for c in certs),
             key_pem=key_pem,
             serial=issuer.serial_hex(cert),
             not_before=cert.not_valid_before_utc,
             not_after=cert.not_valid_after_utc,
+            kind=kind,
         )
 
     @property
+    def name(self) -> str:
+        return self.service
+
+    @property
     def trust_domain(self) -> str:
-        return parse_spiffe_id(self.spiffe_id)[0]
+        return parse_identity(self.spiffe_id)[0]
 
     def certificate(self) -> x509.Certificate:
+        """The leaf (the first certificate of ``cert_pem``)."""
         return x509.load_pem_x509_certificate(self.cert_pem)
+
+    def valid_at(self, now: datetime) -> bool:
+        return self.not_before <= now < self.not_after
 
 
 @dataclass(frozen=True)
 class JoinResult:
-    """What a successful join returns: the verified bundle and an identity per service."""
+    """What a successful join or renewal returns: the verified bundle, an identity per service
+    and the node's identity (what it renews with from then on)."""
 
     trust_domain: str
     bundle: TrustBundle
     identities: Mapping[str, Identity]
+    node: Identity
 

@@ -5,8 +5,17 @@ rotation schedules can be tested with an injected clock; the only impurity is ra
 keys, random serials), and a serial can be passed in for reproducible tests.
 
 What a leaf looks like (it ignores whatever the CSR asks for except its public key):
-exactly one URI SAN ``spiffe://<td>/svc/<service>``, CN = service, not a CA, digitalSignature,
-EKU serverAuth + clientAuth, valid from ``now - backdate`` for ``lifetime`` (never beyond the root).
+exactly one URI SAN ``spiffe://<td>/<kind>/<name>``, CN = name, not a CA, digitalSignature, valid
+from ``now - backdate`` for ``lifetime`` (never beyond the root). EKU by kind: services and nodes
+serverAuth + clientAuth (a node certificate also serves the admin API over TLS), operators
+clientAuth only.
+
+Root rotation is a key rollover in the RFC 4210 way: every root of a trust domain has the same
+subject name, and the new root's key is also certified by the old root ("cross" certificate).
+That cross certificate is *self-issued* (subject = issuer name), so it does not count against the
+roots' ``pathlen:0``: a peer that trusts only the old root verifies leaf -> cross -> old root; a
+peer that trusts the new root stops at it. Leaves are served with the cross certificate after
+them while the old root is still in the bundle (``Signer.chain``).
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from meshd.ca.spiffe import check_trust_domain, spiffe_id_for
+from meshd.ca.spiffe import Kind, check_trust_domain, spiffe_id_of
 
 ROOT_LIFETIME = timedelta(days=3650)
 DEFAULT_LEAF_LIFETIME = timedelta(hours=24)
@@ -37,10 +46,12 @@ class CSRRejected(ValueError):
 
 @dataclass(frozen=True)
 class Signer:
-    """The root key and certificate that sign leaves."""
+    """The root key and certificate that sign leaves, and the certificates served after each leaf
+    (during a root rotation: the new root certified by the old one)."""
 
     key: ec.EllipticCurvePrivateKey
     cert: x509.Certificate
+    chain: tuple[x509.Certificate, ...] = ()
 
 
 def new_private_key() -> ec.EllipticCurvePrivateKey:
@@ -78,6 +89,11 @@ def serial_hex(cert: x509.Certificate) -> str:
     return format(cert.serial_number, "x")
 
 
+def chain_pem(cert: x509.Certificate, signer: Signer) -> bytes:
+    """A leaf followed by what its verifier may need besides its roots (``Signer.chain``)."""
+    return cert_pem(cert) + b"".join(cert_pem(c) for c in signer.chain)
+
+
 def same_public_key(a: ec.EllipticCurvePublicKey, b: object) -> bool:
     if not isinstance(b, ec.EllipticCurvePublicKey):
         return False
@@ -96,11 +112,7 @@ def build_root(
     serial: int | None = None,
 ) -> x509.Certificate:
     """A self-signed root for ``trust_domain``: CA:TRUE pathlen 0, keyCertSign + cRLSign."""
-    check_trust_domain(trust_domain)
-    name = x509.Name([
-        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "meshd"),
-        x509.NameAttribute(NameOID.COMMON_NAME, f"meshd root {trust_domain}"),
-    ])
+    name = root_name(trust_domain)
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
     builder = (
         x509.CertificateBuilder()
@@ -118,6 +130,47 @@ def build_root(
         )
     )
     return builder.sign(key, hashes.SHA256())
+
+
+def root_name(trust_domain: str) -> x509.Name:
+    """The subject of every root of ``trust_domain`` (the same across rotations, see above)."""
+    check_trust_domain(trust_domain)
+    return x509.Name([
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "meshd"),
+        x509.NameAttribute(NameOID.COMMON_NAME, f"meshd root {trust_domain}"),
+    ])
+
+
+def cross_sign(old: Signer, new_root: x509.Certificate, now: datetime) -> x509.Certificate:
+    """The new root's name and key certified by the old root: a self-issued CA certificate (same
+    subject and issuer name) valid while both roots are. Raises ValueError if the roots do not
+    share their name or the old root has expired."""
+    if new_root.subject != old.cert.subject:
+        raise ValueError("a new root must keep the subject name of the root it replaces")
+    not_after = min(new_root.not_valid_after_utc, old.cert.not_valid_after_utc)
+    if not_after <= now:
+        raise ValueError("the old root has expired; it can no longer certify a successor")
+    new_key = new_root.public_key()
+    if not isinstance(new_key, ec.EllipticCurvePublicKey):
+        raise ValueError("the new root's key is not an EC key")
+    old_ski = old.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(new_root.subject)
+        .issuer_name(old.cert.subject)
+        .public_key(new_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(max(now - DEFAULT_BACKDATE, old.cert.not_valid_before_utc))
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_key_usage(key_cert_sign=True), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(new_key), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(old_ski),
+            critical=False,
+        )
+    )
+    return builder.sign(old.key, hashes.SHA256())
 
 
 def check_csr(csr: x509.CertificateSigningRequest) -> ec.EllipticCurvePublicKey:
@@ -157,10 +210,30 @@ def issue_leaf(
     serial: int | None = None,
 ) -> x509.Certificate:
     """A workload certificate for ``service`` binding ``public_key`` to its SPIFFE ID."""
-    spiffe_id = spiffe_id_for(trust_domain, service)
-    builder = _leaf_builder(signer, public_key, now, lifetime, backdate, serial)
+    return issue_identity(
+        signer, public_key, kind=Kind.SERVICE, name=service, trust_domain=trust_domain,
+        now=now, lifetime=lifetime, backdate=backdate, serial=serial,
+    )
+
+
+def issue_identity(
+    signer: Signer,
+    public_key: ec.EllipticCurvePublicKey,
+    *,
+    kind: Kind,
+    name: str,
+    trust_domain: str,
+    now: datetime,
+    lifetime: timedelta = DEFAULT_LEAF_LIFETIME,
+    backdate: timedelta = DEFAULT_BACKDATE,
+    serial: int | None = None,
+) -> x509.Certificate:
+    """A certificate binding ``public_key`` to ``spiffe://<td>/<kind>/<name>``."""
+    spiffe_id = spiffe_id_of(trust_domain, kind, name)
+    builder = _leaf_builder(signer, public_key, now, lifetime, backdate, serial,
+                            server=kind is not Kind.OPERATOR)
     builder = (
-        builder.subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, service)]))
+        builder.subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
         .add_extension(
             x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)]),
             critical=False,
@@ -243,6 +316,7 @@ def _leaf_builder(
     serial: int | None,
     *,
     client: bool = True,
+    server: bool = True,
 ) -> x509.CertificateBuilder:
     if lifetime <= timedelta(0):
         raise ValueError("certificate lifetime must be positive")
@@ -250,7 +324,7 @@ def _leaf_builder(
     not_after = min(now + lifetime, signer.cert.not_valid_after_utc)
     if not_after <= now:
         raise ValueError("the root certificate has expired; no leaf can be issued")
-    usages = [ExtendedKeyUsageOID.SERVER_AUTH]
+    usages = [ExtendedKeyUsageOID.SERVER_AUTH] if server else []
     if client:
         usages.append(ExtendedKeyUsageOID.CLIENT_AUTH)
     issuer_ski = signer.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value

@@ -1,63 +1,81 @@
-"""The CA's HTTPS API, a thin trio shell over ``issuer`` (signing) and ``store`` (tokens).
+"""The CA's HTTPS API, a thin trio shell over ``issuer`` (signing), ``ledger`` (decisions) and
+``store`` (tokens, ledger, audit on disk).
 
-    GET  /v1/ca/roots   the trust bundle; no authentication (clients check it against their pin)
-    POST /v1/ca/join    a join token, a node name and one CSR per service -> certificates
+    GET  /v1/ca/roots     the trust bundle; no authentication (clients check it against their pin
+                          or against the bundle they already trust)
+    POST /v1/ca/join      a join token, a node name, one CSR per service and one for the node ->
+                          certificates, including the node certificate
+    POST /v1/ca/renew     mutual TLS with the node certificate (never a token): CSRs for the
+                          node's services and for the node itself -> certificates
+    GET  /v1/ca/denylist  serials of revoked certificates still valid, with a version number,
+                          and the fingerprints of the roots in the bundle (what pollers
+                          watch; a node certificate presented here confirms its batch)
 
-Refusals are JSON ``{"error": code, "reason": sentence}`` and are logged with the reason and the
-token's id (never the token's secret, never a key).
+Every refusal is JSON ``{"error": code, "reason": sentence}``, logged with the reason and appended
+to the audit log with who asked (the token's id, never its secret; never a key). The API speaks
+TLS 1.3 only; request bodies are bounded.
 
-The API's own TLS certificate is issued from the root at start, for the listen address plus
-loopback names, and re-issued at half its lifetime; workload certificates carry no DNS/IP SANs, so
-a leaked service key cannot pass a client's hostname check for the CA.
+The API's own TLS (``server_tls``) is issued from the signing root at start, for the listen
+address plus loopback names, served with the rotation's cross certificate when there is one, and
+issued again at half its lifetime and whenever another process rotates the root. Workload
+certificates carry no DNS/IP SANs, so a leaked service key cannot pass a client's hostname check
+for the CA. Client certificates are requested but optional: joins have none. Request bodies are
+parsed by ``requests`` (pure).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import socket
-import ssl
-import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from pathlib import Path
 from typing import Any
 
-import psutil
 import trio
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from meshd.ca import issuer, tokens
-from meshd.ca.files import write_private_file, write_public_file
-from meshd.ca.spiffe import check_name, spiffe_id_for
-from meshd.ca.store import CAMaterial, TokenStore, load_ca
+from meshd.ca import audit, issuer, ledger, store, tokens
+from meshd.ca.ledger import IssuedRecord, NodeRecord
+from meshd.ca.requests import (
+    CertRequest,
+    JoinRequest,
+    PeerCertificate,
+    parse_join_request,
+    parse_renew_request,
+)
+from meshd.ca.server_tls import (
+    WILDCARD_HOSTS,
+    Clock,
+    MaterialCache,
+    ServerTLS,
+    local_names,
+    maintain_tls,
+    roots_pem,
+    server_hosts,
+    server_tls_context,
+)
+from meshd.ca.spiffe import Kind, spiffe_id_of
+from meshd.ca.store import CADatabase, CAMaterial, load_ca
 from meshd.ca.tokens import Refusal
 from meshd.errors import CAError
 from meshd.httpd import Request, Response, serve_http
+
+__all__ = [  # (the request parsing and the API's TLS live in requests and server_tls)
+    "CAEndpoint", "CAService", "CertRequest", "JoinRequest", "PeerCertificate",
+    "parse_join_request", "parse_renew_request", "serve_ca", "server_hosts",
+    "server_tls_context",
+]
 
 log = logging.getLogger(__name__)
 
 MAX_JOIN_BODY = 64 * 1024       # answered with a JSON 413 by the handler
 MAX_HTTP_BODY = 256 * 1024      # beyond this the HTTP layer refuses before reading the body
-MAX_SERVICES_PER_JOIN = 64
-SERVER_CERT_LIFETIME = timedelta(days=7)
-WILDCARD_HOSTS = ("", "0.0.0.0", "::")
-
-Clock = Callable[[], datetime]
 
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-@dataclass(frozen=True)
-class JoinRequest:
-    token: str
-    node: str
-    public_keys: Mapping[str, ec.EllipticCurvePublicKey]
 
 
 @dataclass(frozen=True)
@@ -74,54 +92,24 @@ class CAEndpoint:
         return f"https://{'[' + host + ']' if ':' in host else host}:{port}"
 
 
-def parse_join_request(body: bytes) -> JoinRequest | Refusal:
-    """Validate a join body (pure). A missing token is a 401; anything else malformed is a 400."""
-    try:
-        obj = json.loads(body)
-    except ValueError:
-        return Refusal(400, "bad_request", "the request body is not valid JSON")
-    if not isinstance(obj, dict):
-        return Refusal(400, "bad_request", "the request body must be a JSON object")
-    token = obj.get("token")
-    if not isinstance(token, str) or not token:
-        return Refusal(401, "missing_token", "a join token is required")
-    node = obj.get("node")
-    if not isinstance(node, str):
-        return Refusal(400, "bad_request", "'node' must be a string")
-    csrs = obj.get("csrs")
-    if not isinstance(csrs, dict) or not csrs:
-        return Refusal(400, "bad_request", "'csrs' must be an object mapping service to CSR PEM")
-    if len(csrs) > MAX_SERVICES_PER_JOIN:
-        return Refusal(400, "bad_request", f"at most {MAX_SERVICES_PER_JOIN} services per join")
-    try:
-        check_name(node, "node")
-    except ValueError as exc:
-        return Refusal(400, "bad_request", str(exc))
-    keys: dict[str, ec.EllipticCurvePublicKey] = {}
-    for service, pem in csrs.items():
-        try:
-            check_name(service)
-        except ValueError as exc:
-            return Refusal(400, "bad_request", str(exc))
-        if not isinstance(pem, str):
-            return Refusal(400, "bad_csr", f"the CSR for {service!r} must be a PEM string")
-        try:
-            keys[service] = issuer.check_csr(issuer.load_csr_pem(pem.encode()))
-        except issuer.CSRRejected as exc:
-            return Refusal(400, "bad_csr", f"CSR for service {service!r} refused: {exc}")
-    return JoinRequest(token=token, node=node, public_keys=keys)
-
-
 class CAService:
-    """Request handler of the CA API. Blocking work (token store) runs in worker threads."""
+    """Request handler of the CA API. Blocking work (tokens, ledger, signing) runs in worker
+    threads, under the CA's lock."""
 
-    def __init__(self, material: CAMaterial, token_store: TokenStore, clock: Clock = utc_now):
-        self._ca = material
-        self._tokens = token_store
+    def __init__(self, material: CAMaterial | MaterialCache, db: CADatabase | None = None,
+                 clock: Clock = utc_now):
+        self._materials = (material if isinstance(material, MaterialCache)
+                           else MaterialCache(material.directory, material))
+        self._db = db or CADatabase(self._materials.current.directory)
         self._clock = clock
 
     async def handle(self, request: Request) -> Response:
-        routes = {"/v1/ca/roots": ("GET", self._roots), "/v1/ca/join": ("POST", self._join)}
+        routes = {
+            "/v1/ca/roots": ("GET", self._roots),
+            "/v1/ca/join": ("POST", self._join),
+            "/v1/ca/renew": ("POST", self._renew),
+            "/v1/ca/denylist": ("GET", self._denylist),
+        }
         route = routes.get(request.path)
         if route is None:
             return _refuse(Refusal(404, "not_found", f"no such endpoint: {request.path}"))
@@ -132,136 +120,208 @@ class CAService:
             return response
         return await endpoint(request)
 
+    # -- endpoints -------------------------------------------------------------------------------
+
     async def _roots(self, request: Request) -> Response:
-        return Response.json({"trust_domain": self._ca.trust_domain, "roots": self._roots_pem()})
+        material = self._materials.current
+        return Response.json({"trust_domain": material.trust_domain,
+                              "roots": roots_pem(material),
+                              "signing_root": material.fingerprint})
+
+    async def _denylist(self, request: Request) -> Response:
+        def read() -> tuple[int, list[str]]:
+            state = self._db.ledger()
+            peer = PeerCertificate.from_der(request.peer_cert_der)
+            if peer is not None:
+                self._confirm(state, peer)
+            return state.denylist_version, ledger.denylist(state, self._clock())
+
+        try:
+            version, serials = await trio.to_thread.run_sync(read)
+        except CAError as exc:
+            log.error("deny list unavailable: %s", exc)
+            return _refuse(Refusal(500, "internal", "the CA cannot read its state"))
+        # the roots' fingerprints too, so that pollers fetch /v1/ca/roots only on a change
+        roots = [issuer.fingerprint(r) for r in self._materials.current.roots()]
+        return Response.json({"version": version, "serials": serials, "roots": roots})
+
+    def _confirm(self, state: ledger.Ledger, peer: PeerCertificate) -> None:
+        """A node polling with its node certificate holds that certificate's batch: record it
+        (once per batch) so the batches before it stop counting for a root rotation."""
+        issued = state.issued.get(peer.serial)
+        if issued is None or issued.kind is not Kind.NODE or issued.node is None:
+            return
+        node = state.nodes.get(issued.node)
+        if node is None or issued.batch <= node.confirmed_batch:
+            return
+        with self._db.transaction() as txn:
+            if ledger.confirm(txn.ledger, issued.node, peer.serial):
+                log.info("node %s confirmed batch %d (node certificate %s)", issued.node,
+                         issued.batch, peer.serial)
 
     async def _join(self, request: Request) -> Response:
-        peer = f"{request.remote[0]}:{request.remote[1]}" if request.remote else "?"
+        who = f"{_peer_address(request)}"
         if len(request.body) > MAX_JOIN_BODY:
-            too_large = f"join requests are limited to {MAX_JOIN_BODY} bytes"
-            return self._refused(
-                Refusal(413, "body_too_large", too_large), peer, node=None, token_id=None
-            )
+            return await self._refused(Refusal(413, "body_too_large",
+                                               f"requests are limited to {MAX_JOIN_BODY} bytes"),
+                                       "join", who)
         parsed = parse_join_request(request.body)
         if isinstance(parsed, Refusal):
-            return self._refused(parsed, peer, node=None, token_id=None)
-        services = sorted(parsed.public_keys)
+            return await self._refused(parsed, "join", who)
+
+        def transaction() -> tuple[dict[str, Any] | Refusal, str | None]:
+            now = self._clock()
+            material = self._materials.get()
+            with self._db.transaction() as txn:
+                record, refusal = store.redeem(txn, parsed.token, node=parsed.node,
+                                               services=sorted(parsed.public_keys), now=now)
+                token_id = record.token_id if record is not None else None
+                if refusal is not None or record is None:
+                    refusal = refusal or Refusal(401, "invalid_token", "invalid token")
+                    txn.audit.append(_refusal_event(refusal, "join", now, f"node/{parsed.node}",
+                                                    who, token_id=token_id))
+                    return refusal, token_id
+                node = ledger.record_join(txn.ledger, record, now)
+                actor = f"node/{parsed.node}@{who} (token {token_id})"
+                return self._issue(txn, material, node, parsed, now, actor), token_id
+
         try:
-            record, refusal = await trio.to_thread.run_sync(
-                partial(
-                    self._tokens.redeem, parsed.token, node=parsed.node, services=services,
-                    now=self._clock(),
-                )
-            )
+            result, token_id = await trio.to_thread.run_sync(transaction)
         except CAError as exc:
-            log.error("join from %s failed: %s", peer, exc)
-            return _refuse(Refusal(500, "internal", "the CA cannot read its token store"))
-        token_id = record.token_id if record is not None else None
-        if refusal is not None:
-            return self._refused(refusal, peer, node=parsed.node, token_id=token_id)
+            log.error("join from %s failed: %s", who, exc)
+            return _refuse(Refusal(500, "internal", "the CA cannot read or write its state"))
+        if isinstance(result, Refusal):
+            _log_refusal(result, "join", f"node {parsed.node!r} from {who} "
+                         f"(token {token_id or '-'})")
+            return _refuse(result)
+        return Response.json(result)
 
-        now = self._clock()
-        td = self._ca.trust_domain
-        certificates: dict[str, Any] = {}
-        for service in services:
+    async def _renew(self, request: Request) -> Response:
+        who = _peer_address(request)
+        peer = PeerCertificate.from_der(request.peer_cert_der)
+        if len(request.body) > MAX_JOIN_BODY:
+            return await self._refused(Refusal(413, "body_too_large",
+                                               f"requests are limited to {MAX_JOIN_BODY} bytes"),
+                                       "renew", who)
+
+        def decide(txn: store.Transaction, material: CAMaterial, now: datetime
+                   ) -> tuple[ledger.RenewalGrant, CertRequest] | Refusal:
+            grant = ledger.authorize_renewal(
+                txn.ledger, trust_domain=material.trust_domain,
+                peer_ids=peer.spiffe_ids if peer else None,
+                peer_serial=peer.serial if peer else None,
+                peer_not_after=peer.not_after if peer else None, now=now)
+            if isinstance(grant, Refusal):
+                return grant
+            parsed = parse_renew_request(request.body, grant.node.name)
+            if isinstance(parsed, Refusal):
+                return parsed
+            return ledger.refuse_services(grant.node, parsed.public_keys) or (grant, parsed)
+
+        def transaction() -> dict[str, Any] | Refusal:
+            now = self._clock()
+            material = self._materials.get()
+            with self._db.transaction() as txn:
+                decision = decide(txn, material, now)
+                if isinstance(decision, Refusal):
+                    what = ", ".join(peer.spiffe_ids) if peer else "no client certificate"
+                    txn.audit.append(_refusal_event(decision, "renew", now, what, who,
+                                                    serial=peer.serial if peer else None))
+                    return decision
+                grant, parsed = decision
+                ledger.confirm(txn.ledger, grant.node.name, grant.peer_serial)
+                actor = f"node/{grant.node.name}@{who} (certificate {grant.peer_serial})"
+                return self._issue(txn, material, grant.node, parsed, now, actor)
+
+        try:
+            result = await trio.to_thread.run_sync(transaction)
+        except CAError as exc:
+            log.error("renewal from %s failed: %s", who, exc)
+            return _refuse(Refusal(500, "internal", "the CA cannot read or write its state"))
+        if isinstance(result, Refusal):
+            ids = ", ".join(peer.spiffe_ids) if peer else "no client certificate"
+            _log_refusal(result, "renewal", f"{ids} from {who}")
+            return _refuse(result)
+        return Response.json(result)
+
+    # -- issuance --------------------------------------------------------------------------------
+
+    def _issue(self, txn: store.Transaction, material: CAMaterial, node: NodeRecord,
+               request: CertRequest, now: datetime, who: str) -> dict[str, Any] | Refusal:
+        """Sign one batch (the node certificate and each service's) and record it (blocking,
+        inside the caller's transaction)."""
+        td = material.trust_domain
+        lifetime = material.settings.leaf_lifetime
+        batch = ledger.next_batch(txn.ledger, node.name)
+        wanted: list[tuple[Kind, str, ec.EllipticCurvePublicKey]] = [
+            (Kind.NODE, node.name, request.node_key),
+            *((Kind.SERVICE, s, request.public_keys[s]) for s in sorted(request.public_keys)),
+        ]
+        answers: dict[str, Any] = {}
+        for kind, name, key in wanted:
             try:
-                cert = issuer.issue_leaf(
-                    self._ca.signer, parsed.public_keys[service], service=service,
-                    trust_domain=td, now=now, lifetime=self._ca.settings.leaf_lifetime,
-                )
+                cert = issuer.issue_identity(material.signer, key, kind=kind, name=name,
+                                             trust_domain=td, now=now, lifetime=lifetime,
+                                             backdate=backdate_for(lifetime))
             except ValueError as exc:  # the root has expired
-                log.error("cannot issue %s: %s", spiffe_id_for(td, service), exc)
-                return _refuse(Refusal(500, "cannot_issue", str(exc)))
-            certificates[service] = {
-                "cert_pem": issuer.cert_pem(cert).decode(),
-                "serial": issuer.serial_hex(cert),
-                "not_after": tokens.format_time(cert.not_valid_after_utc),
-                "spiffe_id": spiffe_id_for(td, service),
+                log.error("cannot issue %s: %s", spiffe_id_of(td, kind, name), exc)
+                raise CAError(str(exc)) from exc
+            record = IssuedRecord(issuer.serial_hex(cert), kind, name, node.name,
+                                  material.fingerprint, now, cert.not_valid_after_utc, batch)
+            ledger.record_issued(txn.ledger, record)
+            spiffe_id = spiffe_id_of(td, kind, name)
+            txn.audit.append(audit.event("issue", now=now, who=who, what=spiffe_id,
+                                         serial=record.serial, not_after=record.not_after,
+                                         root=record.root, batch=batch))
+            answers[f"{kind.value}/{name}"] = {
+                "cert_pem": issuer.chain_pem(cert, material.signer).decode(),
+                "serial": record.serial,
+                "not_after": tokens.format_time(record.not_after),
+                "spiffe_id": spiffe_id,
             }
-            log.info(
-                "issued %s to node %r from %s (token %s): serial %s, valid until %s",
-                spiffe_id_for(td, service), parsed.node, peer, token_id,
-                certificates[service]["serial"], certificates[service]["not_after"],
-            )
-        return Response.json(
-            {"trust_domain": td, "roots": self._roots_pem(), "certificates": certificates}
-        )
+            log.info("issued %s to %s: serial %s, valid until %s", spiffe_id, who,
+                     record.serial, tokens.format_time(record.not_after))
+        return {
+            "trust_domain": td,
+            "roots": roots_pem(material),
+            "node_certificate": answers.pop(f"node/{node.name}"),
+            "certificates": {k.removeprefix("svc/"): v for k, v in answers.items()},
+        }
 
-    def _roots_pem(self) -> list[str]:
-        return [issuer.cert_pem(root).decode() for root in self._ca.roots()]
-
-    @staticmethod
-    def _refused(
-        refusal: Refusal, peer: str, *, node: str | None, token_id: str | None
-    ) -> Response:
-        log.warning(
-            "join refused for node %r from %s (token %s): %s: %s",
-            node, peer, token_id or "-", refusal.code, refusal.reason,
-        )
+    async def _refused(self, refusal: Refusal, action: str, who: str) -> Response:
+        """A refusal decided before any transaction (malformed request): log, audit, answer."""
+        _log_refusal(refusal, action, f"request from {who}")
+        record = _refusal_event(refusal, action, self._clock(), "", who)
+        try:
+            await trio.to_thread.run_sync(audit.append, self._db.directory, [record])
+        except OSError as exc:
+            log.error("cannot append to the audit log: %s", exc)
         return _refuse(refusal)
+
+
+def backdate_for(lifetime: timedelta) -> timedelta:
+    """Leaves are valid from a little before issuance (clock skew between hosts): a minute, but
+    at most 5% of a short lifetime, so the renewal schedule (fractions of the lifetime counted
+    from notBefore) still means what it says."""
+    return min(issuer.DEFAULT_BACKDATE, lifetime * 0.05)
+
+
+def _refusal_event(refusal: Refusal, action: str, now: datetime, what: str, who: str,
+                   **fields: Any) -> dict[str, Any]:
+    return audit.event("refuse", now=now, who=who, what=what, request=action,
+                       code=refusal.code, reason=refusal.reason, **fields)
+
+
+def _log_refusal(refusal: Refusal, action: str, about: str) -> None:
+    log.warning("%s refused for %s: %s: %s", action, about, refusal.code, refusal.reason)
+
+
+def _peer_address(request: Request) -> str:
+    return f"{request.remote[0]}:{request.remote[1]}" if request.remote else "?"
 
 
 def _refuse(refusal: Refusal) -> Response:
     return Response.json({"error": refusal.code, "reason": refusal.reason}, refusal.status)
-
-
-def server_hosts(listen_host: str, extra: Iterable[str], local_names: Iterable[str]) -> list[str]:
-    """The names the CA's TLS certificate covers: the listen address (or, for a wildcard,
-    ``local_names``), loopback, and ``extra`` (pure)."""
-    hosts = list(local_names) if listen_host in WILDCARD_HOSTS else [listen_host]
-    hosts += ["localhost", "127.0.0.1", "::1", *extra]
-    # (non-ASCII names cannot be DNS SANs as they are; IDNA would be the operator's --san)
-    return list(dict.fromkeys(h for h in hosts if h and h.isascii()))
-
-
-def local_names() -> list[str]:
-    """This machine's host names and interface addresses (blocking: call in a thread)."""
-    names = [socket.gethostname(), socket.getfqdn()]
-    for addrs in psutil.net_if_addrs().values():
-        for addr in addrs:
-            if addr.family in (socket.AF_INET, socket.AF_INET6) and "%" not in addr.address:
-                names.append(addr.address)
-    return names
-
-
-def server_tls_context(material: CAMaterial, hosts: list[str], now: datetime) -> ssl.SSLContext:
-    """A TLS 1.3 server context holding a fresh certificate for ``hosts``."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_3
-    context.set_alpn_protocols(["http/1.1"])
-    key = issuer.new_private_key()
-    _load_server_cert(context, material, key, hosts, now)
-    return context
-
-
-def _load_server_cert(
-    context: ssl.SSLContext,
-    material: CAMaterial,
-    key: ec.EllipticCurvePrivateKey,
-    hosts: list[str],
-    now: datetime,
-) -> None:
-    cert = issuer.issue_server_cert(
-        material.signer, key.public_key(), hosts=hosts, now=now, lifetime=SERVER_CERT_LIFETIME
-    )
-    # ssl only loads certificates from files: use a private temporary directory, gone at once.
-    with tempfile.TemporaryDirectory(prefix="meshd-ca-tls-") as tmp:
-        key_path, cert_path = Path(tmp, "server.key"), Path(tmp, "server.crt")
-        write_private_file(key_path, issuer.private_key_pem(key))
-        write_public_file(cert_path, issuer.cert_pem(cert))
-        context.load_cert_chain(os.fspath(cert_path), os.fspath(key_path))
-
-
-async def _renew_server_cert(
-    context: ssl.SSLContext, material: CAMaterial, hosts: list[str], clock: Clock
-) -> None:
-    # Loading a new chain into the live context affects new handshakes only; open connections
-    # keep the certificate they negotiated.
-    while True:
-        await trio.sleep(SERVER_CERT_LIFETIME.total_seconds() / 2)
-        key = await trio.to_thread.run_sync(issuer.new_private_key)
-        _load_server_cert(context, material, key, hosts, clock())
-        log.info("renewed the CA API's TLS certificate")
 
 
 async def serve_ca(
@@ -283,8 +343,10 @@ async def serve_ca(
     if host in WILDCARD_HOSTS:
         names = await trio.to_thread.run_sync(local_names)
     hosts = server_hosts(host, extra_hosts, names)
-    context = server_tls_context(material, hosts, clock())
-    service = CAService(material, TokenStore(directory), clock)
+    tls = ServerTLS(hosts)
+    tls.update(material, clock())
+    materials = MaterialCache(directory, material)
+    service = CAService(materials, CADatabase(directory), clock)
 
     bind_error: OSError | None = None
     async with trio.open_nursery() as nursery:
@@ -292,14 +354,14 @@ async def serve_ca(
             listeners = await nursery.start(
                 partial(
                     serve_http, service.handle, host, port,
-                    ssl_context=context, max_body=MAX_HTTP_BODY,
+                    ssl_context=tls.front, max_body=MAX_HTTP_BODY,
                 )
             )
         except OSError as exc:
             # Raised outside the nursery so callers see a CAError, not an exception group.
             bind_error = exc
         else:
-            nursery.start_soon(_renew_server_cert, context, material, hosts, clock)
+            nursery.start_soon(maintain_tls, tls, materials, clock)
             addresses = tuple(
                 (str(sa[0]), int(sa[1])) for sa in (lst.socket.getsockname() for lst in listeners)
             )

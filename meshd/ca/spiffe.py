@@ -1,14 +1,20 @@
-"""SPIFFE IDs as meshd uses them: ``spiffe://<trust-domain>/svc/<service>``. Pure.
+"""SPIFFE IDs as meshd uses them. Pure.
+
+Three kinds, one path segment each, the name being a mesh name (``meshd.names``):
+
+* ``spiffe://<trust-domain>/svc/<service>``     workloads (the data plane only ever accepts these)
+* ``spiffe://<trust-domain>/node/<node>``       a host's meshd: renews with it, serves admin TLS
+* ``spiffe://<trust-domain>/operator/<name>``   people and tools calling admin APIs
 
 The syntax follows the SPIFFE ID specification (lower-case trust domain of letters, digits, ``.``,
-``-``, ``_``; path segments of letters, digits, ``.``, ``-``, ``_``), narrowed to the one shape
-meshd issues, so that a peer's identity is either exactly a meshd service or nothing: the service
-segment is a mesh name (``meshd.names``, the rule the config files use).
+``-``, ``_``; path segments of letters, digits, ``.``, ``-``, ``_``), narrowed to these shapes, so
+that a peer's identity is either exactly one of them or nothing.
 """
 
 from __future__ import annotations
 
 import re
+from enum import StrEnum
 
 from cryptography import x509
 
@@ -19,6 +25,14 @@ SERVICE_PATH = "/svc/"
 
 _TRUST_DOMAIN = re.compile(r"[a-z0-9._-]+")
 MAX_TRUST_DOMAIN = 255
+
+
+class Kind(StrEnum):
+    """What an identity names: the first path segment of its SPIFFE ID."""
+
+    SERVICE = "svc"
+    NODE = "node"
+    OPERATOR = "operator"
 
 
 def check_trust_domain(trust_domain: str) -> str:
@@ -56,11 +70,18 @@ def spiffe_id_for(trust_domain: str, service: str) -> str:
     return f"{SCHEME}{trust_domain}{SERVICE_PATH}{service}"
 
 
-def parse_spiffe_id(uri: str) -> tuple[str, str]:
-    """``"spiffe://example.org/svc/web"`` -> ``("example.org", "web")``.
+def spiffe_id_of(trust_domain: str, kind: Kind, name: str) -> str:
+    """``spiffe_id_of("example.org", Kind.NODE, "host-1")`` -> ``"spiffe://example.org/node/host-1"``."""
+    check_trust_domain(trust_domain)
+    check_name(name, "service" if kind is Kind.SERVICE else kind.value)
+    return f"{SCHEME}{trust_domain}/{kind.value}/{name}"
 
-    Raises ValueError for anything that is not exactly a meshd service identity (other schemes,
-    ports, user info, queries, fragments, other paths, upper-case trust domains...).
+
+def parse_identity(uri: str) -> tuple[str, Kind, str]:
+    """``"spiffe://example.org/node/h1"`` -> ``("example.org", Kind.NODE, "h1")``.
+
+    Raises ValueError for anything that is not exactly a meshd identity (other schemes, ports,
+    user info, queries, fragments, other paths, upper-case trust domains...).
     """
     if not uri.startswith(SCHEME):
         raise ValueError(f"not a SPIFFE ID (expected {SCHEME}...): {uri!r}")
@@ -68,15 +89,30 @@ def parse_spiffe_id(uri: str) -> tuple[str, str]:
     trust_domain, sep, path = rest.partition("/")
     if not sep:
         raise ValueError(f"SPIFFE ID has no path: {uri!r}")
-    if not path.startswith(SERVICE_PATH[1:]):
-        raise ValueError(f"SPIFFE ID is not a meshd service identity (/svc/NAME): {uri!r}")
-    service = path[len(SERVICE_PATH) - 1:]
+    segment, sep, name = path.partition("/")
+    kinds = {k.value: k for k in Kind}
+    if not sep or segment not in kinds:
+        raise ValueError(f"SPIFFE ID is not a meshd identity (/svc/, /node/ or /operator/ NAME): "
+                         f"{uri!r}")
+    kind = kinds[segment]
     try:
         check_trust_domain(trust_domain)
-        check_name(service)
+        check_name(name, "service" if kind is Kind.SERVICE else kind.value)
     except ValueError as exc:
         raise ValueError(f"invalid SPIFFE ID {uri!r}: {exc}") from None
-    return trust_domain, service
+    return trust_domain, kind, name
+
+
+def parse_spiffe_id(uri: str) -> tuple[str, str]:
+    """``"spiffe://example.org/svc/web"`` -> ``("example.org", "web")``.
+
+    Raises ValueError for anything that is not exactly a meshd *service* identity (node and
+    operator identities included: they never call services).
+    """
+    trust_domain, kind, name = parse_identity(uri)
+    if kind is not Kind.SERVICE:
+        raise ValueError(f"SPIFFE ID is not a meshd service identity (/svc/NAME): {uri!r}")
+    return trust_domain, name
 
 
 def spiffe_ids_from_cert(cert: x509.Certificate) -> list[str]:

@@ -3,7 +3,9 @@
 A token reads ``<id>.<secret>`` (like kubeadm's bootstrap tokens): the id names the record and
 may appear in logs; the secret is shown once to the operator and the CA keeps only its SHA-256.
 A record binds the token to one node name and the services that node may claim, with an expiry
-and, optionally, a number of uses left.
+and a number of uses left: one by default, because a joined node renews with its node certificate
+and never needs its token again (``None``, any number of uses until expiry, is only minted when a
+caller asks for it).
 """
 
 from __future__ import annotations
@@ -50,9 +52,10 @@ def mint(
     *,
     now: datetime,
     ttl: timedelta,
-    uses: int | None = None,
+    uses: int | None = 1,
 ) -> tuple[str, JoinToken]:
-    """A new token and its record. Raises ValueError for bad names, ttl or uses."""
+    """A new token and its record (single use unless ``uses`` says otherwise). Raises
+    ValueError for bad names, ttl or uses."""
     check_name(node, "node")
     names = tuple(dict.fromkeys(check_name(s) for s in services))
     if not names:

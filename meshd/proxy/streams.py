@@ -44,9 +44,19 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._eof_sent = False
         self._closed = False
         self._broken = False
+        self.peer_serial = ""  # the peer certificate's serial (hex), once checked
 
     def peer_certificate(self) -> bytes | None:
         return self.ssl_object.getpeercert(binary_form=True)
+
+    def abort(self) -> None:
+        """Cut the connection now, from outside the tasks using it (a revoked peer): the
+        socket is closed, so their pending and next operations fail and they clean up."""
+        self._broken = True
+        sock = getattr(self.transport, "socket", None)
+        close = getattr(sock, "close", None) or getattr(self.transport, "close", None)
+        if close is not None:
+            close()
 
     async def do_handshake(self) -> None:
         while True:
@@ -241,7 +251,8 @@ async def open_mtls(address: str, port: int, tls: TLSState, source: str,
         except trio.BrokenResourceError as exc:
             label, text = classify_tls_failure(exc)
             raise HandshakeRefused(label, f"{address}:{port} ({destination}): {text}") from exc
-        tls.check_server(stream.peer_certificate(), destination)
+        stream.peer_serial = tls.check_server(stream.peer_certificate(), destination)
+        tls.track(stream)
     except BaseException:
         await trio.aclose_forcefully(stream)
         raise
@@ -249,8 +260,9 @@ async def open_mtls(address: str, port: int, tls: TLSState, source: str,
 
 
 async def accept_mtls(transport: trio.SocketStream, tls: TLSState) -> tuple[TLSStream, str, str]:
-    """Run the server side of the handshake on an accepted connection; return the stream, the
-    local service the client asked for (SNI) and the calling service (its SPIFFE ID).
+    """Run the server side of the handshake on an accepted connection; return the stream (its
+    ``peer_serial`` set), the local service the client asked for (SNI) and the calling service
+    (its SPIFFE ID).
 
     The caller bounds the time. Raises ``HandshakeRefused`` (and leaves closing to the
     caller)."""
@@ -266,7 +278,10 @@ async def accept_mtls(transport: trio.SocketStream, tls: TLSState) -> tuple[TLSS
                                    "client closed the connection during the handshake") from exc
         label, text = classify_tls_failure(exc)
         raise HandshakeRefused(label, text) from exc
-    source = tls.source_of(stream.peer_certificate())
+    peer = tls.check_client(stream.peer_certificate())
+    stream.peer_serial = peer.serial
+    tls.track(stream)
+    source = peer.service
     obj = stream.ssl_object
     service = obj.sni if isinstance(obj, MeshSSLObject) else None
     if not service:

@@ -180,7 +180,8 @@ def _csr_pem(key: ec.EllipticCurvePrivateKey) -> str:
 
 async def test_csr_with_a_non_p256_key_is_refused(ca: CAMaterial, ca_server: CAEndpoint) -> None:
     token = mint(ca, uses=1)
-    body = {"token": token, "node": "n1",
+    node_csr = _csr_pem(ec.generate_private_key(ec.SECP256R1()))
+    body = {"token": token, "node": "n1", "node_csr": node_csr,
             "csrs": {"web": _csr_pem(ec.generate_private_key(ec.SECP384R1()))}}
     response = await post_join(ca_server, ca, body)
     assert response.status_code == 400

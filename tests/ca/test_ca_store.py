@@ -113,8 +113,10 @@ def test_token_decisions_in_order() -> None:
 def test_token_json_round_trip() -> None:
     _, record = tokens.mint("n1", ["web"], now=NOW, ttl=timedelta(minutes=10), uses=3)
     assert tokens.from_json(record.token_id, tokens.to_json(record)) == record
-    _, unlimited = tokens.mint("n1", ["web"], now=NOW, ttl=timedelta(minutes=10))
+    _, unlimited = tokens.mint("n1", ["web"], now=NOW, ttl=timedelta(minutes=10), uses=None)
     assert tokens.consume(unlimited) == unlimited
+    _, default = tokens.mint("n1", ["web"], now=NOW, ttl=timedelta(minutes=10))
+    assert default.uses_left == 1  # single use unless asked otherwise
 
 
 @pytest.mark.parametrize(
@@ -229,3 +231,41 @@ def test_read_identity_refuses_mismatches(tmp_path: Path) -> None:
     (tmp_path / "cart.key").rename(tmp_path / "other.key")
     with pytest.raises(CAError, match="not of 'other'"):
         read_identity(tmp_path, "other")
+
+
+# --- the ledger on disk: state and the certificate journal ------------------------------------
+
+def test_certificates_are_appended_and_compacted_once_mostly_expired(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from meshd.ca import journal, ledger, store
+    from meshd.ca.ledger import IssuedRecord
+    from meshd.ca.spiffe import Kind
+
+    monkeypatch.setattr(journal, "COMPACT_SLACK", 4)
+    init_ca(tmp_path, "mesh.test", now=NOW)
+    writer, reader = store.CADatabase(tmp_path), store.CADatabase(tmp_path)
+    real_now = datetime.now(UTC)
+
+    def record(i: int, expired: bool) -> IssuedRecord:
+        not_after = real_now + (timedelta(hours=-1) if expired else timedelta(hours=1))
+        return IssuedRecord(format(0x1000 + i, "x"), Kind.SERVICE, "web", "n1", "sha256:x",
+                            real_now, not_after)
+
+    for i in range(12):  # 12 expired
+        with writer.transaction() as txn:
+            ledger.record_issued(txn.ledger, record(i, expired=True))
+        if i < 3:  # before the first compaction check: read incrementally, line by line
+            assert len(reader.ledger().issued) == i + 1
+    journal_file = tmp_path / "issued.jsonl"
+    assert mode(journal_file) == 0o600
+    for i in range(12, 15):  # then live ones
+        with writer.transaction() as txn:
+            ledger.record_issued(txn.ledger, record(i, expired=False))
+    lines = journal_file.read_text().splitlines()
+    assert len(lines) < 15  # compacted along the way
+    live = {format(0x1000 + i, "x") for i in range(12, 15)}
+    # a reader that had read part of the old file reads the new one whole
+    assert live <= set(reader.ledger().issued)
+    assert live <= set(store.read_ledger(tmp_path).issued)
+    assert json.loads(lines[-1])["serial"] == format(0x1000 + 14, "x")

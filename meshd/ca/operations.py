@@ -1,0 +1,185 @@
+"""The operator's commands on the CA directory: offline issuance (``meshd ca issue``),
+revocation (``meshd ca revoke``) and root rotation (``meshd ca rotate [--finish]``). Each runs
+under the CA's lock, records what it did in the ledger and the audit log, and raises CAError
+with the reason when it refuses. Blocking.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import replace
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+
+from meshd.ca import audit, issuer, ledger, tokens
+from meshd.ca.files import write_private_file, write_public_file
+from meshd.ca.ledger import IssuedRecord
+from meshd.ca.spiffe import Kind, check_name, spiffe_id_of
+from meshd.ca.store import (
+    SETTINGS,
+    CADatabase,
+    CAMaterial,
+    RootFiles,
+    load_ca,
+    locked,
+    read_ledger,
+    settings_json,
+)
+from meshd.errors import CAError
+
+log = logging.getLogger(__name__)
+
+
+def issue_offline(
+    directory: str | os.PathLike[str], kind: Kind, name: str, *, now: datetime,
+    lifetime: timedelta | None = None, who: str = "",
+) -> tuple[CAMaterial, bytes, x509.Certificate, bytes]:
+    """Issue a certificate without a node (``meshd ca issue``): returns the CA, the new key
+    (PEM), the certificate and its chain PEM. Recorded in the ledger and the audit log."""
+    try:
+        check_name(name, "service" if kind is Kind.SERVICE else kind.value)
+    except ValueError as exc:
+        raise CAError(str(exc)) from None
+    load_ca(directory)  # a clear error when there is no CA here
+    db = CADatabase(directory)
+    key = issuer.new_private_key()
+    with db.transaction() as txn:
+        material = load_ca(directory)
+        try:
+            cert = issuer.issue_identity(
+                material.signer, key.public_key(), kind=kind, name=name,
+                trust_domain=material.trust_domain, now=now,
+                lifetime=lifetime or material.settings.leaf_lifetime)
+        except ValueError as exc:
+            raise CAError(str(exc)) from None
+        record = IssuedRecord(issuer.serial_hex(cert), kind, name, None, material.fingerprint,
+                              now, cert.not_valid_after_utc)
+        ledger.prune(txn.ledger, now)
+        ledger.record_issued(txn.ledger, record)
+        txn.audit.append(audit.event(
+            "issue", now=now, who=who or audit.operator(),
+            what=spiffe_id_of(material.trust_domain, kind, name), serial=record.serial,
+            not_after=record.not_after, root=record.root))
+    return material, issuer.private_key_pem(key), cert, issuer.chain_pem(cert, material.signer)
+
+
+def revoke(
+    directory: str | os.PathLike[str], *, now: datetime, node: str | None = None,
+    serial: str | None = None, who: str = "",
+) -> list[ledger.Revocation]:
+    """Revoke a node (every live certificate of it, and its renewals) or one serial. Raises
+    CAError for an unknown node or serial."""
+    who = who or audit.operator()
+    with CADatabase(directory).transaction() as txn:
+        ledger.prune(txn.ledger, now)
+        if node is not None:
+            if node not in txn.ledger.nodes:
+                raise CAError(f"no node {node!r} has joined this CA")
+            done = ledger.revoke_node(txn.ledger, node, now)
+            txn.audit.append(audit.event("revoke", now=now, who=who, what=f"node/{node}",
+                                         serials=[r.serial for r in done]))
+        elif serial is not None:
+            try:
+                done = [ledger.revoke_serial(txn.ledger, serial, now)]
+            except ValueError:
+                raise CAError(f"{serial!r} is not a hexadecimal serial number") from None
+            except KeyError:
+                raise CAError(f"no live certificate with serial {serial} was issued by this CA "
+                              "(unknown, or already expired)") from None
+        else:
+            raise CAError("revoke needs a node or a serial")
+        for r in done:
+            issued = txn.ledger.issued.get(r.serial)
+            txn.audit.append(audit.event(
+                "revoke", now=now, who=who, what=issued.what if issued else "",
+                node=issued.node if issued else None, serial=r.serial, not_after=r.not_after,
+                reason=r.reason))
+    return done
+
+
+def rotate_ca(directory: str | os.PathLike[str], *, now: datetime, who: str = "") -> CAMaterial:
+    """Start a root rotation: a new root signs from now on, certified by the old one; both are in
+    the bundle until ``finish_rotation``. Raises CAError while a rotation is in progress."""
+    d = Path(directory)
+    who = who or audit.operator()
+    try:
+        with locked(d):
+            old = load_ca(d)
+            if old.previous is not None:
+                raise CAError("a root rotation is already in progress; finish it first "
+                              "(`meshd ca rotate --finish`)")
+            generation = old.files.generation + 1
+            key = issuer.new_private_key()
+            root = issuer.build_root(key, old.trust_domain, now)
+            try:
+                cross = issuer.cross_sign(old.signer, root, now)
+            except ValueError as exc:
+                raise CAError(str(exc)) from None
+            files = RootFiles(root=f"root-{generation}", generation=generation,
+                              previous_root=old.files.root, cross_cert=f"cross-{generation}.crt")
+            write_private_file(d / f"{files.root}.key", issuer.private_key_pem(key))
+            write_public_file(d / f"{files.root}.crt", issuer.cert_pem(root))
+            write_public_file(d / str(files.cross_cert), issuer.cert_pem(cross))
+            write_public_file(d / SETTINGS, settings_json(old.settings, files, root, now))
+            # The old key signs nothing any more: the cross certificate was its last signature.
+            (d / f"{old.files.root}.key").unlink(missing_ok=True)
+            audit.append(d, [audit.event(
+                "rotate", now=now, who=who, what=old.trust_domain, root=issuer.fingerprint(root),
+                previous_root=old.fingerprint, serial=issuer.serial_hex(cross))])
+    except OSError as exc:
+        raise CAError(f"cannot rotate the root in {d}: {exc}") from exc
+    material = load_ca(d)
+    log.info("root rotation started: new root %s, previous %s", material.fingerprint,
+             old.fingerprint)
+    return material
+
+
+def finish_rotation(
+    directory: str | os.PathLike[str], *, now: datetime, who: str = "",
+) -> CAMaterial:
+    """Drop the previous root. Refuses (CAError with the reason) while a certificate that may
+    still be presented depends on it (``ledger.depending_on_root``)."""
+    d = Path(directory)
+    who = who or audit.operator()
+    try:
+        with locked(d):
+            material = load_ca(d)
+            previous = material.previous_fingerprint
+            if previous is None or material.files.previous_root is None:
+                raise CAError("no root rotation is in progress")
+            state = read_ledger(d)
+            depending = ledger.depending_on_root(state, previous, now)
+            if depending:
+                reason = depending_reason(depending, material.trust_domain)
+                audit.append(d, [audit.event("rotate_finish_refused", now=now, who=who,
+                                             root=previous, reason=reason)])
+                raise CAError(reason)
+            files = replace(material.files, previous_root=None, cross_cert=None)
+            write_public_file(d / SETTINGS,
+                              settings_json(material.settings, files, material.signer.cert, now))
+            (d / f"{material.files.previous_root}.crt").unlink(missing_ok=True)
+            if material.files.cross_cert:
+                (d / material.files.cross_cert).unlink(missing_ok=True)
+            audit.append(d, [audit.event("rotate_finish", now=now, who=who,
+                                         root=material.fingerprint, previous_root=previous)])
+    except OSError as exc:
+        raise CAError(f"cannot finish the rotation in {d}: {exc}") from exc
+    return load_ca(d)
+
+
+def depending_reason(depending: list[IssuedRecord], trust_domain: str, shown: int = 5) -> str:
+    """Why the previous root cannot go yet, naming the certificates (pure)."""
+    names = [
+        f"{spiffe_id_of(trust_domain, r.kind, r.name)} (serial {r.serial}"
+        + (f", node {r.node}" if r.node else "")
+        + f", expires {tokens.format_time(r.not_after)})"
+        for r in depending[:shown]
+    ]
+    more = f" and {len(depending) - shown} more" if len(depending) > shown else ""
+    last = max(r.not_after for r in depending)
+    return (f"{len(depending)} live certificate(s) still depend on the previous root: "
+            f"{'; '.join(names)}{more}. Nodes move to the new root at their next renewal; "
+            f"otherwise wait until {tokens.format_time(last)} or revoke them")
