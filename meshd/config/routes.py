@@ -1,17 +1,56 @@
 """``routes.toml``, the mesh's traffic rules: a parsed mapping (or its canonical JSON form, as
 kept in the registry's KV) in, a frozen ``RouteTable`` out, or a ``ConfigError`` listing every
-problem with its key path; and back (``routes_to_data``). Pure."""
+problem with its key path; and back (``routes_to_data``). Pure.
+
+Per destination: ``subsets``; ordered ``[[routes]]`` (``match`` on path, method, headers, query;
+``split``, ``timeout``, ``retries``, ``fault``, ``mirror``), first match wins; the
+destination-level ``split``/``timeout``/``retries``/``fault``/``mirror`` form the default route
+that serves what no route matches; and ``policy`` (load balancer, connection limits, outlier
+detection, retry budget). A file with only ``subsets``/``split``/``timeout`` (the first
+format) means what it always meant. Regular expressions are compiled here, so a bad one is a
+config error, never a request-time one.
+"""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from meshd.config.reader import Reader
-from meshd.config.schema import DestinationRoutes, RouteTable, SplitLeg, Subset
+from meshd.config.route_parts import (
+    get_integer,
+    get_number,
+    get_table,
+    match_data,
+    parse_match,
+    parse_policy,
+    policy_data,
+)
+from meshd.config.schema import (
+    RETRY_CONDITIONS,
+    DestinationPolicy,
+    DestinationRoutes,
+    FaultPolicy,
+    MirrorPolicy,
+    RetryPolicy,
+    Route,
+    RouteMatch,
+    RouteTable,
+    SplitLeg,
+    Subset,
+)
 from meshd.names import is_valid_name
 
-DESTINATION_KEYS = {"subsets", "split", "timeout"}
+DESTINATION_KEYS = {"subsets", "split", "timeout", "retries", "fault", "mirror", "routes",
+                    "policy"}
+ROUTE_KEYS = {"name", "match", "split", "timeout", "retries", "fault", "mirror"}
+RETRY_KEYS = {"attempts", "per_try_timeout", "retry_on"}
+FAULT_KEYS = {"delay", "delay_percent", "abort_status", "abort_percent"}
+MIRROR_KEYS = {"subset", "percent"}
+MAX_RETRY_ATTEMPTS = 10
+
+_STATUS_RE = re.compile(r"^[45][0-9][0-9]$")
 
 
 def parse_routes(data: Mapping[str, Any], file: str = "routes.toml") -> RouteTable:
@@ -53,9 +92,44 @@ def _parse_destination(
         version = r.name(sub, "version", spath)
         if version is not None:
             subsets.append(Subset(name, version))
-    split: list[SplitLeg] = []
-    split_raw = r.get(raw, "split", path, dict, {}) or {}
     known = {s.name for s in subsets}
+    split = _split(r, raw, path, known)
+    timeout = r.duration(raw, "timeout", path, None)
+    retries = _retries(r, raw, path)
+    fault = _fault(r, raw, path)
+    mirror = _mirror(r, raw, path, known)
+    routes: list[Route] = []
+    names: set[str] = set()
+    routes_raw = r.get(raw, "routes", path, list, []) or []
+    for i, route_raw in enumerate(routes_raw):
+        rpath = f"{path}.routes[{i}]"
+        if not isinstance(route_raw, dict):
+            r.problem(rpath, "expected a table")
+            continue
+        route = _parse_route(r, route_raw, rpath, i, known)
+        if route is None:
+            continue
+        if route.name in names:
+            r.problem(f"{rpath}.name", f"route name {route.name!r} used twice")
+            continue
+        names.add(route.name)
+        routes.append(route)
+    policy = parse_policy(r, raw, path)
+    if len(r.problems) != before:
+        return None
+    return DestinationRoutes(service, tuple(subsets), split or (), timeout, tuple(routes),
+                             retries, fault, mirror, policy or DestinationPolicy())
+
+
+def _split(r: Reader, raw: Mapping[str, Any], path: str,
+           known: set[str]) -> tuple[SplitLeg, ...] | None:
+    """The weighted split at ``path.split``, or None when absent (or wrong)."""
+    if "split" not in raw:
+        return None
+    split_raw = r.get(raw, "split", path, dict)
+    if split_raw is None:
+        return None
+    split: list[SplitLeg] = []
     for name, weight in split_raw.items():
         lpath = f"{path}.split.{name}"
         if isinstance(weight, bool) or not isinstance(weight, int):
@@ -70,27 +144,177 @@ def _parse_destination(
             r.problem(lpath, f"unknown subset {name!r}{hint}")
             continue
         split.append(SplitLeg(name, weight))
-    if split and len(split) == len(split_raw):
+    if len(split) != len(split_raw):
+        return None
+    if split:
         total = sum(leg.weight for leg in split)
         if total != 100:
             r.problem(f"{path}.split", f"weights sum to {total}, must sum to 100")
+            return None
+    return tuple(split)
+
+
+# -- routes ---------------------------------------------------------------------------------------
+
+def _parse_route(r: Reader, raw: Mapping[str, Any], path: str, index: int,
+                 known: set[str]) -> Route | None:
+    before = len(r.problems)
+    r.unknown_keys(raw, path, ROUTE_KEYS)
+    name = r.name(raw, "name", path, None) or _generated_name(index)
+    if name == "default":
+        r.problem(f"{path}.name", "'default' names the destination-level route")
+    match = RouteMatch()
+    if "match" in raw:
+        match_raw = r.get(raw, "match", path, dict)
+        if match_raw is not None:
+            match = parse_match(r, match_raw, f"{path}.match")
+    split = _split(r, raw, path, known)
     timeout = r.duration(raw, "timeout", path, None)
+    retries = _retries(r, raw, path)
+    fault = _fault(r, raw, path)
+    mirror = _mirror(r, raw, path, known)
     if len(r.problems) != before:
         return None
-    return DestinationRoutes(service, tuple(subsets), tuple(split), timeout)
+    return Route(name, match, split, timeout, retries, fault, mirror)
 
+
+def _generated_name(index: int) -> str:
+    # Not a valid explicit name, so it can never clash with one.
+    return f"routes[{index}]"
+
+
+# -- what a route does ------------------------------------------------------------------------
+
+def _retries(r: Reader, raw: Mapping[str, Any], path: str) -> RetryPolicy | None:
+    table = get_table(r, raw, "retries", path)
+    if table is None:
+        return None
+    rpath = f"{path}.retries"
+    r.unknown_keys(table, rpath, RETRY_KEYS)
+    attempts = get_integer(r, table, "attempts", rpath, 0, MAX_RETRY_ATTEMPTS, None)
+    if attempts is None and "attempts" not in table:
+        r.problem(f"{rpath}.attempts", "required key is missing")
+    per_try = r.duration(table, "per_try_timeout", rpath, None)
+    retry_on: list[str] = []
+    if "retry_on" in table:
+        listed = r.get(table, "retry_on", rpath, list)
+        if listed is not None and not listed:
+            r.problem(f"{rpath}.retry_on", "empty: nothing would be retried")
+        for item in listed or []:
+            text = str(item) if isinstance(item, int) and not isinstance(item, bool) else item
+            if not isinstance(text, str) or not (text in RETRY_CONDITIONS
+                                                 or _STATUS_RE.match(text)):
+                r.problem(f"{rpath}.retry_on",
+                          f"unknown condition {item!r} (expected one of: "
+                          f"{', '.join(RETRY_CONDITIONS)}, or a status such as \"503\")")
+            elif text not in retry_on:
+                retry_on.append(text)
+    if attempts is None:
+        return None
+    if retry_on:
+        return RetryPolicy(attempts, per_try, tuple(retry_on))
+    return RetryPolicy(attempts, per_try)
+
+
+def _fault(r: Reader, raw: Mapping[str, Any], path: str) -> FaultPolicy | None:
+    table = get_table(r, raw, "fault", path)
+    if table is None:
+        return None
+    fpath = f"{path}.fault"
+    r.unknown_keys(table, fpath, FAULT_KEYS)
+    delay = r.duration(table, "delay", fpath, None)
+    delay_percent = get_number(r, table, "delay_percent", fpath, 0, 100, None)
+    status = get_integer(r, table, "abort_status", fpath, 200, 599, None)
+    abort_percent = get_number(r, table, "abort_percent", fpath, 0, 100, None)
+    if "delay" not in table and "abort_status" not in table:
+        r.problem(fpath, "expected delay or abort_status (or both)")
+    if "delay_percent" in table and "delay" not in table:
+        r.problem(f"{fpath}.delay_percent", "delay_percent without a delay")
+    if "abort_percent" in table and "abort_status" not in table:
+        r.problem(f"{fpath}.abort_percent", "abort_percent without an abort_status")
+    return FaultPolicy(
+        delay, (100.0 if delay_percent is None else delay_percent) if delay else 0.0,
+        status, (100.0 if abort_percent is None else abort_percent) if status else 0.0)
+
+
+def _mirror(r: Reader, raw: Mapping[str, Any], path: str,
+            known: set[str]) -> MirrorPolicy | None:
+    table = get_table(r, raw, "mirror", path)
+    if table is None:
+        return None
+    mpath = f"{path}.mirror"
+    r.unknown_keys(table, mpath, MIRROR_KEYS)
+    subset = r.name(table, "subset", mpath)
+    percent = get_number(r, table, "percent", mpath, 0, 100, 100.0)
+    if subset is not None and subset not in known:
+        hint = f" (declared: {', '.join(sorted(known))})" if known else \
+            " (declare it under subsets)"
+        r.problem(f"{mpath}.subset", f"unknown subset {subset!r}{hint}")
+        return None
+    if subset is None or percent is None:
+        return None
+    return MirrorPolicy(subset, percent)
+
+
+# -- back to data -------------------------------------------------------------------------------
 
 def routes_to_data(table: RouteTable) -> dict[str, Any]:
     """The canonical mapping form of a route table (what is stored in the registry's KV as
-    JSON); ``parse_routes(routes_to_data(t)) == t``."""
+    JSON); ``parse_routes(routes_to_data(t)) == t``. Keys at their defaults are left out."""
     out: dict[str, Any] = {}
     for d in table.destinations:
         entry: dict[str, Any] = {}
         if d.subsets:
             entry["subsets"] = {s.name: {"version": s.version} for s in d.subsets}
         if d.split:
-            entry["split"] = {leg.subset: leg.weight for leg in d.split}
+            entry["split"] = _split_data(d.split)
         if d.timeout is not None:
             entry["timeout"] = d.timeout
+        _actions_data(entry, d.retries, d.fault, d.mirror)
+        if d.routes:
+            entry["routes"] = [_route_data(i, route) for i, route in enumerate(d.routes)]
+        policy = policy_data(d.policy)
+        if policy:
+            entry["policy"] = policy
         out[d.service] = entry
     return {"destinations": out}
+
+
+def _split_data(split: tuple[SplitLeg, ...]) -> dict[str, int]:
+    return {leg.subset: leg.weight for leg in split}
+
+
+def _actions_data(entry: dict[str, Any], retries: RetryPolicy | None,
+                  fault: FaultPolicy | None, mirror: MirrorPolicy | None) -> None:
+    if retries is not None:
+        rdata: dict[str, Any] = {"attempts": retries.attempts,
+                                 "retry_on": list(retries.retry_on)}
+        if retries.per_try_timeout is not None:
+            rdata["per_try_timeout"] = retries.per_try_timeout
+        entry["retries"] = rdata
+    if fault is not None:
+        fdata: dict[str, Any] = {}
+        if fault.delay is not None:
+            fdata["delay"] = fault.delay
+            fdata["delay_percent"] = fault.delay_percent
+        if fault.abort_status is not None:
+            fdata["abort_status"] = fault.abort_status
+            fdata["abort_percent"] = fault.abort_percent
+        entry["fault"] = fdata
+    if mirror is not None:
+        entry["mirror"] = {"subset": mirror.subset, "percent": mirror.percent}
+
+
+def _route_data(index: int, route: Route) -> dict[str, Any]:
+    entry: dict[str, Any] = {}
+    if route.name != _generated_name(index):
+        entry["name"] = route.name
+    match = match_data(route.match)
+    if match:
+        entry["match"] = match
+    if route.split is not None:
+        entry["split"] = _split_data(route.split)
+    if route.timeout is not None:
+        entry["timeout"] = route.timeout
+    _actions_data(entry, route.retries, route.fault, route.mirror)
+    return entry

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Callable
+from typing import Protocol
 
 import trio
 
@@ -94,15 +96,36 @@ class RequestSource:
             self.message_done = True
 
 
+class BodySource(Protocol):
+    """Where an exchange reads the request's body events from: the client connection itself
+    (``RequestSource``), or one try's replay of a body kept for retries (``meshd.proxy.replay``).
+    ``message_done`` is true once the request's ``END`` has been taken."""
+
+    @property
+    def message_done(self) -> bool: ...
+
+    async def next_event(self) -> Event | None: ...
+
+
+# How much of a response held back for a retry is read (and thrown away) to keep its
+# connection; a longer one closes the connection instead.
+HELD_DRAIN_LIMIT = 64 * 1024
+
+
 class Exchange:
     """Forward one request to an upstream connection and its response back to the client.
 
     Attributes fill in as it runs, so a caller whose timeout cancelled ``run`` can still see
-    how far it got (``response_started`` decides between a 504 and cutting the client off)."""
+    how far it got (``response_started`` decides between a 504 and cutting the client off).
 
-    def __init__(self, request: RequestHead, source: RequestSource, client: trio.abc.Stream,
+    ``hold``, when given, sees each final response head before anything of it goes to the
+    client; if it returns True the response is held back (``held_status``): thrown away, the
+    client untouched, so that the caller can retry."""
+
+    def __init__(self, request: RequestHead, source: BodySource, client: trio.abc.Stream,
                  upstream: trio.abc.Stream, upstream_head: bytes, *, keep_client: bool,
-                 reused_upstream: bool) -> None:
+                 reused_upstream: bool,
+                 hold: Callable[[ResponseHead], bool] | None = None) -> None:
         self.request = request
         self.source = source
         self.client = client
@@ -115,6 +138,9 @@ class Exchange:
         self.request_done = False  # the whole request went upstream
         self.response_done = False  # the whole response went to the client
         self.upstream_reusable = False
+        self.hold = hold
+        self.held_status = 0  # the status of a response held back, 0 if none was
+        self._drained = False  # a held response was read to its end
         self.client_error: ProxyError | None = None
         self.upstream_error: UpstreamFailed | None = None
         self._reader = ResponseReader(request.method)
@@ -137,7 +163,7 @@ class Exchange:
                 self.upstream_error = exc
             nursery.cancel_scope.cancel()
         reader = self._reader
-        self.upstream_reusable = (self.response_done and self.request_done
+        self.upstream_reusable = ((self.response_done or self._drained) and self.request_done
                                   and reader.keep_alive and not reader.extra
                                   and self.upstream_error is None)
 
@@ -173,6 +199,10 @@ class Exchange:
                             event.status, event.reason, end_to_end(event.headers),
                             Framing.NONE))
                     continue
+                if self.hold is not None and self.hold(event):
+                    self.held_status = event.status
+                    await self._drain_held(event)
+                    return
                 framing = downstream_framing(event, self.request)
                 if framing is Framing.CLOSE:
                     self.keep_client = False
@@ -185,6 +215,15 @@ class Exchange:
                 await self._write_client(encode_end(framing))
                 self.response_done = True
                 return
+
+    async def _drain_held(self, head: ResponseHead) -> None:
+        """Read a held response to its end when it is short, so its connection can be reused."""
+        if head.framing is Framing.LENGTH and (head.content_length or 0) <= HELD_DRAIN_LIMIT:
+            while await self._next_upstream_event() is not END:
+                pass
+            self._drained = True
+        elif head.framing is Framing.NONE:
+            self._drained = self._reader.done
 
     def _client_head(self, head: ResponseHead, framing: Framing) -> bytes:
         connection: bytes | None = None

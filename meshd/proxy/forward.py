@@ -134,6 +134,13 @@ async def proxy_request(request: RequestHead, source: RequestSource, client: tri
         keep = await answer_locally(client, source, request, conn, 502, str(failure))
         return Result(502, keep, str(failure))
     assert exchange is not None
+    return await conclude(exchange, client, source, request, conn)
+
+
+async def conclude(exchange: Exchange, client: trio.abc.Stream, source: RequestSource,
+                   request: RequestHead, conn: ClientConnection) -> Result:
+    """The end of a request whose exchange ran its course: relayed, or failed on either side
+    (the client then gets a 4xx/502 if its response had not started)."""
     if exchange.client_error is not None:
         error = exchange.client_error
         if isinstance(error, ProtocolError) and not exchange.response_started:

@@ -1,38 +1,49 @@
 """Outbound: what a local app's call to ``outbound_address:local_port`` goes through.
 
-One handler per declared upstream. HTTP: each request is routed on its own (weighted split,
-then round robin over healthy endpoints) and forwarded over a pooled mTLS connection to the
-chosen endpoint's meshd. TCP: one endpoint per connection, bytes pumped both ways.
+One handler per declared upstream. HTTP: each request is routed on its own — the first
+matching route of the destination, fault injection, a subset by weighted split, an endpoint by
+the destination's balancer among those not ejected — and sent over a pooled mTLS connection to
+that endpoint's meshd, with the route's timeouts and retries (``meshd.proxy.tries``); a copy
+may go to a mirror subset afterwards. TCP: the default route's split, one endpoint per
+connection, bytes pumped both ways.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
-from meshd.config.schema import LocalService, Protocol, Upstream
+from meshd.config.schema import LocalService, Protocol, Route, Upstream
 from meshd.errors import IdentityError
 from meshd.metrics import Metrics
+from meshd.proxy.destinations import Destinations, DestinationState
 from meshd.proxy.exchange import RequestSource
+from meshd.proxy.fault import decide_fault, mirrored
 from meshd.proxy.forward import (
     ClientConnection,
     ConnectFailed,
     answer_locally,
-    proxy_request,
     serve_requests,
     upstream_request_head,
 )
 from meshd.proxy.http1 import ProtocolError, RequestHead
+from meshd.proxy.matcher import RequestFacts
+from meshd.proxy.mirror import MIRROR_HEADER, MIRROR_TIMEOUT, Mirror, MirrorJob
+from meshd.proxy.outlier import CONNECTED, Failure
 from meshd.proxy.pool import ConnectionPool
 from meshd.proxy.pump import pump
-from meshd.proxy.router import Decision, RoundRobin, route
+from meshd.proxy.replay import ReplayBody
+from meshd.proxy.retry import REPLAY_LIMIT, Body, retry_verdict
+from meshd.proxy.router import Decision, RoutePlan, candidates, no_endpoint_reason, plan
 from meshd.proxy.streams import TLSStream, open_mtls
 from meshd.proxy.tls import HandshakeRefused, TLSState
-from meshd.proxy.view import ViewCell
+from meshd.proxy.tries import LOCAL_CONNECT_FAILURES, REASON_HEADER, Call, Tries
+from meshd.proxy.view import MeshView, ViewCell
 from meshd.registry.model import Endpoint
 
 log = logging.getLogger(__name__)
@@ -50,9 +61,33 @@ class OutboundContext:
     tls: TLSState
     metrics: Metrics
     pool: ConnectionPool
-    balancer: RoundRobin = field(default_factory=RoundRobin)
     rand: Callable[[], float] = random.random
     connect_timeout: float = CONNECT_TIMEOUT
+    destinations: Destinations = field(init=False)
+    mirror: Mirror = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.destinations = Destinations(self.metrics)
+        self.mirror = Mirror(self.metrics, self.pool)
+
+    def endpoint_states(self, now: float) -> dict[str, list[dict[str, Any]]]:
+        """Per destination in the view, each endpoint's ejection state and requests in flight
+        (``node`` and ``instance_id`` identify it, as in ``/v1/state``)."""
+        view = self.view.current
+        out: dict[str, list[dict[str, Any]]] = {}
+        for name, endpoints in sorted(view.endpoints.items()):
+            state = self.destinations.known(name)
+            rows = []
+            for e in endpoints.endpoints:
+                row: dict[str, Any] = {"node": e.node, "instance_id": e.instance_id}
+                if state is not None:
+                    row.update(state.endpoint_state(e, now))
+                else:
+                    row.update(ejected=False, ejection_remaining_seconds=0.0, ejections=0,
+                               ejection_reason="", active_requests=0)
+                rows.append(row)
+            out[name] = rows
+        return out
 
 
 class Outbound:
@@ -78,52 +113,143 @@ class Outbound:
                               conn: ClientConnection) -> bool:
         ctx = self.ctx
         started = trio.current_time()
-        decision = route(ctx.view.current, self.destination, ctx.rand(), ctx.balancer)
-        endpoint = decision.endpoint
-        if endpoint is None:
-            log.warning("%s -> %s: %s", self.source, self.destination, decision.reason)
+        view = ctx.view.current  # read once: a reload never changes the rules mid-request
+        dest = view.routes.get(self.destination)
+        facts = RequestFacts.from_head(request.method, request.target, request.headers,
+                                       conn.peer)
+        routed = plan(view, self.destination, facts, ctx.rand())
+        route = routed.route
+        fault = decide_fault(route.fault if route is not None else None, ctx.rand)
+        if not fault.none:
+            answered = await self._inject(fault.delay, fault.abort_status, request, source,
+                                          conn, routed, started)
+            if answered is not None:
+                return answered
+        if not routed.candidates:
+            reason = no_endpoint_reason(view, self.destination, routed.subset)
+            log.warning("%s -> %s: %s", self.source, self.destination, reason)
             keep = await answer_locally(
-                source.stream, source, request, conn, 503, decision.reason,
-                [(b"x-meshd-reason", decision.reason.encode("ascii", "replace"))])
-            self._record(request, decision, 503, started, decision.reason)
+                source.stream, source, request, conn, 503, reason,
+                [(REASON_HEADER, reason.encode("ascii", "replace"))])
+            self._record(request, Decision(self.destination, routed.subset, None,
+                                           routed.route_name, reason), 503, started, reason)
             return keep
+        state = ctx.destinations.get(self.destination, dest.policy if dest else None)
+        mirror = self._mirror_subset(route)
+        keep_body = (route is not None and route.retries is not None) or mirror is not None
+        body = ReplayBody(source, request, REPLAY_LIMIT) if keep_body else None
         head = upstream_request_head(request, forwarded_for=conn.peer,
                                      default_host=self.destination)
-        result = await proxy_request(
-            request, source, source.stream, conn, pool=ctx.pool,
-            key=(self.source, endpoint.service, endpoint.address, endpoint.port),
-            connect=lambda: self._connect(endpoint), upstream_head=head,
-            request_timeout=decision.timeout)
-        self._record(request, decision, result.status, started, result.detail)
+        call = Call(request, source, conn, routed, state, view.endpoint_set(self.destination),
+                    ctx.pool, self._pool_key, self._connector(state), head, body, ctx.rand,
+                    ctx.metrics, self._hash_key(state, facts, conn))
+        called = await Tries(call).run()
+        result = called.result
+        decision = Decision(self.destination, routed.subset, called.endpoint,
+                            routed.route_name, result.detail)
+        self._record(request, decision, result.status, started, result.detail, called.tries)
         if result.detail and result.status >= 500:
             log.warning("%s -> %s (%s): %d %s", self.source, self.destination,
-                        endpoint.key, result.status, result.detail)
+                        called.endpoint.key if called.endpoint else "-", result.status,
+                        result.detail)
+        if mirror is not None:
+            self._send_mirror(view, state, mirror, route, request, conn, body, facts)
         return result.keep
 
+    async def _inject(self, delay: float | None, abort: int | None, request: RequestHead,
+                      source: RequestSource, conn: ClientConnection, routed: RoutePlan,
+                      started: float) -> bool | None:
+        """Apply an injected fault; returns whether the connection may stay open when the
+        request was answered (aborted), None when it goes on to the destination."""
+        m = self.ctx.metrics
+        if delay is not None:
+            m.faults_injected.labels(self.destination, routed.route_name, "delay").inc()
+            await trio.sleep(delay)
+        if abort is None:
+            return None
+        m.faults_injected.labels(self.destination, routed.route_name, "abort").inc()
+        text = f"fault injected by route {routed.route_name}"
+        keep = await answer_locally(source.stream, source, request, conn, abort, text,
+                                    [(REASON_HEADER, text.encode("ascii", "replace"))])
+        self._record(request, Decision(self.destination, routed.subset, None,
+                                       routed.route_name, text), abort, started, text)
+        return keep
+
+    def _hash_key(self, state: DestinationState, facts: RequestFacts,
+                  conn: ClientConnection) -> str | None:
+        hash_on = state.policy.hash_on
+        if hash_on is None:
+            return None
+        if hash_on.source:
+            return conn.peer
+        assert hash_on.header is not None
+        return facts.header(hash_on.header)
+
+    def _pool_key(self, endpoint: Endpoint) -> tuple[str, str, str, int]:
+        return (self.source, endpoint.service, endpoint.address, endpoint.port)
+
+    # -- mirroring -----------------------------------------------------------------------------
+
+    def _mirror_subset(self, route: Route | None) -> str | None:
+        if route is None or route.mirror is None:
+            return None
+        return route.mirror.subset if mirrored(route.mirror.percent, self.ctx.rand()) else None
+
+    def _send_mirror(self, view: MeshView, state: DestinationState, subset: str,
+                     route: Route | None, request: RequestHead, conn: ClientConnection,
+                     body: ReplayBody | None, facts: RequestFacts) -> None:
+        ctx = self.ctx
+        content = body.complete() if body is not None else None
+        if content is None:
+            ctx.mirror.skip(self.destination, subset, "body_not_kept")
+            return
+        endpoint = state.pick(candidates(view, self.destination, subset), subset,
+                              trio.current_time(), ctx.rand, self._hash_key(state, facts, conn))
+        if endpoint is None:
+            ctx.mirror.skip(self.destination, subset, "no_endpoint")
+            return
+        head = upstream_request_head(request, forwarded_for=conn.peer,
+                                     default_host=self.destination, drop=(MIRROR_HEADER[0],),
+                                     extra=(MIRROR_HEADER,))
+        timeout = route.timeout if route is not None and route.timeout else MIRROR_TIMEOUT
+        connect = self._connector(state)
+        ctx.mirror.submit(MirrorJob(self.destination, subset, endpoint, request, head, content,
+                                    self._pool_key(endpoint), lambda: connect(endpoint),
+                                    timeout))
+
     def _record(self, request: RequestHead, decision: Decision, status: int, started: float,
-                detail: str) -> None:
+                detail: str, tries: int = 0) -> None:
         m = self.ctx.metrics
         subset = decision.subset_label
         m.requests.labels("outbound", self.source, self.destination, subset, str(status)).inc()
         elapsed = trio.current_time() - started
         m.request_duration.labels("outbound", self.destination, subset).observe(elapsed)
         if access_log.isEnabledFor(logging.INFO):
-            access_log.info("outbound %s -> %s subset=%s endpoint=%s %s %s %d %.1fms%s",
-                            self.source, self.destination, subset or "-",
+            access_log.info("outbound %s -> %s route=%s subset=%s endpoint=%s %s %s %d "
+                            "%.1fms%s%s", self.source, self.destination, decision.route or "-",
+                            subset or "-",
                             decision.endpoint.key if decision.endpoint else "-",
                             request.method.decode("ascii", "replace"),
                             request.target.decode("ascii", "replace")[:200], status,
-                            elapsed * 1000, f" ({detail})" if detail else "")
+                            elapsed * 1000, f" tries={tries}" if tries > 1 else "",
+                            f" ({detail})" if detail else "")
 
     def _count_bad_request(self, exc: ProtocolError) -> None:
         self.ctx.metrics.requests.labels("outbound", self.source, self.destination, "",
                                          str(exc.status)).inc()
 
-    async def _connect(self, endpoint: Endpoint) -> TLSStream:
+    def _connector(self, state: DestinationState) -> Callable[[Endpoint],
+                                                               Awaitable[TLSStream]]:
+        """Connecting with the destination policy's ``connect_timeout`` (as read by the
+        request at its start), else the host's."""
+        limit = state.policy.connect_timeout or self.ctx.connect_timeout
+        return lambda endpoint: self._connect(endpoint, limit)
+
+    async def _connect(self, endpoint: Endpoint, limit: float) -> TLSStream:
         """A new mTLS connection to ``endpoint`` as our service; raises ``ConnectFailed``."""
         where = f"{endpoint.address}:{endpoint.port}"
         try:
-            with trio.fail_after(self.ctx.connect_timeout):
+            with trio.fail_after(limit):
                 return await open_mtls(endpoint.address, endpoint.port, self.ctx.tls,
                                        self.source, self.destination)
         except trio.TooSlowError:
@@ -141,24 +267,72 @@ class Outbound:
     # -- TCP -----------------------------------------------------------------------------------
 
     async def _handle_tcp(self, stream: trio.SocketStream, conn: ClientConnection) -> None:
+        """The default route's split, one endpoint for the connection (connect failures
+        retried on another one when the default route retries on connect-failure)."""
         ctx = self.ctx
-        decision = route(ctx.view.current, self.destination, ctx.rand(), ctx.balancer)
-        if decision.endpoint is None:
+        view = ctx.view.current
+        dest = view.routes.get(self.destination)
+        routed = plan(view, self.destination, None, ctx.rand())
+        if not routed.candidates:
+            reason = no_endpoint_reason(view, self.destination, routed.subset)
             log.warning("%s -> %s (tcp) from %s: %s; closing", self.source, self.destination,
-                        conn.peer, decision.reason)
+                        conn.peer, reason)
             ctx.metrics.connection_errors.labels("outbound", "no_healthy_endpoint").inc()
             return
-        try:
-            upstream = await self._connect(decision.endpoint)
-        except ConnectFailed as exc:
-            log.warning("%s -> %s (tcp): %s; closing", self.source, self.destination, exc)
+        state = ctx.destinations.get(self.destination, dest.policy if dest else None)
+        with trio.move_on_after(ctx.connect_timeout) as waited:
+            admitted = await state.acquire()
+        if waited.cancelled_caught or not admitted:
+            log.warning("%s -> %s (tcp) from %s: %s; closing", self.source, self.destination,
+                        conn.peer, state.rejection_reason())
             return
-        subset = decision.subset_label
-        ctx.metrics.tcp_connections.labels("outbound", self.source, self.destination,
-                                           subset).inc()
-        sent = ctx.metrics.tcp_bytes.labels("outbound", self.destination, "sent")
-        received = ctx.metrics.tcp_bytes.labels("outbound", self.destination, "received")
         try:
-            await pump(stream, upstream, count_a_to_b=sent.inc, count_b_to_a=received.inc)
+            connected = await self._connect_tcp(routed, state, conn, view)
+            if connected is None:
+                return
+            endpoint, upstream = connected
+            subset = routed.subset or ""
+            ctx.metrics.tcp_connections.labels("outbound", self.source, self.destination,
+                                               subset).inc()
+            sent = ctx.metrics.tcp_bytes.labels("outbound", self.destination, "sent")
+            received = ctx.metrics.tcp_bytes.labels("outbound", self.destination, "received")
+            state.begin(endpoint)
+            try:
+                await pump(stream, upstream, count_a_to_b=sent.inc, count_b_to_a=received.inc)
+            finally:
+                state.end(endpoint)
+                await trio.aclose_forcefully(upstream)
         finally:
-            await trio.aclose_forcefully(upstream)
+            state.release()
+
+    async def _connect_tcp(self, routed: RoutePlan, state: DestinationState,
+                           conn: ClientConnection, view: MeshView
+                           ) -> tuple[Endpoint, TLSStream] | None:
+        ctx = self.ctx
+        retries = routed.route.retries if routed.route is not None else None
+        hash_key = conn.peer if state.policy.hash_on is not None else None
+        tried: list[str] = []
+        connect = self._connector(state)
+        while True:
+            now = trio.current_time()
+            endpoint = state.pick(routed.candidates, routed.subset, now, ctx.rand, hash_key,
+                                  tried)
+            assert endpoint is not None
+            try:
+                upstream = await connect(endpoint)
+            except ConnectFailed as exc:
+                log.warning("%s -> %s (tcp): %s", self.source, self.destination, exc)
+                if exc.reason in LOCAL_CONNECT_FAILURES:
+                    return None
+                now = trio.current_time()
+                state.record(endpoint, Failure.CONNECT, now,
+                             view.endpoint_set(self.destination))
+                verdict = retry_verdict(retries, len(tried), Failure.CONNECT, "", Body.NONE)
+                if not verdict.retry or not state.budget.try_spend(now):
+                    return None
+                ctx.metrics.retries.labels(self.destination, Failure.CONNECT.value).inc()
+                tried.append(endpoint.key)
+                continue
+            state.record(endpoint, CONNECTED, trio.current_time(),
+                         view.endpoint_set(self.destination))
+            return endpoint, upstream

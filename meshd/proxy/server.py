@@ -2,6 +2,7 @@
 
     Proxy.run
       ├─ pool reapers            (mesh connections: 30 s idle; app connections: 4 s)
+      ├─ mirror workers          (copies of mirrored requests, from a bounded queue)
       └─ connections nursery     (one task per accepted connection)
            └─ accept loops       (inbound mTLS listener; one outbound listener per upstream)
 
@@ -18,6 +19,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
@@ -62,6 +64,7 @@ class Proxy:
         self.app_pool = ConnectionPool(idle_timeout=APP_IDLE_TIMEOUT)
         outbound_ctx = OutboundContext(view=view, tls=tls, metrics=metrics, pool=self.pool,
                                        rand=rand)
+        self._outbound = outbound_ctx
         inbound = Inbound(InboundContext(config, tls, metrics, self.app_pool))
         self._listeners = [_Listener("inbound", "mesh", config.address, config.inbound_port,
                                      inbound.handle, [])]
@@ -97,6 +100,15 @@ class Proxy:
         host, port = listener.sockets[0].socket.getsockname()[:2]
         return host, port
 
+    # -- observability -------------------------------------------------------------------------
+
+    def endpoint_states(self) -> dict[str, list[dict[str, Any]]]:
+        """Read-only: per destination, each endpoint (``node``, ``instance_id``) with its
+        outlier ejection state (``ejected``, ``ejection_remaining_seconds``, ``ejections``,
+        ``ejection_reason``) and ``active_requests`` (tries and TCP connections in flight from
+        this host). Meant to be merged into ``/v1/state``'s ``destinations.*.endpoints``."""
+        return self._outbound.endpoint_states(trio.current_time())
+
     # -- lifetime ------------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -106,6 +118,7 @@ class Proxy:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self.pool.run)
                     await nursery.start(self.app_pool.run)
+                    await nursery.start(self._outbound.mirror.run)
                     async with trio.open_nursery() as connections:
                         with self._accepting:
                             async with trio.open_nursery() as accepting:

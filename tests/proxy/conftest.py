@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -18,6 +18,7 @@ import pytest
 import trio
 from proxy_testing import TD, Backend, EchoServer, MiniCA, RawServer, host_config
 
+from meshd.config.routes import parse_routes
 from meshd.config.schema import (
     DestinationRoutes,
     LocalService,
@@ -119,3 +120,62 @@ async def mesh(tmp_path: Path, nursery: trio.Nursery) -> Mesh:
     m.set_endpoints("ledger", [m.endpoint("ledger", b)])
     m.set_endpoints("broken", [m.endpoint("broken", b)])
     return m
+
+
+# -- a destination with several endpoints that misbehave on demand -------------------------------
+
+@dataclass
+class Farm:
+    """host a: web ──> payments (http), ledger (tcp); payments v1 on hosts b1 and b2, v2 on
+    host b3, each app a ``Backend`` the test can make slow, failing or silent."""
+
+    ca: MiniCA
+    root: Path
+    a: Host
+    hosts: dict[str, Host]
+    apps: dict[str, Backend]
+    view: ViewCell
+
+    def url(self, upstream: str = "payments") -> str:
+        host, port = self.a.proxy.outbound_address("web", upstream)
+        return f"http://{host}:{port}"
+
+    def endpoint(self, name: str, port: int | None = None, version: str | None = None
+                 ) -> Endpoint:
+        if version is None:
+            version = self.apps[name].version if name in self.apps else "v1"
+        return Endpoint("payments", f"payments-{name}", name, "127.0.0.1",
+                        port if port is not None else self.hosts[name].port, version)
+
+    def set_endpoints(self, *endpoints: Endpoint, service: str = "payments") -> None:
+        self.view.set_endpoints(EndpointSet(service, tuple(endpoints), 1, 0.0))
+
+    def set_routes(self, payments: Mapping[str, object]) -> None:
+        """``payments``' entry in routes.toml form (subsets v1/v2 added when missing)."""
+        entry = {"subsets": {"v1": {"version": "v1"}, "v2": {"version": "v2"}}, **payments}
+        self.view.set_routes(parse_routes({"destinations": {"payments": entry}}))
+
+    def state(self, name: str) -> dict[str, object]:
+        rows = self.a.proxy.endpoint_states()["payments"]
+        return next(r for r in rows if r["node"] == name)
+
+
+@pytest.fixture
+async def farm(tmp_path: Path, nursery: trio.Nursery) -> Farm:
+    ca = MiniCA.create()
+    apps = {"b1": Backend("payments", "v1"), "b2": Backend("payments", "v1"),
+            "b3": Backend("payments", "v2")}
+    for app in apps.values():
+        await nursery.start(app.serve)
+    hosts = {name: _host(ca, tmp_path, name, [LocalService("payments", app.port,
+                                                           version=app.version)])
+             for name, app in apps.items()}
+    view = ViewCell()
+    a = _host(ca, tmp_path, "a", [LocalService("web", 1, upstreams=(
+        Upstream("payments", 0), Upstream("ledger", 0, Protocol.TCP)))], view)
+    for host in (*hosts.values(), a):
+        await nursery.start(host.proxy.run)
+    farm = Farm(ca, tmp_path, a, hosts, apps, view)
+    farm.set_endpoints(farm.endpoint("b1"), farm.endpoint("b2"), farm.endpoint("b3"))
+    farm.set_routes({"split": {"v1": 100}})
+    return farm

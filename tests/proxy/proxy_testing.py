@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -167,6 +168,13 @@ class Backend:
     connections: int = 0
     requests: int = 0
     last_headers: dict[str, str] = field(default_factory=dict)
+    # misbehaviour, for resilience tests: answer every request with ``status``, after
+    # ``delay`` seconds; ``hang``: never answer; ``drop``: close the connection instead
+    status: int = 200
+    delay: float = 0.0
+    hang: bool = False
+    drop: bool = False
+    seen: list[dict[str, Any]] = field(default_factory=list)  # every request's headers/body
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                     ) -> None:
@@ -226,6 +234,14 @@ class Backend:
         while isinstance(event := await next_event(), h11.Data):
             digest.update(event.data)
             size += len(event.data)
+        self.seen.append({"path": url.path, "method": request.method.decode(), "size": size,
+                          "sha256": digest.hexdigest(), "headers": self.last_headers})
+        if self.drop:
+            raise trio.BrokenResourceError("dropped on purpose")
+        if self.hang:
+            await trio.sleep_forever()
+        if self.delay:
+            await trio.sleep(self.delay)
         if url.path == "/slow":
             await trio.sleep(float(query.get("delay", "1")))
         if url.path == "/big":
@@ -245,7 +261,7 @@ class Backend:
         headers = [("content-type", "application/json"), ("content-length", str(len(body)))]
         if url.path == "/close":
             headers.append(("connection", "close"))
-        await send(h11.Response(status_code=200, headers=headers))
+        await send(h11.Response(status_code=self.status, headers=headers))
         if request.method != b"HEAD":
             await send(h11.Data(data=body))
         await send(h11.EndOfMessage())
@@ -338,7 +354,7 @@ async def duplex_exchange(stream: trio.abc.Stream, target: str, body: bytes,
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
-                conn.receive_data(await stream.receive_some(65536))
+                conn.receive_data(bytes(await stream.receive_some(65536)))
             elif isinstance(event, h11.Response):
                 status = event.status_code
             elif isinstance(event, h11.Data):
@@ -351,3 +367,51 @@ async def duplex_exchange(stream: trio.abc.Stream, target: str, body: bytes,
         nursery.start_soon(send)
         nursery.start_soon(receive)
     return status, size, digest.hexdigest()
+
+
+@dataclass
+class ResettingPeer:
+    """A fake meshd inbound listener for ``service``: completes the mTLS handshake as that
+    service, reads the request, then drops the connection without a word (a peer that crashes
+    or resets mid-request)."""
+
+    ca: MiniCA
+    directory: Path
+    service: str = "payments"
+    port: int = 0
+    requests: int = 0
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                    ) -> None:
+        self.ca.write_identity(self.directory, self.service)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(cadata=self.ca.pem.decode())
+        ctx.load_cert_chain(str(self.directory / f"{self.service}.crt"),
+                            str(self.directory / f"{self.service}.key"))
+        self._ctx = ctx
+        listener = await _listen()
+        self.port = _port(listener)
+        task_status.started()
+        await trio.serve_listeners(self._connection, [listener])
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        tls = trio.SSLStream(stream, self._ctx, server_side=True)
+        try:
+            await tls.do_handshake()
+            if await tls.receive_some(65536):
+                self.requests += 1
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await trio.aclose_forcefully(stream)
+
+
+async def eventually(predicate: Callable[[], bool], limit: float = 5.0) -> None:
+    """Wait (polling) until ``predicate()`` holds, for what happens off the request path."""
+    for _ in range(int(limit / 0.01)):
+        if predicate():
+            return
+        await trio.sleep(0.01)
+    raise AssertionError("condition not met in time")
