@@ -1,0 +1,129 @@
+"""``meshd status``: the rendering of a state document (pure), and the exit codes an operator's
+script relies on: 0 ready (see test_notify_processes), 1 not ready, 2 unreachable."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import pytest
+import trio
+from test_daemon import free_port
+
+from meshd.httpd import Request, Response, serve_http
+from meshd.status_command import duration, render
+
+STATE: dict[str, Any] = {
+    "node": "host-a", "address": "10.0.0.2", "trust_domain": "shop.mesh", "version": "0.1.0",
+    "ready": True, "uptime_seconds": 7384.2, "generation": 3,
+    "inbound": {"address": "10.0.0.2", "port": 15001},
+    "services": [{"name": "web", "version": "v1", "protocol": "http", "address": "127.0.0.1",
+                  "port": 8080, "health": "passing",
+                  "health_output": "HTTP GET http://127.0.0.1:8080/healthz: 200"}],
+    "upstreams": [{"service": "web", "destination": "payments", "local_address": "127.0.0.1",
+                   "local_port": 9191}],
+    "destinations": {"payments": {"index": 12, "age_seconds": 1.5, "endpoints": [
+        {"node": "host-b", "instance_id": "payments-host-b", "address": "10.0.0.3",
+         "port": 15001, "version": "v1", "healthy": True},
+        {"node": "host-c", "instance_id": "payments-host-c", "address": "10.0.0.4",
+         "port": 15001, "version": "v2", "healthy": False},
+    ]}},
+    "routes": {"destinations": {"payments": {
+        "subsets": {"v1": {"version": "v1"}, "v2": {"version": "v2"}},
+        "split": {"v1": 90, "v2": 10}}}},
+    "registry": {"url": "http://10.0.0.9:8500", "staleness_seconds": 0.0, "watches": [
+        {"name": "routes", "index": 5, "staleness_seconds": 0.0, "error": ""},
+        {"name": "endpoints/payments", "index": 12, "staleness_seconds": 0.0, "error": ""}]},
+    "certificates": [{"service": "web", "spiffe_id": "spiffe://shop.mesh/svc/web",
+                      "serial": "ab", "not_after": "2030-01-02T03:04:05Z",
+                      "expires_in_seconds": 80000}],
+    "config_error": "",
+    "process": {"pid": 4242, "cpu_seconds": 1.0, "rss_bytes": 1, "open_fds": 9},
+}
+
+
+def test_render_a_ready_host() -> None:
+    assert render(STATE) == """\
+meshd host-a (10.0.0.2), trust domain shop.mesh: READY
+  up 2h03m, route generation 3, meshd 0.1.0, pid 4242
+  inbound mTLS on 10.0.0.2:15001
+services (1)
+  web  v1  http  127.0.0.1:8080  passing  HTTP GET http://127.0.0.1:8080/healthz: 200
+upstreams (1)
+  web -> payments at 127.0.0.1:9191
+      v1 90%: 1/1 healthy (host-b)
+      v2 10%: 0/1 healthy
+registry http://10.0.0.9:8500: up to date (2 watches)
+certificates (1)
+  spiffe://shop.mesh/svc/web  expires 2030-01-02T03:04:05Z  in 22h13m
+"""
+
+
+def test_render_a_troubled_host() -> None:
+    state = STATE | {
+        "ready": False,
+        "destinations": {},
+        "routes": {"destinations": {}},
+        "registry": {"url": "http://10.0.0.9:8500", "staleness_seconds": 95.0, "watches": [
+            {"name": "routes", "index": 5, "staleness_seconds": 95.0,
+             "error": "connection refused"}]},
+        "certificates": [STATE["certificates"][0] | {"expires_in_seconds": 1800}],
+        "config_error": "routes: destinations.payments.split: weights sum to 95\nsecond line",
+    }
+    text = render(state)
+    assert text.splitlines()[0].endswith(": NOT READY")
+    assert "      no endpoint view yet (waiting for the registry)" in text
+    assert ("registry http://10.0.0.9:8500: STALE for 1m35s, serving the last known view: "
+            "routes: connection refused") in text
+    assert "EXPIRES SOON, in 30m00s" in text
+    assert ("route table REJECTED (the previous one stays): routes: "
+            "destinations.payments.split: weights sum to 95\n  second line") in text
+
+
+def test_render_endpoints_by_version_without_a_route() -> None:
+    text = render(STATE | {"routes": {"destinations": {}}})
+    assert "      v1: 1/1 healthy (host-b)\n      v2: 0/1 healthy\n" in text
+
+
+@pytest.mark.parametrize(("seconds", "text"), [
+    (0, "0s"), (59.9, "59s"), (61, "1m01s"), (3600, "1h00m"), (90000, "1d01h"), (-3, "0s")])
+def test_duration(seconds: float, text: str) -> None:
+    assert duration(seconds) == text
+
+
+async def run_status(*args: str) -> tuple[int, str, str]:
+    result = await trio.run_process([sys.executable, "-m", "meshd", "status", *args],
+                                    capture_stdout=True, capture_stderr=True, check=False)
+    return result.returncode, result.stdout.decode(), result.stderr.decode()
+
+
+async def test_not_ready_exits_1(nursery: trio.Nursery) -> None:
+    async def handle(request: Request) -> Response:
+        return Response(200, json.dumps(STATE | {"ready": False}).encode(),
+                        [("Content-Type", "application/json")])
+
+    port = free_port("127.0.0.1")
+    await nursery.start(serve_http, handle, "127.0.0.1", port)
+    code, out, _ = await run_status("--admin", f"127.0.0.1:{port}")
+    assert code == 1
+    assert out.startswith("meshd host-a (10.0.0.2), trust domain shop.mesh: NOT READY")
+
+
+async def test_unreachable_exits_2_with_one_clear_line() -> None:
+    port = free_port("127.0.0.1")
+    code, out, err = await run_status("--admin", f"127.0.0.1:{port}")
+    assert code == 2 and out == ""
+    assert err == (f"meshd status: cannot read http://127.0.0.1:{port}/v1/state: connection "
+                   "refused or unreachable (is meshd running, and is --admin its admin "
+                   "address?)\n")
+
+
+async def test_something_else_on_the_port_exits_2(nursery: trio.Nursery) -> None:
+    async def handle(request: Request) -> Response:
+        return Response.text("hello\n")
+
+    port = free_port("127.0.0.1")
+    await nursery.start(serve_http, handle, "127.0.0.1", port)
+    code, _, err = await run_status("--admin", f"127.0.0.1:{port}")
+    assert code == 2 and "cannot read" in err
