@@ -1,8 +1,10 @@
 """The per-host daemon's lifetime tree.
 
     Daemon.run
-      ├─ identities: join the CA (keys generated here, only CSRs sent)
-      ├─ admin server            (/healthz /readyz /metrics /v1/state)
+      ├─ identities: renew with the node certificate, or join with the token (keys generated
+      │  here, only CSRs sent); then meshd.identity renews them and follows the deny list
+      ├─ admin server            (/healthz /readyz /metrics /v1/state; over mTLS for operators
+      │                           when [admin] tls = true, started once the node cert is in hand)
       ├─ route-table watcher     (registry KV, blocking query)
       ├─ endpoint watchers       (one per upstream destination, blocking queries)
       ├─ proxy                   (outbound listener per upstream, inbound mTLS listener)
@@ -11,6 +13,7 @@
 Ready means: identities in hand, first route table and endpoint views read, every listener
 accepting and every local service registered. ``stop()`` (SIGTERM) deregisters first so peers
 stop choosing this host, drains in-flight requests until a deadline, then cancels the tree.
+SIGHUP re-reads meshd.toml and applies what can change without a restart (``meshd.reload``).
 """
 
 from __future__ import annotations
@@ -19,31 +22,32 @@ import logging
 import os
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import psutil
 import trio
 
+from meshd import systemd
 from meshd.admin.server import AdminAPI
 from meshd.admin.state import build_state
 from meshd.backoff import backoff_delay
-from meshd.ca import files as ca_files
-from meshd.ca.client import CARefusedError, join
+from meshd.ca.client import CARefusedError
 from meshd.ca.identity import Identity, TrustBundle
 from meshd.config.parse import routes_to_data
 from meshd.config.schema import HostConfig, LocalService, RouteTable
 from meshd.errors import CAError, ConfigError, MeshError, Problem, RegistryError
 from meshd.health import ProbeResult, probe, probe_client, report_health
+from meshd.identity import IdentityManager, IdentityStatus
 from meshd.metrics import Metrics
 from meshd.proxy.server import Proxy
 from meshd.proxy.tls import TLSState
 from meshd.proxy.view import ViewCell
 from meshd.registry import registration
-from meshd.registry.consul import ConsulClient
+from meshd.registry.consul import ConsulClient, registry_token
 from meshd.registry.model import EndpointSet
 from meshd.registry.watch import WatchStatus, watch_endpoints, watch_routes
 
@@ -65,6 +69,7 @@ class DaemonState:
     health: dict[str, ProbeResult] = field(default_factory=dict)
     watches: dict[str, WatchStatus] = field(default_factory=dict)
     last_config_error: str = ""
+    identity: IdentityStatus | None = None  # renewal, deny list, roots (meshd.identity)
 
 
 def cert_dir(config: HostConfig) -> Path:
@@ -86,41 +91,10 @@ def read_join_token(config: HostConfig) -> str:
 
 
 async def obtain_identities(config: HostConfig) -> tuple[TrustBundle, dict[str, Identity]]:
-    """Join the CA for every local service. If the CA cannot be reached but certificates from
-    an earlier join are on disk and still valid, keep serving with those (a CA outage must not
-    take a host down); an expired certificate is never used."""
-    directory = cert_dir(config)
-    services = [s.name for s in config.services]
-    try:
-        result = await join(config.ca.url, token=read_join_token(config), node=config.node,
-                            services=services, fingerprint=config.ca.fingerprint)
-    except CAError as exc:
-        on_disk = _identities_on_disk(config, services)
-        if on_disk is None:
-            raise
-        log.warning("CA join failed (%s); serving with certificates already on disk", exc)
-        return on_disk
-    for identity in result.identities.values():
-        ca_files.write_identity(directory, identity)
-    ca_files.write_bundle(directory, result.bundle)
-    log.info("joined CA %s: %s", config.ca.url, ", ".join(
-        f"{i.spiffe_id} until {i.not_after:%Y-%m-%d %H:%M}Z" for i in result.identities.values()))
-    return result.bundle, dict(result.identities)
-
-
-def _identities_on_disk(
-    config: HostConfig, services: list[str]
-) -> tuple[TrustBundle, dict[str, Identity]] | None:
-    directory = cert_dir(config)
-    now = datetime.now(UTC)
-    try:
-        bundle = ca_files.read_bundle(directory, config.trust_domain)
-        identities = {s: ca_files.read_identity(directory, s) for s in services}
-    except CAError:
-        return None
-    if any(i.not_after <= now for i in identities.values()):
-        return None
-    return bundle, identities
+    """Certificates for every local service (``meshd.identity.IdentityManager.obtain``: renew
+    with a valid node certificate on disk, else join with the token; with the CA unreachable,
+    valid certificates on disk; an expired certificate is never used)."""
+    return await IdentityManager.for_config(config, lambda: read_join_token(config)).obtain()
 
 
 class Daemon:
@@ -135,6 +109,16 @@ class Daemon:
         self._registered: list[str] = []
         self._registry_lock = trio.Lock()
         self._reporters = trio.CancelScope()
+        self._reporter_round = trio.CancelScope()  # cancelled to restart reporters (reload)
+        self.ready_event = trio.Event()  # set once, when the daemon first becomes ready
+        self.status_note = ""  # appended to the systemd status line (e.g. a refused reload)
+        self.identity = IdentityManager.for_config(
+            config, lambda: read_join_token(self.config), metrics=self.metrics,
+            on_change=self._identities_changed)
+        self.state.identity = self.identity.status
+
+    def _identities_changed(self, bundle: TrustBundle, identities: dict[str, Identity]) -> None:
+        self.state.bundle, self.state.identities = bundle, identities
 
     # -- callbacks from watchers -------------------------------------------------------------
 
@@ -145,6 +129,8 @@ class Daemon:
         self.state.last_config_error = ""
         log.info("route table generation %d applied: %s", view.generation,
                  routes_to_data(table)["destinations"] or "(empty)")
+        if self.state.ready:
+            systemd.notify(status=self.status_line())
 
     def _reject_routes(self, exc: ConfigError) -> None:
         self.metrics.config_reloads.labels("rejected").inc()
@@ -189,6 +175,7 @@ class Daemon:
             config=self.config, view=self.view.current, state=self.state,
             now_monotonic=trio.current_time(), now_wall=time.time(), process=process,
             registry_url=self.config.registry_url,
+            endpoint_states=self.proxy.endpoint_states() if self.proxy is not None else None,
         )
 
     # -- lifetime ------------------------------------------------------------------------------
@@ -196,7 +183,8 @@ class Daemon:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         config = self.config
         with self._cancel:
-            async with ConsulClient(config.registry_url) as consul:
+            async with ConsulClient(config.registry_url,
+                                    token=registry_token(config.registry_token)) as consul:
                 self._consul = consul
                 try:
                     async with trio.open_nursery() as n:
@@ -210,13 +198,22 @@ class Daemon:
         config = self.config
         admin = AdminAPI(self.metrics, lambda: self.state.ready, self.snapshot,
                          self.refresh_gauges)
-        await n.start(admin.serve, config.admin_host, config.admin_port)
-        log.info("admin API on http://%s:%d", config.admin_host, config.admin_port)
+        if not config.admin_tls:  # (over TLS it needs the node certificate: started below)
+            await n.start(admin.serve, config.admin_host, config.admin_port)
+            log.info("admin API on http://%s:%d", config.admin_host, config.admin_port)
 
+        systemd.notify(status=f"getting certificates from the CA at {config.ca.url}")
         bundle, identities = await self._join_with_retry()
         self.state.bundle, self.state.identities = bundle, identities
-        tls = TLSState(cert_dir(config), config.trust_domain, [s.name for s in config.services])
+        tls = TLSState(cert_dir(config), config.trust_domain, [s.name for s in config.services],
+                       admin=config.admin_tls)
+        await n.start(self.identity.run, tls)  # renewals, deny list, roots
+        if config.admin_tls:
+            await n.start(partial(admin.serve, config.admin_host, config.admin_port, tls=tls))
+            log.info("admin API on https://%s:%d (operator certificates only)",
+                     config.admin_host, config.admin_port)
 
+        systemd.notify(status=f"reading routes and endpoints from {config.registry_url}")
         routes_status = self.state.watches.setdefault("routes", WatchStatus("routes"))
         await n.start(self._wait_for_registry, "route table",
                       watch_routes, consul, self._apply_routes, self._reject_routes,
@@ -230,10 +227,12 @@ class Daemon:
         self.proxy = Proxy(config, self.view, tls, self.metrics)
         await n.start(self.proxy.run)
 
+        systemd.notify(status=f"registering {len(config.services)} service(s)")
         await self._register_all(consul)
         await n.start(self._report_health, consul)
         if not self.state.stopping:
             self.state.ready = True
+            self.ready_event.set()
             log.info("meshd %s ready: inbound %s:%d, %d service(s), %d upstream(s)",
                      config.node, config.address, config.inbound_port,
                      len(config.services), len(config.upstreams))
@@ -245,7 +244,7 @@ class Daemon:
         attempt = 0
         while True:
             try:
-                return await obtain_identities(self.config)
+                return await self.identity.obtain()
             except CARefusedError as exc:
                 if exc.status < 500:
                     raise
@@ -256,6 +255,7 @@ class Daemon:
             attempt += 1
             log.warning("cannot join the CA yet (attempt %d, next in %.1fs): %s",
                         attempt, delay, error)
+            systemd.notify(status=f"cannot join the CA yet (attempt {attempt}): {error}")
             await trio.sleep(delay)
 
     async def _wait_for_registry(
@@ -323,21 +323,54 @@ class Daemon:
     ) -> None:
         """The health reporters, under one scope that ``stop()`` cancels before it
         deregisters (so no TTL update races the deregistration)."""
-        config = self.config
+        started = False
         with self._reporters:
-            async with trio.open_nursery() as nursery:
-                for svc in config.services:
-                    sid = registration.service_id(config, svc)
-                    checks = (registration.check_id(sid),
-                              registration.check_id(registration.proxy_id(config, svc)))
+            while True:  # one round per health settings in force (a reload starts a new one)
+                config = self.config
+                self._reporter_round = trio.CancelScope()
+                with self._reporter_round:
+                    async with trio.open_nursery() as nursery:
+                        for svc in config.services:
+                            sid = registration.service_id(config, svc)
+                            checks = (registration.check_id(sid),
+                                      registration.check_id(registration.proxy_id(config, svc)))
 
-                    async def reregister(result: ProbeResult, svc: LocalService = svc) -> None:
-                        await self._register(consul, svc, result)
+                            async def reregister(result: ProbeResult,
+                                                 svc: LocalService = svc) -> None:
+                                await self._register(consul, svc, result)
 
-                    await nursery.start(
-                        report_health, svc, consul, checks,
-                        lambda r, name=svc.name: self._record_health(name, r), reregister)
-                task_status.started()
+                            await nursery.start(
+                                report_health, svc, consul, checks,
+                                lambda r, name=svc.name: self._record_health(name, r),
+                                reregister)
+                        if not started:
+                            task_status.started()
+                            started = True
+                        await trio.sleep_forever()
+
+    async def apply_live_config(self, config: HostConfig, health_changed: Sequence[str]) -> None:
+        """Put a reloaded configuration in force (``meshd.reload`` decides what may change:
+        only health checks). Services whose check changed are registered again (their TTL
+        follows the interval) before their reporters restart with the new settings."""
+        self.config = config
+        if not health_changed or not self.state.ready or self._consul is None:
+            return
+        for name in health_changed:
+            svc = config.service(name)
+            last = self.state.health.get(name)
+            if svc is not None and last is not None:
+                await self._register(self._consul, svc, last)
+        self._reporter_round.cancel()
+
+    def status_line(self) -> str:
+        """One line for ``systemctl status``: what this meshd is doing, in numbers."""
+        config = self.config
+        n_services, n_upstreams = len(config.services), len(config.upstreams)
+        line = (f"{'ready' if self.state.ready else 'not ready'}: "
+                f"{n_services} service{'s' * (n_services != 1)}, "
+                f"{n_upstreams} upstream{'s' * (n_upstreams != 1)}, "
+                f"generation {self.view.current.generation}")
+        return f"{line}; {self.status_note}" if self.status_note else line
 
     async def _deregister_all(self) -> None:
         """Remove every entry this daemon registered (shielded, bounded)."""
@@ -366,19 +399,47 @@ class Daemon:
         self._cancel.cancel()
 
 
-async def run_daemon(config: HostConfig) -> None:
-    """Run until SIGTERM/SIGINT, then stop gracefully."""
+async def run_daemon(config: HostConfig, config_path: Path | None = None) -> None:
+    """Run until SIGTERM/SIGINT, then stop gracefully; SIGHUP re-reads ``config_path``
+    (default: the file the config came from) and applies what it safely can (``meshd.reload``).
+
+    Under systemd (``Type=notify``): ``READY=1`` once the daemon is ready, ``STATUS=`` lines
+    along the way, watchdog pings while the event loop runs, ``STOPPING=1`` on SIGTERM.
+    Reloads wait until the daemon is ready and run one at a time; signals that arrive while one
+    is pending coalesce (the pending reload reads the newest file)."""
     import signal
 
+    from meshd.reload import reload_from_file
+
+    path = config_path or Path(config.source)
     daemon = Daemon(config)
+    reload_send, reload_receive = trio.open_memory_channel[None](1)
     async with trio.open_nursery() as nursery:
 
         async def signals() -> None:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as receiver:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT,
+                                           signal.SIGHUP) as receiver:
                 async for signum in receiver:
+                    if signum == signal.SIGHUP:
+                        log.info("received SIGHUP%s", "" if daemon.state.ready
+                                 else ": the reload waits until meshd is ready")
+                        try:
+                            reload_send.send_nowait(None)
+                        except trio.WouldBlock:
+                            pass  # one is pending already, and it will read the newest file
+                        continue
                     log.info("received %s, stopping", signal.Signals(signum).name)
+                    systemd.notify(stopping=True, status="stopping: deregistering, draining")
                     await daemon.stop()
                     return
+
+        async def announce_ready_then_reload() -> None:
+            await daemon.ready_event.wait()
+            systemd.notify(ready=True, status=daemon.status_line())
+            async for _ in reload_receive:
+                if daemon.state.stopping:
+                    return
+                await reload_from_file(daemon, path)
 
         async def main() -> None:
             try:
@@ -387,6 +448,8 @@ async def run_daemon(config: HostConfig) -> None:
                 nursery.cancel_scope.cancel()
 
         nursery.start_soon(signals)
+        nursery.start_soon(announce_ready_then_reload)
+        nursery.start_soon(systemd.watchdog_task)
         nursery.start_soon(main)
 
 

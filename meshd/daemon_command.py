@@ -18,7 +18,9 @@ def register(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
         "run", help="run the per-host daemon",
         description="Join the CA, register this host's services, watch the registry and proxy "
-        "traffic until SIGTERM (which deregisters and drains).",
+        "traffic until SIGTERM (which deregisters and drains). SIGHUP re-reads the config: "
+        "health-check changes are applied, other changes are logged as needing a restart. "
+        "Under systemd (Type=notify) it reports READY, STATUS, STOPPING and watchdog pings.",
     )
     p.add_argument("--config", "-c", type=Path, default=Path("/etc/meshd/meshd.toml"),
                    help="path to meshd.toml (default: /etc/meshd/meshd.toml)")
@@ -29,6 +31,6 @@ def run(args: argparse.Namespace) -> int:
     from meshd.daemon import run_daemon
 
     config = load_host_config(args.config)
-    trio.run(run_daemon, config)
+    trio.run(run_daemon, config, args.config)
     log.info("meshd %s stopped", config.node)
     return 0

@@ -46,9 +46,49 @@ class Metrics:
         self.cert_expiry = Gauge(
             "meshd_cert_expiry_timestamp_seconds", "leaf certificate notAfter (unix time)",
             ["service"], registry=r)
+        self.node_cert_expiry = Gauge(
+            "meshd_node_cert_expiry_timestamp_seconds",
+            "node certificate notAfter (unix time): what the host renews with", registry=r)
+        self.cert_renewals = Counter(
+            "meshd_cert_renewals", "certificate renewals (node and services together)",
+            ["result"], registry=r)
+        self.cert_renewal_failures = Gauge(
+            "meshd_cert_renewal_failures", "renewal attempts failed in a row (0 when the last "
+            "one succeeded)", registry=r)
+        self.denied_serials = Gauge(
+            "meshd_denylist_serials", "revoked certificate serials in force", registry=r)
+        self.trust_roots = Gauge(
+            "meshd_trust_roots", "roots in the trust bundle (2 during a root rotation)",
+            registry=r)
+        self.inbound_connections = Counter(
+            "meshd_inbound_connections", "inbound connections accepted, by local service and "
+            "whether they were mutual TLS (mtls=\"false\": plaintext on a permissive service)",
+            ["destination", "mtls"], registry=r)
         self.local_health = Gauge(
             "meshd_local_service_healthy", "1 when the local app passes its health check",
             ["service"], registry=r)
+
+        # resilience (outbound, client side)
+        self.retries = Counter(
+            "meshd_retries", "outbound requests tried again, by what the failed try got",
+            ["destination", "reason"], registry=r)
+        self.retry_budget_exhausted = Counter(
+            "meshd_retry_budget_exhausted",
+            "retries not made because the destination's retry budget was spent",
+            ["destination"], registry=r)
+        self.ejections = Counter(
+            "meshd_outlier_ejections", "endpoints ejected by outlier detection",
+            ["destination", "reason"], registry=r)
+        self.circuit_breaker_rejections = Counter(
+            "meshd_circuit_breaker_rejections",
+            "requests answered 503 at once: connection and pending-request limits reached",
+            ["destination"], registry=r)
+        self.faults_injected = Counter(
+            "meshd_faults_injected", "requests delayed or aborted by fault injection",
+            ["destination", "route", "kind"], registry=r)
+        self.mirrored = Counter(
+            "meshd_mirror_requests", "copies of requests sent to a mirror subset",
+            ["destination", "subset", "result"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,8 +1,14 @@
 """The admin endpoint of one meshd: ``/healthz``, ``/readyz``, ``/metrics`` (Prometheus) and
-``/v1/state`` (the JSON snapshot the console reads). Loopback by default."""
+``/v1/state`` (the JSON snapshot the console reads). Loopback by default.
+
+With ``[admin] tls = true`` it speaks HTTPS with the node certificate and requires a client
+certificate from the mesh CA naming an operator (``meshd ca issue --operator NAME``); any other
+identity (a service's, another trust domain's, a revoked one) gets a JSON 403 with the reason,
+and the refusal is logged and counted."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -11,6 +17,9 @@ import trio
 from meshd.errors import MeshError
 from meshd.httpd import Request, Response, serve_http
 from meshd.metrics import Metrics
+from meshd.proxy.tls import HandshakeRefused, TLSState
+
+log = logging.getLogger(__name__)
 
 ROUTES = ("/healthz", "/readyz", "/metrics", "/v1/state")
 
@@ -24,8 +33,21 @@ class AdminAPI:
         self._ready = ready
         self._state = state
         self._refresh = refresh  # updates gauges that are computed, not counted
+        self._tls: TLSState | None = None  # set when serving over mutual TLS
 
     async def handle(self, request: Request) -> Response:
+        if self._tls is not None:
+            try:
+                self._tls.check_operator(request.peer_cert_der)
+            except HandshakeRefused as exc:
+                peer = f"{request.remote[0]}" if request.remote else "?"
+                log.warning("admin request %s %s from %s refused (%s): %s", request.method,
+                            request.path, peer, exc.reason, exc)
+                self._metrics.connection_errors.labels("admin", exc.reason).inc()
+                return Response.json({"error": exc.reason, "reason": str(exc)}, 403)
+        return await self._route(request)
+
+    async def _route(self, request: Request) -> Response:
         if request.path not in ROUTES:
             return Response.text(f"unknown path {request.path}; try {', '.join(ROUTES)}\n", 404)
         if request.method not in ("GET", "HEAD"):
@@ -45,11 +67,16 @@ class AdminAPI:
         return Response.json(self._state(), pretty=request.has_param("pretty"))
 
     async def serve(
-        self, host: str, port: int,
-        *, task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+        self, host: str, port: int, *, tls: TLSState | None = None,
+        task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
+        """Serve until cancelled; with ``tls`` (built with ``admin=True``), over mutual TLS
+        for operators only."""
+        self._tls = tls
+        context = tls.admin_context if tls is not None else None
         try:
-            await serve_http(self.handle, host, port, task_status=task_status)
+            await serve_http(self.handle, host, port, ssl_context=context,
+                             task_status=task_status)
         except OSError as exc:
             raise MeshError(f"cannot listen on admin address {host}:{port}: "
                             f"{exc.strerror or exc}") from exc

@@ -3,13 +3,19 @@
 
 Shape (stable keys; a later console issue may add, never rename):
     node, address, trust_domain, version, ready, uptime_seconds, generation,
-    services[]      {name, version, protocol, address, port, health, health_output}
+    services[]      {name, version, protocol, address, port, health, health_output, mtls}
     upstreams[]     {service, destination, local_address, local_port}
     destinations{}  name -> {index, age_seconds, endpoints[] {node, instance_id, address, port,
-                             version, healthy}}
+                             version, healthy, and from this host's proxy: ejected,
+                             ejection_remaining_seconds, ejections, ejection_reason,
+                             active_requests}}
     routes          the route table in force (canonical form, as stored in the registry)
     registry        {url, staleness_seconds, watches[] {name, index, staleness_seconds, error}}
     certificates[]  {service, spiffe_id, serial, not_after, expires_in_seconds}
+    identity        {node {spiffe_id, serial, not_after, state}, certificates{} (same, per
+                     service; state: valid / renewal_due / expiring / expired), roots[],
+                     renew_at, retry_at, last_renewal, last_error, failures,
+                     denylist {version, serials}}
     config_error    the last rejected route table's reasons ("" when none)
     process         {pid, cpu_seconds, rss_bytes, open_fds}
 """
@@ -17,6 +23,7 @@ Shape (stable keys; a later console issue may add, never rename):
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import meshd
@@ -31,7 +38,14 @@ if TYPE_CHECKING:
 def build_state(
     *, config: HostConfig, view: MeshView, state: DaemonState, now_monotonic: float,
     now_wall: float, process: Mapping[str, Any], registry_url: str,
+    endpoint_states: Mapping[str, list[dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
+    """``endpoint_states``: ``Proxy.endpoint_states()`` (ejection and load per endpoint),
+    merged into each destination's endpoints by (node, instance_id)."""
+    proxy_view = {
+        (name, e.get("node"), e.get("instance_id")): e
+        for name, entries in (endpoint_states or {}).items() for e in entries
+    }
     watches: list[dict[str, Any]] = [
         {"name": w.name, "index": w.index,
          "staleness_seconds": round(w.staleness(now_monotonic), 3), "error": w.last_error}
@@ -45,6 +59,7 @@ def build_state(
             "address": svc.address, "port": svc.port,
             "health": result.status if result else "unknown",
             "health_output": result.output if result else "",
+            "mtls": svc.mtls.value,
         })
     destinations = {
         name: {
@@ -52,7 +67,9 @@ def build_state(
             "age_seconds": round(now_monotonic - eps.fetched_at, 3),
             "endpoints": [
                 {"node": e.node, "instance_id": e.instance_id, "address": e.address,
-                 "port": e.port, "version": e.version, "healthy": e.healthy}
+                 "port": e.port, "version": e.version, "healthy": e.healthy,
+                 **{k: v for k, v in proxy_view.get((name, e.node, e.instance_id), {}).items()
+                    if k not in ("node", "instance_id")}}
                 for e in eps.endpoints
             ],
         }
@@ -88,6 +105,8 @@ def build_state(
             "watches": watches,
         },
         "certificates": certificates,
+        "identity": (state.identity.to_json(datetime.fromtimestamp(now_wall, UTC))
+                     if state.identity is not None else None),
         "config_error": state.last_config_error,
         "process": dict(process),
     }

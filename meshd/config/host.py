@@ -17,14 +17,15 @@ from meshd.config.schema import (
     HealthCheck,
     HostConfig,
     LocalService,
+    MTLSMode,
     Protocol,
     Upstream,
 )
 
 FINGERPRINT_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 
-HOST_KEYS = {"node", "address", "trust_domain", "registry", "ca", "inbound", "admin",
-             "outbound", "state_dir", "services"}
+HOST_KEYS = {"node", "address", "trust_domain", "registry", "registry_token", "ca", "inbound",
+             "admin", "outbound", "state_dir", "services"}
 
 
 def parse_host_config(data: Mapping[str, Any], file: str = "meshd.toml",
@@ -38,6 +39,7 @@ def parse_host_config(data: Mapping[str, Any], file: str = "meshd.toml",
     address = r.ip(data, "address", "", "127.0.0.1")
     trust_domain = r.trust_domain(data, "trust_domain", "")
     registry_url = _registry_url(r, r.get(data, "registry", "", str, "consul://127.0.0.1:8500"))
+    registry_token = r.get(data, "registry_token", "", str, "") or ""
 
     ca = _parse_ca(r, r.get(data, "ca", "", dict, None), base)
 
@@ -46,13 +48,16 @@ def parse_host_config(data: Mapping[str, Any], file: str = "meshd.toml",
     inbound_port = r.port(inbound, "port", "inbound", 15001)
 
     admin = r.get(data, "admin", "", dict, {}) or {}
-    r.unknown_keys(admin, "admin", {"address"})
+    r.unknown_keys(admin, "admin", {"address", "tls"})
     admin_address = r.hostport(admin.get("address", "127.0.0.1:15000"), "admin.address")
     admin_host, admin_port = admin_address or ("127.0.0.1", 0)
-    if admin_host and not _is_loopback(admin_host):
+    admin_tls = r.get(admin, "tls", "admin", bool, False) is True
+    if admin_host and not admin_tls and not _is_loopback(admin_host):
         r.problem("admin.address",
-                  f"{admin_host} is not a loopback address: the admin API (state, metrics) is "
-                  "unauthenticated and stays on loopback (127.0.0.0/8 or ::1)")
+                  f"{admin_host} is not a loopback address: without TLS the admin API (state, "
+                  "metrics) is unauthenticated and stays on loopback (127.0.0.0/8 or ::1); "
+                  "set admin.tls = true to serve it beyond, to holders of an operator "
+                  "certificate (`meshd ca issue --operator NAME`)")
 
     outbound = r.get(data, "outbound", "", dict, {}) or {}
     r.unknown_keys(outbound, "outbound", {"address"})
@@ -75,14 +80,16 @@ def parse_host_config(data: Mapping[str, Any], file: str = "meshd.toml",
     if admin_port:
         listeners.append((admin_host, admin_port, "admin.address"))
     _check_local_uniqueness(r, services, listeners)
+    _check_permissive(r, services)
 
     r.fail_if_problems()
     assert ca is not None
     return HostConfig(
         node=node, address=address, trust_domain=trust_domain, registry_url=registry_url,
         ca=ca, inbound_port=inbound_port, admin_host=admin_host, admin_port=admin_port,
+        admin_tls=admin_tls,
         outbound_address=outbound_address, state_dir=state_dir, services=tuple(services),
-        source=file,
+        source=file, registry_token=registry_token,
     )
 
 
@@ -127,7 +134,7 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-SERVICE_KEYS = {"name", "port", "protocol", "version", "address", "health", "upstreams"}
+SERVICE_KEYS = {"name", "port", "protocol", "version", "address", "health", "upstreams", "mtls"}
 
 
 def _parse_local_service(r: Reader, raw: Mapping[str, Any], path: str) -> LocalService | None:
@@ -136,6 +143,7 @@ def _parse_local_service(r: Reader, raw: Mapping[str, Any], path: str) -> LocalS
     name = r.name(raw, "name", path)
     port = r.port(raw, "port", path)
     protocol = r.choice(raw, "protocol", path, Protocol, ["http", "tcp"], Protocol.HTTP)
+    mtls = r.choice(raw, "mtls", path, MTLSMode, ["strict", "permissive"], MTLSMode.STRICT)
     version = r.name(raw, "version", path, "v1")
     address = r.ip(raw, "address", path, "127.0.0.1")
     health = _parse_health(r, r.get(raw, "health", path, dict, {}) or {}, f"{path}.health")
@@ -155,7 +163,7 @@ def _parse_local_service(r: Reader, raw: Mapping[str, Any], path: str) -> LocalS
         return None
     return LocalService(name=name, port=port, protocol=protocol, version=version,
                         address=address, health=health,
-                        upstreams=tuple(upstreams))
+                        upstreams=tuple(upstreams), mtls=mtls)
 
 
 def _parse_health(r: Reader, raw: Mapping[str, Any], path: str) -> HealthCheck:
@@ -206,6 +214,16 @@ def _check_local_uniqueness(
         if clash is not None:
             r.problem(where, f"duplicate local port {port} (also {clash})")
         taken.append((address, port, where))
+
+
+def _check_permissive(r: Reader, services: list[LocalService]) -> None:
+    """Plaintext on the shared inbound port carries no SNI, so it can only go to one service:
+    at most one service per host may be permissive."""
+    permissive = [i for i, s in enumerate(services) if s.mtls is MTLSMode.PERMISSIVE]
+    for i in permissive[1:]:
+        r.problem(f"services[{i}].mtls",
+                  f"only one service per host can be permissive (services[{permissive[0]}] "
+                  "is): plaintext on the inbound port cannot say which service it is for")
 
 
 def _overlap(a: str, b: str) -> bool:

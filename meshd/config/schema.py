@@ -6,8 +6,10 @@ registry's KV) becomes a ``RouteTable``. Parsing and validation live in ``meshd.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import cached_property
 from pathlib import Path
 
 
@@ -39,6 +41,14 @@ class Upstream:
     protocol: Protocol = Protocol.HTTP
 
 
+class MTLSMode(StrEnum):
+    """What the inbound listener accepts for a service: ``strict``, mutual TLS only (the
+    default); ``permissive``, plaintext too (for migrating a service into the mesh)."""
+
+    STRICT = "strict"
+    PERMISSIVE = "permissive"
+
+
 @dataclass(frozen=True)
 class LocalService:
     name: str
@@ -48,6 +58,7 @@ class LocalService:
     address: str = "127.0.0.1"
     health: HealthCheck = field(default_factory=HealthCheck)
     upstreams: tuple[Upstream, ...] = ()
+    mtls: MTLSMode = MTLSMode.STRICT
 
     @property
     def instance_id(self) -> str:
@@ -71,10 +82,12 @@ class HostConfig:
     inbound_port: int
     admin_host: str = "127.0.0.1"
     admin_port: int = 15000
+    admin_tls: bool = False  # HTTPS with the node certificate; clients need an operator's
     outbound_address: str = "127.0.0.1"
     state_dir: Path = Path("/var/lib/meshd")
     services: tuple[LocalService, ...] = ()
     source: str = ""
+    registry_token: str = ""  # ACL token for the registry; "" = $CONSUL_HTTP_TOKEN, if set
 
     def service(self, name: str) -> LocalService | None:
         return next((s for s in self.services if s.name == name), None)
@@ -98,9 +111,172 @@ class SplitLeg:
     weight: int
 
 
+# -- request matching ---------------------------------------------------------------------------
+
+class MatchKind(StrEnum):
+    EXACT = "exact"
+    PREFIX = "prefix"
+    REGEX = "regex"  # the whole value must match (``re.fullmatch``)
+    PRESENT = "present"
+    ABSENT = "absent"
+
+
+@dataclass(frozen=True)
+class StringMatch:
+    """One test on a string: ``exact``/``prefix``/``regex`` on its value, or only whether it is
+    ``present``/``absent``. A regex is compiled once, when the value is built (at parse time)."""
+
+    kind: MatchKind
+    value: str = ""
+    pattern: re.Pattern[str] | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.kind is MatchKind.REGEX and self.pattern is None:
+            object.__setattr__(self, "pattern", re.compile(self.value))
+
+
+@dataclass(frozen=True)
+class FieldMatch:
+    """A test on a named header (lower-case name) or query parameter."""
+
+    name: str
+    match: StringMatch
+
+
+@dataclass(frozen=True)
+class RouteMatch:
+    """All conditions must hold; no conditions at all matches every request. ``methods`` is a
+    set of alternatives (any of them)."""
+
+    path: StringMatch | None = None
+    methods: tuple[str, ...] = ()
+    headers: tuple[FieldMatch, ...] = ()
+    query: tuple[FieldMatch, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return self.path is None and not self.methods and not self.headers and not self.query
+
+
+# -- what a route does ---------------------------------------------------------------------------
+
+RETRY_CONDITIONS = ("connect-failure", "reset", "timeout", "5xx", "gateway-error")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """``attempts`` retries at most after the first try (Istio's meaning); ``retry_on`` holds
+    condition names (``RETRY_CONDITIONS``) and status codes as strings (``"503"``)."""
+
+    attempts: int
+    per_try_timeout: float | None = None
+    retry_on: tuple[str, ...] = ("connect-failure", "gateway-error", "reset")
+
+
+@dataclass(frozen=True)
+class FaultPolicy:
+    """Delay ``delay_percent`` % of requests by ``delay``, and answer ``abort_percent`` % of
+    them with ``abort_status`` without calling the destination."""
+
+    delay: float | None = None
+    delay_percent: float = 0.0
+    abort_status: int | None = None
+    abort_percent: float = 0.0
+
+
+@dataclass(frozen=True)
+class MirrorPolicy:
+    """Copy ``percent`` % of requests to ``subset``; the copies' responses are discarded."""
+
+    subset: str
+    percent: float = 100.0
+
+
+@dataclass(frozen=True)
+class Route:
+    """One HTTP route of a destination. ``split``, ``timeout`` and ``retries`` left out of a
+    route come from the destination level (the default route); ``fault`` and ``mirror`` never
+    do. ``name`` is what logs and ``meshd explain`` call it."""
+
+    name: str
+    match: RouteMatch = field(default_factory=RouteMatch)
+    split: tuple[SplitLeg, ...] | None = None
+    timeout: float | None = None
+    retries: RetryPolicy | None = None
+    fault: FaultPolicy | None = None
+    mirror: MirrorPolicy | None = None
+
+
+# -- destination policy ---------------------------------------------------------------------------
+
+DEFAULT_MAX_PENDING = 1024
+
+
+class LoadBalancer(StrEnum):
+    ROUND_ROBIN = "round_robin"
+    LEAST_REQUEST = "least_request"  # power of two choices on requests in flight
+    RANDOM = "random"
+    RING_HASH = "ring_hash"
+
+
+@dataclass(frozen=True)
+class HashOn:
+    """What ring_hash hashes: a request header's value, or the client's address (``source``)."""
+
+    header: str | None = None
+    source: bool = False
+
+
+@dataclass(frozen=True)
+class OutlierDetection:
+    """Eject an endpoint after ``consecutive_5xx`` failed answers (5xx, reset, per-try timeout)
+    or ``consecutive_connect_failures`` failed connects in a row, for ``base_ejection_time``
+    times the number of its ejections (at most ``max_ejection_time``); an endpoint back for a
+    whole ``interval`` has that number lowered by one. Never more than
+    ``max_ejection_percent`` % of the destination's healthy endpoints at once (rounded down:
+    the default 50 lets one of two go, none of one)."""
+
+    consecutive_5xx: int = 5
+    consecutive_connect_failures: int = 5
+    interval: float = 10.0
+    base_ejection_time: float = 30.0
+    max_ejection_time: float = 300.0
+    max_ejection_percent: int = 50
+
+
+@dataclass(frozen=True)
+class RetryBudget:
+    """Retries allowed over a 10 s window: ``ratio`` per request plus
+    ``min_retries_per_second``, so retries cannot multiply the load of an outage."""
+
+    ratio: float = 0.2
+    min_retries_per_second: float = 10.0
+
+
+@dataclass(frozen=True)
+class DestinationPolicy:
+    """How a destination's endpoints are used. ``max_connections`` bounds the connections in
+    use at once (one request each on HTTP/1.1); ``max_pending_requests`` how many requests may
+    wait for one (``DEFAULT_MAX_PENDING`` when only ``max_connections`` is set); beyond both a
+    request is answered 503 at once. ``max_connections = None``: no limit."""
+
+    load_balancer: LoadBalancer = LoadBalancer.ROUND_ROBIN
+    hash_on: HashOn | None = None
+    connect_timeout: float | None = None
+    max_connections: int | None = None
+    max_pending_requests: int | None = None
+    outlier_detection: OutlierDetection | None = None
+    retry_budget: RetryBudget | None = None  # None: the defaults of ``RetryBudget``
+
+
+DEFAULT_ROUTE = "default"
+
+
 @dataclass(frozen=True)
 class DestinationRoutes:
-    """Routing for one destination service: a weighted split over its subsets and a timeout.
+    """Routing for one destination service: ordered ``routes`` (first match wins), then the
+    default route made of the destination-level ``split``, ``timeout``, ``retries``, ``fault``
+    and ``mirror``; and the destination's ``policy``.
 
     An empty ``split`` means "every healthy instance, no subset preference"."""
 
@@ -108,9 +284,20 @@ class DestinationRoutes:
     subsets: tuple[Subset, ...] = ()
     split: tuple[SplitLeg, ...] = ()
     timeout: float | None = None
+    routes: tuple[Route, ...] = ()
+    retries: RetryPolicy | None = None
+    fault: FaultPolicy | None = None
+    mirror: MirrorPolicy | None = None
+    policy: DestinationPolicy = field(default_factory=DestinationPolicy)
 
     def subset(self, name: str) -> Subset | None:
         return next((s for s in self.subsets if s.name == name), None)
+
+    @cached_property
+    def default_route(self) -> Route:
+        return Route(DEFAULT_ROUTE, RouteMatch(), self.split, self.timeout, self.retries,
+                     self.fault, self.mirror)
+
 
 
 @dataclass(frozen=True)

@@ -89,10 +89,11 @@ HOST_CASES = [
     ("services[0].upstreams[0].local_port", 8080, "services[0].upstreams[0].local_port",
      "duplicate local port 8080 (also services[0].port)"),
     ("admin.address", "0.0.0.0:15000", "admin.address",
-     "0.0.0.0 is not a loopback address: the admin API (state, metrics) is unauthenticated and "
-     "stays on loopback (127.0.0.0/8 or ::1)"),
-    ("services[1].mtls", "permissive", "services[1].mtls",
-     "unknown key (expected one of: address, health, name, port, protocol, upstreams, version)"),
+     "0.0.0.0 is not a loopback address: without TLS the admin API (state, metrics) is "
+     "unauthenticated and stays on loopback (127.0.0.0/8 or ::1); set admin.tls = true to serve "
+     "it beyond, to holders of an operator certificate (`meshd ca issue --operator NAME`)"),
+    ("services[1].mtls", "off", "services[1].mtls",
+     "must be one of strict, permissive, got 'off'"),
     ("services[0].protocol", "grpc", "services[0].protocol",
      "must be one of http, tcp, got 'grpc'"),
     ("services[0].name", "Web_1", "services[0].name",
@@ -112,7 +113,7 @@ HOST_CASES = [
      "expected HOST:PORT with a port in 1-65535, got 'localhost'"),
     ("address", "host-a.local", "address", "'host-a.local' is not an IP address"),
     ("colour", "blue", "colour", "unknown key (expected one of: address, admin, ca, inbound, "
-     "node, outbound, registry, services, state_dir, trust_domain)"),
+     "node, outbound, registry, registry_token, services, state_dir, trust_domain)"),
 ]
 
 
@@ -146,8 +147,11 @@ ROUTE_CASES = [
      "invalid duration '-1s' (use e.g. 500ms, 10s, 1m30s, 24h)"),
     ("destinations.payments.subsets.v2", "v2", "destinations.payments.subsets.v2",
      'expected a table like { version = "v1" }'),
+    ("destinations.payments.retry", 3, "destinations.payments.retry",
+     "unknown key (expected one of: fault, mirror, policy, retries, routes, split, subsets, "
+     "timeout)"),
     ("destinations.payments.retries", 3, "destinations.payments.retries",
-     "unknown key (expected one of: split, subsets, timeout)"),
+     "expected a table, got int"),
 ]
 
 
