@@ -176,6 +176,7 @@ class Daemon:
             now_monotonic=trio.current_time(), now_wall=time.time(), process=process,
             registry_url=self.config.registry_url,
             endpoint_states=self.proxy.endpoint_states() if self.proxy is not None else None,
+            connections=self.proxy.open_connections() if self.proxy is not None else None,
         )
 
     # -- lifetime ------------------------------------------------------------------------------

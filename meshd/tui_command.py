@@ -8,6 +8,7 @@ import ssl
 from typing import Any
 
 from meshd.errors import MeshError
+from meshd.status_command import admin_ssl_context
 
 DEFAULT_REGISTRY = "http://127.0.0.1:8500"
 DEFAULT_ADMIN_PORT = 15000
@@ -29,10 +30,11 @@ def register(sub: Any) -> None:
     p.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
                    help="refresh interval (default: 1)")
     p.add_argument("--admin-ca", metavar="FILE",
-                   help="read admin APIs over HTTPS, trusting this CA bundle (for admin "
-                   "endpoints exposed beyond loopback)")
+                   help="read admin APIs over HTTPS ([admin] tls = true), trusting this CA "
+                   "bundle: the mesh's ca.crt (for admin endpoints exposed beyond loopback)")
     p.add_argument("--admin-cert", metavar="FILE",
-                   help="operator certificate (PEM) presented to admin APIs over HTTPS")
+                   help="operator certificate (PEM) presented to admin APIs over HTTPS "
+                   "(meshd ca issue --operator NAME writes NAME.crt, NAME.key and ca.crt)")
     p.add_argument("--admin-key", metavar="FILE", help="the operator certificate's key")
     p.set_defaults(func=run)
 
@@ -45,17 +47,14 @@ def registry_url(raw: str) -> str:
     return raw
 
 
+TLS_OPTIONS = ("--admin-ca", "--admin-cert", "--admin-key")
+
+
 def admin_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
-    if not (args.admin_ca or args.admin_cert):
+    """The client context for admin APIs over mutual TLS (None: plain HTTP on loopback)."""
+    if not (args.admin_ca or args.admin_cert or args.admin_key):
         return None
-    try:
-        context = ssl.create_default_context(cafile=args.admin_ca)
-        context.check_hostname = False  # meshd admin certificates name services, not hosts
-        if args.admin_cert:
-            context.load_cert_chain(args.admin_cert, args.admin_key)
-    except (OSError, ssl.SSLError) as exc:
-        raise MeshError(f"cannot load the admin TLS files: {exc}") from exc
-    return context
+    return admin_ssl_context(args.admin_ca, args.admin_cert, args.admin_key, TLS_OPTIONS)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
     from tui.source import RegistrySource
 
     source = RegistrySource(registry_url(args.registry), args.admin_port,
-                            timeout=min(0.8, args.interval * 0.8), admin_tls=admin_tls(args))
+                            timeout=min(0.8, args.interval * 0.8), admin_tls=admin_tls(args),
+                            admin_client_cert=bool(args.admin_cert))
     # log lines written to the terminal would tear the screen: the console reports what
     # matters in its events pane instead
     logging.disable(logging.CRITICAL)

@@ -1,9 +1,10 @@
-"""Service detail: instances per subset (host, health, ejection, the host's open fds, request
-rate and its recent history), the routes in force, each host's config generation and the
-service's certificates per host."""
+"""Service detail: instances per subset (host, health, ejection by each calling host and for how
+long, requests in flight to it from every caller, request rate and its recent history), the
+routes in force, each host's config generation and the service's certificates per host."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from rich.text import Text
@@ -17,7 +18,7 @@ from tui import fmt
 from tui.events import config_reason
 from tui.fmt import STYLE, SYMBOL, Status
 from tui.topology import leg_parts
-from tui.views import ServiceDetail, service_detail
+from tui.views import Ejection, ServiceDetail, service_detail
 from tui.widgets import fill_table
 
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ class ServiceScreen(Screen[None]):
 
     def on_mount(self) -> None:
         self.query_one("#instances", DataTable).add_columns(
-            "subset", "version", "host", "address", "health", "ejected", "fds", "rate",
+            "subset", "version", "host", "address", "health", "ejected", "active", "rate",
             f"last {SPARK}s")
         self.query_one("#generations", DataTable).add_columns(
             "host", "generation", f"{self.service} split", "stored table", "refused")
@@ -113,20 +114,31 @@ def instance_rows(d: ServiceDetail) -> list[tuple[str, list[Any]]]:
         status = HEALTH.get(inst.status, Status.FAIL)
         host = inst.host
         reach = "" if host is None or host.reachable else " (host unreachable)"
-        process = (host.state or {}).get("process") or {} if host else {}
-        ejected = Text(f"{fmt.EJECTED} by {', '.join(inst.ejected_by)}",
-                       style=STYLE[Status.FAIL]) if inst.ejected_by else Text("no", style="dim")
+        active = Text(fmt.DASH, style="dim") if inst.active is None else Text(
+            f"{inst.active}" + (" ?" if inst.active_stale else ""),
+            style=STYLE[Status.STALE] if inst.active_stale else "")
         rows.append((f"{inst.node}/{inst.version}", [
             inst.subset or Text("all" if not d.routes or not d.routes.get("subsets")
                                 else "none", style="dim"),
             inst.version, inst.node, inst.address,
             fmt.badge(status, inst.status + reach),
-            ejected,
-            str(process.get("open_fds", fmt.DASH)),
+            ejection_text(inst.ejections),
+            active,
             fmt.rate(inst.rate),
             Text(fmt.sparkline(inst.history, SPARK), style="cyan"),
         ]))
     return rows
+
+
+def ejection_text(ejections: Sequence[Ejection]) -> Text:
+    """``⊘ by host-a for 12s, host-d for 3s`` (``?``: that host's last known answer)."""
+    if not ejections:
+        return Text("no", style="dim")
+    parts = []
+    for e in ejections:
+        left = "" if e.remaining is None else f" for {fmt.age(e.remaining)}"
+        parts.append(f"{e.by}{left}" + (" ?" if e.stale else ""))
+    return Text(f"{fmt.EJECTED} by {', '.join(parts)}", style=STYLE[Status.FAIL])
 
 
 def routes_text(d: ServiceDetail) -> Text:

@@ -24,6 +24,8 @@ from meshd.config.parse import routes_to_data
 from meshd.errors import MeshError
 from meshd.registry.consul import ConsulClient
 from meshd.registry.watch import ROUTES_KEY, decode_routes
+from meshd.status_command import admin_error
+from meshd.tui_command import TLS_OPTIONS
 from tui.observe import (
     HostPoll,
     Instance,
@@ -102,13 +104,16 @@ class MemoryRouteStore:
         return True
 
 
-def _reason(exc: BaseException) -> str:
+def _reason(exc: BaseException, tls: bool = False, client_cert: bool = False) -> str:
+    """Why a read failed, in the words ``meshd status`` uses (a refusal with the admin API's
+    reason, a certificate that does not verify, a handshake broken off for want of an operator
+    certificate)."""
     if isinstance(exc, TimeoutError):
         return "timed out"
-    if isinstance(exc, httpx.ConnectError):
+    if isinstance(exc, httpx.ConnectError) and not tls:
         return "connection refused"
-    if isinstance(exc, httpx.HTTPStatusError):
-        return f"HTTP {exc.response.status_code}"
+    if isinstance(exc, httpx.HTTPError):
+        return admin_error(exc, tls=tls, client_cert=client_cert, options=TLS_OPTIONS)
     return str(exc) or type(exc).__name__
 
 
@@ -116,8 +121,11 @@ class RegistrySource:
     def __init__(
         self, registry_url: str, admin_port: int = DEFAULT_ADMIN_PORT, *,
         timeout: float = POLL_TIMEOUT, admin_tls: ssl.SSLContext | None = None,
-        clock: Callable[[], float] = time.time,
+        admin_client_cert: bool = False, clock: Callable[[], float] = time.time,
     ) -> None:
+        """``admin_tls``: read admin APIs over HTTPS with this context (``[admin] tls =
+        true``); ``admin_client_cert``: it holds an operator certificate (for the reason shown
+        when a host refuses)."""
         self.description = f"registry {registry_url.rstrip('/')}"
         self.consul = ConsulClient(registry_url)
         self.routes: RouteStore = ConsulRouteStore(self.consul)
@@ -125,6 +133,7 @@ class RegistrySource:
         self.timeout = timeout
         self.clock = clock
         self._scheme = "https" if admin_tls is not None else "http"
+        self._client_cert = admin_client_cert
         self._http = httpx.AsyncClient(
             trust_env=False, verify=admin_tls if admin_tls is not None else True,
             timeout=httpx.Timeout(timeout), limits=httpx.Limits(max_keepalive_connections=64))
@@ -190,7 +199,8 @@ class RegistrySource:
                 raise ValueError("/v1/state is not a JSON object")
             metrics = parse_metrics(metrics_r.text)
         except (httpx.HTTPError, TimeoutError, ValueError) as exc:
-            return HostPoll(admin, node, at, error=_reason(exc))
+            return HostPoll(admin, node, at, error=_reason(
+                exc, self._scheme == "https", self._client_cert))
         return HostPoll(admin, str(state.get("node") or node), at, state, metrics)
 
 

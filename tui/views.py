@@ -116,7 +116,9 @@ def _subsets(entry: Mapping[str, Any] | None) -> dict[str, str]:
 
 
 def ejected_instances(model: MeshModel) -> set[tuple[str, str]]:
-    """(destination, instance id) pairs some meshd has ejected (outlier detection)."""
+    """(destination, instance id) pairs some meshd has ejected (outlier detection). Node and
+    subset views count the ejected instances the registry still has healthy: those are what
+    ejection takes out beyond the health checks (an unhealthy one is already counted out)."""
     out: set[tuple[str, str]] = set()
     for host in model.hosts.values():
         for dest, view in ((host.state or {}).get("destinations") or {}).items():
@@ -142,7 +144,7 @@ def subset_views(model: MeshModel, service: str) -> tuple[SubsetView, ...]:
         views.append(SubsetView(
             name, version, split.get(name, 0) if split else None,
             sum(i.healthy for i in mine), len(mine),
-            sum((service, i.instance_id) in ejected for i in mine)))
+            sum(i.healthy and (service, i.instance_id) in ejected for i in mine)))
     claimed = set(subsets.values())
     for version in sorted({i.version for i in instances} - claimed):
         if subsets:  # instances no subset selects
@@ -163,7 +165,7 @@ def build_graph(model: MeshModel, filter_text: str = "") -> tuple[list[NodeView]
         hosts = service_hosts(model, name)
         nodes[name] = NodeView(
             name, sum(i.healthy for i in instances), len(instances),
-            sum((name, i.instance_id) in ejected for i in instances),
+            sum(i.healthy and (name, i.instance_id) in ejected for i in instances),
             subset_views(model, name),
             stale=bool(hosts) and not any(h.reachable for h in hosts))
     edges = []
@@ -205,7 +207,7 @@ class HostRow:
     uptime: float | None
     cpu_percent: float | None
     rss: float | None
-    fds: int | None
+    connections: tuple[int, int] | None  # open (inbound, outbound); None: not reported
     staleness: float | None
     watch_error: str
     cert_expiry: float | None  # the soonest, seconds from now
@@ -239,7 +241,7 @@ def host_rows(model: MeshModel, now: float, filter_text: str = "") -> list[HostR
             uptime=(float(state["uptime_seconds"]) + shift) if "uptime_seconds" in state
             else None,
             cpu_percent=host.cpu_percent if host.reachable else None,
-            rss=process.get("rss_bytes"), fds=process.get("open_fds"),
+            rss=process.get("rss_bytes"), connections=_connections(state),
             staleness=(float(registry["staleness_seconds"]) + (0.0 if host.reachable else shift))
             if "staleness_seconds" in registry else None,
             watch_error=errors[0] if errors else "",
@@ -279,16 +281,32 @@ def service_rows(model: MeshModel, filter_text: str = "") -> list[ServiceRow]:
 
 
 @dataclass(frozen=True)
+class Ejection:
+    """One calling meshd's outlier ejection of an instance."""
+
+    by: str  # the calling host's node name
+    remaining: float | None  # seconds left, as of now (the host's answer aged); None: unknown
+    reason: str
+    stale: bool  # the calling host is unreachable: its last known answer
+
+
+@dataclass(frozen=True)
 class InstanceRow:
     subset: str
     version: str
     node: str
     address: str
     status: str  # the registry's check status
-    ejected_by: tuple[str, ...]
+    ejections: tuple[Ejection, ...]
     host: HostRecord | None
     rate: float | None
     history: tuple[float, ...]
+    active: int | None = None  # requests in flight to it, summed over the hosts calling it
+    active_stale: bool = False  # some of those hosts are unreachable (last known counts)
+
+    @property
+    def ejected_by(self) -> tuple[str, ...]:
+        return tuple(e.by for e in self.ejections)
 
 
 @dataclass(frozen=True)
@@ -323,25 +341,58 @@ class ServiceDetail:
     incoming: tuple[EdgeView, ...]
 
 
+@dataclass
+class _CallerView:
+    """What the meshds calling a service report about one of its instances."""
+
+    ejections: list[Ejection]
+    active: int | None = None
+    active_stale: bool = False
+
+
+def caller_views(model: MeshModel, service: str, now: float) -> dict[str, _CallerView]:
+    """Per instance id of ``service``: the ejections of every meshd that has it as an upstream
+    endpoint, and its requests in flight summed over them (``active_requests`` from each
+    host's ``/v1/state``; a host's last known answer is used, and flagged, while it is
+    unreachable)."""
+    out: dict[str, _CallerView] = {}
+    for host in model.sorted_hosts():
+        view = ((host.state or {}).get("destinations") or {}).get(service) or {}
+        shift = host.age(now) or 0.0
+        for ep in view.get("endpoints") or []:
+            if not isinstance(ep, dict):
+                continue
+            seen = out.setdefault(str(ep.get("instance_id")), _CallerView([]))
+            active = ep.get("active_requests")
+            if isinstance(active, int | float) and not isinstance(active, bool):
+                seen.active = (seen.active or 0) + int(active)
+                seen.active_stale = seen.active_stale or not host.reachable
+            if ep.get("ejected"):
+                left = ep.get("ejection_remaining_seconds")
+                remaining = (max(0.0, float(left) - shift)
+                             if isinstance(left, int | float) else None)
+                seen.ejections.append(Ejection(host.node, remaining,
+                                               str(ep.get("ejection_reason") or ""),
+                                               not host.reachable))
+    return out
+
+
 def service_detail(model: MeshModel, service: str, now: float) -> ServiceDetail:
     nodes, edges = build_graph(model)
     node = next((n for n in nodes if n.service == service), None)
     by_address = {h.admin.rsplit(":", 1)[0]: h for h in model.hosts.values()}
     subsets = {s.version: s.name for s in (node.subsets if node else ()) if s.name}
-    ejectors: dict[str, list[str]] = {}
-    for host in model.sorted_hosts():
-        view = ((host.state or {}).get("destinations") or {}).get(service) or {}
-        for ep in view.get("endpoints") or []:
-            if isinstance(ep, dict) and ep.get("ejected"):
-                ejectors.setdefault(str(ep.get("instance_id")), []).append(host.node)
+    callers = caller_views(model, service, now)
     instances = []
     for inst in model.instances(service):
         found = by_address.get(inst.address)
         history = tuple(found.inbound_history.get(service, ())) if found else ()
         rate = model.inbound_traffic(found, service).rate if found and found.samples else None
+        seen = callers.get(inst.instance_id)
         instances.append(InstanceRow(
             subsets.get(inst.version, ""), inst.version, inst.node, inst.address, inst.status,
-            tuple(ejectors.get(inst.instance_id, ())), found, rate, history))
+            tuple(seen.ejections) if seen else (), found, rate, history,
+            seen.active if seen else None, seen.active_stale if seen else False))
     instances.sort(key=lambda r: (r.subset or "~", r.node))
     certs = []
     generations = []
@@ -403,3 +454,10 @@ def propagation(model: MeshModel, target: Mapping[str, Any]) -> Propagation:
         else:
             pending.append(host.node)
     return Propagation(tuple(applied), tuple(pending), tuple(refused), tuple(unreachable))
+
+
+def _connections(state: Mapping[str, Any]) -> tuple[int, int] | None:
+    conns = state.get("connections")
+    if not isinstance(conns, Mapping):
+        return None
+    return int(conns.get("inbound", 0)), int(conns.get("outbound", 0))

@@ -157,7 +157,8 @@ class ServicesTable(DataTable[Any]):
 
 
 class HostsTable(DataTable[Any]):
-    COLUMNS = ("host", "state", "cpu", "mem", "fds", "registry", "cert", "gen", "version",
+    COLUMNS = ("host", "state", "cpu", "mem", "conns in/out", "registry", "cert", "gen",
+               "version",
                "services", "admin")
 
     def on_mount(self) -> None:
@@ -188,7 +189,8 @@ class HostsTable(DataTable[Any]):
             rows.append((rec.admin, [
                 Text(rec.node, style="bold"), state,
                 fmt.DASH if row.cpu_percent is None else f"{row.cpu_percent:.1f}%",
-                fmt.size(row.rss), fmt.DASH if row.fds is None else str(row.fds),
+                fmt.size(row.rss),
+                fmt.DASH if row.connections is None else "{}/{}".format(*row.connections),
                 registry,
                 fmt.badge(fmt.expiry_status(row.cert_expiry), fmt.expiry(row.cert_expiry)),
                 gen, row.version, ", ".join(row.services) or fmt.DASH, rec.admin,

@@ -18,6 +18,7 @@ Shape (stable keys; a later console issue may add, never rename):
                      denylist {version, serials}}
     config_error    the last rejected route table's reasons ("" when none)
     process         {pid, cpu_seconds, rss_bytes, open_fds}
+    connections     {inbound, outbound}: accepted connections open now (absent before start)
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def build_state(
     *, config: HostConfig, view: MeshView, state: DaemonState, now_monotonic: float,
     now_wall: float, process: Mapping[str, Any], registry_url: str,
     endpoint_states: Mapping[str, list[dict[str, Any]]] | None = None,
+    connections: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
     """``endpoint_states``: ``Proxy.endpoint_states()`` (ejection and load per endpoint),
     merged into each destination's endpoints by (node, instance_id)."""
@@ -109,4 +111,5 @@ def build_state(
                      if state.identity is not None else None),
         "config_error": state.last_config_error,
         "process": dict(process),
+        **({"connections": dict(connections)} if connections is not None else {}),
     }

@@ -74,6 +74,7 @@ class Proxy:
                 "outbound", f"{service.name}->{upstream.name}", config.outbound_address,
                 upstream.local_port, handler.handle, []))
         self._connections: set[ClientConnection] = set()
+        self._open = {"inbound": 0, "outbound": 0}  # accepted connections open, by listener
         self._accepting = trio.CancelScope()
         self._everything = trio.CancelScope()
         self._draining = False
@@ -101,6 +102,11 @@ class Proxy:
         return host, port
 
     # -- observability -------------------------------------------------------------------------
+
+    def open_connections(self) -> dict[str, int]:
+        """Accepted connections open now: ``inbound`` (from peers' meshds, or plaintext in
+        permissive mode) and ``outbound`` (from local apps to upstream listeners)."""
+        return dict(self._open)
 
     def endpoint_states(self) -> dict[str, list[dict[str, Any]]]:
         """Read-only: per destination, each endpoint (``node``, ``instance_id``) with its
@@ -204,6 +210,7 @@ class Proxy:
             return
         conn = ClientConnection(peer, draining=self._draining)
         self._connections.add(conn)
+        self._open[listener.direction] = self._open.get(listener.direction, 0) + 1
         try:
             await listener.handle(stream, conn)
         except Exception:
@@ -212,4 +219,5 @@ class Proxy:
                           listener.name, peer)
         finally:
             self._connections.discard(conn)
+            self._open[listener.direction] -= 1
             await trio.aclose_forcefully(stream)

@@ -151,6 +151,7 @@ async def test_two_hosts_route_register_report_and_deregister(
     eps = state["destinations"]["payments"]["endpoints"]
     assert [(e["node"], e["version"], e["healthy"]) for e in eps] == [("host-b", "v2", True)]
     assert eps[0]["ejected"] is False and eps[0]["active_requests"] == 0  # from the proxy
+    assert state["connections"]["outbound"] >= 1  # this client's keep-alive connection
     assert state["certificates"][0]["spiffe_id"] == f"spiffe://{TD}/svc/web"
     assert state["routes"]["destinations"]["payments"]["split"] == {"v2": 100}
     metrics = (await mesh.http.get(f"{admin_a}/metrics")).text

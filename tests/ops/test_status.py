@@ -1,18 +1,30 @@
 """``meshd status``: the rendering of a state document (pure), and the exit codes an operator's
-script relies on: 0 ready (see test_notify_processes), 1 not ready, 2 unreachable."""
+script relies on: 0 ready (see test_notify_processes), 1 not ready, 2 unreachable or refused;
+and a real meshd whose admin API is served over mutual TLS, read with an operator certificate
+issued by the real `meshd ca issue --operator`."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import trio
-from test_daemon import free_port
+from test_daemon import TD, Mesh, free_port, payments_app, start_daemon
 
+from meshd.ca.server import serve_ca
+from meshd.ca.store import init_ca
+from meshd.cli import build_parser
 from meshd.httpd import Request, Response, serve_http
-from meshd.status_command import duration, render
+from meshd.registry.server import RegistryConfig, listen_port, serve_registry
+from meshd.status_command import admin_url, duration, render
 
 STATE: dict[str, Any] = {
     "node": "host-a", "address": "10.0.0.2", "trust_domain": "shop.mesh", "version": "0.1.0",
@@ -127,3 +139,111 @@ async def test_something_else_on_the_port_exits_2(nursery: trio.Nursery) -> None
     await nursery.start(serve_http, handle, "127.0.0.1", port)
     code, _, err = await run_status("--admin", f"127.0.0.1:{port}")
     assert code == 2 and "cannot read" in err
+
+
+def test_admin_addresses() -> None:
+    assert admin_url("127.0.0.1:15000", False) == ("http://127.0.0.1:15000", False)
+    assert admin_url("127.0.0.1:15000", True) == ("https://127.0.0.1:15000", True)
+    assert admin_url("https://[::1]:15000/", False) == ("https://[::1]:15000", True)
+    assert admin_url("http://10.0.0.5:15000", True) == ("http://10.0.0.5:15000", False)
+    with pytest.raises(ValueError, match="unknown scheme ftp"):
+        admin_url("ftp://10.0.0.5:15000", False)
+
+
+async def test_tls_options_that_cannot_work_exit_2_before_connecting(tmp_path: Path) -> None:
+    port = free_port("127.0.0.1")
+    code, out, err = await run_status("--admin", f"https://127.0.0.1:{port}")
+    assert code == 2 and out == ""
+    assert err.startswith("meshd status: --ca FILE is needed over TLS: the mesh CA bundle")
+    code, _, err = await run_status("--admin", f"http://127.0.0.1:{port}", "--cert", "a.crt")
+    assert code == 2 and "--cert/--key are for an admin API over TLS" in err
+    code, _, err = await run_status("--admin", f"127.0.0.1:{port}",
+                                    "--ca", str(tmp_path / "missing.crt"))
+    assert code == 2 and err.startswith("meshd status: cannot load the admin TLS files:")
+
+
+# -- a real meshd with its admin API over mutual TLS ----------------------------------------------
+
+TLS_HOST = "127.0.27.2"
+
+
+@dataclasses.dataclass
+class TLSAdmin:
+    address: str  # HOST:PORT
+    ca_dir: Path
+    tmp: Path
+
+    def issue(self, *who: str) -> Path:
+        """``meshd ca issue --dir CA --operator NAME --out DIR`` (or ``--service``),
+        in-process: NAME.crt, NAME.key and ca.crt in DIR."""
+        out = self.tmp / "issued" / who[1]
+        args = build_parser().parse_args(["ca", "issue", "--dir", str(self.ca_dir), *who,
+                                          "--out", str(out)])
+        assert args.func(args) == 0
+        return out
+
+
+@pytest.fixture
+async def tls_admin(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[TLSAdmin]:
+    listeners = await nursery.start(serve_registry, RegistryConfig(host="127.0.0.1", port=0))
+    init_ca(tmp_path / "ca", TD, now=datetime.now(UTC))
+    endpoint = await nursery.start(partial(serve_ca, tmp_path / "ca", "127.0.0.1", 0))
+    app_port = free_port(TLS_HOST)
+    await nursery.start(payments_app, TLS_HOST, app_port, "v1")
+    async with httpx.AsyncClient(timeout=10) as http:
+        mesh = Mesh(f"http://127.0.0.1:{listen_port(listeners)}", endpoint.url,
+                    endpoint.fingerprint, tmp_path / "ca", tmp_path, http)
+        config = dataclasses.replace(mesh.host_config("host-b", TLS_HOST, [
+            {"name": "payments", "version": "v1", "address": TLS_HOST, "port": app_port,
+             "health": {"none": True}}]), admin_tls=True)
+        daemon = await start_daemon(nursery, config)
+        yield TLSAdmin(f"{TLS_HOST}:{config.admin_port}", tmp_path / "ca", tmp_path)
+        await daemon.stop()
+
+
+async def test_an_operator_certificate_reads_an_admin_api_over_tls(tls_admin: TLSAdmin) -> None:
+    ops = tls_admin.issue("--operator", "alice")
+    code, out, err = await run_status("--admin", f"https://{tls_admin.address}",
+                                      "--ca", str(ops / "ca.crt"), "--cert",
+                                      str(ops / "alice.crt"), "--key", str(ops / "alice.key"))
+    assert (code, err) == (0, "")
+    assert out.startswith(f"meshd host-b ({TLS_HOST}), trust domain {TD}: READY\n")
+    assert "  payments  v1  http" in out
+
+
+async def test_an_admin_api_over_tls_refusing_this_client_exits_2_with_one_clear_line(
+        tls_admin: TLSAdmin) -> None:
+    ops = tls_admin.issue("--operator", "alice")
+    svc = tls_admin.issue("--service", "payments")
+    url = f"https://{tls_admin.address}/v1/state"
+    # a certificate of the mesh CA, but a service's: the admin API says why it refuses
+    code, out, err = await run_status("--admin", f"https://{tls_admin.address}",
+                                      "--ca", str(ops / "ca.crt"), "--cert",
+                                      str(svc / "payments.crt"), "--key",
+                                      str(svc / "payments.key"))
+    assert (code, out) == (2, "")
+    assert err == (f"meshd status: {url}: refused: client spiffe://{TD}/svc/payments is not "
+                   "an operator (`meshd ca issue --operator NAME`)\n")
+    # no certificate at all (the scheme follows from --ca): the handshake is broken off
+    code, out, err = await run_status("--admin", tls_admin.address, "--ca", str(ops / "ca.crt"))
+    assert (code, out) == (2, "")
+    assert err == (f"meshd status: cannot read {url}: TLS handshake broken off: an operator "
+                   "certificate is required (--cert, --key)\n")
+    # plain HTTP to it
+    code, _, err = await run_status("--admin", tls_admin.address)
+    assert code == 2
+    assert err == (f"meshd status: cannot read http://{tls_admin.address}/v1/state: closed "
+                   "without an answer: is the admin API over TLS? then give --ca, --cert, "
+                   "--key\n")
+    # another CA's bundle: the admin API's certificate cannot be verified
+    init_ca(tls_admin.tmp / "other-ca", TD, now=datetime.now(UTC))
+    other = build_parser().parse_args(["ca", "issue", "--dir", str(tls_admin.tmp / "other-ca"),
+                                       "--operator", "mallory", "--out",
+                                       str(tls_admin.tmp / "other")])
+    assert other.func(other) == 0
+    code, _, err = await run_status("--admin", f"https://{tls_admin.address}", "--ca",
+                                    str(tls_admin.tmp / "other" / "ca.crt"))
+    assert code == 2
+    assert err.startswith(f"meshd status: cannot read {url}: TLS: cannot verify the admin "
+                          "API's certificate (")
+    assert err.endswith("): is --ca this mesh's ca.crt?\n")

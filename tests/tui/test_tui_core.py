@@ -215,6 +215,42 @@ def test_service_detail_groups_instances_by_subset() -> None:
     assert len(detail.instances[0].history) == 5
     assert [c.node for c in detail.certificates] == ["host-b", "host-c"]
     assert [g.generation for g in detail.generations] == [2, 2, 2, 1, 2]
+    # from host-a's /v1/state: requests in flight, and its ejection of v2 with the time left
+    assert [i.active for i in detail.instances] == [4, 0]
+    v2 = detail.instances[1]
+    assert v2.ejected_by == ("host-a",) and v2.ejections[0].reason == "consecutive_5xx"
+    assert v2.ejections[0].remaining == pytest.approx(29 - (NOW - (T0 + 5)))
+
+
+def test_active_requests_are_summed_over_the_calling_hosts() -> None:
+    obs = observations()
+    last = obs[-1]
+    hosts = []
+    for poll in last.hosts:
+        if poll.node == "host-d" and poll.state is not None:  # host-d calls payments too
+            state = dict(poll.state)
+            state["destinations"] = dict(state["destinations"]) | {"payments": {"endpoints": [
+                {"node": "host-b", "instance_id": "payments-host-b", "active_requests": 5,
+                 "ejected": True, "ejection_remaining_seconds": 12.0},
+                {"node": "host-c", "instance_id": "payments-host-c", "active_requests": 1,
+                 "ejected": False, "ejection_remaining_seconds": 0.0}]}}
+            poll = dataclasses.replace(poll, state=state)
+        hosts.append(dataclasses.replace(poll, at=last.at + 1))
+    model = fixed_model()
+    model.ingest(dataclasses.replace(last, at=last.at + 1, hosts=tuple(hosts)))
+    detail = service_detail(model, "payments", last.at + 1)
+    b, c = detail.instances
+    assert (b.active, c.active) == (4 + 5, 0 + 1) and not b.active_stale
+    assert b.ejected_by == ("host-d",) and b.ejections[0].remaining == pytest.approx(12.0)
+    assert c.ejected_by == ("host-a",)
+    # a host that stops answering: its last known counts stay, flagged, and its ejection ages
+    gone = tuple(dataclasses.replace(p, at=last.at + 11, state=None, metrics=None,
+                                     error="timed out") if p.node == "host-d" else
+                 dataclasses.replace(p, at=last.at + 11) for p in hosts)
+    model.ingest(dataclasses.replace(last, at=last.at + 11, hosts=gone))
+    b = service_detail(model, "payments", last.at + 11).instances[0]
+    assert b.active == 9 and b.active_stale
+    assert b.ejections[0].stale and b.ejections[0].remaining == pytest.approx(2.0)  # 12 - 10
 
 
 # -- the topology ---------------------------------------------------------------------------------
@@ -226,6 +262,9 @@ def test_graph_marks_failing_legs_and_stale_services_by_symbol() -> None:
     legs = {leg.subset: leg for leg in by_pair[("web", "payments")].legs}
     assert legs["v2"].status.value == "fail" and legs["v1"].status.value == "ok"
     assert {n.service: n.status.value for n in nodes}["inventory"] == "stale"
+    # host-a ejected v2, which the registry already has critical: not taken out twice
+    payments = next(n for n in nodes if n.service == "payments")
+    assert (payments.healthy, payments.ejected, payments.total) == (1, 0, 2)
     text = draw_graph(nodes, edges)
     assert text is not None
     plain = text.text.plain

@@ -1,7 +1,8 @@
 """Fixed data for the console's tests and screenshots: a small shop mesh observed six times, one
 second apart, with something wrong in it.
 
-    web (host-a) -> payments v1 (host-b) 90 %, v2 (host-c) 10 %   v2 starts failing
+    web (host-a) -> payments v1 (host-b) 90 %, v2 (host-c) 10 %   v2 starts failing; host-a
+                                                                    ejects it (outlier detection)
     web (host-a) -> cart (host-d)                                   host-d refuses a route table
     cart (host-d) -> inventory (host-e)                             host-e becomes unreachable
 """
@@ -88,6 +89,39 @@ def _metrics(node: str, step: int) -> MetricSample:
     return MetricSample(requests, latency, {}, {"applied": 2.0})
 
 
+EJECTED_AT = 4  # the step at which host-a's proxy ejects payments v2 (after its 503s)
+EJECTION_SECONDS = 30.0
+# caller -> destination -> [(endpoint node, requests in flight at step t)]
+CALLED: dict[str, dict[str, list[tuple[str, Callable[[int], int]]]]] = {
+    "host-a": {"payments": [("host-b", lambda t: 3 + t % 2), ("host-c", lambda t: 0)],
+               "cart": [("host-d", lambda t: 1)]},
+    "host-d": {"inventory": [("host-e", lambda t: 2)]},
+}
+
+
+def _destinations(node: str, step: int) -> dict[str, Any]:
+    """What ``node``'s proxy reports of the endpoints it calls (``/v1/state`` destinations)."""
+    out: dict[str, Any] = {}
+    for dest, targets in CALLED.get(node, {}).items():
+        endpoints = []
+        for target, active in targets:
+            address, services, _ = HOSTS[target]
+            version = dict(services)[dest]
+            ejected = node == "host-a" and target == "host-c" and step >= EJECTED_AT
+            endpoints.append({
+                "node": target, "instance_id": f"{dest}-{target}", "address": address,
+                "port": 15001, "version": version,
+                "healthy": not (target == "host-c" and step >= 3),
+                "ejected": ejected,
+                "ejection_remaining_seconds": EJECTION_SECONDS - (step - EJECTED_AT)
+                if ejected else 0.0,
+                "ejections": 1 if ejected else 0,
+                "ejection_reason": "consecutive_5xx" if ejected else "",
+                "active_requests": active(step)})
+        out[dest] = {"index": ROUTES_INDEX + 7, "age_seconds": 0.2, "endpoints": endpoints}
+    return out
+
+
 def _state(node: str, step: int) -> dict[str, Any]:
     address, services, upstreams = HOSTS[node]
     serial = f"{zlib.crc32(node.encode()):08x}c0ffee" if not (node == "host-b" and step >= 4) \
@@ -106,7 +140,7 @@ def _state(node: str, step: int) -> dict[str, Any]:
                       "health_output": "HTTP GET /healthz: 200"} for name, version in services],
         "upstreams": [{"service": s, "destination": d, "local_address": "127.0.0.1",
                        "local_port": 9191 + i} for i, (s, d) in enumerate(upstreams)],
-        "destinations": {},
+        "destinations": _destinations(node, step),
         "routes": OLD_ROUTES if refused else ROUTES,
         "registry": {"url": "http://10.0.0.2:8500",
                      "staleness_seconds": 0.0 if node != "host-d" else 12.0 + step,
@@ -121,6 +155,7 @@ def _state(node: str, step: int) -> dict[str, Any]:
         "process": {"pid": 4000 + int(address.rsplit(".", 1)[1]),
                     "cpu_seconds": 12.0 + step * (0.04 if node != "host-a" else 0.12),
                     "rss_bytes": (48 + len(node)) * 2**20, "open_fds": 20 + step},
+        "connections": {"inbound": 3 + step, "outbound": 1 if node == "host-a" else 0},
     }
 
 
