@@ -82,6 +82,9 @@ async def long_poll(
             status.failed(trio.current_time(), str(exc))
             await trio.sleep(backoff_delay(attempt, random.random()))
             attempt += 1
+            # resync with a plain read once the registry answers again: blocking on the old
+            # index could hold the first answer (and the stale view) for a whole `wait`
+            index = 0
             continue
         attempt = 0
         status.succeeded(trio.current_time(), answer.index)

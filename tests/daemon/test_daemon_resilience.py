@@ -154,3 +154,37 @@ async def test_probe_ignores_proxy_settings(
     async with probe_client() as http:
         result = await probe(config.services[0], http)
     assert result.status == PASSING, result.output
+
+
+async def test_watch_resyncs_at_once_when_the_registry_returns(tmp_path: Path) -> None:
+    """A registry restarted with its data keeps its index; a watcher that went back to a
+    blocking query on that index would stay stale for a whole `wait`. It must resync with a
+    plain read as soon as the registry answers."""
+    from meshd.registry.server import RegistryConfig, serve_registry
+    from meshd.registry.watch import WatchStatus, watch_endpoints
+
+    port = free_port("127.0.0.1")
+    config = RegistryConfig(host="127.0.0.1", port=port, data_dir=tmp_path / "data")
+    status = WatchStatus("endpoints/payments")
+    async with trio.open_nursery() as outer:
+        registry_scope = trio.CancelScope()
+
+        async def registry(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            with registry_scope:
+                await serve_registry(config, task_status=task_status)
+
+        await outer.start(registry)
+        async with ConsulClient(f"http://127.0.0.1:{port}") as client:
+            await outer.start(partial(watch_endpoints, client, "payments", lambda _: None,
+                                      status, wait=60.0))
+            registry_scope.cancel()  # the registry goes away...
+            with trio.fail_after(10):
+                while status.failing_since is None:  # noqa: ASYNC110 - a value, no event
+                    await trio.sleep(0.05)
+            registry_scope = trio.CancelScope()
+            await outer.start(registry)  # ...and comes back with the same data and index
+            with trio.fail_after(10):  # far less than the 60 s wait
+                while status.failing_since is not None:  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+            assert status.staleness(trio.current_time()) == 0.0
+            outer.cancel_scope.cancel()
