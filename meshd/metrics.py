@@ -90,5 +90,11 @@ class Metrics:
             "meshd_mirror_requests", "copies of requests sent to a mirror subset",
             ["destination", "subset", "result"], registry=r)
 
+        # inbound authorization
+        self.authz_denied = Counter(
+            "meshd_authz_denied", "requests (and TCP connections) refused by a destination's "
+            "authorization rules; rule=\"default deny\" when no rule applied",
+            ["destination", "source", "rule"], registry=r)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

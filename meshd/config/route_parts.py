@@ -1,15 +1,19 @@
-"""The nested tables of ``routes.toml`` (see ``meshd.config.routes``): a route's ``match`` and a
-destination's ``policy``, parsed with the file's ``Reader`` and turned back into canonical data;
-and the number getters both files use. Pure."""
+"""The nested tables of ``routes.toml`` (see ``meshd.config.routes``): a route's ``match``, a
+destination's ``policy`` and its ``authorization``, parsed with the file's ``Reader`` and turned
+back into canonical data; and the number getters both files use. Pure."""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from meshd.config.reader import Reader
 from meshd.config.schema import (
+    ANY_SOURCE,
+    Authorization,
+    AuthorizationRule,
+    AuthzAction,
     DestinationPolicy,
     FieldMatch,
     HashOn,
@@ -20,13 +24,17 @@ from meshd.config.schema import (
     RouteMatch,
     StringMatch,
 )
+from meshd.names import is_valid_name
 
 MATCH_KEYS = {"path", "method", "headers", "query"}
 POLICY_KEYS = {"load_balancer", "ring_hash", "connect_timeout", "max_connections",
-               "max_pending_requests", "outlier_detection", "retry_budget"}
+               "max_pending_requests", "outlier_detection", "retry_budget",
+               "max_request_bytes"}
 OUTLIER_KEYS = {"consecutive_5xx", "consecutive_connect_failures", "interval",
                 "base_ejection_time", "max_ejection_time", "max_ejection_percent"}
 BUDGET_KEYS = {"ratio", "min_retries_per_second"}
+AUTHORIZATION_KEYS = {"rules"}
+RULE_KEYS = {"name", "action", "from", "paths", "methods"}
 
 _TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 token (header names)
 _METHOD_RE = re.compile(r"^[A-Z][A-Z0-9_-]{0,31}$")
@@ -190,8 +198,9 @@ def parse_policy(r: Reader, raw: Mapping[str, Any], path: str) -> DestinationPol
                   "needs max_connections (requests only wait when every connection is busy)")
     outlier = _outlier(r, table, ppath)
     budget = _budget(r, table, ppath)
+    max_request_bytes = get_integer(r, table, "max_request_bytes", ppath, 0, None, None)
     return DestinationPolicy(balancer or LoadBalancer.ROUND_ROBIN, hash_on, connect_timeout,
-                             max_connections, max_pending, outlier, budget)
+                             max_connections, max_pending, outlier, budget, max_request_bytes)
 
 
 def _hash_on(r: Reader, raw: Mapping[str, Any], path: str) -> HashOn | None:
@@ -252,6 +261,123 @@ def _budget(r: Reader, raw: Mapping[str, Any], path: str) -> RetryBudget | None:
     return RetryBudget(ratio, minimum)
 
 
+# -- authorization ------------------------------------------------------------------------------
+
+def parse_authorization(r: Reader, raw: Mapping[str, Any], path: str) -> Authorization | None:
+    """``[destinations.X.authorization]``: ``rules``, an ordered list of tables."""
+    table = get_table(r, raw, "authorization", path)
+    if table is None:
+        return None
+    apath = f"{path}.authorization"
+    r.unknown_keys(table, apath, AUTHORIZATION_KEYS)
+    listed = r.get(table, "rules", apath, list)
+    if listed is None:
+        return None
+    if not listed:
+        r.problem(f"{apath}.rules", "empty: write rules, or leave authorization out to let "
+                  "every caller in")
+        return None
+    rules: list[AuthorizationRule] = []
+    names: set[str] = set()
+    before = len(r.problems)
+    for i, rule_raw in enumerate(listed):
+        rpath = f"{apath}.rules[{i}]"
+        if not isinstance(rule_raw, dict):
+            r.problem(rpath, 'expected a table like { name = "web", action = "allow", '
+                      'from = ["web"] }')
+            continue
+        rule = _authorization_rule(r, rule_raw, rpath, i)
+        if rule is None:
+            continue
+        if rule.name in names:
+            r.problem(f"{rpath}.name", f"rule name {rule.name!r} used twice")
+            continue
+        names.add(rule.name)
+        rules.append(rule)
+    if len(r.problems) != before:
+        return None
+    return Authorization(tuple(rules))
+
+
+def _authorization_rule(r: Reader, raw: Mapping[str, Any], path: str,
+                        index: int) -> AuthorizationRule | None:
+    before = len(r.problems)
+    r.unknown_keys(raw, path, RULE_KEYS)
+    name = r.name(raw, "name", path, None) or _generated_rule_name(index)
+    allowed = [a.value for a in AuthzAction]
+    action = r.choice(raw, "action", path, AuthzAction, allowed)
+    sources = _strings(r, raw, "from", path, _source_problem)
+    paths = _strings(r, raw, "paths", path, _path_problem)
+    methods = _strings(r, raw, "methods", path, _method_problem)
+    if len(r.problems) != before or action is None:
+        return None
+    return AuthorizationRule(name, action, sources, paths, methods)
+
+
+def _generated_rule_name(index: int) -> str:
+    return f"rules[{index}]"  # not a valid explicit name: never clashes with one
+
+
+def _strings(r: Reader, raw: Mapping[str, Any], key: str, path: str,
+             problem: Callable[[str], str | None]) -> tuple[str, ...]:
+    """A non-empty list of strings, each checked by ``problem`` (a reason, or None)."""
+    if key not in raw:
+        return ()
+    listed = r.get(raw, key, path, list)
+    if listed is None:
+        return ()
+    if not listed:
+        r.problem(f"{path}.{key}", "empty: leave it out to put no condition on it")
+        return ()
+    out: list[str] = []
+    for item in listed:
+        reason = problem(item) if isinstance(item, str) else f"expected a string, got {item!r}"
+        if reason is not None:
+            r.problem(f"{path}.{key}", reason)
+        elif item not in out:
+            out.append(item)
+    return tuple(out)
+
+
+def _source_problem(value: str) -> str | None:
+    if value == ANY_SOURCE or is_valid_name(value):
+        return None
+    return f"invalid service name {value!r} (or \"*\" for any mesh service)"
+
+
+def _path_problem(value: str) -> str | None:
+    if value == "*":
+        return None
+    if not value.startswith("/"):
+        return f"{value!r}: a path starts with '/' (or is \"*\")"
+    if "*" in value[:-1]:
+        return f"{value!r}: '*' only at the end (a prefix)"
+    return None
+
+
+def _method_problem(value: str) -> str | None:
+    if _METHOD_RE.match(value):
+        return None
+    return f"invalid method {value!r} (upper case, like GET)"
+
+
+def authorization_data(authorization: Authorization) -> dict[str, Any]:
+    rules: list[dict[str, Any]] = []
+    for i, rule in enumerate(authorization.rules):
+        entry: dict[str, Any] = {}
+        if rule.name != _generated_rule_name(i):
+            entry["name"] = rule.name
+        entry["action"] = rule.action.value
+        if rule.sources:
+            entry["from"] = list(rule.sources)
+        if rule.paths:
+            entry["paths"] = list(rule.paths)
+        if rule.methods:
+            entry["methods"] = list(rule.methods)
+        rules.append(entry)
+    return {"rules": rules}
+
+
 # -- back to data -------------------------------------------------------------------------------
 
 def _string_match_data(match: StringMatch) -> dict[str, Any]:
@@ -298,4 +424,6 @@ def policy_data(policy: DestinationPolicy) -> dict[str, Any]:
     b = policy.retry_budget
     if b is not None:
         out["retry_budget"] = {"ratio": b.ratio, "min_retries_per_second": b.min_retries_per_second}
+    if policy.max_request_bytes is not None:
+        out["max_request_bytes"] = policy.max_request_bytes
     return out

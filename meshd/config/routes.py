@@ -5,10 +5,12 @@ problem with its key path; and back (``routes_to_data``). Pure.
 Per destination: ``subsets``; ordered ``[[routes]]`` (``match`` on path, method, headers, query;
 ``split``, ``timeout``, ``retries``, ``fault``, ``mirror``), first match wins; the
 destination-level ``split``/``timeout``/``retries``/``fault``/``mirror`` form the default route
-that serves what no route matches; and ``policy`` (load balancer, connection limits, outlier
-detection, retry budget). A file with only ``subsets``/``split``/``timeout`` (the first
-format) means what it always meant. Regular expressions are compiled here, so a bad one is a
-config error, never a request-time one.
+that serves what no route matches; ``policy`` (load balancer, connection limits, outlier
+detection, retry budget, request body limit); and ``authorization`` (ordered allow/deny rules
+on the caller's identity, path and method, checked by the destination's inbound side). A
+file with only ``subsets``/``split``/``timeout`` (the first format) means what it always
+meant. Regular expressions are compiled here, so a bad one is a config error, never a
+request-time one.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ from typing import Any
 
 from meshd.config.reader import Reader
 from meshd.config.route_parts import (
+    authorization_data,
     get_integer,
     get_number,
     get_table,
     match_data,
+    parse_authorization,
     parse_match,
     parse_policy,
     policy_data,
@@ -43,7 +47,7 @@ from meshd.config.schema import (
 from meshd.names import is_valid_name
 
 DESTINATION_KEYS = {"subsets", "split", "timeout", "retries", "fault", "mirror", "routes",
-                    "policy"}
+                    "policy", "authorization"}
 ROUTE_KEYS = {"name", "match", "split", "timeout", "retries", "fault", "mirror"}
 RETRY_KEYS = {"attempts", "per_try_timeout", "retry_on"}
 FAULT_KEYS = {"delay", "delay_percent", "abort_status", "abort_percent"}
@@ -115,10 +119,12 @@ def _parse_destination(
         names.add(route.name)
         routes.append(route)
     policy = parse_policy(r, raw, path)
+    authorization = parse_authorization(r, raw, path)
     if len(r.problems) != before:
         return None
     return DestinationRoutes(service, tuple(subsets), split or (), timeout, tuple(routes),
-                             retries, fault, mirror, policy or DestinationPolicy())
+                             retries, fault, mirror, policy or DestinationPolicy(),
+                             authorization)
 
 
 def _split(r: Reader, raw: Mapping[str, Any], path: str,
@@ -276,6 +282,8 @@ def routes_to_data(table: RouteTable) -> dict[str, Any]:
         policy = policy_data(d.policy)
         if policy:
             entry["policy"] = policy
+        if d.authorization is not None:
+            entry["authorization"] = authorization_data(d.authorization)
         out[d.service] = entry
     return {"destinations": out}
 

@@ -267,6 +267,40 @@ class DestinationPolicy:
     max_pending_requests: int | None = None
     outlier_detection: OutlierDetection | None = None
     retry_budget: RetryBudget | None = None  # None: the defaults of ``RetryBudget``
+    max_request_bytes: int | None = None  # a longer request body is answered 413; None: no limit
+
+
+# -- inbound authorization -----------------------------------------------------------------------
+
+class AuthzAction(StrEnum):
+    ALLOW = "allow"
+    DENY = "deny"
+
+
+ANY_SOURCE = "*"  # in ``sources``: any authenticated mesh service
+
+
+@dataclass(frozen=True)
+class AuthorizationRule:
+    """One rule; it applies to a request when every condition given holds. ``sources`` are
+    calling service names (``ANY_SOURCE``: any authenticated one; empty: any caller at all,
+    plaintext ones on a permissive service included); ``paths`` are exact paths or prefixes
+    written with a trailing ``*``; ``methods`` upper case. Empty lists: no condition."""
+
+    name: str
+    action: AuthzAction
+    sources: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ()
+    methods: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Authorization:
+    """Who may call a destination, checked by the destination's inbound side. The first rule
+    that applies decides; when none does, the request is denied (default deny). A destination
+    without rules (``None``) lets every caller in."""
+
+    rules: tuple[AuthorizationRule, ...] = ()
 
 
 DEFAULT_ROUTE = "default"
@@ -276,7 +310,8 @@ DEFAULT_ROUTE = "default"
 class DestinationRoutes:
     """Routing for one destination service: ordered ``routes`` (first match wins), then the
     default route made of the destination-level ``split``, ``timeout``, ``retries``, ``fault``
-    and ``mirror``; and the destination's ``policy``.
+    and ``mirror``; the destination's ``policy``; and its ``authorization`` (who may call it,
+    checked by its inbound side).
 
     An empty ``split`` means "every healthy instance, no subset preference"."""
 
@@ -289,6 +324,7 @@ class DestinationRoutes:
     fault: FaultPolicy | None = None
     mirror: MirrorPolicy | None = None
     policy: DestinationPolicy = field(default_factory=DestinationPolicy)
+    authorization: Authorization | None = None
 
     def subset(self, name: str) -> Subset | None:
         return next((s for s in self.subsets if s.name == name), None)
@@ -297,7 +333,6 @@ class DestinationRoutes:
     def default_route(self) -> Route:
         return Route(DEFAULT_ROUTE, RouteMatch(), self.split, self.timeout, self.retries,
                      self.fault, self.mirror)
-
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,11 @@
 The request body streams up while the response streams back, concurrently, so a server that
 answers before reading the whole body (or never reads it) cannot deadlock us, and nothing is
 buffered beyond one read: each side reads again only once its last write went out.
+
+An upgrade request (WebSocket) answered 101 becomes a tunnel: the 101 goes to the client, then
+bytes are pumped both ways (those each reader already held after the heads first) until both
+sides end; neither connection carries HTTP again. An upgrade answered otherwise is relayed as a
+normal response and the client's connection closed after it.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from meshd.proxy.http1_write import (
     end_to_end,
     serialize_response,
 )
+from meshd.proxy.pump import pump
 
 log = logging.getLogger(__name__)
 
@@ -58,35 +64,59 @@ class RequestSource:
     """The request direction of a client connection: one event at a time, reading (and so
     accepting more bytes from the client) only when the previous events are used up.
 
-    ``message_done`` is true once the current request's ``END`` has been taken."""
+    ``message_done`` is true once the current request's ``END`` has been taken.
+    ``body_limit``, set by a handler after the head, bounds the current request's body: a
+    longer one raises ``ProtocolError`` (413) instead of its next ``Data``."""
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
         self.reader = RequestReader()
         self.message_done = True
+        self.body_limit: int | None = None
+        self._body_bytes = 0
         self._events: deque[Event] = deque()
         self._eof = False
 
+    @property
+    def has_input(self) -> bool:
+        """Whether something of a next request is already here (or the end of the stream)."""
+        return (bool(self._events) or self._eof or self.reader.mid_message
+                or self.reader.pending_error is not None)
+
+    async def fill(self) -> None:
+        """Read once from the client and parse what came. Raises like ``next_event``."""
+        if self.reader.pending_error is not None:
+            raise self.reader.pending_error  # never wait for bytes after a framing error
+        try:
+            data = await self.stream.receive_some(CHUNK)
+        except STREAM_ERRORS as exc:
+            raise ClientGone(f"client connection failed: {exc}") from exc
+        if data:
+            self._events.extend(self.reader.feed(data))
+        else:
+            self._eof = True
+            self._events.extend(self.reader.feed_eof())
+
     async def next_event(self) -> Event | None:
         """The next event, or None when the client closed between requests. Raises
-        ``ProtocolError`` (malformed or truncated request) and ``ClientGone``."""
+        ``ProtocolError`` (malformed or truncated request, body over the limit) and
+        ``ClientGone``."""
         while not self._events:
             if self._eof:
                 return None
-            try:
-                data = await self.stream.receive_some(CHUNK)
-            except STREAM_ERRORS as exc:
-                raise ClientGone(f"client connection failed: {exc}") from exc
-            if data:
-                self._events.extend(self.reader.feed(data))
-            else:
-                self._eof = True
-                self._events.extend(self.reader.feed_eof())
+            await self.fill()
         event = self._events.popleft()
         if isinstance(event, RequestHead):
             self.message_done = False
+            self.body_limit = None
+            self._body_bytes = 0
         elif event is END:
             self.message_done = True
+        elif isinstance(event, Data) and self.body_limit is not None:
+            self._body_bytes += len(event.data)
+            if self._body_bytes > self.body_limit:
+                self._events.appendleft(event)  # the connection is done: keep failing
+                raise ProtocolError(f"request body larger than {self.body_limit} bytes", 413)
         return event
 
     def take_empty_body(self) -> None:
@@ -120,18 +150,30 @@ class Exchange:
 
     ``hold``, when given, sees each final response head before anything of it goes to the
     client; if it returns True the response is held back (``held_status``): thrown away, the
-    client untouched, so that the caller can retry."""
+    client untouched, so that the caller can retry.
+
+    ``requests`` is the client connection's ``RequestSource`` when ``source`` is not (it holds
+    the bytes a client sent after an upgrade request); ``on_switch`` is called when a 101 went
+    to the client, before the tunnel starts (request timeouts no longer apply)."""
 
     def __init__(self, request: RequestHead, source: BodySource, client: trio.abc.Stream,
                  upstream: trio.abc.Stream, upstream_head: bytes, *, keep_client: bool,
                  reused_upstream: bool,
-                 hold: Callable[[ResponseHead], bool] | None = None) -> None:
+                 hold: Callable[[ResponseHead], bool] | None = None,
+                 requests: RequestSource | None = None,
+                 on_switch: Callable[[], None] | None = None) -> None:
         self.request = request
         self.source = source
         self.client = client
         self.upstream = upstream
         self.upstream_head = upstream_head
-        self.keep_client = keep_client  # the client may keep its connection if all completes
+        # the client may keep its connection if all completes (never after an upgrade request:
+        # its reader stopped at it)
+        self.keep_client = keep_client and not request.upgrade
+        self.requests = requests if requests is not None else (
+            source if isinstance(source, RequestSource) else None)
+        self.on_switch = on_switch
+        self.switched = False  # a 101 went to the client: the connections became a tunnel
         self.reused_upstream = reused_upstream
         self.status = 0  # the status sent to the client, 0 until a response head went out
         self.response_started = False
@@ -143,7 +185,7 @@ class Exchange:
         self._drained = False  # a held response was read to its end
         self.client_error: ProxyError | None = None
         self.upstream_error: UpstreamFailed | None = None
-        self._reader = ResponseReader(request.method)
+        self._reader = ResponseReader(request.method, request.upgrade)
         self._pending: deque[Event] = deque()
 
     @property
@@ -161,7 +203,10 @@ class Exchange:
                 self.client_error = exc
             except UpstreamFailed as exc:
                 self.upstream_error = exc
-            nursery.cancel_scope.cancel()
+            if not self.switched:  # a switched request has no body: its sending ends by itself
+                nursery.cancel_scope.cancel()
+        if self.switched:
+            await self._tunnel()
         reader = self._reader
         self.upstream_reusable = ((self.response_done or self._drained) and self.request_done
                                   and reader.keep_alive and not reader.extra
@@ -193,6 +238,12 @@ class Exchange:
         while True:
             event = await self._next_upstream_event()
             if isinstance(event, ResponseHead):
+                if event.status == 101:
+                    await self._write_client(self._switch_head(event))
+                    self.status, self.response_started, self.switched = 101, True, True
+                    if self.on_switch is not None:
+                        self.on_switch()
+                    return
                 if event.informational:
                     if self.request.version == "1.1":
                         await self._write_client(serialize_response(
@@ -224,6 +275,32 @@ class Exchange:
             self._drained = True
         elif head.framing is Framing.NONE:
             self._drained = self._reader.done
+
+    @staticmethod
+    def _switch_head(head: ResponseHead) -> bytes:
+        upgrade = b", ".join(v for n, v in head.headers if n.lower() == b"upgrade")
+        headers = [*end_to_end(head.headers, keep_length=True), (b"connection", b"upgrade")]
+        if upgrade:
+            headers.append((b"upgrade", upgrade))
+        return serialize_response(101, head.reason, headers, Framing.NONE)
+
+    async def _tunnel(self) -> None:
+        """After a 101: the bytes each reader already held, then everything, both ways."""
+        self.keep_client = False
+        client, upstream = self.client, self.upstream
+        to_client = bytes(self._reader.tail)
+        to_upstream = bytes(self.requests.reader.tail) if self.requests is not None else b""
+        try:
+            await self._write_client(to_client)
+            await self._write_upstream(to_upstream)
+        except (ClientGone, UpstreamFailed) as exc:
+            log.debug("upgraded connection ended at once: %s", exc)
+            return
+        if not (isinstance(client, trio.abc.HalfCloseableStream)
+                and isinstance(upstream, trio.abc.HalfCloseableStream)):
+            raise AssertionError("a tunnel needs half-closeable streams")
+        await pump(client, upstream)
+        self.response_done = True
 
     def _client_head(self, head: ResponseHead, framing: Framing) -> bytes:
         connection: bytes | None = None

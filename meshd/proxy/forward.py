@@ -1,10 +1,16 @@
 """HTTP proxying shared by both directions: the client keep-alive loop and one proxied request.
 
-``serve_requests`` runs a client connection (keep-alive, idle timeout, 400 on malformed input,
-drain) and hands each request head to a handler. ``proxy_request`` is what handlers do with it:
+``serve_requests`` runs a client connection (keep-alive, idle timeout, a deadline on each request
+head against slowloris (408), 4xx on malformed input, drain) and hands each request head to a
+handler. ``proxy_request`` is what handlers do with it:
 take an upstream connection from a pool, run an ``Exchange`` under the request timeout, retry
 once on a fresh connection when a reused one turns out stale, and answer the client itself
 (502/504...) when no upstream response could be relayed.
+
+``Expect: 100-continue`` is end to end: the header goes upstream and the upstream's ``100
+Continue`` is relayed (``Exchange``), so the app that will read the body decides whether it
+wants it; meshd never answers 100 itself. What meshd refuses on its own (403, 413 on a
+Content-Length over the limit) is answered before any body is read, and the connection closed.
 """
 
 from __future__ import annotations
@@ -35,8 +41,13 @@ from meshd.proxy.http1_write import (
     simple_response,
 )
 from meshd.proxy.pool import ConnectionPool, Connector
+from meshd.proxy.trace import REQUEST_ID, TRACEPARENT, RequestIdentity
 
 log = logging.getLogger(__name__)
+
+# From a request's first byte to the end of its head: a client trickling a head byte by byte
+# (slowloris) holds a connection this long at most, then gets a 408.
+HEAD_TIMEOUT = 10.0
 
 
 class ConnectFailed(ProxyError):
@@ -67,15 +78,24 @@ class Result:
 
 
 def upstream_request_head(request: RequestHead, *, forwarded_for: str, default_host: str,
-                          drop: tuple[bytes, ...] = (), extra: tuple[Header, ...] = ()) -> bytes:
+                          drop: tuple[bytes, ...] = (), extra: tuple[Header, ...] = (),
+                          ids: RequestIdentity | None = None) -> bytes:
     """The head sent upstream: end-to-end headers only (minus ``drop``), the client appended
-    to ``X-Forwarded-For``, ``extra`` added, the same body framing, always HTTP/1.1 (upstream
-    connections are kept alive whatever the client wants for its own)."""
+    to ``X-Forwarded-For``, this hop's ``X-Request-Id`` and ``traceparent`` (``ids``), ``extra``
+    added, the same body framing, always HTTP/1.1 (upstream connections are kept alive
+    whatever the client wants for its own). An upgrade request keeps its ``Upgrade``."""
+    if ids is not None:
+        drop = (*drop, REQUEST_ID, TRACEPARENT)
     headers = end_to_end(request.headers, drop=drop)
     if not any(n.lower() == b"host" for n, _ in headers):
         headers.insert(0, (b"host", default_host.encode("ascii")))
     headers = append_forwarded_for(headers, forwarded_for)
+    if ids is not None:
+        headers.extend(ids.headers)
     headers.extend(extra)
+    if request.upgrade:
+        upgrade = b", ".join(v for n, v in request.headers if n.lower() == b"upgrade")
+        headers += [(b"connection", b"upgrade"), (b"upgrade", upgrade)]
     return serialize_request(request.method, request.target, headers, request.framing,
                              request.content_length)
 
@@ -92,6 +112,20 @@ async def answer_locally(client: trio.abc.Stream, source: RequestSource, request
     except STREAM_ERRORS:
         return False
     return not close
+
+
+async def refuse_large_body(source: RequestSource, request: RequestHead, conn: ClientConnection,
+                            limit: int | None) -> bool | None:
+    """Apply a body size limit to ``request``: a Content-Length over it is answered 413 at once
+    (returns whether the connection stays open); otherwise a chunked body is cut at the limit
+    as it streams (``RequestSource.body_limit``) and this returns None."""
+    if limit is None:
+        return None
+    if request.content_length is not None and request.content_length > limit:
+        return await answer_locally(source.stream, source, request, conn, 413,
+                                    f"request body larger than {limit} bytes")
+    source.body_limit = limit
+    return None
 
 
 async def proxy_request(request: RequestHead, source: RequestSource, client: trio.abc.Stream,
@@ -164,31 +198,42 @@ Handler = Callable[[RequestHead, RequestSource, ClientConnection], Awaitable[boo
 
 async def serve_requests(client: trio.abc.Stream, conn: ClientConnection, handle: Handler,
                          idle_timeout: float,
-                         on_bad_request: Callable[[ProtocolError], None] | None = None) -> None:
+                         on_bad_request: Callable[[ProtocolError], None] | None = None,
+                         head_timeout: float = HEAD_TIMEOUT) -> None:
     """The keep-alive loop of one client connection: each request head goes to ``handle``,
-    which returns whether the connection may carry another. Malformed input is answered with
+    which returns whether the connection may carry another. Between requests the connection
+    may idle ``idle_timeout`` (then it is closed quietly); from a request's first byte its
+    head must be complete within ``head_timeout`` (else 408). Malformed input is answered with
     its 4xx and the connection closed. Returns when the connection is done (the caller
     closes it)."""
     source = RequestSource(client)
     while not conn.draining:
-        with trio.move_on_after(idle_timeout) as scope:
-            conn.idle_scope = scope
-            try:
+        try:
+            if not source.has_input:
+                with trio.move_on_after(idle_timeout) as idle:
+                    conn.idle_scope = idle
+                    try:
+                        await source.fill()
+                    finally:
+                        conn.idle_scope = None
+                if idle.cancelled_caught:
+                    return
+            with trio.move_on_after(head_timeout) as waited:
                 event = await source.next_event()
-            except ProtocolError as exc:
-                log.info("bad request from %s: %s", conn.peer, exc)
-                if on_bad_request is not None:
-                    on_bad_request(exc)
-                try:
-                    await client.send_all(simple_response(exc.status, str(exc), close=True))
-                except STREAM_ERRORS:
-                    pass
-                return
-            except ClientGone:
-                return
-            finally:
-                conn.idle_scope = None
-        if scope.cancelled_caught or event is None:
+            if waited.cancelled_caught:
+                raise ProtocolError(f"request head not complete within {head_timeout:g}s", 408)
+        except ProtocolError as exc:
+            log.info("bad request from %s: %s", conn.peer, exc)
+            if on_bad_request is not None:
+                on_bad_request(exc)
+            try:
+                await client.send_all(simple_response(exc.status, str(exc), close=True))
+            except STREAM_ERRORS:
+                pass
+            return
+        except ClientGone:
+            return
+        if event is None:
             return
         if not isinstance(event, RequestHead):  # a handler consumes every body it starts
             raise AssertionError(f"request events out of order: {event!r}")

@@ -11,6 +11,15 @@ Two llhttp traits shape the readers:
   ``on_headers_complete`` / ``on_message_complete`` and stored on the event.
 * httptools never tells llhttp that a response answers a HEAD request, so for HEAD (and for
   204/304, which llhttp knows about) the reader ends the message itself at the end of the head.
+* An upgrade (``Connection: upgrade`` + ``Upgrade``) stops llhttp after the request (and after a
+  101 response): whatever follows is no longer HTTP. The readers keep those bytes (``tail``) for
+  the shell, which either tunnels them (101) or closes the connection after the response.
+
+Smuggling defences on top of llhttp's own (which refuses Content-Length with
+Transfer-Encoding, duplicate Content-Length, bad chunk sizes, obs-fold and bare CR/LF): a
+request's Transfer-Encoding must be exactly ``chunked`` and only on HTTP/1.1. A framing error
+found in a body is kept and raised before any further read (``pending_error``), so a shell
+never waits on a client for bytes that could not be parsed anyway.
 """
 
 from __future__ import annotations
@@ -59,7 +68,7 @@ class RequestHead:
     keep_alive: bool
     framing: Framing
     content_length: int | None = None
-    upgrade: bool = False  # asked for a protocol switch (not honoured yet: forwarded without it)
+    upgrade: bool = False  # asked for a protocol switch (Connection: upgrade + Upgrade)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +83,8 @@ class ResponseHead:
 
     @property
     def informational(self) -> bool:
-        return 100 <= self.status < 200
+        """A 1xx that another response follows (101 ends the exchange: it switches)."""
+        return 100 <= self.status < 200 and self.status != 101
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,10 +123,20 @@ def _content_length(headers: Sequence[Header]) -> int | None:
     return int(raw)
 
 
-def request_framing(headers: Sequence[Header]) -> tuple[Framing, int | None]:
-    """How a request body is delimited (llhttp has already refused TE+CL and a non-chunked
-    final transfer coding, which a request cannot have)."""
-    if header_values(headers, b"transfer-encoding"):
+def request_framing(headers: Sequence[Header], version: str = "1.1"
+                    ) -> tuple[Framing, int | None]:
+    """How a request body is delimited (llhttp has already refused TE+CL). Transfer-Encoding
+    must be exactly ``chunked`` (RFC 9112 6.1: a final coding other than chunked is a 400; other
+    codings we cannot pass on are a 501) and HTTP/1.0 cannot have it at all."""
+    codings = header_values(headers, b"transfer-encoding")
+    if codings:
+        tokens = [t.strip().lower() for v in codings for t in v.split(b",")]
+        if version != "1.1":
+            raise ProtocolError("Transfer-Encoding in an HTTP/1.0 request")
+        if tokens[-1] != b"chunked" or tokens.count(b"chunked") != 1:
+            raise ProtocolError("invalid Transfer-Encoding (the final coding must be chunked)")
+        if len(tokens) != 1:
+            raise ProtocolError("transfer codings other than chunked are not supported", 501)
         return Framing.CHUNKED, None
     length = _content_length(headers)
     if length is None:
@@ -171,6 +191,13 @@ class _Reader:
         self._in_head = False
         self._in_message = False
         self._error: ProtocolError | None = None
+        self.tail = bytearray()  # bytes after an upgrade: not HTTP
+        self.upgraded = False
+
+    @property
+    def pending_error(self) -> ProtocolError | None:
+        """An error found after the events already returned: raised by the next ``feed``."""
+        return self._error
 
     def _grow_head(self, size: int) -> None:
         self._head_bytes += size
@@ -205,18 +232,15 @@ class _Reader:
         request followed by garbage is still served before the connection is refused."""
         if self._error is not None:
             raise self._error
+        if self.upgraded:
+            self.tail += data
+            return []
         try:
-            while True:
-                try:
-                    parser.feed_data(data)
-                    break
-                except httptools.HttpParserUpgrade as upgrade:
-                    # Upgrades are not honoured yet: the request was reported (upgrade=True)
-                    # and goes on as a plain one; httptools resumed the parser, so the bytes
-                    # after it are simply the next message.
-                    data = data[int(upgrade.args[0]):]
-                    if not data:
-                        break
+            parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            # llhttp stops after an upgrade request / a 101: the rest is the new protocol.
+            self.upgraded = True
+            self.tail += data[int(upgrade.args[0]):]
         except httptools.HttpParserError as exc:
             cause = exc.__context__
             if not isinstance(cause, _Stop):
@@ -249,7 +273,7 @@ class RequestReader(_Reader):
         keep-alive connection; inside one it is an aborted request."""
         if self._error is not None:
             raise self._error
-        if self._in_message:
+        if self._in_message and not self.upgraded:
             raise ProtocolError("connection closed in the middle of a request")
         return []
 
@@ -271,7 +295,7 @@ class RequestReader(_Reader):
             raise ProtocolError("CONNECT is not supported on a mesh listener", 405)
         if version == "1.1" and len(header_values(headers, b"host")) != 1:
             raise ProtocolError("an HTTP/1.1 request needs exactly one Host header")
-        framing, length = request_framing(headers)
+        framing, length = request_framing(headers, version)
         upgrade = p.should_upgrade()
         if upgrade and framing is not Framing.NONE:
             raise ProtocolError("an Upgrade request with a body is not supported", 501)
@@ -295,9 +319,10 @@ class ResponseReader(_Reader):
 
     too_large_status = 502
 
-    def __init__(self, request_method: bytes) -> None:
+    def __init__(self, request_method: bytes, upgrade: bool = False) -> None:
         super().__init__()
         self._method = request_method
+        self._upgrade = upgrade  # the request asked for a protocol switch: a 101 may come
         self._reason = bytearray()
         self._framing = Framing.NONE
         self._received = False
@@ -310,7 +335,10 @@ class ResponseReader(_Reader):
         if not data:
             return []
         if self.done:
-            self.extra = True
+            if self.upgraded:
+                self.tail += data
+            else:
+                self.extra = True
             return []
         self._received = True
         return self._run(self._parser, data)
@@ -342,7 +370,7 @@ class ResponseReader(_Reader):
         self._in_head = False
         p = self._parser
         status = p.get_status_code()
-        if status == 101:
+        if status == 101 and not self._upgrade:
             raise ProtocolError("the upstream switched protocols without being asked")
         headers = tuple(self._headers)
         framing, length = response_framing(status, self._method, headers)
@@ -352,7 +380,11 @@ class ResponseReader(_Reader):
                             keep_alive=p.should_keep_alive(), framing=framing,
                             content_length=length)
         self._events.append(head)
-        if framing is Framing.NONE and not head.informational:
+        if status == 101:
+            # Switched: the head is the whole response; llhttp then stops (``tail``).
+            self.done, self.keep_alive = True, False
+            self._events.append(END)
+        elif framing is Framing.NONE and not head.informational:
             # HEAD/204/304: complete at the end of the head, whatever llhttp expects next.
             self.done, self.keep_alive = True, head.keep_alive
             self._events.append(END)

@@ -12,23 +12,34 @@ the mesh): then the listener peeks at each connection's first byte. A TLS handsh
 where the server speaks first), is plaintext for that service: served with the source
 ``unknown``, no ``x-meshd-source`` header (nothing is authenticated), and counted with
 ``mtls="false"``. Hosts without a permissive service never peek.
+
+Authorization: each HTTP request is checked against the service's
+``[destinations.NAME.authorization]`` rules in the route table in force when it arrives (read
+per request, so a changed rule applies to keep-alive connections already open); a denied one
+gets a 403 and a log line naming the rule. A TCP connection is checked when it opens and again
+whenever the route table changes, and closed once no longer allowed. The same table's
+``policy.max_request_bytes`` bounds request bodies (413).
 """
 
 from __future__ import annotations
 
 import logging
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
 from meshd.config.schema import HostConfig, LocalService, MTLSMode, Protocol
 from meshd.metrics import Metrics
+from meshd.proxy.access import AccessEntry, AccessLog
+from meshd.proxy.authz import DEFAULT_DENY, Caller, Verdict, authorize, normalize_path
 from meshd.proxy.exchange import RequestSource
 from meshd.proxy.forward import (
     ClientConnection,
     ConnectFailed,
+    answer_locally,
     proxy_request,
+    refuse_large_body,
     serve_requests,
     upstream_request_head,
 )
@@ -37,9 +48,10 @@ from meshd.proxy.pool import ConnectionPool
 from meshd.proxy.pump import pump
 from meshd.proxy.streams import accept_mtls
 from meshd.proxy.tls import HandshakeRefused, TLSState
+from meshd.proxy.trace import identify
+from meshd.proxy.view import MeshView, ViewCell
 
 log = logging.getLogger(__name__)
-access_log = logging.getLogger("meshd.access")
 
 HANDSHAKE_TIMEOUT = 10.0
 APP_CONNECT_TIMEOUT = 5.0
@@ -62,6 +74,34 @@ class InboundContext:
     tls: TLSState
     metrics: Metrics
     app_pool: ConnectionPool
+    view: ViewCell = field(default_factory=ViewCell)  # read per request: authorization, limits
+    access: AccessLog = field(default_factory=AccessLog)
+
+    def authorize(self, view: MeshView, service: str, caller: Caller,
+                  request: RequestHead | None = None) -> Verdict:
+        """The verdict of ``service``'s rules in ``view`` on ``request`` (None: a TCP
+        connection); a denial is logged with the rule and counted."""
+        dest = view.routes.get(service)
+        authorization = dest.authorization if dest is not None else None
+        if authorization is None:
+            return authorize(None, caller)
+        if request is None:
+            verdict = authorize(authorization, caller)
+        else:
+            verdict = authorize(authorization, caller, request.method.decode("ascii", "replace"),
+                                normalize_path(request.target))
+        if not verdict.allowed:
+            what = ("tcp connection" if request is None else
+                    f"{request.method.decode('ascii', 'replace')} "
+                    f"{request.target[:200].decode('ascii', 'backslashreplace')}")
+            log.warning("authorization: %s -> %s %s denied by %s", caller.service, service,
+                        what, _rule_text(verdict.rule))
+            self.metrics.authz_denied.labels(service, caller.service, verdict.rule).inc()
+        return verdict
+
+
+def _rule_text(rule: str) -> str:
+    return rule if rule == DEFAULT_DENY else f"rule {rule!r}"
 
 
 class Inbound:
@@ -94,7 +134,7 @@ class Inbound:
                 return
             ctx.metrics.inbound_connections.labels(service.name, "true").inc()
             if service.protocol is Protocol.TCP:
-                await self._handle_tcp(stream, service, source)
+                await self._handle_tcp(stream, service, Caller(source))
             else:
                 handler = _HTTPService(ctx, service, source)
                 await serve_requests(stream, conn, handler.handle, PEER_IDLE_TIMEOUT,
@@ -108,7 +148,7 @@ class Inbound:
         log.debug("inbound plaintext connection from %s for permissive service %s", conn.peer,
                   service.name)
         if service.protocol is Protocol.TCP:
-            await self._handle_tcp(transport, service, UNKNOWN_SOURCE)
+            await self._handle_tcp(transport, service, Caller(UNKNOWN_SOURCE, False))
             return
         handler = _HTTPService(self.ctx, service, UNKNOWN_SOURCE, authenticated=False)
         await serve_requests(transport, conn, handler.handle, PEER_IDLE_TIMEOUT,
@@ -120,8 +160,12 @@ class Inbound:
         self.ctx.metrics.connection_errors.labels("inbound", reason).inc()
 
     async def _handle_tcp(self, stream: trio.abc.HalfCloseableStream, service: LocalService,
-                          source: str) -> None:
-        m = self.ctx.metrics
+                          caller: Caller) -> None:
+        ctx = self.ctx
+        m = ctx.metrics
+        source = caller.service
+        if not ctx.authorize(ctx.view.current, service.name, caller).allowed:
+            return  # closed by the caller of this method
         try:
             app = await _connect_app(service)
         except ConnectFailed as exc:
@@ -131,10 +175,21 @@ class Inbound:
         m.tcp_connections.labels("inbound", source, service.name, "").inc()
         sent = m.tcp_bytes.labels("inbound", service.name, "sent")
         received = m.tcp_bytes.labels("inbound", service.name, "received")
-        try:
-            await pump(stream, app, count_a_to_b=sent.inc, count_b_to_a=received.inc)
-        finally:
-            await trio.aclose_forcefully(app)
+        with trio.CancelScope() as connection:
+
+            def recheck(view: MeshView) -> None:
+                # A new route table: the connection lives on only if still allowed.
+                if not ctx.authorize(view, service.name, caller).allowed:
+                    log.info("%s -> %s (tcp): closing, no longer allowed (route table "
+                             "generation %d)", source, service.name, view.generation)
+                    connection.cancel()
+
+            stop_watching = ctx.view.watch_routes(recheck)
+            try:
+                await pump(stream, app, count_a_to_b=sent.inc, count_b_to_a=received.inc)
+            finally:
+                stop_watching()
+                await trio.aclose_forcefully(app)
 
 
 class _HTTPService:
@@ -145,33 +200,52 @@ class _HTTPService:
         self.ctx = ctx
         self.service = service
         self.source = source
+        self.caller = Caller(source, authenticated)
         self.key = ("app", service.address, service.port)
         # the caller's identity, for the app; a plaintext caller's is unknown: no header at all
         self.extra = ((SOURCE_HEADER, source.encode("ascii")),) if authenticated else ()
 
     async def handle(self, request: RequestHead, source: RequestSource,
                      conn: ClientConnection) -> bool:
+        ctx = self.ctx
         started = trio.current_time()
+        view = ctx.view.current  # read once per request: a rule change applies to the next
+        ids = identify(request.headers)
+        if not ctx.authorize(view, self.service.name, self.caller, request).allowed:
+            text = f"access to {self.service.name} denied"
+            keep = await answer_locally(source.stream, source, request, conn, 403, text)
+            self._record(request, 403, started, ids.request_id, text)
+            return keep
+        dest = view.routes.get(self.service.name)
+        limit = dest.policy.max_request_bytes if dest is not None else None
+        refused = await refuse_large_body(source, request, conn, limit)
+        if refused is not None:
+            self._record(request, 413, started, ids.request_id, "request body too large")
+            return refused
         head = upstream_request_head(
             request, forwarded_for=conn.peer, default_host=self.service.name,
-            drop=(SOURCE_HEADER,), extra=self.extra)
+            drop=(SOURCE_HEADER,), extra=self.extra, ids=ids)
         result = await proxy_request(
-            request, source, source.stream, conn, pool=self.ctx.app_pool, key=self.key,
+            request, source, source.stream, conn, pool=ctx.app_pool, key=self.key,
             connect=self._connect, upstream_head=head, request_timeout=None)
-        m = self.ctx.metrics
-        elapsed = trio.current_time() - started
-        m.requests.labels("inbound", self.source, self.service.name, "",
-                          str(result.status)).inc()
-        m.request_duration.labels("inbound", self.service.name, "").observe(elapsed)
         if result.detail and result.status >= 500:
             log.warning("%s -> %s (local app): %d %s", self.source, self.service.name,
                         result.status, result.detail)
-        if access_log.isEnabledFor(logging.INFO):
-            access_log.info("inbound %s -> %s %s %s %d %.1fms", self.source, self.service.name,
-                            request.method.decode("ascii", "replace"),
-                            request.target.decode("ascii", "replace")[:200], result.status,
-                            elapsed * 1000)
+        self._record(request, result.status, started, ids.request_id, result.detail)
         return result.keep
+
+    def _record(self, request: RequestHead, status: int, started: float, request_id: str,
+                detail: str) -> None:
+        m = self.ctx.metrics
+        elapsed = trio.current_time() - started
+        m.requests.labels("inbound", self.source, self.service.name, "", str(status)).inc()
+        m.request_duration.labels("inbound", self.service.name, "").observe(elapsed)
+        access = self.ctx.access
+        if access.enabled:
+            access.record(AccessEntry(
+                "inbound", self.source, self.service.name, request.method, request.target,
+                status, elapsed, request_id, endpoint=f"{self.service.address}:"
+                f"{self.service.port}", detail=detail))
 
     def count_bad_request(self, exc: ProtocolError) -> None:
         self.ctx.metrics.requests.labels("inbound", self.source, self.service.name, "",

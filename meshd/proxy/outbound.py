@@ -6,6 +6,9 @@ the destination's balancer among those not ejected — and sent over a pooled mT
 that endpoint's meshd, with the route's timeouts and retries (``meshd.proxy.tries``); a copy
 may go to a mirror subset afterwards. TCP: the default route's split, one endpoint per
 connection, bytes pumped both ways.
+
+Every request leaves with an ``X-Request-Id`` (kept, or made) and a ``traceparent`` of this hop
+(``meshd.proxy.trace``); the destination's ``policy.max_request_bytes`` bounds its body (413).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import trio
 from meshd.config.schema import LocalService, Protocol, Route, Upstream
 from meshd.errors import IdentityError
 from meshd.metrics import Metrics
+from meshd.proxy.access import AccessEntry, AccessLog
 from meshd.proxy.destinations import Destinations, DestinationState
 from meshd.proxy.exchange import RequestSource
 from meshd.proxy.fault import decide_fault, mirrored
@@ -28,6 +32,7 @@ from meshd.proxy.forward import (
     ClientConnection,
     ConnectFailed,
     answer_locally,
+    refuse_large_body,
     serve_requests,
     upstream_request_head,
 )
@@ -42,12 +47,12 @@ from meshd.proxy.retry import REPLAY_LIMIT, Body, retry_verdict
 from meshd.proxy.router import Decision, RoutePlan, candidates, no_endpoint_reason, plan
 from meshd.proxy.streams import TLSStream, open_mtls
 from meshd.proxy.tls import HandshakeRefused, TLSState
+from meshd.proxy.trace import RequestIdentity, identify
 from meshd.proxy.tries import LOCAL_CONNECT_FAILURES, REASON_HEADER, Call, Tries
 from meshd.proxy.view import MeshView, ViewCell
 from meshd.registry.model import Endpoint
 
 log = logging.getLogger(__name__)
-access_log = logging.getLogger("meshd.access")
 
 CONNECT_TIMEOUT = 5.0  # TCP connect + TLS handshake to a peer meshd
 CLIENT_IDLE_TIMEOUT = 120.0  # an app's idle keep-alive connection to its outbound listener
@@ -63,6 +68,7 @@ class OutboundContext:
     pool: ConnectionPool
     rand: Callable[[], float] = random.random
     connect_timeout: float = CONNECT_TIMEOUT
+    access: AccessLog = field(default_factory=AccessLog)
     destinations: Destinations = field(init=False)
     mirror: Mirror = field(init=False)
 
@@ -117,12 +123,13 @@ class Outbound:
         dest = view.routes.get(self.destination)
         facts = RequestFacts.from_head(request.method, request.target, request.headers,
                                        conn.peer)
+        ids = identify(request.headers)
         routed = plan(view, self.destination, facts, ctx.rand())
         route = routed.route
         fault = decide_fault(route.fault if route is not None else None, ctx.rand)
         if not fault.none:
             answered = await self._inject(fault.delay, fault.abort_status, request, source,
-                                          conn, routed, started)
+                                          conn, routed, started, ids)
             if answered is not None:
                 return answered
         if not routed.candidates:
@@ -132,14 +139,22 @@ class Outbound:
                 source.stream, source, request, conn, 503, reason,
                 [(REASON_HEADER, reason.encode("ascii", "replace"))])
             self._record(request, Decision(self.destination, routed.subset, None,
-                                           routed.route_name, reason), 503, started, reason)
+                                           routed.route_name, reason), 503, started, reason,
+                         ids)
             return keep
+        limit = dest.policy.max_request_bytes if dest is not None else None
+        refused = await refuse_large_body(source, request, conn, limit)
+        if refused is not None:
+            self._record(request, Decision(self.destination, routed.subset, None,
+                                           routed.route_name, ""), 413, started,
+                         "request body too large", ids)
+            return refused
         state = ctx.destinations.get(self.destination, dest.policy if dest else None)
         mirror = self._mirror_subset(route)
         keep_body = (route is not None and route.retries is not None) or mirror is not None
         body = ReplayBody(source, request, REPLAY_LIMIT) if keep_body else None
         head = upstream_request_head(request, forwarded_for=conn.peer,
-                                     default_host=self.destination)
+                                     default_host=self.destination, ids=ids)
         call = Call(request, source, conn, routed, state, view.endpoint_set(self.destination),
                     ctx.pool, self._pool_key, self._connector(state), head, body, ctx.rand,
                     ctx.metrics, self._hash_key(state, facts, conn))
@@ -147,18 +162,19 @@ class Outbound:
         result = called.result
         decision = Decision(self.destination, routed.subset, called.endpoint,
                             routed.route_name, result.detail)
-        self._record(request, decision, result.status, started, result.detail, called.tries)
+        self._record(request, decision, result.status, started, result.detail, ids,
+                     called.tries)
         if result.detail and result.status >= 500:
             log.warning("%s -> %s (%s): %d %s", self.source, self.destination,
                         called.endpoint.key if called.endpoint else "-", result.status,
                         result.detail)
         if mirror is not None:
-            self._send_mirror(view, state, mirror, route, request, conn, body, facts)
+            self._send_mirror(view, state, mirror, route, request, conn, body, facts, ids)
         return result.keep
 
     async def _inject(self, delay: float | None, abort: int | None, request: RequestHead,
                       source: RequestSource, conn: ClientConnection, routed: RoutePlan,
-                      started: float) -> bool | None:
+                      started: float, ids: RequestIdentity) -> bool | None:
         """Apply an injected fault; returns whether the connection may stay open when the
         request was answered (aborted), None when it goes on to the destination."""
         m = self.ctx.metrics
@@ -172,7 +188,7 @@ class Outbound:
         keep = await answer_locally(source.stream, source, request, conn, abort, text,
                                     [(REASON_HEADER, text.encode("ascii", "replace"))])
         self._record(request, Decision(self.destination, routed.subset, None,
-                                       routed.route_name, text), abort, started, text)
+                                       routed.route_name, text), abort, started, text, ids)
         return keep
 
     def _hash_key(self, state: DestinationState, facts: RequestFacts,
@@ -197,7 +213,8 @@ class Outbound:
 
     def _send_mirror(self, view: MeshView, state: DestinationState, subset: str,
                      route: Route | None, request: RequestHead, conn: ClientConnection,
-                     body: ReplayBody | None, facts: RequestFacts) -> None:
+                     body: ReplayBody | None, facts: RequestFacts,
+                     ids: RequestIdentity) -> None:
         ctx = self.ctx
         content = body.complete() if body is not None else None
         if content is None:
@@ -210,7 +227,7 @@ class Outbound:
             return
         head = upstream_request_head(request, forwarded_for=conn.peer,
                                      default_host=self.destination, drop=(MIRROR_HEADER[0],),
-                                     extra=(MIRROR_HEADER,))
+                                     extra=(MIRROR_HEADER,), ids=ids)
         timeout = route.timeout if route is not None and route.timeout else MIRROR_TIMEOUT
         connect = self._connector(state)
         ctx.mirror.submit(MirrorJob(self.destination, subset, endpoint, request, head, content,
@@ -218,21 +235,18 @@ class Outbound:
                                     timeout))
 
     def _record(self, request: RequestHead, decision: Decision, status: int, started: float,
-                detail: str, tries: int = 0) -> None:
+                detail: str, ids: RequestIdentity, tries: int = 0) -> None:
         m = self.ctx.metrics
         subset = decision.subset_label
         m.requests.labels("outbound", self.source, self.destination, subset, str(status)).inc()
         elapsed = trio.current_time() - started
         m.request_duration.labels("outbound", self.destination, subset).observe(elapsed)
-        if access_log.isEnabledFor(logging.INFO):
-            access_log.info("outbound %s -> %s route=%s subset=%s endpoint=%s %s %s %d "
-                            "%.1fms%s%s", self.source, self.destination, decision.route or "-",
-                            subset or "-",
-                            decision.endpoint.key if decision.endpoint else "-",
-                            request.method.decode("ascii", "replace"),
-                            request.target.decode("ascii", "replace")[:200], status,
-                            elapsed * 1000, f" tries={tries}" if tries > 1 else "",
-                            f" ({detail})" if detail else "")
+        access = self.ctx.access
+        if access.enabled:
+            access.record(AccessEntry(
+                "outbound", self.source, self.destination, request.method, request.target,
+                status, elapsed, ids.request_id, decision.route or "", subset,
+                decision.endpoint.key if decision.endpoint else "", detail, tries))
 
     def _count_bad_request(self, exc: ProtocolError) -> None:
         self.ctx.metrics.requests.labels("outbound", self.source, self.destination, "",

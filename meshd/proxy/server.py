@@ -26,6 +26,7 @@ import trio
 from meshd.config.schema import HostConfig
 from meshd.errors import ProxyError
 from meshd.metrics import Metrics
+from meshd.proxy.access import AccessLog
 from meshd.proxy.forward import ClientConnection
 from meshd.proxy.inbound import APP_IDLE_TIMEOUT, Inbound, InboundContext
 from meshd.proxy.outbound import Outbound, OutboundContext
@@ -65,7 +66,9 @@ class Proxy:
         outbound_ctx = OutboundContext(view=view, tls=tls, metrics=metrics, pool=self.pool,
                                        rand=rand)
         self._outbound = outbound_ctx
-        inbound = Inbound(InboundContext(config, tls, metrics, self.app_pool))
+        access = AccessLog()
+        outbound_ctx.access = access
+        inbound = Inbound(InboundContext(config, tls, metrics, self.app_pool, view, access))
         self._listeners = [_Listener("inbound", "mesh", config.address, config.inbound_port,
                                      inbound.handle, [])]
         for service, upstream in config.upstreams:

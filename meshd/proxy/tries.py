@@ -93,6 +93,7 @@ class Tries:
         self.method = call.request.method.decode("ascii", "replace")
         self.retries_done = 0
         self.current: Exchange | None = None  # the exchange of the try in progress
+        self._whole: trio.CancelScope | None = None
 
     def body_state(self) -> Body:
         if self.call.body is not None:
@@ -108,6 +109,7 @@ class Tries:
         tries = 0
         rejected = False
         with trio.move_on_after(timeout if timeout is not None else math.inf) as whole:
+            self._whole = whole
             if not await c.state.acquire():
                 rejected = True
             else:
@@ -158,7 +160,8 @@ class Tries:
                         c.request, body, c.source.stream, lease.stream, c.upstream_head,
                         keep_client=c.request.keep_alive and not c.conn.draining,
                         reused_upstream=lease.reused,
-                        hold=hold if retries is not None else None)
+                        hold=hold if retries is not None else None,
+                        requests=c.source, on_switch=lambda: self._tunnelling(scope))
                     try:
                         await exchange.run()
                     finally:
@@ -175,6 +178,13 @@ class Tries:
         if done.outcome is not None:
             c.state.record(endpoint, done.outcome, trio.current_time(), c.endpoints)
         return done
+
+    def _tunnelling(self, per_try: trio.CancelScope) -> None:
+        """A 101 went to the client: the upgraded connection lasts as long as its two ends
+        want, past the route's timeouts."""
+        per_try.deadline = math.inf
+        if self._whole is not None:
+            self._whole.deadline = math.inf
 
     def _hold(self, status: int) -> bool:
         """Whether to hold back a response with ``status`` and retry instead (paid for now:

@@ -7,7 +7,7 @@ a reload never changes the rules under a request in flight."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -25,17 +25,29 @@ class MeshView:
         return self.endpoints.get(service)
 
 
+RoutesListener = Callable[[MeshView], None]
+
+
 class ViewCell:
     """The one mutable holder of the current ``MeshView``."""
 
     def __init__(self, view: MeshView | None = None) -> None:
         self.current = view or MeshView()
+        self._listeners: list[RoutesListener] = []
 
     def set_routes(self, routes: RouteTable) -> MeshView:
         self.current = dataclasses.replace(
             self.current, routes=routes, generation=self.current.generation + 1
         )
+        for listener in list(self._listeners):
+            listener(self.current)
         return self.current
+
+    def watch_routes(self, listener: RoutesListener) -> Callable[[], None]:
+        """Call ``listener(view)`` (synchronously, after the swap; it must not raise) on every
+        new route table; returns the function that stops it."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
 
     def set_endpoints(self, endpoints: EndpointSet) -> MeshView:
         merged = dict(self.current.endpoints)

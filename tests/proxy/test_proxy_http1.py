@@ -95,12 +95,21 @@ REQUESTS = {
     "http10-keep-alive": (
         b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
         [("req", b"GET", b"/", "1.0", True, Framing.NONE, None, False), "END"]),
-    "upgrade-then-next": (
+    # after an upgrade request the bytes are the new protocol's: kept as the reader's tail
+    "upgrade-then-bytes": (
         b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
         b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n",
-        [("req", b"GET", b"/ws", "1.1", True, Framing.NONE, None, True), "END",
-         ("req", b"GET", b"/next", "1.1", True, Framing.NONE, None, False), "END"]),
+        [("req", b"GET", b"/ws", "1.1", True, Framing.NONE, None, True), "END"]),
 }
+
+
+@pytest.mark.parametrize("feed", FEEDS)
+def test_bytes_after_an_upgrade_request_are_its_tail(
+        feed: Callable[[Feed, bytes], list[Event]]) -> None:
+    reader = RequestReader()
+    feed(reader.feed, REQUESTS["upgrade-then-bytes"][0])
+    assert bytes(reader.tail) == b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n"
+    assert reader.feed_eof() == []
 
 
 @pytest.mark.parametrize("feed", FEEDS)
