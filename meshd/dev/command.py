@@ -40,7 +40,9 @@ mesh.toml (paths are relative to the file):
   {host}, {name}, {version}, {address}, {port}; write a literal brace as {{ or }}.
 
 The run dir holds the generated hosts/<name>/meshd.toml, the CA, the registry's data and one log
-per process (logs/). Ctrl-C or SIGTERM stops the meshds, then the apps, the CA and the registry;
+per process (logs/). With --tui the console opens in the terminal once the mesh is ready
+(the processes' output then goes only to the logs); quitting it stops the mesh. Ctrl-C or SIGTERM
+stops the meshds, then the apps, the CA and the registry;
 a second Ctrl-C kills what is left at once. `meshd validate mesh.toml` checks a file.
 """
 
@@ -59,6 +61,10 @@ def register(sub: Any) -> None:
                    help="keep the temporary run dir (configs, CA, logs) after exit")
     p.add_argument("--run-dir", type=Path, metavar="DIR",
                    help="use DIR as run dir (kept after exit) instead of a temporary one")
+    p.add_argument("--tui", action="store_true",
+                   help="once the mesh is ready, open the console (`meshd tui`) in this "
+                   "terminal; the processes' output then goes only to their logs, and quitting "
+                   "the console stops the mesh")
     p.set_defaults(func=run)
 
 
@@ -75,4 +81,4 @@ def run(args: argparse.Namespace) -> int:
     from meshd.dev.runner import main
 
     return main(args.file or default_mesh_file(), keep=args.keep, run_dir=args.run_dir,
-                log_level=getattr(args, "log_level", "info"))
+                log_level=getattr(args, "log_level", "info"), tui=getattr(args, "tui", False))

@@ -6,6 +6,7 @@ not a place where a mesh should wait, but one line at a time it never has to."""
 from __future__ import annotations
 
 import os
+from collections import deque
 from typing import TextIO
 
 _RESET = "\033[0m"
@@ -16,6 +17,7 @@ _PALETTE = ("\033[36m", "\033[32m", "\033[35m", "\033[33m", "\033[34m",
 _ERROR = "\033[31m"
 
 RUNNER = "meshd up"
+HELD_LINES = 200   # runner lines kept while muted (the newest)
 
 
 def wants_color(stream: TextIO) -> bool:
@@ -33,6 +35,19 @@ class Console:
         self.color = wants_color(stream) if color is None else color
         self._colors: dict[str, str] = {}
         self._width = 0
+        self._muted = False
+        self._held: deque[str] = deque(maxlen=HELD_LINES)
+
+    def mute(self) -> None:
+        """Something else owns the terminal (the console of ``meshd up --tui``): drop the
+        children's lines (their logs have them) and hold the runner's own until ``unmute``."""
+        self._muted = True
+
+    def unmute(self) -> None:
+        self._muted = False
+        held, self._held = list(self._held), deque(maxlen=HELD_LINES)
+        for line in held:
+            self._write(line)
 
     def register(self, label: str) -> None:
         """Give ``label`` its colour and widen the prefix column to fit it."""
@@ -41,6 +56,8 @@ class Console:
         self._width = max(self._width, len(label) + 2)
 
     def child_line(self, label: str, text: str) -> None:
+        if self._muted:
+            return
         prefix = f"[{label}]".ljust(self._width)
         if self.color:
             prefix = f"{self._colors.get(label, '')}{prefix}{_RESET}"
@@ -60,6 +77,9 @@ class Console:
         self._write(text)
 
     def _write(self, line: str) -> None:
+        if self._muted:
+            self._held.append(line)
+            return
         if self._stream is None:
             return
         try:

@@ -141,8 +141,11 @@ def app_labels(mesh: MeshConfig) -> dict[tuple[str, str], str]:
 
 
 def main(file: Path, *, keep: bool = False, run_dir: Path | None = None,
-         log_level: str = "info", stream: TextIO | None = None) -> int:
+         log_level: str = "info", stream: TextIO | None = None, tui: bool = False) -> int:
     console = Console(stream or sys.stdout)
+    if tui and not (sys.stdin.isatty() and sys.stdout.isatty()):
+        console.error("--tui needs a terminal (stdin and stdout); nothing was started")
+        return 1
     # one line per probe request is noise among the children's output
     for name in ("httpx", "httpcore"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -158,9 +161,10 @@ def main(file: Path, *, keep: bool = False, run_dir: Path | None = None,
     launch = Launch(mesh=mesh, mesh_file=file.resolve(), routes=routes, run_dir=rd,
                     python=sys.executable, log_level=log_level, keep=keep or not temporary)
     supervisor = Supervisor(console, sweep_all_descendants=True)
+    foreground = partial(run_console, launch, console) if tui else None
     try:
         return trio.run(supervise_until_signal, console, supervisor,
-                        partial(bring_up, launch, console))
+                        partial(bring_up, launch, console), foreground)
     finally:
         if not launch.keep:
             shutil.rmtree(rd.root, ignore_errors=True)
@@ -169,9 +173,11 @@ def main(file: Path, *, keep: bool = False, run_dir: Path | None = None,
 async def supervise_until_signal(
     console: Console, supervisor: Supervisor,
     bring_up: Callable[[Supervisor], Awaitable[None]],
+    foreground: Callable[[], Awaitable[int]] | None = None,
 ) -> int:
-    """Run ``bring_up`` under ``supervisor``, then wait for SIGINT, SIGTERM or SIGHUP; stop
-    everything and return 0, or 1 if ``bring_up`` failed."""
+    """Run ``bring_up`` under ``supervisor``, then wait for SIGINT, SIGTERM or SIGHUP (or, with
+    ``foreground``, until it returns: the console of ``--tui``); stop everything and return 0,
+    or 1 if ``bring_up`` or ``foreground`` failed."""
     code = 0
     # SIGHUP too: closing the terminal must not orphan the children
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
@@ -187,10 +193,41 @@ async def supervise_until_signal(
                         console.error("stopping everything")
                         code = 1
                     else:
-                        await trio.sleep_forever()
+                        if foreground is None:
+                            await trio.sleep_forever()
+                        code = await foreground()
             nursery.cancel_scope.cancel()
     console.say("stopped")
     return code
+
+
+async def run_console(launch: Launch, console: Console) -> int:
+    """``meshd tui`` against the mesh's registry, in the foreground of this terminal; the
+    children's output goes only to their logs meanwhile. 0 when the operator quit it."""
+    ports = sorted({h.admin_port for h in launch.mesh.hosts})
+    argv = launch.meshd_argv("tui", "--registry", f"http://{launch.mesh.registry}",
+                             "--admin-port", str(ports[0]))
+    if len(ports) > 1:
+        console.error(f"the hosts' admin ports differ ({', '.join(map(str, ports))}); the "
+                      f"console reads each meshd at port {ports[0]}")
+    console.say("opening the console (quit it to stop the mesh)")
+    console.mute()
+    try:
+        # stdin (stdin=None: inherited, not trio's default of an empty pipe), stdout and
+        # stderr are the terminal's; a cancel (SIGTERM to the runner) terminates it
+        result = await trio.run_process(list(argv), check=False, stdin=None,
+                                        env={**os.environ, **launch.env})
+    except OSError as exc:
+        console.unmute()
+        console.error(f"cannot start the console ({argv[0]}): {exc.strerror or exc}")
+        return 1
+    finally:
+        console.unmute()
+    if result.returncode != 0:
+        console.error(f"the console exited with code {result.returncode}; stopping the mesh")
+        return 1
+    console.say("console closed: stopping")
+    return 0
 
 
 async def _watch_signals(signals: AsyncIterator[int], startup: trio.CancelScope,

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 ROUTES_KEY = "meshd/config/routes"
 DEFAULT_WAIT = 60.0
+WATCH_BACKOFF_CAP = 5.0  # retry a lost registry every 2.5-5 s: resync soon after it returns
 MIN_LOOP_INTERVAL = 0.05  # never spin faster than this, whatever the registry answers
 
 
@@ -80,7 +81,7 @@ async def long_poll(
             answer = await fetch(index)
         except RegistryError as exc:
             status.failed(trio.current_time(), str(exc))
-            await trio.sleep(backoff_delay(attempt, random.random()))
+            await trio.sleep(backoff_delay(attempt, random.random(), cap=WATCH_BACKOFF_CAP))
             attempt += 1
             # resync with a plain read once the registry answers again: blocking on the old
             # index could hold the first answer (and the stale view) for a whole `wait`

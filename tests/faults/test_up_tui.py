@@ -1,0 +1,167 @@
+"""`meshd up --tui` in a real terminal (tmux): once the mesh is ready the console owns the
+terminal, the processes' output goes only to their logs, and quitting the console (`q`) stops
+the mesh: `meshd up: stopped`, and no process of the tree is left.
+
+The mesh is a small one (web on 127.0.0.2, payments on 127.0.0.3) on free ports, so it never
+collides with a `meshd up` of the shop demo running on this machine.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from net_testing import free_port
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[2]
+SHOP = REPO / "examples" / "shop"
+
+
+def _free_on_all(addresses: list[str]) -> int:
+    for _ in range(50):
+        port: int = free_port(addresses[0])
+        try:
+            for address in addresses[1:]:
+                with socket.socket() as sock:
+                    sock.bind((address, port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no common free port")
+
+
+def _mesh_toml(directory: Path) -> Path:
+    a, b = "127.0.0.2", "127.0.0.3"
+    admin = _free_on_all([a, b])
+    inbound = _free_on_all([a, b])
+    web, payments, upstream = free_port(a), free_port(b), free_port()
+    text = f"""\
+trust_domain = "tui.mesh"
+registry = "127.0.0.1:{free_port()}"
+ca = "127.0.0.1:{free_port()}"
+routes = "{SHOP / 'routes.toml'}"
+
+[[hosts]]
+name = "host-a"
+address = "{a}"
+admin_port = {admin}
+inbound_port = {inbound}
+
+[[hosts.services]]
+name = "web"
+port = {web}
+health = {{ http = "/healthz", interval = "1s" }}
+upstreams = [{{ name = "payments", local_port = {upstream} }}]
+command = ["{{python}}", "{SHOP / 'web.py'}", "--address", "{{address}}", "--port", "{{port}}",
+           "--upstream", "http://127.0.0.1:{upstream}"]
+
+[[hosts]]
+name = "host-b"
+address = "{b}"
+admin_port = {admin}
+inbound_port = {inbound}
+
+[[hosts.services]]
+name = "payments"
+port = {payments}
+version = "v1"
+health = {{ http = "/healthz", interval = "1s" }}
+command = ["{{python}}", "{SHOP / 'payments.py'}", "--address", "{{address}}", "--port",
+           "{{port}}", "--version", "{{version}}", "--node", "{{host}}"]
+"""
+    path = directory / "mesh.toml"
+    path.write_text(text)
+    return path
+
+
+class Tmux:
+    def __init__(self, socket_name: str) -> None:
+        self.base = ["tmux", "-L", socket_name]
+
+    def __call__(self, *args: str) -> str:
+        return subprocess.run([*self.base, *args], capture_output=True, text=True,
+                              timeout=20, check=True).stdout
+
+    def pane(self) -> str:
+        return self("capture-pane", "-p", "-t", "up")
+
+    def wait_for(self, text: str, within: float) -> str:
+        deadline = time.monotonic() + within
+        screen = ""
+        while time.monotonic() < deadline:
+            screen = self.pane()
+            if text in screen:
+                return screen
+            time.sleep(0.3)
+        raise AssertionError(f"{text!r} not on the screen within {within:g}s:\n{screen}")
+
+
+@pytest.fixture
+def tmux() -> Iterator[Tmux]:
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux is not installed (.ci/run installs it)")
+    t = Tmux(f"meshd-tui-test-{os.getpid()}")
+    try:
+        yield t
+    finally:
+        subprocess.run([*t.base, "kill-server"], capture_output=True, timeout=20)
+
+
+def test_up_tui_opens_the_console_and_q_stops_the_mesh(tmux: Tmux, tmp_path: Path) -> None:
+    mesh = _mesh_toml(tmp_path)
+    run_dir = tmp_path / "run"
+    up = shlex.join([sys.executable, "-m", "meshd", "up", str(mesh), "--tui",
+                     "--run-dir", str(run_dir)])
+    # the shell stays after the runner exits, so its last lines can be read from the pane
+    tmux("new-session", "-d", "-s", "up", "-x", "120", "-y", "40",
+         f"cd {shlex.quote(str(REPO))} && NO_COLOR=1 {up}; echo \"up exited $?\"; sleep 120")
+    shell = int(tmux("display-message", "-p", "-t", "up", "#{pane_pid}").strip())
+
+    screen = tmux.wait_for("1 Topology", 120)   # the console's tab bar
+    tree = psutil.Process(shell).children(recursive=True)
+    labels = " ".join(" ".join(p.cmdline()) for p in tree)
+    assert "registry serve" in labels and "tui" in labels and "payments.py" in labels, labels
+    # the console owns the terminal: no child output behind it
+    assert "[registry]" not in screen and "[meshd host-a]" not in screen, screen
+    tmux.wait_for("hosts 2/2", 30)   # it found both meshds through the registry
+
+    tmux("send-keys", "-t", "up", "q")
+    screen = tmux.wait_for("up exited", 60)
+    assert "up exited 0" in screen, screen
+    assert "meshd up: stopped" in screen, screen
+    assert "killed a process left behind" not in screen, screen
+    mine = [p for p in tree if p.pid != shell]   # taken while the runner ran: no `sleep`
+    _, alive = psutil.wait_procs(mine, timeout=10)
+    alive = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+    assert alive == [], [f"{p.pid} {p.cmdline()}" for p in alive]
+    logs = run_dir / "logs"
+    assert (logs / "registry.log").read_text().strip(), "the children's output went to the logs"
+
+
+def test_muted_console_drops_child_lines_and_holds_its_own() -> None:
+    import io
+
+    from meshd.dev.console import Console
+
+    out = io.StringIO()
+    console = Console(out, color=False)
+    console.register("registry")
+    console.mute()
+    console.child_line("registry", "listening")   # its log has it; the terminal is the TUI's
+    console.error("registry exited (exit code 1); restarting it in 0.5s")
+    assert out.getvalue() == ""
+    console.unmute()
+    console.child_line("registry", "back")
+    assert out.getvalue().splitlines() == [
+        "meshd up: registry exited (exit code 1); restarting it in 0.5s", "[registry] back"]
