@@ -78,5 +78,5 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         tr.write_line("  ".join(str(row[c]).ljust(widths[c]) if c == "scenario"
                                 else str(row[c]).rjust(widths[c]) for c in cols)
                       + f"  {row['figures']}")
-    tr.write_line("registry outage (c): MESHD_FAULTS_REGISTRY_DOWN seconds, default 30, 10 when CI "
-                  f"is set (now: {os.environ.get('MESHD_FAULTS_REGISTRY_DOWN') or 'default'})")
+    tr.write_line("registry outage (c): MESHD_FAULTS_REGISTRY_DOWN seconds, default 30 "
+                  f"(now: {os.environ.get('MESHD_FAULTS_REGISTRY_DOWN') or '30'})")

@@ -5,8 +5,8 @@ of the run, from ``conftest.record``).
 The scenarios share one mesh and run in file order; each one restores what it broke before it
 returns, and sets the route table it needs first.
 
-Durations: MESHD_FAULTS_REGISTRY_DOWN (seconds the registry stays down; default 30, 10 when
-CI is set).
+Durations: MESHD_FAULTS_REGISTRY_DOWN (seconds the registry stays down; default 30, the
+outage the issue names).
 """
 
 from __future__ import annotations
@@ -26,8 +26,7 @@ from faultsummary import record
 
 pytestmark = pytest.mark.faults
 
-REGISTRY_DOWN = float(os.environ.get("MESHD_FAULTS_REGISTRY_DOWN")
-                      or (10 if os.environ.get("CI") else 30))
+REGISTRY_DOWN = float(os.environ.get("MESHD_FAULTS_REGISTRY_DOWN") or 30)
 LINK_DOWN = 8.0       # seconds host-b's cable stays unplugged
 APP_DOWN = 5.0        # seconds payments v2 stays dead
 CA_DOWN_AT_LEAST = 5.0
