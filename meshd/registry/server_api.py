@@ -3,6 +3,7 @@ ACL resolution and ``?filter=`` compilation. No I/O."""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -35,7 +36,7 @@ def route(path: str, **methods: Any) -> Route:
     return Route(path.rstrip("*"), path.endswith("*"), methods)
 
 
-class ApiBase:
+class ApiBase(ABC):
     def __init__(self, state: RegistryState, settings: ApiSettings) -> None:
         self.state = state
         self.settings = settings
@@ -48,8 +49,9 @@ class ApiBase:
         assert found is not None, "the registry is not booted"
         return found
 
+    @abstractmethod
     def routes(self) -> list[Route]:
-        raise NotImplementedError
+        """The endpoints this group serves (each subclass: agent, catalog, KV, the rest)."""
 
     def _common(self, request: Request) -> None:
         dc = request.param("dc")
