@@ -4,11 +4,8 @@ loopback ports, two meshd daemons (host-a runs `web` with an upstream to `paymen
 
 from __future__ import annotations
 
-import json
 import socket
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -16,62 +13,22 @@ from typing import Any
 import httpx
 import pytest
 import trio
+from mesh_testing import Mesh, open_mesh, start_daemon, wait_for
 from net_testing import free_port
 
-from meshd.ca.server import serve_ca
-from meshd.ca.store import TokenStore, init_ca
-from meshd.config.parse import parse_host_config, routes_to_data
-from meshd.config.schema import HostConfig, RouteTable
-from meshd.daemon import Daemon
+from meshd.config.parse import routes_to_data
+from meshd.config.schema import RouteTable
 from meshd.httpd import Request, Response, serve_http
-from meshd.registry.server import RegistryConfig, listen_port, serve_registry
-from meshd.registry.watch import ROUTES_KEY
 
 TD = "test.mesh"
 HOST_A = "127.0.20.2"
 HOST_B = "127.0.20.3"
 
 
-@dataclass
-class Mesh:
-    registry_url: str
-    ca_url: str
-    fingerprint: str
-    ca_dir: Path
-    tmp: Path
-    http: httpx.AsyncClient
-
-    def host_config(self, node: str, address: str, services: list[dict[str, Any]]) -> HostConfig:
-        token, _ = TokenStore(self.ca_dir).mint(
-            node, [s["name"] for s in services], now=datetime.now(UTC), ttl=timedelta(hours=1))
-        base = self.tmp / node
-        base.mkdir()
-        (base / "join-token").write_text(token + "\n")
-        return parse_host_config({
-            "node": node, "address": address, "trust_domain": TD,
-            "registry": self.registry_url, "state_dir": "state",
-            "ca": {"url": self.ca_url, "fingerprint": self.fingerprint,
-                   "token_file": "join-token"},
-            "inbound": {"port": free_port(address)},
-            "admin": {"address": f"{address}:{free_port(address)}"},
-            "services": services,
-        }, f"{node}.toml", base)
-
-    async def put_routes(self, data: dict[str, Any] | bytes) -> None:
-        body = data if isinstance(data, bytes) else json.dumps(data).encode()
-        r = await self.http.put(f"{self.registry_url}/v1/kv/{ROUTES_KEY}", content=body)
-        assert r.status_code == 200 and r.json() is True
-
-
 @pytest.fixture
 async def mesh(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[Mesh]:
-    listeners = await nursery.start(serve_registry, RegistryConfig(host="127.0.0.1", port=0))
-    registry_url = f"http://127.0.0.1:{listen_port(listeners)}"
-    ca_dir = tmp_path / "ca"
-    init_ca(ca_dir, TD, now=datetime.now(UTC))
-    endpoint = await nursery.start(partial(serve_ca, ca_dir, "127.0.0.1", 0))
     async with httpx.AsyncClient(timeout=10) as http:
-        yield Mesh(registry_url, endpoint.url, endpoint.fingerprint, ca_dir, tmp_path, http)
+        yield await open_mesh(nursery, tmp_path, http, TD)
 
 
 async def payments_app(
@@ -86,21 +43,6 @@ async def payments_app(
                               "path": request.path})
 
     await serve_http(handle, address, port, task_status=task_status)
-
-
-async def start_daemon(nursery: trio.Nursery, config: HostConfig) -> Daemon:
-    daemon = Daemon(config)
-    with trio.fail_after(20):
-        await nursery.start(daemon.run)
-    return daemon
-
-
-async def wait_for(predicate: Any) -> None:
-    """Poll another process's HTTP view until ``predicate`` holds (there is no event to wait on
-    across a socket); bounded by ``fail_after`` so a broken mesh fails the test, not hangs it."""
-    with trio.fail_after(10):
-        while not await predicate():  # noqa: ASYNC110
-            await trio.sleep(0.05)
 
 
 async def test_two_hosts_route_register_report_and_deregister(

@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import io
 import os
-import queue
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import psutil
 import pytest
+from proc_testing import Output
 
 from meshd.cli import main as cli_main
 from meshd.dev.mesh import parse_mesh
@@ -28,38 +26,6 @@ from meshd.errors import MeshError
 
 HERE = Path(__file__).resolve().parent
 SHOP = HERE.parents[1] / "examples" / "shop" / "mesh.toml"
-
-
-class Output:
-    """Lines of a child's stdout, read by a thread, waited for with a deadline."""
-
-    def __init__(self, stream: io.BufferedReader) -> None:
-        self.lines: list[str] = []
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
-
-    def _read(self, stream: io.BufferedReader) -> None:
-        for raw in stream:
-            self._queue.put(raw.decode(errors="replace").rstrip("\n"))
-        self._queue.put(None)
-
-    def wait_for(self, text: str, within: float) -> bool:
-        deadline = time.monotonic() + within
-        while time.monotonic() < deadline:
-            try:
-                line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            if line is None:
-                return False
-            self.lines.append(line)
-            if text in line:
-                return True
-        return False
-
-    def rest(self, within: float = 5.0) -> str:
-        self.wait_for("\0never", within)
-        return "\n".join(self.lines)
 
 
 def listening_socket(address: str = "127.0.0.1") -> socket.socket:
@@ -196,7 +162,7 @@ def test_a_signalled_runner_stops_everything_and_leaves_nothing(
 ) -> None:
     proc, out = start_sleepy(tmp_path)
     try:
-        assert out.wait_for("meshd up: ready", 30), out.rest()
+        assert out.wait_for("meshd up: ready", 30), out.text(5.0)
         tree = psutil.Process(proc.pid).children(recursive=True)
         assert len(tree) >= 4, tree   # three children and a grandchild
         proc.send_signal(sig)
@@ -204,7 +170,7 @@ def test_a_signalled_runner_stops_everything_and_leaves_nothing(
     finally:
         if proc.poll() is None:
             proc.kill()
-    text = out.rest()
+    text = out.text(5.0)
     assert f"meshd up: {sig.name}: stopping" in text
     # meshd first, then the apps (the stubborn one is killed after 1s), then the registry
     assert text.index("[meshd host-a]") < text.index("web v1 did not stop within 1s")
@@ -216,12 +182,12 @@ def test_a_signalled_runner_stops_everything_and_leaves_nothing(
 def test_a_failed_start_exits_1_and_leaves_nothing(tmp_path: Path) -> None:
     proc, out = start_sleepy(tmp_path, "--fail")
     try:
-        assert out.wait_for("did not become ready", 30), out.rest()
+        assert out.wait_for("did not become ready", 30), out.text(5.0)
         tree = psutil.Process(proc.pid).children(recursive=True)
         assert proc.wait(timeout=20) == 1
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert "meshd up: stopping everything" in out.rest()
+    assert "meshd up: stopping everything" in out.text(5.0)
     _, alive = psutil.wait_procs(tree, timeout=5)
     assert alive == []

@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import datetime
 import http.client
-import io
 import json
 import os
-import queue
 import signal
 import socket
 import ssl
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -33,6 +30,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from proc_testing import Output
 
 pytestmark = pytest.mark.e2e
 
@@ -44,40 +42,6 @@ READY_WITHIN = 90.0
 REQUESTS = 1000
 # 4 sigma of Binomial(1000, 0.1): 100 +- 4 * sqrt(1000 * 0.1 * 0.9) = 100 +- 37.9
 V2_RANGE = range(57, 144)
-
-
-class Output:
-    """Lines of the runner's stdout, read by a thread, waited for with a deadline."""
-
-    def __init__(self, stream: io.BufferedReader) -> None:
-        self.lines: list[str] = []
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        self._closed = False
-        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
-
-    def _read(self, stream: io.BufferedReader) -> None:
-        for raw in stream:
-            self._queue.put(raw.decode(errors="replace").rstrip("\n"))
-        self._queue.put(None)
-
-    def wait_for(self, text: str, within: float) -> bool:
-        deadline = time.monotonic() + within
-        while not self._closed and time.monotonic() < deadline:
-            try:
-                line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            if line is None:
-                self._closed = True
-                break
-            self.lines.append(line)
-            if text in line:
-                return True
-        return False
-
-    def text(self, within: float = 2.0) -> str:
-        self.wait_for("\0never", within)
-        return "\n".join(self.lines)
 
 
 @dataclass

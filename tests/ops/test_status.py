@@ -10,20 +10,18 @@ import json
 import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import trio
-from test_daemon import TD, Mesh, free_port, payments_app, start_daemon
+from mesh_testing import open_mesh
+from test_daemon import TD, free_port, payments_app, start_daemon
 
-from meshd.ca.server import serve_ca
 from meshd.ca.store import init_ca
 from meshd.cli import build_parser
 from meshd.httpd import Request, Response, serve_http
-from meshd.registry.server import RegistryConfig, listen_port, serve_registry
 from meshd.status_command import admin_url, duration, render
 
 STATE: dict[str, Any] = {
@@ -185,14 +183,10 @@ class TLSAdmin:
 
 @pytest.fixture
 async def tls_admin(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[TLSAdmin]:
-    listeners = await nursery.start(serve_registry, RegistryConfig(host="127.0.0.1", port=0))
-    init_ca(tmp_path / "ca", TD, now=datetime.now(UTC))
-    endpoint = await nursery.start(partial(serve_ca, tmp_path / "ca", "127.0.0.1", 0))
     app_port = free_port(TLS_HOST)
     await nursery.start(payments_app, TLS_HOST, app_port, "v1")
     async with httpx.AsyncClient(timeout=10) as http:
-        mesh = Mesh(f"http://127.0.0.1:{listen_port(listeners)}", endpoint.url,
-                    endpoint.fingerprint, tmp_path / "ca", tmp_path, http)
+        mesh = await open_mesh(nursery, tmp_path, http, TD)
         config = dataclasses.replace(mesh.host_config("host-b", TLS_HOST, [
             {"name": "payments", "version": "v1", "address": TLS_HOST, "port": app_port,
              "health": {"none": True}}]), admin_tls=True)

@@ -6,63 +6,23 @@ collide with another `meshd up` on the same machine (the default demo, tests/e2e
 
 from __future__ import annotations
 
-import io
 import os
-import queue
 import random
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 import tomlkit
+from proc_testing import Output
 
 REPO = Path(__file__).resolve().parents[2]
 SHOP = REPO / "examples" / "shop"
 READY_WITHIN = 90.0
-
-
-class Output:
-    """Lines of a child's stdout, read by a thread, waited for with a deadline."""
-
-    def __init__(self, stream: io.BufferedReader) -> None:
-        self.lines: list[str] = []
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
-
-    def _read(self, stream: io.BufferedReader) -> None:
-        for raw in stream:
-            self._queue.put(raw.decode(errors="replace").rstrip("\n"))
-        self._queue.put(None)
-
-    def wait_for(self, text: str, within: float) -> bool:
-        deadline = time.monotonic() + within
-        while time.monotonic() < deadline:
-            try:
-                line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                return False
-            if line is None:
-                return False
-            self.lines.append(line)
-            if text in line:
-                return True
-        return False
-
-    def tail(self, n: int = 60) -> str:
-        while True:
-            try:
-                line = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if line is not None:
-                self.lines.append(line)
-        return "\n".join(self.lines[-n:])
 
 
 def _listening(address: str, port: int) -> bool:
