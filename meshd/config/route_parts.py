@@ -5,7 +5,7 @@ back into canonical data; and the number getters both files use. Pure."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from meshd.config.reader import Reader
@@ -42,13 +42,18 @@ _METHOD_RE = re.compile(r"^[A-Z][A-Z0-9_-]{0,31}$")
 
 # -- getters ------------------------------------------------------------------------------------
 
-def get_table(r: Reader, raw: Mapping[str, Any], key: str,
-              path: str) -> Mapping[str, Any] | None:
-    """The table at ``path.key``; None when absent (or not a table: reported)."""
+def get_table(r: Reader, raw: Mapping[str, Any], key: str, path: str,
+              allowed: Collection[str]) -> tuple[Mapping[str, Any], str] | None:
+    """The table at ``path.key`` and its key path, its unknown keys reported; None when absent
+    (or not a table: reported)."""
     if key not in raw:
         return None
     value: Mapping[str, Any] | None = r.get(raw, key, path, dict)
-    return value
+    if value is None:
+        return None
+    where = f"{path}.{key}"
+    r.unknown_keys(value, where, set(allowed))
+    return value, where
 
 
 def get_number(r: Reader, raw: Mapping[str, Any], key: str, path: str, lo: float, hi: float,
@@ -176,11 +181,10 @@ def _string_match(r: Reader, raw: Mapping[str, Any], path: str,
 # -- policy -------------------------------------------------------------------------------------
 
 def parse_policy(r: Reader, raw: Mapping[str, Any], path: str) -> DestinationPolicy | None:
-    table = get_table(r, raw, "policy", path)
-    if table is None:
+    found = get_table(r, raw, "policy", path, POLICY_KEYS)
+    if found is None:
         return None
-    ppath = f"{path}.policy"
-    r.unknown_keys(table, ppath, POLICY_KEYS)
+    table, ppath = found
     allowed = [b.value for b in LoadBalancer]
     balancer = r.choice(table, "load_balancer", ppath, LoadBalancer, allowed,
                         LoadBalancer.ROUND_ROBIN)
@@ -204,11 +208,10 @@ def parse_policy(r: Reader, raw: Mapping[str, Any], path: str) -> DestinationPol
 
 
 def _hash_on(r: Reader, raw: Mapping[str, Any], path: str) -> HashOn | None:
-    table = get_table(r, raw, "ring_hash", path)
-    if table is None:
+    found = get_table(r, raw, "ring_hash", path, {"header", "source"})
+    if found is None:
         return None
-    hpath = f"{path}.ring_hash"
-    r.unknown_keys(table, hpath, {"header", "source"})
+    table, hpath = found
     header = r.get(table, "header", hpath, str, None)
     source = r.get(table, "source", hpath, bool, False)
     if header is not None and not _TOKEN_RE.match(header):
@@ -221,11 +224,10 @@ def _hash_on(r: Reader, raw: Mapping[str, Any], path: str) -> HashOn | None:
 
 
 def _outlier(r: Reader, raw: Mapping[str, Any], path: str) -> OutlierDetection | None:
-    table = get_table(r, raw, "outlier_detection", path)
-    if table is None:
+    found = get_table(r, raw, "outlier_detection", path, OUTLIER_KEYS)
+    if found is None:
         return None
-    opath = f"{path}.outlier_detection"
-    r.unknown_keys(table, opath, OUTLIER_KEYS)
+    table, opath = found
     d = OutlierDetection()
     five = get_integer(r, table, "consecutive_5xx", opath, 0, None, d.consecutive_5xx)
     connect = get_integer(r, table, "consecutive_connect_failures", opath, 0, None,
@@ -247,11 +249,10 @@ def _outlier(r: Reader, raw: Mapping[str, Any], path: str) -> OutlierDetection |
 
 
 def _budget(r: Reader, raw: Mapping[str, Any], path: str) -> RetryBudget | None:
-    table = get_table(r, raw, "retry_budget", path)
-    if table is None:
+    found = get_table(r, raw, "retry_budget", path, BUDGET_KEYS)
+    if found is None:
         return None
-    bpath = f"{path}.retry_budget"
-    r.unknown_keys(table, bpath, BUDGET_KEYS)
+    table, bpath = found
     d = RetryBudget()
     ratio = get_number(r, table, "ratio", bpath, 0, 10, d.ratio)
     minimum = get_number(r, table, "min_retries_per_second", bpath, 0, 1e6,
@@ -265,11 +266,10 @@ def _budget(r: Reader, raw: Mapping[str, Any], path: str) -> RetryBudget | None:
 
 def parse_authorization(r: Reader, raw: Mapping[str, Any], path: str) -> Authorization | None:
     """``[destinations.X.authorization]``: ``rules``, an ordered list of tables."""
-    table = get_table(r, raw, "authorization", path)
-    if table is None:
+    found = get_table(r, raw, "authorization", path, AUTHORIZATION_KEYS)
+    if found is None:
         return None
-    apath = f"{path}.authorization"
-    r.unknown_keys(table, apath, AUTHORIZATION_KEYS)
+    table, apath = found
     listed = r.get(table, "rules", apath, list)
     if listed is None:
         return None

@@ -192,11 +192,10 @@ def _generated_name(index: int) -> str:
 # -- what a route does ------------------------------------------------------------------------
 
 def _retries(r: Reader, raw: Mapping[str, Any], path: str) -> RetryPolicy | None:
-    table = get_table(r, raw, "retries", path)
-    if table is None:
+    found = get_table(r, raw, "retries", path, RETRY_KEYS)
+    if found is None:
         return None
-    rpath = f"{path}.retries"
-    r.unknown_keys(table, rpath, RETRY_KEYS)
+    table, rpath = found
     attempts = get_integer(r, table, "attempts", rpath, 0, MAX_RETRY_ATTEMPTS, None)
     if attempts is None and "attempts" not in table:
         r.problem(f"{rpath}.attempts", "required key is missing")
@@ -223,11 +222,10 @@ def _retries(r: Reader, raw: Mapping[str, Any], path: str) -> RetryPolicy | None
 
 
 def _fault(r: Reader, raw: Mapping[str, Any], path: str) -> FaultPolicy | None:
-    table = get_table(r, raw, "fault", path)
-    if table is None:
+    found = get_table(r, raw, "fault", path, FAULT_KEYS)
+    if found is None:
         return None
-    fpath = f"{path}.fault"
-    r.unknown_keys(table, fpath, FAULT_KEYS)
+    table, fpath = found
     delay = r.duration(table, "delay", fpath, None)
     delay_percent = get_number(r, table, "delay_percent", fpath, 0, 100, None)
     status = get_integer(r, table, "abort_status", fpath, 200, 599, None)
@@ -245,11 +243,10 @@ def _fault(r: Reader, raw: Mapping[str, Any], path: str) -> FaultPolicy | None:
 
 def _mirror(r: Reader, raw: Mapping[str, Any], path: str,
             known: set[str]) -> MirrorPolicy | None:
-    table = get_table(r, raw, "mirror", path)
-    if table is None:
+    found = get_table(r, raw, "mirror", path, MIRROR_KEYS)
+    if found is None:
         return None
-    mpath = f"{path}.mirror"
-    r.unknown_keys(table, mpath, MIRROR_KEYS)
+    table, mpath = found
     subset = r.name(table, "subset", mpath)
     percent = get_number(r, table, "percent", mpath, 0, 100, 100.0)
     if subset is not None and subset not in known:
