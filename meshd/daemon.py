@@ -90,13 +90,6 @@ def read_join_token(config: HostConfig) -> str:
     return token
 
 
-async def obtain_identities(config: HostConfig) -> tuple[TrustBundle, dict[str, Identity]]:
-    """Certificates for every local service (``meshd.identity.IdentityManager.obtain``: renew
-    with a valid node certificate on disk, else join with the token; with the CA unreachable,
-    valid certificates on disk; an expired certificate is never used)."""
-    return await IdentityManager.for_config(config, lambda: read_join_token(config)).obtain()
-
-
 class Daemon:
     def __init__(self, config: HostConfig) -> None:
         self.config = config
@@ -454,4 +447,4 @@ async def run_daemon(config: HostConfig, config_path: Path | None = None) -> Non
         nursery.start_soon(main)
 
 
-__all__ = ["Daemon", "MeshError", "obtain_identities", "run_daemon"]
+__all__ = ["Daemon", "MeshError", "run_daemon"]

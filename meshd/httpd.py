@@ -36,7 +36,6 @@ MAX_HEADERS = 100
 DEFAULT_MAX_BODY = 1024 * 1024
 HEADER_TIMEOUT = 10.0
 IDLE_TIMEOUT = 75.0
-SERVER_NAME = "meshd"
 
 
 @dataclass(frozen=True)
@@ -133,7 +132,6 @@ class _RequestReader:
         self._headers: list[tuple[str, str]] = []
         self._body: list[bytes] = []
         self._body_len = 0
-        self._in_headers = True
         self.header_bytes = 0
 
     @property
@@ -169,7 +167,6 @@ class _RequestReader:
         self._headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
-        self._in_headers = False
         length = next((v for k, v in self._headers if k == "content-length"), None)
         if length is not None and length.isdigit() and int(length) > self._max_body:
             raise _BadRequest(413, f"request body larger than {self._max_body} bytes")

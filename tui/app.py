@@ -34,7 +34,6 @@ from tui.widgets import (
     selected_key,
 )
 
-VIEWS = ("topology", "services", "hosts", "events")
 MAIN_SCREEN_ACTIONS = {"view", "split", "filter", "clear_filter"}
 TALL = 34  # rows from which the events pane shows under the views
 EVENTS_PANE_LINES = 6

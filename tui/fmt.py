@@ -26,7 +26,6 @@ STYLE = {Status.OK: "green", Status.WARN: "yellow", Status.FAIL: "bold red",
          Status.IDLE: "dim", Status.STALE: "magenta"}
 EJECTED = "⊘"
 HEALTHY_DOT = "●"
-UNHEALTHY_DOT = "✘"
 ORDER = [Status.OK, Status.IDLE, Status.STALE, Status.WARN, Status.FAIL]
 
 

@@ -158,11 +158,6 @@ class SplitDraft:
     def mark_stable(self) -> None:
         self.stable = self.selected
 
-    def reset(self) -> None:
-        self.typed = ""
-        for name in self.names:
-            self.weights[name] = self.stored.get(name, 0) if self.stored else self.weights[name]
-
     # -- checking and writing ------------------------------------------------------------------
 
     def validate(self, health: Mapping[str, tuple[int, int]] | None) -> Validation:

@@ -260,7 +260,6 @@ class ServiceRow:
     node: NodeView
     inbound: Traffic
     callers: tuple[str, ...]
-    callees: tuple[str, ...]
 
 
 def service_rows(model: MeshModel, filter_text: str = "") -> list[ServiceRow]:
@@ -272,8 +271,7 @@ def service_rows(model: MeshModel, filter_text: str = "") -> list[ServiceRow]:
         incoming = [e for e in edges if e.destination == node.service]
         rows.append(ServiceRow(
             node, sum_traffic(e.traffic for e in incoming),
-            tuple(e.source for e in incoming),
-            tuple(e.destination for e in edges if e.source == node.service)))
+            tuple(e.source for e in incoming)))
     return rows
 
 

@@ -248,10 +248,6 @@ class TLSState:
                                    f"{serial}, which the CA revoked")
         return serial
 
-    def source_of(self, der: bytes | None) -> str:
-        """The calling service of a verified client certificate (see ``check_client``)."""
-        return self.check_client(der).service
-
     def check_client(self, der: bytes | None) -> Peer:
         """The calling service of a verified client certificate: its one SPIFFE ID must be a
         service of our trust domain, its serial not revoked. Raises ``HandshakeRefused``."""

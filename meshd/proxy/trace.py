@@ -21,7 +21,8 @@ REQUEST_ID = b"x-request-id"
 TRACEPARENT = b"traceparent"
 MAX_REQUEST_ID = 200  # a longer one is replaced: it ends up in logs
 _TRACEPARENT_RE = re.compile(rb"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
-_REQUEST_ID_RE = re.compile(rb"^[\x21-\x7e]{1,200}$")  # visible ASCII: safe in any log line
+# visible ASCII only: safe in any log line
+_REQUEST_ID_RE = re.compile(rb"^[\x21-\x7e]{1,%d}$" % MAX_REQUEST_ID)
 _ZERO_TRACE = b"0" * 32
 _ZERO_SPAN = b"0" * 16
 

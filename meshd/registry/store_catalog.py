@@ -116,7 +116,7 @@ class CatalogWrites(AgentWrites):
         checks = ([request["Check"]] if "Check" in request else []) + list(
             request.get("Checks", ()))
         for defn in checks:
-            op = self._check_op(node, name, defn, index, service_key, ops)
+            op = self._check_op(node, name, defn, index, service_key)
             if op is not None:
                 ops.append(op)
         return self.mutation(index, ops, result=True)
@@ -153,7 +153,7 @@ class CatalogWrites(AgentWrites):
         return Op("service", key, None if old is not None and same(old, new) else new)
 
     def _check_op(self, node: str, node_name: str, defn: Mapping[str, Any], index: int,
-                  service_key: str, planned: list[Op]) -> Op | None:
+                  service_key: str) -> Op | None:
         if defn.get("Node") and defn["Node"] != node_name:
             raise ApiError(500, "Node in check doesn't match node in register request")
         check_id = defn.get("CheckID") or defn.get("Name", "")
