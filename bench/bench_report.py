@@ -1,4 +1,4 @@
-"""The results as a table with ratios, or as JSON. Pure."""
+"""The results as a table with ratios and issue 5's targets, or as JSON. Pure."""
 
 from __future__ import annotations
 
@@ -6,17 +6,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from bench_idle import IDLE_CONNECTIONS, MB, IdleResult
 from bench_measure import LoadSettings, Measurement
 
-MESH = "meshd"
-BASELINES = ("direct", "haproxy", "haproxy-2hop")
+MESH_1HOP, MESH_2HOP = "meshd-1hop", "meshd-2hop"
+# each meshd path -> the baselines it is compared with
+BASELINES = {MESH_1HOP: ("direct", "haproxy"),
+             MESH_2HOP: ("direct", "haproxy", "haproxy-2hop")}
+TARGETS_TITLE = "issue 5 targets (measured, target, verdict):"
 
 
 @dataclass(frozen=True)
 class Ratio:
-    """meshd relative to a baseline: throughput as a fraction (0.25 = a quarter of the
+    """A meshd path relative to a baseline: throughput as a fraction (0.25 = a quarter of the
     baseline's req/s), latency and CPU as multiples (3.0 = three times the baseline's)."""
 
+    mesh: str
     baseline: str
     requests_per_second: float | None
     p50: float | None
@@ -24,15 +29,83 @@ class Ratio:
     cpu: float | None
 
 
+@dataclass(frozen=True)
+class Check:
+    """One of issue 5's targets: ``value`` (None: not measured in this run) against
+    ``target``, met when at least it (``at_least``) or at most it. ``short_of``: why the value,
+    though measured, does not decide the target (fewer idle connections than it names)."""
+
+    name: str
+    what: str            # how the value was computed
+    value: float | None
+    target: float
+    at_least: bool
+    unit: str            # "" (a ratio), "ms", "MB"
+    short_of: str | None = None
+
+    @property
+    def met(self) -> bool | None:
+        if self.value is None or self.short_of is not None:
+            return None
+        return self.value >= self.target if self.at_least else self.value <= self.target
+
+    @property
+    def verdict(self) -> str:
+        if self.value is not None and self.short_of is not None:
+            return f"undecided ({self.short_of})"
+        return {True: "met", False: "not met", None: "not measured"}[self.met]
+
+
 def ratios(measurements: Sequence[Measurement]) -> list[Ratio]:
     by_name = {m.name: m for m in measurements}
-    mesh = by_name.get(MESH)
-    if mesh is None:
-        return []
-    return [Ratio(name, _div(mesh.requests_per_second, base.requests_per_second),
-                  _div(mesh.p50_ms, base.p50_ms), _div(mesh.p99_ms, base.p99_ms),
-                  _div(mesh.proxy_cpu_us, base.proxy_cpu_us))
-            for name in BASELINES if (base := by_name.get(name)) is not None]
+    out: list[Ratio] = []
+    for mesh_name, baselines in BASELINES.items():
+        mesh = by_name.get(mesh_name)
+        if mesh is None:
+            continue
+        out += [Ratio(mesh_name, name, _div(mesh.requests_per_second, base.requests_per_second),
+                      _div(mesh.p50_ms, base.p50_ms), _div(mesh.p99_ms, base.p99_ms),
+                      _div(mesh.proxy_cpu_us, base.proxy_cpu_us))
+                for name in baselines if (base := by_name.get(name)) is not None]
+    return out
+
+
+def checks(measurements: Sequence[Measurement], idle: IdleResult | None) -> list[Check]:
+    """Issue 5's targets, in its order: req/s of the single hop and of the two-hop mTLS path
+    against haproxy's, the p50 each hop adds at one connection, and RSS with idle
+    connections."""
+    by_name = {m.name: m for m in measurements}
+
+    def rps_ratio(mesh: str, base: str) -> float | None:
+        a, b = by_name.get(mesh), by_name.get(base)
+        return _div(a.requests_per_second, b.requests_per_second) if a and b else None
+
+    def added_p50(mesh: str, hops: int) -> float | None:
+        a, direct = by_name.get(mesh), by_name.get("direct")
+        if a is None or direct is None or a.p50_ms is None or direct.p50_ms is None:
+            return None
+        return (a.p50_ms - direct.p50_ms) / hops
+
+    out = [
+        Check("single hop req/s", f"{MESH_1HOP} / haproxy", rps_ratio(MESH_1HOP, "haproxy"),
+              0.6, True, ""),
+        Check("two-hop mTLS req/s", f"{MESH_2HOP} / haproxy-2hop",
+              rps_ratio(MESH_2HOP, "haproxy-2hop"), 0.75, True, ""),
+        Check("added p50 per hop, c=1, single hop", f"{MESH_1HOP} p50 - direct p50",
+              added_p50(MESH_1HOP, 1), 0.1, False, "ms"),
+        Check("added p50 per hop, c=1, two hops", f"({MESH_2HOP} p50 - direct p50) / 2",
+              added_p50(MESH_2HOP, 2), 0.1, False, "ms"),
+    ]
+    if idle is None:
+        out.append(Check(f"RSS per meshd, {IDLE_CONNECTIONS} idle connections", "not run",
+                         None, 40.0, False, "MB"))
+    else:
+        short_of = (None if idle.answered >= IDLE_CONNECTIONS else
+                    f"{idle.answered} of the {IDLE_CONNECTIONS} connections it names")
+        out += [Check(f"RSS, {p.label}", _held(p.label, idle), p.rss_after / MB, 40.0, False,
+                      "MB", short_of)
+                for p in idle.processes]
+    return out
 
 
 def format_text(measurements: Sequence[Measurement], settings: LoadSettings,
@@ -45,13 +118,37 @@ def format_text(measurements: Sequence[Measurement], settings: LoadSettings,
     split = [_cpu_split(m) for m in measurements if len(m.cpu_us_per_request) > 1]
     if split:
         lines += ["proxy CPU per process (µs/req):", *split, ""]
-    if any(m.name == MESH for m in measurements):
+    if any(m.name in BASELINES for m in measurements):
         lines += ["meshd under load:", *(f"  {n}" for n in notes or ["nothing notable"])]
     return "\n".join(lines).rstrip("\n")
 
 
+def format_idle(idle: IdleResult) -> str:
+    """What the idle-connection phase did, and the RSS line."""
+    rss = ", ".join(f"{_short(p.label)} {p.rss_after / MB:.1f} MB ({p.rss_before / MB:.1f} MB "
+                    "before)" for p in idle.processes)
+    tcp = ", ".join(f"{_short(p.label)} {_number(p.tcp_after, '{:d}')}"
+                    for p in idle.processes)
+    lines = [f"idle connections: {idle.opened} of {idle.wanted} opened to {idle.address} "
+             f"(meshd host-a's outbound listener), {idle.answered} answered 2xx to one GET each, "
+             f"then held idle {idle.idle_seconds:.1f} s",
+             *([f"  first problem: {idle.first_error}"] if idle.first_error else []),
+             f"  established TCP connections while held: {tcp}",
+             f"RSS per meshd: {rss}"]
+    return "\n".join(lines)
+
+
+def format_checks(found: Sequence[Check]) -> str:
+    rows = [(c.name + (f" ({c.what})" if c.what else ""), _value(c), _target(c), c.verdict)
+            for c in found]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    body = [f"  {name.ljust(widths[0])}  {value.rjust(widths[1])}  {target.ljust(widths[2])}  "
+            f"{verdict}" for name, value, target, verdict in rows]
+    return "\n".join([TARGETS_TITLE, *body])
+
+
 def to_json(measurements: Sequence[Measurement], settings: LoadSettings,
-            notes: Sequence[str]) -> dict[str, Any]:
+            notes: Sequence[str], idle: IdleResult | None = None) -> dict[str, Any]:
     return {
         "settings": {"connections": settings.connections, "threads": settings.threads,
                      "seconds": settings.seconds, "latency_seconds": settings.latency_seconds,
@@ -60,6 +157,11 @@ def to_json(measurements: Sequence[Measurement], settings: LoadSettings,
         "ratios": [{k: v if isinstance(v, str) else _round(v, 4) for k, v in vars(r).items()}
                    for r in ratios(measurements)],
         "meshd_notes": list(notes),
+        "idle_connections": None if idle is None else _idle_json(idle),
+        "targets": [{"name": c.name, "what": c.what, "value": _round(c.value, 4),
+                     "unit": c.unit, "target": c.target,
+                     "comparison": ">=" if c.at_least else "<=", "met": c.met}
+                    for c in checks(measurements, idle)],
     }
 
 
@@ -87,7 +189,8 @@ def _results_table(measurements: Sequence[Measurement], settings: LoadSettings) 
 
 
 def _ratio_line(r: Ratio) -> str:
-    return (f"  meshd / {r.baseline:<13} req/s {_number(r.requests_per_second, '{:.2f}'):>5}   "
+    pair = f"{r.mesh} / {r.baseline}"
+    return (f"  {pair:<25} req/s {_number(r.requests_per_second, '{:.2f}'):>5}   "
             f"p50 {_number(r.p50, '{:.1f}x'):>5}   p99 {_number(r.p99, '{:.1f}x'):>5}   "
             f"CPU/req {_number(r.cpu, '{:.1f}x'):>5}")
 
@@ -106,6 +209,44 @@ def _path_json(m: Measurement) -> dict[str, Any]:
         "cpu_us_per_request_by_process": {k: round(v, 1)
                                           for k, v in m.cpu_us_per_request.items()},
     }
+
+
+def _idle_json(idle: IdleResult) -> dict[str, Any]:
+    return {
+        "address": idle.address, "wanted": idle.wanted, "opened": idle.opened,
+        "answered": idle.answered, "idle_seconds": round(idle.idle_seconds, 2),
+        "first_error": idle.first_error,
+        "processes": [{"label": p.label, "rss_before_mb": round(p.rss_before / MB, 1),
+                       "rss_mb": round(p.rss_after / MB, 1), "tcp_established": p.tcp_after}
+                      for p in idle.processes],
+    }
+
+
+def _held(label: str, idle: IdleResult) -> str:
+    """What the meshd ``label`` held: host A the idle client connections, host B (behind it)
+    only what host A pooled towards it."""
+    tcp = next((p.tcp_after for p in idle.processes if p.label == label), None)
+    if label.endswith("host-a"):
+        return f"{idle.opened} idle client connections open to it"
+    return f"behind host-a, {_number(tcp, '{:d}')} TCP connections open"
+
+
+def _short(label: str) -> str:
+    return label.removeprefix("meshd ")
+
+
+def _value(c: Check) -> str:
+    if c.value is None:
+        return "-"
+    if c.unit == "ms":
+        return f"{c.value:.4f} ms"   # wrk resolves 1 µs; halved for two hops
+    if c.unit == "MB":
+        return f"{c.value:.1f} MB"
+    return f"{c.value:.2f}"
+
+
+def _target(c: Check) -> str:
+    return f"{'>=' if c.at_least else '<='} {c.target:g}{' ' + c.unit if c.unit else ''}"
 
 
 def _div(a: float | None, b: float | None) -> float | None:

@@ -5,6 +5,9 @@ ordered stop, a final psutil sweep) and the mesh is brought up by ``meshd up``'s
 ``bring_up``: the embedded registry, ``meshd ca init``/``token``/``serve`` and one ``meshd run``
 per host with a generated ``meshd.toml``, waited for until every meshd is ready and sees the
 backend. nginx and haproxy are further children of the same supervisor.
+
+The backend service of the bench's mesh.toml is ``mtls = "permissive"`` (the single-hop path);
+``start_mesh`` checks that the meshd.toml ``meshd up``'s generator wrote for host B says so.
 """
 
 from __future__ import annotations
@@ -26,9 +29,11 @@ from bench_configs import (
     nginx_conf,
 )
 
+from meshd.config.load import load_host_config
+from meshd.config.schema import MTLSMode
 from meshd.dev import probes
 from meshd.dev.console import Console
-from meshd.dev.model import MeshConfig, PortClaim, port_claims
+from meshd.dev.model import MeshConfig, MeshHost, PortClaim, port_claims
 from meshd.dev.runner import (
     APP_GROUP,
     MESHD_GROUP,
@@ -128,12 +133,31 @@ class Stack:
                                         MESHD_GROUP)
         return Target("haproxy", url, "wrk -> haproxy (HTTP, keep-alive) -> nginx", (child,))
 
-    async def start_mesh(self) -> Target:
-        """``meshd up``'s bring_up: registry, CA, two ``meshd run``; ready when host A sees B."""
+    async def start_mesh(self, client: httpx.AsyncClient) -> tuple[Target, Target]:
+        """``meshd up``'s bring_up: registry, CA, two ``meshd run``; ready when host A sees B
+        and host B's inbound listener answers plaintext HTTP. The single-hop and the two-hop
+        path."""
         await bring_up(self.launch, self.console, self.supervisor)
-        meshds = tuple(self.child(f"meshd {host.name}") for host in self.launch.mesh.hosts)
-        return Target("meshd", f"http://{self.layout.mesh_outbound}/",
-                      "wrk -> meshd A outbound -> mTLS -> meshd B inbound -> nginx", meshds)
+        host_a, host_b = self.mesh_host("host-a"), self.mesh_host("host-b")
+        self._check_permissive(host_b)
+        meshd_a, meshd_b = self.child(f"meshd {host_a.name}"), self.child(f"meshd {host_b.name}")
+        single_url = f"http://{host_b.inbound}/"
+        await probes.wait_ready(probes.http_ok(client, single_url),
+                                what="meshd host-b's inbound listener (plaintext)",
+                                how=f"GET {single_url}", give_up_after=READY_TIMEOUT,
+                                child=meshd_b)
+        single = Target("meshd-1hop", single_url,
+                        "wrk -> meshd B inbound (plaintext, permissive) -> nginx", (meshd_b,))
+        two = Target("meshd-2hop", f"http://{self.layout.mesh_outbound}/",
+                     "wrk -> meshd A outbound -> mTLS -> meshd B inbound -> nginx",
+                     (meshd_a, meshd_b))
+        return single, two
+
+    def mesh_host(self, name: str) -> MeshHost:
+        for host in self.launch.mesh.hosts:
+            if host.name == name:
+                return host
+        raise MeshError(f"the bench's mesh.toml has no host {name!r}")
 
     async def start_haproxy_two_hop(self, client: httpx.AsyncClient) -> Target:
         """Two haproxy processes with TLS between them, certificates from ``meshd ca issue``
@@ -157,6 +181,13 @@ class Stack:
         raise MeshError(f"no child process labelled {label!r}")
 
     # ----------------------------------------------------------------------------------------
+
+    def _check_permissive(self, host: MeshHost) -> None:
+        path = self.run_dir.host(host.name) / "meshd.toml"
+        config = load_host_config(path)
+        if not any(s.mtls is MTLSMode.PERMISSIVE for s in config.services):
+            raise MeshError(f"{path} has no permissive service: the single-hop path needs "
+                            f"mtls = \"permissive\" on {host.name}'s backend")
 
     async def _issue_certificates(self) -> TLSFiles:
         out = self.work / "certs"

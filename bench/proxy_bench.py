@@ -1,15 +1,19 @@
-"""Compare, in one run and side by side, the cost of a request through:
+"""Compare, in one run and side by side, the cost of a request through (issue 5):
 
   direct        wrk -> nginx
-  haproxy       wrk -> haproxy (HTTP mode, keep-alive to the backend) -> nginx
-  meshd         wrk -> meshd host A outbound -> mTLS -> meshd host B inbound -> nginx
+  haproxy       wrk -> haproxy (HTTP mode, one thread, keep-alive to the backend) -> nginx
+  meshd-1hop    wrk -> meshd host B inbound (plaintext: the backend is permissive) -> nginx
   haproxy-2hop  wrk -> haproxy A -> TLS 1.3 with client certificates -> haproxy B -> nginx
+  meshd-2hop    wrk -> meshd host A outbound -> mTLS -> meshd host B inbound -> nginx
 
 For each path: req/s at a fixed concurrency, latency p50/p99 at concurrency 1, and the proxies'
-CPU time per request; then meshd's ratios to each baseline. Everything listens on loopback and
-every process started is stopped at the end (also on Ctrl-C or failure), which is checked.
+CPU time per request; then the meshd paths' ratios to each baseline. After the rounds, 1000 idle
+client connections are held open to host A's outbound listener and each meshd's RSS is read.
+The last lines compare the results with issue 5's targets (met / not met). Everything listens on
+loopback and every process started is stopped at the end (also on Ctrl-C or failure), which is
+checked.
 
-    .venv/bin/python bench/proxy_bench.py [--duration 10] [--json] [--paths direct,meshd]
+    .venv/bin/python bench/proxy_bench.py [--duration 10] [--json] [--paths direct,meshd-1hop]
 """
 
 from __future__ import annotations
@@ -28,9 +32,25 @@ import httpx
 import psutil
 import trio
 from bench_configs import Layout
+from bench_idle import (
+    IDLE_CONNECTIONS,
+    IDLE_TIME_LIMIT,
+    SETTLE_SECONDS,
+    IdleResult,
+    hold_idle_connections,
+    raise_fd_limit,
+)
 from bench_measure import LoadSettings, Measurement, Sample, measure_round, warm_up
 from bench_observe import MeshObserver
-from bench_report import format_text, to_json
+from bench_report import (
+    MESH_1HOP,
+    MESH_2HOP,
+    checks,
+    format_checks,
+    format_idle,
+    format_text,
+    to_json,
+)
 from bench_stack import PACKAGES, Stack, Target, Tools, all_claims, find_tools, write_mesh_file
 from bench_wrk import WRK_GRACE, WrkError
 
@@ -41,7 +61,11 @@ from meshd.dev.runner import RunDir, prepare_run_dir
 from meshd.dev.supervisor import Supervisor
 from meshd.errors import MeshError
 
-PATHS = ("direct", "haproxy", "meshd", "haproxy-2hop")
+# issue 5's order; the rounds are interleaved in this order
+PATHS = ("direct", "haproxy", MESH_1HOP, "haproxy-2hop", MESH_2HOP)
+# --paths shorthands: the names of earlier versions
+PATH_ALIASES = {"meshd": (MESH_1HOP, MESH_2HOP)}
+MESH_PATHS = (MESH_1HOP, MESH_2HOP, "haproxy-2hop")   # need the mesh (haproxy-2hop: its CA)
 EXIT_OK, EXIT_FAILED, EXIT_MISSING_TOOLS, EXIT_INTERRUPTED = 0, 1, 2, 130
 # lines of the supervisor (in the console log) that say a child misbehaved
 SUPERVISOR_TROUBLE = ("exited", "did not stop", "left behind", "restart", "could not be started")
@@ -51,8 +75,9 @@ ProcessId = tuple[int, float]   # (pid, create time): a pid alone may be reused
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description="direct vs haproxy vs meshd (two hops, mTLS) vs haproxy two-hop TLS, "
-        "measured with wrk against an nginx backend on loopback.")
+        description="direct vs haproxy vs meshd single hop vs haproxy two-hop TLS vs meshd "
+        "two hops (mTLS), measured with wrk against an nginx backend on loopback; then meshd's "
+        "RSS with idle connections, and issue 5's targets on the last lines.")
     p.add_argument("--duration", type=_positive, default=5, metavar="S",
                    help="seconds of each throughput run (default 5)")
     p.add_argument("--latency-duration", type=_positive, default=None, metavar="S",
@@ -67,7 +92,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", "-t", type=_positive, default=1,
                    help="wrk threads (default 1)")
     p.add_argument("--paths", type=_paths, default=PATHS, metavar="LIST",
-                   help=f"comma-separated subset of {','.join(PATHS)} (default: all)")
+                   help=f"comma-separated subset of {','.join(PATHS)} (default: all; "
+                   "'meshd' means both meshd paths)")
+    p.add_argument("--idle-connections", type=_natural, default=IDLE_CONNECTIONS, metavar="N",
+                   help="idle client connections held open to host A's outbound listener "
+                   f"while each meshd's RSS is read, after the rounds (default {IDLE_CONNECTIONS}"
+                   f"; 0 skips it; only with {MESH_2HOP})")
     p.add_argument("--prefix", default="127.77.0", metavar="A.B.C",
                    help="the loopback /24 everything listens in (default 127.77.0)")
     p.add_argument("--meshd-log-level", default="warning",
@@ -88,12 +118,20 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+def _natural(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return int(text)
+
+
 def _paths(text: str) -> tuple[str, ...]:
-    chosen = tuple(p.strip() for p in text.split(",") if p.strip())
-    unknown = [p for p in chosen if p not in PATHS]
+    chosen = [p.strip() for p in text.split(",") if p.strip()]
+    expanded = {name for p in chosen for name in PATH_ALIASES.get(p, (p,))}
+    unknown = [p for p in expanded if p not in PATHS]
     if unknown or not chosen:
-        raise argparse.ArgumentTypeError(f"choose from {','.join(PATHS)}, got {text!r}")
-    return tuple(p for p in PATHS if p in chosen)
+        raise argparse.ArgumentTypeError(
+            f"choose from {','.join([*PATHS, *PATH_ALIASES])}, got {text!r}")
+    return tuple(p for p in PATHS if p in expanded)
 
 
 def needed_tools(paths: tuple[str, ...]) -> tuple[str, ...]:
@@ -109,6 +147,7 @@ def say(text: str) -> None:
 class Outcome:
     measurements: list[Measurement] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)           # meshd under load
+    idle: IdleResult | None = None                            # RSS with idle connections
     process_notes: list[str] = field(default_factory=list)   # the supervisor's complaints
     error: str | None = None
     interrupted: bool = False
@@ -124,7 +163,7 @@ class Outcome:
 # -- the run, inside trio ------------------------------------------------------------------------
 
 async def run_guarded(stack: Stack, settings: LoadSettings, paths: tuple[str, ...],
-                      time_limit: float) -> Outcome:
+                      idle_connections: int, time_limit: float) -> Outcome:
     """Start, measure and stop everything; the first SIGINT/SIGTERM (or ``time_limit``) cancels
     the run and stops the children in order, a second one kills them at once."""
     outcome = Outcome()
@@ -137,7 +176,8 @@ async def run_guarded(stack: Stack, settings: LoadSettings, paths: tuple[str, ..
             async with stack.supervisor.running():
                 with work:
                     try:
-                        await bring_up_and_measure(stack, settings, paths, outcome)
+                        await bring_up_and_measure(stack, settings, paths, idle_connections,
+                                                   outcome)
                     except (MeshError, WrkError, OSError) as exc:
                         outcome.error = str(exc)
                 # whatever runs now, before the supervisor stops it, must be gone afterwards
@@ -160,9 +200,10 @@ async def _watch_signals(signals: AsyncIterator[int], work: trio.CancelScope,
 
 
 async def bring_up_and_measure(stack: Stack, settings: LoadSettings, paths: tuple[str, ...],
-                               outcome: Outcome) -> None:
+                               idle_connections: int, outcome: Outcome) -> None:
     """Start the paths, then measure them round by round, interleaved; the summary in
-    ``outcome`` is brought up to date after each round, so an interrupted run still reports."""
+    ``outcome`` is brought up to date after each round, so an interrupted run still reports.
+    Then, with the two-hop meshd path, the RSS of each meshd with idle connections open."""
     async with probes.http_client() as client:
         targets = await start_targets(stack, client, paths)
         observer = mesh_observer(stack)
@@ -181,18 +222,29 @@ async def bring_up_and_measure(stack: Stack, settings: LoadSettings, paths: tupl
                     + (f"{p50:.3f} ms" if p50 is not None else "?"))
             outcome.measurements = [Measurement.of(targets[name], samples[name])
                                     for name in paths]
-        if "meshd" in paths:
-            outcome.notes += observer.notes(before, await observer.snapshot(client))
+        if MESH_1HOP in paths or MESH_2HOP in paths:
+            single_hop_runs = ((settings.warmup_seconds > 0) + 2 * settings.rounds
+                               if MESH_1HOP in paths else 0)
+            outcome.notes += observer.notes(before, await observer.snapshot(client),
+                                            single_hop_runs)
+        if MESH_2HOP in paths and idle_connections > 0:
+            meshds = [c for c in stack.supervisor.children if c.label.startswith("meshd ")]
+            say(f"holding {idle_connections} idle connections to "
+                f"{stack.layout.mesh_outbound} (host A's outbound listener), reading RSS")
+            outcome.idle = await hold_idle_connections(stack.layout.mesh_outbound, meshds,
+                                                       idle_connections)
+            say("  " + format_idle(outcome.idle).splitlines()[-1])
 
 
 async def start_targets(stack: Stack, client: httpx.AsyncClient,
                         paths: tuple[str, ...]) -> dict[str, Target]:
-    """Start what the chosen paths need (the two-hop haproxy needs the mesh's CA)."""
-    steps: list[tuple[str, bool, Callable[[], Awaitable[Target]]]] = [
+    """Start what the chosen paths need (the two-hop haproxy needs the mesh's CA; the mesh
+    gives both meshd paths)."""
+    steps: list[tuple[str, bool, Callable[[], Awaitable[Target | tuple[Target, ...]]]]] = [
         ("nginx", True, lambda: stack.start_backend(client)),
         ("haproxy", "haproxy" in paths, lambda: stack.start_haproxy(client)),
         ("the mesh (registry, CA, 2 x meshd run)",
-         "meshd" in paths or "haproxy-2hop" in paths, stack.start_mesh),
+         any(p in paths for p in MESH_PATHS), lambda: stack.start_mesh(client)),
         ("haproxy two-hop", "haproxy-2hop" in paths,
          lambda: stack.start_haproxy_two_hop(client)),
     ]
@@ -201,8 +253,9 @@ async def start_targets(stack: Stack, client: httpx.AsyncClient,
         if not wanted:
             continue
         say(f"starting {what}")
-        target = await start()
-        targets[target.name] = target
+        started = await start()
+        for target in (started,) if isinstance(started, Target) else started:
+            targets[target.name] = target
     return targets
 
 
@@ -284,13 +337,14 @@ def settings_of(args: argparse.Namespace, tools: Tools) -> LoadSettings:
 def default_timeout(settings: LoadSettings, paths: tuple[str, ...]) -> float:
     per_round = settings.seconds + settings.latency_seconds + 2 * WRK_GRACE
     per_path = settings.warmup_seconds + WRK_GRACE + per_round * settings.rounds
-    return 180.0 + per_path * len(paths)
+    idle = IDLE_TIME_LIMIT + SETTLE_SECONDS + 30.0 if MESH_2HOP in paths else 0.0
+    return 180.0 + per_path * len(paths) + idle
 
 
 def print_results(outcome: Outcome, settings: LoadSettings, as_json: bool,
                   stream: TextIO) -> None:
     if as_json:
-        document = to_json(outcome.measurements, settings, outcome.notes)
+        document = to_json(outcome.measurements, settings, outcome.notes, outcome.idle)
         document["process_notes"] = outcome.process_notes
         document["machine"] = {"cpus": psutil.cpu_count(), "load_before": outcome.load_before,
                                "load_after": outcome.load_after}
@@ -301,7 +355,12 @@ def print_results(outcome: Outcome, settings: LoadSettings, as_json: bool,
         if outcome.process_notes:
             text += "\n\nprocesses (from the supervisor):\n" + "\n".join(
                 f"  {line}" for line in outcome.process_notes)
-        stream.write(f"{text}\n\n{outcome.machine_line()}\n")
+        text += f"\n\n{outcome.machine_line()}"
+        if outcome.idle is not None:
+            text += f"\n\n{format_idle(outcome.idle)}"
+        # issue 5's comparisons: the last lines
+        text += f"\n\n{format_checks(checks(outcome.measurements, outcome.idle))}"
+        stream.write(f"{text}\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -317,6 +376,13 @@ def main(argv: list[str] | None = None) -> int:
         say(str(exc))
         return EXIT_FAILED
     settings = settings_of(args, tools)
+    if MESH_2HOP in args.paths and args.idle_connections > 0:
+        # before anything starts: the meshds inherit the limit and hold as many sockets
+        fitting = raise_fd_limit(args.idle_connections)
+        if fitting < args.idle_connections:
+            say(f"RLIMIT_NOFILE too low: holding {fitting} idle connections, not "
+                f"{args.idle_connections}")
+            args.idle_connections = fitting
     run_dir, _ = prepare_run_dir(None)
     keep = True   # kept if run() itself raises
     try:
@@ -349,7 +415,8 @@ def run(args: argparse.Namespace, tools: Tools, layout: Layout, run_dir: RunDir,
                       args.meshd_log_level)
         timeout = args.timeout or default_timeout(settings, args.paths)
         load_before = psutil.getloadavg()[0]
-        outcome = trio.run(run_guarded, stack, settings, args.paths, timeout)
+        outcome = trio.run(run_guarded, stack, settings, args.paths, args.idle_connections,
+                           timeout)
         outcome.load_before, outcome.load_after = load_before, psutil.getloadavg()[0]
     outcome.process_notes = supervisor_trouble(console_log)
     clean = verify_cleanup(outcome.started)

@@ -8,9 +8,17 @@ the candidate endpoints with health, ejection and requests in flight. Ejection a
 when the daemon reports them per endpoint (``ejected``, ``ejection_remaining_seconds``,
 ``ejections``, ``ejection_reason``, ``active_requests``: ``Proxy.endpoint_states``).
 
-Exit status: 0 when the request would be sent to an endpoint, 1 when it would be answered by
-meshd itself (no healthy endpoint, fault abort for every request), 2 when the admin API cannot
-be read. ``explain`` and ``render`` are pure.
+Then authorization, which the destination's own meshd enforces with its
+``[destinations.NAME.authorization]`` rules (the route table is the same on every host): each
+rule, whether it applies, and the verdict of the proxy's ``authorize`` on the caller, method and
+normalised path, naming the rule that decided or the default deny (``meshd.explain_authz``). The
+caller is ``--source``, or else the asked host's one local service that has SERVICE as an
+upstream; without either there is no verdict when the destination has rules.
+
+Exit status: 0 when the request would be sent to an endpoint (and, as far as known, let in), 1
+when it would be answered by meshd itself (no healthy endpoint, fault abort for every request,
+or a 403 from the destination's meshd: denied by its rules), 2 when the admin API cannot be read
+or an option is malformed. ``explain`` and ``render`` are pure.
 """
 
 from __future__ import annotations
@@ -27,7 +35,9 @@ import httpx
 from meshd.config.routes import parse_routes
 from meshd.config.schema import DEFAULT_MAX_PENDING, DestinationRoutes, LoadBalancer, Route
 from meshd.errors import ConfigError
+from meshd.explain_authz import AuthzCheck, check_authorization, choose_source, render_authz
 from meshd.httpd import parse_hostport
+from meshd.names import NAME_RULE, is_valid_name
 from meshd.proxy.balancer import PickInputs, RingHash
 from meshd.proxy.matcher import RequestFacts, RouteReport, explain_route, select_route
 from meshd.proxy.outlier import admitted
@@ -41,16 +51,23 @@ EXIT_ROUTED, EXIT_NOT_ROUTED, EXIT_UNREACHABLE = 0, 1, 2
 
 def register(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
-        "explain", help="show how a request to SERVICE would be routed, and why",
+        "explain", help="show how a request to SERVICE would be routed and authorized, and why",
         description="Ask a running meshd (its admin /v1/state) which route a request to "
-        "SERVICE matches, the split, and the candidate endpoints with health, ejection and "
-        "load. Exit 0 if it would reach an endpoint, 1 if not, 2 if the admin API is "
-        "unreachable.")
+        "SERVICE matches, the split, the candidate endpoints with health, ejection and "
+        "load, and whether SERVICE's authorization rules (enforced by its own meshd) let the "
+        "caller in, naming the rule that decides. Exit 0 if it would reach an endpoint and "
+        "be let in, 1 if not (no endpoint, fault abort, or a 403 from SERVICE's meshd), 2 if "
+        "the admin API is unreachable.")
     p.add_argument("service", metavar="SERVICE", help="the destination service")
     p.add_argument("--method", default="GET", help="request method (default: GET)")
     p.add_argument("--path", default="/", help="request path, may carry ?query (default: /)")
     p.add_argument("--header", action="append", default=[], metavar="K=V",
                    help="a request header (repeatable)")
+    p.add_argument("--source", metavar="SERVICE",
+                   help="the calling service, whose identity (spiffe://TRUST_DOMAIN/svc/NAME) "
+                   "the destination's meshd checks its authorization rules against (default: "
+                   "the asked host's local service with the destination as an upstream, if "
+                   "there is exactly one; else no verdict is shown)")
     p.add_argument("--admin", default=DEFAULT_ADMIN, metavar="ADDR",
                    help=f"the daemon's admin address (default: {DEFAULT_ADMIN})")
     p.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS",
@@ -66,6 +83,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"meshd explain: --header {item!r}: expected NAME=VALUE", file=sys.stderr)
             return EXIT_UNREACHABLE
         headers.append((name.strip(), value))
+    if args.source is not None and not is_valid_name(args.source):
+        print(f"meshd explain: --source {args.source!r}: not a service name ({NAME_RULE})",
+              file=sys.stderr)
+        return EXIT_UNREACHABLE
     try:
         url = _state_url(args.admin)
     except ValueError as exc:
@@ -85,13 +106,13 @@ def run(args: argparse.Namespace) -> int:
     path = args.path if args.path.startswith("/") else "/" + args.path
     facts = RequestFacts(args.method.upper(), path, headers)
     try:
-        found = explain(state, args.service, facts)
+        found = explain(state, args.service, facts, args.source)
     except ConfigError as exc:
         print(f"meshd explain: the daemon's route table does not parse: {exc}",
               file=sys.stderr)
         return EXIT_UNREACHABLE
     print(render(found), end="")
-    return EXIT_ROUTED if found.routable else EXIT_NOT_ROUTED
+    return EXIT_ROUTED if found.reaches_app else EXIT_NOT_ROUTED
 
 
 def _state_url(admin: str) -> str:
@@ -135,6 +156,7 @@ class Explanation:
     route: Route | None
     subsets: tuple[SubsetView, ...]
     notes: tuple[str, ...]
+    authz: AuthzCheck
 
     @property
     def routable(self) -> bool:
@@ -142,6 +164,11 @@ class Explanation:
         if fault is not None and fault.abort_status is not None and fault.abort_percent >= 100:
             return False
         return any(s.usable for s in self.subsets if s.weight > 0)
+
+    @property
+    def reaches_app(self) -> bool:
+        """Routed to an endpoint and not denied there (an unknown verdict is not a denial)."""
+        return self.routable and not self.authz.denied
 
 
 def _endpoints(state: Mapping[str, Any], service: str) -> tuple[EndpointSet | None,
@@ -169,8 +196,11 @@ def _candidate(endpoint: Endpoint, extra: Mapping[str, Any]) -> Candidate:
                      int(active) if active is not None else None)
 
 
-def explain(state: Mapping[str, Any], service: str, facts: RequestFacts) -> Explanation:
-    """How the meshd whose ``/v1/state`` is ``state`` routes ``facts`` to ``service``."""
+def explain(state: Mapping[str, Any], service: str, facts: RequestFacts,
+            source: str | None = None) -> Explanation:
+    """How the meshd whose ``/v1/state`` is ``state`` routes ``facts`` to ``service``, and the
+    verdict of ``service``'s authorization on them, sent by ``source`` (None: see
+    ``choose_source``)."""
     table = parse_routes(state.get("routes") or {}, "the daemon's route table")
     endpoint_set, extra = _endpoints(state, service)
     view = MeshView(table, MappingProxyType({service: endpoint_set} if endpoint_set else {}))
@@ -221,8 +251,11 @@ def explain(state: Mapping[str, Any], service: str, facts: RequestFacts) -> Expl
                                   usable, panic, hashed, why))
     if extra and not any("ejected" in e for e in extra.values()):
         notes.append("this meshd does not report ejection state or load per endpoint")
+    caller, caller_note = choose_source(state, service, source)
+    authz = check_authorization(dest, service, facts, caller, caller_note,
+                                str(state.get("trust_domain") or ""))
     return Explanation(service, facts, int(state.get("generation", 0)), dest, reports, route,
-                       tuple(subsets), tuple(notes))
+                       tuple(subsets), tuple(notes), authz)
 
 
 # -- rendering (pure) ---------------------------------------------------------------------------
@@ -314,5 +347,6 @@ def render(found: Explanation) -> str:
                        f"{load}{hashed}")
         if not s.endpoints:
             out.append("     (no endpoints)")
+    out += render_authz(found.authz)
     return "\n".join(out) + "\n"
 

@@ -4,6 +4,8 @@ Names follow Istio's where they have an equivalent, with the ``meshd_`` prefix."
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -16,6 +18,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._request_children: dict[tuple[str, str, str, str, int], tuple[Any, Any]] = {}
         r = self.registry
         self.requests = Counter(
             "meshd_requests", "HTTP requests proxied",
@@ -95,6 +98,20 @@ class Metrics:
             "meshd_authz_denied", "requests (and TCP connections) refused by a destination's "
             "authorization rules; rule=\"default deny\" when no rule applied",
             ["destination", "source", "rule"], registry=r)
+
+    def request_done(self, direction: str, source: str, destination: str, subset: str,
+                     status: int, seconds: float) -> None:
+        """Count one proxied HTTP request and observe its duration. The labelled children
+        are kept per label set: ``labels()`` costs more than the count itself."""
+        key = (direction, source, destination, subset, status)
+        children = self._request_children.get(key)
+        if children is None:
+            children = (self.requests.labels(direction, source, destination, subset,
+                                             str(status)),
+                        self.request_duration.labels(direction, destination, subset))
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

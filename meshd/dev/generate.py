@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from meshd.config.durations import format_duration
-from meshd.config.schema import LocalService
+from meshd.config.schema import LocalService, MTLSMode
 from meshd.dev.model import MeshConfig, MeshHost, host_data
 
 
@@ -37,6 +37,8 @@ def service_data(svc: LocalService) -> dict[str, Any]:
         "protocol": svc.protocol.value, "version": svc.version,
         "health": health,
     }
+    if svc.mtls is not MTLSMode.STRICT:
+        data["mtls"] = svc.mtls.value
     if svc.upstreams:
         data["upstreams"] = [
             {"name": u.name, "local_port": u.local_port, "protocol": u.protocol.value}

@@ -83,6 +83,12 @@ class RequestSource:
         return (bool(self._events) or self._eof or self.reader.mid_message
                 or self.reader.pending_error is not None)
 
+    @property
+    def has_event(self) -> bool:
+        """Whether ``next_event`` can answer without reading (an event, the end of the
+        stream, or an error to raise)."""
+        return bool(self._events) or self._eof or self.reader.pending_error is not None
+
     async def fill(self) -> None:
         """Read once from the client and parse what came. Raises like ``next_event``."""
         if self.reader.pending_error is not None:
@@ -195,24 +201,39 @@ class Exchange:
 
     async def run(self) -> None:
         """Never raises ``ProxyError``: failures land in ``client_error``/``upstream_error``."""
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._send_request, nursery.cancel_scope)
-            try:
-                await self._relay_response()
-            except ClientGone as exc:
-                self.client_error = exc
-            except UpstreamFailed as exc:
-                self.upstream_error = exc
-            if not self.switched:  # a switched request has no body: its sending ends by itself
-                nursery.cancel_scope.cancel()
-        if self.switched:
-            await self._tunnel()
+        if self.request.framing is Framing.NONE and not self.request.upgrade:
+            # Nothing to stream upstream but the head: send it, then relay, in this task (a
+            # task pair per request costs more than the rest of the exchange).
+            if await self._send_request():
+                await self._relay_guarded()
+        else:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._send_request_task, nursery.cancel_scope)
+                await self._relay_guarded()
+                if not self.switched:  # a switched request has no body: its sending ends
+                    nursery.cancel_scope.cancel()
+            if self.switched:
+                await self._tunnel()
         reader = self._reader
         self.upstream_reusable = ((self.response_done or self._drained) and self.request_done
                                   and reader.keep_alive and not reader.extra
                                   and self.upstream_error is None)
 
-    async def _send_request(self, cancel: trio.CancelScope) -> None:
+    async def _relay_guarded(self) -> None:
+        try:
+            await self._relay_response()
+        except ClientGone as exc:
+            self.client_error = exc
+        except UpstreamFailed as exc:
+            self.upstream_error = exc
+
+    async def _send_request_task(self, cancel: trio.CancelScope) -> None:
+        if not await self._send_request():
+            cancel.cancel()
+
+    async def _send_request(self) -> bool:
+        """Send the head and the body upstream. False when nothing more can come from the
+        client (the exchange must stop)."""
         try:
             await self._write_upstream(self.upstream_head)
             # A bodiless request retried on a fresh connection: its END is already taken.
@@ -225,13 +246,13 @@ class Exchange:
             await self._write_upstream(encode_end(self.request.framing))
             self.request_done = True
         except (ClientGone, ProtocolError) as exc:
-            # Nothing more can come from this client: stop the exchange.
             self.client_error = exc
-            cancel.cancel()
+            return False
         except UpstreamFailed as exc:
             # The server stopped reading. Its response (often an early error) may still come,
             # so the response side goes on, and reports the failure if it does not.
             log.debug("sending the request upstream stopped: %s", exc)
+        return True
 
     async def _relay_response(self) -> None:
         framing = Framing.NONE

@@ -110,8 +110,39 @@ def header_values(headers: Iterable[Header], name: bytes) -> list[bytes]:
     return [v for n, v in headers if n.lower() == name]
 
 
-def _content_length(headers: Sequence[Header]) -> int | None:
-    values = header_values(headers, b"content-length")
+_FRAMING_NAMES = frozenset({b"transfer-encoding", b"content-length", b"host"})
+
+
+class FramingFields:
+    """The values of the headers that decide framing, gathered in one pass (a reader fills
+    it header by header as llhttp reports them)."""
+
+    __slots__ = ("content_length", "hosts", "transfer_encoding")
+
+    def __init__(self) -> None:
+        self.transfer_encoding: list[bytes] = []
+        self.content_length: list[bytes] = []
+        self.hosts = 0
+
+    def add(self, lower_name: bytes, value: bytes) -> None:
+        if lower_name == b"transfer-encoding":
+            self.transfer_encoding.append(value)
+        elif lower_name == b"content-length":
+            self.content_length.append(value)
+        else:
+            self.hosts += 1
+
+    @classmethod
+    def scan(cls, headers: Iterable[Header]) -> FramingFields:
+        fields = cls()
+        for name, value in headers:
+            lower = name.lower()
+            if lower in _FRAMING_NAMES:
+                fields.add(lower, value)
+        return fields
+
+
+def _content_length(values: Sequence[bytes]) -> int | None:
     if not values:
         return None
     parsed = {v.strip() for value in values for v in value.split(b",")}
@@ -123,12 +154,13 @@ def _content_length(headers: Sequence[Header]) -> int | None:
     return int(raw)
 
 
-def request_framing(headers: Sequence[Header], version: str = "1.1"
+def request_framing(headers: Sequence[Header] | FramingFields, version: str = "1.1"
                     ) -> tuple[Framing, int | None]:
     """How a request body is delimited (llhttp has already refused TE+CL). Transfer-Encoding
     must be exactly ``chunked`` (RFC 9112 6.1: a final coding other than chunked is a 400; other
     codings we cannot pass on are a 501) and HTTP/1.0 cannot have it at all."""
-    codings = header_values(headers, b"transfer-encoding")
+    fields = headers if isinstance(headers, FramingFields) else FramingFields.scan(headers)
+    codings = fields.transfer_encoding
     if codings:
         tokens = [t.strip().lower() for v in codings for t in v.split(b",")]
         if version != "1.1":
@@ -138,22 +170,23 @@ def request_framing(headers: Sequence[Header], version: str = "1.1"
         if len(tokens) != 1:
             raise ProtocolError("transfer codings other than chunked are not supported", 501)
         return Framing.CHUNKED, None
-    length = _content_length(headers)
+    length = _content_length(fields.content_length)
     if length is None:
         return Framing.NONE, None
     return Framing.LENGTH, length
 
 
 def response_framing(status: int, request_method: bytes,
-                     headers: Sequence[Header]) -> tuple[Framing, int | None]:
+                     headers: Sequence[Header] | FramingFields) -> tuple[Framing, int | None]:
     """How a response body is delimited (RFC 9112 6.3)."""
     if request_method == b"HEAD" or 100 <= status < 200 or status in (204, 304):
         return Framing.NONE, None
-    codings = header_values(headers, b"transfer-encoding")
+    fields = headers if isinstance(headers, FramingFields) else FramingFields.scan(headers)
+    codings = fields.transfer_encoding
     if codings:
         last = codings[-1].split(b",")[-1].strip().lower()
         return (Framing.CHUNKED, None) if last == b"chunked" else (Framing.CLOSE, None)
-    length = _content_length(headers)
+    length = _content_length(fields.content_length)
     if length is None:
         return Framing.CLOSE, None
     return Framing.LENGTH, length
@@ -187,6 +220,7 @@ class _Reader:
     def __init__(self) -> None:
         self._events: list[Event] = []
         self._headers: list[Header] = []
+        self._fields = FramingFields()
         self._head_bytes = 0
         self._in_head = False
         self._in_message = False
@@ -207,6 +241,7 @@ class _Reader:
     # httptools callbacks shared by both directions
     def on_message_begin(self) -> None:
         self._headers = []
+        self._fields = FramingFields()
         self._head_bytes = 0
         self._in_head = True
         self._in_message = True
@@ -218,6 +253,9 @@ class _Reader:
         if len(self._headers) >= MAX_HEADERS:
             raise ProtocolError("too many header fields", self.too_large_status)
         self._headers.append((name, value))
+        lower = name.lower()
+        if lower in _FRAMING_NAMES:
+            self._fields.add(lower, value)
 
     def on_body(self, body: bytes) -> None:
         self._events.append(Data(body))
@@ -293,9 +331,9 @@ class RequestReader(_Reader):
         version = p.get_http_version()
         if method == b"CONNECT":
             raise ProtocolError("CONNECT is not supported on a mesh listener", 405)
-        if version == "1.1" and len(header_values(headers, b"host")) != 1:
+        if version == "1.1" and self._fields.hosts != 1:
             raise ProtocolError("an HTTP/1.1 request needs exactly one Host header")
-        framing, length = request_framing(headers, version)
+        framing, length = request_framing(self._fields, version)
         upgrade = p.should_upgrade()
         if upgrade and framing is not Framing.NONE:
             raise ProtocolError("an Upgrade request with a body is not supported", 501)
@@ -373,7 +411,7 @@ class ResponseReader(_Reader):
         if status == 101 and not self._upgrade:
             raise ProtocolError("the upstream switched protocols without being asked")
         headers = tuple(self._headers)
-        framing, length = response_framing(status, self._method, headers)
+        framing, length = response_framing(status, self._method, self._fields)
         self._framing = framing
         head = ResponseHead(status=status, reason=bytes(self._reason),
                             version=p.get_http_version(), headers=headers,

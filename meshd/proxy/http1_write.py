@@ -19,6 +19,9 @@ HOP_BY_HOP = frozenset({
 })
 
 
+_HOP_BY_HOP_AND_LENGTH = HOP_BY_HOP | {b"content-length"}
+
+
 def _tokens(values: Iterable[bytes]) -> set[bytes]:
     return {t.strip().lower() for v in values for t in v.split(b",") if t.strip()}
 
@@ -28,16 +31,19 @@ def end_to_end(headers: Iterable[Header], *, keep_length: bool = False,
     """``headers`` without hop-by-hop ones (including those named in ``Connection``), without
     ``Content-Length`` unless ``keep_length`` (the writer sets framing itself), and without the
     lower-case names in ``drop``."""
-    headers = list(headers)
-    removed = HOP_BY_HOP | _tokens(header_values(headers, b"connection")) | set(drop)
-    if not keep_length:
-        removed = removed | {b"content-length"}
-    return [(n, v) for n, v in headers if n.lower() not in removed]
+    lowered = [(n.lower(), n, v) for n, v in headers]
+    removed = HOP_BY_HOP if keep_length else _HOP_BY_HOP_AND_LENGTH
+    named = [v for lower, _, v in lowered if lower == b"connection"]
+    if named or drop:
+        removed = removed | _tokens(named) | set(drop)
+    return [(n, v) for lower, n, v in lowered if lower not in removed]
 
 
 def append_forwarded_for(headers: list[Header], client: str) -> list[Header]:
     """Append ``client`` to ``X-Forwarded-For`` (one header, values comma-joined)."""
     previous = header_values(headers, b"x-forwarded-for")
+    if not previous:
+        return [*headers, (b"x-forwarded-for", client.encode("ascii"))]
     value = b", ".join([*previous, client.encode("ascii")])
     return [*(h for h in headers if h[0].lower() != b"x-forwarded-for"),
             (b"x-forwarded-for", value)]

@@ -24,7 +24,6 @@ whenever the route table changes, and closed once no longer allowed. The same ta
 from __future__ import annotations
 
 import logging
-import socket
 from dataclasses import dataclass, field
 
 import trio
@@ -46,6 +45,7 @@ from meshd.proxy.forward import (
 from meshd.proxy.http1 import ProtocolError, RequestHead
 from meshd.proxy.pool import ConnectionPool
 from meshd.proxy.pump import pump
+from meshd.proxy.sockio import SocketConnection, connect_tcp
 from meshd.proxy.streams import accept_mtls
 from meshd.proxy.tls import HandshakeRefused, TLSState
 from meshd.proxy.trace import identify
@@ -110,7 +110,7 @@ class Inbound:
         self.permissive = next(
             (s for s in ctx.config.services if s.mtls is MTLSMode.PERMISSIVE), None)
 
-    async def handle(self, transport: trio.SocketStream, conn: ClientConnection) -> None:
+    async def handle(self, transport: SocketConnection, conn: ClientConnection) -> None:
         ctx = self.ctx
         if self.permissive is not None and not await _speaks_tls(transport):
             await self._handle_plaintext(transport, conn, self.permissive)
@@ -142,7 +142,7 @@ class Inbound:
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def _handle_plaintext(self, transport: trio.SocketStream, conn: ClientConnection,
+    async def _handle_plaintext(self, transport: SocketConnection, conn: ClientConnection,
                                 service: LocalService) -> None:
         self.ctx.metrics.inbound_connections.labels(service.name, "false").inc()
         log.debug("inbound plaintext connection from %s for permissive service %s", conn.peer,
@@ -238,8 +238,7 @@ class _HTTPService:
                 detail: str) -> None:
         m = self.ctx.metrics
         elapsed = trio.current_time() - started
-        m.requests.labels("inbound", self.source, self.service.name, "", str(status)).inc()
-        m.request_duration.labels("inbound", self.service.name, "").observe(elapsed)
+        m.request_done("inbound", self.source, self.service.name, "", status, elapsed)
         access = self.ctx.access
         if access.enabled:
             access.record(AccessEntry(
@@ -251,7 +250,7 @@ class _HTTPService:
         self.ctx.metrics.requests.labels("inbound", self.source, self.service.name, "",
                                          str(exc.status)).inc()
 
-    async def _connect(self) -> trio.SocketStream:
+    async def _connect(self) -> SocketConnection:
         try:
             return await _connect_app(self.service)
         except ConnectFailed as exc:
@@ -259,23 +258,23 @@ class _HTTPService:
             raise
 
 
-async def _speaks_tls(transport: trio.SocketStream) -> bool:
+async def _speaks_tls(transport: SocketConnection) -> bool:
     """Whether the client's first byte starts a TLS handshake record (peeked, not consumed).
     No byte within ``DETECT_TIMEOUT``: plaintext whose server speaks first."""
     with trio.move_on_after(DETECT_TIMEOUT):
         try:
-            first = await transport.socket.recv(1, socket.MSG_PEEK)
-        except OSError:
+            first = await transport.peek(1)
+        except trio.BrokenResourceError:
             return True  # let the TLS path fail and report it
         return not first or first[0] == TLS_HANDSHAKE_RECORD
     return False
 
 
-async def _connect_app(service: LocalService) -> trio.SocketStream:
+async def _connect_app(service: LocalService) -> SocketConnection:
     where = f"{service.address}:{service.port}"
     try:
         with trio.fail_after(APP_CONNECT_TIMEOUT):
-            return await trio.open_tcp_stream(service.address, service.port)
+            return await connect_tcp(service.address, service.port)
     except trio.TooSlowError:
         raise ConnectFailed("app_connect_timeout", f"connecting to {where} timed out") from None
     except OSError as exc:

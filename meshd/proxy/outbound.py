@@ -45,6 +45,7 @@ from meshd.proxy.pump import pump
 from meshd.proxy.replay import ReplayBody
 from meshd.proxy.retry import REPLAY_LIMIT, Body, retry_verdict
 from meshd.proxy.router import Decision, RoutePlan, candidates, no_endpoint_reason, plan
+from meshd.proxy.sockio import SocketConnection
 from meshd.proxy.streams import TLSStream, open_mtls
 from meshd.proxy.tls import HandshakeRefused, TLSState
 from meshd.proxy.trace import RequestIdentity, identify
@@ -106,7 +107,7 @@ class Outbound:
         self.source = service.name
         self.destination = upstream.name
 
-    async def handle(self, stream: trio.SocketStream, conn: ClientConnection) -> None:
+    async def handle(self, stream: SocketConnection, conn: ClientConnection) -> None:
         if self.upstream.protocol is Protocol.TCP:
             await self._handle_tcp(stream, conn)
         else:
@@ -238,9 +239,8 @@ class Outbound:
                 detail: str, ids: RequestIdentity, tries: int = 0) -> None:
         m = self.ctx.metrics
         subset = decision.subset_label
-        m.requests.labels("outbound", self.source, self.destination, subset, str(status)).inc()
         elapsed = trio.current_time() - started
-        m.request_duration.labels("outbound", self.destination, subset).observe(elapsed)
+        m.request_done("outbound", self.source, self.destination, subset, status, elapsed)
         access = self.ctx.access
         if access.enabled:
             access.record(AccessEntry(
@@ -280,7 +280,7 @@ class Outbound:
 
     # -- TCP -----------------------------------------------------------------------------------
 
-    async def _handle_tcp(self, stream: trio.SocketStream, conn: ClientConnection) -> None:
+    async def _handle_tcp(self, stream: SocketConnection, conn: ClientConnection) -> None:
         """The default route's split, one endpoint for the connection (connect failures
         retried on another one when the default route retries on connect-failure)."""
         ctx = self.ctx

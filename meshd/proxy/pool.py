@@ -78,6 +78,9 @@ class IdleConnections(Generic[C]):
     def __len__(self) -> int:
         return sum(len(stack) for stack in self._idle.values())
 
+    def __bool__(self) -> bool:
+        return bool(self._idle)
+
     def _expire_key(self, key: Hashable, now: float) -> list[C]:
         stack = self._idle.get(key)
         if not stack:
@@ -136,8 +139,10 @@ class ConnectionPool:
         if not reusable or self._closed:
             await trio.aclose_forcefully(lease.stream)
             return
+        was_empty = not self._idle
         evicted = self._idle.checkin(lease.key, lease.stream, trio.current_time())
-        self._changed.set()
+        if was_empty:  # the reaper sleeps without a deadline: give it one
+            self._changed.set()
         await _close_all(evicted)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -31,6 +31,7 @@ from meshd.proxy.forward import ClientConnection
 from meshd.proxy.inbound import APP_IDLE_TIMEOUT, Inbound, InboundContext
 from meshd.proxy.outbound import Outbound, OutboundContext
 from meshd.proxy.pool import DEFAULT_IDLE_TIMEOUT, ConnectionPool
+from meshd.proxy.sockio import SocketConnection
 from meshd.proxy.tls import TLSState
 from meshd.proxy.view import ViewCell
 
@@ -41,7 +42,7 @@ _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 MAX_ACCEPT_BACKOFF = 1.0
 STOP_GRACE = 2.0
 
-ConnectionHandler = Callable[[trio.SocketStream, ClientConnection], Awaitable[None]]
+ConnectionHandler = Callable[[SocketConnection, ClientConnection], Awaitable[None]]
 
 
 @dataclass
@@ -192,7 +193,7 @@ class Proxy:
         backoff = 0.0
         while True:
             try:
-                stream = await sock.accept()
+                accepted, address = await sock.socket.accept()
             except OSError as exc:
                 if exc.errno not in _RESOURCE_ERRNOS:
                     raise
@@ -203,14 +204,11 @@ class Proxy:
                 await trio.sleep(backoff)
                 continue
             backoff = 0.0
-            connections.start_soon(self._serve_connection, listener, stream)
+            connections.start_soon(self._serve_connection, listener,
+                                   SocketConnection.from_trio(accepted), str(address[0]))
 
-    async def _serve_connection(self, listener: _Listener, stream: trio.SocketStream) -> None:
-        try:
-            peer = str(stream.socket.getpeername()[0])
-        except OSError:
-            await trio.aclose_forcefully(stream)
-            return
+    async def _serve_connection(self, listener: _Listener, stream: SocketConnection,
+                                peer: str) -> None:
         conn = ClientConnection(peer, draining=self._draining)
         self._connections.add(conn)
         self._open[listener.direction] = self._open.get(listener.direction, 0) + 1
@@ -223,4 +221,4 @@ class Proxy:
         finally:
             self._connections.discard(conn)
             self._open[listener.direction] -= 1
-            await trio.aclose_forcefully(stream)
+            stream.close()

@@ -1,12 +1,18 @@
 """The stream seam: everything above this module speaks ``trio.abc.HalfCloseableStream``.
 
-Plain connections are ``trio.SocketStream``. mTLS connections are ``TLSStream``, a lean TLS
-stream over ``ssl.SSLObject`` and memory BIOs on top of a socket stream. It exists (rather than
-``trio.SSLStream``) for one behaviour: ``send_eof``. Opaque TCP through the mesh must carry a
-half-close across the mTLS hop; TLS 1.3 allows it (a ``close_notify`` closes one direction,
-RFC 8446 6.1) but ``trio.SSLStream`` cannot send one and keep reading.
+Plain connections are ``SocketConnection`` (``meshd.proxy.sockio``: a raw non-blocking socket
+that makes the system call first and parks only when it would block). mTLS connections are
+``TLSStream``, a lean TLS stream over ``ssl.SSLObject`` and memory BIOs on top of a transport
+stream. It exists (rather than ``trio.SSLStream``) for two reasons:
 
-The later speed work (a non-blocking ``ssl.SSLSocket`` stream, see perf-notes) slots in here:
+* ``send_eof``. Opaque TCP through the mesh must carry a half-close across the mTLS hop; TLS 1.3
+  allows it (a ``close_notify`` closes one direction, RFC 8446 6.1) but ``trio.SSLStream``
+  cannot send one and keep reading (nor can a non-blocking ``ssl.SSLSocket``: its ``unwrap``
+  calls ``SSL_shutdown`` a second time, which reads and fails on any application data).
+* cost. ``trio.SSLStream`` takes locks and yields on every call; here a read that OpenSSL can
+  answer from what it holds returns at once, and the outgoing BIO is drained under a lock only
+  when another task is draining it.
+
 ``open_mtls`` / ``accept_mtls`` are the only places that build TLS streams.
 """
 
@@ -16,6 +22,7 @@ import ssl
 
 import trio
 
+from meshd.proxy.sockio import SocketConnection, connect_tcp
 from meshd.proxy.tls import HandshakeRefused, MeshSSLObject, TLSState, classify_tls_failure
 
 RECEIVE_SIZE = 64 * 1024
@@ -42,6 +49,8 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._receiving = False
         self._handshake_done = False
         self._eof_sent = False
+        self._eof_received = False  # the peer's close_notify came
+        self._read_error: ssl.SSLError | None = None  # found after returning data
         self._closed = False
         self._broken = False
         self.peer_serial = ""  # the peer certificate's serial (hex), once checked
@@ -53,10 +62,11 @@ class TLSStream(trio.abc.HalfCloseableStream):
         """Cut the connection now, from outside the tasks using it (a revoked peer): the
         socket is closed, so their pending and next operations fail and they clean up."""
         self._broken = True
-        sock = getattr(self.transport, "socket", None)
-        close = getattr(sock, "close", None) or getattr(self.transport, "close", None)
-        if close is not None:
-            close()
+        transport = self.transport
+        if isinstance(transport, SocketConnection):
+            transport.close()
+        elif isinstance(transport, trio.SocketStream):
+            transport.socket.close()
 
     async def do_handshake(self) -> None:
         while True:
@@ -84,20 +94,29 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 self._check_open()
                 if self._plaintext:
                     data, self._plaintext = self._plaintext[:want], self._plaintext[want:]
-                    await trio.lowlevel.checkpoint()
+                    await trio.lowlevel.checkpoint_if_cancelled()
                     return data
+                if self._eof_received:
+                    await trio.lowlevel.checkpoint_if_cancelled()
+                    return b""
+                if self._read_error is not None:
+                    self._broken = True
+                    raise trio.BrokenResourceError(f"TLS error: {self._read_error}")
                 try:
                     data = self._read(want)
                 except ssl.SSLWantReadError:
                     pass
                 except ssl.SSLZeroReturnError:
-                    await trio.lowlevel.checkpoint()
+                    self._eof_received = True
+                    await trio.lowlevel.checkpoint_if_cancelled()
                     return b""
                 except ssl.SSLError as exc:
                     self._broken = True
                     raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
                 else:
-                    await trio.lowlevel.checkpoint()
+                    # Decrypted from bytes read earlier: the transport's read of them was the
+                    # checkpoint (and yields now and then), so only notice a cancellation.
+                    await trio.lowlevel.checkpoint_if_cancelled()
                     return data
                 if self._outgoing.pending and not self._transport_send.locked():
                     await self._flush()
@@ -170,11 +189,20 @@ class TLSStream(trio.abc.HalfCloseableStream):
             return first
         parts = [first]
         got = len(first)
-        while got < want:
+        # OpenSSL may hold records it has read ahead and not reported by ``pending()``: a
+        # short read here is fine (the next receive reads them), a read of an empty BIO is
+        # an exception raised for nothing.
+        while got < want and (self._incoming.pending or self.ssl_object.pending()):
             try:
                 more = self.ssl_object.read(want - got)
-            except ssl.SSLError:
-                break  # raised again by the next call if it matters
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:
+                self._eof_received = True  # the next receive returns b""
+                break
+            except ssl.SSLError as exc:
+                self._read_error = exc  # raised by the next receive
+                break
             if not more:
                 break
             parts.append(more)
@@ -217,13 +245,23 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._incoming.write(data)
 
     async def _flush(self) -> None:
-        async with self._transport_send:
+        if not self._outgoing.pending:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            return
+        lock = self._transport_send
+        try:
+            lock.acquire_nowait()  # the usual case: nobody else is draining
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
             while self._outgoing.pending:
                 try:
                     await self.transport.send_all(self._outgoing.read())
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     self._broken = True
                     raise
+        finally:
+            lock.release()
 
     async def _flush_alert(self) -> None:
         """Best effort: tell the peer why the handshake failed (OpenSSL queued an alert)."""
@@ -243,7 +281,7 @@ async def open_mtls(address: str, port: int, tls: TLSState, source: str,
     The caller bounds the time with ``fail_after``. Raises ``OSError`` when the connection
     cannot be made and ``HandshakeRefused`` when TLS or the identity check fails."""
     context = tls.client_context(source)  # before connecting: a failure here leaks no socket
-    transport = await trio.open_tcp_stream(address, port)
+    transport = await connect_tcp(address, port)
     stream = TLSStream(transport, context, server_side=False, server_hostname=destination)
     try:
         try:
@@ -259,7 +297,7 @@ async def open_mtls(address: str, port: int, tls: TLSState, source: str,
     return stream
 
 
-async def accept_mtls(transport: trio.SocketStream, tls: TLSState) -> tuple[TLSStream, str, str]:
+async def accept_mtls(transport: trio.abc.Stream, tls: TLSState) -> tuple[TLSStream, str, str]:
     """Run the server side of the handshake on an accepted connection; return the stream (its
     ``peer_serial`` set), the local service the client asked for (SNI) and the calling service
     (its SPIFFE ID).

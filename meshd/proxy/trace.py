@@ -10,7 +10,7 @@ off. ``tracestate`` is end to end and passes untouched.
 
 from __future__ import annotations
 
-import os
+import random
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -25,6 +25,13 @@ _TRACEPARENT_RE = re.compile(rb"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0
 _REQUEST_ID_RE = re.compile(rb"^[\x21-\x7e]{1,%d}$" % MAX_REQUEST_ID)
 _ZERO_TRACE = b"0" * 32
 _ZERO_SPAN = b"0" * 16
+# Ids and span ids need to be unique, not secret: a seeded PRNG (seeded from os.urandom) costs a
+# fraction of a getrandom() system call per request.
+_rng = random.Random()
+
+
+def pseudo_random_bytes(size: int) -> bytes:
+    return _rng.getrandbits(size * 8).to_bytes(size, "big")
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,8 +44,8 @@ class RequestIdentity:
         return ((REQUEST_ID, self.request_id.encode("ascii")), (TRACEPARENT, self.traceparent))
 
 
-def identify(headers: Iterable[Header], random_bytes: Callable[[int], bytes] = os.urandom
-             ) -> RequestIdentity:
+def identify(headers: Iterable[Header],
+             random_bytes: Callable[[int], bytes] = pseudo_random_bytes) -> RequestIdentity:
     """The request id and this hop's ``traceparent`` for a request with ``headers``."""
     request_id: bytes | None = None
     parent: bytes | None = None
@@ -55,7 +62,7 @@ def identify(headers: Iterable[Header], random_bytes: Callable[[int], bytes] = o
 
 
 def next_traceparent(received: bytes | None,
-                     random_bytes: Callable[[int], bytes] = os.urandom) -> bytes:
+                     random_bytes: Callable[[int], bytes] = pseudo_random_bytes) -> bytes:
     span = _nonzero(random_bytes, 8)
     m = _TRACEPARENT_RE.match(received) if received else None
     if m is not None and m.group(1) != b"ff" and m.group(2) != _ZERO_TRACE \

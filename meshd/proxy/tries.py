@@ -28,7 +28,15 @@ from meshd.config.schema import RetryPolicy
 from meshd.metrics import Metrics
 from meshd.proxy.destinations import DestinationState
 from meshd.proxy.exchange import BodySource, Exchange, RequestSource
-from meshd.proxy.forward import ClientConnection, ConnectFailed, Result, answer_locally, conclude
+from meshd.proxy.forward import (
+    ClientConnection,
+    ConnectFailed,
+    Result,
+    Unbounded,
+    answer_locally,
+    bounded,
+    conclude,
+)
 from meshd.proxy.http1 import Framing, RequestHead, ResponseHead
 from meshd.proxy.outlier import Failure, Outcome
 from meshd.proxy.pool import ConnectionPool
@@ -93,7 +101,7 @@ class Tries:
         self.method = call.request.method.decode("ascii", "replace")
         self.retries_done = 0
         self.current: Exchange | None = None  # the exchange of the try in progress
-        self._whole: trio.CancelScope | None = None
+        self._whole: trio.CancelScope | Unbounded | None = None
 
     def body_state(self) -> Body:
         if self.call.body is not None:
@@ -108,7 +116,7 @@ class Tries:
         last: Attempt | None = None
         tries = 0
         rejected = False
-        with trio.move_on_after(timeout if timeout is not None else math.inf) as whole:
+        with bounded(timeout) as whole:
             self._whole = whole
             if not await c.state.acquire():
                 rejected = True
@@ -140,7 +148,7 @@ class Tries:
         done = Attempt(endpoint)
         c.state.begin(endpoint)
         try:
-            with trio.move_on_after(per_try if per_try is not None else math.inf) as scope:
+            with bounded(per_try) as scope:
 
                 def hold(head: ResponseHead) -> bool:
                     if self._hold(head.status):
@@ -179,7 +187,7 @@ class Tries:
             c.state.record(endpoint, done.outcome, trio.current_time(), c.endpoints)
         return done
 
-    def _tunnelling(self, per_try: trio.CancelScope) -> None:
+    def _tunnelling(self, per_try: trio.CancelScope | Unbounded) -> None:
         """A 101 went to the client: the upgraded connection lasts as long as its two ends
         want, past the route's timeouts."""
         per_try.deadline = math.inf

@@ -11,7 +11,7 @@ import pytest
 
 from meshd.config.load import validate_file
 from meshd.config.parse import parse_host_config
-from meshd.config.schema import HealthCheck, Protocol, Upstream
+from meshd.config.schema import HealthCheck, MTLSMode, Protocol, Upstream
 from meshd.dev.generate import expand_command, host_config_data, render_toml
 from meshd.dev.mesh import parse_mesh
 from meshd.dev.model import HostPort, port_claims
@@ -204,6 +204,18 @@ def test_generated_host_config_is_accepted_by_the_daemons_parser(tmp_path: Path)
     # the services round-trip exactly
     assert config.services == tuple(ms.service for ms in host.services)
     assert config.services[0].protocol is Protocol.HTTP
+
+
+def test_a_permissive_service_stays_permissive_in_the_generated_meshd_toml(
+        tmp_path: Path) -> None:
+    data = mesh_data()
+    data["hosts"][1]["services"][0]["mtls"] = "permissive"
+    mesh = parse_mesh(data, "mesh.toml", tmp_path)
+    text = render_toml(host_config_data(mesh, mesh.hosts[1], fingerprint=FINGERPRINT))
+    assert tomllib.loads(text)["services"][0]["mtls"] == "permissive"
+    config = parse_host_config(tomllib.loads(text))
+    assert config.services == tuple(ms.service for ms in mesh.hosts[1].services)
+    assert config.services[0].mtls is MTLSMode.PERMISSIVE
 
 
 def test_every_host_of_the_shop_generates_a_valid_meshd_toml() -> None:

@@ -5,17 +5,24 @@ from __future__ import annotations
 import json
 import socket
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
 import httpx
 import pytest
+import trio
 from conftest import Farm
 
+from meshd.admin.state import build_state
 from meshd.cli import main
 from meshd.config.routes import parse_routes, routes_to_data
+from meshd.daemon import DaemonState
+from meshd.explain_authz import choose_source
 from meshd.explain_command import explain, render
+from meshd.proxy.authz import DEFAULT_DENY
 from meshd.proxy.matcher import RequestFacts
 
 ROUTES = parse_routes({"destinations": {"payments": {
@@ -105,11 +112,118 @@ def test_unknown_destination_and_daemon_without_ejection_state() -> None:
     assert "does not report ejection state" in text
 
 
+# -- authorization ------------------------------------------------------------------------------
+
+RULES = [
+    {"name": "no-admin", "action": "deny", "paths": ["/admin*"]},
+    {"name": "web-pays", "action": "allow", "from": ["web"], "methods": ["GET", "POST"],
+     "paths": ["/pay", "/pay/*"]},
+    {"name": "mesh-reads", "action": "allow", "from": ["*"], "methods": ["GET"]},
+]
+
+
+def _protected(upstreams: tuple[tuple[str, str], ...] = (("web", "payments"),)
+               ) -> dict[str, Any]:
+    """STATE with ``RULES`` on payments, asked of a host whose local services call
+    ``upstreams`` (service, destination)."""
+    routes = routes_to_data(ROUTES)
+    routes["destinations"]["payments"]["authorization"] = {"rules": RULES}
+    return {**STATE, "node": "a", "trust_domain": "mesh.test", "routes": routes,
+            "services": [{"name": s} for s in sorted({s for s, _ in upstreams})],
+            "upstreams": [{"service": s, "destination": d, "local_address": "127.0.0.1",
+                           "local_port": 15100 + i} for i, (s, d) in enumerate(upstreams)]}
+
+
+PROTECTED = _protected()
+
+
+@pytest.mark.parametrize(("source", "method", "target", "allowed", "rule", "shown"), [
+    ("web", "POST", "/pay/7", True, "web-pays", [
+        "caller: web (spiffe://mesh.test/svc/web), from --source",
+        "  1. no-admin: deny from anyone paths /admin*: does not apply",
+        "  2. web-pays: allow from web methods GET, POST paths /pay, /pay/*: APPLIES, allowed",
+        "  3. mesh-reads: allow from any mesh service methods GET: not reached",
+        "verdict: POST /pay/7 ALLOWED by rule 'web-pays'"]),
+    ("web", "GET", "/%61dmin/../admin/x?y=1", False, "no-admin", [
+        "  1. no-admin: deny from anyone paths /admin*: APPLIES, denied",
+        "  2. web-pays: allow from web methods GET, POST paths /pay, /pay/*: not reached",
+        "verdict: GET /%61dmin/../admin/x?y=1 (the rules see the path /admin/x) DENIED by "
+        "rule 'no-admin': the meshd of payments answers 403"]),
+    ("web", "DELETE", "/pay", False, DEFAULT_DENY, [
+        "  3. mesh-reads: allow from any mesh service methods GET: does not apply",
+        "verdict: DELETE /pay DENIED by the default deny (no rule applies): the meshd of "
+        "payments answers 403"]),
+    # a caller no rule names: only the rules for any mesh service, or none, let it in
+    ("orders", "POST", "/pay", False, DEFAULT_DENY, [
+        "caller: orders (spiffe://mesh.test/svc/orders), from --source; it does not call "
+        "payments from a, and the verdict is the same from any host"]),
+    ("orders", "GET", "/pay", True, "mesh-reads", [
+        "  2. web-pays: allow from web methods GET, POST paths /pay, /pay/*: does not apply",
+        "  3. mesh-reads: allow from any mesh service methods GET: APPLIES, allowed"]),
+])
+def test_authorization_verdict_names_the_deciding_rule(
+        source: str, method: str, target: str, allowed: bool, rule: str,
+        shown: list[str]) -> None:
+    found = explain(PROTECTED, "payments", RequestFacts(method, target), source)
+    verdict = found.authz.verdict
+    assert verdict is not None and (verdict.allowed, verdict.rule) == (allowed, rule)
+    assert found.routable and found.reaches_app is allowed
+    lines = render(found).splitlines()
+    assert "authorization of payments, enforced by its own meshd (first rule that applies " \
+        "decides, else deny):" in lines
+    for line in shown:
+        assert line in lines
+
+
+def test_no_rules_let_every_caller_in_with_or_without_a_source() -> None:
+    for source in (None, "orders"):
+        found = explain(STATE, "payments", RequestFacts("DELETE", "/admin"), source)
+        assert found.authz.verdict is not None and found.authz.verdict.allowed
+        assert found.reaches_app
+        assert render(found).endswith(
+            "authorization: payments has no rules: its meshd lets every caller in\n")
+
+
+@pytest.mark.parametrize(("upstreams", "given", "source", "note"), [
+    ((("web", "payments"), ("web", "ledger")), None, "web",
+     "the one local service of a with payments as an upstream"),
+    ((("web", "payments"), ("admin", "payments")), "admin", "admin", "from --source"),
+    ((("web", "payments"), ("admin", "payments")), None, None,
+     "local services of a calling payments: admin, web"),
+    ((("web", "ledger"),), None, None, "no local service of a has payments as an upstream"),
+])
+def test_the_caller_defaults_to_the_one_local_service_calling_the_destination(
+        upstreams: tuple[tuple[str, str], ...], given: str | None, source: str | None,
+        note: str) -> None:
+    assert choose_source(_protected(upstreams), "payments", given) == (source, note)
+
+
+def test_without_a_caller_there_is_no_verdict_but_the_rules_are_shown() -> None:
+    state = _protected((("web", "payments"), ("admin", "payments")))
+    found = explain(state, "payments", RequestFacts("GET", "/admin"))
+    assert found.authz.verdict is None
+    assert found.reaches_app  # an unknown verdict is not a denial
+    text = render(found)
+    assert "  1. no-admin: deny from anyone paths /admin*\n" in text
+    assert text.endswith("verdict: unknown, no caller (local services of a calling payments: "
+                         "admin, web): pass --source SERVICE\n")
+
+
+@dataclass
+class AdminAPI:
+    """A stand-in admin API serving ``state`` as ``/v1/state``."""
+
+    address: str
+    state: Mapping[str, Any] = field(default_factory=lambda: STATE)
+
+
 @pytest.fixture
-def admin() -> Iterator[str]:
+def admin() -> Iterator[AdminAPI]:
+    api = AdminAPI("")
+
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            body = json.dumps(STATE).encode()
+            body = json.dumps(api.state).encode()
             self.send_response(200 if self.path == "/v1/state" else 404)
             self.send_header("content-type", "application/json")
             self.send_header("content-length", str(len(body)))
@@ -120,16 +234,19 @@ def admin() -> Iterator[str]:
             pass
 
     server = HTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02},
+                              daemon=True)
     thread.start()
-    yield f"127.0.0.1:{server.server_address[1]}"
+    api.address = f"127.0.0.1:{server.server_address[1]}"
+    yield api
     server.shutdown()
     server.server_close()
 
 
-def test_command_reads_the_admin_api(admin: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_command_reads_the_admin_api(admin: AdminAPI,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["explain", "payments", "--method", "post", "--path", "/admin/x",
-                 "--header", "x-canary=1", "--admin", f"http://{admin}"])
+                 "--header", "x-canary=1", "--admin", f"http://{admin.address}"])
     out = capsys.readouterr().out
     assert code == 0
     assert out.startswith("POST /admin/x to payments with x-canary=1 "
@@ -138,16 +255,42 @@ def test_command_reads_the_admin_api(admin: str, capsys: pytest.CaptureFixture[s
     assert "2. canary: not reached" in out
 
 
-def test_command_exit_codes(admin: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["explain", "payments", "--header", "x-canary=1", "--admin", admin]) == 0
-    assert main(["explain", "payments", "--header", "nonsense", "--admin", admin]) == 2
+def test_command_exit_codes(admin: AdminAPI, capsys: pytest.CaptureFixture[str]) -> None:
+    where = ["--admin", admin.address]
+    assert main(["explain", "payments", "--header", "x-canary=1", *where]) == 0
+    assert main(["explain", "payments", "--header", "nonsense", *where]) == 2
     assert "expected NAME=VALUE" in capsys.readouterr().err
+    assert main(["explain", "payments", "--source", "Web!", *where]) == 2
+    assert "--source 'Web!': not a service name" in capsys.readouterr().err
     with socket.socket() as unused:  # bound, never listening: refused
         unused.bind(("127.0.0.1", 0))
         port = unused.getsockname()[1]
         assert main(["explain", "payments", "--admin", f"127.0.0.1:{port}",
                      "--timeout", "1"]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_command_exits_1_for_a_request_the_destination_denies(
+        admin: AdminAPI, capsys: pytest.CaptureFixture[str]) -> None:
+    admin.state = PROTECTED
+    where = ["--admin", admin.address]
+    assert main(["explain", "payments", "--path", "/admin", *where]) == 1  # caller: web
+    assert "DENIED by rule 'no-admin': the meshd of payments answers 403" \
+        in capsys.readouterr().out
+    assert main(["explain", "payments", "--path", "/pay", "--method", "post", *where]) == 0
+    assert main(["explain", "payments", "--path", "/pay", "--method", "post",
+                 "--source", "orders", *where]) == 1
+    assert "DENIED by the default deny" in capsys.readouterr().out
+
+
+def _admin_state(farm: Farm) -> dict[str, Any]:
+    """Host a's ``/v1/state`` as its admin API serves it (``build_state``, through JSON)."""
+    state = build_state(config=farm.a.proxy.config, view=farm.view.current,
+                        state=DaemonState(), now_monotonic=trio.current_time(),
+                        now_wall=time.time(), process={}, registry_url="",
+                        endpoint_states=farm.a.proxy.endpoint_states())
+    loaded: dict[str, Any] = json.loads(json.dumps(state))
+    return loaded
 
 
 async def test_explain_agrees_with_a_live_proxy(farm: Farm) -> None:
@@ -160,16 +303,34 @@ async def test_explain_agrees_with_a_live_proxy(farm: Farm) -> None:
     async with httpx.AsyncClient(base_url=farm.url()) as client:
         for _ in range(4):
             await client.get("/version")
-    view = farm.view.current
-    live = {(r["node"], r["instance_id"]): r
-            for r in farm.a.proxy.endpoint_states()["payments"]}
-    endpoints = [
-        {"node": e.node, "instance_id": e.instance_id, "address": e.address, "port": e.port,
-         "version": e.version, "healthy": e.healthy, **live[(e.node, e.instance_id)]}
-        for e in view.endpoints["payments"].endpoints]
-    state = {"generation": view.generation, "routes": routes_to_data(view.routes),
-             "destinations": {"payments": {"index": 1, "endpoints": endpoints}}}
-    found = explain(state, "payments", RequestFacts("GET", "/version"))
+    found = explain(_admin_state(farm), "payments", RequestFacts("GET", "/version"))
     (v1,) = found.subsets
     assert [e.node for e in v1.usable] == ["b2"]
     assert "b1/payments-b1" in render(found) and "EJECTED" in render(found)
+
+
+async def test_explain_authorization_agrees_with_a_live_proxy(farm: Farm) -> None:
+    """The route table (with payments' rules) in force on every host, as the registry puts it:
+    what explain on host a says the destination's meshd decides is what it does."""
+    table = parse_routes({"destinations": {"payments": {
+        "subsets": {"v1": {"version": "v1"}, "v2": {"version": "v2"}},
+        "split": {"v1": 100},
+        "authorization": {"rules": [
+            {"name": "no-admin", "action": "deny", "paths": ["/admin*"]},
+            {"name": "web-reads", "action": "allow", "from": ["web"], "methods": ["GET"]},
+        ]}}}})
+    for view in (farm.view, *(h.proxy.view for h in farm.hosts.values())):
+        view.set_routes(table)
+    state = _admin_state(farm)
+    cases = [("GET", "/version", "web-reads"), ("GET", "/%61dmin/x", "no-admin"),
+             ("POST", "/version", DEFAULT_DENY)]
+    async with httpx.AsyncClient(base_url=farm.url()) as client:
+        for method, target, rule in cases:
+            found = explain(state, "payments", RequestFacts(method, target))
+            assert found.authz.source == "web"  # host a's one service calling payments
+            verdict = found.authz.verdict
+            assert verdict is not None and verdict.rule == rule
+            status = (await client.request(method, target)).status_code
+            assert (status == 403) is found.authz.denied is (not found.reaches_app), \
+                (method, target, status, render(found))
+    assert farm.apps["b1"].requests + farm.apps["b2"].requests == 1  # only the GET got in

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from proxy_testing import TD, MiniCA
 
 from meshd.errors import IdentityError
+from meshd.proxy.sockio import SocketConnection
 from meshd.proxy.streams import TLSStream, accept_mtls, open_mtls
 from meshd.proxy.tls import HandshakeRefused, TLSState
 
@@ -143,3 +145,26 @@ def _serial(stream: TLSStream) -> int:
     der = stream.peer_certificate()
     assert der is not None
     return x509.load_der_x509_certificate(der).serial_number
+
+
+async def test_data_and_close_notify_read_together_over_a_socket(identities: Path) -> None:
+    """The peer's data and its close_notify reach us in one read (OpenSSL may then hold the
+    close_notify without reporting it as pending): the data comes first, then EOF, and the
+    answer still goes back."""
+    tls = TLSState(identities, TD, ["web", "payments"])
+    left, right = socket.socketpair()
+    client = TLSStream(SocketConnection(left), tls.client_context("web"), server_side=False,
+                       server_hostname="payments")
+    server = TLSStream(SocketConnection(right), tls.server_context, server_side=True)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.do_handshake)
+        nursery.start_soon(server.do_handshake)
+    await client.send_all(b"ping")
+    await client.send_eof()
+    await trio.sleep(0.05)  # both records are in the server's socket buffer before it reads
+    with trio.fail_after(5):
+        assert await _receive_all(server) == b"ping"
+        await server.send_all(b"pong")
+        await server.aclose()
+        assert await _receive_all(client) == b"pong"
+    await client.aclose()
