@@ -29,7 +29,7 @@ from meshd.names import is_valid_name
 MATCH_KEYS = {"path", "method", "headers", "query"}
 POLICY_KEYS = {"load_balancer", "ring_hash", "connect_timeout", "max_connections",
                "max_pending_requests", "outlier_detection", "retry_budget",
-               "max_request_bytes"}
+               "max_request_bytes", "idle_timeout"}
 OUTLIER_KEYS = {"consecutive_5xx", "consecutive_connect_failures", "interval",
                 "base_ejection_time", "max_ejection_time", "max_ejection_percent"}
 BUDGET_KEYS = {"ratio", "min_retries_per_second"}
@@ -203,8 +203,10 @@ def parse_policy(r: Reader, raw: Mapping[str, Any], path: str) -> DestinationPol
     outlier = _outlier(r, table, ppath)
     budget = _budget(r, table, ppath)
     max_request_bytes = get_integer(r, table, "max_request_bytes", ppath, 0, None, None)
+    idle_timeout = r.duration(table, "idle_timeout", ppath, None)
     return DestinationPolicy(balancer or LoadBalancer.ROUND_ROBIN, hash_on, connect_timeout,
-                             max_connections, max_pending, outlier, budget, max_request_bytes)
+                             max_connections, max_pending, outlier, budget, max_request_bytes,
+                             idle_timeout)
 
 
 def _hash_on(r: Reader, raw: Mapping[str, Any], path: str) -> HashOn | None:
@@ -426,4 +428,6 @@ def policy_data(policy: DestinationPolicy) -> dict[str, Any]:
         out["retry_budget"] = {"ratio": b.ratio, "min_retries_per_second": b.min_retries_per_second}
     if policy.max_request_bytes is not None:
         out["max_request_bytes"] = policy.max_request_bytes
+    if policy.idle_timeout is not None:
+        out["idle_timeout"] = policy.idle_timeout
     return out

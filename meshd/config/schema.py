@@ -258,7 +258,8 @@ class DestinationPolicy:
     """How a destination's endpoints are used. ``max_connections`` bounds the connections in
     use at once (one request each on HTTP/1.1); ``max_pending_requests`` how many requests may
     wait for one (``DEFAULT_MAX_PENDING`` when only ``max_connections`` is set); beyond both a
-    request is answered 503 at once. ``max_connections = None``: no limit."""
+    request is answered 503 at once. ``max_connections = None``: no limit.
+    ``idle_timeout`` is Istio's ``connectionPool.http.idleTimeout`` / ``tcp.idleTimeout``."""
 
     load_balancer: LoadBalancer = LoadBalancer.ROUND_ROBIN
     hash_on: HashOn | None = None
@@ -268,6 +269,9 @@ class DestinationPolicy:
     outlier_detection: OutlierDetection | None = None
     retry_budget: RetryBudget | None = None  # None: the defaults of ``RetryBudget``
     max_request_bytes: int | None = None  # a longer request body is answered 413; None: no limit
+    # HTTP: how long a pooled connection to an endpoint may sit unused (None: the pool's 30 s);
+    # TCP: how long a proxied connection may carry no byte either way (None: 1 h, as Envoy).
+    idle_timeout: float | None = None
 
 
 # -- inbound authorization -----------------------------------------------------------------------

@@ -56,6 +56,9 @@ from meshd.registry.model import Endpoint
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 5.0  # TCP connect + TLS handshake to a peer meshd
+# An opaque TCP connection carrying no byte either way for this long is closed (Envoy's tcp_proxy
+# default); ``policy.idle_timeout`` sets it per destination.
+TCP_IDLE_TIMEOUT = 3600.0
 CLIENT_IDLE_TIMEOUT = 120.0  # an app's idle keep-alive connection to its outbound listener
 
 
@@ -312,7 +315,8 @@ class Outbound:
             received = ctx.metrics.tcp_bytes.labels("outbound", self.destination, "received")
             state.begin(endpoint)
             try:
-                await pump(stream, upstream, count_a_to_b=sent.inc, count_b_to_a=received.inc)
+                await pump(stream, upstream, count_a_to_b=sent.inc, count_b_to_a=received.inc,
+                           idle_timeout=state.policy.idle_timeout or TCP_IDLE_TIMEOUT)
             finally:
                 state.end(endpoint)
                 await trio.aclose_forcefully(upstream)

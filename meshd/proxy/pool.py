@@ -25,18 +25,19 @@ log = logging.getLogger(__name__)
 C = TypeVar("C")
 
 DEFAULT_IDLE_TIMEOUT = 30.0
-DEFAULT_MAX_IDLE_PER_KEY = 64
+DEFAULT_MAX_IDLE_PER_KEY = 256  # beyond it, connections handed back are closed
 
 
 @dataclass
 class _Idle(Generic[C]):
     conn: C
-    since: float
+    until: float  # closed when still idle at this time
 
 
 @dataclass
 class IdleConnections(Generic[C]):
-    """Idle connections per key, most recently used reused first (so surplus ones age out)."""
+    """Idle connections per key, most recently used reused first (so surplus ones age out).
+    Each is kept ``idle_timeout`` seconds, or the timeout given when it was parked."""
 
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     max_per_key: int = DEFAULT_MAX_IDLE_PER_KEY
@@ -53,22 +54,25 @@ class IdleConnections(Generic[C]):
             del self._idle[key]
         return conn, expired
 
-    def checkin(self, key: Hashable, conn: C, now: float) -> list[C]:
-        """Park ``conn``; returns connections evicted to respect ``max_per_key``."""
+    def checkin(self, key: Hashable, conn: C, now: float,
+                idle_timeout: float | None = None) -> list[C]:
+        """Park ``conn`` (for ``idle_timeout``, else the pool's); returns connections evicted
+        to respect ``max_per_key``."""
         stack = self._idle.setdefault(key, [])
-        stack.append(_Idle(conn, now))
+        timeout = self.idle_timeout if idle_timeout is None else idle_timeout
+        stack.append(_Idle(conn, now + timeout))
         evicted = []
         while len(stack) > self.max_per_key:
             evicted.append(stack.pop(0).conn)
         return evicted
 
     def expire(self, now: float) -> list[C]:
-        """Every connection idle for ``idle_timeout`` or longer, removed from the pool."""
+        """Every connection idle past its timeout, removed from the pool."""
         return [c for key in list(self._idle) for c in self._expire_key(key, now)]
 
     def next_expiry(self) -> float | None:
-        oldest = [stack[0].since for stack in self._idle.values() if stack]
-        return min(oldest) + self.idle_timeout if oldest else None
+        ends = [entry.until for stack in self._idle.values() for entry in stack]
+        return min(ends) if ends else None
 
     def take_all(self) -> list[C]:
         conns = [entry.conn for stack in self._idle.values() for entry in stack]
@@ -85,9 +89,10 @@ class IdleConnections(Generic[C]):
         stack = self._idle.get(key)
         if not stack:
             return []
-        cutoff = now - self.idle_timeout
-        keep = [entry for entry in stack if entry.since > cutoff]
-        expired = [entry.conn for entry in stack if entry.since <= cutoff]
+        keep = [entry for entry in stack if entry.until > now]
+        if len(keep) == len(stack):
+            return []
+        expired = [entry.conn for entry in stack if entry.until <= now]
         if keep:
             self._idle[key] = keep
         else:
@@ -134,15 +139,17 @@ class ConnectionPool:
         self.opened += 1
         return Lease(key, stream, reused=False)
 
-    async def release(self, lease: Lease, reusable: bool) -> None:
-        """Give a connection back: parked when ``reusable`` (and the pool is open), else closed."""
+    async def release(self, lease: Lease, reusable: bool,
+                      idle_timeout: float | None = None) -> None:
+        """Give a connection back: parked (for ``idle_timeout``, else the pool's) when
+        ``reusable`` and the pool is open, else closed."""
         if not reusable or self._closed:
             await trio.aclose_forcefully(lease.stream)
             return
         was_empty = not self._idle
-        evicted = self._idle.checkin(lease.key, lease.stream, trio.current_time())
-        if was_empty:  # the reaper sleeps without a deadline: give it one
-            self._changed.set()
+        evicted = self._idle.checkin(lease.key, lease.stream, trio.current_time(), idle_timeout)
+        if was_empty or (idle_timeout is not None and idle_timeout < self._idle.idle_timeout):
+            self._changed.set()  # the reaper's next deadline may be sooner now
         await _close_all(evicted)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

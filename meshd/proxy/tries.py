@@ -173,7 +173,8 @@ class Tries:
                     try:
                         await exchange.run()
                     finally:
-                        await c.pool.release(lease, exchange.upstream_reusable)
+                        await c.pool.release(lease, exchange.upstream_reusable,
+                                             c.state.policy.idle_timeout)
                     error = exchange.upstream_error
                     if not (error is not None and error.stale and attempt == 0
                             and self.body_state() is not Body.LOST):

@@ -13,6 +13,8 @@ import trio
 from conftest import Mesh
 from proxy_testing import duplex_exchange, read_until_eof, sample
 
+from meshd.config.routes import parse_routes
+
 
 async def test_split_reaches_both_versions_with_identity(mesh: Mesh) -> None:
     versions: Counter[str] = Counter()
@@ -50,6 +52,38 @@ async def test_keep_alive_reuses_mesh_and_app_connections(mesh: Mesh) -> None:
     assert mesh.v1.connections == 1
     assert mesh.v2.connections == 1
     assert mesh.v1.requests + mesh.v2.requests == 30
+
+
+async def test_pooled_mesh_connections_close_after_the_destinations_idle_timeout(
+        mesh: Mesh) -> None:
+    mesh.view.set_routes(parse_routes({"destinations": {"payments": {
+        "subsets": {"v1": {"version": "v1"}}, "split": {"v1": 100},
+        "policy": {"idle_timeout": "300ms"}}}}))
+    async with httpx.AsyncClient(base_url=mesh.url()) as client:
+        assert (await client.get("/version")).status_code == 200
+        assert (await client.get("/version")).status_code == 200  # within 300 ms: reused
+        assert mesh.a.proxy.pool.opened == 1
+        await trio.sleep(0.6)
+        assert mesh.a.proxy.pool.idle_count == 0  # the reaper closed it
+        assert (await client.get("/version")).status_code == 200
+    assert mesh.a.proxy.pool.opened == 2
+
+
+async def test_tcp_connection_is_closed_after_the_destinations_idle_timeout(
+        mesh: Mesh) -> None:
+    mesh.view.set_routes(parse_routes({"destinations": {"ledger": {
+        "policy": {"idle_timeout": "400ms"}}}}))
+    host, port = mesh.a.proxy.outbound_address("web", "ledger")
+    stream = await trio.open_tcp_stream(host, port)
+    with trio.fail_after(5):
+        for _ in range(5):  # a byte every 200 ms for a second: never idle for 400 ms
+            await trio.sleep(0.2)
+            await stream.send_all(b"x")
+            assert await stream.receive_some(100) == b"x"
+        quiet_since = trio.current_time()
+        assert await read_until_eof(stream) == b""  # closed, without the app's <eof>
+    assert 0.35 <= trio.current_time() - quiet_since < 2.0
+    await stream.aclose()
 
 
 async def test_response_with_connection_close_is_not_reused(mesh: Mesh) -> None:

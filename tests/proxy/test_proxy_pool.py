@@ -36,6 +36,17 @@ def test_idle_connections_expire() -> None:
     assert idle.next_expiry() is None
 
 
+def test_a_connection_parked_with_its_own_idle_timeout_expires_at_it() -> None:
+    idle: IdleConnections[str] = IdleConnections(idle_timeout=30)
+    idle.checkin("slow", "s1", 0)
+    idle.checkin("quick", "q1", 0, idle_timeout=5)
+    assert idle.next_expiry() == 5
+    assert idle.expire(4.9) == []
+    assert idle.expire(5) == ["q1"]
+    assert idle.next_expiry() == 30
+    assert idle.checkout("slow", 29) == ("s1", [])
+
+
 def test_surplus_idle_connections_are_evicted_oldest_first() -> None:
     idle: IdleConnections[str] = IdleConnections(idle_timeout=30, max_per_key=2)
     assert idle.checkin("k", "a", 0) == []

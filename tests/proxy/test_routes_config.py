@@ -60,6 +60,7 @@ ring_hash = { header = "X-User" }
 max_connections = 100
 max_pending_requests = 10
 connect_timeout = "2s"
+idle_timeout = "90s"
 outlier_detection = { consecutive_5xx = 3, base_ejection_time = "10s", max_ejection_percent = 50 }
 retry_budget = { ratio = 0.1, min_retries_per_second = 5 }
 """
@@ -81,6 +82,7 @@ def test_full_file_parses_into_the_tree() -> None:
     p = dest.policy
     assert (p.load_balancer, p.hash_on) == (LoadBalancer.RING_HASH, HashOn("x-user"))
     assert (p.max_connections, p.max_pending_requests, p.connect_timeout) == (100, 10, 2.0)
+    assert p.idle_timeout == 90.0
     assert p.outlier_detection == OutlierDetection(3, 5, 10.0, 10.0, 300.0, 50)
     assert p.retry_budget == RetryBudget(0.1, 5.0)
     assert parse_routes(routes_to_data(table)) == table
@@ -176,6 +178,10 @@ CASES = [
      f"{P}.policy.outlier_detection.max_ejection_time", "shorter than base_ejection_time"),
     (f"{P}.policy.retry_budget", {"ratio": -1}, f"{P}.policy.retry_budget.ratio",
      "-1 out of range (0-10)"),
+    (f"{P}.policy.idle_timeout", "0s", f"{P}.policy.idle_timeout",
+     "duration must be greater than zero"),
+    (f"{P}.policy.idle_timeout", "soon", f"{P}.policy.idle_timeout",
+     "invalid duration 'soon' (use e.g. 500ms, 10s, 1m30s, 24h)"),
 ]
 
 
