@@ -7,9 +7,10 @@ when the kernel could have answered at once; on a proxy's request path that is m
 block.
 
 Trio's contract that every async operation is a checkpoint is kept in the sense that matters:
-each operation notices a cancellation at once (``checkpoint_if_cancelled``), and a stream whose
-calls keep succeeding without waiting yields to the scheduler every ``YIELD_EVERY`` operations,
-so a connection that always has data cannot starve the others.
+each operation notices a cancellation before it does anything (``checkpoint_if_cancelled``: a
+cancelled receive never loses bytes it read), and a stream whose calls keep succeeding without
+waiting yields to the scheduler every ``YIELD_EVERY`` operations (shielded, after the fact), so
+a connection that always has data cannot starve the others.
 """
 
 from __future__ import annotations
@@ -51,17 +52,20 @@ class SocketConnection(trio.abc.HalfCloseableStream):
         """Take over a trio socket (from ``accept`` or ``open_tcp_stream``)."""
         return cls(socket.socket(sock.family, sock.type, sock.proto, sock.detach()))
 
-    async def _maybe_yield(self) -> None:
+    async def _yield_now_and_then(self) -> None:
+        """After an operation that completed without waiting: yield every ``YIELD_EVERY``
+        of them (shielded: the operation has happened, so it must not look cancelled)."""
         self._run += 1
         if self._run >= YIELD_EVERY:
             self._run = 0
-            await trio.lowlevel.checkpoint()
-        else:
-            await trio.lowlevel.checkpoint_if_cancelled()
+            await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._receiving:
             raise trio.BusyResourceError("another task is receiving on this connection")
+        # A cancellation is noticed before anything is read, never after: bytes read are
+        # always returned.
+        await trio.lowlevel.checkpoint_if_cancelled()
         self._receiving = True
         try:
             size = max_bytes or RECEIVE_SIZE
@@ -76,13 +80,11 @@ class SocketConnection(trio.abc.HalfCloseableStream):
                     continue
                 except OSError as exc:
                     raise _broken(exc) from exc
-                # (inlined: this is the hottest path of the proxy)
+                # _yield_now_and_then, inlined: this is the hottest path of the proxy
                 self._run += 1
                 if self._run >= YIELD_EVERY:
                     self._run = 0
-                    await trio.lowlevel.checkpoint()
-                else:
-                    await trio.lowlevel.checkpoint_if_cancelled()
+                    await trio.lowlevel.cancel_shielded_checkpoint()
                 return data
         finally:
             self._receiving = False
@@ -102,6 +104,7 @@ class SocketConnection(trio.abc.HalfCloseableStream):
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self._sending:
             raise trio.BusyResourceError("another task is sending on this connection")
+        await trio.lowlevel.checkpoint_if_cancelled()
         self._sending = True
         try:
             view = memoryview(data)
@@ -119,7 +122,7 @@ class SocketConnection(trio.abc.HalfCloseableStream):
                 view = view[sent:]
                 self._run = 0
                 await trio.lowlevel.wait_writable(self.socket)
-            await self._maybe_yield()
+            await self._yield_now_and_then()
         finally:
             self._sending = False
 

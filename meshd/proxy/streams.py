@@ -87,6 +87,10 @@ class TLSStream(trio.abc.HalfCloseableStream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._receiving:
             raise trio.BusyResourceError("another task is receiving on this stream")
+        # A cancellation is noticed here, before anything is decrypted, and while waiting for
+        # the transport; never after decrypting, which would lose the bytes. The transport's
+        # reads are the scheduling points (and yield now and then).
+        await trio.lowlevel.checkpoint_if_cancelled()
         self._receiving = True
         try:
             want = max_bytes or RECEIVE_SIZE
@@ -94,30 +98,22 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 self._check_open()
                 if self._plaintext:
                     data, self._plaintext = self._plaintext[:want], self._plaintext[want:]
-                    await trio.lowlevel.checkpoint_if_cancelled()
                     return data
                 if self._eof_received:
-                    await trio.lowlevel.checkpoint_if_cancelled()
                     return b""
                 if self._read_error is not None:
                     self._broken = True
                     raise trio.BrokenResourceError(f"TLS error: {self._read_error}")
                 try:
-                    data = self._read(want)
+                    return self._read(want)
                 except ssl.SSLWantReadError:
                     pass
                 except ssl.SSLZeroReturnError:
                     self._eof_received = True
-                    await trio.lowlevel.checkpoint_if_cancelled()
                     return b""
                 except ssl.SSLError as exc:
                     self._broken = True
                     raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
-                else:
-                    # Decrypted from bytes read earlier: the transport's read of them was the
-                    # checkpoint (and yields now and then), so only notice a cancellation.
-                    await trio.lowlevel.checkpoint_if_cancelled()
-                    return data
                 if self._outgoing.pending and not self._transport_send.locked():
                     await self._flush()
                 await self._fill()
@@ -127,6 +123,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self._sending:
             raise trio.BusyResourceError("another task is sending on this stream")
+        await trio.lowlevel.checkpoint_if_cancelled()  # before OpenSSL takes the bytes
         self._sending = True
         try:
             self._check_open()

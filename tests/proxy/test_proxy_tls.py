@@ -168,3 +168,24 @@ async def test_data_and_close_notify_read_together_over_a_socket(identities: Pat
         await server.aclose()
         assert await _receive_all(client) == b"pong"
     await client.aclose()
+
+
+async def test_a_cancelled_receive_loses_no_decrypted_bytes(identities: Path) -> None:
+    tls = TLSState(identities, TD, ["web", "payments"])
+    left, right = socket.socketpair()
+    client = TLSStream(SocketConnection(left), tls.client_context("web"), server_side=False,
+                       server_hostname="payments")
+    server = TLSStream(SocketConnection(right), tls.server_context, server_side=True)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.do_handshake)
+        nursery.start_soon(server.do_handshake)
+    await client.send_all(b"first")
+    await trio.sleep(0.05)
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await server.receive_some()
+    assert scope.cancelled_caught
+    with trio.fail_after(5):
+        assert await server.receive_some() == b"first"
+    await client.aclose()
+    await server.aclose()

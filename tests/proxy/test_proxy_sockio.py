@@ -1,0 +1,140 @@
+"""The raw-socket stream under every data-plane connection: trio's stream contract (half-close,
+closing wakes waiters, cancellation noticed, no starvation) on real sockets."""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+import pytest
+import trio
+import trio.lowlevel
+
+from meshd.proxy.sockio import YIELD_EVERY, SocketConnection, connect_tcp
+
+
+def _pair() -> tuple[SocketConnection, SocketConnection]:
+    a, b = socket.socketpair()
+    return SocketConnection(a), SocketConnection(b)
+
+
+async def test_bytes_both_ways_and_half_close() -> None:
+    a, b = _pair()
+    await a.send_all(b"hello")
+    await a.send_eof()
+    received = b""
+    while data := await b.receive_some():
+        received += data
+    assert received == b"hello"
+    await b.send_all(b"still open this way")  # the other direction survives the half-close
+    assert await a.receive_some() == b"still open this way"
+    await a.aclose()
+    await b.aclose()
+
+
+async def test_large_send_waits_for_the_reader() -> None:
+    a, b = _pair()
+    payload = bytes(range(256)) * 8192  # 2 MiB: far beyond the socket buffers
+    received = bytearray()
+
+    async def read_slowly() -> None:
+        while len(received) < len(payload):
+            received.extend(await b.receive_some(16384))
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read_slowly)
+        with trio.fail_after(10):
+            await a.send_all(payload)
+    assert bytes(received) == payload
+
+
+async def test_closing_wakes_a_task_waiting_to_receive() -> None:
+    a, b = _pair()
+    failure: list[BaseException] = []
+
+    async def wait() -> None:
+        try:
+            await a.receive_some()
+        except trio.ClosedResourceError as exc:
+            failure.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait)
+        await trio.testing.wait_all_tasks_blocked()
+        a.close()
+    assert len(failure) == 1
+    with pytest.raises(trio.ClosedResourceError):
+        await a.send_all(b"x")
+    await b.aclose()
+
+
+async def test_a_reset_is_a_broken_resource() -> None:
+    a, b = _pair()
+    b.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    await a.send_all(b"unread")  # unread data makes the close a reset
+    b.close()
+    with pytest.raises(trio.BrokenResourceError):
+        for _ in range(100):
+            await a.send_all(b"x" * 65536)
+    a.close()
+
+
+async def test_cancellation_is_noticed_when_data_is_ready() -> None:
+    a, b = _pair()
+    await a.send_all(b"ready")
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await b.receive_some()  # would not block: still a cancellation point
+        pytest.fail("receive_some did not raise Cancelled")
+    assert scope.cancelled_caught
+    assert await b.receive_some() == b"ready"  # nothing was lost
+    a.close()
+    b.close()
+
+
+async def test_a_connection_that_never_blocks_still_lets_others_run() -> None:
+    a, b = _pair()
+    others_ran = 0
+
+    async def other() -> None:
+        nonlocal others_ran
+        while True:
+            others_ran += 1
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other)
+        await trio.lowlevel.checkpoint()
+        before = others_ran
+        for _ in range(YIELD_EVERY * 4):  # every call completes at once
+            await a.send_all(b"x")
+            assert await b.receive_some(1) == b"x"
+        assert others_ran - before >= 4  # yielded every YIELD_EVERY operations
+        nursery.cancel_scope.cancel()
+    a.close()
+    b.close()
+
+
+async def test_connect_tcp_to_a_literal_and_to_a_name() -> None:
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    port = listener.socket.getsockname()[1]
+    async with listener:
+        for host in ("127.0.0.1", "localhost"):
+            conn = await connect_tcp(host, port)
+            server = await listener.accept()
+            await conn.send_all(b"hi")
+            assert await server.receive_some() == b"hi"
+            assert conn.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            await conn.aclose()
+            await server.aclose()
+
+
+async def test_connect_tcp_refused_is_an_oserror() -> None:
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()  # nothing listens there now
+    with pytest.raises(OSError) as info:
+        await connect_tcp("127.0.0.1", port)
+    assert info.value.errno == errno.ECONNREFUSED
