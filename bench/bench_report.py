@@ -108,18 +108,24 @@ def checks(measurements: Sequence[Measurement], idle: IdleResult | None) -> list
     return out
 
 
-def format_text(measurements: Sequence[Measurement], settings: LoadSettings,
-                notes: Sequence[str]) -> str:
-    lines = [_results_table(measurements, settings), ""]
-    found = ratios(measurements)
-    if found:
-        lines += ["meshd relative to each baseline (req/s as a fraction; latency and CPU as "
-                  "multiples):", *(_ratio_line(r) for r in found), ""]
+def format_details(measurements: Sequence[Measurement], notes: Sequence[str]) -> str:
+    """CPU per proxy process and what meshd counted and logged under load."""
+    lines: list[str] = []
     split = [_cpu_split(m) for m in measurements if len(m.cpu_us_per_request) > 1]
     if split:
         lines += ["proxy CPU per process (µs/req):", *split, ""]
     if any(m.name in BASELINES for m in measurements):
         lines += ["meshd under load:", *(f"  {n}" for n in notes or ["nothing notable"])]
+    return "\n".join(lines).rstrip("\n")
+
+
+def format_summary(measurements: Sequence[Measurement], settings: LoadSettings) -> str:
+    """The table (req/s, CPU, p50, p99 per path) and meshd's ratios to each baseline."""
+    lines = [_results_table(measurements, settings), ""]
+    found = ratios(measurements)
+    if found:
+        lines += ["meshd relative to each baseline (req/s as a fraction; latency and CPU as "
+                  "multiples):", *(_ratio_line(r) for r in found)]
     return "\n".join(lines).rstrip("\n")
 
 

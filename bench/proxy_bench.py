@@ -47,8 +47,9 @@ from bench_report import (
     MESH_2HOP,
     checks,
     format_checks,
+    format_details,
     format_idle,
-    format_text,
+    format_summary,
     to_json,
 )
 from bench_stack import PACKAGES, Stack, Target, Tools, all_claims, find_tools, write_mesh_file
@@ -351,16 +352,17 @@ def print_results(outcome: Outcome, settings: LoadSettings, as_json: bool,
         json.dump(document, stream, indent=2)
         stream.write("\n")
     else:
-        text = format_text(outcome.measurements, settings, outcome.notes)
+        parts = [format_details(outcome.measurements, outcome.notes)]
         if outcome.process_notes:
-            text += "\n\nprocesses (from the supervisor):\n" + "\n".join(
-                f"  {line}" for line in outcome.process_notes)
-        text += f"\n\n{outcome.machine_line()}"
+            parts.append("processes (from the supervisor):\n" + "\n".join(
+                f"  {line}" for line in outcome.process_notes))
+        parts.append(outcome.machine_line())
         if outcome.idle is not None:
-            text += f"\n\n{format_idle(outcome.idle)}"
-        # issue 5's comparisons: the last lines
-        text += f"\n\n{format_checks(checks(outcome.measurements, outcome.idle))}"
-        stream.write(f"{text}\n")
+            parts.append(format_idle(outcome.idle))
+        # the last lines: req/s, p50, p99 per path, the ratios, and issue 5's targets
+        parts.append(format_summary(outcome.measurements, settings))
+        parts.append(format_checks(checks(outcome.measurements, outcome.idle)))
+        stream.write("\n\n".join(p for p in parts if p) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
