@@ -206,43 +206,41 @@ async def serve_requests(client: trio.abc.Stream, conn: ClientConnection, handle
     its 4xx and the connection closed. Returns when the connection is done (the caller
     closes it).
 
-    One cancel scope serves the whole connection: its deadline is the idle or head deadline
-    while the loop waits for the client, and infinite while a handler runs (entering a fresh
-    scope per request and phase costs more than moving one deadline)."""
+    Each wait has its own cancel scope, entered only when the wait happens (a head that came
+    whole in one read needs no head deadline), and the handler runs outside them: a deadline
+    or a drain that lands just as a request arrives finds the read already done, and the
+    request is served."""
     source = RequestSource(client)
-    waiting_for_head = False
-    with trio.CancelScope() as reading:
-        while not conn.draining:
-            try:
-                if not source.has_input:
-                    reading.deadline = trio.current_time() + idle_timeout
-                    conn.idle_scope = reading
+    while not conn.draining:
+        try:
+            if not source.has_input:
+                with trio.move_on_after(idle_timeout) as idle:
+                    conn.idle_scope = idle
                     try:
                         await source.fill()
                     finally:
                         conn.idle_scope = None
-                while not source.has_event:  # part of a head came: the rest has a deadline
-                    if not waiting_for_head:
-                        waiting_for_head = True
-                        reading.deadline = trio.current_time() + head_timeout
-                    await source.fill()
-                reading.deadline = math.inf
-                waiting_for_head = False
-                event = await source.next_event()
-            except ProtocolError as exc:
-                await _refuse(client, conn, exc, on_bad_request)
-                return
-            except ClientGone:
-                return
-            if event is None:
-                return
-            if not isinstance(event, RequestHead):  # a handler consumes every body it starts
-                raise AssertionError(f"request events out of order: {event!r}")
-            if not await handle(event, source, conn):
-                return
-    if reading.cancelled_caught and waiting_for_head:
-        slow = ProtocolError(f"request head not complete within {head_timeout:g}s", 408)
-        await _refuse(client, conn, slow, on_bad_request)
+                if idle.cancelled_caught:
+                    return
+            if not source.has_event:  # part of a head came: the rest has a deadline
+                with trio.move_on_after(head_timeout) as waited:
+                    while not source.has_event:
+                        await source.fill()
+                if waited.cancelled_caught:
+                    raise ProtocolError(f"request head not complete within {head_timeout:g}s",
+                                        408)
+            event = await source.next_event()
+        except ProtocolError as exc:
+            await _refuse(client, conn, exc, on_bad_request)
+            return
+        except ClientGone:
+            return
+        if event is None:
+            return
+        if not isinstance(event, RequestHead):  # a handler consumes every body it starts
+            raise AssertionError(f"request events out of order: {event!r}")
+        if not await handle(event, source, conn):
+            return
 
 
 async def _refuse(client: trio.abc.Stream, conn: ClientConnection, exc: ProtocolError,

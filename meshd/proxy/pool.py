@@ -14,6 +14,7 @@ keep-alive timeout, so a reused connection is rarely one the peer is closing).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -121,6 +122,7 @@ class ConnectionPool:
         self._idle: IdleConnections[trio.abc.HalfCloseableStream] = IdleConnections(
             idle_timeout, max_idle_per_key)
         self._changed = trio.Event()
+        self._reaper_deadline = math.inf  # when the reaper wakes next by itself
         self.opened = 0  # connections opened through this pool, for tests and /v1/state
         self._closed = False
 
@@ -146,10 +148,12 @@ class ConnectionPool:
         if not reusable or self._closed:
             await trio.aclose_forcefully(lease.stream)
             return
-        was_empty = not self._idle
-        evicted = self._idle.checkin(lease.key, lease.stream, trio.current_time(), idle_timeout)
-        if was_empty or (idle_timeout is not None and idle_timeout < self._idle.idle_timeout):
-            self._changed.set()  # the reaper's next deadline may be sooner now
+        now = trio.current_time()
+        evicted = self._idle.checkin(lease.key, lease.stream, now, idle_timeout)
+        until = now + (self._idle.idle_timeout if idle_timeout is None else idle_timeout)
+        if until < self._reaper_deadline:
+            self._reaper_deadline = until
+            self._changed.set()  # the reaper sleeps past this one's expiry: wake it
         await _close_all(evicted)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -158,7 +162,8 @@ class ConnectionPool:
         try:
             while True:
                 deadline = self._idle.next_expiry()
-                with trio.move_on_at(deadline if deadline is not None else float("inf")):
+                self._reaper_deadline = deadline if deadline is not None else math.inf
+                with trio.move_on_at(self._reaper_deadline):
                     await self._changed.wait()
                     self._changed = trio.Event()
                 await _close_all(self._idle.expire(trio.current_time()))

@@ -18,31 +18,34 @@ log = logging.getLogger(__name__)
 CHUNK = 64 * 1024
 
 
-async def copy_one_way(source: trio.abc.Stream, sink: trio.abc.HalfCloseableStream,
-                       count: Callable[[int], None] | None = None) -> None:
-    """Copy until ``source`` ends, then half-close ``sink``. Errors propagate."""
-    while True:
-        data = await source.receive_some(CHUNK)
-        if not data:
-            break
-        await sink.send_all(data)
-        if count is not None:
-            count(len(data))
-    await sink.send_eof()
-
-
-class _Activity:
-    """When a byte last moved either way (for the idle timeout)."""
+class Activity:
+    """When a byte last moved, either way (for an idle timeout)."""
 
     def __init__(self) -> None:
         self.last = trio.current_time()
 
-    def counter(self, count: Callable[[int], None] | None) -> Callable[[int], None]:
-        def moved(size: int) -> None:
-            self.last = trio.current_time()
-            if count is not None:
-                count(size)
-        return moved
+    def touch(self) -> None:
+        self.last = trio.current_time()
+
+
+async def copy_one_way(source: trio.abc.Stream, sink: trio.abc.HalfCloseableStream,
+                       count: Callable[[int], None] | None = None,
+                       activity: Activity | None = None) -> None:
+    """Copy until ``source`` ends, then half-close ``sink``. Errors propagate. ``activity``
+    is touched when bytes arrive and when they have been passed on (a slow write is not
+    idleness)."""
+    while True:
+        data = await source.receive_some(CHUNK)
+        if not data:
+            break
+        if activity is not None:
+            activity.touch()
+        await sink.send_all(data)
+        if activity is not None:
+            activity.touch()
+        if count is not None:
+            count(len(data))
+    await sink.send_eof()
 
 
 async def pump(a: trio.abc.HalfCloseableStream, b: trio.abc.HalfCloseableStream, *,
@@ -54,17 +57,19 @@ async def pump(a: trio.abc.HalfCloseableStream, b: trio.abc.HalfCloseableStream,
     either way for ``idle_timeout`` seconds (both were then cut). Does not close."""
     clean = True
 
+    activity = Activity() if idle_timeout is not None else None
+
     async def direction(src: trio.abc.HalfCloseableStream, dst: trio.abc.HalfCloseableStream,
                         count: Callable[[int], None] | None,
                         cancel: trio.CancelScope) -> None:
         nonlocal clean
         try:
-            await copy_one_way(src, dst, count)
+            await copy_one_way(src, dst, count, activity)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             clean = False
             cancel.cancel()
 
-    async def watch(activity: _Activity, limit: float, cancel: trio.CancelScope) -> None:
+    async def watch(activity: Activity, limit: float, cancel: trio.CancelScope) -> None:
         nonlocal clean
         while True:  # sleep until the deadline the last byte set; it may have moved on since
             await trio.sleep_until(activity.last + limit)
@@ -75,10 +80,7 @@ async def pump(a: trio.abc.HalfCloseableStream, b: trio.abc.HalfCloseableStream,
         cancel.cancel()
 
     async with trio.open_nursery() as nursery:
-        if idle_timeout is not None:
-            activity = _Activity()
-            count_a_to_b = activity.counter(count_a_to_b)
-            count_b_to_a = activity.counter(count_b_to_a)
+        if activity is not None and idle_timeout is not None:
             nursery.start_soon(watch, activity, idle_timeout, nursery.cancel_scope)
         async with trio.open_nursery() as directions:
             directions.start_soon(direction, a, b, count_a_to_b, nursery.cancel_scope)

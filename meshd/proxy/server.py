@@ -193,7 +193,9 @@ class Proxy:
         backoff = 0.0
         while True:
             try:
-                accepted, address = await sock.socket.accept()
+                # trio's accept retries what a pending connection error looks like (EPERM,
+                # ECONNABORTED, EPROTO...) and turns a closed listener into ClosedResourceError
+                accepted = await sock.accept()
             except OSError as exc:
                 if exc.errno not in _RESOURCE_ERRNOS:
                     raise
@@ -204,11 +206,16 @@ class Proxy:
                 await trio.sleep(backoff)
                 continue
             backoff = 0.0
-            connections.start_soon(self._serve_connection, listener,
-                                   SocketConnection.from_trio(accepted), str(address[0]))
+            connections.start_soon(self._serve_connection, listener, accepted)
 
-    async def _serve_connection(self, listener: _Listener, stream: SocketConnection,
-                                peer: str) -> None:
+    async def _serve_connection(self, listener: _Listener, accepted: trio.SocketStream) -> None:
+        try:
+            peer = str(accepted.socket.getpeername()[0])
+        except OSError:  # reset before we got to it
+            await trio.aclose_forcefully(accepted)
+            return
+        # the raw stream takes the socket over (sockio: the request path's I/O)
+        stream = SocketConnection.from_trio(accepted.socket)
         conn = ClientConnection(peer, draining=self._draining)
         self._connections.add(conn)
         self._open[listener.direction] = self._open.get(listener.direction, 0) + 1

@@ -134,6 +134,7 @@ class SocketConnection(trio.abc.HalfCloseableStream):
     async def send_eof(self) -> None:
         if self._sending:
             raise trio.BusyResourceError("another task is sending on this connection")
+        await trio.lowlevel.checkpoint_if_cancelled()  # before the EOF goes out, never after
         if self._closed:
             raise trio.ClosedResourceError("the connection is closed")
         try:
@@ -141,7 +142,7 @@ class SocketConnection(trio.abc.HalfCloseableStream):
         except OSError as exc:
             if exc.errno != errno.ENOTCONN:  # the peer is gone already: nothing to half-close
                 raise _broken(exc) from exc
-        await trio.lowlevel.checkpoint()
+        await trio.lowlevel.cancel_shielded_checkpoint()
 
     def close(self) -> None:
         """Close now (wakes any task waiting on the socket with ``ClosedResourceError``)."""

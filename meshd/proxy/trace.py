@@ -10,7 +10,7 @@ off. ``tracestate`` is end to end and passes untouched.
 
 from __future__ import annotations
 
-import random
+import os
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -25,13 +25,30 @@ _TRACEPARENT_RE = re.compile(rb"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0
 _REQUEST_ID_RE = re.compile(rb"^[\x21-\x7e]{1,%d}$" % MAX_REQUEST_ID)
 _ZERO_TRACE = b"0" * 32
 _ZERO_SPAN = b"0" * 16
-# Ids and span ids need to be unique, not secret: a seeded PRNG (seeded from os.urandom) costs a
-# fraction of a getrandom() system call per request.
-_rng = random.Random()
+_RANDOM_BATCH = 4096
 
 
-def pseudo_random_bytes(size: int) -> bytes:
-    return _rng.getrandbits(size * 8).to_bytes(size, "big")
+class _RandomBytes:
+    """Bytes from ``os.urandom``, fetched 4 KiB at a time: unpredictable ids (W3C Trace
+    Context asks for random trace ids) without a getrandom() system call per request."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._at = 0
+        os.register_at_fork(after_in_child=self._forget)  # a child must not reuse our bytes
+
+    def _forget(self) -> None:
+        self._buffer, self._at = b"", 0
+
+    def __call__(self, size: int) -> bytes:
+        if self._at + size > len(self._buffer):
+            self._buffer, self._at = os.urandom(max(_RANDOM_BATCH, size)), 0
+        chunk = self._buffer[self._at:self._at + size]
+        self._at += size
+        return chunk
+
+
+random_bytes_batched = _RandomBytes()
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +62,7 @@ class RequestIdentity:
 
 
 def identify(headers: Iterable[Header],
-             random_bytes: Callable[[int], bytes] = pseudo_random_bytes) -> RequestIdentity:
+             random_bytes: Callable[[int], bytes] = random_bytes_batched) -> RequestIdentity:
     """The request id and this hop's ``traceparent`` for a request with ``headers``."""
     request_id: bytes | None = None
     parent: bytes | None = None
@@ -62,7 +79,7 @@ def identify(headers: Iterable[Header],
 
 
 def next_traceparent(received: bytes | None,
-                     random_bytes: Callable[[int], bytes] = pseudo_random_bytes) -> bytes:
+                     random_bytes: Callable[[int], bytes] = random_bytes_batched) -> bytes:
     span = _nonzero(random_bytes, 8)
     m = _TRACEPARENT_RE.match(received) if received else None
     if m is not None and m.group(1) != b"ff" and m.group(2) != _ZERO_TRACE \

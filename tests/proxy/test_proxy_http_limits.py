@@ -135,6 +135,60 @@ async def test_slow_head_is_408_but_an_idle_connection_just_closes(
     assert await client.receive_some() == b""  # closed without a word
 
 
+class _OneRequest(trio.abc.Stream):
+    """A client whose one request arrives when ``arrive`` is set, then nothing more."""
+
+    def __init__(self) -> None:
+        self.arrive = trio.Event()
+        self.sent = b""
+        self._given = False
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._given:
+            await trio.sleep_forever()
+        await self.arrive.wait()
+        self._given = True
+        return b"GET /late HTTP/1.1\r\nHost: a\r\n\r\n"
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self.sent += bytes(data)
+        await trio.lowlevel.checkpoint()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+@pytest.mark.parametrize("race", ["drain", "idle deadline"])
+async def test_a_request_arriving_as_the_wait_ends_is_still_served(
+        race: str, autojump_clock: trio.testing.MockClock) -> None:
+    """The request's bytes and a drain (or the idle deadline) land in the same scheduler pass:
+    the bytes were read, so the request is served, never dropped unanswered."""
+    client = _OneRequest()
+    conn = ClientConnection("peer")
+
+    async def handler(request: RequestHead, source: RequestSource,
+                      conn: ClientConnection) -> bool:
+        await trio.sleep(0.1)  # a real handler waits for its upstream before it answers
+        return await _echo_handler(request, source, conn)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_requests, client, conn, handler, 120.0)
+        await trio.testing.wait_all_tasks_blocked()
+        if race == "drain":
+            client.arrive.set()
+            conn.draining = True
+            assert conn.idle_scope is not None
+            conn.idle_scope.cancel()  # what Proxy.drain does
+        else:
+            await trio.sleep_until(119.999)
+            client.arrive.set()
+            autojump_clock.jump(0.001)
+    assert client.sent == b"HTTP/1.1 204 No Content\r\n\r\n"
+
+
 # -- body limit -----------------------------------------------------------------------------------
 
 def _limit(view: ViewCell, service: str, limit: int, **extra: Any) -> None:

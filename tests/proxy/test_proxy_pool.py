@@ -71,6 +71,30 @@ async def test_pool_reaper_closes_idle_connections(autojump_clock: trio.abc.Cloc
         nursery.cancel_scope.cancel()
 
 
+async def test_reaper_closes_each_connection_at_its_own_timeout(
+        autojump_clock: trio.abc.Clock) -> None:
+    """One pool serves destinations with different idle timeouts: a connection parked with a
+    short one while the reaper sleeps until a long one's expiry is still closed on time."""
+    pool = ConnectionPool(idle_timeout=30)
+    long_left, long_right = trio.testing.memory_stream_pair()
+    short_left, short_right = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pool.run)
+        lease = await pool.acquire("long", _returns(long_left))
+        await pool.release(lease, reusable=True, idle_timeout=300)
+        await trio.sleep(1)
+        lease = await pool.acquire("default", _returns(short_left))
+        await pool.release(lease, reusable=True)  # the pool's 30 s
+        await trio.sleep(31)
+        assert pool.idle_count == 1  # the default one went at t=31, the long one stays
+        with trio.fail_after(1):
+            assert await short_right.receive_some() == b""
+        await trio.sleep(300)
+        assert pool.idle_count == 0
+        assert await long_right.receive_some() == b""
+        nursery.cancel_scope.cancel()
+
+
 def _returns(stream: trio.abc.HalfCloseableStream) -> Connector:
     async def connect() -> trio.abc.HalfCloseableStream:
         return stream
