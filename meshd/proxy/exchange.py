@@ -52,12 +52,15 @@ class ClientGone(ProxyError):
 
 
 class UpstreamFailed(ProxyError):
-    """The upstream connection failed. ``stale`` marks a reused connection that the server had
-    closed before this request got any answer: safe to retry on a fresh one."""
+    """The upstream connection failed. ``pooled_dead`` marks a reused connection that failed
+    before a byte of an answer came (the server had closed it: its other idle ones are likely
+    closed too); ``stale`` is that, for a request that can be sent again as it was (no body):
+    safe to retry on a fresh connection."""
 
-    def __init__(self, message: str, stale: bool = False) -> None:
+    def __init__(self, message: str, stale: bool = False, pooled_dead: bool = False) -> None:
         super().__init__(message)
         self.stale = stale
+        self.pooled_dead = pooled_dead or stale
 
 
 class RequestSource:
@@ -341,14 +344,19 @@ class Exchange:
                 data = await self.upstream.receive_some(CHUNK)
             except STREAM_ERRORS as exc:
                 raise UpstreamFailed(f"upstream connection failed: {exc}",
-                                     stale=self._stale()) from exc
+                                     stale=self._stale(),
+                                     pooled_dead=self._pooled_dead()) from exc
             try:
                 self._pending.extend(reader.feed(data) if data else reader.feed_eof())
             except NoResponse as exc:
-                raise UpstreamFailed(str(exc), stale=self._stale()) from exc
+                raise UpstreamFailed(str(exc), stale=self._stale(),
+                                     pooled_dead=self._pooled_dead()) from exc
             except ProtocolError as exc:
                 raise UpstreamFailed(f"malformed response from upstream: {exc}") from exc
         return self._pending.popleft()
+
+    def _pooled_dead(self) -> bool:
+        return self.reused_upstream and not self._reader.received
 
     def _stale(self) -> bool:
         # Retrying is only safe when the request can be sent again: it had no body.
@@ -362,7 +370,7 @@ class Exchange:
             await self.upstream.send_all(data)
         except STREAM_ERRORS as exc:
             raise UpstreamFailed(f"upstream connection failed: {exc}",
-                                 stale=self._stale()) from exc
+                                 stale=self._stale(), pooled_dead=self._pooled_dead()) from exc
 
     async def _write_client(self, data: bytes) -> None:
         if not data:

@@ -152,8 +152,10 @@ async def proxy_request(request: RequestHead, source: RequestSource, client: tri
                 await exchange.run()
             finally:
                 await pool.release(lease, exchange.upstream_reusable)
-            stale = exchange.upstream_error is not None and exchange.upstream_error.stale
-            if not (stale and attempt == 0):
+            error = exchange.upstream_error
+            if error is not None and error.pooled_dead:
+                await pool.discard_idle(key)  # the server closed its idle connections
+            if not (error is not None and error.stale and attempt == 0):
                 break
             log.debug("pooled connection for %s was stale, retrying on a new one", key)
 

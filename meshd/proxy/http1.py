@@ -369,6 +369,11 @@ class ResponseReader(_Reader):
         self.extra = False
         self._parser = httptools.HttpResponseParser(self)
 
+    @property
+    def received(self) -> bool:
+        """Whether any byte of a response came."""
+        return self._received
+
     def feed(self, data: bytes | bytearray) -> list[Event]:
         if not data:
             return []

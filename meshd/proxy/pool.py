@@ -7,6 +7,10 @@ what the policy returns.
 
 A connection goes back to the pool only when the exchange that used it ended cleanly: the whole
 request sent, the whole response read, no ``Connection: close``, nothing extra from the server.
+One that shows, when taken out, that the server closed it meanwhile (EOF or bytes waiting) is
+closed and the next one tried; and when a reused connection fails before any answer, the caller
+drops the key's other idle ones (``discard_idle``): a restarted or draining server closed them
+all.
 Idle connections are dropped after ``idle_timeout`` (30 s for mesh hops: before any peer's own
 keep-alive timeout, so a reused connection is rarely one the peer is closing).
 """
@@ -75,6 +79,10 @@ class IdleConnections(Generic[C]):
         ends = [entry.until for stack in self._idle.values() for entry in stack]
         return min(ends) if ends else None
 
+    def take_key(self, key: Hashable) -> list[C]:
+        """Every idle connection for ``key``, removed from the pool."""
+        return [entry.conn for entry in self._idle.pop(key, [])]
+
     def take_all(self) -> list[C]:
         conns = [entry.conn for stack in self._idle.values() for entry in stack]
         self._idle.clear()
@@ -133,13 +141,22 @@ class ConnectionPool:
     async def acquire(self, key: Hashable, connect: Connector) -> Lease:
         """A pooled connection for ``key``, or a new one from ``connect`` (whose exceptions
         propagate)."""
-        conn, expired = self._idle.checkout(key, trio.current_time())
-        await _close_all(expired)
-        if conn is not None:
-            return Lease(key, conn, reused=True)
+        while True:
+            conn, expired = self._idle.checkout(key, trio.current_time())
+            await _close_all(expired)
+            if conn is None:
+                break
+            if not _closed_by_peer(conn):
+                return Lease(key, conn, reused=True)
+            await trio.aclose_forcefully(conn)
         stream = await connect()
         self.opened += 1
         return Lease(key, stream, reused=False)
+
+    async def discard_idle(self, key: Hashable) -> None:
+        """Close every idle connection for ``key``: one of them turned out closed by the peer
+        (a restarted or draining server closes them all), so a retry must get a new one."""
+        await _close_all(self._idle.take_key(key))
 
     async def release(self, lease: Lease, reusable: bool,
                       idle_timeout: float | None = None) -> None:
@@ -171,6 +188,13 @@ class ConnectionPool:
             self._closed = True
             with trio.CancelScope(shield=True):
                 await _close_all(self._idle.take_all())
+
+
+def _closed_by_peer(conn: trio.abc.HalfCloseableStream) -> bool:
+    """Whether an idle connection shows it was closed at the other end while it waited (the
+    streams of ``meshd.proxy.sockio`` and ``streams`` can tell without blocking)."""
+    probe = getattr(conn, "idle_unusable", None)
+    return bool(probe is not None and probe())
 
 
 async def _close_all(conns: list[trio.abc.HalfCloseableStream]) -> None:

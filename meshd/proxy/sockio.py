@@ -89,6 +89,21 @@ class SocketConnection(trio.abc.HalfCloseableStream):
         finally:
             self._receiving = False
 
+    def idle_unusable(self) -> bool:
+        """For a connection at rest between requests: whether something is waiting to be read
+        (the peer's EOF, a reset, bytes nobody asked for). Then it cannot carry a new request:
+        a server that closed it (idle timeout, drain, restart) would leave the request
+        unanswered."""
+        if self._closed:
+            return True
+        try:
+            self.socket.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+        return True
+
     async def peek(self, size: int) -> bytes:
         """Up to ``size`` bytes the peer sent, left in place for the next receive."""
         while True:

@@ -58,6 +58,15 @@ class TLSStream(trio.abc.HalfCloseableStream):
     def peer_certificate(self) -> bytes | None:
         return self.ssl_object.getpeercert(binary_form=True)
 
+    def idle_unusable(self) -> bool:
+        """Like ``SocketConnection.idle_unusable``: anything waiting (a close_notify, an alert,
+        EOF) on a connection at rest means the peer is done with it."""
+        if (self._closed or self._broken or self._eof_received or self._plaintext
+                or self._incoming.pending):
+            return True
+        transport = self.transport
+        return isinstance(transport, SocketConnection) and transport.idle_unusable()
+
     def abort(self) -> None:
         """Cut the connection now, from outside the tasks using it (a revoked peer): the
         socket is closed, so their pending and next operations fail and they clean up."""

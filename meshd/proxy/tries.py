@@ -176,6 +176,9 @@ class Tries:
                         await c.pool.release(lease, exchange.upstream_reusable,
                                              c.state.policy.idle_timeout)
                     error = exchange.upstream_error
+                    if error is not None and error.pooled_dead:
+                        # the server closed its idle connections (restart, drain, timeout)
+                        await c.pool.discard_idle(c.pool_key(endpoint))
                     if not (error is not None and error.stale and attempt == 0
                             and self.body_state() is not Body.LOST):
                         break

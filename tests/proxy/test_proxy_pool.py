@@ -109,10 +109,18 @@ async def _fake_upstream(stream: trio.abc.Stream, answer: bytes) -> None:
 
 
 async def test_stale_pooled_connection_is_retried_on_a_new_one() -> None:
+    """The server closed every pooled connection (it restarted): the retry takes a new
+    connection, not the next dead one, and the other dead ones are dropped."""
     pool = ConnectionPool()
-    stale_ours, stale_theirs = trio.testing.memory_stream_pair()
-    await stale_theirs.aclose()  # the server timed it out while it sat in the pool
-    await pool.release(await pool.acquire("k", _returns(stale_ours)), reusable=True)
+    leases = []
+    for _ in range(3):
+        stale_ours, stale_theirs = trio.testing.memory_stream_pair()
+        await stale_theirs.aclose()  # the server closed it while it sat in the pool
+        leases.append(await pool.acquire("k", _returns(stale_ours)))
+    for lease in leases:
+        await pool.release(lease, reusable=True)
+    assert pool.idle_count == 3
+    pool.opened = 0
 
     fresh_ours, fresh_theirs = trio.testing.memory_stream_pair()
     client_ours, client_theirs = trio.testing.memory_stream_pair()
@@ -128,7 +136,8 @@ async def test_stale_pooled_connection_is_retried_on_a_new_one() -> None:
                                      upstream_head=b"GET /x HTTP/1.1\r\nhost: a\r\n\r\n",
                                      request_timeout=5)
     assert (result.status, result.keep) == (200, True)
-    assert pool.opened == 2
+    assert pool.opened == 1  # the fresh one
+    assert pool.idle_count == 1  # the fresh one, back; the dead ones are gone
     answer = await client_theirs.receive_some()
     assert answer.startswith(b"HTTP/1.1 200 OK") and answer.endswith(b"ok")
 

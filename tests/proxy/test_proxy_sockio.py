@@ -10,6 +10,7 @@ import pytest
 import trio
 import trio.lowlevel
 
+from meshd.proxy.pool import ConnectionPool, Connector
 from meshd.proxy.sockio import YIELD_EVERY, SocketConnection, connect_tcp
 
 
@@ -138,3 +139,40 @@ async def test_connect_tcp_refused_is_an_oserror() -> None:
     with pytest.raises(OSError) as info:
         await connect_tcp("127.0.0.1", port)
     assert info.value.errno == errno.ECONNREFUSED
+
+
+async def test_an_idle_connection_tells_when_the_peer_closed_it() -> None:
+    a, b = _pair()
+    assert not a.idle_unusable()  # quiet: fit for a new request
+    await b.send_all(b"unasked")
+    assert a.idle_unusable()  # bytes nobody asked for
+    assert await a.receive_some() == b"unasked"
+    assert not a.idle_unusable()
+    b.close()
+    assert a.idle_unusable()  # the peer's EOF is waiting
+    a.close()
+    assert a.idle_unusable()
+
+
+async def test_the_pool_skips_idle_connections_the_peer_closed() -> None:
+    pool = ConnectionPool()
+    dead_ours, dead_theirs = _pair()
+    live_ours, live_theirs = _pair()
+    fresh, _fresh_theirs = _pair()
+    leases = [await pool.acquire("k", _returning(c)) for c in (live_ours, dead_ours)]
+    for lease in leases:
+        await pool.release(lease, reusable=True)
+    dead_theirs.close()  # the server timed it out while it sat in the pool
+    lease = await pool.acquire("k", _returning(fresh))
+    assert lease.stream is live_ours and lease.reused  # the dead one was closed and skipped
+    assert dead_ours.idle_unusable()
+    lease = await pool.acquire("k", _returning(fresh))
+    assert lease.stream is fresh and not lease.reused
+    for conn in (live_ours, live_theirs, fresh, _fresh_theirs, dead_ours):
+        conn.close()
+
+
+def _returning(conn: SocketConnection) -> Connector:
+    async def connect() -> trio.abc.HalfCloseableStream:
+        return conn
+    return connect
