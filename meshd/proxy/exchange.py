@@ -258,8 +258,17 @@ class Exchange:
         return True
 
     async def _relay_response(self) -> None:
+        """Relay the response. What the reader already parsed goes out in one write (a short
+        response's head, body and end are usually one read: one write, one TLS record), and
+        the buffer is flushed before waiting for more, so nothing sits in it while we wait."""
         framing = Framing.NONE
+        out: list[bytes] = []
+        size = 0
         while True:
+            if out and (not self._pending or size >= CHUNK):
+                await self._write_client(b"".join(out))
+                out.clear()
+                size = 0
             event = await self._next_upstream_event()
             if isinstance(event, ResponseHead):
                 if event.status == 101:
@@ -281,15 +290,18 @@ class Exchange:
                 framing = downstream_framing(event, self.request)
                 if framing is Framing.CLOSE:
                     self.keep_client = False
-                await self._write_client(self._client_head(event, framing))
+                chunk = self._client_head(event, framing)
                 self.status = event.status
                 self.response_started = True
             elif isinstance(event, Data):
-                await self._write_client(encode_data(framing, event.data))
+                chunk = encode_data(framing, event.data)
             else:
-                await self._write_client(encode_end(framing))
+                out.append(encode_end(framing))
+                await self._write_client(b"".join(out))
                 self.response_done = True
                 return
+            out.append(chunk)
+            size += len(chunk)
 
     async def _drain_held(self, head: ResponseHead) -> None:
         """Read a held response to its end when it is short, so its connection can be reused."""
