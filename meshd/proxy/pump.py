@@ -56,7 +56,6 @@ async def pump(a: trio.abc.HalfCloseableStream, b: trio.abc.HalfCloseableStream,
     ended with an EOF, False when one failed (the other was then cut) or when no byte moved
     either way for ``idle_timeout`` seconds (both were then cut). Does not close."""
     clean = True
-
     activity = Activity() if idle_timeout is not None else None
 
     async def direction(src: trio.abc.HalfCloseableStream, dst: trio.abc.HalfCloseableStream,

@@ -32,9 +32,17 @@ def identities(tmp_path: Path, ca: MiniCA) -> Path:
     return directory
 
 
-async def _tls_pair(tls: TLSState, client_service: str = "web",
-                    sni: str = "payments") -> tuple[TLSStream, TLSStream]:
-    left, right = trio.testing.memory_stream_pair()
+async def _tls_pair(tls: TLSState, client_service: str = "web", sni: str = "payments",
+                    *, over_sockets: bool = False) -> tuple[TLSStream, TLSStream]:
+    """A handshaken client/server pair, over memory streams or (``over_sockets``) over a real
+    socket pair with the data plane's ``SocketConnection``."""
+    left: trio.abc.Stream
+    right: trio.abc.Stream
+    if over_sockets:
+        a, b = socket.socketpair()
+        left, right = SocketConnection(a), SocketConnection(b)
+    else:
+        left, right = trio.testing.memory_stream_pair()
     client = TLSStream(left, tls.client_context(client_service), server_side=False,
                        server_hostname=sni)
     server = TLSStream(right, tls.server_context, server_side=True)
@@ -152,13 +160,7 @@ async def test_data_and_close_notify_read_together_over_a_socket(identities: Pat
     close_notify without reporting it as pending): the data comes first, then EOF, and the
     answer still goes back."""
     tls = TLSState(identities, TD, ["web", "payments"])
-    left, right = socket.socketpair()
-    client = TLSStream(SocketConnection(left), tls.client_context("web"), server_side=False,
-                       server_hostname="payments")
-    server = TLSStream(SocketConnection(right), tls.server_context, server_side=True)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(client.do_handshake)
-        nursery.start_soon(server.do_handshake)
+    client, server = await _tls_pair(tls, over_sockets=True)
     await client.send_all(b"ping")
     await client.send_eof()
     await trio.sleep(0.05)  # both records are in the server's socket buffer before it reads
@@ -172,13 +174,7 @@ async def test_data_and_close_notify_read_together_over_a_socket(identities: Pat
 
 async def test_a_cancelled_receive_loses_no_decrypted_bytes(identities: Path) -> None:
     tls = TLSState(identities, TD, ["web", "payments"])
-    left, right = socket.socketpair()
-    client = TLSStream(SocketConnection(left), tls.client_context("web"), server_side=False,
-                       server_hostname="payments")
-    server = TLSStream(SocketConnection(right), tls.server_context, server_side=True)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(client.do_handshake)
-        nursery.start_soon(server.do_handshake)
+    client, server = await _tls_pair(tls, over_sockets=True)
     await client.send_all(b"first")
     await trio.sleep(0.05)
     with trio.CancelScope() as scope:
