@@ -124,10 +124,14 @@ class FramingFields:
         self.content_length: list[bytes] = []
         self.hosts = 0
 
-    def add(self, lower_name: bytes, value: bytes) -> None:
-        if lower_name == b"transfer-encoding":
+    def add(self, name: bytes, value: bytes) -> None:
+        """Note one header field if it is one of the framing ones."""
+        lower = name.lower()
+        if lower not in _FRAMING_NAMES:
+            return
+        if lower == b"transfer-encoding":
             self.transfer_encoding.append(value)
-        elif lower_name == b"content-length":
+        elif lower == b"content-length":
             self.content_length.append(value)
         else:
             self.hosts += 1
@@ -136,9 +140,7 @@ class FramingFields:
     def scan(cls, headers: Iterable[Header]) -> FramingFields:
         fields = cls()
         for name, value in headers:
-            lower = name.lower()
-            if lower in _FRAMING_NAMES:
-                fields.add(lower, value)
+            fields.add(name, value)
         return fields
 
 
@@ -253,9 +255,7 @@ class _Reader:
         if len(self._headers) >= MAX_HEADERS:
             raise ProtocolError("too many header fields", self.too_large_status)
         self._headers.append((name, value))
-        lower = name.lower()
-        if lower in _FRAMING_NAMES:
-            self._fields.add(lower, value)
+        self._fields.add(name, value)
 
     def on_body(self, body: bytes) -> None:
         self._events.append(Data(body))

@@ -80,11 +80,7 @@ class SocketConnection(trio.abc.HalfCloseableStream):
                     continue
                 except OSError as exc:
                     raise _broken(exc) from exc
-                # _yield_now_and_then, inlined: this is the hottest path of the proxy
-                self._run += 1
-                if self._run >= YIELD_EVERY:
-                    self._run = 0
-                    await trio.lowlevel.cancel_shielded_checkpoint()
+                await self._yield_now_and_then()
                 return data
         finally:
             self._receiving = False
