@@ -11,7 +11,7 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
-from meshd.dev.model import HostPort, PortClaim
+from meshd.config.mesh_schema import HostPort, PortClaim
 
 TRUST_DOMAIN = "bench.mesh"
 BACKEND_SERVICE = "backend"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import psutil
 import trio
 
-from meshd.dev.model import HostPort
+from meshd.config.mesh_schema import HostPort
 from meshd.dev.supervisor import Child
 
 IDLE_CONNECTIONS = 1000

@@ -30,10 +30,10 @@ from bench_configs import (
 )
 
 from meshd.config.load import load_host_config
+from meshd.config.mesh_schema import MeshConfig, MeshHost, PortClaim, port_claims
 from meshd.config.schema import MTLSMode
 from meshd.dev import probes
 from meshd.dev.console import Console
-from meshd.dev.model import MeshConfig, MeshHost, PortClaim, port_claims
 from meshd.dev.runner import (
     APP_GROUP,
     MESHD_GROUP,

@@ -44,11 +44,13 @@ SCRIPT = Path(__file__).resolve()
 REPO = SCRIPT.parent.parent
 sys.path.insert(0, str(REPO))
 
-from meshd.ca import client, files, issuer, store  # noqa: E402
-from meshd.ca.identity import Identity, TrustBundle  # noqa: E402
-from meshd.ca.spiffe import Kind, spiffe_id_of  # noqa: E402
+from meshd.ca import issuer, store  # noqa: E402
+from meshd.identity import ca_client as client  # noqa: E402
+from meshd.identity import files, keys  # noqa: E402
+from meshd.identity.certs import Identity, TrustBundle  # noqa: E402
+from meshd.identity.spiffe import Kind, spiffe_id_of  # noqa: E402
+from meshd.identity.tls import TLSState  # noqa: E402
 from meshd.proxy.streams import open_mtls  # noqa: E402
-from meshd.proxy.tls import TLSState  # noqa: E402
 
 
 @dataclass
@@ -112,7 +114,7 @@ def cpu_seconds(proc: psutil.Process) -> float:
 # -- leaves per second --------------------------------------------------------------------------
 
 def _csr(kind: Kind, name: str) -> str:
-    key = issuer.new_private_key()
+    key = keys.new_private_key()
     csr = (x509.CertificateSigningRequestBuilder()
            .subject_name(x509.Name([]))
            .add_extension(x509.SubjectAlternativeName(
@@ -176,23 +178,23 @@ async def leaves_per_second(tmp: Path, args: argparse.Namespace) -> Figure:
 # -- inbound handshakes per second ---------------------------------------------------------------
 
 def write_identities(directory: Path, services: list[str]) -> None:
-    key = issuer.new_private_key()
+    key = keys.new_private_key()
     signer = issuer.Signer(key, issuer.build_root(key, TD, datetime.now(UTC)))
-    files.write_bundle(directory, TrustBundle.from_pems(TD, [issuer.cert_pem(signer.cert)]))
+    files.write_bundle(directory, TrustBundle.from_pems(TD, [keys.cert_pem(signer.cert)]))
     for service in services:
-        leaf_key = issuer.new_private_key()
+        leaf_key = keys.new_private_key()
         cert = issuer.issue_leaf(signer, leaf_key.public_key(), service=service,
                                  trust_domain=TD, now=datetime.now(UTC))
-        files.write_identity(directory, Identity.from_pem(issuer.cert_pem(cert),
-                                                          issuer.private_key_pem(leaf_key)))
+        files.write_identity(directory, Identity.from_pem(keys.cert_pem(cert),
+                                                          keys.private_key_pem(leaf_key)))
 
 
 async def serve_inbound(directory: Path) -> None:
     """Child mode: meshd's data plane with one inbound service; prints ``ready PORT``."""
     from meshd.config.schema import CASettings, HostConfig, LocalService
     from meshd.metrics import Metrics
+    from meshd.proxy.core.view import ViewCell
     from meshd.proxy.server import Proxy
-    from meshd.proxy.view import ViewCell
 
     config = HostConfig(
         node="bench", address="127.0.0.1", trust_domain=TD, registry_url="http://127.0.0.1:1",

@@ -1,5 +1,5 @@
 import sys
 
-from meshd.cli import main
+from meshd.cli.main import main
 
 sys.exit(main())

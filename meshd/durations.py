@@ -3,7 +3,8 @@
 Go's ``time.ParseDuration`` and ``Duration.String()`` are the reference, because Consul speaks
 them on its HTTP API and operators write them in meshd's own files. The entry points with their
 callers' rules and error texts are thin wrappers around this module: ``meshd.config.durations``
-(what operators may write: no sign, ValueError) and ``meshd.registry.store_decode`` (Consul's
+(what operators may write: no sign, ValueError) and ``meshd.registry.embedded.store.decode``
+(Consul's
 ``Request decode failed`` texts, JSON numbers as nanoseconds). Pure.
 """
 

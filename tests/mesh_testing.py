@@ -20,8 +20,8 @@ from meshd.ca.server import serve_ca
 from meshd.ca.store import TokenStore, init_ca
 from meshd.config.parse import parse_host_config
 from meshd.config.schema import HostConfig
-from meshd.daemon import Daemon
-from meshd.registry.server import RegistryConfig, listen_port, serve_registry
+from meshd.daemon.lifetime import Daemon
+from meshd.registry.embedded.server import RegistryConfig, listen_port, serve_registry
 from meshd.registry.watch import ROUTES_KEY
 
 

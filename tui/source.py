@@ -20,12 +20,12 @@ from typing import Any, Protocol
 
 import httpx
 
+from meshd.cli.status import admin_error
+from meshd.cli.tui import TLS_OPTIONS
 from meshd.config.parse import routes_to_data
 from meshd.errors import MeshError
 from meshd.registry.consul import ConsulClient
 from meshd.registry.watch import ROUTES_KEY, decode_routes
-from meshd.status_command import admin_error
-from meshd.tui_command import TLS_OPTIONS
 from tui.observe import (
     HostPoll,
     Instance,

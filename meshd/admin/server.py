@@ -16,8 +16,8 @@ import trio
 
 from meshd.errors import MeshError
 from meshd.httpd import Request, Response, serve_http
+from meshd.identity.tls import HandshakeRefused, TLSState
 from meshd.metrics import Metrics
-from meshd.proxy.tls import HandshakeRefused, TLSState
 
 log = logging.getLogger(__name__)
 

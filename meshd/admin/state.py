@@ -23,17 +23,35 @@ Shape (stable keys; a later console issue may add, never rename):
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import meshd
 from meshd.config.parse import routes_to_data
 from meshd.config.schema import HostConfig
-from meshd.proxy.view import MeshView
+from meshd.identity.certs import Identity, TrustBundle
+from meshd.identity.manager import IdentityStatus
+from meshd.proxy.core.view import MeshView
+from meshd.registry.model import ProbeResult
+from meshd.registry.watch import WatchStatus
 
-if TYPE_CHECKING:
-    from meshd.daemon import DaemonState
+
+@dataclass
+class DaemonState:
+    """Mutable facts the daemon gathers while running, read by ``/v1/state``."""
+
+    started_at: float = field(default_factory=time.time)
+    ready: bool = False
+    stopping: bool = False
+    identities: dict[str, Identity] = field(default_factory=dict)
+    bundle: TrustBundle | None = None
+    health: dict[str, ProbeResult] = field(default_factory=dict)
+    watches: dict[str, WatchStatus] = field(default_factory=dict)
+    last_config_error: str = ""
+    identity: IdentityStatus | None = None  # renewal, deny list, roots (meshd.identity.manager)
 
 
 def build_state(

@@ -17,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from meshd.ca.tokens import format_time
+from meshd.timestamps import format_time
 
 AUDIT_FILE = "audit.log"
 _FORBIDDEN = frozenset({"token", "secret", "key", "key_pem", "private_key"})

@@ -20,24 +20,22 @@ them while the old root is still in the bundle (``Signer.chain``).
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from meshd.ca.spiffe import Kind, check_trust_domain, spiffe_id_of
+from meshd.identity.keys import CURVE_NAME, cert_pem
+from meshd.identity.spiffe import Kind, check_trust_domain, spiffe_id_of
 
 ROOT_LIFETIME = timedelta(days=3650)
 DEFAULT_LEAF_LIFETIME = timedelta(hours=24)
 DEFAULT_BACKDATE = timedelta(minutes=1)
-CURVE_NAME = "secp256r1"
 
 
 class CSRRejected(ValueError):
@@ -54,53 +52,9 @@ class Signer:
     chain: tuple[x509.Certificate, ...] = ()
 
 
-def new_private_key() -> ec.EllipticCurvePrivateKey:
-    """A fresh ECDSA P-256 key (CPU-bound for a few milliseconds; shells run it in a thread)."""
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def private_key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
-def load_private_key_pem(data: bytes) -> ec.EllipticCurvePrivateKey:
-    """Parse an unencrypted PEM key; raises ValueError unless it is an EC P-256 key."""
-    key = serialization.load_pem_private_key(data, password=None)
-    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != CURVE_NAME:
-        raise ValueError("private key is not an ECDSA P-256 key")
-    return key
-
-
-def cert_pem(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def fingerprint(cert: x509.Certificate) -> str:
-    """``sha256:<64 hex>`` of the DER certificate: how meshd.toml pins the CA."""
-    der = cert.public_bytes(serialization.Encoding.DER)
-    return "sha256:" + hashlib.sha256(der).hexdigest()
-
-
-def serial_hex(cert: x509.Certificate) -> str:
-    return format(cert.serial_number, "x")
-
-
 def chain_pem(cert: x509.Certificate, signer: Signer) -> bytes:
     """A leaf followed by what its verifier may need besides its roots (``Signer.chain``)."""
     return cert_pem(cert) + b"".join(cert_pem(c) for c in signer.chain)
-
-
-def same_public_key(a: ec.EllipticCurvePublicKey, b: object) -> bool:
-    if not isinstance(b, ec.EllipticCurvePublicKey):
-        return False
-    fmt = serialization.PublicFormat.SubjectPublicKeyInfo
-    return a.public_bytes(serialization.Encoding.DER, fmt) == b.public_bytes(
-        serialization.Encoding.DER, fmt
-    )
 
 
 def build_root(
@@ -294,17 +248,6 @@ def issue_server_cert(
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
     )
     return builder.sign(signer.key, hashes.SHA256())
-
-
-def verify_issued_by(cert: x509.Certificate, roots: Iterable[x509.Certificate]) -> bool:
-    """Whether one of ``roots`` signed ``cert`` (signature and issuer name; no time check)."""
-    for root in roots:
-        try:
-            cert.verify_directly_issued_by(root)
-        except (ValueError, TypeError, InvalidSignature):
-            continue
-        return True
-    return False
 
 
 def _leaf_builder(

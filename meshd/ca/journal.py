@@ -16,9 +16,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from meshd.ca import ledger
-from meshd.ca.files import write_private_file
 from meshd.ca.ledger import IssuedRecord, Ledger
 from meshd.errors import CAError
+from meshd.identity.files import write_private_file
 
 log = logging.getLogger(__name__)
 

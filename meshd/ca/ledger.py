@@ -22,8 +22,9 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from meshd.ca.spiffe import Kind, parse_identity
-from meshd.ca.tokens import JoinToken, Refusal, format_time, parse_time
+from meshd.ca.tokens import JoinToken, Refusal
+from meshd.identity.spiffe import Kind, parse_identity
+from meshd.timestamps import format_time, parse_time
 
 
 @dataclass(frozen=True)
@@ -237,7 +238,7 @@ def denylist(ledger: Ledger, now: datetime) -> list[str]:
 
 
 def normalize_serial(serial: str) -> str:
-    """``"0x00AB"`` / ``"ab"`` / ``"AB"`` -> ``"ab"`` (as ``issuer.serial_hex`` writes them).
+    """``"0x00AB"`` / ``"ab"`` / ``"AB"`` -> ``"ab"`` (as ``keys.serial_hex`` writes them).
     Raises ValueError when it is not hexadecimal."""
     text = serial.strip().lower().removeprefix("0x").replace(":", "")
     return format(int(text, 16), "x")

@@ -14,10 +14,9 @@ from pathlib import Path
 
 from cryptography import x509
 
-from meshd.ca import audit, issuer, ledger, tokens
-from meshd.ca.files import write_private_file, write_public_file
+from meshd import timestamps
+from meshd.ca import audit, issuer, ledger
 from meshd.ca.ledger import IssuedRecord
-from meshd.ca.spiffe import Kind, check_name, spiffe_id_of
 from meshd.ca.store import (
     SETTINGS,
     CADatabase,
@@ -29,6 +28,9 @@ from meshd.ca.store import (
     settings_json,
 )
 from meshd.errors import CAError
+from meshd.identity import keys
+from meshd.identity.files import write_private_file, write_public_file
+from meshd.identity.spiffe import Kind, check_name, spiffe_id_of
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,7 @@ def issue_offline(
         raise CAError(str(exc)) from None
     load_ca(directory)  # a clear error when there is no CA here
     db = CADatabase(directory)
-    key = issuer.new_private_key()
+    key = keys.new_private_key()
     with db.transaction() as txn:
         material = load_ca(directory)
         try:
@@ -55,7 +57,7 @@ def issue_offline(
                 lifetime=lifetime or material.settings.leaf_lifetime)
         except ValueError as exc:
             raise CAError(str(exc)) from None
-        record = IssuedRecord(issuer.serial_hex(cert), kind, name, None, material.fingerprint,
+        record = IssuedRecord(keys.serial_hex(cert), kind, name, None, material.fingerprint,
                               now, cert.not_valid_after_utc)
         ledger.prune(txn.ledger, now)
         ledger.record_issued(txn.ledger, record)
@@ -63,7 +65,7 @@ def issue_offline(
             "issue", now=now, who=who or audit.operator(),
             what=spiffe_id_of(material.trust_domain, kind, name), serial=record.serial,
             not_after=record.not_after, root=record.root))
-    return material, issuer.private_key_pem(key), cert, issuer.chain_pem(cert, material.signer)
+    return material, keys.private_key_pem(key), cert, issuer.chain_pem(cert, material.signer)
 
 
 def revoke(
@@ -112,7 +114,7 @@ def rotate_ca(directory: str | os.PathLike[str], *, now: datetime, who: str = ""
                 raise CAError("a root rotation is already in progress; finish it first "
                               "(`meshd ca rotate --finish`)")
             generation = old.files.generation + 1
-            key = issuer.new_private_key()
+            key = keys.new_private_key()
             root = issuer.build_root(key, old.trust_domain, now)
             try:
                 cross = issuer.cross_sign(old.signer, root, now)
@@ -120,15 +122,15 @@ def rotate_ca(directory: str | os.PathLike[str], *, now: datetime, who: str = ""
                 raise CAError(str(exc)) from None
             files = RootFiles(root=f"root-{generation}", generation=generation,
                               previous_root=old.files.root, cross_cert=f"cross-{generation}.crt")
-            write_private_file(d / f"{files.root}.key", issuer.private_key_pem(key))
-            write_public_file(d / f"{files.root}.crt", issuer.cert_pem(root))
-            write_public_file(d / str(files.cross_cert), issuer.cert_pem(cross))
+            write_private_file(d / f"{files.root}.key", keys.private_key_pem(key))
+            write_public_file(d / f"{files.root}.crt", keys.cert_pem(root))
+            write_public_file(d / str(files.cross_cert), keys.cert_pem(cross))
             write_public_file(d / SETTINGS, settings_json(old.settings, files, root, now))
             # The old key signs nothing any more: the cross certificate was its last signature.
             (d / f"{old.files.root}.key").unlink(missing_ok=True)
             audit.append(d, [audit.event(
-                "rotate", now=now, who=who, what=old.trust_domain, root=issuer.fingerprint(root),
-                previous_root=old.fingerprint, serial=issuer.serial_hex(cross))])
+                "rotate", now=now, who=who, what=old.trust_domain, root=keys.fingerprint(root),
+                previous_root=old.fingerprint, serial=keys.serial_hex(cross))])
     except OSError as exc:
         raise CAError(f"cannot rotate the root in {d}: {exc}") from exc
     material = load_ca(d)
@@ -175,11 +177,11 @@ def depending_reason(depending: list[IssuedRecord], trust_domain: str, shown: in
     names = [
         f"{spiffe_id_of(trust_domain, r.kind, r.name)} (serial {r.serial}"
         + (f", node {r.node}" if r.node else "")
-        + f", expires {tokens.format_time(r.not_after)})"
+        + f", expires {timestamps.format_time(r.not_after)})"
         for r in depending[:shown]
     ]
     more = f" and {len(depending) - shown} more" if len(depending) > shown else ""
     last = max(r.not_after for r in depending)
     return (f"{len(depending)} live certificate(s) still depend on the previous root: "
             f"{'; '.join(names)}{more}. Nodes move to the new root at their next renewal; "
-            f"otherwise wait until {tokens.format_time(last)} or revoke them")
+            f"otherwise wait until {timestamps.format_time(last)} or revoke them")

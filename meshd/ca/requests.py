@@ -13,8 +13,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from meshd.ca import issuer
-from meshd.ca.spiffe import check_name, spiffe_ids_from_cert
 from meshd.ca.tokens import Refusal
+from meshd.identity import keys
+from meshd.identity.spiffe import check_name, spiffe_ids_from_cert
 
 MAX_SERVICES_PER_JOIN = 64
 
@@ -115,4 +116,4 @@ class PeerCertificate:
             cert = x509.load_der_x509_certificate(der)
         except ValueError:
             return None
-        return cls(spiffe_ids_from_cert(cert), issuer.serial_hex(cert), cert.not_valid_after_utc)
+        return cls(spiffe_ids_from_cert(cert), keys.serial_hex(cert), cert.not_valid_after_utc)

@@ -36,7 +36,8 @@ from typing import Any
 import trio
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from meshd.ca import audit, issuer, ledger, store, tokens
+from meshd import timestamps
+from meshd.ca import audit, issuer, ledger, store
 from meshd.ca.ledger import IssuedRecord, NodeRecord
 from meshd.ca.requests import (
     CertRequest,
@@ -56,11 +57,12 @@ from meshd.ca.server_tls import (
     server_hosts,
     server_tls_context,
 )
-from meshd.ca.spiffe import Kind, spiffe_id_of
 from meshd.ca.store import CADatabase, CAMaterial, load_ca
 from meshd.ca.tokens import Refusal
 from meshd.errors import CAError
 from meshd.httpd import Request, Response, serve_http
+from meshd.identity import keys
+from meshd.identity.spiffe import Kind, spiffe_id_of
 
 __all__ = [  # (the request parsing and the API's TLS live in requests and server_tls)
     "CAEndpoint", "CAService", "CertRequest", "JoinRequest", "PeerCertificate",
@@ -142,7 +144,7 @@ class CAService:
             log.error("deny list unavailable: %s", exc)
             return _refuse(Refusal(500, "internal", "the CA cannot read its state"))
         # the roots' fingerprints too, so that pollers fetch /v1/ca/roots only on a change
-        roots = [issuer.fingerprint(r) for r in self._materials.current.roots()]
+        roots = [keys.fingerprint(r) for r in self._materials.current.roots()]
         return Response.json({"version": version, "serials": serials, "roots": roots})
 
     def _confirm(self, state: ledger.Ledger, peer: PeerCertificate) -> None:
@@ -266,7 +268,7 @@ class CAService:
             except ValueError as exc:  # the root has expired
                 log.error("cannot issue %s: %s", spiffe_id_of(td, kind, name), exc)
                 raise CAError(str(exc)) from exc
-            record = IssuedRecord(issuer.serial_hex(cert), kind, name, node.name,
+            record = IssuedRecord(keys.serial_hex(cert), kind, name, node.name,
                                   material.fingerprint, now, cert.not_valid_after_utc, batch)
             ledger.record_issued(txn.ledger, record)
             spiffe_id = spiffe_id_of(td, kind, name)
@@ -276,11 +278,11 @@ class CAService:
             answers[f"{kind.value}/{name}"] = {
                 "cert_pem": issuer.chain_pem(cert, material.signer).decode(),
                 "serial": record.serial,
-                "not_after": tokens.format_time(record.not_after),
+                "not_after": timestamps.format_time(record.not_after),
                 "spiffe_id": spiffe_id,
             }
             log.info("issued %s to %s: serial %s, valid until %s", spiffe_id, who,
-                     record.serial, tokens.format_time(record.not_after))
+                     record.serial, timestamps.format_time(record.not_after))
         return {
             "trust_domain": td,
             "roots": roots_pem(material),

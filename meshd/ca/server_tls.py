@@ -18,9 +18,10 @@ import psutil
 import trio
 
 from meshd.ca import issuer, store
-from meshd.ca.files import write_private_file, write_public_file
 from meshd.ca.store import CAMaterial, load_ca
 from meshd.errors import CAError
+from meshd.identity import keys
+from meshd.identity.files import write_private_file, write_public_file
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ class MaterialCache:
 
 
 def roots_pem(material: CAMaterial) -> list[str]:
-    return [issuer.cert_pem(root).decode() for root in material.roots()]
+    return [keys.cert_pem(root).decode() for root in material.roots()]
 
 
 # -- the API's own TLS --------------------------------------------------------------------------
@@ -103,13 +104,13 @@ class ServerTLS:
         """Issue a fresh certificate from ``material`` and put it in force (CPU: key
         generation and signing, about a millisecond)."""
         context = _base_context()
-        key = issuer.new_private_key()
+        key = keys.new_private_key()
         cert = issuer.issue_server_cert(material.signer, key.public_key(), hosts=self.hosts,
                                         now=now, lifetime=SERVER_CERT_LIFETIME)
         # ssl only loads certificates from files: use a private temporary directory, gone at once.
         with tempfile.TemporaryDirectory(prefix="meshd-ca-tls-") as tmp:
             key_path, cert_path = Path(tmp, "server.key"), Path(tmp, "server.crt")
-            write_private_file(key_path, issuer.private_key_pem(key))
+            write_private_file(key_path, keys.private_key_pem(key))
             write_public_file(cert_path, issuer.chain_pem(cert, material.signer))
             context.load_cert_chain(os.fspath(cert_path), os.fspath(key_path))
         context.load_verify_locations(cadata="".join(roots_pem(material)))

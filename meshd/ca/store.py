@@ -39,13 +39,15 @@ from typing import Any
 
 from cryptography import x509
 
+from meshd import timestamps
 from meshd.ca import audit, issuer, ledger, tokens
-from meshd.ca.files import ensure_private_dir, write_private_file, write_public_file
 from meshd.ca.journal import IssuedJournal
 from meshd.ca.ledger import IssuedRecord, Ledger
-from meshd.ca.spiffe import check_trust_domain
 from meshd.ca.tokens import JoinToken, Refusal
 from meshd.errors import CAError
+from meshd.identity import keys
+from meshd.identity.files import ensure_private_dir, write_private_file, write_public_file
+from meshd.identity.spiffe import check_trust_domain
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +100,11 @@ class CAMaterial:
 
     @property
     def fingerprint(self) -> str:
-        return issuer.fingerprint(self.signer.cert)
+        return keys.fingerprint(self.signer.cert)
 
     @property
     def previous_fingerprint(self) -> str | None:
-        return issuer.fingerprint(self.previous) if self.previous is not None else None
+        return keys.fingerprint(self.previous) if self.previous is not None else None
 
     def roots(self) -> list[x509.Certificate]:
         """The trust bundle: the signing root, and during a rotation the previous one."""
@@ -133,7 +135,7 @@ def init_ca(
         raise CAError(
             f"{d} already holds a CA ({', '.join(existing)}); pass --force to replace it"
         )
-    key = issuer.new_private_key()
+    key = keys.new_private_key()
     root = issuer.build_root(key, trust_domain, now)
     settings = CAStoreSettings(trust_domain, leaf_lifetime)
     files = RootFiles()
@@ -145,11 +147,11 @@ def init_ca(
             (d / ISSUED).unlink(missing_ok=True)
             for stale in [*d.glob("root-*.key"), *d.glob("root-*.crt"), *d.glob("cross-*.crt")]:
                 stale.unlink()
-            write_private_file(d / ROOT_KEY, issuer.private_key_pem(key))
-            write_public_file(d / ROOT_CERT, issuer.cert_pem(root))
+            write_private_file(d / ROOT_KEY, keys.private_key_pem(key))
+            write_public_file(d / ROOT_CERT, keys.cert_pem(root))
             write_public_file(d / SETTINGS, settings_json(settings, files, root, now))
             audit.append(d, [audit.event("init", now=now, who=who or audit.operator(),
-                                         what=trust_domain, root=issuer.fingerprint(root))])
+                                         what=trust_domain, root=keys.fingerprint(root))])
     except OSError as exc:
         raise CAError(f"cannot initialise CA in {d}: {exc}") from exc
     return CAMaterial(d, settings, issuer.Signer(key, root), files=files)
@@ -177,7 +179,7 @@ def load_ca(directory: str | os.PathLike[str]) -> CAMaterial:
             raise CAError(
                 f"{key_path} is accessible by group or others (mode {mode:04o}); chmod 600 it"
             )
-        key = issuer.load_private_key_pem(key_path.read_bytes())
+        key = keys.load_private_key_pem(key_path.read_bytes())
         root = x509.load_pem_x509_certificate((d / f"{files.root}.crt").read_bytes())
         previous = chain = None
         if files.previous_root and files.cross_cert:
@@ -190,7 +192,7 @@ def load_ca(directory: str | os.PathLike[str]) -> CAMaterial:
         raise CAError(f"cannot read CA in {d}: {exc}") from exc
     except (ValueError, KeyError, TypeError) as exc:
         raise CAError(f"corrupt CA in {d}: {exc}") from exc
-    if not issuer.same_public_key(key.public_key(), root.public_key()):
+    if not keys.same_public_key(key.public_key(), root.public_key()):
         raise CAError(f"{key_path} does not match {d / (files.root + '.crt')}")
     if settings.leaf_lifetime <= timedelta(0):
         raise CAError(f"corrupt CA in {d}: leaf_lifetime_seconds must be positive")
@@ -390,11 +392,11 @@ def settings_json(
         "version": FORMAT_VERSION,
         "trust_domain": settings.trust_domain,
         "leaf_lifetime_seconds": int(settings.leaf_lifetime.total_seconds()),
-        "root_fingerprint": issuer.fingerprint(root),
+        "root_fingerprint": keys.fingerprint(root),
         "root": files.root,
         "root_generation": files.generation,
         "previous_root": files.previous_root,
         "cross_cert": files.cross_cert,
-        "updated_at": tokens.format_time(now),
+        "updated_at": timestamps.format_time(now),
     }
     return (json.dumps(body, indent=2) + "\n").encode()

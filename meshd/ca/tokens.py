@@ -16,10 +16,11 @@ import re
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
-from meshd.ca.spiffe import check_name
+from meshd.identity.spiffe import check_name
+from meshd.timestamps import format_time, parse_time
 
 _TOKEN = re.compile(r"([0-9a-f]{8})\.([A-Za-z0-9_-]{32,128})")
 
@@ -153,18 +154,6 @@ def from_json(token_id: str, obj: Mapping[str, Any]) -> JoinToken:
         expires_at=parse_time(obj["expires_at"]),
         uses_left=uses,
     )
-
-
-def format_time(when: datetime) -> str:
-    """RFC 3339 in UTC with a ``Z``: ``2025-01-02T03:04:05Z``."""
-    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_time(text: str) -> datetime:
-    when = datetime.fromisoformat(text)
-    if when.tzinfo is None:
-        raise ValueError(f"timestamp without a time zone: {text!r}")
-    return when.astimezone(UTC)
 
 
 def _digest(secret: str) -> str:

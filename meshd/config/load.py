@@ -48,7 +48,7 @@ def validate_file(path: Path) -> list[Problem]:
         if kind == "routes":
             parse_routes(data, str(path))
         elif kind == "mesh":
-            from meshd.dev.mesh import parse_mesh  # the laptop runner's format
+            from meshd.config.mesh import parse_mesh  # the laptop runner's format
 
             parse_mesh(data, str(path), path.parent)
         else:

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from meshd.config.durations import format_duration
+from meshd.config.mesh_schema import MeshConfig, MeshHost, host_data
 from meshd.config.schema import LocalService, MTLSMode
-from meshd.dev.model import MeshConfig, MeshHost, host_data
 
 
 def host_config_data(mesh: MeshConfig, host: MeshHost, *, fingerprint: str,

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 import psutil
 
-from meshd.dev.model import PortClaim
+from meshd.config.mesh_schema import PortClaim
 
 
 def ports_in_use(claims: Iterable[PortClaim]) -> list[str]:

@@ -29,13 +29,13 @@ import trio
 
 import meshd
 from meshd.config.load import load_host_config, load_routes, read_toml
+from meshd.config.mesh import parse_mesh
+from meshd.config.mesh_schema import MeshConfig, MeshHost, MeshService, port_claims
 from meshd.config.parse import FINGERPRINT_RE, routes_to_data
 from meshd.config.schema import RouteTable
 from meshd.dev import probes
 from meshd.dev.console import Console
 from meshd.dev.generate import expand_command, host_config_data, render_toml
-from meshd.dev.mesh import parse_mesh
-from meshd.dev.model import MeshConfig, MeshHost, MeshService, port_claims
 from meshd.dev.ports import ports_in_use
 from meshd.dev.report import Row, format_table
 from meshd.dev.supervisor import Child, ChildSpec, Supervisor

@@ -21,10 +21,10 @@ import trio
 from meshd.config.schema import DEFAULT_MAX_PENDING, DestinationPolicy, OutlierDetection
 from meshd.config.schema import RetryBudget as RetryBudgetConfig
 from meshd.metrics import Metrics
-from meshd.proxy.balancer import Balancer, PickInputs, make_balancer
-from meshd.proxy.breaker import Admission, CircuitBreaker
-from meshd.proxy.outlier import Outcome, OutlierDetector, admitted
-from meshd.proxy.retry import RetryBudget
+from meshd.proxy.core.balancer import Balancer, PickInputs, make_balancer
+from meshd.proxy.core.breaker import Admission, CircuitBreaker
+from meshd.proxy.core.outlier import Outcome, OutlierDetector, admitted
+from meshd.proxy.core.retry import RetryBudget
 from meshd.registry.model import Endpoint, EndpointSet
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from typing import Protocol
 import trio
 
 from meshd.errors import ProxyError
-from meshd.proxy.http1 import (
+from meshd.proxy.core.http1 import (
     END,
     Data,
     Event,
@@ -33,7 +33,7 @@ from meshd.proxy.http1 import (
     ResponseReader,
     downstream_framing,
 )
-from meshd.proxy.http1_write import (
+from meshd.proxy.core.http1_write import (
     encode_data,
     encode_end,
     end_to_end,
@@ -137,7 +137,8 @@ class RequestSource:
 
 class BodySource(Protocol):
     """Where an exchange reads the request's body events from: the client connection itself
-    (``RequestSource``), or one try's replay of a body kept for retries (``meshd.proxy.replay``).
+    (``RequestSource``), or one try's replay of a body kept for retries
+    (``meshd.proxy.replay``).
     ``message_done`` is true once the request's ``END`` has been taken."""
 
     @property

@@ -23,25 +23,25 @@ from dataclasses import dataclass
 import trio
 
 from meshd.errors import ProxyError
+from meshd.proxy.core.http1 import (
+    Header,
+    ProtocolError,
+    RequestHead,
+)
+from meshd.proxy.core.http1_write import (
+    append_forwarded_for,
+    end_to_end,
+    serialize_request,
+    simple_response,
+)
+from meshd.proxy.core.trace import REQUEST_ID, TRACEPARENT, RequestIdentity
 from meshd.proxy.exchange import (
     STREAM_ERRORS,
     ClientGone,
     Exchange,
     RequestSource,
 )
-from meshd.proxy.http1 import (
-    Header,
-    ProtocolError,
-    RequestHead,
-)
-from meshd.proxy.http1_write import (
-    append_forwarded_for,
-    end_to_end,
-    serialize_request,
-    simple_response,
-)
 from meshd.proxy.pool import ConnectionPool, Connector
-from meshd.proxy.trace import REQUEST_ID, TRACEPARENT, RequestIdentity
 
 log = logging.getLogger(__name__)
 

@@ -29,9 +29,13 @@ from dataclasses import dataclass, field
 import trio
 
 from meshd.config.schema import HostConfig, LocalService, MTLSMode, Protocol
+from meshd.identity.tls import HandshakeRefused, TLSState
 from meshd.metrics import Metrics
 from meshd.proxy.access import AccessEntry, AccessLog
-from meshd.proxy.authz import DEFAULT_DENY, Caller, Verdict, authorize, normalize_path
+from meshd.proxy.core.authz import DEFAULT_DENY, Caller, Verdict, authorize, normalize_path
+from meshd.proxy.core.http1 import ProtocolError, RequestHead
+from meshd.proxy.core.trace import identify
+from meshd.proxy.core.view import MeshView, ViewCell
 from meshd.proxy.exchange import RequestSource
 from meshd.proxy.forward import (
     ClientConnection,
@@ -42,14 +46,10 @@ from meshd.proxy.forward import (
     serve_requests,
     upstream_request_head,
 )
-from meshd.proxy.http1 import ProtocolError, RequestHead
 from meshd.proxy.pool import ConnectionPool
 from meshd.proxy.pump import pump
 from meshd.proxy.sockio import SocketConnection, connect_tcp
 from meshd.proxy.streams import accept_mtls
-from meshd.proxy.tls import HandshakeRefused, TLSState
-from meshd.proxy.trace import identify
-from meshd.proxy.view import MeshView, ViewCell
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import trio
 
 from meshd.metrics import Metrics
+from meshd.proxy.core.http1 import END, Data, Event, RequestHead
 from meshd.proxy.exchange import Exchange
 from meshd.proxy.forward import ConnectFailed
-from meshd.proxy.http1 import END, Data, Event, RequestHead
 from meshd.proxy.pool import ConnectionPool
 from meshd.registry.model import Endpoint
 

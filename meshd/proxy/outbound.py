@@ -8,7 +8,7 @@ may go to a mirror subset afterwards. TCP: the default route's split, one endpoi
 connection, bytes pumped both ways.
 
 Every request leaves with an ``X-Request-Id`` (kept, or made) and a ``traceparent`` of this hop
-(``meshd.proxy.trace``); the destination's ``policy.max_request_bytes`` bounds its body (413).
+(``meshd.proxy.core.trace``); the destination's ``policy.max_request_bytes`` bounds its body (413).
 """
 
 from __future__ import annotations
@@ -23,11 +23,19 @@ import trio
 
 from meshd.config.schema import LocalService, Protocol, Route, Upstream
 from meshd.errors import IdentityError
+from meshd.identity.tls import HandshakeRefused, TLSState
 from meshd.metrics import Metrics
 from meshd.proxy.access import AccessEntry, AccessLog
+from meshd.proxy.core.fault import decide_fault, mirrored
+from meshd.proxy.core.http1 import ProtocolError, RequestHead
+from meshd.proxy.core.matcher import RequestFacts
+from meshd.proxy.core.outlier import CONNECTED, Failure
+from meshd.proxy.core.retry import REPLAY_LIMIT, Body, retry_verdict
+from meshd.proxy.core.router import Decision, RoutePlan, candidates, no_endpoint_reason, plan
+from meshd.proxy.core.trace import RequestIdentity, identify
+from meshd.proxy.core.view import MeshView, ViewCell
 from meshd.proxy.destinations import Destinations, DestinationState
 from meshd.proxy.exchange import RequestSource
-from meshd.proxy.fault import decide_fault, mirrored
 from meshd.proxy.forward import (
     ClientConnection,
     ConnectFailed,
@@ -36,21 +44,13 @@ from meshd.proxy.forward import (
     serve_requests,
     upstream_request_head,
 )
-from meshd.proxy.http1 import ProtocolError, RequestHead
-from meshd.proxy.matcher import RequestFacts
 from meshd.proxy.mirror import MIRROR_HEADER, MIRROR_TIMEOUT, Mirror, MirrorJob
-from meshd.proxy.outlier import CONNECTED, Failure
 from meshd.proxy.pool import ConnectionPool
 from meshd.proxy.pump import pump
 from meshd.proxy.replay import ReplayBody
-from meshd.proxy.retry import REPLAY_LIMIT, Body, retry_verdict
-from meshd.proxy.router import Decision, RoutePlan, candidates, no_endpoint_reason, plan
 from meshd.proxy.sockio import SocketConnection
 from meshd.proxy.streams import TLSStream, open_mtls
-from meshd.proxy.tls import HandshakeRefused, TLSState
-from meshd.proxy.trace import RequestIdentity, identify
 from meshd.proxy.tries import LOCAL_CONNECT_FAILURES, REASON_HEADER, Call, Tries
-from meshd.proxy.view import MeshView, ViewCell
 from meshd.registry.model import Endpoint
 
 log = logging.getLogger(__name__)

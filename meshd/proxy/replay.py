@@ -10,9 +10,9 @@ buffered at all, so a large upload never sits in memory.
 
 from __future__ import annotations
 
+from meshd.proxy.core.http1 import END, Data, Event, Framing, RequestHead
+from meshd.proxy.core.retry import Body
 from meshd.proxy.exchange import RequestSource
-from meshd.proxy.http1 import END, Data, Event, Framing, RequestHead
-from meshd.proxy.retry import Body
 
 
 class ReplayBody:

@@ -25,15 +25,15 @@ import trio
 
 from meshd.config.schema import HostConfig
 from meshd.errors import ProxyError
+from meshd.identity.tls import TLSState
 from meshd.metrics import Metrics
 from meshd.proxy.access import AccessLog
+from meshd.proxy.core.view import ViewCell
 from meshd.proxy.forward import ClientConnection
 from meshd.proxy.inbound import APP_IDLE_TIMEOUT, Inbound, InboundContext
 from meshd.proxy.outbound import Outbound, OutboundContext
 from meshd.proxy.pool import DEFAULT_IDLE_TIMEOUT, ConnectionPool
 from meshd.proxy.sockio import SocketConnection
-from meshd.proxy.tls import TLSState
-from meshd.proxy.view import ViewCell
 
 log = logging.getLogger(__name__)
 

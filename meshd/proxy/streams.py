@@ -22,8 +22,8 @@ import ssl
 
 import trio
 
+from meshd.identity.tls import HandshakeRefused, MeshSSLObject, TLSState, classify_tls_failure
 from meshd.proxy.sockio import SocketConnection, connect_tcp
-from meshd.proxy.tls import HandshakeRefused, MeshSSLObject, TLSState, classify_tls_failure
 
 RECEIVE_SIZE = 64 * 1024
 CLOSE_NOTIFY_TIMEOUT = 0.5

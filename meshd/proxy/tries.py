@@ -26,6 +26,10 @@ import trio
 
 from meshd.config.schema import RetryPolicy
 from meshd.metrics import Metrics
+from meshd.proxy.core.http1 import Framing, RequestHead, ResponseHead
+from meshd.proxy.core.outlier import Failure, Outcome
+from meshd.proxy.core.retry import Body, condition_met, retry_backoff, retry_verdict
+from meshd.proxy.core.router import RoutePlan
 from meshd.proxy.destinations import DestinationState
 from meshd.proxy.exchange import BodySource, Exchange, RequestSource
 from meshd.proxy.forward import (
@@ -37,12 +41,8 @@ from meshd.proxy.forward import (
     bounded,
     conclude,
 )
-from meshd.proxy.http1 import Framing, RequestHead, ResponseHead
-from meshd.proxy.outlier import Failure, Outcome
 from meshd.proxy.pool import ConnectionPool
 from meshd.proxy.replay import ReplayBody
-from meshd.proxy.retry import Body, condition_met, retry_backoff, retry_verdict
-from meshd.proxy.router import RoutePlan
 from meshd.registry.model import Endpoint, EndpointSet
 
 log = logging.getLogger(__name__)

@@ -11,6 +11,18 @@ from typing import Any
 
 VERSION_META = "version"
 NODE_META = "meshd-node"
+PASSING = "passing"
+CRITICAL = "critical"
+
+
+@dataclass
+class ProbeResult:
+    """A local app's health as meshd probed it, reported to the registry by its TTL check
+    (``meshd.daemon.health``) and shown in ``/v1/state``."""
+
+    status: str  # PASSING or CRITICAL
+    output: str
+    at: float = 0.0
 
 
 @dataclass(frozen=True, order=True)

@@ -8,15 +8,15 @@ from typing import Any
 
 import httpx
 
-from meshd.ca import issuer
 from meshd.ca.server import CAEndpoint
 from meshd.ca.store import CAMaterial
+from meshd.identity import keys
 
 TRUST_DOMAIN = "mesh.test"
 
 
 def verified_context(ca: CAMaterial) -> ssl.SSLContext:
-    context = ssl.create_default_context(cadata=issuer.cert_pem(ca.signer.cert).decode())
+    context = ssl.create_default_context(cadata=keys.cert_pem(ca.signer.cert).decode())
     return context
 
 

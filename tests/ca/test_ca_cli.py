@@ -15,9 +15,9 @@ import trio
 from cryptography import x509
 from net_testing import free_port
 
-from meshd.ca import client
-from meshd.ca.command import parse_duration
 from meshd.ca.store import load_ca
+from meshd.cli.ca import parse_duration
+from meshd.identity import ca_client as client
 
 
 def meshd(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:

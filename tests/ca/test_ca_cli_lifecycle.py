@@ -11,8 +11,8 @@ from cryptography import x509
 from test_ca_cli import meshd, mode
 
 from meshd.ca import audit
-from meshd.ca.spiffe import spiffe_ids_from_cert
 from meshd.ca.store import load_ca
+from meshd.identity.spiffe import spiffe_ids_from_cert
 
 
 @pytest.mark.e2e

@@ -18,9 +18,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from meshd.ca import issuer
-from meshd.ca.files import write_identity
-from meshd.ca.identity import Identity
-from meshd.ca.spiffe import spiffe_ids_from_cert_der
+from meshd.identity import keys
+from meshd.identity.certs import Identity
+from meshd.identity.files import write_identity
+from meshd.identity.spiffe import spiffe_ids_from_cert_der
 
 TD = "mesh.test"
 NOW = datetime(2030, 6, 1, 12, 0, 0, tzinfo=UTC)
@@ -28,7 +29,7 @@ NOW = datetime(2030, 6, 1, 12, 0, 0, tzinfo=UTC)
 
 @pytest.fixture(scope="module")
 def signer() -> issuer.Signer:
-    key = issuer.new_private_key()
+    key = keys.new_private_key()
     return issuer.Signer(key, issuer.build_root(key, TD, NOW))
 
 
@@ -54,11 +55,11 @@ def test_root(signer: issuer.Signer) -> None:
     assert ku.key_cert_sign and ku.crl_sign
     assert root.not_valid_after_utc - NOW == timedelta(days=3650)
     root.verify_directly_issued_by(root)
-    assert re.fullmatch(r"sha256:[0-9a-f]{64}", issuer.fingerprint(root))
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}", keys.fingerprint(root))
 
 
 def test_leaf_ignores_what_the_csr_asks_for(signer: issuer.Signer) -> None:
-    key = issuer.new_private_key()
+    key = keys.new_private_key()
     csr = make_csr(key, cn="admin", sans=[
         x509.DNSName("ca.example"),
         x509.UniformResourceIdentifier("spiffe://mesh.test/svc/admin"),
@@ -68,7 +69,7 @@ def test_leaf_ignores_what_the_csr_asks_for(signer: issuer.Signer) -> None:
     san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert list(san) == [x509.UniformResourceIdentifier("spiffe://mesh.test/svc/web")]
     assert leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "web"
-    assert issuer.same_public_key(key.public_key(), leaf.public_key())
+    assert keys.same_public_key(key.public_key(), leaf.public_key())
     assert leaf.not_valid_after_utc - NOW == timedelta(hours=24)
     assert NOW - leaf.not_valid_before_utc == timedelta(minutes=1)
     eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
@@ -81,7 +82,7 @@ def test_leaf_ignores_what_the_csr_asks_for(signer: issuer.Signer) -> None:
 
 
 def test_leaf_chain_verifies_against_the_root(signer: issuer.Signer) -> None:
-    leaf = issuer.issue_leaf(signer, issuer.new_private_key().public_key(), service="cart",
+    leaf = issuer.issue_leaf(signer, keys.new_private_key().public_key(), service="cart",
                              trust_domain=TD, now=NOW)
     verifier = (
         PolicyBuilder().store(Store([signer.cert])).time(NOW + timedelta(hours=1))
@@ -100,7 +101,7 @@ def test_leaf_chain_verifies_against_the_root(signer: issuer.Signer) -> None:
 
 
 def test_lifetime_serial_and_root_expiry(signer: issuer.Signer) -> None:
-    public_key = issuer.new_private_key().public_key()
+    public_key = keys.new_private_key().public_key()
     one = issuer.issue_leaf(signer, public_key, service="web", trust_domain=TD, now=NOW,
                             lifetime=timedelta(hours=1))
     two = issuer.issue_leaf(signer, public_key, service="web", trust_domain=TD, now=NOW)
@@ -133,7 +134,7 @@ def test_csr_with_a_key_other_than_p256_is_refused(
 
 
 def test_csr_with_a_bad_signature_is_refused(signer: issuer.Signer) -> None:
-    der = bytearray(make_csr(issuer.new_private_key()).public_bytes(serialization.Encoding.DER))
+    der = bytearray(make_csr(keys.new_private_key()).public_bytes(serialization.Encoding.DER))
     der[-1] ^= 0x01  # last byte of the ECDSA signature's s
     csr = x509.load_der_x509_csr(bytes(der))
     with pytest.raises(issuer.CSRRejected, match="signature"):
@@ -147,17 +148,17 @@ def test_garbage_csr_is_refused() -> None:
 
 
 def _identity(signer: issuer.Signer, service: str) -> Identity:
-    key = issuer.new_private_key()
+    key = keys.new_private_key()
     now = datetime.now(UTC)
     cert = issuer.issue_leaf(signer, key.public_key(), service=service, trust_domain=TD, now=now)
-    return Identity.from_pem(issuer.cert_pem(cert), issuer.private_key_pem(key))
+    return Identity.from_pem(keys.cert_pem(cert), keys.private_key_pem(key))
 
 
 async def test_leaves_do_mutual_tls_with_openssl(tmp_path: Path) -> None:
-    key = issuer.new_private_key()
+    key = keys.new_private_key()
     now = datetime.now(UTC)
     signer = issuer.Signer(key, issuer.build_root(key, TD, now))
-    root_pem = issuer.cert_pem(signer.cert).decode()
+    root_pem = keys.cert_pem(signer.cert).decode()
     for service in ("web", "payments"):
         write_identity(tmp_path, _identity(signer, service))
 

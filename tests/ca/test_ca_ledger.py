@@ -9,8 +9,8 @@ import pytest
 
 from meshd.ca import ledger, tokens
 from meshd.ca.ledger import IssuedRecord, Ledger
-from meshd.ca.spiffe import Kind
 from meshd.ca.tokens import Refusal
+from meshd.identity.spiffe import Kind
 
 NOW = datetime(2030, 6, 1, tzinfo=UTC)
 TD = "mesh.test"

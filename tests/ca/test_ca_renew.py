@@ -16,13 +16,15 @@ from ca_testing import TRUST_DOMAIN, verified_context
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from meshd.ca import audit, client, files, issuer
-from meshd.ca.client import CAConnection, CARefusedError
-from meshd.ca.identity import JoinResult
+from meshd.ca import audit
 from meshd.ca.server import CAEndpoint, serve_ca
-from meshd.ca.spiffe import Kind
 from meshd.ca.store import CADatabase, CAMaterial, TokenStore
 from meshd.errors import CAError
+from meshd.identity import ca_client as client
+from meshd.identity import files, keys
+from meshd.identity.ca_client import CAConnection, CARefusedError
+from meshd.identity.certs import JoinResult
+from meshd.identity.spiffe import Kind
 
 
 def mint(ca: CAMaterial, node: str = "n1", services: tuple[str, ...] = ("web", "cart"),
@@ -216,4 +218,4 @@ async def test_every_issuance_is_audited_without_secrets(
         assert secret not in text and "PRIVATE KEY" not in text
     assert (ca.directory / audit.AUDIT_FILE).stat().st_mode & 0o777 == 0o600
     assert json.loads(raw.splitlines()[0])["action"] == "init"
-    assert issuer.fingerprint(ca.signer.cert) == issued[0]["root"]
+    assert keys.fingerprint(ca.signer.cert) == issued[0]["root"]

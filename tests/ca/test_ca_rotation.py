@@ -16,29 +16,31 @@ import trio.testing
 from cryptography import x509
 from test_ca_renew import connection, joined, store_result
 
-from meshd.ca import audit, client, files, issuer, operations, store
-from meshd.ca.identity import Identity
+from meshd.ca import audit, issuer, operations, store
 from meshd.ca.server import CAEndpoint
-from meshd.ca.spiffe import Kind
 from meshd.ca.store import CADatabase, CAMaterial
 from meshd.errors import CAError
+from meshd.identity import ca_client as client
+from meshd.identity import files, keys
+from meshd.identity.certs import Identity
+from meshd.identity.spiffe import Kind
 
 TD = "mesh.test"
 
 
 def leaf(material: CAMaterial, directory: Path, service: str) -> Identity:
-    key = issuer.new_private_key()
+    key = keys.new_private_key()
     cert = issuer.issue_leaf(material.signer, key.public_key(), service=service,
                              trust_domain=TD, now=datetime.now(UTC))
     identity = Identity.from_pem(issuer.chain_pem(cert, material.signer),
-                                 issuer.private_key_pem(key))
+                                 keys.private_key_pem(key))
     files.write_identity(directory, identity)
     return identity
 
 
 def context(side: ssl.Purpose, directory: Path, service: str,
             roots: list[x509.Certificate]) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(side, cadata="".join(issuer.cert_pem(r).decode()
+    ctx = ssl.create_default_context(side, cadata="".join(keys.cert_pem(r).decode()
                                                           for r in roots))
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_REQUIRED
@@ -74,7 +76,7 @@ async def test_new_root_leaves_verify_for_peers_trusting_either_root(tmp_path: P
     old_leaf = leaf(old, tmp_path / "old", "web")
     new = operations.rotate_ca(tmp_path / "ca", now=datetime.now(UTC))
     assert new.previous_fingerprint == old.fingerprint != new.fingerprint
-    assert [issuer.fingerprint(r) for r in new.roots()] == [new.fingerprint, old.fingerprint]
+    assert [keys.fingerprint(r) for r in new.roots()] == [new.fingerprint, old.fingerprint]
     (cross,) = new.signer.chain
     assert cross.subject == cross.issuer == old.signer.cert.subject  # self-issued
     new_leaf = leaf(new, tmp_path / "new", "payments")
@@ -122,7 +124,7 @@ def test_rotate_then_finish_only_once_nothing_depends_on_the_old_root(tmp_path: 
         operations.finish_rotation(d, now=now, who="test")
     reason = str(info.value)
     assert "1 live certificate(s) still depend on the previous root" in reason
-    assert f"spiffe://{TD}/operator/alice (serial {issuer.serial_hex(cert)}" in reason
+    assert f"spiffe://{TD}/operator/alice (serial {keys.serial_hex(cert)}" in reason
     assert "revoke them" in reason
     # two hours later it has expired: nothing depends on the old root any more
     finished = operations.finish_rotation(d, now=now + timedelta(hours=3), who="test")
@@ -157,7 +159,7 @@ async def test_the_api_follows_a_rotation_made_by_another_process(
     # old root only: the API's certificate chains to it through the cross certificate)
     conn = connection(ca_server, tmp_path)
     second = await conn.renew("n1", ["web"])
-    assert issuer.verify_issued_by(second.identities["web"].certificate(), [rotated.signer.cert])
+    assert keys.verify_issued_by(second.identities["web"].certificate(), [rotated.signer.cert])
     assert len(x509.load_pem_x509_certificates(second.identities["web"].cert_pem)) == 2
     store_result(tmp_path, second)
     # still refused: the node has not shown it moved to the new certificates yet

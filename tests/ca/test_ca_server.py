@@ -14,12 +14,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from meshd.ca import client, issuer
-from meshd.ca.client import CARefusedError
-from meshd.ca.identity import TrustBundle
+from meshd.ca import issuer
 from meshd.ca.server import CAEndpoint, server_hosts
 from meshd.ca.store import CAMaterial, TokenStore
 from meshd.errors import CAError
+from meshd.identity import ca_client as client
+from meshd.identity import keys
+from meshd.identity.ca_client import CARefusedError
+from meshd.identity.certs import TrustBundle
 
 
 def mint(ca: CAMaterial, node: str = "n1", services: tuple[str, ...] = ("web", "cart"),
@@ -96,15 +98,15 @@ async def test_wrong_fingerprint_is_refused_by_the_client(ca_server: CAEndpoint)
 
 def test_only_the_pinned_root_is_taken_from_an_unverified_answer(ca: CAMaterial) -> None:
     # Someone in the middle of the first (unverified) request could add a root of their own.
-    other_key = issuer.new_private_key()
+    other_key = keys.new_private_key()
     other = issuer.build_root(other_key, TRUST_DOMAIN, datetime.now(UTC))
     bundle = TrustBundle.from_pems(
-        TRUST_DOMAIN, [issuer.cert_pem(other), issuer.cert_pem(ca.signer.cert)]
+        TRUST_DOMAIN, [keys.cert_pem(other), keys.cert_pem(ca.signer.cert)]
     )
     pinned = client.select_pinned(bundle, ca.fingerprint)
     assert pinned.fingerprints() == (ca.fingerprint,)
-    with pytest.raises(CAError, match=issuer.fingerprint(other)):
-        client.select_pinned(TrustBundle.from_pems(TRUST_DOMAIN, [issuer.cert_pem(other)]),
+    with pytest.raises(CAError, match=keys.fingerprint(other)):
+        client.select_pinned(TrustBundle.from_pems(TRUST_DOMAIN, [keys.cert_pem(other)]),
                              ca.fingerprint)
 
 

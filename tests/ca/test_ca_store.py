@@ -13,10 +13,11 @@ import pytest
 import trio
 
 from meshd.ca import issuer, tokens
-from meshd.ca.files import read_bundle, read_identity, write_bundle, write_identity
-from meshd.ca.identity import Identity, TrustBundle
 from meshd.ca.store import TokenStore, init_ca, load_ca
 from meshd.errors import CAError
+from meshd.identity import keys
+from meshd.identity.certs import Identity, TrustBundle
+from meshd.identity.files import read_bundle, read_identity, write_bundle, write_identity
 
 NOW = datetime(2030, 6, 1, 12, 0, 0, tzinfo=UTC)
 
@@ -32,7 +33,7 @@ def test_init_writes_a_private_ca(tmp_path: Path) -> None:
     material = init_ca(d, "mesh.test", now=NOW)
     assert mode(d) == 0o700
     assert mode(d / "root.key") == 0o600
-    assert (d / "root.crt").read_bytes() == issuer.cert_pem(material.signer.cert)
+    assert (d / "root.crt").read_bytes() == keys.cert_pem(material.signer.cert)
     settings = json.loads((d / "ca.json").read_text())
     assert settings["trust_domain"] == "mesh.test"
     assert settings["leaf_lifetime_seconds"] == 24 * 3600
@@ -192,13 +193,13 @@ def test_corrupt_token_file_is_a_ca_error(tmp_path: Path) -> None:
 # --- identity files -------------------------------------------------------------------------
 
 def _identity(service: str) -> tuple[Identity, TrustBundle]:
-    root_key = issuer.new_private_key()
+    root_key = keys.new_private_key()
     signer = issuer.Signer(root_key, issuer.build_root(root_key, "mesh.test", NOW))
-    key = issuer.new_private_key()
+    key = keys.new_private_key()
     cert = issuer.issue_leaf(signer, key.public_key(), service=service, trust_domain="mesh.test",
                              now=NOW)
-    bundle = TrustBundle.from_pems("mesh.test", [issuer.cert_pem(signer.cert)])
-    return Identity.from_pem(issuer.cert_pem(cert), issuer.private_key_pem(key)), bundle
+    bundle = TrustBundle.from_pems("mesh.test", [keys.cert_pem(signer.cert)])
+    return Identity.from_pem(keys.cert_pem(cert), keys.private_key_pem(key)), bundle
 
 
 def test_identity_files_round_trip(tmp_path: Path) -> None:
@@ -240,7 +241,7 @@ def test_certificates_are_appended_and_compacted_once_mostly_expired(
 ) -> None:
     from meshd.ca import journal, ledger, store
     from meshd.ca.ledger import IssuedRecord
-    from meshd.ca.spiffe import Kind
+    from meshd.identity.spiffe import Kind
 
     monkeypatch.setattr(journal, "COMPACT_SLACK", 4)
     init_ca(tmp_path, "mesh.test", now=NOW)

@@ -15,11 +15,12 @@ from test_daemon import HOST_B, TD, Mesh, free_port, mesh, payments_app, start_d
 
 from meshd.ca.server import serve_ca
 from meshd.config.parse import parse_host_config
-from meshd.daemon import Daemon
+from meshd.daemon.health import probe, probe_client
+from meshd.daemon.lifetime import Daemon
 from meshd.errors import RegistryError
-from meshd.health import PASSING, probe, probe_client
 from meshd.httpd import Request, Response, serve_http
 from meshd.registry.consul import ConsulClient
+from meshd.registry.model import PASSING
 
 __all__ = ["mesh"]  # the fixture, imported for pytest
 
@@ -160,7 +161,7 @@ async def test_watch_resyncs_at_once_when_the_registry_returns(tmp_path: Path) -
     """A registry restarted with its data keeps its index; a watcher that went back to a
     blocking query on that index would stay stale for a whole `wait`. It must resync with a
     plain read as soon as the registry answers."""
-    from meshd.registry.server import RegistryConfig, serve_registry
+    from meshd.registry.embedded.server import RegistryConfig, serve_registry
     from meshd.registry.watch import WatchStatus, watch_endpoints
 
     port = free_port("127.0.0.1")

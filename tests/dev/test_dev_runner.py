@@ -16,9 +16,9 @@ import psutil
 import pytest
 from proc_testing import Output
 
-from meshd.cli import main as cli_main
-from meshd.dev.mesh import parse_mesh
-from meshd.dev.model import PortClaim
+from meshd.cli.main import main as cli_main
+from meshd.config.mesh import parse_mesh
+from meshd.config.mesh_schema import PortClaim
 from meshd.dev.ports import ports_in_use
 from meshd.dev.report import Row, format_table
 from meshd.dev.runner import RUN_DIR_MARKER, app_labels, main, prepare_run_dir

@@ -7,7 +7,7 @@
     host-c   10.77.0.13       meshd + payments v2 (app on host-c's loopback)
     client   10.77.0.20       the load generator (tests/faults/nsagent.py)
 
-Every meshd.toml is made with meshd's own generator (``meshd.dev.model.host_data``,
+Every meshd.toml is made with meshd's own generator (``meshd.config.mesh_schema.host_data``,
 ``meshd.dev.generate.render_toml``) and checked with the daemon's own loader. Each admin API stays
 on its host's loopback (127.0.0.1:15000): the suite reads it from inside that host's namespace.
 A request from the client crosses the bridge twice: client -> web (plain HTTP, host-a) ->
@@ -30,8 +30,8 @@ from typing import Any
 from netns import Proc, Topology, run
 
 from meshd.config.load import load_host_config
+from meshd.config.mesh_schema import HostPort, MeshHost, host_data
 from meshd.dev.generate import render_toml
-from meshd.dev.model import HostPort, MeshHost, host_data
 
 REPO = Path(__file__).resolve().parents[2]
 SHOP = REPO / "examples" / "shop"

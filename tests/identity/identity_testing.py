@@ -1,4 +1,4 @@
-"""A CA that lives in the test's virtual time, for driving ``meshd.identity`` through whole
+"""A CA that lives in the test's virtual time, for driving ``meshd.identity.manager`` through whole
 certificate lifetimes with ``trio.testing.MockClock`` (imported as a plain module)."""
 
 from __future__ import annotations
@@ -12,11 +12,12 @@ from typing import Any
 
 import trio
 
-from meshd.ca import files, issuer
-from meshd.ca.client import CARefusedError, DenyList
-from meshd.ca.identity import Identity, JoinResult, TrustBundle
-from meshd.ca.spiffe import Kind
+from meshd.ca import issuer
 from meshd.errors import CAError
+from meshd.identity import files, keys
+from meshd.identity.ca_client import CARefusedError, DenyList
+from meshd.identity.certs import Identity, JoinResult, TrustBundle
+from meshd.identity.spiffe import Kind
 
 TD = "mesh.test"
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
@@ -37,7 +38,7 @@ async def inline(fn: Callable[[], Any]) -> Any:
 
 @dataclass
 class FakeCA:
-    """Implements ``meshd.ca.access.CAAccess``: issues real certificates stamped with the
+    """Implements ``meshd.identity.ca_access.CAAccess``: issues real certificates stamped with the
     injected clock; ``up`` and ``refuse`` simulate an outage and a refusal."""
 
     clock: Callable[[], datetime]
@@ -52,19 +53,19 @@ class FakeCA:
     extra_roots: list[bytes] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        key = issuer.new_private_key()
+        key = keys.new_private_key()
         self.signer = issuer.Signer(key, issuer.build_root(key, TD, T0 - timedelta(days=1)))
 
     def bundle(self) -> TrustBundle:
-        return TrustBundle.from_pems(TD, [issuer.cert_pem(self.signer.cert), *self.extra_roots])
+        return TrustBundle.from_pems(TD, [keys.cert_pem(self.signer.cert), *self.extra_roots])
 
     def _identity(self, kind: Kind, name: str) -> Identity:
-        key = issuer.new_private_key()
+        key = keys.new_private_key()
         cert = issuer.issue_identity(self.signer, key.public_key(), kind=kind, name=name,
                                      trust_domain=TD, now=self.clock(), lifetime=self.lifetime,
                                      backdate=timedelta(0))
         return Identity.from_pem(issuer.chain_pem(cert, self.signer),
-                                 issuer.private_key_pem(key), kind)
+                                 keys.private_key_pem(key), kind)
 
     def _issue(self, services: Sequence[str]) -> JoinResult:
         return JoinResult(TD, self.bundle(), types.MappingProxyType(
@@ -114,16 +115,16 @@ class FakeCA:
 def write_identities(directory: Path, trust_domain: str,
                      services: list[str]) -> dict[str, Identity]:
     """A fresh root, its bundle and one identity per service in ``directory`` (real time)."""
-    key = issuer.new_private_key()
+    key = keys.new_private_key()
     signer = issuer.Signer(key, issuer.build_root(key, trust_domain, datetime.now(UTC)))
     files.write_bundle(directory, TrustBundle.from_pems(trust_domain,
-                                                        [issuer.cert_pem(signer.cert)]))
+                                                        [keys.cert_pem(signer.cert)]))
     out = {}
     for service in services:
-        leaf_key = issuer.new_private_key()
+        leaf_key = keys.new_private_key()
         cert = issuer.issue_leaf(signer, leaf_key.public_key(), service=service,
                                  trust_domain=trust_domain, now=datetime.now(UTC))
-        out[service] = Identity.from_pem(issuer.cert_pem(cert), issuer.private_key_pem(leaf_key))
+        out[service] = Identity.from_pem(keys.cert_pem(cert), keys.private_key_pem(leaf_key))
         files.write_identity(directory, out[service])
     return out
 
@@ -145,27 +146,27 @@ async def echo_server(address: str, port: int,
 @dataclass
 class ScratchCA:
     """A root and leaves of any shape (kind, trust domain, validity), written as
-    ``meshd.ca.files`` lays them out: for refusal tests that need certificates meshd's CA
+    ``meshd.identity.files`` lays them out: for refusal tests that need certificates meshd's CA
     would never issue."""
 
     trust_domain: str = TD
     signer: issuer.Signer = field(init=False)
 
     def __post_init__(self) -> None:
-        key = issuer.new_private_key()
+        key = keys.new_private_key()
         self.signer = issuer.Signer(key, issuer.build_root(
             key, self.trust_domain, datetime.now(UTC) - timedelta(days=1)))
 
     def write(self, directory: Path, name: str, *, kind: Kind = Kind.SERVICE,
               trust_domain: str | None = None, now: datetime | None = None,
               lifetime: timedelta = timedelta(hours=1)) -> Identity:
-        key = issuer.new_private_key()
+        key = keys.new_private_key()
         cert = issuer.issue_identity(self.signer, key.public_key(), kind=kind, name=name,
                                      trust_domain=trust_domain or self.trust_domain,
                                      now=now or datetime.now(UTC), lifetime=lifetime,
                                      backdate=timedelta(0))
         directory.mkdir(parents=True, exist_ok=True)
-        files.write_private_file(directory / f"{name}.key", issuer.private_key_pem(key))
-        files.write_public_file(directory / f"{name}.crt", issuer.cert_pem(cert))
-        files.write_public_file(directory / files.BUNDLE_FILE, issuer.cert_pem(self.signer.cert))
-        return Identity.from_pem(issuer.cert_pem(cert), issuer.private_key_pem(key), kind)
+        files.write_private_file(directory / f"{name}.key", keys.private_key_pem(key))
+        files.write_public_file(directory / f"{name}.crt", keys.cert_pem(cert))
+        files.write_public_file(directory / files.BUNDLE_FILE, keys.cert_pem(self.signer.cert))
+        return Identity.from_pem(keys.cert_pem(cert), keys.private_key_pem(key), kind)

@@ -32,8 +32,6 @@ import pytest
 import trio
 from identity_testing import TD, ScratchCA
 
-from meshd.ca import client, files
-from meshd.ca.client import CAConnection, CARefusedError
 from meshd.ca.server import CAEndpoint, serve_ca
 from meshd.ca.store import TokenStore, init_ca
 from meshd.config.schema import (
@@ -44,10 +42,13 @@ from meshd.config.schema import (
     RouteTable,
     Upstream,
 )
+from meshd.identity import ca_client as client
+from meshd.identity import files
+from meshd.identity.ca_client import CAConnection, CARefusedError
+from meshd.identity.tls import TLSState
 from meshd.metrics import Metrics
+from meshd.proxy.core.view import MeshView, ViewCell
 from meshd.proxy.server import Proxy
-from meshd.proxy.tls import TLSState
-from meshd.proxy.view import MeshView, ViewCell
 from meshd.registry.model import Endpoint, EndpointSet
 
 NOW = datetime.now(UTC)

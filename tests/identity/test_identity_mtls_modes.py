@@ -16,11 +16,11 @@ from meshd.config.parse import parse_host_config
 from meshd.config.schema import CASettings, HostConfig, LocalService, MTLSMode, Protocol
 from meshd.errors import ConfigError
 from meshd.httpd import Request, Response, serve_http
+from meshd.identity.tls import TLSState
 from meshd.metrics import Metrics
+from meshd.proxy.core.view import ViewCell
 from meshd.proxy.server import Proxy
 from meshd.proxy.streams import open_mtls
-from meshd.proxy.tls import TLSState
-from meshd.proxy.view import ViewCell
 
 TD = "id.mesh"
 

@@ -15,10 +15,11 @@ from daemon_testing import TD, app, open_mesh, start_daemon, wait_for
 from identity_testing import write_identities
 from net_testing import free_port
 
-from meshd.ca import files, issuer, operations
-from meshd.ca.spiffe import Kind, spiffe_ids_from_cert_der
+from meshd.ca import operations
 from meshd.config.parse import parse_host_config
 from meshd.errors import ConfigError
+from meshd.identity import files, keys
+from meshd.identity.spiffe import Kind, spiffe_ids_from_cert_der
 
 HOST = "127.0.24.2"
 
@@ -35,9 +36,9 @@ def issue(ca_dir: Path, out: Path, kind: Kind, name: str) -> tuple[Path, Path, s
     out.mkdir(parents=True, exist_ok=True)
     files.write_private_file(out / f"{name}.key", key_pem)
     files.write_public_file(out / f"{name}.crt", chain)
-    files.write_public_file(out / "ca.crt", b"".join(issuer.cert_pem(r)
+    files.write_public_file(out / "ca.crt", b"".join(keys.cert_pem(r)
                                                      for r in material.roots()))
-    return out / f"{name}.crt", out / f"{name}.key", issuer.serial_hex(cert)
+    return out / f"{name}.crt", out / f"{name}.key", keys.serial_hex(cert)
 
 
 def client_context(bundle: Path, cert: Path | None = None,

@@ -15,12 +15,12 @@ import trio
 import trio.testing
 from identity_testing import TD, FakeCA, inline, virtual_clock
 
-from meshd.ca import files
-from meshd.ca.client import CARefusedError
 from meshd.errors import CAError, IdentityError
-from meshd.identity import IdentityManager
+from meshd.identity import files
+from meshd.identity.ca_client import CARefusedError
+from meshd.identity.manager import IdentityManager
+from meshd.identity.tls import TLSState
 from meshd.metrics import Metrics
-from meshd.proxy.tls import TLSState
 
 HOUR = timedelta(hours=1)
 

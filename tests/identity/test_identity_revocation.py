@@ -17,8 +17,8 @@ from net_testing import free_port
 
 from meshd.ca import audit, operations, store
 from meshd.errors import CAError
+from meshd.identity.tls import HandshakeRefused, TLSState
 from meshd.proxy.streams import accept_mtls, open_mtls
-from meshd.proxy.tls import HandshakeRefused, TLSState
 
 HOST_A, HOST_B = "127.0.22.2", "127.0.22.3"
 

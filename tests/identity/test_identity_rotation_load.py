@@ -27,9 +27,10 @@ from daemon_testing import (
 from identity_testing import echo_server
 from net_testing import free_port
 
-from meshd.ca import issuer, operations, store
-from meshd.daemon import Daemon
+from meshd.ca import operations, store
+from meshd.daemon.lifetime import Daemon
 from meshd.errors import CAError
+from meshd.identity import keys
 
 HOST_A, HOST_B = "127.0.23.2", "127.0.23.3"
 HTTP_CLIENTS = 6
@@ -61,7 +62,7 @@ def leaves_from(daemon: Daemon, fingerprint: str, mesh: DaemonMesh) -> bool:
     status = daemon.identity.status
     certs = [i.certificate() for i in status.identities.values()]
     certs += [status.node.certificate()] if status.node else []
-    return signer is not None and all(issuer.verify_issued_by(c, [signer]) for c in certs)
+    return signer is not None and all(keys.verify_issued_by(c, [signer]) for c in certs)
 
 
 async def test_zero_failed_requests_across_renewals_and_a_root_rotation(

@@ -17,8 +17,8 @@ from test_daemon import HOST_B, Mesh, free_port, mesh
 
 from meshd.config.parse import parse_host_config
 from meshd.config.schema import HealthCheck, HostConfig
+from meshd.daemon.reload import Change, plan_reload, summary
 from meshd.httpd import Request, Response, serve_http
-from meshd.reload import Change, plan_reload, summary
 
 __all__ = ["mesh"]  # the fixture, imported for pytest
 

@@ -20,9 +20,9 @@ from mesh_testing import open_mesh
 from test_daemon import TD, free_port, payments_app, start_daemon
 
 from meshd.ca.store import init_ca
-from meshd.cli import build_parser
+from meshd.cli.main import build_parser
+from meshd.cli.status import admin_url, duration, render
 from meshd.httpd import Request, Response, serve_http
-from meshd.status_command import admin_url, duration, render
 
 STATE: dict[str, Any] = {
     "node": "host-a", "address": "10.0.0.2", "trust_domain": "shop.mesh", "version": "0.1.0",

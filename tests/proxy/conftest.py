@@ -28,10 +28,10 @@ from meshd.config.schema import (
     Subset,
     Upstream,
 )
+from meshd.identity.tls import TLSState
 from meshd.metrics import Metrics
+from meshd.proxy.core.view import MeshView, ViewCell
 from meshd.proxy.server import Proxy
-from meshd.proxy.tls import TLSState
-from meshd.proxy.view import MeshView, ViewCell
 from meshd.registry.model import Endpoint, EndpointSet
 
 

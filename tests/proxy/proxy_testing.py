@@ -96,7 +96,7 @@ class MiniCA:
         return cert.public_bytes(serialization.Encoding.PEM), _pem_key(key), cert
 
     def write_identity(self, directory: Path, service: str, td: str = TD) -> x509.Certificate:
-        """``<service>.crt``/``.key`` and ``ca.crt`` in ``directory``, as meshd.ca.files lays
+        """``<service>.crt``/``.key`` and ``ca.crt`` in ``directory``, as meshd.identity.files lays
         them out."""
         directory.mkdir(parents=True, exist_ok=True)
         cert_pem, key_pem, cert = self.issue(f"spiffe://{td}/svc/{service}")

@@ -16,14 +16,13 @@ import pytest
 import trio
 from conftest import Farm
 
-from meshd.admin.state import build_state
-from meshd.cli import main
+from meshd.admin.state import DaemonState, build_state
+from meshd.cli.explain import explain, render
+from meshd.cli.main import main
 from meshd.config.routes import parse_routes, routes_to_data
-from meshd.daemon import DaemonState
-from meshd.explain_authz import choose_source
-from meshd.explain_command import explain, render
-from meshd.proxy.authz import DEFAULT_DENY
-from meshd.proxy.matcher import RequestFacts
+from meshd.explain.authz import choose_source
+from meshd.proxy.core.authz import DEFAULT_DENY
+from meshd.proxy.core.matcher import RequestFacts
 
 ROUTES = parse_routes({"destinations": {"payments": {
     "subsets": {"v1": {"version": "v1"}, "v2": {"version": "v2"}},

@@ -22,11 +22,11 @@ from meshd.config.routes import parse_routes
 from meshd.config.schema import LocalService, Upstream
 from meshd.proxy import access
 from meshd.proxy.access import AccessEntry, AccessLog, AccessLogFormat, format_from_env
+from meshd.proxy.core.http1 import RequestHead
+from meshd.proxy.core.trace import identify, next_traceparent
+from meshd.proxy.core.view import ViewCell
 from meshd.proxy.exchange import RequestSource
 from meshd.proxy.forward import ClientConnection, serve_requests
-from meshd.proxy.http1 import RequestHead
-from meshd.proxy.trace import identify, next_traceparent
-from meshd.proxy.view import ViewCell
 from meshd.registry.model import Endpoint, EndpointSet
 
 

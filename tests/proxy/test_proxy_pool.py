@@ -5,9 +5,9 @@ from __future__ import annotations
 import trio
 import trio.testing
 
+from meshd.proxy.core.http1 import RequestHead
 from meshd.proxy.exchange import Exchange, RequestSource
 from meshd.proxy.forward import ClientConnection, ConnectFailed, proxy_request
-from meshd.proxy.http1 import RequestHead
 from meshd.proxy.pool import ConnectionPool, Connector, IdleConnections
 
 

@@ -9,11 +9,11 @@ import trio.testing
 
 from meshd.config.schema import DestinationPolicy
 from meshd.metrics import Metrics
+from meshd.proxy.core.http1 import END, Data, Event, RequestHead
+from meshd.proxy.core.retry import Body
 from meshd.proxy.destinations import DestinationState
 from meshd.proxy.exchange import Exchange, RequestSource
-from meshd.proxy.http1 import END, Data, Event, RequestHead
 from meshd.proxy.replay import ReplayBody
-from meshd.proxy.retry import Body
 
 CHUNKED_HEAD = b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
 

@@ -14,10 +14,10 @@ from proxy_testing import TD, MiniCA, host_config, read_until_eof, sample
 
 from meshd.config.schema import LocalService, Upstream
 from meshd.errors import ProxyError
+from meshd.identity.tls import TLSState
 from meshd.metrics import Metrics
+from meshd.proxy.core.view import ViewCell
 from meshd.proxy.server import Proxy
-from meshd.proxy.tls import TLSState
-from meshd.proxy.view import ViewCell
 
 
 async def test_port_in_use_names_the_address(tmp_path: Path) -> None:

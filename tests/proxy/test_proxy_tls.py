@@ -14,9 +14,9 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from proxy_testing import TD, MiniCA
 
 from meshd.errors import IdentityError
+from meshd.identity.tls import HandshakeRefused, TLSState
 from meshd.proxy.sockio import SocketConnection
 from meshd.proxy.streams import TLSStream, accept_mtls, open_mtls
-from meshd.proxy.tls import HandshakeRefused, TLSState
 
 
 @pytest.fixture

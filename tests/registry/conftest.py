@@ -18,7 +18,7 @@ import httpx
 import pytest
 import trio
 
-from meshd.registry.server import RegistryConfig, listen_port, serve_registry
+from meshd.registry.embedded.server import RegistryConfig, listen_port, serve_registry
 
 CONSUL_ADDR = os.environ.get("CONSUL_HTTP_ADDR", "")
 CONSUL_TOKEN = os.environ.get("CONSUL_HTTP_TOKEN", "")

@@ -21,14 +21,14 @@ from net_testing import free_port
 
 from meshd.ca.server import serve_ca
 from meshd.ca.store import TokenStore, init_ca
-from meshd.cli import build_parser
+from meshd.cli.main import build_parser
+from meshd.cli.tui import admin_tls
 from meshd.config.parse import parse_host_config
 from meshd.config.schema import HostConfig
-from meshd.daemon import Daemon
+from meshd.daemon.lifetime import Daemon
 from meshd.errors import MeshError
 from meshd.httpd import Request, Response, serve_http
-from meshd.registry.server import RegistryConfig, listen_port, serve_registry
-from meshd.tui_command import admin_tls
+from meshd.registry.embedded.server import RegistryConfig, listen_port, serve_registry
 from tui.model import MeshModel
 from tui.observe import HostPoll, Observation
 from tui.source import RegistrySource

@@ -1,0 +1,78 @@
+"""``meshd tui``: the operator console (the ``tui`` package, Textual)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import ssl
+from typing import Any
+
+from meshd.cli.status import admin_ssl_context
+from meshd.errors import MeshError
+
+DEFAULT_REGISTRY = "http://127.0.0.1:8500"
+DEFAULT_ADMIN_PORT = 15000
+
+
+def register(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "tui", help="the operator console: live topology, hosts, events; edit traffic splits",
+        description="Find every meshd through the registry (each mesh instance's connect-proxy "
+        "registration carries its host's address; the admin API is that address at "
+        "--admin-port), show the mesh live, and edit traffic splits in the registry's KV "
+        "with check-and-set. Press ? in the console for its keys.",
+    )
+    p.add_argument("--registry", default=DEFAULT_REGISTRY, metavar="URL",
+                   help=f"registry HTTP API, Consul or `meshd registry serve` "
+                   f"(default: {DEFAULT_REGISTRY}; consul://HOST:PORT works too)")
+    p.add_argument("--admin-port", type=int, default=DEFAULT_ADMIN_PORT, metavar="PORT",
+                   help=f"admin API port of every meshd (default: {DEFAULT_ADMIN_PORT})")
+    p.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
+                   help="refresh interval (default: 1)")
+    p.add_argument("--admin-ca", metavar="FILE",
+                   help="read admin APIs over HTTPS ([admin] tls = true), trusting this CA "
+                   "bundle: the mesh's ca.crt (for admin endpoints exposed beyond loopback)")
+    p.add_argument("--admin-cert", metavar="FILE",
+                   help="operator certificate (PEM) presented to admin APIs over HTTPS "
+                   "(meshd ca issue --operator NAME writes NAME.crt, NAME.key and ca.crt)")
+    p.add_argument("--admin-key", metavar="FILE", help="the operator certificate's key")
+    p.set_defaults(func=run)
+
+
+def registry_url(raw: str) -> str:
+    if raw.startswith("consul://"):
+        return "http://" + raw.removeprefix("consul://")
+    if "://" not in raw:
+        return "http://" + raw
+    return raw
+
+
+TLS_OPTIONS = ("--admin-ca", "--admin-cert", "--admin-key")
+
+
+def admin_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The client context for admin APIs over mutual TLS (None: plain HTTP on loopback)."""
+    if not (args.admin_ca or args.admin_cert or args.admin_key):
+        return None
+    return admin_ssl_context(args.admin_ca, args.admin_cert, args.admin_key, TLS_OPTIONS)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not 1 <= args.admin_port <= 65535:
+        raise MeshError(f"--admin-port {args.admin_port} out of range (1-65535)")
+    if args.interval <= 0 or args.interval > 60:
+        raise MeshError("--interval must be between 0 and 60 seconds")
+    from tui.app import MeshConsole
+    from tui.source import RegistrySource
+
+    source = RegistrySource(registry_url(args.registry), args.admin_port,
+                            timeout=min(0.8, args.interval * 0.8), admin_tls=admin_tls(args),
+                            admin_client_cert=bool(args.admin_cert))
+    # log lines written to the terminal would tear the screen: the console reports what
+    # matters in its events pane instead
+    logging.disable(logging.CRITICAL)
+    try:
+        MeshConsole(source, interval=args.interval).run()
+    finally:
+        logging.disable(logging.NOTSET)
+    return 0

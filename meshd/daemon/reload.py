@@ -1,0 +1,226 @@
+"""Reloading ``meshd.toml`` in a running daemon (SIGHUP, i.e. ``systemctl reload meshd``).
+
+A reload never half-applies and never pretends. The new file is validated whole; an invalid file
+changes nothing. Of a valid file's changes, only those that can be put in force without touching
+a listener, an identity or a registration key are applied: the local services' health checks
+(kind, path, interval, timeout). Everything else (node, address, ports, trust domain, registry,
+CA, state directory, the set of services and their upstreams) is reported, key by key, as needing
+a restart, and the running daemon keeps its current value. Routes are not in meshd.toml at all:
+they come from the registry and are applied as they change there. Nor is the log level (the
+``--log-level`` option or ``MESHD_LOG_LEVEL``, read at start).
+
+``plan_reload`` is pure (two configs in, a plan out); ``reload_from_file`` is the thin shell
+that reads the file, logs, tells systemd and hands the plan to the daemon.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields, is_dataclass
+from pathlib import Path
+from typing import Protocol
+
+import trio
+
+from meshd import systemd
+from meshd.config.load import load_host_config
+from meshd.config.schema import HealthCheck, HostConfig, LocalService
+from meshd.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+ABSENT = "(absent)"
+
+
+@dataclass(frozen=True)
+class Change:
+    """One key whose value differs between the configuration in force and the file."""
+
+    key: str
+    old: str
+    new: str
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.old} -> {self.new}"
+
+
+@dataclass(frozen=True)
+class ReloadPlan:
+    config: HostConfig                 # what to put in force: the running config + live changes
+    applied: tuple[Change, ...]        # put in force by this reload
+    needs_restart: tuple[Change, ...]  # reported only: the running value stays
+    health_changed: tuple[str, ...]    # services whose health check changed
+
+    @property
+    def unchanged(self) -> bool:
+        return not self.applied and not self.needs_restart
+
+
+def _seconds(value: float) -> str:
+    return f"{value:g}s"
+
+
+def _check(health: HealthCheck) -> str:
+    return f"http {health.path}" if health.kind == "http" else health.kind
+
+
+# How HostConfig fields are spelled in meshd.toml, where that differs from the field name.
+_HOST_KEYS = {"registry_url": "registry", "inbound_port": "inbound.port",
+              "admin_host": "admin.address", "admin_port": "admin.address",
+              "admin_tls": "admin.tls", "outbound_address": "outbound.address"}
+_SECRET_KEYS = {"registry_token"}
+_LIVE_HOST_FIELDS = {"services", "source"}  # services are compared one by one below
+_LIVE_SERVICE_FIELDS = {"name", "health", "upstreams"}  # health applies live; upstreams below
+
+
+def _value(key: str, value: object) -> str:
+    return "(secret)" if key in _SECRET_KEYS else str(value)
+
+
+def _host_changes(old: HostConfig, new: HostConfig) -> Iterator[Change]:
+    """Every host-level key that differs, named as in meshd.toml. Compared field by field so
+    that a key added to the config later is reported too, never silently ignored."""
+    seen: set[str] = set()
+    for f in fields(HostConfig):
+        if f.name in _LIVE_HOST_FIELDS:
+            continue
+        a, b = getattr(old, f.name), getattr(new, f.name)
+        if a == b:
+            continue
+        if is_dataclass(a) and is_dataclass(b):  # the [ca] table
+            for sub in fields(a):
+                sa, sb = getattr(a, sub.name), getattr(b, sub.name)
+                if sa != sb:
+                    yield Change(f"{f.name}.{sub.name}", str(sa), str(sb))
+            continue
+        key = _HOST_KEYS.get(f.name, f.name)
+        if key in seen:
+            continue
+        seen.add(key)
+        if key == "admin.address":
+            yield Change(key, f"{old.admin_host}:{old.admin_port}",
+                         f"{new.admin_host}:{new.admin_port}")
+        else:
+            yield Change(key, _value(key, a), _value(key, b))
+
+
+def _service_changes(old: LocalService, new: LocalService) -> Iterator[Change]:
+    """A service's keys that need a restart (its listeners, registration and identity)."""
+    base = f"services.{old.name}"
+    for f in fields(LocalService):
+        if f.name in _LIVE_SERVICE_FIELDS:
+            continue
+        a, b = getattr(old, f.name), getattr(new, f.name)
+        if a != b:
+            yield Change(f"{base}.{f.name}", str(a), str(b))
+    ups_old = {u.name: u for u in old.upstreams}
+    ups_new = {u.name: u for u in new.upstreams}
+    for name in sorted(ups_old.keys() | ups_new.keys()):
+        a_up, b_up = ups_old.get(name), ups_new.get(name)
+        where = f"{base}.upstreams.{name}"
+        if a_up is None or b_up is None:
+            yield Change(where, ABSENT if a_up is None else f"local_port {a_up.local_port}",
+                         ABSENT if b_up is None else f"local_port {b_up.local_port}")
+            continue
+        if a_up.local_port != b_up.local_port:
+            yield Change(f"{where}.local_port", str(a_up.local_port), str(b_up.local_port))
+        if a_up.protocol != b_up.protocol:
+            yield Change(f"{where}.protocol", str(a_up.protocol), str(b_up.protocol))
+
+
+def _health_changes(old: LocalService, new: LocalService) -> Iterator[Change]:
+    base = f"services.{old.name}.health"
+    if _check(old.health) != _check(new.health):
+        yield Change(f"{base}.check", _check(old.health), _check(new.health))
+    for key in ("interval", "timeout"):
+        a, b = getattr(old.health, key), getattr(new.health, key)
+        if a != b:
+            yield Change(f"{base}.{key}", _seconds(a), _seconds(b))
+
+
+def plan_reload(running: HostConfig, loaded: HostConfig) -> ReloadPlan:
+    """Compare the configuration in force with a freshly validated file."""
+    applied: list[Change] = []
+    restart: list[Change] = list(_host_changes(running, loaded))
+    new_by_name = {s.name: s for s in loaded.services}
+    old_names = {s.name for s in running.services}
+    services: list[LocalService] = []
+    health_changed: list[str] = []
+    for svc in running.services:
+        new = new_by_name.get(svc.name)
+        if new is None:
+            restart.append(Change(f"services.{svc.name}", f"port {svc.port}", ABSENT))
+            services.append(svc)
+            continue
+        restart.extend(_service_changes(svc, new))
+        health = list(_health_changes(svc, new))
+        if health:
+            applied.extend(health)
+            health_changed.append(svc.name)
+            svc = dataclasses.replace(svc, health=new.health)
+        services.append(svc)
+    for svc in loaded.services:
+        if svc.name not in old_names:
+            restart.append(Change(f"services.{svc.name}", ABSENT, f"port {svc.port}"))
+    config = dataclasses.replace(running, services=tuple(services)) if applied else running
+    return ReloadPlan(config, tuple(applied), tuple(restart), tuple(health_changed))
+
+
+def summary(plan: ReloadPlan) -> str:
+    """A short phrase for the service status line."""
+    if plan.unchanged:
+        return "reloaded: no change"
+    parts = []
+    if plan.applied:
+        parts.append(f"reload applied {len(plan.applied)} change(s)")
+    if plan.needs_restart:
+        keys = ", ".join(c.key for c in plan.needs_restart)
+        parts.append(f"RESTART NEEDED for {keys}")
+    return "; ".join(parts)
+
+
+class Reloadable(Protocol):
+    """What a reload needs of the running daemon (``meshd.daemon.lifetime.Daemon`` is one)."""
+
+    config: HostConfig
+    status_note: str
+
+    def status_line(self) -> str: ...
+
+    async def apply_live_config(self, config: HostConfig,
+                                health_changed: Sequence[str]) -> None: ...
+
+
+async def reload_from_file(daemon: Reloadable, path: Path) -> ReloadPlan | None:
+    """Re-read ``path`` and apply what can be applied; None when the file was refused."""
+    log.info("reloading %s", path)
+    systemd.notify(reloading=True, status=f"reloading {path}")
+    try:
+        loaded = await trio.to_thread.run_sync(load_host_config, path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            log.error("reload refused: %s", problem)
+        note = (f"reload refused: {len(exc.problems)} problem(s) in {path}, "
+                "still running on the previous configuration")
+        log.error("%s", note)
+        daemon.status_note = note
+        systemd.notify(ready=True, status=daemon.status_line())
+        return None
+    plan = plan_reload(daemon.config, loaded)
+    if plan.unchanged:
+        log.info("reload: %s has no change", path)
+    for change in plan.applied:
+        log.info("reload applied %s", change)
+    for change in plan.needs_restart:
+        log.warning("reload cannot apply %s without a restart; the running value stays",
+                    change)
+    if plan.needs_restart:
+        log.warning("reload: %d change(s) need a restart to take effect "
+                    "(systemctl restart meshd): %s", len(plan.needs_restart),
+                    ", ".join(c.key for c in plan.needs_restart))
+    await daemon.apply_live_config(plan.config, plan.health_changed)
+    daemon.status_note = "" if plan.unchanged else summary(plan)
+    systemd.notify(ready=True, status=daemon.status_line())
+    return plan

@@ -1,0 +1,456 @@
+"""mTLS for the data plane: SSL contexts from an identity directory, and SPIFFE checks.
+
+An identity directory (written by ``meshd.identity.files``) holds, per local service ``NAME``,
+``NAME.crt`` (leaf, optionally followed by intermediates) and ``NAME.key`` (0600), and the
+trust bundle ``ca.crt``. From it ``TLSState`` builds
+
+* one server context for the inbound listener; its SNI callback swaps in the context of the
+  local service the client named, so each service answers with its own certificate;
+* one client context per local service, presenting that service's certificate.
+
+All of them require a peer certificate chaining to the bundle, TLS 1.3 only. Hostname checks
+are off (URI SANs are not hostnames): after every handshake the peer's SPIFFE ID is checked here
+instead, exactly, against ``spiffe://<trust domain>/svc/<service>``.
+
+``reload()`` re-reads the files and swaps the contexts: new connections use the new
+certificates, connections already open keep the SSL objects they were made with.
+
+With ``admin=True`` it also builds the admin API's TLS: the node certificate (``_node.crt``)
+as server certificate, a client certificate required, and ``check_operator`` to accept only
+operator identities (``spiffe://<trust domain>/operator/NAME``) that are not revoked.
+
+An expired (or not yet valid) certificate is never presented: its service gets no context at
+load time, and every handshake checks the expiry of the one in force (a float comparison), so a
+service whose renewal kept failing is refused, with the reason, rather than served with a
+certificate peers would reject anyway. The deny list (serials the CA revoked) is checked against
+every peer certificate after the handshake, and open connections (both directions, tracked by
+their peer's serial) are cut when their peer's serial joins it.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Protocol
+
+from cryptography import x509
+
+from meshd.errors import IdentityError
+from meshd.identity.files import node_files
+from meshd.identity.spiffe import (
+    Kind,
+    parse_identity,
+    parse_spiffe_id,
+    spiffe_id_for,
+    spiffe_ids_from_cert,
+)
+
+log = logging.getLogger(__name__)
+
+BUNDLE_FILE = "ca.crt"
+
+
+class HandshakeRefused(IdentityError):
+    """A TLS handshake failed or the peer's identity was wrong. ``reason`` is the short label
+    counted in ``meshd_connection_errors{reason}``; the message says why in words."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class MeshSSLObject(ssl.SSLObject):
+    """An SSLObject that remembers what the SNI callback saw, for the listener to read back."""
+
+    sni: str | None = None
+    sni_refusal: str | None = None
+
+
+def cert_path(directory: Path, service: str) -> Path:
+    return directory / f"{service}.crt"
+
+
+def key_path(directory: Path, service: str) -> Path:
+    return directory / f"{service}.key"
+
+
+@dataclass(frozen=True)
+class _Contexts:
+    server: ssl.SSLContext
+    by_service: dict[str, ssl.SSLContext]  # server side, selected by SNI
+    clients: dict[str, ssl.SSLContext]
+    not_after: dict[str, float]            # per loaded service: its certificate's expiry
+    unusable: dict[str, str]               # services left out, and why
+    admin: ssl.SSLContext | None = None    # the admin API's, with the node certificate
+    admin_not_after: float = 0.0
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A verified peer certificate: its one SPIFFE ID's service and its serial (hex)."""
+
+    service: str
+    serial: str
+
+
+class TrackedConnection(Protocol):
+    """An open mTLS connection as ``TLSState`` tracks it: cut if its peer's certificate is
+    revoked. The proxy's ``TLSStream`` is one; this module never imports the proxy."""
+
+    @property
+    def peer_serial(self) -> str: ...
+
+    def abort(self) -> None: ...
+
+
+class TLSState:
+    """The SSL contexts in force for one host's local services. ``clock`` is wall time in
+    seconds (injected by tests)."""
+
+    def __init__(self, directory: str | Path, trust_domain: str, services: Iterable[str], *,
+                 clock: Callable[[], float] = time.time, admin: bool = False) -> None:
+        self.directory = Path(directory)
+        self.trust_domain = trust_domain
+        self.services = tuple(services)
+        self.admin = admin
+        self._admin_front: ssl.SSLContext | None = None
+        self._clock = clock
+        self._denied: frozenset[str] = frozenset()
+        # open mTLS connections (both directions) by peer serial; weak: closed ones drop out
+        self._open: dict[str, weakref.WeakSet[TrackedConnection]] = {}
+        self._sweep_at = 1024
+        self._contexts = self._build()
+        self.generation = 1
+
+    def reload(self) -> None:
+        """Re-read the identity directory. On any problem the contexts in force stay and
+        ``IdentityError`` says what is wrong (a renewal caught half-written is retried by the
+        caller: the key is written before the certificate, so the pair may briefly mismatch)."""
+        self._contexts = self._build()
+        self.generation += 1
+        log.info("TLS identities reloaded from %s (generation %d)", self.directory,
+                 self.generation)
+
+    @property
+    def server_context(self) -> ssl.SSLContext:
+        return self._contexts.server
+
+    def client_context(self, service: str) -> ssl.SSLContext:
+        reason = self.unusable_reason(service)
+        if reason is not None:
+            raise IdentityError(reason)
+        try:
+            return self._contexts.clients[service]
+        except KeyError:
+            raise IdentityError(f"no identity loaded for local service {service!r}") from None
+
+    @property
+    def admin_context(self) -> ssl.SSLContext:
+        """The admin listener's context: fixed (a listener keeps one), it hands each connection
+        to the context in force, so a renewed node certificate serves new connections."""
+        if not self.admin:
+            raise IdentityError("this TLSState was built without the admin API's TLS")
+        if self._admin_front is None:
+            self._admin_front = _front_context(ssl.CERT_REQUIRED)
+            self._admin_front.sni_callback = self._select_admin
+        return self._admin_front
+
+    def _select_admin(self, sslobj: ssl.SSLObject | ssl.SSLSocket, server_name: str | None,
+                      _ctx: ssl.SSLContext) -> int | None:
+        contexts = self._contexts
+        if contexts.admin is None or self._clock() >= contexts.admin_not_after:
+            return ssl.ALERT_DESCRIPTION_INTERNAL_ERROR  # never present an expired certificate
+        sslobj.context = contexts.admin
+        return None
+
+    def check_operator(self, der: bytes | None) -> str:
+        """The operator name of a verified admin client certificate: one SPIFFE ID,
+        ``spiffe://<our trust domain>/operator/NAME``, not revoked. Raises ``HandshakeRefused``."""
+        ids, serial = _peer(der)
+        if len(ids) != 1:
+            raise HandshakeRefused("wrong_identity", f"client certificate carries {len(ids)} "
+                                   "SPIFFE IDs, expected one operator identity")
+        try:
+            trust_domain, kind, name = parse_identity(ids[0])
+        except ValueError as exc:
+            raise HandshakeRefused("wrong_identity", f"client identity refused: {exc}") from None
+        if trust_domain != self.trust_domain:
+            raise HandshakeRefused("foreign_trust_domain",
+                                   f"client {ids[0]} is not of trust domain {self.trust_domain}")
+        if kind is not Kind.OPERATOR:
+            raise HandshakeRefused("not_an_operator", f"client {ids[0]} is not an operator "
+                                   "(`meshd ca issue --operator NAME`)")
+        if serial in self._denied:
+            raise HandshakeRefused("revoked", f"client {ids[0]} presented certificate {serial}, "
+                                   "which the CA revoked")
+        return name
+
+    def unusable_reason(self, service: str) -> str | None:
+        """Why ``service``'s certificate cannot be presented now (None: it can)."""
+        contexts = self._contexts
+        if service in contexts.unusable:
+            return contexts.unusable[service]
+        not_after = contexts.not_after.get(service)
+        if not_after is not None and self._clock() >= not_after:
+            return (f"the certificate of {service} expired at {_when(not_after)}; not "
+                    "presenting it (renewal has been failing: is the CA reachable?)")
+        return None
+
+    # -- the deny list -------------------------------------------------------------------------
+
+    def set_denylist(self, serials: Iterable[str]) -> frozenset[str]:
+        """Put a new deny list in force: new handshakes with a revoked peer are refused, open
+        connections with one are cut. Returns the serials it adds."""
+        denied = frozenset(s.lower() for s in serials)
+        added = denied - self._denied
+        self._denied = denied
+        if added:
+            cut = 0
+            for serial in added:
+                for stream in list(self._open.pop(serial, ())):
+                    stream.abort()
+                    cut += 1
+            if cut:
+                log.warning("closed %d open connection(s) with a peer whose certificate was "
+                            "revoked (%s)", cut, ", ".join(sorted(added)))
+        return added
+
+    def track(self, stream: TrackedConnection) -> None:
+        """Remember an open connection under its peer's serial (cut if that is revoked)."""
+        streams = self._open.get(stream.peer_serial)
+        if streams is None:
+            streams = self._open[stream.peer_serial] = weakref.WeakSet()
+            if len(self._open) > self._sweep_at:  # renewals leave empty sets behind
+                for serial in [k for k, v in self._open.items() if not v]:
+                    del self._open[serial]
+                self._sweep_at = max(1024, 2 * len(self._open))
+        streams.add(stream)
+
+    def open_connections(self, serial: str) -> int:
+        return len(self._open.get(serial, ()))
+
+    @property
+    def denied(self) -> frozenset[str]:
+        return self._denied
+
+    # -- peer checks -------------------------------------------------------------------------
+
+    def check_server(self, der: bytes | None, destination: str) -> str:
+        """Raise ``HandshakeRefused`` unless the upstream is exactly ``destination`` and not
+        revoked; returns its certificate's serial."""
+        expected = spiffe_id_for(self.trust_domain, destination)
+        ids, serial = _peer(der)
+        if ids != [expected]:
+            raise HandshakeRefused(
+                "wrong_identity",
+                f"upstream presented {', '.join(ids) or 'no SPIFFE ID'}, expected {expected}")
+        if serial in self._denied:
+            raise HandshakeRefused("revoked", f"upstream {expected} presented certificate "
+                                   f"{serial}, which the CA revoked")
+        return serial
+
+    def check_client(self, der: bytes | None) -> Peer:
+        """The calling service of a verified client certificate: its one SPIFFE ID must be a
+        service of our trust domain, its serial not revoked. Raises ``HandshakeRefused``."""
+        ids, serial = _peer(der)
+        if len(ids) != 1:
+            raise HandshakeRefused(
+                "wrong_identity",
+                f"client certificate carries {len(ids)} SPIFFE IDs, expected exactly one")
+        try:
+            trust_domain, service = parse_spiffe_id(ids[0])
+        except ValueError as exc:
+            raise HandshakeRefused("wrong_identity", f"client identity refused: {exc}") from None
+        if trust_domain != self.trust_domain:
+            raise HandshakeRefused(
+                "foreign_trust_domain",
+                f"client {ids[0]} is not of trust domain {self.trust_domain}")
+        if serial in self._denied:
+            raise HandshakeRefused("revoked", f"client {ids[0]} presented certificate {serial}, "
+                                   "which the CA revoked")
+        return Peer(service, serial)
+
+    # -- building ------------------------------------------------------------------------------
+
+    def _build(self) -> _Contexts:
+        bundle = self.directory / BUNDLE_FILE
+        by_service: dict[str, ssl.SSLContext] = {}
+        clients: dict[str, ssl.SSLContext] = {}
+        not_after: dict[str, float] = {}
+        unusable: dict[str, str] = {}
+        now = self._clock()
+        try:
+            for service in self.services:
+                cert = self._check_certificate(service)
+                reason = _unusable(cert, service, now)
+                if reason is not None:
+                    log.error("%s", reason)
+                    unusable[service] = reason
+                    continue
+                by_service[service] = _context(ssl.PROTOCOL_TLS_SERVER, bundle,
+                                               self.directory, service)
+                clients[service] = _context(ssl.PROTOCOL_TLS_CLIENT, bundle,
+                                            self.directory, service)
+                not_after[service] = cert.not_valid_after_utc.timestamp()
+            server = _context(ssl.PROTOCOL_TLS_SERVER, bundle, self.directory, None)
+            admin, admin_not_after = self._admin_build(bundle, now) if self.admin else (None, 0.0)
+        except (OSError, ssl.SSLError) as exc:
+            raise IdentityError(f"cannot load TLS identities from {self.directory}: {exc}") \
+                from exc
+        server.sslobject_class = MeshSSLObject
+        server.sni_callback = self._select_by_sni
+        return _Contexts(server, by_service, clients, not_after, unusable, admin, admin_not_after)
+
+    def _admin_build(self, bundle: Path, now: float) -> tuple[ssl.SSLContext | None, float]:
+        cert_file, key_file = node_files(self.directory)
+        try:
+            cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+        except ValueError as exc:
+            raise IdentityError(f"{cert_file} is not a PEM certificate: {exc}") from exc
+        ids = spiffe_ids_from_cert(cert)
+        try:
+            td, kind, _ = parse_identity(ids[0]) if len(ids) == 1 else ("", Kind.SERVICE, "")
+        except ValueError:
+            td, kind = "", Kind.SERVICE
+        if (td, kind) != (self.trust_domain, Kind.NODE):
+            raise IdentityError(f"{cert_file} is the certificate of {ids or 'nobody'}, not of a "
+                                f"node of {self.trust_domain}")
+        reason = _unusable(cert, "the node (admin API)", now)
+        if reason is not None:
+            log.error("%s", reason)
+            return None, 0.0
+        ctx = _front_context(ssl.CERT_REQUIRED)
+        ctx.load_verify_locations(cafile=str(bundle))
+        ctx.load_cert_chain(str(cert_file), str(key_file))
+        return ctx, cert.not_valid_after_utc.timestamp()
+
+    def _check_certificate(self, service: str) -> x509.Certificate:
+        path = cert_path(self.directory, service)
+        try:
+            cert = x509.load_pem_x509_certificate(path.read_bytes())
+        except ValueError as exc:
+            raise IdentityError(f"{path} is not a PEM certificate: {exc}") from exc
+        expected = spiffe_id_for(self.trust_domain, service)
+        ids = spiffe_ids_from_cert(cert)
+        if ids != [expected]:
+            raise IdentityError(f"{path} is the certificate of {ids or 'nobody'}, "
+                                f"not of {expected}")
+        return cert
+
+    def _select_by_sni(self, sslobj: ssl.SSLObject | ssl.SSLSocket, server_name: str | None,
+                       _ctx: ssl.SSLContext) -> int | None:
+        """Runs inside OpenSSL's ClientHello processing: must not raise."""
+        context = self._contexts.by_service.get(server_name or "")
+        reason = self.unusable_reason(server_name) if server_name else None
+        if reason is not None:
+            context = None
+        if isinstance(sslobj, MeshSSLObject):
+            sslobj.sni = server_name
+            if context is None:
+                sslobj.sni_refusal = reason or (
+                    f"client asked for unknown service {server_name!r}" if server_name
+                    else "client sent no SNI")
+        if context is None:
+            return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+        sslobj.context = context
+        return None
+
+
+def _context(protocol: ssl._SSLMethod, bundle: Path, directory: Path,
+             service: str | None) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(protocol)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cafile=str(bundle))
+    if protocol == ssl.PROTOCOL_TLS_SERVER:
+        # No session tickets: meshd does not resume sessions, and a server that sends nothing
+        # after the handshake keeps idle pooled connections quiet.
+        ctx.num_tickets = 0
+    if service is not None:
+        ctx.load_cert_chain(str(cert_path(directory, service)), str(key_path(directory, service)))
+    return ctx
+
+
+def _front_context(verify: ssl.VerifyMode) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.verify_mode = verify
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+def _peer(der: bytes | None) -> tuple[list[str], str]:
+    """The SPIFFE IDs and the serial (hex) of a DER certificate (nothing for junk)."""
+    if not der:
+        return [], ""
+    try:
+        cert = x509.load_der_x509_certificate(der)
+    except ValueError:
+        return [], ""
+    return spiffe_ids_from_cert(cert), format(cert.serial_number, "x")
+
+
+def _unusable(cert: x509.Certificate, service: str, now: float) -> str | None:
+    if now < cert.not_valid_before_utc.timestamp():
+        return (f"the certificate of {service} is not valid before "
+                f"{_when(cert.not_valid_before_utc.timestamp())}; not presenting it")
+    if now >= cert.not_valid_after_utc.timestamp():
+        return (f"the certificate of {service} expired at "
+                f"{_when(cert.not_valid_after_utc.timestamp())}; not presenting it")
+    return None
+
+
+def _when(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# OpenSSL reason codes -> (metric label, what to tell the operator)
+_REASONS = {
+    "HTTP_REQUEST": ("plaintext", "plaintext HTTP on the mTLS port"),
+    "HTTPS_PROXY_REQUEST": ("plaintext", "plaintext proxy request on the mTLS port"),
+    "WRONG_VERSION_NUMBER": ("plaintext", "not a TLS client (plaintext on the mTLS port?)"),
+    "UNKNOWN_PROTOCOL": ("plaintext", "not a TLS client (plaintext on the mTLS port?)"),
+    "PACKET_LENGTH_TOO_LONG": ("plaintext", "not a TLS client (plaintext on the mTLS port?)"),
+    "RECORD_LAYER_FAILURE": ("plaintext", "not a TLS client (plaintext on the mTLS port?)"),
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": ("no_client_cert", "client presented no certificate"),
+    "CERTIFICATE_VERIFY_FAILED": ("untrusted_chain",
+                                  "peer certificate does not chain to the trust bundle"),
+    "TLSV1_ALERT_UNKNOWN_CA": ("untrusted_chain", "peer does not trust our certificate"),
+    "SSLV3_ALERT_BAD_CERTIFICATE": ("untrusted_chain", "peer refused our certificate"),
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": ("untrusted_chain", "peer refused our certificate"),
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": ("no_client_cert",
+                                          "peer required a client certificate"),
+    "UNSUPPORTED_PROTOCOL": ("tls_version", "peer does not speak TLS 1.3"),
+    "TLSV1_ALERT_PROTOCOL_VERSION": ("tls_version", "peer does not speak TLS 1.3"),
+    "TLSV1_UNRECOGNIZED_NAME": ("unknown_service", "server does not host the service asked for"),
+    "TLSV1_ALERT_UNRECOGNIZED_NAME": ("unknown_service",
+                                      "server does not host the service asked for"),
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": ("expired", "peer says our certificate has expired"),
+}
+
+
+# X509_V_ERR_* codes with a label of their own (everything else is "untrusted_chain")
+_VERIFY_CODES = {9: "not_yet_valid", 10: "expired"}
+
+
+def classify_tls_failure(exc: BaseException) -> tuple[str, str]:
+    """A metric label and an explanation for a failed handshake (or a first read that failed
+    because the peer refused us), from the ``ssl.SSLError`` somewhere in ``exc``'s causes."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            label = _VERIFY_CODES.get(seen.verify_code, "untrusted_chain")
+            return label, f"peer certificate refused: {seen.verify_message}"
+        if isinstance(seen, ssl.SSLError):
+            reason = getattr(seen, "reason", None) or ""
+            label, text = _REASONS.get(reason, ("handshake_failed", "TLS handshake failed"))
+            return label, f"{text} ({reason or seen})"
+        seen = seen.__cause__ or seen.__context__
+    return "handshake_failed", f"TLS handshake failed ({exc})"

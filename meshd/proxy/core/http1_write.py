@@ -1,0 +1,107 @@
+"""HTTP/1.1 on the way out: header rewriting, head serialisation, body encoding. Pure.
+
+Heads are rebuilt rather than copied: hop-by-hop headers (and those the ``Connection`` header
+names) are dropped, and body framing headers are written from the framing decided in
+``http1``, never passed through, so what a peer reads always matches how we send the body.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from http import HTTPStatus
+
+from meshd.proxy.core.http1 import Framing, Header, header_values
+
+# RFC 9110 7.6.1 plus the classic hop-by-hop set; headers named in Connection are added per message.
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
+    b"upgrade", b"proxy-authenticate", b"proxy-authorization",
+})
+
+
+_HOP_BY_HOP_AND_LENGTH = HOP_BY_HOP | {b"content-length"}
+
+
+def _tokens(values: Iterable[bytes]) -> set[bytes]:
+    return {t.strip().lower() for v in values for t in v.split(b",") if t.strip()}
+
+
+def end_to_end(headers: Iterable[Header], *, keep_length: bool = False,
+               drop: Iterable[bytes] = ()) -> list[Header]:
+    """``headers`` without hop-by-hop ones (including those named in ``Connection``), without
+    ``Content-Length`` unless ``keep_length`` (the writer sets framing itself), and without the
+    lower-case names in ``drop``."""
+    lowered = [(n.lower(), n, v) for n, v in headers]
+    removed = HOP_BY_HOP if keep_length else _HOP_BY_HOP_AND_LENGTH
+    named = [v for lower, _, v in lowered if lower == b"connection"]
+    if named or drop:
+        removed = removed | _tokens(named) | set(drop)
+    return [(n, v) for lower, n, v in lowered if lower not in removed]
+
+
+def append_forwarded_for(headers: list[Header], client: str) -> list[Header]:
+    """Append ``client`` to ``X-Forwarded-For`` (one header, values comma-joined)."""
+    previous = header_values(headers, b"x-forwarded-for")
+    if not previous:
+        return [*headers, (b"x-forwarded-for", client.encode("ascii"))]
+    value = b", ".join([*previous, client.encode("ascii")])
+    return [*(h for h in headers if h[0].lower() != b"x-forwarded-for"),
+            (b"x-forwarded-for", value)]
+
+
+def _framing_headers(framing: Framing, length: int | None) -> list[Header]:
+    if framing is Framing.LENGTH:
+        return [(b"content-length", b"%d" % (length or 0))]
+    if framing is Framing.CHUNKED:
+        return [(b"transfer-encoding", b"chunked")]
+    return []
+
+
+def _header_lines(headers: Iterable[Header]) -> bytes:
+    return b"".join(b"%s: %s\r\n" % (n, v) for n, v in headers)
+
+
+def serialize_request(method: bytes, target: bytes, headers: Iterable[Header],
+                      framing: Framing, length: int | None = None) -> bytes:
+    """An HTTP/1.1 request head; ``headers`` must be free of framing and hop-by-hop ones."""
+    return (b"%s %s HTTP/1.1\r\n" % (method, target) + _header_lines(headers)
+            + _header_lines(_framing_headers(framing, length)) + b"\r\n")
+
+
+def serialize_response(status: int, reason: bytes, headers: Iterable[Header],
+                       framing: Framing, length: int | None = None,
+                       connection: bytes | None = None) -> bytes:
+    """An HTTP/1.1 response head; ``connection`` (``close``/``keep-alive``) is added when given."""
+    extra = _framing_headers(framing, length)
+    if connection is not None:
+        extra.append((b"connection", connection))
+    return (b"HTTP/1.1 %d %s\r\n" % (status, reason or _phrase(status))
+            + _header_lines(headers) + _header_lines(extra) + b"\r\n")
+
+
+def encode_data(framing: Framing, data: bytes) -> bytes:
+    if framing is Framing.CHUNKED:
+        return b"%x\r\n%s\r\n" % (len(data), data) if data else b""
+    return data
+
+
+def encode_end(framing: Framing) -> bytes:
+    return b"0\r\n\r\n" if framing is Framing.CHUNKED else b""
+
+
+def simple_response(status: int, text: str, *, close: bool,
+                    headers: Iterable[Header] = ()) -> bytes:
+    """A complete short plain-text response that meshd itself answers with."""
+    body = (text.rstrip("\n") + "\n").encode("utf-8", "replace")
+    head = serialize_response(
+        status, _phrase(status),
+        [(b"content-type", b"text/plain; charset=utf-8"), *headers],
+        Framing.LENGTH, len(body), b"close" if close else None)
+    return head + body
+
+
+def _phrase(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b""

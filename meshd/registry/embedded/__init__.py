@@ -1,0 +1,2 @@
+"""The embedded, Consul-compatible registry (``meshd registry serve``): HTTP API, state,
+persistence, checks."""

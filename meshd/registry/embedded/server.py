@@ -1,0 +1,298 @@
+"""The embedded registry's trio shell: HTTP in, state core, durable log, blocking waits, timers.
+
+``serve_registry`` is the whole server (the CLI and tests start it with ``nursery.start``). Every
+write goes the same way, under one lock: plan against the state (pure), append to the log and
+fsync (worker thread), apply, wake the watchers of the changed topics. Nobody sees a write before
+it is durable, so a watcher can never observe an index that a crash would take back.
+
+Blocking queries are event-driven: a waiter registers one ``trio.Event`` under each topic its
+answer depends on and sleeps until one is set or its deadline passes; a write sets only the
+events of the topics it changed. An idle watcher costs one task and a few dict entries.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import partial
+from os import PathLike
+
+import trio
+
+from meshd.errors import RegistryError
+from meshd.httpd import Request, Response, serve_http
+from meshd.registry.embedded.checks import MIN_INTERVAL, CheckRunner
+from meshd.registry.embedded.http import (
+    QueryOptions,
+    Read,
+    Router,
+    Write,
+    error_response,
+    finish,
+    must_block,
+    query_options,
+    with_common_headers,
+)
+from meshd.registry.embedded.persist import DEFAULT_COMPACT_BYTES, DataDir
+from meshd.registry.embedded.routes import KV_MAX_VALUE, Api, ApiSettings
+from meshd.registry.embedded.state import REAP_MINIMUM, RegistryState, Wake
+from meshd.registry.embedded.store.records import ApiError, Mutation
+from meshd.registry.embedded.store.sessions import SESSION_TTL_MIN
+
+log = logging.getLogger(__name__)
+
+REAP_INTERVAL = 30.0
+
+
+class Notifier:
+    """Wakes blocking queries by topic, KV key and KV prefix."""
+
+    def __init__(self) -> None:
+        self._topics: dict[str, set[trio.Event]] = {}
+        self._prefixes: dict[str, set[trio.Event]] = {}
+
+    async def wait(self, read: Read, deadline: float) -> None:
+        event = trio.Event()
+        keys = [(self._topics, t) for t in read.topics]
+        if read.kv_key is not None:
+            keys.append((self._topics, f"kv:{read.kv_key}"))
+        if read.kv_prefix is not None:
+            keys.append((self._prefixes, read.kv_prefix))
+        for table, key in keys:
+            table.setdefault(key, set()).add(event)
+        try:
+            with trio.move_on_at(deadline):
+                await event.wait()
+        finally:
+            for table, key in keys:
+                waiters = table.get(key)
+                if waiters is not None:
+                    waiters.discard(event)
+                    if not waiters:
+                        del table[key]
+
+    def wake(self, wake: Wake) -> None:
+        for topic in (*wake.topics, *(f"kv:{k}" for k in wake.kv_keys)):
+            for event in self._topics.pop(topic, ()):
+                event.set()
+        if wake.kv_keys and self._prefixes:
+            for prefix in [p for p in self._prefixes if any(k.startswith(p)
+                                                            for k in wake.kv_keys)]:
+                for event in self._prefixes.pop(prefix):
+                    event.set()
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    host: str = "127.0.0.1"
+    port: int = 8500
+    data_dir: str | PathLike[str] | None = None
+    node_name: str = "meshd-registry"
+    datacenter: str = "dc1"
+    advertise: str | None = None  # node address; default: the listen address
+    reap_interval: float = REAP_INTERVAL
+    reap_minimum: float = REAP_MINIMUM
+    compact_bytes: int = DEFAULT_COMPACT_BYTES  # snapshot + new log once the log is this big
+    acl_master_token: str | None = None  # None: ACLs off
+    session_ttl_min: float = SESSION_TTL_MIN  # Consul's session_ttl_min
+    check_min_interval: float = MIN_INTERVAL  # HTTP/TCP check intervals are raised to this
+
+
+class RegistryServer:
+    def __init__(self, config: RegistryConfig, state: RegistryState,
+                 data: DataDir | None = None) -> None:
+        self.config = config
+        self.state = state
+        self.data = data
+        self.notifier = Notifier()
+        api = Api(state, ApiSettings(datacenter=config.datacenter,
+                                     acl_master_token=config.acl_master_token,
+                                     session_ttl_min=config.session_ttl_min))
+        self.default_policy = api.acl.default_policy
+        self.router = Router(api.routes())
+        self.checks = CheckRunner(state, self.commit, min_interval=config.check_min_interval)
+        self._write_lock = trio.Lock()
+        self._timers_changed = trio.Event()
+
+    # --- HTTP ------------------------------------------------------------------------------------
+
+    async def handle(self, request: Request) -> Response:
+        try:
+            response = await self._handle(request)
+        except ApiError as exc:
+            response = error_response(exc)
+        except RegistryError as exc:
+            log.error("%s %s failed: %s", request.method, request.path, exc)
+            response = Response.text(str(exc), 500)
+        return with_common_headers(response, self.default_policy)
+
+    async def _handle(self, request: Request) -> Response:
+        if request.path in ("/", ""):
+            if request.method not in ("GET", "HEAD"):
+                return Response.text(f"method {request.method} not allowed", 405,
+                                     [("Allow", "OPTIONS,GET,HEAD")])
+            return Response.text("meshd embedded registry: Consul HTTP API subset under /v1/\n")
+        routed = self.router.dispatch(request)
+        if isinstance(routed, Response):
+            return routed
+        endpoint, tail = routed
+        options = query_options(request) if request.method == "GET" else None
+        result = endpoint(request, tail)
+        if isinstance(result, Write):
+            return await self._write(result)
+        return await self._read(endpoint, request, tail, result, options)
+
+    async def _read(self, endpoint: Callable[[Request, str], Read | Write], request: Request,
+                    tail: str, read: Read | Write, options: QueryOptions | None) -> Response:
+        assert isinstance(read, Read)
+        if options is None or not must_block(read, options):
+            return finish(read, options)
+        deadline = trio.current_time() + options.wait + random.uniform(0, options.wait / 16)
+        while True:
+            await self.notifier.wait(read, deadline)
+            again = endpoint(request, tail)  # re-run: the answer is current even on timeout
+            assert isinstance(again, Read)
+            read = again
+            if not must_block(read, options) or trio.current_time() >= deadline:
+                return finish(read, options)
+
+    # --- writes ----------------------------------------------------------------------------------
+
+    async def _write(self, write: Write) -> Response:
+        mutation = await self.commit(write.plan)
+        return write.respond(mutation)
+
+    async def commit(self, plan: Callable[[RegistryState, float], Mutation]) -> Mutation:
+        """Plan, make durable, apply and announce one write. Not cancellable once planned: a
+        client hanging up must not leave a logged write unapplied."""
+        async with self._write_lock:
+            mutation = plan(self.state, trio.current_time())
+            with trio.CancelScope(shield=True):
+                if mutation.ops and self.data is not None:
+                    await trio.to_thread.run_sync(self.data.append, mutation)
+                wake = self.state.apply(mutation, trio.current_time())
+                self.notifier.wake(wake)
+                self._timers_changed.set()
+                self.checks.checks_changed(mutation.ops)
+                if self.data is not None and self.data.needs_compaction():
+                    snapshot = self.data.snapshot_bytes(self.state)
+                    await trio.to_thread.run_sync(self.data.compact, snapshot)
+        return mutation
+
+    # --- timers ----------------------------------------------------------------------------------
+
+    async def run_timers(self) -> None:
+        """TTL check and TTL session expiry (as soon as a deadline passes) and the
+        critical-service reaper sweep."""
+        next_reap = trio.current_time() + self.config.reap_interval
+        while True:
+            due = self.state.next_deadline()
+            deadline = next_reap if due is None else min(due, next_reap)
+            with trio.move_on_at(deadline):
+                await self._timers_changed.wait()
+            self._timers_changed = trio.Event()
+            now = trio.current_time()
+            due = self.state.next_deadline()
+            if due is not None and due <= now:
+                await self.commit(partial(_at, RegistryState.plan_ttl_expiry, now))
+                expired = await self.commit(
+                    partial(_at, RegistryState.plan_session_expiry, now))
+                if expired.ops:
+                    log.info("sessions invalidated by TTL: %s", ", ".join(
+                        op.key for op in expired.ops if op.table == "session"))
+            if now >= next_reap:
+                mutation = await self.commit(partial(_at, RegistryState.plan_reap, now))
+                removed = sorted({op.key for op in mutation.ops if op.table == "service"})
+                if removed:
+                    log.info("deregistered services critical for too long: %s",
+                             ", ".join(removed))
+                next_reap = now + self.config.reap_interval
+
+
+def _at(plan: Callable[[RegistryState, float], Mutation], at: float, state: RegistryState,
+        now: float) -> Mutation:
+    """A timer's plan, run for the time ``at`` at which the timer fired."""
+    return plan(state, at)
+
+
+def load_state(config: RegistryConfig, data: DataDir | None) -> RegistryState:
+    """Build the state (from disk when there is a data directory) and boot the standing state."""
+    state = RegistryState(reap_minimum=config.reap_minimum)
+    if data is not None:
+        loaded = data.load(state)
+        log.info("loaded registry data from %s: index %d, %d services, %d keys (%d log records)",
+                 data.path, state.index, sum(s.agent for s in state.services.values()),
+                 len(state.kv.entries), loaded.records_replayed)
+    return state
+
+
+async def serve_registry(
+    config: RegistryConfig,
+    *,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the embedded registry until cancelled.
+
+    ``task_status.started`` receives the listening sockets once the server accepts connections
+    (so ``port=0`` works: read the port from ``listeners[0].socket.getsockname()``). Raises
+    ``RegistryError`` if the data directory is corrupt or locked, or the address is taken.
+    """
+    data = None
+    if config.data_dir is not None:
+        data = DataDir.open(config.data_dir, compact_bytes=config.compact_bytes)
+    try:
+        await _serve(config, data, task_status)
+    finally:
+        if data is not None:
+            data.close()
+
+
+async def _serve(config: RegistryConfig, data: DataDir | None,
+                 task_status: trio.TaskStatus[list[trio.SocketListener]]) -> None:
+    address = config.advertise or _advertise_address(config.host)
+    state = load_state(config, data)
+    server = RegistryServer(config, state, data)
+    node_id = state.node.id if state.node is not None else str(uuid.uuid4())
+    await server.commit(lambda s, _: s.plan_boot(
+        node_name=config.node_name, node_id=node_id, address=address,
+        datacenter=config.datacenter))
+    state.restart_timers(trio.current_time())
+    failure: OSError | None = None
+    async with trio.open_nursery() as nursery:
+        try:
+            listeners = await nursery.start(_listen, server, config)
+        except OSError as exc:
+            failure = exc  # raised below, outside the nursery, so callers get it ungrouped
+        else:
+            log.info("registry listening on http://%s:%d (node %s, datacenter %s, %s)",
+                     config.host, listen_port(listeners), config.node_name, config.datacenter,
+                     f"data in {config.data_dir}" if config.data_dir else "in memory")
+            nursery.start_soon(server.run_timers)
+            await nursery.start(server.checks.run)
+            task_status.started(listeners)
+    if failure is not None:
+        raise RegistryError(f"cannot listen on {config.host}:{config.port}: "
+                            f"{failure.strerror or failure}") from failure
+
+
+async def _listen(server: RegistryServer, config: RegistryConfig,
+                  task_status: trio.TaskStatus[list[trio.SocketListener]]
+                  = trio.TASK_STATUS_IGNORED) -> None:
+    await serve_http(server.handle, config.host, config.port, task_status=task_status,
+                     max_body=2 * KV_MAX_VALUE)
+
+
+def _advertise_address(host: str) -> str:
+    if host in ("", "0.0.0.0", "::", "localhost"):
+        return "127.0.0.1"
+    return host
+
+
+def listen_port(listeners: Iterable[trio.SocketListener]) -> int:
+    """The TCP port of the first listener (for servers started on port 0)."""
+    for listener in listeners:
+        return int(listener.socket.getsockname()[1])
+    raise RegistryError("registry has no listener")

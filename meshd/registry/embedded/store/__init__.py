@@ -1,0 +1,1 @@
+"""The embedded registry's pure state: records, catalog, agent, KV, sessions, transactions."""

@@ -1,0 +1,157 @@
+"""``meshd routes apply | show | set-split`` as a process against a real registry over HTTP,
+including a concurrent change between its read and its check-and-set write."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+from conftest import Registry, start_registry
+
+from meshd.config.load import load_routes
+from meshd.config.routes import parse_routes, routes_to_data
+from meshd.httpd import Request, Response, serve_http
+from meshd.registry.embedded.server import listen_port
+from meshd.registry.watch import ROUTES_KEY
+
+SHOP_ROUTES = Path(__file__).resolve().parents[2] / "examples" / "shop" / "routes.toml"
+ROUTES = """
+[destinations.payments]
+subsets = { v1 = { version = "v1" }, v2 = { version = "v2" } }
+split = { v1 = 90, v2 = 10 }
+
+[destinations.cart]
+timeout = "2s"
+"""
+
+
+def meshd(registry: str, *args: str, token: str = "") -> subprocess.CompletedProcess[str]:
+    env = {"PATH": "/usr/bin:/bin", "CONSUL_HTTP_TOKEN": token}
+    return subprocess.run([sys.executable, "-m", "meshd", "routes", "--registry", registry,
+                           *args], capture_output=True, text=True, timeout=30, env=env)
+
+
+async def run(registry: str, *args: str, token: str = "") -> subprocess.CompletedProcess[str]:
+    return await trio.to_thread.run_sync(lambda: meshd(registry, *args, token=token))
+
+
+async def stored(client: httpx.AsyncClient) -> tuple[bytes, int]:
+    r = await client.get(f"/v1/kv/{ROUTES_KEY}?raw")
+    if r.status_code == 404:
+        return b"", 0
+    return r.content, int(r.headers["X-Consul-Index"])
+
+
+@pytest.fixture
+def routes_file(tmp_path: Path) -> Path:
+    path = tmp_path / "routes.toml"
+    path.write_text(ROUTES)
+    return path
+
+
+async def test_apply_show_and_set_split(registry: Registry, routes_file: Path) -> None:
+    result = await run(registry.url, "show")
+    assert result.returncode == 0, result.stderr
+    assert "ModifyIndex 0" in result.stdout and "no route table stored" in result.stdout
+
+    result = await run(registry.url, "apply", str(routes_file))
+    assert result.returncode == 0, result.stderr
+    value, index = await stored(registry.client)
+    table = load_routes(routes_file)
+    assert value == json.dumps(routes_to_data(table), sort_keys=True).encode()  # canonical
+    assert f"(ModifyIndex {index})" in result.stdout
+
+    shown = await run(registry.url, "show")
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith(f"# {ROUTES_KEY} at ModifyIndex {index} ")
+    assert parse_routes(tomllib.loads(shown.stdout)) == table  # TOML that applies back
+
+    result = await run(registry.url, "set-split", "payments", "v1=50", "v2=50")
+    assert result.returncode == 0, result.stderr
+    assert "v1=90, v2=10 -> v1=50, v2=50" in result.stdout
+    value, new_index = await stored(registry.client)
+    assert new_index > index
+    assert json.loads(value)["destinations"]["payments"]["split"] == {"v1": 50, "v2": 50}
+    assert json.loads(value)["destinations"]["cart"]["timeout"] == 2.0  # the rest is kept
+
+    for bad, reason in ((["payments", "v1=50", "v2=40"], "must sum to 100"),
+                        (["payments", "v1=50", "v3=50"], "unknown subset 'v3'"),
+                        (["payments", "v1=fifty"], "expected SUBSET=WEIGHT"),
+                        (["nowhere", "v1=100"], "no such destination")):
+        result = await run(registry.url, "set-split", *bad)
+        assert result.returncode == 1 and reason in result.stderr, (bad, result.stderr)
+    assert (await stored(registry.client))[1] == new_index  # refusals write nothing
+
+    # the shipped demo file applies too
+    assert (await run(registry.url, "apply", str(SHOP_ROUTES))).returncode == 0
+
+
+async def test_apply_refuses_an_invalid_file(registry: Registry, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[destinations.payments]\nsplit = { v1 = 100 }\n')
+    result = await run(registry.url, "apply", str(bad))
+    assert result.returncode == 1
+    assert f"{bad}: destinations.payments.split.v1: unknown subset 'v1'" in result.stderr
+    assert await stored(registry.client) == (b"", 0)
+
+
+async def test_conflicting_change_is_reported_never_overwritten(
+        registry: Registry, routes_file: Path, nursery: trio.Nursery) -> None:
+    """A proxy in front of the registry lets someone else write the key just before the
+    command's check-and-set write arrives."""
+    assert (await run(registry.url, "apply", str(routes_file))).returncode == 0
+    theirs = {"destinations": {"payments": {
+        "subsets": {"v1": {"version": "v1"}, "v2": {"version": "v2"}},
+        "split": {"v1": 0, "v2": 100}}}}
+    interfered: list[int] = []
+
+    async with httpx.AsyncClient(base_url=registry.url, trust_env=False,
+                                 headers=registry.client.headers) as upstream:
+        async def interpose(request: Request) -> Response:
+            if request.method == "PUT" and "cas" in request.query and not interfered:
+                r = await upstream.put(f"/v1/kv/{ROUTES_KEY}",
+                                       content=json.dumps(theirs, sort_keys=True).encode())
+                interfered.append(int(r.status_code))
+            r = await upstream.request(request.method, request.target, content=request.body)
+            keep = [(k, v) for k, v in r.headers.items()
+                    if k.lower() in ("content-type", "x-consul-index")]
+            return Response(r.status_code, r.content, keep)
+
+        listeners = await nursery.start(serve_http, interpose, "127.0.0.1", 0)
+        proxy = f"http://127.0.0.1:{listen_port(listeners)}"
+        _, before = await stored(registry.client)
+
+        result = await run(proxy, "set-split", "payments", "v1=50", "v2=50")
+        assert interfered == [200]
+        assert result.returncode == 1
+        _, after = await stored(registry.client)
+        assert f"ModifyIndex {before} -> {after}" in result.stderr
+        assert "who changed what is unknown" in result.stderr
+        assert "v2 = 100" in result.stdout  # the new value is shown
+        value, _ = await stored(registry.client)
+        assert json.loads(value) == theirs  # theirs stays: nothing overwritten
+
+        interfered.clear()
+        result = await run(proxy, "apply", str(routes_file))
+        assert result.returncode == 1 and "conflict" in result.stderr
+        assert json.loads((await stored(registry.client))[0]) == theirs
+    nursery.cancel_scope.cancel()
+
+
+@pytest.mark.embedded_only("starts the embedded registry with a master token")
+async def test_token_from_the_environment(nursery: trio.Nursery, routes_file: Path) -> None:
+    reg = await start_registry(nursery, acl_master_token="t0ken")
+    async with reg.client:
+        denied = await run(reg.url, "apply", str(routes_file))
+        assert denied.returncode == 1 and "403" in denied.stderr
+        allowed = await run(reg.url, "apply", str(routes_file), token="t0ken")
+        assert allowed.returncode == 0, allowed.stderr
+        shown = await run(reg.url, "--token", "t0ken", "show")
+        assert shown.returncode == 0 and "[destinations.payments]" in shown.stdout
+    nursery.cancel_scope.cancel()
