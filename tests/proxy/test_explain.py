@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
-from conftest import Farm
+from proxy_mesh_testing import Farm
 
 from meshd.admin.state import DaemonState, build_state
 from meshd.cli.explain import explain, render

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import trio
 import trio.testing
-from conftest import Host, Mesh, _host
+from proxy_mesh_testing import Host, Mesh, make_host
 from proxy_testing import MiniCA, eventually, read_until_eof, sample
 
 from meshd.config.routes import parse_routes
@@ -331,9 +331,9 @@ async def pair(tmp_path: Path, nursery: trio.Nursery) -> Pair:
     ca = MiniCA.create()
     app = ScriptedApp()
     await nursery.start(app.serve)
-    b = _host(ca, tmp_path, "b", [LocalService("app", app.port)])
+    b = make_host(ca, tmp_path, "b", [LocalService("app", app.port)])
     view = ViewCell()
-    a = _host(ca, tmp_path, "a", [LocalService("web", 1, upstreams=(Upstream("app", 0),))],
+    a = make_host(ca, tmp_path, "a", [LocalService("web", 1, upstreams=(Upstream("app", 0),))],
               view)
     for host in (b, a):
         await nursery.start(host.proxy.run)

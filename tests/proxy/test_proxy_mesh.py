@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 import httpx
 import trio
-from conftest import Mesh
+from proxy_mesh_testing import Mesh
 from proxy_testing import duplex_exchange, read_until_eof, sample
 
 from meshd.config.routes import parse_routes

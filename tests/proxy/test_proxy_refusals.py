@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
-from conftest import Mesh
+from proxy_mesh_testing import Mesh
 from proxy_testing import MiniCA, client_context, read_until_eof, sample
 
 

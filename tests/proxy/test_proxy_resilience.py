@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 import trio
-from conftest import Farm
+from proxy_mesh_testing import Farm
 from proxy_testing import ResettingPeer, sample
 
 RETRY_5XX = {"attempts": 2, "retry_on": ["5xx"]}

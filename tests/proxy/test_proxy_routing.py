@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 import trio
-from conftest import Farm, Mesh
+from proxy_mesh_testing import Farm, Mesh
 from proxy_testing import eventually, read_until_eof, sample
 
 from meshd.config.routes import parse_routes

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
-from conftest import Registry, start_registry
+from registry_testing import Registry, start_registry
 
 from meshd.config.load import load_routes
 from meshd.config.routes import parse_routes, routes_to_data

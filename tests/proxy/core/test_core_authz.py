@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
-from conftest import Mesh
+from proxy_mesh_testing import Mesh
 from proxy_testing import TD, client_context, read_until_eof, sample
 
 from meshd.config.routes import parse_routes, routes_to_data

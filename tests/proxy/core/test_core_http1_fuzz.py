@@ -10,9 +10,9 @@ import random
 import re
 
 import trio
-from conftest import Mesh
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from proxy_mesh_testing import Mesh
 from proxy_testing import read_until_eof
 
 from meshd.proxy.core.http1 import END, Data, ProtocolError, RequestHead, RequestReader

@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 import trio
-from conftest import start_registry
+from registry_testing import start_registry
 
 from meshd.errors import RegistryError
 from meshd.registry.consul import ConsulClient

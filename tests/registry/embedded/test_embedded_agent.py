@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 import trio
-from conftest import Registry
+from registry_testing import Registry
 
 
 async def register(client: httpx.AsyncClient, body: dict[str, object], **params: str) -> None:

@@ -6,7 +6,7 @@ import resource
 
 import httpx
 import trio
-from conftest import Registry
+from registry_testing import Registry
 
 
 def _affordable_connections(wanted: int) -> int:

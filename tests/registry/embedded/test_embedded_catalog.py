@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 import trio
-from conftest import Registry
+from registry_testing import Registry
 
 NODE_ID = "b4f7e1a2-3c4d-4e5f-8a9b-0c1d2e3f4a5b"
 

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
-from conftest import Registry, start_registry
+from registry_testing import Registry, start_registry
 
 from meshd.httpd import Request, Response, serve_http
 from meshd.registry.embedded.check_status import StatusGate

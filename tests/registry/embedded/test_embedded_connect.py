@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import httpx
 import trio
-from conftest import Registry
+from registry_testing import Registry
 
 
 def _proxy(node: str, dest: str, port: int, version: str) -> dict[str, object]:

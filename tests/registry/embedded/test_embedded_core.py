@@ -7,7 +7,7 @@ import re
 import httpx
 import pytest
 import trio
-from conftest import start_registry
+from registry_testing import start_registry
 
 from meshd.durations import parse_go_duration
 from meshd.registry.embedded.state import RegistryState

@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
-from conftest import start_registry
 from net_testing import free_port
+from registry_testing import start_registry
 
 from meshd.errors import RegistryError
 from meshd.registry.embedded.server import RegistryConfig, serve_registry

@@ -9,7 +9,7 @@ from typing import Any
 import consul
 import pytest
 import trio
-from conftest import Registry
+from registry_testing import Registry
 
 
 async def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:

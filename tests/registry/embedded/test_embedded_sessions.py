@@ -7,7 +7,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
-from conftest import Registry, start_registry
+from registry_testing import Registry, start_registry
 
 
 async def create(client: httpx.AsyncClient, **body: Any) -> str:
