@@ -25,6 +25,7 @@ from meshd.config.schema import (
     StringMatch,
 )
 from meshd.names import is_valid_name
+from meshd.patterns import PatternError, compile_pattern
 
 MATCH_KEYS = {"path", "method", "headers", "query"}
 POLICY_KEYS = {"load_balancer", "ring_hash", "connect_timeout", "max_connections",
@@ -170,9 +171,9 @@ def _string_match(r: Reader, raw: Mapping[str, Any], path: str,
         return None
     if kind is MatchKind.REGEX:
         try:
-            pattern = re.compile(value)
-        except re.error as exc:
-            r.problem(where, f"invalid regular expression: {exc}")
+            pattern = compile_pattern(value)
+        except PatternError as exc:
+            r.problem(where, f"invalid regular expression (RE2 syntax): {exc}")
             return None
         return StringMatch(kind, value, pattern)
     return StringMatch(kind, value)

@@ -6,11 +6,12 @@ registry's KV) becomes a ``RouteTable``. Parsing and validation live in ``meshd.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
+
+from meshd.patterns import Pattern, compile_pattern
 
 
 class Protocol(StrEnum):
@@ -116,7 +117,7 @@ class SplitLeg:
 class MatchKind(StrEnum):
     EXACT = "exact"
     PREFIX = "prefix"
-    REGEX = "regex"  # the whole value must match (``re.fullmatch``)
+    REGEX = "regex"  # the whole value must match (RE2, ``meshd.patterns``)
     PRESENT = "present"
     ABSENT = "absent"
 
@@ -124,15 +125,16 @@ class MatchKind(StrEnum):
 @dataclass(frozen=True)
 class StringMatch:
     """One test on a string: ``exact``/``prefix``/``regex`` on its value, or only whether it is
-    ``present``/``absent``. A regex is compiled once, when the value is built (at parse time)."""
+    ``present``/``absent``. A regex is compiled once, when the value is built (at parse time),
+    by RE2: it matches in time linear in the value."""
 
     kind: MatchKind
     value: str = ""
-    pattern: re.Pattern[str] | None = field(default=None, compare=False, repr=False)
+    pattern: Pattern | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.kind is MatchKind.REGEX and self.pattern is None:
-            object.__setattr__(self, "pattern", re.compile(self.value))
+            object.__setattr__(self, "pattern", compile_pattern(self.value))
 
 
 @dataclass(frozen=True)

@@ -126,7 +126,11 @@ def _with(path: str, value: Any) -> dict[str, Any]:
 
 CASES = [
     (f"{R0}.match.path", {"regex": "(unclosed"}, f"{R0}.match.path.regex",
-     "invalid regular expression: missing ), unterminated subpattern at position 0"),
+     "invalid regular expression (RE2 syntax): missing ): (unclosed"),
+    (f"{R0}.match.path", {"regex": "/(a)\\1"}, f"{R0}.match.path.regex",
+     "invalid regular expression (RE2 syntax): invalid escape sequence: \\1"),
+    (f"{R0}.match.path", {"regex": "/(?=admin)"}, f"{R0}.match.path.regex",
+     "invalid regular expression (RE2 syntax): invalid perl operator: (?="),
     (f"{R0}.match.path", {"prefix": "api"}, f"{R0}.match.path.prefix", "a path starts with '/'"),
     (f"{R0}.match.path", "/api", f"{R0}.match.path",
      'expected a table like { prefix = "/api/" } (exact, prefix or regex)'),
@@ -139,7 +143,7 @@ CASES = [
     (f"{R0}.match.headers", {"x-a": {"present": False}}, f"{R0}.match.headers.x-a.present",
      "expected true (write present = true)"),
     (f"{R0}.match.headers", {"x-a": {"regex": "["}}, f"{R0}.match.headers.x-a.regex",
-     "invalid regular expression: unterminated character set at position 0"),
+     "invalid regular expression (RE2 syntax): missing ]: ["),
     (f"{R0}.match.query", {"q": {"suffix": "x"}}, f"{R0}.match.query.q.suffix",
      "unknown key (expected one of: absent, exact, prefix, present, regex)"),
     (f"{R0}.match.host", "x", f"{R0}.match.host",

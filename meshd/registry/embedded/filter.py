@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Union
 
+from meshd.patterns import PatternError, compile_pattern
 from meshd.registry.embedded.store.records import ApiError
 
 # A field type: "str", "int", "bool", "any", ("list", T), ("map", T), or a struct schema (dict).
@@ -316,8 +317,8 @@ def _leaf_test(ftype: FieldType, match: Match) -> Predicate:
         if ftype not in ("str", "any"):
             raise _bad(f'Selector "{selector}" is not a string: it cannot be matched')
         try:
-            pattern = re.compile(raw or "")
-        except re.error as exc:
+            pattern = compile_pattern(raw or "")
+        except PatternError as exc:
             raise _bad(f"Failed to compile regular expression {raw!r}: {exc}") from None
         want = op == "matches"
         return lambda v: (isinstance(v, str) and pattern.search(v) is not None) == want

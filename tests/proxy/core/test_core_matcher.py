@@ -101,3 +101,16 @@ def test_explain_reports_every_check() -> None:
     assert by_name["canary"].chosen and by_name["canary"].matched
     assert not by_name["default"].chosen
     assert sum(r.chosen for r in reports) == 1
+
+
+def test_a_backtracking_bomb_matches_in_linear_time() -> None:
+    """``/(a+)+`` against ``/aaaa…!`` takes Python's ``re`` about 2**n steps (seconds at n = 28,
+    years at n = 60); RE2 answers at once, so one route cannot stall every request on a meshd."""
+    dest = _dest([{"name": "bomb", "match": {"path": {"regex": "/(a+)+"}}},
+                  {"name": "header-bomb", "match": {"headers": {"x-a": {"regex": "(a|aa)+$"}}}}])
+    path = "/" + "a" * 60 + "!"
+    assert select_route(dest, RequestFacts("GET", path, [("x-a", "a" * 60 + "!")])).name \
+        == "default"
+    assert select_route(dest, RequestFacts("GET", "/" + "a" * 60)).name == "bomb"
+    assert select_route(dest, RequestFacts("GET", "/b", [("x-a", "a" * 60)])).name \
+        == "header-bomb"

@@ -6,6 +6,7 @@ from typing import Any
 
 import httpx
 import pytest
+import trio
 
 from meshd.registry.embedded.filter import compile_filter
 from meshd.registry.embedded.filter_schemas import AGENT_SERVICE, HEALTH_ENTRY
@@ -67,6 +68,7 @@ def test_selectors_through_lists_match_any_element() -> None:
     "", "Service ==", '== "web"', 'Colour == "red"', 'Service === "web"',
     '(Service == "web"', 'Service == "web")', 'Service == "web" and', '"web" == Service',
     "Tags == v1", "Port == eighty", 'Service matches "("', "Port contains 8",
+    'Service matches "(a)\\\\1"', 'Service matches "(?=w)"',
     'Service == "unterminated', "Service = web", "Service is full",
 ])
 def test_what_is_not_understood_is_refused(expression: str) -> None:
@@ -112,3 +114,32 @@ async def test_filter_on_the_endpoints(client: httpx.AsyncClient) -> None:
                  "/v1/health/checks/web", "/v1/catalog/nodes"):
         r = await client.get(path, params={"filter": "Nonsense == 1"})
         assert r.status_code in (400, 500), (path, r.status_code)
+
+
+async def test_a_backtracking_filter_does_not_stall_the_registry(client: httpx.AsyncClient,
+                                                                 ) -> None:
+    """``matches "^(a+)+$"`` over a 60-character value would take Python's ``re`` about 2**60
+    steps; with RE2 the filter answers at once and a side client is served meanwhile."""
+    await _register(client, {"Name": "web", "ID": "web-1", "Meta": {"x": "a" * 60 + "!"}})
+    await _register(client, {"Name": "db", "ID": "db-1", "Meta": {"x": "a" * 60}})
+    side_answers: list[int] = []
+
+    async def side_client() -> None:
+        for _ in range(20):
+            side_answers.append((await client.get("/v1/agent/services")).status_code)
+
+    with trio.fail_after(20):  # a hang guard, not a speed test: re would never finish
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(side_client)
+            for _ in range(5):
+                r = await client.get("/v1/agent/services",
+                                     params={"filter": 'Meta.x matches "^(a+)+$"'})
+                assert r.status_code == 200, r.text
+                assert list(r.json()) == ["db-1"]
+    assert side_answers == [200] * 20
+
+
+async def test_a_pattern_re2_refuses_is_a_400_naming_it(client: httpx.AsyncClient) -> None:
+    r = await client.get("/v1/agent/services", params={"filter": 'Service matches "(a)\\\\1"'})
+    assert r.status_code == 400
+    assert "Failed to compile regular expression" in r.text and "invalid escape" in r.text
