@@ -60,8 +60,16 @@ def parse_host_config(data: Mapping[str, Any], file: str = "meshd.toml",
                   "certificate (`meshd ca issue --operator NAME`)")
 
     outbound = r.get(data, "outbound", "", dict, {}) or {}
-    r.unknown_keys(outbound, "outbound", {"address"})
+    r.unknown_keys(outbound, "outbound", {"address", "beyond_loopback"})
     outbound_address = r.ip(outbound, "address", "outbound", "127.0.0.1")
+    beyond_loopback = (r.get(outbound, "beyond_loopback", "outbound", str, "") or "").strip()
+    if outbound_address and not _is_loopback(outbound_address) and not beyond_loopback:
+        r.problem("outbound.address",
+                  f"{outbound_address} is not a loopback address: an outbound listener is "
+                  "plaintext and calls the mesh with this host's service identities, so beyond "
+                  "loopback anyone who reaches it speaks as those services; keep it on "
+                  "loopback, or say why it is safe in outbound.beyond_loopback = \"...\" "
+                  "(e.g. a firewall admits only the local containers)")
 
     state_dir_raw = r.get(data, "state_dir", "", str, "/var/lib/meshd")
     state_dir = (base / state_dir_raw) if isinstance(state_dir_raw, str) else Path(".")
@@ -88,7 +96,8 @@ def parse_host_config(data: Mapping[str, Any], file: str = "meshd.toml",
         node=node, address=address, trust_domain=trust_domain, registry_url=registry_url,
         ca=ca, inbound_port=inbound_port, admin_host=admin_host, admin_port=admin_port,
         admin_tls=admin_tls,
-        outbound_address=outbound_address, state_dir=state_dir, services=tuple(services),
+        outbound_address=outbound_address, outbound_beyond_loopback=beyond_loopback,
+        state_dir=state_dir, services=tuple(services),
         source=file, registry_token=registry_token,
     )
 

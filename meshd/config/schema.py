@@ -85,6 +85,8 @@ class HostConfig:
     admin_port: int = 15000
     admin_tls: bool = False  # HTTPS with the node certificate; clients need an operator's
     outbound_address: str = "127.0.0.1"
+    # why an outbound address beyond loopback is safe (required for one; logged at start)
+    outbound_beyond_loopback: str = ""
     state_dir: Path = Path("/var/lib/meshd")
     services: tuple[LocalService, ...] = ()
     source: str = ""

@@ -391,6 +391,9 @@ async def run_daemon(config: HostConfig, config_path: Path | None = None) -> Non
     from meshd.daemon.reload import reload_from_file
 
     path = config_path or Path(config.source)
+    if config.outbound_beyond_loopback:
+        log.warning("outbound listeners bind %s, beyond loopback, because: %s",
+                    config.outbound_address, config.outbound_beyond_loopback)
     daemon = Daemon(config)
     reload_send, reload_receive = trio.open_memory_channel[None](1)
     async with trio.open_nursery() as nursery:

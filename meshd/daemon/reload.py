@@ -71,7 +71,8 @@ _HOST_KEYS = {"registry_url": "registry", "inbound_port": "inbound.port",
               "admin_host": "admin.address", "admin_port": "admin.address",
               "admin_tls": "admin.tls", "outbound_address": "outbound.address"}
 _SECRET_KEYS = {"registry_token"}
-_LIVE_HOST_FIELDS = {"services", "source"}  # services are compared one by one below
+# services are compared one by one below; the beyond-loopback reason is only words
+_LIVE_HOST_FIELDS = {"services", "source", "outbound_beyond_loopback"}
 _LIVE_SERVICE_FIELDS = {"name", "health", "upstreams"}  # health applies live; upstreams below
 
 

@@ -92,6 +92,18 @@ HOST_CASES = [
      "0.0.0.0 is not a loopback address: without TLS the admin API (state, metrics) is "
      "unauthenticated and stays on loopback (127.0.0.0/8 or ::1); set admin.tls = true to serve "
      "it beyond, to holders of an operator certificate (`meshd ca issue --operator NAME`)"),
+    ("outbound", {"address": "0.0.0.0"}, "outbound.address",
+     "0.0.0.0 is not a loopback address: an outbound listener is plaintext and calls the mesh "
+     "with this host's service identities, so beyond loopback anyone who reaches it speaks as "
+     "those services; keep it on loopback, or say why it is safe in outbound.beyond_loopback = "
+     '"..." (e.g. a firewall admits only the local containers)'),
+    ("outbound", {"address": "10.0.0.5", "beyond_loopback": "  "}, "outbound.address",
+     "10.0.0.5 is not a loopback address: an outbound listener is plaintext and calls the mesh "
+     "with this host's service identities, so beyond loopback anyone who reaches it speaks as "
+     "those services; keep it on loopback, or say why it is safe in outbound.beyond_loopback = "
+     '"..." (e.g. a firewall admits only the local containers)'),
+    ("outbound", {"address": "127.0.0.1", "open": True}, "outbound.open",
+     "unknown key (expected one of: address, beyond_loopback)"),
     ("services[1].mtls", "off", "services[1].mtls",
      "must be one of strict, permissive, got 'off'"),
     ("services[0].protocol", "grpc", "services[0].protocol",
@@ -125,6 +137,15 @@ def test_host_config_problem_names_key_path_and_reason(
         parse_host_config(_with(HOST, path, value), "hosts/a.toml")
     rendered = [str(p) for p in info.value.problems]
     assert f"hosts/a.toml: {where}: {reason}" in rendered
+
+
+def test_an_outbound_listener_beyond_loopback_needs_a_reason() -> None:
+    data = _with(HOST, "outbound", {"address": "172.17.0.1",
+                                    "beyond_loopback": "docker bridge, firewalled to containers"})
+    config = parse_host_config(data, "hosts/a.toml")
+    assert config.outbound_address == "172.17.0.1"
+    assert config.outbound_beyond_loopback == "docker bridge, firewalled to containers"
+    assert parse_host_config(HOST, "hosts/a.toml").outbound_beyond_loopback == ""
 
 
 def test_every_problem_is_reported_at_once() -> None:
