@@ -13,7 +13,9 @@
 
 Every refusal is JSON ``{"error": code, "reason": sentence}``, logged with the reason and appended
 to the audit log with who asked (the token's id, never its secret; never a key). The API speaks
-TLS 1.3 only; request bodies are bounded.
+TLS 1.3 only; request bodies are bounded. Failed joins are throttled per source address
+(``throttle``): past a few, the address is answered 429 with ``Retry-After``, doubling, without
+touching the CA's state or its audit log.
 
 The API's own TLS (``server_tls``) is issued from the signing root at start, for the listen
 address plus loopback names, served with the rotation's cross certificate when there is one, and
@@ -26,6 +28,7 @@ parsed by ``requests`` (pure).
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -58,6 +61,7 @@ from meshd.ca.server_tls import (
     server_tls_context,
 )
 from meshd.ca.store import CADatabase, CAMaterial, load_ca
+from meshd.ca.throttle import JoinThrottle
 from meshd.ca.tokens import Refusal
 from meshd.errors import CAError
 from meshd.httpd import Request, Response, serve_http
@@ -74,6 +78,11 @@ log = logging.getLogger(__name__)
 
 MAX_JOIN_BODY = 64 * 1024       # answered with a JSON 413 by the handler
 MAX_HTTP_BODY = 256 * 1024      # beyond this the HTTP layer refuses before reading the body
+
+
+# refusals that count as a failed guess: a bad, used-up or expired token, a node or service the
+# token does not allow, and malformed requests (a guesser need not send well-formed ones)
+_GUESS_STATUSES = frozenset({400, 401, 403, 413})
 
 
 def utc_now() -> datetime:
@@ -104,6 +113,7 @@ class CAService:
                            else MaterialCache(material.directory, material))
         self._db = db or CADatabase(self._materials.current.directory)
         self._clock = clock
+        self._throttle = JoinThrottle()
 
     async def handle(self, request: Request) -> Response:
         routes = {
@@ -163,6 +173,27 @@ class CAService:
 
     async def _join(self, request: Request) -> Response:
         who = f"{_peer_address(request)}"
+        source = request.remote[0] if request.remote else "?"
+        wait = self._throttle.retry_after(source, trio.current_time())
+        if wait > 0:  # answered without the CA's lock, state or audit log
+            seconds = math.ceil(wait)
+            response = _refuse(Refusal(429, "too_many_attempts",
+                                       f"too many failed joins from {source}: try again in "
+                                       f"{seconds} s"))
+            response.headers.append(("Retry-After", str(seconds)))
+            return response
+        response = await self._join_unthrottled(request, who)
+        if response.status in _GUESS_STATUSES:
+            closed_for = self._throttle.failed(source, trio.current_time())
+            if closed_for > 0:
+                await self._refused(Refusal(429, "too_many_attempts",
+                                            f"{source} is closed to joins for {closed_for:g} s "
+                                            "after repeated failures"), "join", who)
+        elif response.status == 200:
+            self._throttle.succeeded(source)
+        return response
+
+    async def _join_unthrottled(self, request: Request, who: str) -> Response:
         if len(request.body) > MAX_JOIN_BODY:
             return await self._refused(Refusal(413, "body_too_large",
                                                f"requests are limited to {MAX_JOIN_BODY} bytes"),
