@@ -4,12 +4,18 @@
 With ``[admin] tls = true`` it speaks HTTPS with the node certificate and requires a client
 certificate from the mesh CA naming an operator (``meshd ca issue --operator NAME``); any other
 identity (a service's, another trust domain's, a revoked one) gets a JSON 403 with the reason,
-and the refusal is logged and counted."""
+and the refusal is logged and counted.
+
+Every request's ``Host`` must be an IP address, ``localhost``, or a name listed in
+``[admin] allowed_hosts``: a web page cannot use DNS rebinding (its own name resolving to
+127.0.0.1) to read ``/v1/state`` or the metrics through the operator's browser; such a request
+gets a 421 naming the host. A request without ``Host`` (HTTP/1.0 tools) is served."""
 
 from __future__ import annotations
 
+import ipaddress
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import trio
@@ -28,14 +34,25 @@ class AdminAPI:
     def __init__(
         self, metrics: Metrics, ready: Callable[[], bool],
         state: Callable[[], Mapping[str, Any]], refresh: Callable[[], None] = lambda: None,
+        *, allowed_hosts: Iterable[str] = (),
     ) -> None:
         self._metrics = metrics
         self._ready = ready
         self._state = state
         self._refresh = refresh  # updates gauges that are computed, not counted
         self._tls: TLSState | None = None  # set when serving over mutual TLS
+        self._allowed_hosts = frozenset({"localhost", *(h.lower() for h in allowed_hosts)})
 
     async def handle(self, request: Request) -> Response:
+        host = request.header("host")
+        if host is not None and not host_allowed(host, self._allowed_hosts):
+            peer = f"{request.remote[0]}" if request.remote else "?"
+            log.warning("admin request %s %s from %s refused: Host %r is not an address of "
+                        "this admin API", request.method, request.path, peer, host)
+            self._metrics.connection_errors.labels("admin", "host_not_allowed").inc()
+            return Response.json({"error": "host_not_allowed", "reason":
+                                  f"Host {host!r} is not an IP address, localhost or one of "
+                                  "[admin] allowed_hosts"}, 421)
         if self._tls is not None:
             try:
                 self._tls.check_operator(request.peer_cert_der)
@@ -80,3 +97,28 @@ class AdminAPI:
         except OSError as exc:
             raise MeshError(f"cannot listen on admin address {host}:{port}: "
                             f"{exc.strerror or exc}") from exc
+
+
+def host_allowed(host: str, names: frozenset[str]) -> bool:
+    """Whether a ``Host`` header names this API: an IP literal (``[v6]`` too), with or without
+    a port, or one of ``names`` (lower case). Pure."""
+    value = host.strip().lower()
+    if value.startswith("["):
+        literal, bracket, rest = value[1:].partition("]")
+        return bool(bracket) and (rest == "" or _is_port(rest)) and _is_ip(literal)
+    name, colon, port = value.rpartition(":") if value.count(":") == 1 else (value, "", "")
+    if colon and not _is_port(":" + port):
+        return False
+    return _is_ip(name) or name in names
+
+
+def _is_port(text: str) -> bool:
+    return text.startswith(":") and text[1:].isdigit() and 0 < int(text[1:]) < 65536
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True

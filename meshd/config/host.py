@@ -23,6 +23,8 @@ from meshd.config.schema import (
 )
 
 FINGERPRINT_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+_HOST_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                        r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
 
 HOST_KEYS = {"node", "address", "trust_domain", "registry", "registry_token", "ca", "inbound",
              "admin", "outbound", "state_dir", "services"}
@@ -48,10 +50,17 @@ def parse_host_config(data: Mapping[str, Any], file: str = "meshd.toml",
     inbound_port = r.port(inbound, "port", "inbound", 15001)
 
     admin = r.get(data, "admin", "", dict, {}) or {}
-    r.unknown_keys(admin, "admin", {"address", "tls"})
+    r.unknown_keys(admin, "admin", {"address", "tls", "allowed_hosts"})
     admin_address = r.hostport(admin.get("address", "127.0.0.1:15000"), "admin.address")
     admin_host, admin_port = admin_address or ("127.0.0.1", 0)
     admin_tls = r.get(admin, "tls", "admin", bool, False) is True
+    allowed_hosts: list[str] = []
+    for k, name in enumerate(r.get(admin, "allowed_hosts", "admin", list, []) or []):
+        if isinstance(name, str) and _HOST_NAME.fullmatch(name):
+            allowed_hosts.append(name.lower())
+        else:
+            r.problem(f"admin.allowed_hosts[{k}]",
+                      f"expected a DNS name clients use to reach the admin API, got {name!r}")
     if admin_host and not admin_tls and not _is_loopback(admin_host):
         r.problem("admin.address",
                   f"{admin_host} is not a loopback address: without TLS the admin API (state, "
@@ -95,7 +104,7 @@ def parse_host_config(data: Mapping[str, Any], file: str = "meshd.toml",
     return HostConfig(
         node=node, address=address, trust_domain=trust_domain, registry_url=registry_url,
         ca=ca, inbound_port=inbound_port, admin_host=admin_host, admin_port=admin_port,
-        admin_tls=admin_tls,
+        admin_tls=admin_tls, admin_allowed_hosts=tuple(allowed_hosts),
         outbound_address=outbound_address, outbound_beyond_loopback=beyond_loopback,
         state_dir=state_dir, services=tuple(services),
         source=file, registry_token=registry_token,

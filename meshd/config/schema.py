@@ -83,6 +83,8 @@ class HostConfig:
     inbound_port: int
     admin_host: str = "127.0.0.1"
     admin_port: int = 15000
+    # names (besides IP addresses and localhost) the admin API accepts in Host: DNS rebinding
+    admin_allowed_hosts: tuple[str, ...] = ()
     admin_tls: bool = False  # HTTPS with the node certificate; clients need an operator's
     outbound_address: str = "127.0.0.1"
     # why an outbound address beyond loopback is safe (required for one; logged at start)

@@ -69,7 +69,8 @@ def _check(health: HealthCheck) -> str:
 # How HostConfig fields are spelled in meshd.toml, where that differs from the field name.
 _HOST_KEYS = {"registry_url": "registry", "inbound_port": "inbound.port",
               "admin_host": "admin.address", "admin_port": "admin.address",
-              "admin_tls": "admin.tls", "outbound_address": "outbound.address"}
+              "admin_tls": "admin.tls", "admin_allowed_hosts": "admin.allowed_hosts",
+              "outbound_address": "outbound.address"}
 _SECRET_KEYS = {"registry_token"}
 # services are compared one by one below; the beyond-loopback reason is only words
 _LIVE_HOST_FIELDS = {"services", "source", "outbound_beyond_loopback"}

@@ -104,6 +104,9 @@ HOST_CASES = [
      '"..." (e.g. a firewall admits only the local containers)'),
     ("outbound", {"address": "127.0.0.1", "open": True}, "outbound.open",
      "unknown key (expected one of: address, beyond_loopback)"),
+    ("admin", {"address": "127.0.0.1:15000", "allowed_hosts": ["ok.example", "bad name"]},
+     "admin.allowed_hosts[1]",
+     "expected a DNS name clients use to reach the admin API, got 'bad name'"),
     ("services[1].mtls", "off", "services[1].mtls",
      "must be one of strict, permissive, got 'off'"),
     ("services[0].protocol", "grpc", "services[0].protocol",
@@ -137,6 +140,11 @@ def test_host_config_problem_names_key_path_and_reason(
         parse_host_config(_with(HOST, path, value), "hosts/a.toml")
     rendered = [str(p) for p in info.value.problems]
     assert f"hosts/a.toml: {where}: {reason}" in rendered
+
+
+def test_admin_allowed_hosts_are_kept_in_lower_case() -> None:
+    data = _with(HOST, "admin", {"address": "127.0.0.1:15000", "allowed_hosts": ["VM1.Example"]})
+    assert parse_host_config(data, "hosts/a.toml").admin_allowed_hosts == ("vm1.example",)
 
 
 def test_an_outbound_listener_beyond_loopback_needs_a_reason() -> None:
