@@ -17,7 +17,7 @@ TRUST_DOMAIN = "bench.mesh"
 BACKEND_SERVICE = "backend"
 LOADGEN_SERVICE = "loadgen"
 OUTBOUND_PORT = 19191
-BODY = "ok"   # 2 bytes, as in perf-notes.md
+BODY = "ok"   # 2 bytes, as in docs/performance.md ("Prototypes")
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 ``trio.SocketStream`` yields to the scheduler on every ``send_all`` and ``receive_some``, even
 when the kernel could have answered at once; on a proxy's request path that is most of the cost
-(perf-notes: raw non-blocking sockets with ``wait_readable``/``wait_writable`` gave 1.3-1.9x).
+(docs/performance.md, "Prototypes": raw non-blocking sockets with
+``wait_readable``/``wait_writable`` gave 1.3-1.9x).
 ``SocketConnection`` makes the system call first and parks the task only when the call would
 block.
 

@@ -1,4 +1,4 @@
-"""ACLs of the embedded registry: the master-token model (consul-api.md §1.5). No I/O.
+"""ACLs of the embedded registry: the master-token model (docs/consul-api.md §1.5). No I/O.
 
 With ``--acl-master-token T`` the registry behaves like Consul with ``default_policy = "deny"``
 and exactly two tokens: the master token (``T``, a management token: everything allowed) and the

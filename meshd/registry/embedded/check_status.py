@@ -1,4 +1,4 @@
-"""When a run of an HTTP/TCP check changes the check's status (consul-api.md §5.4). Pure.
+"""When a run of an HTTP/TCP check changes the check's status (docs/consul-api.md §5.4). Pure.
 
 A check flips to passing (or warning) only after ``SuccessBeforePassing`` consecutive good runs,
 to warning after ``FailuresBeforeWarning`` and to critical after ``FailuresBeforeCritical``

@@ -1,5 +1,5 @@
 """The registry runs the agent's HTTP and TCP checks itself, at their interval, as a Consul agent
-does (consul-api.md §5.4). A trio shell around ``check_status``.
+does (docs/consul-api.md §5.4). A trio shell around ``check_status``.
 
 One task per check, in a nursery owned by ``CheckRunner.run``. Whenever a write touches an
 interval check the runner reconciles that check: a task whose check went away or was re-defined is

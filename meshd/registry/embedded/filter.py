@@ -1,4 +1,4 @@
-"""``?filter=`` expressions (consul-api.md §12): a go-bexpr subset, parsed and evaluated here.
+"""``?filter=`` expressions (docs/consul-api.md §12): a go-bexpr subset, parsed and evaluated here.
 
 Grammar (precedence from low to high)::
 

@@ -1,5 +1,5 @@
 """The shapes ``?filter=`` selectors are checked against: one per kind of returned object, with
-Consul's field names (consul-api.md §4.3, §5.6, §6, §7)."""
+Consul's field names (docs/consul-api.md §4.3, §5.6, §6, §7)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Transport conventions of the Consul HTTP API, without I/O (consul-api.md §1, §2).
+"""Transport conventions of the Consul HTTP API, without I/O (docs/consul-api.md §1, §2).
 
 Routing (405 with ``Allow``, OPTIONS, the 404 text), query options of blocking reads (``index``,
 ``wait``, consistency flags), the headers every answer carries, and the two kinds of endpoint
@@ -151,7 +151,7 @@ def finish(read: Read, options: QueryOptions | None) -> Response:
 
 
 def with_common_headers(response: Response, default_policy: str = "allow") -> Response:
-    """Every answer says the default ACL policy (consul-api.md §1.4)."""
+    """Every answer says the default ACL policy (docs/consul-api.md §1.4)."""
     return Response(response.status, response.body,
                     [*response.headers, ("X-Consul-Default-ACL-Policy", default_policy)])
 

@@ -1,6 +1,6 @@
 """The endpoints of the embedded registry, assembled: request in, ``Read`` or ``Write`` out (no
 I/O). Each group lives in its own module (agent, catalog + health, KV + sessions + txn); status
-and ACL endpoints are here. Error texts follow consul-api.md §13."""
+and ACL endpoints are here. Error texts follow docs/consul-api.md §13."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Agent endpoints (consul-api.md §4, §5, §10): services, checks, TTL updates, maintenance mode,
+"""Agent endpoints (docs/consul-api.md §4, §5, §10):
+services, checks, TTL updates, maintenance mode,
 agent-local health, self and members. Request in, ``Read`` or ``Write`` out, no I/O."""
 
 from __future__ import annotations
@@ -211,7 +212,7 @@ class AgentApi(ApiBase):
         return Write(lambda s, now: s.plan_check_update(check_id, status, output),
                      empty_response)
 
-    # --- agent-local health (consul-api.md §5.7) -------------------------------------------------
+    # --- agent-local health (docs/consul-api.md §5.7) ---------------------------------------------
 
     def _service_health(self, service: Service) -> tuple[str, dict[str, Any]]:
         checks = self.state.node_checks("") + self.state.checks_of(service.key)

@@ -1,4 +1,4 @@
-"""Catalog and health endpoints (consul-api.md §6, §7): blocking reads over every node, and the
+"""Catalog and health endpoints (docs/consul-api.md §6, §7): blocking reads over every node, and the
 low-level catalog writes. Request in, ``Read`` or ``Write`` out, no I/O.
 
 With ACLs on, the anonymous token reads nothing: these lists come back empty (``catalog/node``
@@ -184,7 +184,8 @@ class CatalogApi(ApiBase):
                     topics=(f"svc:{name}",), consistency=True)
 
     def health_connect(self, request: Request, tail: str) -> Read:
-        """The proxies fronting a service (consul-api.md §7.1: same shape as health/service)."""
+        """The proxies fronting a service
+        (docs/consul-api.md §7.1: same shape as health/service)."""
         self._common(request)
         name = self._arg(tail, "service name")
         entries = self._entries(request, self.state.connect_instances(name))

@@ -1,4 +1,4 @@
-"""KV, session and transaction endpoints (consul-api.md §8, §9.1, §9.3). Request in, ``Read`` or
+"""KV, session and transaction endpoints (docs/consul-api.md §8, §9). Request in, ``Read`` or
 ``Write`` out, no I/O."""
 
 from __future__ import annotations

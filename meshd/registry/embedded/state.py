@@ -31,7 +31,7 @@ __all__ = ["CONSUL_VERSION", "REAP_MINIMUM", "SERF_CHECK_ID", "SERVER_RPC_PORT",
 
 
 class RegistryState(CatalogWrites, SessionWrites):
-    # --- standing state (consul-api.md §3) -------------------------------------------------------
+    # --- standing state (docs/consul-api.md §3) ---------------------------------------------------
 
     def plan_boot(self, *, node_name: str, node_id: str, address: str, datacenter: str) -> Mutation:
         """Make sure the own node, its serfHealth check and the `consul` service are as

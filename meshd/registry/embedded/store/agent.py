@@ -1,7 +1,7 @@
 """Validation of agent service and check definitions, and their conversion to records.
 
 Input is what ``store.decode`` returns (dicts keyed by Go names); output is ``Service``/``Check``
-records without indexes. Error texts are Consul's (see consul-api.md §4.1, §5 and §13).
+records without indexes. Error texts are Consul's (see docs/consul-api.md §4.1, §5 and §13).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Agent writes: services and checks of the registry's own node, TTL updates, interval-check
-results, maintenance mode, TTL expiry and the critical-service reaper (consul-api.md §4, §5).
+results, maintenance mode, TTL expiry and the critical-service reaper (docs/consul-api.md §4, §5).
 
 Pure: every method plans a ``Mutation`` against the current state (``StateCore``) or raises
 ``ApiError`` with Consul's text.
@@ -83,7 +83,7 @@ class AgentWrites(StateCore):
         return self.mutation(index, ops, ttl_resets=tuple(resets))
 
     def _keep_state(self, check: Check, index: int) -> Check:
-        """A re-declared check keeps its Status and Output (consul-api.md §4.1)."""
+        """A re-declared check keeps its Status and Output (docs/consul-api.md §4.1)."""
         existing = self.checks.get(check.id)
         if existing is not None and not existing.agent:
             raise ApiError(400, f'Invalid check: ID "{check.id}" is reserved')

@@ -1,5 +1,5 @@
 """Low-level catalog writes: ``PUT /v1/catalog/register`` and ``/v1/catalog/deregister``
-(consul-api.md §6). They add other nodes, their services and checks (py-consul's catalog tests
+(docs/consul-api.md §6). They add other nodes, their services and checks (py-consul's catalog tests
 create extra nodes this way). Pure.
 
 Divergences, on purpose: the registry's own node record is not changed by a catalog write (it is
@@ -213,5 +213,6 @@ class CatalogWrites(AgentWrites):
 
 
 def _standing(node: str, ident: str) -> bool:
-    """The own node's standing records (consul-api.md §3) stay whatever a catalog write says."""
+    """The own node's standing records (docs/consul-api.md §3)
+    stay whatever a catalog write says."""
     return not node and ident in ("consul", "serfHealth")

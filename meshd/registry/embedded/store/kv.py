@@ -2,7 +2,7 @@
 
 Pure: writes are planned as ``Mutation`` objects (see ``store.records``) and applied later.
 Tombstones record the index at which a key was deleted so that a blocking ``recurse``/``keys``
-watcher of any prefix containing it sees the removal (consul-api.md §2.1, §8.3). A tombstone is
+watcher of any prefix containing it sees the removal (docs/consul-api.md §2.1, §8.3). A tombstone is
 dropped when its key is written again (the new ModifyIndex is higher anyway).
 
 Locks (``?acquire``/``?release``, txn ``lock``/``unlock``): an entry held by a session names it;

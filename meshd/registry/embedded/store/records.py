@@ -123,7 +123,8 @@ SESSION_RELEASE, SESSION_DELETE = "release", "delete"
 
 @dataclass(frozen=True)
 class Session:
-    """A session (consul-api.md §9.1). Its TTL timer and the lock delays it leaves behind live in
+    """A session (docs/consul-api.md §9.1).
+    Its TTL timer and the lock delays it leaves behind live in
     memory only, as in Consul."""
 
     id: str

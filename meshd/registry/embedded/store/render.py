@@ -1,4 +1,4 @@
-"""Records to the JSON shapes of the Consul HTTP API (consul-api.md §3-§8, §10).
+"""Records to the JSON shapes of the Consul HTTP API (docs/consul-api.md §3-§8, §10).
 
 Pure functions. Key sets matter more than key order: clients (py-consul's tests among them)
 assert exact key sets, e.g. a plain agent service has exactly nine keys.

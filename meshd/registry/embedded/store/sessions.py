@@ -1,4 +1,4 @@
-"""Sessions and the KV locks they hold (consul-api.md §8.2 acquire/release, §9.1).
+"""Sessions and the KV locks they hold (docs/consul-api.md §8.2 acquire/release, §9.1).
 
 Pure. A session belongs to a node and depends on health checks of that node (``serfHealth`` by
 default); it is invalidated when it is destroyed, when its TTL runs out (2 x TTL after the last

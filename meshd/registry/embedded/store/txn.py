@@ -1,4 +1,4 @@
-"""``PUT /v1/txn`` for KV operations (consul-api.md §9.3): all or nothing, at one index. Pure.
+"""``PUT /v1/txn`` for KV operations (docs/consul-api.md §9.3): all or nothing, at one index. Pure.
 
 The ops run in order against an overlay of the KV table, so a later op sees what an earlier one
 did; every failing op is reported (``OpIndex`` + ``What``, Consul's texts) and then nothing is
