@@ -15,3 +15,8 @@ def parse_time(text: str) -> datetime:
     if when.tzinfo is None:
         raise ValueError(f"timestamp without a time zone: {text!r}")
     return when.astimezone(UTC)
+
+
+def format_time_precise(when: datetime) -> str:
+    """RFC 3339 in UTC to the microsecond: ``2025-01-02T03:04:05.000001Z``."""
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
