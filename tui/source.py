@@ -24,8 +24,8 @@ from meshd.cli.status import admin_error
 from meshd.cli.tui import TLS_OPTIONS
 from meshd.config.parse import routes_to_data
 from meshd.errors import MeshError
+from meshd.registry.config_store import ROUTES_KEY, decode_routes
 from meshd.registry.consul import ConsulClient
-from meshd.registry.watch import ROUTES_KEY, decode_routes
 from tui.observe import (
     HostPoll,
     Instance,

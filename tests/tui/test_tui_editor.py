@@ -18,8 +18,8 @@ from tui_data import ROUTES, ROUTES_INDEX, fixed_app
 from tui_pilot import open_editor, until
 from tui_processes import start_registry
 
+from meshd.registry.config_store import ROUTES_KEY
 from meshd.registry.consul import ConsulClient
-from meshd.registry.watch import ROUTES_KEY
 from tui.editor import SplitEditorScreen
 from tui.source import ConsulRouteStore, MemoryRouteStore, encode_routes
 
