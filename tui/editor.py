@@ -16,10 +16,10 @@ from textual.screen import Screen
 from textual.widgets import Button, Footer, Static
 
 from meshd.errors import ConfigError, MeshError
+from meshd.registry.config_store import ConfigConflict, StoredRoutes
 from tui import fmt
 from tui.events import split_text
 from tui.fmt import STYLE, SYMBOL, Status
-from tui.source import StoredRoutes
 from tui.split import SplitDraft, Validation
 from tui.views import propagation
 
@@ -172,7 +172,7 @@ class SplitEditorScreen(Screen[None]):
         title = Text()
         title.append(f"Split editor · {self.destination}", style="bold")
         if self.base is not None:
-            title.append(f"   stored table at index {self.base.index}", style="dim")
+            title.append(f"   stored table at index {self.base.modify_index}", style="dim")
         self.query_one("#editor-title", Static).update(title)
         if self.draft is not None:
             self.query_one("#editor-body", Static).update(
@@ -308,9 +308,12 @@ class SplitEditorScreen(Screen[None]):
         model, now = self.console.model, self.console.clock()
         mine = " ".join(f"{k}={v}" for k, v in split.items())
         try:
-            target = self.draft.to_routes(base.data)
-            written = await self.console.source.routes.write(target, cas=base.index)
+            table = self.draft.to_table(base.data)
+            written = await self.console.source.routes.write(table, cas=base.modify_index)
             after = await self.console.source.routes.read()
+        except ConfigConflict as conflict:
+            self.conflicts += 1
+            self._conflict(base, conflict, mine, now)
         except ConfigError as exc:
             self.result = Text(f"{SYMBOL[Status.FAIL]} not applied, meshd would refuse it: "
                                f"{exc}", style=STYLE[Status.FAIL])
@@ -319,12 +322,8 @@ class SplitEditorScreen(Screen[None]):
                                style=STYLE[Status.FAIL])
             model.note(now, "console", "error", f"split of {self.destination} not written: {exc}")
         else:
-            if written:
-                self.writes += 1
-                self._written(base, after, target, mine, now)
-            else:
-                self.conflicts += 1
-                self._conflict(base, after, mine, now)
+            self.writes += 1
+            self._written(base, after, written.data, mine, now)
         finally:
             self.busy = False
         self.acknowledged = ()
@@ -334,12 +333,12 @@ class SplitEditorScreen(Screen[None]):
                  mine: str, now: float) -> None:
         assert self.draft is not None
         self.target, self.baseline = target, None
+        moved = f"index {base.modify_index} → {after.modify_index}"
         self.result = Text(f"{SYMBOL[Status.OK]} written at {self.console.clock_format(now)}: "
-                           f"{self.destination} {mine} (index {base.index} → {after.index}, "
-                           "check-and-set)", style=STYLE[Status.OK])
+                           f"{self.destination} {mine} ({moved}, check-and-set)",
+                           style=STYLE[Status.OK])
         self.console.model.note(now, "console", "info",
-                                f"split of {self.destination} written: {mine} "
-                                f"(index {base.index} → {after.index})")
+                                f"split of {self.destination} written: {mine} ({moved})")
         stable = self.draft.stable
         self.base = after
         self.draft = SplitDraft.from_routes(after.data, self.destination)
@@ -349,14 +348,18 @@ class SplitEditorScreen(Screen[None]):
                                "(someone else): showing what is stored now",
                                style=STYLE[Status.WARN])
 
-    def _conflict(self, base: StoredRoutes, after: StoredRoutes, mine: str, now: float) -> None:
-        theirs = split_text(after.data, self.destination)
+    def _conflict(self, base: StoredRoutes, conflict: ConfigConflict, mine: str,
+                  now: float) -> None:
+        after = conflict.current
+        theirs = "(not a valid route table)" if conflict.current_error is not None or \
+            after is None else split_text(after.data, self.destination)
+        moved = f"index {base.modify_index} → {after.modify_index if after else '?'}"
         self.result = Text(
             f"{SYMBOL[Status.FAIL]} conflict: the stored route table changed since it was read "
-            f"(index {base.index} → {after.index}); nothing was written.\n"
+            f"({moved}); nothing was written.\n"
             f"  stored now: {self.destination} {theirs}   yours: {mine}\n"
             "  r reloads the stored split (your edit is dropped); then edit and apply again.",
             style=STYLE[Status.FAIL])
         self.console.model.note(now, "console", "warn",
                                 f"split of {self.destination} not written: changed by someone "
-                                f"else (index {base.index} → {after.index}, now {theirs})")
+                                f"else ({moved}, now {theirs})")

@@ -11,21 +11,19 @@ console's event loop); the registry is spoken to through meshd's own adapter."""
 from __future__ import annotations
 
 import asyncio
-import json
 import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import httpx
 
 from meshd.cli.status import admin_error
 from meshd.cli.tui import TLS_OPTIONS
-from meshd.config.parse import routes_to_data
+from meshd.config.routes import parse_routes
 from meshd.errors import MeshError
-from meshd.registry.config_store import ROUTES_KEY, decode_routes
-from meshd.registry.consul import ConsulClient
+from meshd.registry.config_store import ROUTES_KEY, RouteConfigStore, encode_routes
+from meshd.registry.consul import Blocking, ConsulClient, KVEntry
 from tui.observe import (
     HostPoll,
     Instance,
@@ -40,68 +38,50 @@ DEFAULT_ADMIN_PORT = 15000
 POLL_TIMEOUT = 0.8  # seconds per read: a refresh stays within its one-second interval
 
 
-@dataclass(frozen=True)
-class StoredRoutes:
-    """The route table as stored, and the ModifyIndex a check-and-set write must name."""
-
-    data: Mapping[str, Any]
-    index: int  # 0: the key does not exist (a CAS write with 0 only creates)
-
-
-class RouteStore(Protocol):
-    async def read(self) -> StoredRoutes: ...
-
-    async def write(self, data: Mapping[str, Any], cas: int) -> bool:
-        """Write only if the stored ModifyIndex is still ``cas``; whether it was written."""
-        ...
-
-
 class MeshSource(Protocol):
     description: str
-    routes: RouteStore
+    routes: RouteConfigStore
 
     async def poll(self) -> Observation: ...
 
     async def aclose(self) -> None: ...
 
 
-def encode_routes(data: Mapping[str, Any]) -> bytes:
-    """The bytes stored in KV: canonical JSON, exactly as ``meshd up`` writes them."""
-    return json.dumps(dict(data)).encode()
+class MemoryKV:
+    """A registry's KV in memory, with its check-and-set rule (fixed-data runs)."""
 
+    base_url = "memory"
 
-class ConsulRouteStore:
-    def __init__(self, consul: ConsulClient, key: str = ROUTES_KEY) -> None:
-        self.consul = consul
-        self.key = key
-
-    async def read(self) -> StoredRoutes:
-        answer = await self.consul.kv_get(self.key)
-        if answer.data is None:
-            return StoredRoutes({"destinations": {}}, 0)
-        table = decode_routes(answer.data.value, f"registry kv {self.key}")
-        return StoredRoutes(routes_to_data(table), answer.data.modify_index)
-
-    async def write(self, data: Mapping[str, Any], cas: int) -> bool:
-        return await self.consul.kv_put(self.key, encode_routes(data), cas=cas)
-
-
-class MemoryRouteStore:
-    """A route store in memory with the registry's check-and-set rule (fixed-data runs)."""
-
-    def __init__(self, data: Mapping[str, Any], index: int = 1) -> None:
-        self.stored = StoredRoutes(dict(data), index)
+    def __init__(self, entries: Mapping[str, bytes], index: int = 1) -> None:
+        self.index = index
+        self.entries = {k: KVEntry(k, v, 0, index, index) for k, v in entries.items()}
         self.writes = 0
 
-    async def read(self) -> StoredRoutes:
-        return self.stored
+    async def kv_get(self, key: str) -> Blocking:
+        return Blocking(self.entries.get(key), self.index)
 
-    async def write(self, data: Mapping[str, Any], cas: int) -> bool:
-        if cas != self.stored.index:
+    async def kv_put(self, key: str, value: bytes, *, cas: int | None = None) -> bool:
+        existing = self.entries.get(key)
+        if cas is not None and cas != (existing.modify_index if existing else 0):
             return False
+        self.index += 1
         self.writes += 1
-        self.stored = StoredRoutes(json.loads(encode_routes(data)), self.stored.index + 1)
+        created = existing.create_index if existing else self.index
+        self.entries[key] = KVEntry(key, value, 0, created, self.index)
         return True
+
+
+class MemoryRouteStore(RouteConfigStore):
+    """The mesh config store over a KV in memory holding ``data`` at ``index``: the same
+    encoding and check-and-set as against a registry."""
+
+    def __init__(self, data: Mapping[str, Any], index: int = 1) -> None:
+        self.kv = MemoryKV({ROUTES_KEY: encode_routes(parse_routes(data, "fixed data"))}, index)
+        super().__init__(self.kv)
+
+    @property
+    def writes(self) -> int:
+        return self.kv.writes
 
 
 def _reason(exc: BaseException, tls: bool = False, client_cert: bool = False) -> str:
@@ -128,7 +108,7 @@ class RegistrySource:
         when a host refuses)."""
         self.description = f"registry {registry_url.rstrip('/')}"
         self.consul = ConsulClient(registry_url)
-        self.routes: RouteStore = ConsulRouteStore(self.consul)
+        self.routes = RouteConfigStore(self.consul)
         self.admin_port = admin_port
         self.timeout = timeout
         self.clock = clock
@@ -166,20 +146,11 @@ class RegistrySource:
                 services = mesh_services(await self.consul.catalog_services())
                 answers = await asyncio.gather(
                     *(self.consul.health_connect(s) for s in services))
-                kv = await self.consul.kv_get(ROUTES_KEY)
+                routes, index = await self.routes.peek()
         except (MeshError, TimeoutError) as exc:
             return RegistryPoll(at, error=_reason(exc))
         instances = [i for s, a in zip(services, answers, strict=True)
                      for i in instances_from_health_connect(s, a.data)]
-        routes: Mapping[str, Any] | None = None
-        index = 0
-        if kv.data is not None:
-            index = kv.data.modify_index
-            try:
-                decoded = json.loads(kv.data.value)
-                routes = decoded if isinstance(decoded, dict) else None
-            except ValueError:
-                routes = None
         return RegistryPoll(at, "", tuple(instances), routes, index)
 
     async def _poll_hosts(self, hosts: Mapping[str, str], at: float) -> list[HostPoll]:
@@ -208,12 +179,12 @@ class FixedSource:
     """Replays observations (the last one for ever): fixed data for tests and screenshots."""
 
     def __init__(self, observations: Sequence[Observation],
-                 routes: RouteStore | None = None, description: str = "fixed data") -> None:
+                 routes: RouteConfigStore | None = None, description: str = "fixed data") -> None:
         if not observations:
             raise ValueError("FixedSource needs at least one observation")
         self.observations = list(observations)
         self.description = description
-        self.routes: RouteStore = routes or MemoryRouteStore(
+        self.routes: RouteConfigStore = routes or MemoryRouteStore(
             observations[-1].registry.routes or {"destinations": {}},
             observations[-1].registry.routes_index or 1)
         self._next = 0
