@@ -6,7 +6,9 @@ by a ``connect-proxy`` registration whose address is its host's, and the admin A
 shipped configs; the console takes it on its command line). Each refresh reads the registry and
 every known meshd concurrently, each read bounded by a timeout well under the refresh interval.
 ``FixedSource`` replays recorded observations (tests, screenshots). Both run under asyncio (the
-console's event loop); the registry is spoken to through meshd's own adapter."""
+console's event loop) and go through meshd's own clients: the Consul adapter, the one admin
+client (``meshd.admin.client``) and the one mesh config store (``meshd.registry.config_store``),
+where a split edit is written with check-and-set."""
 
 from __future__ import annotations
 
@@ -16,10 +18,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
-import httpx
-
-from meshd.cli.status import admin_error
-from meshd.cli.tui import TLS_OPTIONS
+from meshd.admin.client import DEFAULT_ADMIN_PORT, AdminClient, AdminError, Failure
 from meshd.config.routes import parse_routes
 from meshd.errors import MeshError
 from meshd.registry.config_store import ROUTES_KEY, RouteConfigStore, encode_routes
@@ -34,8 +33,9 @@ from tui.observe import (
 )
 from tui.prom import parse_metrics
 
-DEFAULT_ADMIN_PORT = 15000
 POLL_TIMEOUT = 0.8  # seconds per read: a refresh stays within its one-second interval
+# ``meshd tui``'s names of the admin TLS files, for the reasons shown when a host refuses
+ADMIN_TLS_OPTIONS = ("--admin-ca", "--admin-cert", "--admin-key")
 
 
 class MeshSource(Protocol):
@@ -84,16 +84,10 @@ class MemoryRouteStore(RouteConfigStore):
         return self.kv.writes
 
 
-def _reason(exc: BaseException, tls: bool = False, client_cert: bool = False) -> str:
-    """Why a read failed, in the words ``meshd status`` uses (a refusal with the admin API's
-    reason, a certificate that does not verify, a handshake broken off for want of an operator
-    certificate)."""
+def _reason(exc: BaseException) -> str:
+    """Why a read of the registry failed."""
     if isinstance(exc, TimeoutError):
         return "timed out"
-    if isinstance(exc, httpx.ConnectError) and not tls:
-        return "connection refused"
-    if isinstance(exc, httpx.HTTPError):
-        return admin_error(exc, tls=tls, client_cert=client_cert, options=TLS_OPTIONS)
     return str(exc) or type(exc).__name__
 
 
@@ -101,7 +95,8 @@ class RegistrySource:
     def __init__(
         self, registry_url: str, admin_port: int = DEFAULT_ADMIN_PORT, *,
         timeout: float = POLL_TIMEOUT, admin_tls: ssl.SSLContext | None = None,
-        admin_client_cert: bool = False, clock: Callable[[], float] = time.time,
+        admin_client_cert: bool = False, tls_options: tuple[str, str, str] = ADMIN_TLS_OPTIONS,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         """``admin_tls``: read admin APIs over HTTPS with this context (``[admin] tls =
         true``); ``admin_client_cert``: it holds an operator certificate (for the reason shown
@@ -112,16 +107,13 @@ class RegistrySource:
         self.admin_port = admin_port
         self.timeout = timeout
         self.clock = clock
-        self._scheme = "https" if admin_tls is not None else "http"
-        self._client_cert = admin_client_cert
-        self._http = httpx.AsyncClient(
-            trust_env=False, verify=admin_tls if admin_tls is not None else True,
-            timeout=httpx.Timeout(timeout), limits=httpx.Limits(max_keepalive_connections=64))
+        self.admin = AdminClient(admin_tls, client_cert=admin_client_cert, timeout=timeout,
+                                 options=tls_options, max_keepalive=64)
         self._hosts: dict[str, str] = {}  # admin HOST:PORT -> node name, every host ever seen
         self._limit = asyncio.Semaphore(32)
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        await self.admin.aclose()
         await self.consul.aclose()
 
     def admin_address(self, instance: Instance) -> str:
@@ -158,20 +150,18 @@ class RegistrySource:
                                            for a, n in sorted(hosts.items()))))
 
     async def _poll_host(self, admin: str, node: str, at: float) -> HostPoll:
-        base = f"{self._scheme}://{admin}"
+        base = self.admin.base_url(admin)
         try:
             async with self._limit, asyncio.timeout(self.timeout):
-                state_r, metrics_r = await asyncio.gather(
-                    self._http.get(f"{base}/v1/state"), self._http.get(f"{base}/metrics"))
-                state_r.raise_for_status()
-                metrics_r.raise_for_status()
-            state = state_r.json()
-            if not isinstance(state, dict):
-                raise ValueError("/v1/state is not a JSON object")
-            metrics = parse_metrics(metrics_r.text)
-        except (httpx.HTTPError, TimeoutError, ValueError) as exc:
-            return HostPoll(admin, node, at, error=_reason(
-                exc, self._scheme == "https", self._client_cert))
+                state, text = await asyncio.gather(self.admin.state(base),
+                                                   self.admin.metrics(base))
+            metrics = parse_metrics(text)
+        except AdminError as exc:
+            plain_refusal = exc.failure is Failure.CONNECT and self.admin.tls is None
+            return HostPoll(admin, node, at,
+                            error="connection refused" if plain_refusal else exc.reason)
+        except (TimeoutError, ValueError) as exc:
+            return HostPoll(admin, node, at, error=_reason(exc))
         return HostPoll(admin, str(state.get("node") or node), at, state, metrics)
 
 

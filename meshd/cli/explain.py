@@ -1,7 +1,8 @@
 """``meshd explain SERVICE``: how a running meshd would route one request, and why.
 
-It reads the route table and endpoints in force from the daemon's admin ``/v1/state`` and prints
-what the pure explanation in ``meshd.explain`` makes of them: which route matched and
+It reads the route table and endpoints in force from the daemon's admin ``/v1/state`` (through
+the one admin client: over mutual TLS with ``--ca``, ``--cert``, ``--key``, as ``meshd status``)
+and prints what the pure explanation in ``meshd.explain`` makes of them: which route matched and
 why, the split, the candidate endpoints per subset (``meshd.explain.route``), and the verdict of
 the destination's authorization rules on the caller (``meshd.explain.authz``). The caller is
 ``--source``, or else the asked host's one local service that has SERVICE as an upstream.
@@ -18,15 +19,13 @@ import argparse
 import sys
 from typing import Any
 
-import httpx
-
-from meshd.errors import ConfigError
+from meshd.admin.client import AdminError
+from meshd.cli.admin_api import add_admin_options, failure_line, read_state
+from meshd.errors import ConfigError, MeshError
 from meshd.explain.route import explain, render
-from meshd.httpd import parse_hostport
 from meshd.names import NAME_RULE, is_valid_name
 from meshd.proxy.core.matcher import RequestFacts
 
-DEFAULT_ADMIN = "http://127.0.0.1:15000"
 EXIT_ROUTED, EXIT_NOT_ROUTED, EXIT_UNREACHABLE = 0, 1, 2
 
 
@@ -49,10 +48,7 @@ def register(sub: Any) -> None:
                    "the destination's meshd checks its authorization rules against (default: "
                    "the asked host's local service with the destination as an upstream, if "
                    "there is exactly one; else no verdict is shown)")
-    p.add_argument("--admin", default=DEFAULT_ADMIN, metavar="ADDR",
-                   help=f"the daemon's admin address (default: {DEFAULT_ADMIN})")
-    p.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS",
-                   help="how long to wait for the admin API (default: 3)")
+    add_admin_options(p, timeout_help="how long to wait for the admin API (default: 3)")
     p.set_defaults(func=run)
 
 
@@ -69,20 +65,12 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_UNREACHABLE
     try:
-        url = _state_url(args.admin)
-    except ValueError as exc:
-        print(f"meshd explain: --admin: {exc}", file=sys.stderr)
+        state = read_state(args, required=("routes",))
+    except AdminError as exc:
+        print(f"meshd explain: {failure_line(exc)}", file=sys.stderr)
         return EXIT_UNREACHABLE
-    try:
-        with httpx.Client(timeout=args.timeout, trust_env=False) as http:
-            response = http.get(url)
-        response.raise_for_status()
-        state = response.json()
-        if not isinstance(state, dict) or "routes" not in state:
-            raise ValueError("the answer is not a meshd state document")
-    except (httpx.HTTPError, ValueError) as exc:
-        print(f"meshd explain: cannot read {url}: {exc or type(exc).__name__} "
-              "(is meshd running, and is --admin its admin address?)", file=sys.stderr)
+    except MeshError as exc:
+        print(f"meshd explain: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
     path = args.path if args.path.startswith("/") else "/" + args.path
     facts = RequestFacts(args.method.upper(), path, headers)
@@ -94,10 +82,3 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_UNREACHABLE
     print(render(found), end="")
     return EXIT_ROUTED if found.reaches_app else EXIT_NOT_ROUTED
-
-
-def _state_url(admin: str) -> str:
-    text = admin.removeprefix("http://").rstrip("/")
-    host, port = parse_hostport(text)
-    shown = f"[{host}]" if ":" in host else host
-    return f"http://{shown}:{port}/v1/state"
