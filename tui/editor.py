@@ -4,8 +4,8 @@ table, measured traffic share per subset)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from rich.text import Text
 from textual import events, work
@@ -16,15 +16,13 @@ from textual.screen import Screen
 from textual.widgets import Button, Footer, Static
 
 from meshd.errors import ConfigError, MeshError
-from meshd.registry.config_store import ConfigConflict, StoredRoutes
+from meshd.registry.config_store import ConfigConflict, RouteConfigStore, StoredRoutes
 from tui import fmt
 from tui.events import split_text
 from tui.fmt import STYLE, SYMBOL, Status
+from tui.model import MeshModel
 from tui.split import SplitDraft, Validation
 from tui.views import propagation
-
-if TYPE_CHECKING:
-    from tui.app import MeshConsole
 
 BODY_HEADER_LINES = 1  # lines above the first subset row in the editor body
 BAR = 16
@@ -105,9 +103,14 @@ class SplitEditorScreen(Screen[None]):
         Binding("question_mark", "app.help", "Help", key_display="?"),
     ]
 
-    def __init__(self, destination: str) -> None:
+    def __init__(self, destination: str, routes: RouteConfigStore, model: MeshModel, *,
+                 clock: Callable[[], float], clock_format: fmt.ClockFormat) -> None:
         super().__init__()
         self.destination = destination
+        self.routes = routes
+        self.model = model
+        self.clock = clock
+        self.clock_format = clock_format
         self.base: StoredRoutes | None = None
         self.draft: SplitDraft | None = None
         self.result = Text()  # the outcome of the last apply (written, conflict, error)
@@ -117,13 +120,6 @@ class SplitEditorScreen(Screen[None]):
         self.busy = False
         self.writes = 0  # successful writes (tests wait on it)
         self.conflicts = 0
-
-    @property
-    def console(self) -> MeshConsole:
-        from tui.app import MeshConsole
-
-        assert isinstance(self.app, MeshConsole)
-        return self.app
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="editor"):
@@ -147,7 +143,7 @@ class SplitEditorScreen(Screen[None]):
     @work(exclusive=True, group="editor-io")
     async def load(self) -> None:
         try:
-            stored = await self.console.source.routes.read()
+            stored = await self.routes.read()
             draft = SplitDraft.from_routes(stored.data, self.destination)
         except (MeshError, ValueError) as exc:
             self.result = Text(f"{SYMBOL[Status.FAIL]} cannot edit {self.destination}: {exc}",
@@ -166,7 +162,7 @@ class SplitEditorScreen(Screen[None]):
 
     def health(self) -> dict[str, tuple[int, int]] | None:
         assert self.draft is not None
-        return subset_health(self.draft, self.console.health_by_version(self.destination))
+        return subset_health(self.draft, self.model.health_by_version(self.destination))
 
     def render_all(self) -> None:
         title = Text()
@@ -186,7 +182,7 @@ class SplitEditorScreen(Screen[None]):
     def propagation_text(self) -> Text:
         if self.target is None:
             return Text()
-        model = self.console.model
+        model = self.model
         prop = propagation(model, self.target)
         text = Text()
         status = Status.OK if prop.complete else (Status.FAIL if prop.refused else Status.WARN)
@@ -212,7 +208,7 @@ class SplitEditorScreen(Screen[None]):
             text.append("measured share: waiting for every host to take the new table",
                         style="dim")
             return text
-        now = self.console.model.outbound_counts(self.destination)
+        now = self.model.outbound_counts(self.destination)
         counts = {k: max(0.0, v - self.baseline.get(k, 0.0)) for k, v in now.items()}
         total = sum(counts.values())
         split = ((self.target.get("destinations") or {}).get(self.destination) or {}).get(
@@ -305,12 +301,12 @@ class SplitEditorScreen(Screen[None]):
     @work(exclusive=True, group="editor-io")
     async def write(self, base: StoredRoutes, split: dict[str, int]) -> None:
         assert self.draft is not None
-        model, now = self.console.model, self.console.clock()
+        now = self.clock()
         mine = " ".join(f"{k}={v}" for k, v in split.items())
         try:
             table = self.draft.to_table(base.data)
-            written = await self.console.source.routes.write(table, cas=base.modify_index)
-            after = await self.console.source.routes.read()
+            written = await self.routes.write(table, cas=base.modify_index)
+            after = await self.routes.read()
         except ConfigConflict as conflict:
             self.conflicts += 1
             self._conflict(base, conflict, mine, now)
@@ -320,7 +316,8 @@ class SplitEditorScreen(Screen[None]):
         except MeshError as exc:
             self.result = Text(f"{SYMBOL[Status.FAIL]} not applied: {exc}",
                                style=STYLE[Status.FAIL])
-            model.note(now, "console", "error", f"split of {self.destination} not written: {exc}")
+            self.model.note(now, "console", "error",
+                            f"split of {self.destination} not written: {exc}")
         else:
             self.writes += 1
             self._written(base, after, written.data, mine, now)
@@ -334,11 +331,11 @@ class SplitEditorScreen(Screen[None]):
         assert self.draft is not None
         self.target, self.baseline = target, None
         moved = f"index {base.modify_index} → {after.modify_index}"
-        self.result = Text(f"{SYMBOL[Status.OK]} written at {self.console.clock_format(now)}: "
+        self.result = Text(f"{SYMBOL[Status.OK]} written at {self.clock_format(now)}: "
                            f"{self.destination} {mine} ({moved}, check-and-set)",
                            style=STYLE[Status.OK])
-        self.console.model.note(now, "console", "info",
-                                f"split of {self.destination} written: {mine} ({moved})")
+        self.model.note(now, "console", "info",
+                        f"split of {self.destination} written: {mine} ({moved})")
         stable = self.draft.stable
         self.base = after
         self.draft = SplitDraft.from_routes(after.data, self.destination)
@@ -360,6 +357,6 @@ class SplitEditorScreen(Screen[None]):
             f"  stored now: {self.destination} {theirs}   yours: {mine}\n"
             "  r reloads the stored split (your edit is dropped); then edit and apply again.",
             style=STYLE[Status.FAIL])
-        self.console.model.note(now, "console", "warn",
-                                f"split of {self.destination} not written: changed by someone "
-                                f"else ({moved}, now {theirs})")
+        self.model.note(now, "console", "warn",
+                        f"split of {self.destination} not written: changed by someone "
+                        f"else ({moved}, now {theirs})")
