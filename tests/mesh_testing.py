@@ -21,8 +21,8 @@ from meshd.ca.store import TokenStore, init_ca
 from meshd.config.parse import parse_host_config
 from meshd.config.schema import HostConfig
 from meshd.daemon.lifetime import Daemon
+from meshd.registry.config_store import ROUTES_KEY
 from meshd.registry.embedded.server import RegistryConfig, listen_port, serve_registry
-from meshd.registry.watch import ROUTES_KEY
 
 
 @dataclass

@@ -20,8 +20,11 @@ from textual.binding import Binding
 from textual.widgets import DataTable, Footer, Input, Static, TabbedContent, TabPane
 
 from tui import fmt
+from tui.detail import ServiceScreen
+from tui.editor import SplitEditorScreen
 from tui.fmt import STYLE, SYMBOL, Status
 from tui.model import MeshModel
+from tui.screens import DestinationPicker, HelpScreen
 from tui.source import MeshSource
 from tui.split import editable_destinations
 from tui.widgets import (
@@ -30,6 +33,7 @@ from tui.widgets import (
     HostsTable,
     ServiceChosen,
     ServicesTable,
+    SplitRequested,
     TopologyPane,
     selected_key,
 )
@@ -199,8 +203,6 @@ class MeshConsole(App[None]):
         self._wake.set()
 
     def action_help(self) -> None:
-        from tui.screens import HelpScreen
-
         self.push_screen(HelpScreen())
 
     def action_filter(self) -> None:
@@ -228,9 +230,10 @@ class MeshConsole(App[None]):
             self._focus_view(self.query_one(TabbedContent).active or "topology")
 
     def on_service_chosen(self, message: ServiceChosen) -> None:
-        from tui.detail import ServiceScreen
+        self.push_screen(ServiceScreen(message.service, self.model, self.clock))
 
-        self.push_screen(ServiceScreen(message.service))
+    def on_split_requested(self, message: SplitRequested) -> None:
+        self.open_split_editor(message.service, message.explicit)
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         if isinstance(event.data_table, ServicesTable) and event.row_key.value:
@@ -248,35 +251,26 @@ class MeshConsole(App[None]):
         self.open_split_editor(self.selected_service())
 
     def open_split_editor(self, service: str | None, explicit: bool = False) -> None:
-        from tui.editor import SplitEditorScreen
-        from tui.screens import DestinationPicker
-
         choices = editable_destinations(self.model.stored_routes())
         if service in choices:
-            self.push_screen(SplitEditorScreen(service))
+            self.push_screen(self.split_editor(service))
         elif len(choices) == 1:
             if explicit:
                 self.notify(f"{service} has no subsets to split; editing {choices[0]}")
-            self.push_screen(SplitEditorScreen(choices[0]))
+            self.push_screen(self.split_editor(choices[0]))
         elif choices:
             def chosen(name: str | None) -> None:
                 if name:
-                    self.push_screen(SplitEditorScreen(name))
+                    self.push_screen(self.split_editor(name))
 
             self.push_screen(DestinationPicker(choices), chosen)
         else:
             self.notify("no destination with subsets in the stored route table",
                         severity="warning")
 
-    def health_by_version(self, service: str) -> dict[str, tuple[int, int]] | None:
-        """version -> (healthy, all) endpoints of ``service`` in the registry (None: unknown)."""
-        if self.model.registry is None:
-            return None
-        out: dict[str, tuple[int, int]] = {}
-        for inst in self.model.instances(service):
-            healthy, total = out.get(inst.version, (0, 0))
-            out[inst.version] = (healthy + inst.healthy, total + 1)
-        return out
+    def split_editor(self, destination: str) -> SplitEditorScreen:
+        return SplitEditorScreen(destination, self.source.routes, self.model, clock=self.clock,
+                                 clock_format=self.clock_format)
 
 
 def run_console(source: MeshSource, interval: float = 1.0, **kwargs: Any) -> None:

@@ -4,8 +4,8 @@ routes in force, each host's config generation and the service's certificates pe
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from rich.text import Text
 from textual.app import ComposeResult
@@ -17,12 +17,10 @@ from textual.widgets import DataTable, Footer, Static
 from tui import fmt
 from tui.events import config_reason
 from tui.fmt import STYLE, SYMBOL, Status
+from tui.model import MeshModel
 from tui.topology import leg_parts
 from tui.views import Ejection, ServiceDetail, service_detail
-from tui.widgets import fill_table
-
-if TYPE_CHECKING:
-    from tui.app import MeshConsole
+from tui.widgets import SplitRequested, fill_table
 
 SPARK = 20
 HEALTH = {"passing": Status.OK, "warning": Status.WARN, "critical": Status.FAIL}
@@ -36,16 +34,11 @@ class ServiceScreen(Screen[None]):
         Binding("q", "app.quit", "Quit"),
     ]
 
-    def __init__(self, service: str) -> None:
+    def __init__(self, service: str, model: MeshModel, clock: Callable[[], float]) -> None:
         super().__init__()
         self.service = service
-
-    @property
-    def console(self) -> MeshConsole:
-        from tui.app import MeshConsole
-
-        assert isinstance(self.app, MeshConsole)
-        return self.app
+        self.model = model
+        self.clock = clock
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="detail"):
@@ -71,8 +64,7 @@ class ServiceScreen(Screen[None]):
         self.query_one("#instances", DataTable).focus()
 
     def model_updated(self) -> None:
-        app = self.console
-        detail = service_detail(app.model, self.service, app.clock())
+        detail = service_detail(self.model, self.service, self.clock())
         self.query_one("#detail-title", Static).update(title_text(detail))
         self.query_one("#routes", Static).update(routes_text(detail))
         fill_table(self.query_one("#instances", DataTable), instance_rows(detail))
@@ -83,7 +75,7 @@ class ServiceScreen(Screen[None]):
         self.app.pop_screen()
 
     def action_split(self) -> None:
-        self.console.open_split_editor(self.service, explicit=True)
+        self.post_message(SplitRequested(self.service, explicit=True))
 
 
 def title_text(d: ServiceDetail) -> Text:

@@ -4,8 +4,8 @@ table, measured traffic share per subset)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from rich.text import Text
 from textual import events, work
@@ -16,15 +16,13 @@ from textual.screen import Screen
 from textual.widgets import Button, Footer, Static
 
 from meshd.errors import ConfigError, MeshError
+from meshd.registry.config_store import ConfigConflict, RouteConfigStore, StoredRoutes
 from tui import fmt
 from tui.events import split_text
 from tui.fmt import STYLE, SYMBOL, Status
-from tui.source import StoredRoutes
+from tui.model import MeshModel
 from tui.split import SplitDraft, Validation
 from tui.views import propagation
-
-if TYPE_CHECKING:
-    from tui.app import MeshConsole
 
 BODY_HEADER_LINES = 1  # lines above the first subset row in the editor body
 BAR = 16
@@ -105,9 +103,14 @@ class SplitEditorScreen(Screen[None]):
         Binding("question_mark", "app.help", "Help", key_display="?"),
     ]
 
-    def __init__(self, destination: str) -> None:
+    def __init__(self, destination: str, routes: RouteConfigStore, model: MeshModel, *,
+                 clock: Callable[[], float], clock_format: fmt.ClockFormat) -> None:
         super().__init__()
         self.destination = destination
+        self.routes = routes
+        self.model = model
+        self.clock = clock
+        self.clock_format = clock_format
         self.base: StoredRoutes | None = None
         self.draft: SplitDraft | None = None
         self.result = Text()  # the outcome of the last apply (written, conflict, error)
@@ -117,13 +120,6 @@ class SplitEditorScreen(Screen[None]):
         self.busy = False
         self.writes = 0  # successful writes (tests wait on it)
         self.conflicts = 0
-
-    @property
-    def console(self) -> MeshConsole:
-        from tui.app import MeshConsole
-
-        assert isinstance(self.app, MeshConsole)
-        return self.app
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="editor"):
@@ -147,7 +143,7 @@ class SplitEditorScreen(Screen[None]):
     @work(exclusive=True, group="editor-io")
     async def load(self) -> None:
         try:
-            stored = await self.console.source.routes.read()
+            stored = await self.routes.read()
             draft = SplitDraft.from_routes(stored.data, self.destination)
         except (MeshError, ValueError) as exc:
             self.result = Text(f"{SYMBOL[Status.FAIL]} cannot edit {self.destination}: {exc}",
@@ -166,13 +162,13 @@ class SplitEditorScreen(Screen[None]):
 
     def health(self) -> dict[str, tuple[int, int]] | None:
         assert self.draft is not None
-        return subset_health(self.draft, self.console.health_by_version(self.destination))
+        return subset_health(self.draft, self.model.health_by_version(self.destination))
 
     def render_all(self) -> None:
         title = Text()
         title.append(f"Split editor · {self.destination}", style="bold")
         if self.base is not None:
-            title.append(f"   stored table at index {self.base.index}", style="dim")
+            title.append(f"   stored table at index {self.base.modify_index}", style="dim")
         self.query_one("#editor-title", Static).update(title)
         if self.draft is not None:
             self.query_one("#editor-body", Static).update(
@@ -186,7 +182,7 @@ class SplitEditorScreen(Screen[None]):
     def propagation_text(self) -> Text:
         if self.target is None:
             return Text()
-        model = self.console.model
+        model = self.model
         prop = propagation(model, self.target)
         text = Text()
         status = Status.OK if prop.complete else (Status.FAIL if prop.refused else Status.WARN)
@@ -212,7 +208,7 @@ class SplitEditorScreen(Screen[None]):
             text.append("measured share: waiting for every host to take the new table",
                         style="dim")
             return text
-        now = self.console.model.outbound_counts(self.destination)
+        now = self.model.outbound_counts(self.destination)
         counts = {k: max(0.0, v - self.baseline.get(k, 0.0)) for k, v in now.items()}
         total = sum(counts.values())
         split = ((self.target.get("destinations") or {}).get(self.destination) or {}).get(
@@ -305,26 +301,26 @@ class SplitEditorScreen(Screen[None]):
     @work(exclusive=True, group="editor-io")
     async def write(self, base: StoredRoutes, split: dict[str, int]) -> None:
         assert self.draft is not None
-        model, now = self.console.model, self.console.clock()
+        now = self.clock()
         mine = " ".join(f"{k}={v}" for k, v in split.items())
         try:
-            target = self.draft.to_routes(base.data)
-            written = await self.console.source.routes.write(target, cas=base.index)
-            after = await self.console.source.routes.read()
+            table = self.draft.to_table(base.data)
+            written = await self.routes.write(table, cas=base.modify_index)
+            after = await self.routes.read()
+        except ConfigConflict as conflict:
+            self.conflicts += 1
+            self._conflict(base, conflict, mine, now)
         except ConfigError as exc:
             self.result = Text(f"{SYMBOL[Status.FAIL]} not applied, meshd would refuse it: "
                                f"{exc}", style=STYLE[Status.FAIL])
         except MeshError as exc:
             self.result = Text(f"{SYMBOL[Status.FAIL]} not applied: {exc}",
                                style=STYLE[Status.FAIL])
-            model.note(now, "console", "error", f"split of {self.destination} not written: {exc}")
+            self.model.note(now, "console", "error",
+                            f"split of {self.destination} not written: {exc}")
         else:
-            if written:
-                self.writes += 1
-                self._written(base, after, target, mine, now)
-            else:
-                self.conflicts += 1
-                self._conflict(base, after, mine, now)
+            self.writes += 1
+            self._written(base, after, written.data, mine, now)
         finally:
             self.busy = False
         self.acknowledged = ()
@@ -334,12 +330,12 @@ class SplitEditorScreen(Screen[None]):
                  mine: str, now: float) -> None:
         assert self.draft is not None
         self.target, self.baseline = target, None
-        self.result = Text(f"{SYMBOL[Status.OK]} written at {self.console.clock_format(now)}: "
-                           f"{self.destination} {mine} (index {base.index} → {after.index}, "
-                           "check-and-set)", style=STYLE[Status.OK])
-        self.console.model.note(now, "console", "info",
-                                f"split of {self.destination} written: {mine} "
-                                f"(index {base.index} → {after.index})")
+        moved = f"index {base.modify_index} → {after.modify_index}"
+        self.result = Text(f"{SYMBOL[Status.OK]} written at {self.clock_format(now)}: "
+                           f"{self.destination} {mine} ({moved}, check-and-set)",
+                           style=STYLE[Status.OK])
+        self.model.note(now, "console", "info",
+                        f"split of {self.destination} written: {mine} ({moved})")
         stable = self.draft.stable
         self.base = after
         self.draft = SplitDraft.from_routes(after.data, self.destination)
@@ -349,14 +345,18 @@ class SplitEditorScreen(Screen[None]):
                                "(someone else): showing what is stored now",
                                style=STYLE[Status.WARN])
 
-    def _conflict(self, base: StoredRoutes, after: StoredRoutes, mine: str, now: float) -> None:
-        theirs = split_text(after.data, self.destination)
+    def _conflict(self, base: StoredRoutes, conflict: ConfigConflict, mine: str,
+                  now: float) -> None:
+        after = conflict.current
+        theirs = "(not a valid route table)" if conflict.current_error is not None or \
+            after is None else split_text(after.data, self.destination)
+        moved = f"index {base.modify_index} → {after.modify_index if after else '?'}"
         self.result = Text(
             f"{SYMBOL[Status.FAIL]} conflict: the stored route table changed since it was read "
-            f"(index {base.index} → {after.index}); nothing was written.\n"
+            f"({moved}); nothing was written.\n"
             f"  stored now: {self.destination} {theirs}   yours: {mine}\n"
             "  r reloads the stored split (your edit is dropped); then edit and apply again.",
             style=STYLE[Status.FAIL])
-        self.console.model.note(now, "console", "warn",
-                                f"split of {self.destination} not written: changed by someone "
-                                f"else (index {base.index} → {after.index}, now {theirs})")
+        self.model.note(now, "console", "warn",
+                        f"split of {self.destination} not written: changed by someone "
+                        f"else ({moved}, now {theirs})")

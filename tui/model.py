@@ -177,6 +177,16 @@ class MeshModel:
     def sorted_hosts(self) -> list[HostRecord]:
         return sorted(self.hosts.values(), key=lambda h: (h.node, h.admin))
 
+    def health_by_version(self, service: str) -> dict[str, tuple[int, int]] | None:
+        """version -> (healthy, all) endpoints of ``service`` in the registry (None: unknown)."""
+        if self.registry is None:
+            return None
+        out: dict[str, tuple[int, int]] = {}
+        for inst in self.instances(service):
+            healthy, total = out.get(inst.version, (0, 0))
+            out[inst.version] = (healthy + inst.healthy, total + 1)
+        return out
+
     def instances(self, service: str | None = None) -> list[Instance]:
         found = self.registry.instances if self.registry else ()
         return sorted((i for i in found if service is None or i.service == service),

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshd.config.parse import parse_routes, routes_to_data
+from meshd.config.schema import RouteTable
 
 CANARY_STEPS = (10, 25, 50, 100)
 
@@ -186,15 +187,19 @@ class SplitDraft:
     def split(self) -> dict[str, int]:
         return {n: self.weights[n] for n in self.names}
 
-    def to_routes(self, base: Mapping[str, Any]) -> dict[str, Any]:
+    def to_table(self, base: Mapping[str, Any]) -> RouteTable:
         """``base`` (the stored table this edit started from) with this destination's split
-        replaced, in canonical form; raises ``ConfigError`` if meshd would refuse it."""
+        replaced; raises ``ConfigError`` if meshd would refuse it."""
         data = copy.deepcopy(dict(base))
         dests = data.setdefault("destinations", {})
         entry = dict(dests.get(self.destination) or {})
         entry["split"] = self.split()
         dests[self.destination] = entry
-        return routes_to_data(parse_routes(data, "split editor"))
+        return parse_routes(data, "split editor")
+
+    def to_routes(self, base: Mapping[str, Any]) -> dict[str, Any]:
+        """``to_table`` in canonical mapping form."""
+        return routes_to_data(self.to_table(base))
 
     def preview(self) -> list[tuple[str, int | None, int]]:
         """(subset, stored weight or None, new weight) for every subset."""

@@ -31,6 +31,16 @@ class ServiceChosen(Message):
         self.service = service
 
 
+class SplitRequested(Message):
+    """The operator asked to edit a service's split from a screen (``explicit``: that very
+    service was asked for, so say so if another one is edited instead)."""
+
+    def __init__(self, service: str | None, explicit: bool = False) -> None:
+        super().__init__()
+        self.service = service
+        self.explicit = explicit
+
+
 def fill_table(table: DataTable[Any], rows: Sequence[tuple[str, Sequence[Any]]]) -> None:
     """Replace a table's rows, keeping the cursor on the same row key when it still exists."""
     keep: str | None = None

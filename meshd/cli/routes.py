@@ -20,11 +20,14 @@ import tomlkit
 import trio
 
 from meshd.config.load import load_routes
-from meshd.config.routes import routes_to_data
 from meshd.errors import ConfigError, Problem
-from meshd.registry.config_store import ConfigConflict, RouteConfigStore, StoredRoutes
+from meshd.registry.config_store import (
+    ROUTES_KEY,
+    ConfigConflict,
+    RouteConfigStore,
+    StoredRoutes,
+)
 from meshd.registry.consul import ConsulClient, registry_token, registry_url
-from meshd.registry.watch import ROUTES_KEY
 
 
 def register(subparsers: Any) -> None:
@@ -72,7 +75,7 @@ def render_toml(stored: StoredRoutes) -> str:
     one ``[destinations.NAME]`` table each, small tables inline, routes as arrays of tables."""
     doc = tomlkit.document()
     destinations = tomlkit.table(is_super_table=True)
-    for name, entry in routes_to_data(stored.table)["destinations"].items():
+    for name, entry in stored.data["destinations"].items():
         table = tomlkit.table()
         for key, value in entry.items():
             table.add(key, _toml_value(value, top=True))

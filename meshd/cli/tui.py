@@ -7,11 +7,9 @@ import logging
 import ssl
 from typing import Any
 
-from meshd.cli.status import admin_ssl_context
+from meshd.admin.client import DEFAULT_ADMIN_PORT, admin_ssl_context
 from meshd.errors import MeshError
-
-DEFAULT_REGISTRY = "http://127.0.0.1:8500"
-DEFAULT_ADMIN_PORT = 15000
+from meshd.registry.consul import DEFAULT_REGISTRY, registry_url
 
 
 def register(sub: Any) -> None:
@@ -39,22 +37,13 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def registry_url(raw: str) -> str:
-    if raw.startswith("consul://"):
-        return "http://" + raw.removeprefix("consul://")
-    if "://" not in raw:
-        return "http://" + raw
-    return raw
-
-
-TLS_OPTIONS = ("--admin-ca", "--admin-cert", "--admin-key")
-
-
 def admin_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
     """The client context for admin APIs over mutual TLS (None: plain HTTP on loopback)."""
+    from tui.source import ADMIN_TLS_OPTIONS
+
     if not (args.admin_ca or args.admin_cert or args.admin_key):
         return None
-    return admin_ssl_context(args.admin_ca, args.admin_cert, args.admin_key, TLS_OPTIONS)
+    return admin_ssl_context(args.admin_ca, args.admin_cert, args.admin_key, ADMIN_TLS_OPTIONS)
 
 
 def run(args: argparse.Namespace) -> int:

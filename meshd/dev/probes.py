@@ -1,5 +1,5 @@
 """How ``meshd up`` talks to what it started: readiness probes, one-shot ``meshd`` commands, and
-the routes it writes to the registry's KV. Foreign errors become ``MeshError`` here."""
+the route table it stores in the registry. Foreign errors become ``MeshError`` here."""
 
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 import httpx
 import trio
 
+from meshd.config.schema import RouteTable
 from meshd.dev.supervisor import Child, describe_exit
-from meshd.errors import MeshError, RegistryError
+from meshd.errors import MeshError
+from meshd.registry.config_store import RouteConfigStore
+from meshd.registry.consul import ConsulClient, registry_url
 
 POLL_INTERVAL = 0.2
 PROBE_TIMEOUT = 2.0
-ROUTES_KEY = "meshd/config/routes"
 
 
 def http_client() -> httpx.AsyncClient:
@@ -100,12 +102,8 @@ async def run_command(argv: Sequence[str], *, what: str, env: Mapping[str, str],
     return str(result.stdout.decode(errors="replace"))
 
 
-async def put_kv(client: httpx.AsyncClient, registry: str, key: str, body: bytes) -> None:
-    url = f"http://{registry}/v1/kv/{key}"
-    try:
-        response = await client.put(url, content=body)
-    except httpx.HTTPError as exc:
-        raise RegistryError(f"cannot write {key} to the registry at {registry}: {exc}") from exc
-    if response.status_code != 200 or response.text.strip() != "true":
-        raise RegistryError(f"the registry refused {key}: HTTP {response.status_code} "
-                            f"{response.text.strip()[:200]}")
+async def write_routes(registry: str, table: RouteTable) -> None:
+    """Store the mesh's route table in the registry's KV, through the one mesh config store (its
+    key, its canonical encoding, check-and-set)."""
+    async with ConsulClient(registry_url(registry)) as consul:
+        await RouteConfigStore(consul).apply(table)

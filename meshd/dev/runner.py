@@ -10,7 +10,6 @@ start: nothing this runner started outlives it.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -31,7 +30,7 @@ import meshd
 from meshd.config.load import load_host_config, load_routes, read_toml
 from meshd.config.mesh import parse_mesh
 from meshd.config.mesh_schema import MeshConfig, MeshHost, MeshService, port_claims
-from meshd.config.parse import FINGERPRINT_RE, routes_to_data
+from meshd.config.parse import FINGERPRINT_RE
 from meshd.config.schema import RouteTable
 from meshd.dev import probes
 from meshd.dev.console import Console
@@ -40,6 +39,7 @@ from meshd.dev.ports import ports_in_use
 from meshd.dev.report import Row, format_table
 from meshd.dev.supervisor import Child, ChildSpec, Supervisor
 from meshd.errors import MeshError
+from meshd.registry.config_store import ROUTES_KEY
 
 # stop groups: the meshds go first so they deregister while the registry still answers
 MESHD_GROUP, APP_GROUP, CA_GROUP, REGISTRY_GROUP = range(4)
@@ -279,9 +279,8 @@ async def bring_up(launch: Launch, console: Console, supervisor: Supervisor) -> 
                                 give_up_after=CA_TIMEOUT, child=ca)
 
         if launch.routes is not None:
-            body = json.dumps(routes_to_data(launch.routes)).encode()
-            await probes.put_kv(client, str(mesh.registry), probes.ROUTES_KEY, body)
-            console.say(f"routes from {mesh.routes} written to {probes.ROUTES_KEY}")
+            await probes.write_routes(str(mesh.registry), launch.routes)
+            console.say(f"routes from {mesh.routes} written to {ROUTES_KEY}")
 
         apps: dict[tuple[str, str], Child] = {}
         for host in mesh.hosts:

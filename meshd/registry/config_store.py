@@ -1,14 +1,15 @@
-"""The mesh config in the registry's KV (``meshd/config/routes``), read and written with
-check-and-set: shared by ``meshd routes`` and the console.
+"""The mesh config in the registry's KV: the one place that knows its key (``ROUTES_KEY``), its
+encoding, and how it is written. ``meshd routes``, ``meshd up``, the console and every meshd's
+watcher go through here.
 
-Every write names the ModifyIndex it was based on; if the key moved meanwhile nothing is written
-and ``ConfigConflict`` says from which index to which, with the value now stored, so the caller
-can show it: two operators never overwrite each other silently. What is written is always the
-canonical form, ``json.dumps(routes_to_data(table), sort_keys=True)`` of a validated table, so the
-same table always gives the same bytes and every meshd can parse it.
+What is written is always the canonical form, ``json.dumps(routes_to_data(table),
+sort_keys=True)`` of a validated table, so the same table always gives the same bytes and every
+meshd can parse it. Every write names the ModifyIndex it was based on (check-and-set); if the key
+moved meanwhile nothing is written and ``ConfigConflict`` says from which index to which, with the
+value now stored, so the caller can show it: two operators never overwrite each other silently.
 
-Async over meshd's one Consul adapter (httpx), so it runs under trio (the CLI) and asyncio (the
-console) alike.
+``RouteConfigStore`` is async over a ``KV`` (meshd's one Consul adapter, httpx, or a KV in
+memory), so it runs under trio (the CLI, ``meshd up``) and asyncio (the console) alike.
 """
 
 from __future__ import annotations
@@ -16,18 +17,45 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from meshd.config.routes import parse_routes, routes_to_data
 from meshd.config.schema import RouteTable
 from meshd.errors import ConfigError, MeshError, Problem
-from meshd.registry.consul import ConsulClient
-from meshd.registry.watch import ROUTES_KEY, decode_routes
+from meshd.registry.consul import Blocking
+
+ROUTES_KEY = "meshd/config/routes"
 
 
 def encode_routes(table: RouteTable) -> bytes:
     """The canonical bytes stored in KV for a route table."""
     return json.dumps(routes_to_data(table), sort_keys=True).encode()
+
+
+def _json_object(raw: bytes, source: str) -> dict[str, Any]:
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise ConfigError([Problem(source, "", f"invalid JSON: {exc}")]) from exc
+    if not isinstance(data, dict):
+        raise ConfigError([Problem(source, "", "expected a JSON object")])
+    return data
+
+
+def decode_routes(raw: bytes, source: str = f"registry kv {ROUTES_KEY}") -> RouteTable:
+    """Parse the canonical JSON route table stored in KV (raises ConfigError with reasons)."""
+    return parse_routes(_json_object(raw, source), source)
+
+
+class KV(Protocol):
+    """What the store needs of a registry: one key read, one check-and-set write."""
+
+    @property
+    def base_url(self) -> str: ...
+
+    async def kv_get(self, key: str) -> Blocking: ...
+
+    async def kv_put(self, key: str, value: bytes, *, cas: int | None = None) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -37,6 +65,11 @@ class StoredRoutes:
 
     table: RouteTable
     modify_index: int
+
+    @property
+    def data(self) -> dict[str, Any]:
+        """The table in its canonical mapping form."""
+        return routes_to_data(self.table)
 
 
 class ConfigConflict(MeshError):
@@ -55,7 +88,7 @@ class ConfigConflict(MeshError):
 
 
 class RouteConfigStore:
-    def __init__(self, client: ConsulClient, key: str = ROUTES_KEY) -> None:
+    def __init__(self, client: KV, key: str = ROUTES_KEY) -> None:
         self.client = client
         self.key = key
 
@@ -75,6 +108,18 @@ class RouteConfigStore:
             return StoredRoutes(RouteTable(), 0)
         return StoredRoutes(decode_routes(answer.data.value, self.source),
                             answer.data.modify_index)
+
+    async def peek(self) -> tuple[dict[str, Any] | None, int]:
+        """What is stored as a JSON object, not validated (None: absent, or not a JSON object),
+        and its ModifyIndex: a console shows even a table every meshd refuses."""
+        answer = await self.client.kv_get(self.key)
+        if answer.data is None:
+            return None, 0
+        try:
+            data: dict[str, Any] | None = _json_object(answer.data.value, self.source)
+        except ConfigError:
+            data = None
+        return data, answer.data.modify_index
 
     async def write(self, table: RouteTable, cas: int) -> StoredRoutes:
         """Store ``table`` if the key's ModifyIndex is still ``cas`` (0: only if absent).
@@ -98,7 +143,7 @@ class RouteConfigStore:
         """Change one destination's split; returns (before, after). The result is validated
         like a routes.toml (unknown subsets, weights not summing to 100 are refused)."""
         before = await self.read()
-        data: dict[str, Any] = routes_to_data(before.table)
+        data = before.data
         destination = data["destinations"].get(service)
         if destination is None:
             known = ", ".join(sorted(data["destinations"])) or "none"

@@ -6,7 +6,6 @@ known value stays in force; ``WatchStatus`` records how stale that value is."""
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from collections.abc import Awaitable, Callable
@@ -15,15 +14,14 @@ from dataclasses import dataclass
 import trio
 
 from meshd.backoff import backoff_delay
-from meshd.config.parse import parse_routes
 from meshd.config.schema import RouteTable
 from meshd.errors import ConfigError, RegistryError
+from meshd.registry.config_store import ROUTES_KEY, decode_routes
 from meshd.registry.consul import Blocking, ConsulClient, KVEntry, next_index
 from meshd.registry.model import EndpointSet, diff_endpoints, endpoints_from_health_connect
 
 log = logging.getLogger(__name__)
 
-ROUTES_KEY = "meshd/config/routes"
 DEFAULT_WAIT = 60.0
 WATCH_BACKOFF_CAP = 5.0  # retry a lost registry every 2.5-5 s: resync soon after it returns
 MIN_LOOP_INTERVAL = 0.05  # never spin faster than this, whatever the registry answers
@@ -125,19 +123,6 @@ async def watch_endpoints(
         return await client.health_connect(service, index=index, wait=wait)
 
     await long_poll(status, fetch, on_answer, task_status=task_status)
-
-
-def decode_routes(raw: bytes, source: str = f"registry kv {ROUTES_KEY}") -> RouteTable:
-    """Parse the canonical JSON route table stored in KV (raises ConfigError with reasons)."""
-    from meshd.errors import Problem
-
-    try:
-        data = json.loads(raw)
-    except ValueError as exc:
-        raise ConfigError([Problem(source, "", f"invalid JSON: {exc}")]) from exc
-    if not isinstance(data, dict):
-        raise ConfigError([Problem(source, "", "expected a JSON object")])
-    return parse_routes(data, source)
 
 
 async def watch_routes(

@@ -19,9 +19,10 @@ import trio
 from mesh_testing import open_mesh
 from test_daemon import TD, free_port, payments_app, start_daemon
 
+from meshd.admin.client import admin_url
 from meshd.ca.store import init_ca
 from meshd.cli.main import build_parser
-from meshd.cli.status import admin_url, duration, render
+from meshd.cli.status import duration, render
 from meshd.httpd import Request, Response, serve_http
 
 STATE: dict[str, Any] = {

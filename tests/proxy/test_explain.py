@@ -17,10 +17,10 @@ import trio
 from proxy_mesh_testing import Farm
 
 from meshd.admin.state import DaemonState, build_state
-from meshd.cli.explain import explain, render
 from meshd.cli.main import main
 from meshd.config.routes import parse_routes, routes_to_data
 from meshd.explain.authz import choose_source
+from meshd.explain.route import explain, render
 from meshd.proxy.core.authz import DEFAULT_DENY
 from meshd.proxy.core.matcher import RequestFacts
 

@@ -17,8 +17,8 @@ from registry_testing import Registry, start_registry
 from meshd.config.load import load_routes
 from meshd.config.routes import parse_routes, routes_to_data
 from meshd.httpd import Request, Response, serve_http
+from meshd.registry.config_store import ROUTES_KEY
 from meshd.registry.embedded.server import listen_port
-from meshd.registry.watch import ROUTES_KEY
 
 SHOP_ROUTES = Path(__file__).resolve().parents[2] / "examples" / "shop" / "routes.toml"
 ROUTES = """

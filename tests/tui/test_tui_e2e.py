@@ -22,8 +22,8 @@ import pytest
 from tui_pilot import open_editor, until
 from tui_processes import REPO, Running, ShopAddresses, derive_shop_mesh, start
 
+from meshd.registry.config_store import ROUTES_KEY
 from meshd.registry.consul import ConsulClient
-from meshd.registry.watch import ROUTES_KEY
 from tui.app import MeshConsole
 from tui.source import RegistrySource
 from tui.views import build_graph, propagation

@@ -18,10 +18,11 @@ from tui_data import ROUTES, ROUTES_INDEX, fixed_app
 from tui_pilot import open_editor, until
 from tui_processes import start_registry
 
+from meshd.config.routes import parse_routes
+from meshd.registry.config_store import ROUTES_KEY, RouteConfigStore, encode_routes
 from meshd.registry.consul import ConsulClient
-from meshd.registry.watch import ROUTES_KEY
 from tui.editor import SplitEditorScreen
-from tui.source import ConsulRouteStore, MemoryRouteStore, encode_routes
+from tui.source import MemoryRouteStore
 
 
 def body(editor: SplitEditorScreen) -> str:
@@ -60,15 +61,17 @@ def test_validation_confirmation_step_and_rollback() -> None:
             assert "press a again" in result(editor) and store.writes == 0
             await pilot.press("a")
             await until(pilot, lambda: editor.writes == 1, what="write")
-            assert store.stored.data["destinations"]["payments"]["split"] == {"v1": 75, "v2": 25}
-            assert store.stored.index == ROUTES_INDEX + 1
+            stored = await store.read()
+            assert stored.data["destinations"]["payments"]["split"] == {"v1": 75, "v2": 25}
+            assert stored.modify_index == ROUTES_INDEX + 1
             assert "written" in result(editor) and f"index {ROUTES_INDEX} → 43" in result(editor)
 
             await pilot.press("b")  # roll back to the stable subset: no warning for v2 at 0
             assert editor.draft.weights == {"v1": 100, "v2": 0}
             await pilot.press("a")
             await until(pilot, lambda: editor.writes == 2, what="second write")
-            assert store.stored.data["destinations"]["payments"]["split"] == {"v1": 100, "v2": 0}
+            stored = await store.read()
+            assert stored.data["destinations"]["payments"]["split"] == {"v1": 100, "v2": 0}
             assert any("split of payments written: v1=100 v2=0" in e.text
                        for e in app.model.events)
             await pilot.press("escape")
@@ -106,6 +109,9 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         running.stop()
 
 
+TABLE = parse_routes(ROUTES, "test")
+
+
 def stored_split(raw: bytes) -> dict[str, int]:
     return dict(json.loads(raw)["destinations"]["payments"]["split"])
 
@@ -114,18 +120,19 @@ def test_conflicting_change_is_shown_and_nothing_is_overwritten(registry: str) -
     async def scenario() -> None:
         async with ConsulClient(registry) as consul, ConsulClient(registry) as other:
             await consul.kv_delete(ROUTES_KEY)
-            assert await consul.kv_put(ROUTES_KEY, encode_routes(ROUTES), cas=0)
-            app = fixed_app(ConsulRouteStore(consul))
+            assert await consul.kv_put(ROUTES_KEY, encode_routes(TABLE), cas=0)
+            app = fixed_app(RouteConfigStore(consul))
             async with app.run_test(size=(100, 32)) as pilot:
                 editor = await open_editor(app, pilot)
                 assert editor.base is not None
-                first_index = editor.base.index
+                first_index = editor.base.modify_index
                 await pilot.press("c")  # 75/25 in the editor...
 
                 # ...while another operator changes the split (with check-and-set too)
-                theirs = json.loads(encode_routes(ROUTES))
+                theirs = json.loads(encode_routes(TABLE))
                 theirs["destinations"]["payments"]["split"] = {"v1": 70, "v2": 30}
-                assert await other.kv_put(ROUTES_KEY, encode_routes(theirs), cas=first_index)
+                assert await other.kv_put(ROUTES_KEY, encode_routes(parse_routes(theirs, "test")),
+                                          cas=first_index)
 
                 await pilot.press("a", "a")  # confirm the unhealthy-v2 warning, apply
                 await until(pilot, lambda: editor.conflicts == 1, what="conflict")
@@ -142,7 +149,7 @@ def test_conflicting_change_is_shown_and_nothing_is_overwritten(registry: str) -
 
                 await pilot.press("r")  # reload: start again from what is stored now
                 await until(pilot, lambda: editor.base is not None
-                            and editor.base.index == stored.modify_index, what="reload")
+                            and editor.base.modify_index == stored.modify_index, what="reload")
                 assert editor.draft is not None
                 assert editor.draft.weights == {"v1": 70, "v2": 30}
                 await pilot.press("c", "a", "a")  # canary 30 -> 50
@@ -157,7 +164,7 @@ def test_conflicting_change_is_shown_and_nothing_is_overwritten(registry: str) -
 def test_unreadable_registry_is_explained(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with ConsulClient("http://127.0.0.1:9") as consul:
-            app = fixed_app(ConsulRouteStore(consul))
+            app = fixed_app(RouteConfigStore(consul))
             async with app.run_test(size=(100, 32)) as pilot:
                 await pilot.press("w")
                 await until(pilot, lambda: isinstance(app.screen, SplitEditorScreen))

@@ -14,6 +14,7 @@ import zlib
 from collections.abc import Callable
 from typing import Any
 
+from meshd.registry.config_store import RouteConfigStore
 from tui.app import MeshConsole
 from tui.fmt import utc_clock
 from tui.model import MeshModel
@@ -192,7 +193,7 @@ def fixed_model() -> MeshModel:
     return model
 
 
-def fixed_app(store: MemoryRouteStore | None = None,
+def fixed_app(store: RouteConfigStore | None = None,
               clock: Callable[[], float] = lambda: NOW) -> MeshConsole:
     """The console on the fixed data, at a fixed time, in UTC: the same pixels every run."""
     obs = observations()

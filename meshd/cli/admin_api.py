@@ -1,0 +1,62 @@
+"""The options of the commands that read a meshd's admin API (``meshd status``, ``meshd
+explain``): ``--admin``, ``--timeout`` and, for an admin API over mutual TLS, an operator
+certificate (``--ca``, ``--cert``, ``--key``), read through the one admin client."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterable
+from typing import Any
+
+import trio
+
+from meshd.admin.client import (
+    DEFAULT_ADMIN,
+    AdminClient,
+    AdminError,
+    Failure,
+    admin_ssl_context,
+    admin_url,
+)
+from meshd.errors import MeshError
+
+
+def add_admin_options(p: argparse.ArgumentParser, *, timeout_help: str) -> None:
+    p.add_argument("--admin", default=DEFAULT_ADMIN, metavar="ADDR",
+                   help=f"the daemon's admin address HOST:PORT, or https://HOST:PORT for an "
+                   f"admin API over TLS (default: {DEFAULT_ADMIN})")
+    p.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS", help=timeout_help)
+    p.add_argument("--ca", metavar="FILE",
+                   help="over TLS: the mesh CA bundle to verify the admin API with (ca.crt)")
+    p.add_argument("--cert", metavar="FILE",
+                   help="over TLS: the operator certificate (PEM) to present")
+    p.add_argument("--key", metavar="FILE", help="over TLS: the operator certificate's key")
+
+
+def read_state(args: argparse.Namespace, required: Iterable[str]) -> dict[str, Any]:
+    """The ``/v1/state`` of the admin API the options name. ``MeshError`` for options that
+    cannot work (before connecting), ``AdminError`` when it cannot be read."""
+    try:
+        base, https = admin_url(args.admin, bool(args.ca or args.cert))
+    except ValueError as exc:
+        raise MeshError(f"--admin: {exc}") from exc
+    if not https and (args.cert or args.key):
+        raise MeshError(f"--cert/--key are for an admin API over TLS, but --admin "
+                        f"{args.admin} is plain HTTP")
+    context = admin_ssl_context(args.ca, args.cert, args.key) if https else None
+
+    async def read() -> dict[str, Any]:
+        async with AdminClient(context, client_cert=bool(args.cert),
+                               timeout=args.timeout) as admin:
+            return await admin.state(base, required=required)
+
+    return trio.run(read)
+
+
+def failure_line(exc: AdminError) -> str:
+    """Why the admin API could not be read, with a hint when nothing answered at all."""
+    if exc.failure is Failure.REFUSED:
+        return f"{exc.url}: {exc.reason}"
+    if exc.failure in (Failure.CONNECT, Failure.TIMEOUT):
+        return f"{exc} (is meshd running, and is --admin its admin address?)"
+    return str(exc)
