@@ -12,6 +12,7 @@ import trio
 from registry_testing import Registry, start_registry
 
 from meshd.errors import RegistryError
+from meshd.registry.consul import ConsulClient
 from meshd.registry.embedded.server import RegistryConfig, serve_registry
 
 pytestmark = pytest.mark.embedded_only("starts the embedded registry with ACL flags")
@@ -281,3 +282,45 @@ async def test_acls_off_on_a_public_address_is_refused() -> None:
     RegistryConfig(host="::1").validate()
     with pytest.raises(RegistryError, match="needs ACLs enabled"):
         RegistryConfig(acl_initial_management="x").validate()
+
+
+# The policies docs/consul-api.md §1.5 recommends, exercised with meshd's own client.
+MESHD_HOST_RULES = """
+service "web" { policy = "write" }
+service "web-sidecar-proxy" { policy = "write" }
+service_prefix "" { policy = "read" }
+node_prefix "" { policy = "read" }
+key_prefix "meshd/config/" { policy = "read" }
+"""
+MESHD_OPERATOR_RULES = """
+key_prefix "meshd/config/" { policy = "write" }
+service_prefix "" { policy = "read" }
+node_prefix "" { policy = "read" }
+"""
+
+
+async def test_recommended_host_and_operator_policies(nursery: trio.Nursery) -> None:
+    reg = await _deny_registry(nursery, acl_initial_management="root")
+    async with _client(reg, "root") as admin:
+        host = await _token_for(admin, "meshd-host-web", MESHD_HOST_RULES)
+        operator = await _token_for(admin, "meshd-operator", MESHD_OPERATOR_RULES)
+    async with ConsulClient(reg.url, token=host["SecretID"]) as h, \
+            ConsulClient(reg.url, token=operator["SecretID"]) as op:
+        assert await op.kv_put("meshd/config/routes", b"{}", cas=0)
+        await h.register_service({"ID": "web-1", "Name": "web", "Port": 8080,
+                                  "Check": {"CheckID": "service:web-1", "TTL": "10s"}})
+        await h.register_service({
+            "ID": "web-1-sidecar-proxy", "Name": "web-sidecar-proxy", "Kind": "connect-proxy",
+            "Port": 21000, "Proxy": {"DestinationServiceName": "web",
+                                     "DestinationServiceID": "web-1"},
+            "Check": {"CheckID": "service:web-1-sidecar-proxy", "TTL": "10s"}})
+        await h.update_ttl("service:web-1-sidecar-proxy", "passing")
+        proxies = await h.health_connect("web")
+        assert [p["Service"]["ID"] for p in proxies.data] == ["web-1-sidecar-proxy"]
+        assert "web" in await h.catalog_services()
+        assert (await h.kv_get("meshd/config/routes")).data is not None
+        with pytest.raises(RegistryError, match="403"):
+            await h.kv_put("meshd/config/routes", b'{"open": true}')
+        with pytest.raises(RegistryError, match="403"):
+            await op.register_service({"Name": "web"})  # operators change config, not services
+    nursery.cancel_scope.cancel()
