@@ -30,11 +30,28 @@ def register(subparsers: Any) -> None:
     serve.add_argument("--datacenter", default="dc1", help="datacenter (default: %(default)s)")
     serve.add_argument("--advertise", metavar="IP",
                        help="node address to publish (default: the listen address)")
-    serve.add_argument("--acl-master-token", metavar="TOKEN",
-                       default=os.environ.get("MESHD_REGISTRY_ACL_MASTER_TOKEN") or None,
-                       help="turn ACLs on (default policy deny): requests must carry this token "
-                            "(X-Consul-Token, ?token= or Authorization: Bearer); also from "
-                            "$MESHD_REGISTRY_ACL_MASTER_TOKEN")
+    acl = serve.add_argument_group(
+        "ACLs", "Consul's ACL system (policies, tokens, default policy); off unless enabled, as "
+                "with `consul agent -dev`. meshd's guides run with --acl-enabled "
+                "--acl-default-policy deny.")
+    acl.add_argument("--acl-enabled", action="store_true",
+                     help="turn ACLs on (Consul's acl.enabled)")
+    acl.add_argument("--acl-default-policy", choices=("allow", "deny"), default="allow",
+                     help="what a token may do where no rule says (default: %(default)s, as "
+                          "Consul; use deny)")
+    acl.add_argument("--acl-initial-management", metavar="TOKEN",
+                     default=os.environ.get("MESHD_REGISTRY_ACL_INITIAL_MANAGEMENT") or None,
+                     help="secret of a management token created at start-up, which uses up "
+                          "the bootstrap (Consul's acl.tokens.initial_management); also from "
+                          "$MESHD_REGISTRY_ACL_INITIAL_MANAGEMENT")
+    acl.add_argument("--acl-master-token", metavar="TOKEN",
+                     default=os.environ.get("MESHD_REGISTRY_ACL_MASTER_TOKEN") or None,
+                     help="deprecated: --acl-enabled --acl-default-policy deny "
+                          "--acl-initial-management TOKEN; also from "
+                          "$MESHD_REGISTRY_ACL_MASTER_TOKEN")
+    serve.add_argument("--allow-unauthenticated", action="store_true",
+                       help="listen on a non-loopback address with ACLs off (anyone who can "
+                            "reach it can change the mesh)")
     serve.set_defaults(func=run_serve)
 
 
@@ -45,11 +62,19 @@ def config_from_args(args: argparse.Namespace) -> RegistryConfig:
         raise RegistryError(f"--http: {exc}") from exc
     return RegistryConfig(host=host, port=port, data_dir=args.data_dir, node_name=args.node,
                           datacenter=args.datacenter, advertise=args.advertise,
-                          acl_master_token=args.acl_master_token)
+                          acl_enabled=args.acl_enabled,
+                          acl_default_policy=args.acl_default_policy,
+                          acl_initial_management=args.acl_initial_management,
+                          acl_master_token=args.acl_master_token,
+                          allow_unauthenticated=args.allow_unauthenticated)
 
 
 def run_serve(args: argparse.Namespace) -> int:
     config = config_from_args(args)
+    if args.acl_master_token:
+        log.warning("--acl-master-token is deprecated: use --acl-enabled --acl-default-policy "
+                    "deny --acl-initial-management TOKEN")
+    config.validate()  # refuse an exposed listener before anything starts
     trio.run(_main, config)  # a MeshError inside a nursery is unwrapped by meshd.cli.main
     return 0
 

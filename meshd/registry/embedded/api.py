@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from meshd.httpd import Request, Response
-from meshd.registry.embedded.acl import AclPolicy, Authorizer
+from meshd.registry.embedded.acl import AclConfig, AclResolver, Authorizer
 from meshd.registry.embedded.filter import FilterSchema, compile_filter
 from meshd.registry.embedded.http import Route, parse_bool_param
 from meshd.registry.embedded.state import RegistryState
@@ -23,8 +23,16 @@ T = TypeVar("T")
 @dataclass(frozen=True)
 class ApiSettings:
     datacenter: str = "dc1"
-    acl_master_token: str | None = None
+    acl: AclConfig = field(default_factory=AclConfig)
     session_ttl_min: float = SESSION_TTL_MIN
+
+
+FILTERED_HEADER = "X-Consul-Results-Filtered-By-ACLs"
+
+
+def mark_filtered(headers: list[tuple[str, str]]) -> None:
+    if (FILTERED_HEADER, "true") not in headers:
+        headers.append((FILTERED_HEADER, "true"))
 
 
 def empty_response(_: Mutation) -> Response:
@@ -41,7 +49,7 @@ class ApiBase(ABC):
         self.state = state
         self.settings = settings
         self.datacenter = settings.datacenter
-        self.acl = AclPolicy(settings.acl_master_token)
+        self.acl = AclResolver(settings.acl, state)
 
     @property
     def node(self) -> Node:
@@ -66,6 +74,18 @@ class ApiBase(ABC):
 
     def authz(self, request: Request) -> Authorizer:
         return self.acl.authorize(request)
+
+    @staticmethod
+    def acl_filter(authz: Authorizer, items: Iterable[T], may_read: Callable[[T], bool],
+                   headers: list[tuple[str, str]]) -> list[T]:
+        """Drop what the token may not read, as Consul's list endpoints do (200, never 403).
+        When something was dropped and the request named a token, say so in
+        ``X-Consul-Results-Filtered-By-ACLs`` (Consul hides it from the anonymous token)."""
+        items = list(items)
+        kept = [item for item in items if may_read(item)]
+        if len(kept) != len(items) and authz.token_given:
+            mark_filtered(headers)
+        return kept
 
     @staticmethod
     def predicate(request: Request, schema: FilterSchema) -> Callable[[Any], bool] | None:

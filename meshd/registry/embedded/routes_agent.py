@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from meshd.httpd import Request, Response
+from meshd.registry.embedded.acl import Authorizer
 from meshd.registry.embedded.api import ApiBase, empty_response, route
 from meshd.registry.embedded.filter_schemas import AGENT_SERVICE, HEALTH_CHECK
 from meshd.registry.embedded.http import Read, Route, Write, json_response, parse_bool_param
@@ -93,19 +94,29 @@ class AgentApi(ApiBase):
         return Read(json_response(request, agent_self_json(self.state, acls=self.acl.enabled)))
 
     def agent_members(self, request: Request, tail: str) -> Read:
-        members = [member_json(self.node, acls=self.acl.enabled)]
-        return Read(json_response(request, members if self.authz(request).allowed() else []))
+        authz = self.authz(request)
+        extra: list[tuple[str, str]] = []
+        nodes = self.acl_filter(authz, [self.node], lambda n: authz.can("node", "read", n.name),
+                                extra)
+        response = json_response(request, [member_json(n, acls=self.acl.enabled)
+                                           for n in nodes])
+        response.headers.extend(extra)
+        return Read(response)
 
     # --- services --------------------------------------------------------------------------------
 
     def agent_services(self, request: Request, tail: str) -> Read:
         self._common(request)
-        allowed = self.authz(request).allowed()
+        authz = self.authz(request)
         predicate = self.predicate(request, AGENT_SERVICE)
-        rendered = [agent_service_json(s, self.datacenter) for s in self._agent_services()
-                    if allowed]
-        body = {s["ID"]: s for s in self.filtered(rendered, predicate)}
-        return Read(json_response(request, body))
+        rendered = [agent_service_json(s, self.datacenter) for s in self._agent_services()]
+        extra: list[tuple[str, str]] = []
+        # Consul filters by ACL after ?filter=, so the header only reports what the filter kept
+        visible = self.acl_filter(authz, self.filtered(rendered, predicate),
+                                  lambda s: authz.can("service", "read", s["Service"]), extra)
+        response = json_response(request, {s["ID"]: s for s in visible})
+        response.headers.extend(extra)
+        return Read(response)
 
     def agent_service(self, request: Request, tail: str) -> Read:
         service = self.state.services.get(tail)
@@ -123,14 +134,30 @@ class AgentApi(ApiBase):
     def service_register(self, request: Request, tail: str) -> Write:
         definition = decode_body(SERVICE_SCHEMA, request.body)
         authz = self.authz(request)
-        authz.require("service", "write", definition.get("Name") or None)
+        name = definition.get("Name") or None
+        authz.require("service", "write", name)
+        # a registration that replaces another service's instance needs write on that one too
+        existing = self.state.services.get(definition.get("ID") or name or "")
+        if existing is not None and existing.agent:
+            authz.require("service", "write", existing.name)
         destination = (definition.get("Proxy") or {}).get("DestinationServiceName")
         if destination:
             authz.require("service", "write", destination)
+        for check in self._inline_checks(definition):
+            if check.get("ServiceID") not in (None, "", definition.get("ID") or name):
+                owner = self.state.services.get(check["ServiceID"])
+                authz.require("service", "write", owner.name if owner else None)
         replace_checks = request.has_param("replace-existing-checks") and parse_bool_param(
             request.param("replace-existing-checks") or "") is not False
         return Write(lambda s, now: s.plan_register_service(
             definition, replace_existing_checks=replace_checks), empty_response)
+
+    @staticmethod
+    def _inline_checks(definition: dict[str, Any]) -> list[dict[str, Any]]:
+        checks = list(definition.get("Checks") or [])
+        if definition.get("Check"):
+            checks.append(definition["Check"])
+        return [c for c in checks if isinstance(c, dict)]
 
     def _require_service_write(self, request: Request, service_id: str) -> None:
         service = self.state.services.get(service_id)
@@ -160,21 +187,35 @@ class AgentApi(ApiBase):
 
     def agent_checks(self, request: Request, tail: str) -> Read:
         self._common(request)
-        allowed = self.authz(request).allowed()
+        authz = self.authz(request)
         predicate = self.predicate(request, HEALTH_CHECK)
-        checks = sorted((c for c in self.state.checks.values() if c.agent and allowed),
-                        key=lambda c: c.id)
+        checks = sorted((c for c in self.state.checks.values() if c.agent), key=lambda c: c.id)
         rendered = [check_json(self.state, c, agent_view=True) for c in checks]
-        body = {c["CheckID"]: c for c in self.filtered(rendered, predicate)}
-        return Read(json_response(request, body))
+        extra: list[tuple[str, str]] = []
+        visible = self.acl_filter(authz, self.filtered(rendered, predicate),
+                                  lambda c: self._check_readable(authz, c), extra)
+        response = json_response(request, {c["CheckID"]: c for c in visible})
+        response.headers.extend(extra)
+        return Read(response)
+
+    def _check_readable(self, authz: Authorizer, check: dict[str, Any]) -> bool:
+        if check.get("ServiceName"):
+            return authz.can("service", "read", check["ServiceName"])
+        return authz.can("node", "read", self.node.name)
 
     def check_register(self, request: Request, tail: str) -> Write:
         definition = decode_body(CHECK_SCHEMA, request.body)
+        authz = self.authz(request)
         owner = self.state.services.get(definition.get("ServiceID", ""))
         if owner is not None and owner.agent:
-            self.authz(request).require("service", "write", owner.name)
+            authz.require("service", "write", owner.name)
         elif not definition.get("ServiceID"):
-            self.authz(request).require("node", "write", self.node.name)
+            authz.require("node", "write", self.node.name)
+        # replacing a check of the same ID needs write on what that check belongs to
+        existing = self.state.checks.get(definition.get("CheckID") or definition.get("ID")
+                                         or definition.get("Name") or "")
+        if existing is not None and existing.agent:
+            self._require_check_write(request, existing)
         return Write(lambda s, now: s.plan_register_check(definition), empty_response)
 
     def _existing_check(self, request: Request, tail: str) -> str:

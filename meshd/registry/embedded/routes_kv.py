@@ -7,6 +7,7 @@ import uuid
 from typing import Any
 
 from meshd.httpd import Request, Response
+from meshd.registry.embedded.acl import Authorizer
 from meshd.registry.embedded.api import KV_MAX_VALUE, ApiBase, route
 from meshd.registry.embedded.http import Read, Route, Write, json_response, parse_uint, raw_query
 from meshd.registry.embedded.state import RegistryState
@@ -14,7 +15,16 @@ from meshd.registry.embedded.store.decode import decode_body
 from meshd.registry.embedded.store.records import ApiError, Mutation, Session
 from meshd.registry.embedded.store.render import kv_entry_json
 from meshd.registry.embedded.store.sessions import SESSION_SCHEMA, session_json
-from meshd.registry.embedded.store.txn import TxnResult, decode_txn, plan_txn
+from meshd.registry.embedded.store.txn import READ_VERBS, KVOp, TxnResult, decode_txn, plan_txn
+
+
+def txn_op_allowed(authz: Authorizer, op: KVOp) -> bool:
+    """Consul's per-operation vetting of a KV transaction op."""
+    if op.verb == "delete-tree":
+        return authz.can_write_prefix(op.key)
+    if op.verb in READ_VERBS:
+        return op.verb == "get-tree" or authz.can("key", "read", op.key)
+    return authz.can("key", "write", op.key)
 
 
 def _too_large(size: int) -> ApiError:
@@ -47,16 +57,21 @@ class KVApi(ApiBase):
         if not key and not listing and not recurse:
             raise ApiError(400, "Missing key name")
         authz = self.authz(request)
+        extra: list[tuple[str, str]] = []
         if listing:
             sep = request.param("separator") or request.param("seperator") or ""
-            keys = kv.list_keys(key, sep) if authz.allowed() else []
+            keys = self.acl_filter(authz, kv.list_keys(key, sep),
+                                   lambda k: authz.can("key", "read", k), extra)
             missing = not keys and key != ""
             response = Response(404, b"", []) if missing else json_response(request, keys)
+            response.headers.extend(extra)
             return Read(response, index=kv.index_for_prefix(key), kv_prefix=key)
         if recurse:
-            entries = kv.list_prefix(key) if authz.allowed() else []
+            entries = self.acl_filter(authz, kv.list_prefix(key),
+                                      lambda e: authz.can("key", "read", e.key), extra)
             response = (json_response(request, [kv_entry_json(e) for e in entries]) if entries
                         else Response(404, b"", []))
+            response.headers.extend(extra)
             return Read(response, index=kv.index_for_prefix(key), kv_prefix=key)
         authz.require("key", "read", key)
         entry = kv.get(key)
@@ -120,7 +135,11 @@ class KVApi(ApiBase):
             raise ApiError(400, "Missing key name")
         cas = self._cas(request)
         key = tail
-        self.authz(request).require("key", "write", key)
+        authz = self.authz(request)
+        if recurse:
+            authz.require_write_prefix(key)
+        else:
+            authz.require("key", "write", key)
         return Write(lambda s, now: s.plan_kv_delete(key, recurse=recurse, cas=cas),
                      lambda m: json_response(request, bool(m.result)))
 
@@ -129,17 +148,24 @@ class KVApi(ApiBase):
     def txn(self, request: Request, tail: str) -> Write:
         self._common(request)
         ops = decode_txn(request.body, KV_MAX_VALUE)
-        if not self.authz(request).allowed():
-            denied = TxnResult(409, {"Results": None, "Errors": [
-                {"OpIndex": i, "What": "Permission denied"} for i in range(len(ops))]}, False)
-            return Write(lambda s, now: Mutation(result=denied), self._txn_answer(request))
-        return Write(lambda s, now: plan_txn(s, ops, now), self._txn_answer(request))
+        authz = self.authz(request)
+        denied = [i for i, op in enumerate(ops) if not txn_op_allowed(authz, op)]
+        if denied:
+            refused = TxnResult(409, {"Results": None, "Errors": [
+                {"OpIndex": i, "What": "Permission denied"} for i in denied]}, False)
+            return Write(lambda s, now: Mutation(result=refused), self._txn_answer(request, authz))
+        return Write(lambda s, now: plan_txn(s, ops, now), self._txn_answer(request, authz))
 
     @staticmethod
-    def _txn_answer(request: Request) -> Any:
+    def _txn_answer(request: Request, authz: Authorizer) -> Any:
         def respond(mutation: Mutation) -> Response:
             result: TxnResult = mutation.result
-            response = json_response(request, result.body, result.status)
+            body = result.body
+            if body.get("Results"):
+                # get-tree answers only what the token may read (Consul filters txn results)
+                body = {**body, "Results": [r for r in body["Results"]
+                                            if authz.can("key", "read", r["KV"]["Key"])]}
+            response = json_response(request, body, result.status)
             if result.read_only:
                 response.headers += [("X-Consul-KnownLeader", "true"),
                                      ("X-Consul-LastContact", "0")]
@@ -179,10 +205,13 @@ class KVApi(ApiBase):
 
     def _sessions_read(self, request: Request, sessions: list[Session]) -> Read:
         self._common(request)
-        visible = sessions if self.authz(request).allowed() else []
-        body = [session_json(self.state, s) for s in visible]
-        return Read(json_response(request, body), index=self.state.table("sessions"),
-                    topics=("sessions",))
+        authz = self.authz(request)
+        extra: list[tuple[str, str]] = []
+        visible = self.acl_filter(authz, sessions, lambda s: authz.can(
+            "session", "read", self.state.node_name(s.node)), extra)
+        response = json_response(request, [session_json(self.state, s) for s in visible])
+        response.headers.extend(extra)
+        return Read(response, index=self.state.table("sessions"), topics=("sessions",))
 
     def session_info(self, request: Request, tail: str) -> Read:
         session_id = self._arg(tail, "session id")

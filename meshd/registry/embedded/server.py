@@ -12,11 +12,13 @@ events of the topics it changed. An idle watcher costs one task and a few dict e
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import random
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from functools import partial
 from os import PathLike
 
@@ -24,6 +26,7 @@ import trio
 
 from meshd.errors import RegistryError
 from meshd.httpd import Request, Response, serve_http
+from meshd.registry.embedded.acl import AclConfig, initial_management_accessor
 from meshd.registry.embedded.checks import MIN_INTERVAL, CheckRunner
 from meshd.registry.embedded.http import (
     QueryOptions,
@@ -96,9 +99,35 @@ class RegistryConfig:
     reap_interval: float = REAP_INTERVAL
     reap_minimum: float = REAP_MINIMUM
     compact_bytes: int = DEFAULT_COMPACT_BYTES  # snapshot + new log once the log is this big
-    acl_master_token: str | None = None  # None: ACLs off
+    acl_enabled: bool = False  # Consul's acl.enabled; off by default, as `consul agent -dev`
+    acl_default_policy: str = "allow"  # Consul's default; meshd's guides use "deny"
+    acl_initial_management: str | None = None  # Consul's acl.tokens.initial_management
+    acl_master_token: str | None = None  # deprecated: enabled + deny + initial management
+    allow_unauthenticated: bool = False  # listen beyond loopback with ACLs off
     session_ttl_min: float = SESSION_TTL_MIN  # Consul's session_ttl_min
     check_min_interval: float = MIN_INTERVAL  # HTTP/TCP check intervals are raised to this
+
+    def acl(self) -> AclConfig:
+        if self.acl_master_token:
+            return AclConfig.from_master_token(self.acl_master_token)
+        return AclConfig(enabled=self.acl_enabled, default_policy=self.acl_default_policy,
+                         initial_management=self.acl_initial_management or None)
+
+    def validate(self) -> None:
+        """Refuse a configuration that would expose the registry; ``RegistryError`` says why."""
+        acl = self.acl()
+        if acl.default_policy not in ("allow", "deny"):
+            raise RegistryError(f"ACL default policy must be allow or deny, not "
+                                f"{acl.default_policy!r}")
+        if acl.initial_management and not acl.enabled:
+            raise RegistryError("an initial management token needs ACLs enabled "
+                                "(--acl-enabled)")
+        if not acl.enabled and not self.allow_unauthenticated and not is_loopback(self.host):
+            raise RegistryError(
+                f"refusing to listen on {self.host} with ACLs off: anyone who can reach it could "
+                "change the mesh. Enable ACLs (--acl-enabled --acl-default-policy deny "
+                "--acl-initial-management TOKEN), listen on 127.0.0.1, or pass "
+                "--allow-unauthenticated to accept the risk")
 
 
 class RegistryServer:
@@ -108,8 +137,8 @@ class RegistryServer:
         self.state = state
         self.data = data
         self.notifier = Notifier()
-        api = Api(state, ApiSettings(datacenter=config.datacenter,
-                                     acl_master_token=config.acl_master_token,
+        self.acl = config.acl()
+        api = Api(state, ApiSettings(datacenter=config.datacenter, acl=self.acl,
                                      session_ttl_min=config.session_ttl_min))
         self.default_policy = api.acl.default_policy
         self.router = Router(api.routes())
@@ -240,6 +269,7 @@ async def serve_registry(
     (so ``port=0`` works: read the port from ``listeners[0].socket.getsockname()``). Raises
     ``RegistryError`` if the data directory is corrupt or locked, or the address is taken.
     """
+    config.validate()
     data = None
     if config.data_dir is not None:
         data = DataDir.open(config.data_dir, compact_bytes=config.compact_bytes)
@@ -259,6 +289,12 @@ async def _serve(config: RegistryConfig, data: DataDir | None,
     await server.commit(lambda s, _: s.plan_boot(
         node_name=config.node_name, node_id=node_id, address=address,
         datacenter=config.datacenter))
+    if server.acl.enabled:
+        initial = server.acl.initial_management
+        accessor = initial_management_accessor(initial or "")
+        created = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+        await server.commit(lambda s, _: s.plan_acl_boot(
+            initial_management=initial, initial_accessor=accessor, created=created))
     state.restart_timers(trio.current_time())
     failure: OSError | None = None
     async with trio.open_nursery() as nursery:
@@ -283,6 +319,16 @@ async def _listen(server: RegistryServer, config: RegistryConfig,
                   = trio.TASK_STATUS_IGNORED) -> None:
     await serve_http(server.handle, config.host, config.port, task_status=task_status,
                      max_body=2 * KV_MAX_VALUE)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listen address only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _advertise_address(host: str) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from meshd.registry.embedded.store.acl import AclWrites
 from meshd.registry.embedded.store.catalog import CatalogWrites
 from meshd.registry.embedded.store.core import REAP_MINIMUM, Wake, same
 from meshd.registry.embedded.store.records import PASSING, Check, Mutation, Node, Op, Service
@@ -30,7 +31,7 @@ __all__ = ["CONSUL_VERSION", "REAP_MINIMUM", "SERF_CHECK_ID", "SERVER_RPC_PORT",
            "RegistryState", "Wake"]
 
 
-class RegistryState(CatalogWrites, SessionWrites):
+class RegistryState(CatalogWrites, SessionWrites, AclWrites):
     # --- standing state (docs/consul-api.md §3) ---------------------------------------------------
 
     def plan_boot(self, *, node_name: str, node_id: str, address: str, datacenter: str) -> Mutation:

@@ -70,7 +70,7 @@ async def test_requests_without_the_master_token_are_denied(nursery: trio.Nurser
         me = (await admin.get("/v1/acl/token/self")).json()
         assert me["SecretID"] == MASTER and me["Policies"][0]["Name"] == "global-management"
         r = await admin.get("/v1/acl/policies")
-        assert r.status_code == 400 and "master token" in r.text
+        assert [p["Name"] for p in r.json()] == ["global-management"]
         assert (await anon.get("/v1/acl/policies")).status_code == 403
         nursery.cancel_scope.cancel()
 

@@ -24,6 +24,9 @@ from meshd.registry.embedded.store.kv import KVStore
 from meshd.registry.embedded.store.records import (
     CRITICAL,
     SESSION_DELETE,
+    AclBootstrap,
+    AclPolicy,
+    AclToken,
     ApiError,
     Check,
     Mutation,
@@ -37,7 +40,7 @@ from meshd.registry.embedded.store.records import (
 
 REAP_MINIMUM = 60.0  # DeregisterCriticalServiceAfter values below this are raised to it
 SESSION_TTL_MULTIPLIER = 2  # a TTL session is invalidated 2 x TTL after its last renewal
-TABLES = ("nodes", "services", "checks", "sessions")
+TABLES = ("nodes", "services", "checks", "sessions", "acl")
 
 
 @dataclass
@@ -66,6 +69,10 @@ class StateCore:
         self.checks: dict[str, Check] = {}  # by record key
         self.sessions: dict[str, Session] = {}
         self.kv = KVStore()
+        self.acl_policies: dict[str, AclPolicy] = {}  # by ID
+        self.acl_tokens: dict[str, AclToken] = {}  # by AccessorID
+        self.acl_secrets: dict[str, str] = {}  # SecretID -> AccessorID
+        self.acl_bootstrap: AclBootstrap | None = None
         self.table_index = dict.fromkeys(TABLES, 0)
         self.svc_index: dict[str, int] = {}
         self.names_removed_index = 0
@@ -209,6 +216,8 @@ class StateCore:
                 self._apply_service(op, index, wake, touched)
             elif op.table == "session":
                 self._apply_session(op, index, wake, now)
+            elif op.table in ("acl-policy", "acl-token", "acl-meta"):
+                self._apply_acl(op, index, wake)
             else:
                 self._apply_check(op, index, wake, touched, now)
         self._reindex_names(touched, index, wake)
@@ -328,6 +337,26 @@ class StateCore:
                 self._session_deadline[op.key] = now + SESSION_TTL_MULTIPLIER * op.value.ttl
         self._bump(wake, index, "sessions")
 
+    def _apply_acl(self, op: Op, index: int, wake: Wake) -> None:
+        if op.table == "acl-policy":
+            if op.value is None:
+                self.acl_policies.pop(op.key, None)
+            else:
+                assert isinstance(op.value, AclPolicy)
+                self.acl_policies[op.key] = op.value
+        elif op.table == "acl-token":
+            old = self.acl_tokens.pop(op.key, None)
+            if old is not None:
+                self.acl_secrets.pop(old.secret_id, None)
+            if op.value is not None:
+                assert isinstance(op.value, AclToken)
+                self.acl_tokens[op.key] = op.value
+                self.acl_secrets[op.value.secret_id] = op.key
+        else:
+            assert op.value is None or isinstance(op.value, AclBootstrap)
+            self.acl_bootstrap = op.value
+        self._bump(wake, index, "acl")
+
     # --- timers ----------------------------------------------------------------------------------
 
     def next_deadline(self) -> float | None:
@@ -355,6 +384,10 @@ class StateCore:
         ops.extend(Op("check", k, v) for k, v in sorted(self.checks.items()))
         ops.extend(Op("session", k, v) for k, v in sorted(self.sessions.items()))
         ops.extend(Op("kv", k, v) for k, v in sorted(self.kv.entries.items()))
+        ops.extend(Op("acl-policy", k, v) for k, v in sorted(self.acl_policies.items()))
+        ops.extend(Op("acl-token", k, v) for k, v in sorted(self.acl_tokens.items()))
+        if self.acl_bootstrap is not None:
+            ops.append(Op("acl-meta", "bootstrap", self.acl_bootstrap))
         return ops
 
     def indexes(self) -> dict[str, Any]:

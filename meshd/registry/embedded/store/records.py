@@ -139,8 +139,47 @@ class Session:
     modify_index: int = 0
 
 
-Table = Literal["node", "service", "check", "kv", "session"]
-Record = Node | Service | Check | KVEntry | Session
+@dataclass(frozen=True)
+class AclPolicy:
+    """An ACL policy (docs/consul-api.md §1.5); ``rules`` is the text as written."""
+
+    id: str
+    name: str
+    description: str = ""
+    rules: str = ""
+    datacenters: tuple[str, ...] = ()
+    hash: str = ""
+    create_index: int = 0
+    modify_index: int = 0
+
+
+@dataclass(frozen=True)
+class AclToken:
+    """An ACL token; ``policies`` are policy IDs (names are resolved when shown, as in Consul)."""
+
+    accessor_id: str
+    secret_id: str
+    description: str = ""
+    policies: tuple[str, ...] = ()
+    local: bool = False
+    create_time: str = ""
+    hash: str = ""
+    create_index: int = 0
+    modify_index: int = 0
+
+
+@dataclass(frozen=True)
+class AclBootstrap:
+    """Present once ACLs are bootstrapped; ``reset_index`` is the index of the bootstrap."""
+
+    reset_index: int
+    create_index: int = 0
+    modify_index: int = 0
+
+
+Table = Literal["node", "service", "check", "kv", "session", "acl-policy", "acl-token",
+                "acl-meta"]
+Record = Node | Service | Check | KVEntry | Session | AclPolicy | AclToken | AclBootstrap
 
 
 @dataclass(frozen=True)
@@ -171,10 +210,11 @@ class Mutation:
 
 # --- JSON codec for the log and snapshots -------------------------------------------------------
 
-_TYPES: dict[str, type[Node] | type[Service] | type[Check] | type[KVEntry] | type[Session]] = {
+_TYPES: dict[str, type[Record]] = {
     "node": Node, "service": Service, "check": Check, "kv": KVEntry, "session": Session,
+    "acl-policy": AclPolicy, "acl-token": AclToken, "acl-meta": AclBootstrap,
 }
-_TUPLE_FIELDS = {"tags", "weights", "node_checks", "service_checks"}
+_TUPLE_FIELDS = {"tags", "weights", "node_checks", "service_checks", "datacenters", "policies"}
 
 
 def record_to_json(record: Record) -> dict[str, Any]:
