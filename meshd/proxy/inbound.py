@@ -32,6 +32,7 @@ from meshd.config.schema import HostConfig, LocalService, MTLSMode, Protocol
 from meshd.identity.tls import HandshakeRefused, TLSState
 from meshd.metrics import Metrics
 from meshd.proxy.access import AccessEntry, AccessLog
+from meshd.proxy.attempts import Attempts
 from meshd.proxy.core.authz import DEFAULT_DENY, Caller, Verdict, authorize, normalize_path
 from meshd.proxy.core.http1 import ProtocolError, RequestHead
 from meshd.proxy.core.trace import identify
@@ -41,7 +42,6 @@ from meshd.proxy.forward import (
     ClientConnection,
     ConnectFailed,
     answer_locally,
-    proxy_request,
     refuse_large_body,
     serve_requests,
     upstream_request_head,
@@ -202,6 +202,7 @@ class _HTTPService:
         self.source = source
         self.caller = Caller(source, authenticated)
         self.key = ("app", service.address, service.port)
+        self.connect = self._connect  # bound once, not per request
         # the caller's identity, for the app; a plaintext caller's is unknown: no header at all
         self.extra = ((SOURCE_HEADER, source.encode("ascii")),) if authenticated else ()
 
@@ -225,9 +226,9 @@ class _HTTPService:
         head = upstream_request_head(
             request, forwarded_for=conn.peer, default_host=self.service.name,
             drop=(SOURCE_HEADER,), extra=self.extra, ids=ids)
-        result = await proxy_request(
-            request, source, source.stream, conn, pool=ctx.app_pool, key=self.key,
-            connect=self._connect, upstream_head=head, request_timeout=None)
+        # a route without retries, to the local app
+        result = await Attempts(request, source, conn, pool=ctx.app_pool, key=self.key,
+                                connect=self.connect, upstream_head=head, timeout=None).run()
         if result.detail and result.status >= 500:
             log.warning("%s -> %s (local app): %d %s", self.source, self.service.name,
                         result.status, result.detail)

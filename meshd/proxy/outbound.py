@@ -3,7 +3,8 @@
 One handler per declared upstream. HTTP: each request is routed on its own — the first
 matching route of the destination, fault injection, a subset by weighted split, an endpoint by
 the destination's balancer among those not ejected — and sent over a pooled mTLS connection to
-that endpoint's meshd, with the route's timeouts and retries (``meshd.proxy.tries``); a copy
+that endpoint's meshd, with the route's timeouts and retries (``meshd.proxy.attempts``, the
+forwarding path inbound takes too); a copy
 may go to a mirror subset afterwards. TCP: the default route's split, one endpoint per
 connection, bytes pumped both ways.
 
@@ -26,6 +27,8 @@ from meshd.errors import IdentityError
 from meshd.identity.tls import HandshakeRefused, TLSState
 from meshd.metrics import Metrics
 from meshd.proxy.access import AccessEntry, AccessLog
+from meshd.proxy.attempts import REASON_HEADER, Attempts, Destination
+from meshd.proxy.core.attempt import LOCAL_CONNECT_FAILURES
 from meshd.proxy.core.fault import decide_fault, mirrored
 from meshd.proxy.core.http1 import ProtocolError, RequestHead
 from meshd.proxy.core.matcher import RequestFacts
@@ -50,7 +53,6 @@ from meshd.proxy.pump import pump
 from meshd.proxy.replay import ReplayBody
 from meshd.proxy.sockio import SocketConnection
 from meshd.proxy.streams import TLSStream, open_mtls
-from meshd.proxy.tries import LOCAL_CONNECT_FAILURES, REASON_HEADER, Call, Tries
 from meshd.registry.model import Endpoint
 
 log = logging.getLogger(__name__)
@@ -159,19 +161,21 @@ class Outbound:
         body = ReplayBody(source, request, REPLAY_LIMIT) if keep_body else None
         head = upstream_request_head(request, forwarded_for=conn.peer,
                                      default_host=self.destination, ids=ids)
-        call = Call(request, source, conn, routed, state, view.endpoint_set(self.destination),
-                    ctx.pool, self._pool_key, self._connector(state), head, body, ctx.rand,
-                    ctx.metrics, self._hash_key(state, facts, conn))
-        called = await Tries(call).run()
-        result = called.result
-        decision = Decision(self.destination, routed.subset, called.endpoint,
-                            routed.route_name, result.detail)
+        destination = Destination(
+            plan=routed, state=state, endpoints=view.endpoint_set(self.destination),
+            pool_key=self._pool_key, connect=self._connector(state), rand=ctx.rand,
+            metrics=ctx.metrics, hash_key=self._hash_key(state, facts, conn))
+        attempts = Attempts(request, source, conn, pool=ctx.pool, upstream_head=head,
+                            timeout=routed.timeout, destination=destination, body=body)
+        result = await attempts.run()
+        endpoint = attempts.endpoint
+        decision = Decision(self.destination, routed.subset, endpoint, route=routed.route_name,
+                            reason=result.detail)
         self._record(request, decision, result.status, started, result.detail, ids,
-                     called.tries)
+                     attempts.tries)
         if result.detail and result.status >= 500:
             log.warning("%s -> %s (%s): %d %s", self.source, self.destination,
-                        called.endpoint.key if called.endpoint else "-", result.status,
-                        result.detail)
+                        endpoint.key if endpoint else "-", result.status, result.detail)
         if mirror is not None:
             self._send_mirror(view, state, mirror, route, request, conn, body, facts, ids)
         return result.keep
