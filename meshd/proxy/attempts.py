@@ -49,8 +49,8 @@ from meshd.proxy.core.retry import Body, retry_backoff
 from meshd.proxy.core.router import RoutePlan
 from meshd.proxy.destinations import DestinationState
 from meshd.proxy.exchange import STREAM_ERRORS, BodySource, Exchange, RequestSource
-from meshd.proxy.forward import ClientConnection, ConnectFailed, answer_locally
-from meshd.proxy.pool import ConnectionPool, Connector
+from meshd.proxy.forward import ClientConnection, answer_locally
+from meshd.proxy.pool import ConnectFailed, ConnectionPool, Connector
 from meshd.proxy.replay import ReplayBody
 from meshd.registry.model import Endpoint, EndpointSet
 

@@ -2,9 +2,9 @@
 
 ``serve_requests`` runs a client connection (keep-alive, idle timeout, a deadline on each request
 head against slowloris (408), 4xx on malformed input, drain) and hands each request head to a
-handler; ``upstream_request_head`` is the head a handler sends on, ``answer_locally`` and
-``refuse_large_body`` what it answers itself. Forwarding a request (pooled connections, the
-exchange, retries, 502/504) is ``meshd.proxy.attempts``, the one path both directions take.
+handler; ``answer_locally`` and ``refuse_large_body`` are what a handler answers itself.
+Forwarding a request (pooled connections, the exchange, retries, 502/504) is
+``meshd.proxy.attempts``, the one path both directions take.
 
 ``Expect: 100-continue`` is end to end: the header goes upstream and the upstream's ``100
 Continue`` is relayed (``Exchange``), so the app that will read the body decides whether it
@@ -20,19 +20,12 @@ from dataclasses import dataclass
 
 import trio
 
-from meshd.errors import ProxyError
 from meshd.proxy.core.http1 import (
     Header,
     ProtocolError,
     RequestHead,
 )
-from meshd.proxy.core.http1_write import (
-    append_forwarded_for,
-    end_to_end,
-    serialize_request,
-    simple_response,
-)
-from meshd.proxy.core.trace import REQUEST_ID, TRACEPARENT, RequestIdentity
+from meshd.proxy.core.http1_write import simple_response
 from meshd.proxy.exchange import (
     STREAM_ERRORS,
     ClientGone,
@@ -46,14 +39,6 @@ log = logging.getLogger(__name__)
 HEAD_TIMEOUT = 10.0
 
 
-class ConnectFailed(ProxyError):
-    """No upstream connection could be made. ``reason`` is the metric label."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
 @dataclass(eq=False)
 class ClientConnection:
     """One accepted connection, as the drain logic sees it."""
@@ -61,29 +46,6 @@ class ClientConnection:
     peer: str
     draining: bool = False
     idle_scope: trio.CancelScope | None = None
-
-
-def upstream_request_head(request: RequestHead, *, forwarded_for: str, default_host: str,
-                          drop: tuple[bytes, ...] = (), extra: tuple[Header, ...] = (),
-                          ids: RequestIdentity | None = None) -> bytes:
-    """The head sent upstream: end-to-end headers only (minus ``drop``), the client appended
-    to ``X-Forwarded-For``, this hop's ``X-Request-Id`` and ``traceparent`` (``ids``), ``extra``
-    added, the same body framing, always HTTP/1.1 (upstream connections are kept alive
-    whatever the client wants for its own). An upgrade request keeps its ``Upgrade``."""
-    if ids is not None:
-        drop = (*drop, REQUEST_ID, TRACEPARENT)
-    headers = end_to_end(request.headers, drop=drop)
-    if not any(n.lower() == b"host" for n, _ in headers):
-        headers.insert(0, (b"host", default_host.encode("ascii")))
-    headers = append_forwarded_for(headers, forwarded_for)
-    if ids is not None:
-        headers.extend(ids.headers)
-    headers.extend(extra)
-    if request.upgrade:
-        upgrade = b", ".join(v for n, v in request.headers if n.lower() == b"upgrade")
-        headers += [(b"connection", b"upgrade"), (b"upgrade", upgrade)]
-    return serialize_request(request.method, request.target, headers, request.framing,
-                             request.content_length)
 
 
 async def answer_locally(client: trio.abc.Stream, source: RequestSource, request: RequestHead,

@@ -35,18 +35,17 @@ from meshd.proxy.access import AccessEntry, AccessLog
 from meshd.proxy.attempts import Attempts
 from meshd.proxy.core.authz import DEFAULT_DENY, Caller, Verdict, authorize, normalize_path
 from meshd.proxy.core.http1 import ProtocolError, RequestHead
+from meshd.proxy.core.http1_write import upstream_request_head
 from meshd.proxy.core.trace import identify
 from meshd.proxy.core.view import MeshView, ViewCell
 from meshd.proxy.exchange import RequestSource
 from meshd.proxy.forward import (
     ClientConnection,
-    ConnectFailed,
     answer_locally,
     refuse_large_body,
     serve_requests,
-    upstream_request_head,
 )
-from meshd.proxy.pool import ConnectionPool
+from meshd.proxy.pool import ConnectFailed, ConnectionPool
 from meshd.proxy.pump import pump
 from meshd.proxy.sockio import SocketConnection, connect_tcp
 from meshd.proxy.streams import accept_mtls

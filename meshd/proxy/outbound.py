@@ -31,6 +31,7 @@ from meshd.proxy.attempts import REASON_HEADER, Attempts, Destination
 from meshd.proxy.core.attempt import LOCAL_CONNECT_FAILURES
 from meshd.proxy.core.fault import decide_fault, mirrored
 from meshd.proxy.core.http1 import ProtocolError, RequestHead
+from meshd.proxy.core.http1_write import upstream_request_head
 from meshd.proxy.core.matcher import RequestFacts
 from meshd.proxy.core.outlier import CONNECTED, Failure
 from meshd.proxy.core.retry import REPLAY_LIMIT, Body, retry_verdict
@@ -41,14 +42,12 @@ from meshd.proxy.destinations import Destinations, DestinationState
 from meshd.proxy.exchange import RequestSource
 from meshd.proxy.forward import (
     ClientConnection,
-    ConnectFailed,
     answer_locally,
     refuse_large_body,
     serve_requests,
-    upstream_request_head,
 )
 from meshd.proxy.mirror import MIRROR_HEADER, MIRROR_TIMEOUT, Mirror, MirrorJob
-from meshd.proxy.pool import ConnectionPool
+from meshd.proxy.pool import ConnectFailed, ConnectionPool
 from meshd.proxy.pump import pump
 from meshd.proxy.replay import ReplayBody
 from meshd.proxy.sockio import SocketConnection

@@ -8,8 +8,8 @@ import trio.testing
 from meshd.proxy.attempts import Attempts
 from meshd.proxy.core.http1 import RequestHead
 from meshd.proxy.exchange import Exchange, RequestSource
-from meshd.proxy.forward import ClientConnection, ConnectFailed
-from meshd.proxy.pool import ConnectionPool, Connector, IdleConnections
+from meshd.proxy.forward import ClientConnection
+from meshd.proxy.pool import ConnectFailed, ConnectionPool, Connector, IdleConnections
 
 
 def test_reuse_most_recent_first_and_keys_apart() -> None:
