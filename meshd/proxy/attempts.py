@@ -335,8 +335,8 @@ class Attempts:
         else:
             assert exchange is not None
             return await self._cut(how, exchange)
-        keep = await answer_locally(self.source.stream, self.source, self.request, self.conn,
-                                    how.status, text, headers)
+        keep = await answer_locally(self.source, self.request, self.conn, how.status, text,
+                                    headers)
         return Result(how.status, keep, text)
 
     async def _cut(self, how: Finish, exchange: Exchange) -> Result:

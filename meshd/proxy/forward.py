@@ -48,15 +48,16 @@ class ClientConnection:
     idle_scope: trio.CancelScope | None = None
 
 
-async def answer_locally(client: trio.abc.Stream, source: RequestSource, request: RequestHead,
-                         conn: ClientConnection, status: int, text: str,
-                         headers: list[Header] | None = None) -> bool:
-    """Answer the request ourselves. The connection stays open only if the request had no
-    body (an unread body would be taken for the next request). False if it must close."""
+async def answer_locally(source: RequestSource, request: RequestHead, conn: ClientConnection,
+                         status: int, text: str, headers: list[Header] | None = None) -> bool:
+    """Answer the request ourselves, on ``source``'s connection. The connection stays open
+    only if the request had no body (an unread body would be taken for the next request).
+    False if it must close."""
     source.take_empty_body()
     close = not (request.keep_alive and source.message_done and not conn.draining)
     try:
-        await client.send_all(simple_response(status, text, close=close, headers=headers or []))
+        await source.stream.send_all(simple_response(status, text, close=close,
+                                                     headers=headers or []))
     except STREAM_ERRORS:
         return False
     return not close
@@ -70,7 +71,7 @@ async def refuse_large_body(source: RequestSource, request: RequestHead, conn: C
     if limit is None:
         return None
     if request.content_length is not None and request.content_length > limit:
-        return await answer_locally(source.stream, source, request, conn, 413,
+        return await answer_locally(source, request, conn, 413,
                                     f"request body larger than {limit} bytes")
     source.body_limit = limit
     return None

@@ -213,14 +213,15 @@ class _HTTPService:
         ids = identify(request.headers)
         if not ctx.authorize(view, self.service.name, self.caller, request).allowed:
             text = f"access to {self.service.name} denied"
-            keep = await answer_locally(source.stream, source, request, conn, 403, text)
-            self._record(request, 403, started, ids.request_id, text)
+            keep = await answer_locally(source, request, conn, 403, text)
+            self._record(request, started, ids.request_id, status=403, detail=text)
             return keep
         dest = view.routes.get(self.service.name)
         limit = dest.policy.max_request_bytes if dest is not None else None
         refused = await refuse_large_body(source, request, conn, limit)
         if refused is not None:
-            self._record(request, 413, started, ids.request_id, "request body too large")
+            self._record(request, started, ids.request_id, status=413,
+                         detail="request body too large")
             return refused
         head = upstream_request_head(
             request, forwarded_for=conn.peer, default_host=self.service.name,
@@ -231,10 +232,11 @@ class _HTTPService:
         if result.detail and result.status >= 500:
             log.warning("%s -> %s (local app): %d %s", self.source, self.service.name,
                         result.status, result.detail)
-        self._record(request, result.status, started, ids.request_id, result.detail)
+        self._record(request, started, ids.request_id, status=result.status,
+                     detail=result.detail)
         return result.keep
 
-    def _record(self, request: RequestHead, status: int, started: float, request_id: str,
+    def _record(self, request: RequestHead, started: float, request_id: str, *, status: int,
                 detail: str) -> None:
         m = self.ctx.metrics
         elapsed = trio.current_time() - started
@@ -242,9 +244,10 @@ class _HTTPService:
         access = self.ctx.access
         if access.enabled:
             access.record(AccessEntry(
-                "inbound", self.source, self.service.name, request.method, request.target,
-                status, elapsed, request_id, endpoint=f"{self.service.address}:"
-                f"{self.service.port}", detail=detail))
+                direction="inbound", source=self.source, destination=self.service.name,
+                method=request.method, target=request.target, status=status, duration=elapsed,
+                request_id=request_id, endpoint=f"{self.service.address}:{self.service.port}",
+                detail=detail))
 
     def count_bad_request(self, exc: ProtocolError) -> None:
         self.ctx.metrics.requests.labels("inbound", self.source, self.service.name, "",

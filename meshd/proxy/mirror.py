@@ -30,7 +30,7 @@ MIRROR_WORKERS = 4
 MIRROR_TIMEOUT = 10.0  # per copy, when its route has no timeout
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MirrorJob:
     destination: str
     subset: str

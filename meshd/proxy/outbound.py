@@ -35,7 +35,7 @@ from meshd.proxy.core.http1_write import upstream_request_head
 from meshd.proxy.core.matcher import RequestFacts
 from meshd.proxy.core.outlier import CONNECTED, Failure
 from meshd.proxy.core.retry import REPLAY_LIMIT, Body, retry_verdict
-from meshd.proxy.core.router import Decision, RoutePlan, candidates, no_endpoint_reason, plan
+from meshd.proxy.core.router import RoutePlan, candidates, no_endpoint_reason, plan
 from meshd.proxy.core.trace import RequestIdentity, identify
 from meshd.proxy.core.view import MeshView, ViewCell
 from meshd.proxy.destinations import Destinations, DestinationState
@@ -140,19 +140,15 @@ class Outbound:
         if not routed.candidates:
             reason = no_endpoint_reason(view, self.destination, routed.subset)
             log.warning("%s -> %s: %s", self.source, self.destination, reason)
-            keep = await answer_locally(
-                source.stream, source, request, conn, 503, reason,
-                [(REASON_HEADER, reason.encode("ascii", "replace"))])
-            self._record(request, Decision(self.destination, routed.subset, None,
-                                           routed.route_name, reason), 503, started, reason,
-                         ids)
+            keep = await answer_locally(source, request, conn, 503, reason,
+                                        [(REASON_HEADER, reason.encode("ascii", "replace"))])
+            self._record(request, routed, started, ids, status=503, detail=reason)
             return keep
         limit = dest.policy.max_request_bytes if dest is not None else None
         refused = await refuse_large_body(source, request, conn, limit)
         if refused is not None:
-            self._record(request, Decision(self.destination, routed.subset, None,
-                                           routed.route_name, ""), 413, started,
-                         "request body too large", ids)
+            self._record(request, routed, started, ids, status=413,
+                         detail="request body too large")
             return refused
         state = ctx.destinations.get(self.destination, dest.policy if dest else None)
         mirror = self._mirror_subset(route)
@@ -168,10 +164,8 @@ class Outbound:
                             timeout=routed.timeout, destination=destination, body=body)
         result = await attempts.run()
         endpoint = attempts.endpoint
-        decision = Decision(self.destination, routed.subset, endpoint, route=routed.route_name,
-                            reason=result.detail)
-        self._record(request, decision, result.status, started, result.detail, ids,
-                     attempts.tries)
+        self._record(request, routed, started, ids, status=result.status, detail=result.detail,
+                     endpoint=endpoint, tries=attempts.tries)
         if result.detail and result.status >= 500:
             log.warning("%s -> %s (%s): %d %s", self.source, self.destination,
                         endpoint.key if endpoint else "-", result.status, result.detail)
@@ -192,10 +186,9 @@ class Outbound:
             return None
         m.faults_injected.labels(self.destination, routed.route_name, "abort").inc()
         text = f"fault injected by route {routed.route_name}"
-        keep = await answer_locally(source.stream, source, request, conn, abort, text,
+        keep = await answer_locally(source, request, conn, abort, text,
                                     [(REASON_HEADER, text.encode("ascii", "replace"))])
-        self._record(request, Decision(self.destination, routed.subset, None,
-                                       routed.route_name, text), abort, started, text, ids)
+        self._record(request, routed, started, ids, status=abort, detail=text)
         return keep
 
     def _hash_key(self, state: DestinationState, facts: RequestFacts,
@@ -237,22 +230,26 @@ class Outbound:
                                      extra=(MIRROR_HEADER,), ids=ids)
         timeout = route.timeout if route is not None and route.timeout else MIRROR_TIMEOUT
         connect = self._connector(state)
-        ctx.mirror.submit(MirrorJob(self.destination, subset, endpoint, request, head, content,
-                                    self._pool_key(endpoint), lambda: connect(endpoint),
-                                    timeout))
+        ctx.mirror.submit(MirrorJob(
+            destination=self.destination, subset=subset, endpoint=endpoint, request=request,
+            head=head, body=content, pool_key=self._pool_key(endpoint),
+            connect=lambda: connect(endpoint), timeout=timeout))
 
-    def _record(self, request: RequestHead, decision: Decision, status: int, started: float,
-                detail: str, ids: RequestIdentity, tries: int = 0) -> None:
+    def _record(self, request: RequestHead, routed: RoutePlan, started: float,
+                ids: RequestIdentity, *, status: int, detail: str,
+                endpoint: Endpoint | None = None, tries: int = 0) -> None:
         m = self.ctx.metrics
-        subset = decision.subset_label
+        subset = routed.subset or ""
         elapsed = trio.current_time() - started
         m.request_done("outbound", self.source, self.destination, subset, status, elapsed)
         access = self.ctx.access
         if access.enabled:
             access.record(AccessEntry(
-                "outbound", self.source, self.destination, request.method, request.target,
-                status, elapsed, ids.request_id, decision.route or "", subset,
-                decision.endpoint.key if decision.endpoint else "", detail, tries))
+                direction="outbound", source=self.source, destination=self.destination,
+                method=request.method, target=request.target, status=status, duration=elapsed,
+                request_id=ids.request_id, route=routed.route_name, subset=subset,
+                endpoint=endpoint.key if endpoint is not None else "", detail=detail,
+                tries=tries))
 
     def _count_bad_request(self, exc: ProtocolError) -> None:
         self.ctx.metrics.requests.labels("outbound", self.source, self.destination, "",
