@@ -221,7 +221,7 @@ class Exchange:
                 await self._tunnel()
         reader = self._reader
         self.upstream_reusable = reusable(self.response_done or self._drained, self.request_done,
-                                          reader.keep_alive, bool(reader.extra),
+                                          reader.keep_alive, reader.extra,
                                           self.upstream_error is not None)
 
     async def _relay_guarded(self) -> None:

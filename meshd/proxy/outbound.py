@@ -4,9 +4,8 @@ One handler per declared upstream. HTTP: each request is routed on its own — t
 matching route of the destination, fault injection, a subset by weighted split, an endpoint by
 the destination's balancer among those not ejected — and sent over a pooled mTLS connection to
 that endpoint's meshd, with the route's timeouts and retries (``meshd.proxy.attempts``, the
-forwarding path inbound takes too); a copy
-may go to a mirror subset afterwards. TCP: the default route's split, one endpoint per
-connection, bytes pumped both ways.
+forwarding path inbound takes too); a copy may go to a mirror subset afterwards. TCP: the
+default route's split, one endpoint per connection, bytes pumped both ways.
 
 Every request leaves with an ``X-Request-Id`` (kept, or made) and a ``traceparent`` of this hop
 (``meshd.proxy.core.trace``); the destination's ``policy.max_request_bytes`` bounds its body (413).

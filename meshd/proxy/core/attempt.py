@@ -5,7 +5,7 @@ ends in a ``TryEnd``. The loop then takes a ``Step``, and once no try is left, t
 ends in a ``Finish``: relayed, or answered by meshd itself.
 
     connection ── exchange ── classify ─┬─ STALE ───────── the same try on a new connection (once)
-                                        └─ other ends ─── next_step ─┬─ RETRY / RETRY_PAID: a try
+                                        └─ other ends ─── next_step ─┬─ RETRY / RETRY_PAID: next try
                                                                      └─ FINISH: finish → answer
 
 ===============  ==========================================  ==================  ===============
@@ -22,7 +22,8 @@ TIMED_OUT        the per-try timeout, no response started    timeout            
 RESET            the upstream failed before a response       reset               retry policy
 ===============  ==========================================  ==================  ===============
 
-Inbound is a route without retries: every end but ``STALE`` finishes its request.
+Inbound is a route without retries: it holds no response back, and every end but ``STALE``
+finishes its request.
 
 What to retry is ``meshd.proxy.core.retry``'s (``retry_verdict``); the retry budget is spent by
 the shell after a ``RETRY`` step (a ``HELD`` response was paid for when it was held). Whether a
