@@ -35,7 +35,7 @@ def format_from_env(environ: Mapping[str, str] | None = None) -> AccessLogFormat
         return AccessLogFormat.TEXT
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class AccessEntry:
     direction: str  # "inbound" / "outbound"
     source: str  # the calling service (its identity), "unknown" for plaintext

@@ -20,6 +20,7 @@ from typing import Protocol
 import trio
 
 from meshd.errors import ProxyError
+from meshd.proxy.core.attempt import pooled_dead, reusable, stale
 from meshd.proxy.core.http1 import (
     END,
     Data,
@@ -219,9 +220,9 @@ class Exchange:
             if self.switched:
                 await self._tunnel()
         reader = self._reader
-        self.upstream_reusable = ((self.response_done or self._drained) and self.request_done
-                                  and reader.keep_alive and not reader.extra
-                                  and self.upstream_error is None)
+        self.upstream_reusable = reusable(self.response_done or self._drained, self.request_done,
+                                          reader.keep_alive, reader.extra,
+                                          self.upstream_error is not None)
 
     async def _relay_guarded(self) -> None:
         try:
@@ -369,12 +370,11 @@ class Exchange:
         return self._pending.popleft()
 
     def _pooled_dead(self) -> bool:
-        return self.reused_upstream and not self._reader.received
+        return pooled_dead(self.reused_upstream, self._reader.received)
 
     def _stale(self) -> bool:
-        # Retrying is only safe when the request can be sent again: it had no body.
-        return (self.reused_upstream and not self._reader.done and not self.response_started
-                and self.request.framing is Framing.NONE)
+        return stale(self.reused_upstream, self._reader.done, self.response_started,
+                     self.request.framing is Framing.NONE)
 
     async def _write_upstream(self, data: bytes) -> None:
         if not data:

@@ -1,11 +1,10 @@
-"""HTTP proxying shared by both directions: the client keep-alive loop and one proxied request.
+"""HTTP proxying shared by both directions: the client side of it.
 
 ``serve_requests`` runs a client connection (keep-alive, idle timeout, a deadline on each request
 head against slowloris (408), 4xx on malformed input, drain) and hands each request head to a
-handler. ``proxy_request`` is what handlers do with it:
-take an upstream connection from a pool, run an ``Exchange`` under the request timeout, retry
-once on a fresh connection when a reused one turns out stale, and answer the client itself
-(502/504...) when no upstream response could be relayed.
+handler; ``answer_locally`` and ``refuse_large_body`` are what a handler answers itself.
+Forwarding a request (pooled connections, the exchange, retries, 502/504) is
+``meshd.proxy.attempts``, the one path both directions take.
 
 ``Expect: 100-continue`` is end to end: the header goes upstream and the upstream's ``100
 Continue`` is relayed (``Exchange``), so the app that will read the body decides whether it
@@ -16,46 +15,28 @@ Content-Length over the limit) is answered before any body is read, and the conn
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
 
-from meshd.errors import ProxyError
 from meshd.proxy.core.http1 import (
     Header,
     ProtocolError,
     RequestHead,
 )
-from meshd.proxy.core.http1_write import (
-    append_forwarded_for,
-    end_to_end,
-    serialize_request,
-    simple_response,
-)
-from meshd.proxy.core.trace import REQUEST_ID, TRACEPARENT, RequestIdentity
+from meshd.proxy.core.http1_write import simple_response
 from meshd.proxy.exchange import (
     STREAM_ERRORS,
     ClientGone,
-    Exchange,
     RequestSource,
 )
-from meshd.proxy.pool import ConnectionPool, Connector
 
 log = logging.getLogger(__name__)
 
 # From a request's first byte to the end of its head: a client trickling a head byte by byte
 # (slowloris) holds a connection this long at most, then gets a 408.
 HEAD_TIMEOUT = 10.0
-
-
-class ConnectFailed(ProxyError):
-    """No upstream connection could be made. ``reason`` is the metric label."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 @dataclass(eq=False)
@@ -67,48 +48,16 @@ class ClientConnection:
     idle_scope: trio.CancelScope | None = None
 
 
-@dataclass(frozen=True)
-class Result:
-    """How a proxied request ended: the status the client got (0: none, connection cut), whether
-    its connection may carry another request, and why meshd answered itself, if it did."""
-
-    status: int
-    keep: bool
-    detail: str = ""
-
-
-def upstream_request_head(request: RequestHead, *, forwarded_for: str, default_host: str,
-                          drop: tuple[bytes, ...] = (), extra: tuple[Header, ...] = (),
-                          ids: RequestIdentity | None = None) -> bytes:
-    """The head sent upstream: end-to-end headers only (minus ``drop``), the client appended
-    to ``X-Forwarded-For``, this hop's ``X-Request-Id`` and ``traceparent`` (``ids``), ``extra``
-    added, the same body framing, always HTTP/1.1 (upstream connections are kept alive
-    whatever the client wants for its own). An upgrade request keeps its ``Upgrade``."""
-    if ids is not None:
-        drop = (*drop, REQUEST_ID, TRACEPARENT)
-    headers = end_to_end(request.headers, drop=drop)
-    if not any(n.lower() == b"host" for n, _ in headers):
-        headers.insert(0, (b"host", default_host.encode("ascii")))
-    headers = append_forwarded_for(headers, forwarded_for)
-    if ids is not None:
-        headers.extend(ids.headers)
-    headers.extend(extra)
-    if request.upgrade:
-        upgrade = b", ".join(v for n, v in request.headers if n.lower() == b"upgrade")
-        headers += [(b"connection", b"upgrade"), (b"upgrade", upgrade)]
-    return serialize_request(request.method, request.target, headers, request.framing,
-                             request.content_length)
-
-
-async def answer_locally(client: trio.abc.Stream, source: RequestSource, request: RequestHead,
-                         conn: ClientConnection, status: int, text: str,
-                         headers: list[Header] | None = None) -> bool:
-    """Answer the request ourselves. The connection stays open only if the request had no
-    body (an unread body would be taken for the next request). False if it must close."""
+async def answer_locally(source: RequestSource, request: RequestHead, conn: ClientConnection,
+                         status: int, text: str, headers: list[Header] | None = None) -> bool:
+    """Answer the request ourselves, on ``source``'s connection. The connection stays open
+    only if the request had no body (an unread body would be taken for the next request).
+    False if it must close."""
     source.take_empty_body()
     close = not (request.keep_alive and source.message_done and not conn.draining)
     try:
-        await client.send_all(simple_response(status, text, close=close, headers=headers or []))
+        await source.stream.send_all(simple_response(status, text, close=close,
+                                                     headers=headers or []))
     except STREAM_ERRORS:
         return False
     return not close
@@ -122,76 +71,10 @@ async def refuse_large_body(source: RequestSource, request: RequestHead, conn: C
     if limit is None:
         return None
     if request.content_length is not None and request.content_length > limit:
-        return await answer_locally(source.stream, source, request, conn, 413,
+        return await answer_locally(source, request, conn, 413,
                                     f"request body larger than {limit} bytes")
     source.body_limit = limit
     return None
-
-
-async def proxy_request(request: RequestHead, source: RequestSource, client: trio.abc.Stream,
-                        conn: ClientConnection, *, pool: ConnectionPool, key: Hashable,
-                        connect: Connector, upstream_head: bytes,
-                        request_timeout: float | None) -> Result:
-    """Forward ``request`` over a pooled connection for ``key`` and relay the response.
-
-    ``connect`` raises ``ConnectFailed``. ``request_timeout`` bounds the whole exchange, connecting
-    included: past it the client gets a 504, or is cut off if its response had started."""
-    keep_client = request.keep_alive and not conn.draining
-    exchange: Exchange | None = None
-    failure: ConnectFailed | None = None
-    with bounded(request_timeout) as scope:
-        for attempt in range(2):
-            try:
-                lease = await pool.acquire(key, connect)
-            except ConnectFailed as exc:
-                failure = exc
-                break
-            exchange = Exchange(request, source, client, lease.stream, upstream_head,
-                                keep_client=keep_client, reused_upstream=lease.reused)
-            try:
-                await exchange.run()
-            finally:
-                await pool.release(lease, exchange.upstream_reusable)
-            error = exchange.upstream_error
-            if error is not None and error.pooled_dead:
-                await pool.discard_idle(key)  # the server closed its idle connections
-            if not (error is not None and error.stale and attempt == 0):
-                break
-            log.debug("pooled connection for %s was stale, retrying on a new one", key)
-
-    if scope.cancelled_caught:
-        if exchange is None or not exchange.response_started:
-            text = f"upstream did not answer within {request_timeout:g}s"
-            keep = await answer_locally(client, source, request, conn, 504, text)
-            return Result(504, keep, text)
-        return Result(exchange.status, False, "timed out while relaying the response")
-    if failure is not None:
-        keep = await answer_locally(client, source, request, conn, 502, str(failure))
-        return Result(502, keep, str(failure))
-    assert exchange is not None
-    return await conclude(exchange, client, source, request, conn)
-
-
-async def conclude(exchange: Exchange, client: trio.abc.Stream, source: RequestSource,
-                   request: RequestHead, conn: ClientConnection) -> Result:
-    """The end of a request whose exchange ran its course: relayed, or failed on either side
-    (the client then gets a 4xx/502 if its response had not started)."""
-    if exchange.client_error is not None:
-        error = exchange.client_error
-        if isinstance(error, ProtocolError) and not exchange.response_started:
-            try:
-                await client.send_all(simple_response(error.status, str(error), close=True))
-            except STREAM_ERRORS:
-                pass
-            return Result(error.status, False, str(error))
-        return Result(exchange.status, False, str(error))
-    if exchange.upstream_error is not None:
-        if not exchange.response_started:
-            text = f"bad gateway: {exchange.upstream_error}"
-            keep = await answer_locally(client, source, request, conn, 502, text)
-            return Result(502, keep, text)
-        return Result(exchange.status, False, str(exchange.upstream_error))
-    return Result(exchange.status, exchange.client_reusable)
 
 
 Handler = Callable[[RequestHead, RequestSource, ClientConnection], Awaitable[bool]]
@@ -254,24 +137,3 @@ async def _refuse(client: trio.abc.Stream, conn: ClientConnection, exc: Protocol
         await client.send_all(simple_response(exc.status, str(exc), close=True))
     except STREAM_ERRORS:
         pass
-
-
-def bounded(timeout: float | None) -> trio.CancelScope | Unbounded:
-    """A cancel scope for ``timeout`` seconds, or (None) a stand-in that never cancels:
-    entering a real scope costs a few microseconds per request even without a deadline."""
-    return trio.move_on_after(timeout) if timeout is not None else Unbounded()
-
-
-class Unbounded:
-    """Used like a ``CancelScope`` with no deadline, at no cost."""
-
-    cancelled_caught = False
-
-    def __init__(self) -> None:
-        self.deadline = math.inf
-
-    def __enter__(self) -> Unbounded:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        return None

@@ -32,21 +32,20 @@ from meshd.config.schema import HostConfig, LocalService, MTLSMode, Protocol
 from meshd.identity.tls import HandshakeRefused, TLSState
 from meshd.metrics import Metrics
 from meshd.proxy.access import AccessEntry, AccessLog
+from meshd.proxy.attempts import Attempts
 from meshd.proxy.core.authz import DEFAULT_DENY, Caller, Verdict, authorize, normalize_path
 from meshd.proxy.core.http1 import ProtocolError, RequestHead
+from meshd.proxy.core.http1_write import upstream_request_head
 from meshd.proxy.core.trace import identify
 from meshd.proxy.core.view import MeshView, ViewCell
 from meshd.proxy.exchange import RequestSource
 from meshd.proxy.forward import (
     ClientConnection,
-    ConnectFailed,
     answer_locally,
-    proxy_request,
     refuse_large_body,
     serve_requests,
-    upstream_request_head,
 )
-from meshd.proxy.pool import ConnectionPool
+from meshd.proxy.pool import ConnectFailed, ConnectionPool
 from meshd.proxy.pump import pump
 from meshd.proxy.sockio import SocketConnection, connect_tcp
 from meshd.proxy.streams import accept_mtls
@@ -202,6 +201,7 @@ class _HTTPService:
         self.source = source
         self.caller = Caller(source, authenticated)
         self.key = ("app", service.address, service.port)
+        self.connect = self._connect  # bound once, not per request
         # the caller's identity, for the app; a plaintext caller's is unknown: no header at all
         self.extra = ((SOURCE_HEADER, source.encode("ascii")),) if authenticated else ()
 
@@ -213,28 +213,30 @@ class _HTTPService:
         ids = identify(request.headers)
         if not ctx.authorize(view, self.service.name, self.caller, request).allowed:
             text = f"access to {self.service.name} denied"
-            keep = await answer_locally(source.stream, source, request, conn, 403, text)
-            self._record(request, 403, started, ids.request_id, text)
+            keep = await answer_locally(source, request, conn, 403, text)
+            self._record(request, started, ids.request_id, status=403, detail=text)
             return keep
         dest = view.routes.get(self.service.name)
         limit = dest.policy.max_request_bytes if dest is not None else None
         refused = await refuse_large_body(source, request, conn, limit)
         if refused is not None:
-            self._record(request, 413, started, ids.request_id, "request body too large")
+            self._record(request, started, ids.request_id, status=413,
+                         detail="request body too large")
             return refused
         head = upstream_request_head(
             request, forwarded_for=conn.peer, default_host=self.service.name,
             drop=(SOURCE_HEADER,), extra=self.extra, ids=ids)
-        result = await proxy_request(
-            request, source, source.stream, conn, pool=ctx.app_pool, key=self.key,
-            connect=self._connect, upstream_head=head, request_timeout=None)
+        # a route without retries, to the local app
+        result = await Attempts(request, source, conn, pool=ctx.app_pool, key=self.key,
+                                connect=self.connect, upstream_head=head, timeout=None).run()
         if result.detail and result.status >= 500:
             log.warning("%s -> %s (local app): %d %s", self.source, self.service.name,
                         result.status, result.detail)
-        self._record(request, result.status, started, ids.request_id, result.detail)
+        self._record(request, started, ids.request_id, status=result.status,
+                     detail=result.detail)
         return result.keep
 
-    def _record(self, request: RequestHead, status: int, started: float, request_id: str,
+    def _record(self, request: RequestHead, started: float, request_id: str, *, status: int,
                 detail: str) -> None:
         m = self.ctx.metrics
         elapsed = trio.current_time() - started
@@ -242,9 +244,10 @@ class _HTTPService:
         access = self.ctx.access
         if access.enabled:
             access.record(AccessEntry(
-                "inbound", self.source, self.service.name, request.method, request.target,
-                status, elapsed, request_id, endpoint=f"{self.service.address}:"
-                f"{self.service.port}", detail=detail))
+                direction="inbound", source=self.source, destination=self.service.name,
+                method=request.method, target=request.target, status=status, duration=elapsed,
+                request_id=request_id, endpoint=f"{self.service.address}:{self.service.port}",
+                detail=detail))
 
     def count_bad_request(self, exc: ProtocolError) -> None:
         self.ctx.metrics.requests.labels("inbound", self.source, self.service.name, "",

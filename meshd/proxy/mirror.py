@@ -19,8 +19,7 @@ import trio
 from meshd.metrics import Metrics
 from meshd.proxy.core.http1 import END, Data, Event, RequestHead
 from meshd.proxy.exchange import Exchange
-from meshd.proxy.forward import ConnectFailed
-from meshd.proxy.pool import ConnectionPool
+from meshd.proxy.pool import ConnectFailed, ConnectionPool
 from meshd.registry.model import Endpoint
 
 log = logging.getLogger(__name__)
@@ -31,7 +30,7 @@ MIRROR_WORKERS = 4
 MIRROR_TIMEOUT = 10.0  # per copy, when its route has no timeout
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MirrorJob:
     destination: str
     subset: str

@@ -3,9 +3,9 @@
 One handler per declared upstream. HTTP: each request is routed on its own — the first
 matching route of the destination, fault injection, a subset by weighted split, an endpoint by
 the destination's balancer among those not ejected — and sent over a pooled mTLS connection to
-that endpoint's meshd, with the route's timeouts and retries (``meshd.proxy.tries``); a copy
-may go to a mirror subset afterwards. TCP: the default route's split, one endpoint per
-connection, bytes pumped both ways.
+that endpoint's meshd, with the route's timeouts and retries (``meshd.proxy.attempts``, the
+forwarding path inbound takes too); a copy may go to a mirror subset afterwards. TCP: the
+default route's split, one endpoint per connection, bytes pumped both ways.
 
 Every request leaves with an ``X-Request-Id`` (kept, or made) and a ``traceparent`` of this hop
 (``meshd.proxy.core.trace``); the destination's ``policy.max_request_bytes`` bounds its body (413).
@@ -26,31 +26,31 @@ from meshd.errors import IdentityError
 from meshd.identity.tls import HandshakeRefused, TLSState
 from meshd.metrics import Metrics
 from meshd.proxy.access import AccessEntry, AccessLog
+from meshd.proxy.attempts import REASON_HEADER, Attempts, Destination
+from meshd.proxy.core.attempt import LOCAL_CONNECT_FAILURES
 from meshd.proxy.core.fault import decide_fault, mirrored
 from meshd.proxy.core.http1 import ProtocolError, RequestHead
+from meshd.proxy.core.http1_write import upstream_request_head
 from meshd.proxy.core.matcher import RequestFacts
 from meshd.proxy.core.outlier import CONNECTED, Failure
 from meshd.proxy.core.retry import REPLAY_LIMIT, Body, retry_verdict
-from meshd.proxy.core.router import Decision, RoutePlan, candidates, no_endpoint_reason, plan
+from meshd.proxy.core.router import RoutePlan, candidates, no_endpoint_reason, plan
 from meshd.proxy.core.trace import RequestIdentity, identify
 from meshd.proxy.core.view import MeshView, ViewCell
 from meshd.proxy.destinations import Destinations, DestinationState
 from meshd.proxy.exchange import RequestSource
 from meshd.proxy.forward import (
     ClientConnection,
-    ConnectFailed,
     answer_locally,
     refuse_large_body,
     serve_requests,
-    upstream_request_head,
 )
 from meshd.proxy.mirror import MIRROR_HEADER, MIRROR_TIMEOUT, Mirror, MirrorJob
-from meshd.proxy.pool import ConnectionPool
+from meshd.proxy.pool import ConnectFailed, ConnectionPool
 from meshd.proxy.pump import pump
 from meshd.proxy.replay import ReplayBody
 from meshd.proxy.sockio import SocketConnection
 from meshd.proxy.streams import TLSStream, open_mtls
-from meshd.proxy.tries import LOCAL_CONNECT_FAILURES, REASON_HEADER, Call, Tries
 from meshd.registry.model import Endpoint
 
 log = logging.getLogger(__name__)
@@ -139,19 +139,15 @@ class Outbound:
         if not routed.candidates:
             reason = no_endpoint_reason(view, self.destination, routed.subset)
             log.warning("%s -> %s: %s", self.source, self.destination, reason)
-            keep = await answer_locally(
-                source.stream, source, request, conn, 503, reason,
-                [(REASON_HEADER, reason.encode("ascii", "replace"))])
-            self._record(request, Decision(self.destination, routed.subset, None,
-                                           routed.route_name, reason), 503, started, reason,
-                         ids)
+            keep = await answer_locally(source, request, conn, 503, reason,
+                                        [(REASON_HEADER, reason.encode("ascii", "replace"))])
+            self._record(request, routed, started, ids, status=503, detail=reason)
             return keep
         limit = dest.policy.max_request_bytes if dest is not None else None
         refused = await refuse_large_body(source, request, conn, limit)
         if refused is not None:
-            self._record(request, Decision(self.destination, routed.subset, None,
-                                           routed.route_name, ""), 413, started,
-                         "request body too large", ids)
+            self._record(request, routed, started, ids, status=413,
+                         detail="request body too large")
             return refused
         state = ctx.destinations.get(self.destination, dest.policy if dest else None)
         mirror = self._mirror_subset(route)
@@ -159,19 +155,19 @@ class Outbound:
         body = ReplayBody(source, request, REPLAY_LIMIT) if keep_body else None
         head = upstream_request_head(request, forwarded_for=conn.peer,
                                      default_host=self.destination, ids=ids)
-        call = Call(request, source, conn, routed, state, view.endpoint_set(self.destination),
-                    ctx.pool, self._pool_key, self._connector(state), head, body, ctx.rand,
-                    ctx.metrics, self._hash_key(state, facts, conn))
-        called = await Tries(call).run()
-        result = called.result
-        decision = Decision(self.destination, routed.subset, called.endpoint,
-                            routed.route_name, result.detail)
-        self._record(request, decision, result.status, started, result.detail, ids,
-                     called.tries)
+        destination = Destination(
+            plan=routed, state=state, endpoints=view.endpoint_set(self.destination),
+            pool_key=self._pool_key, connect=self._connector(state), rand=ctx.rand,
+            metrics=ctx.metrics, hash_key=self._hash_key(state, facts, conn))
+        attempts = Attempts(request, source, conn, pool=ctx.pool, upstream_head=head,
+                            timeout=routed.timeout, destination=destination, body=body)
+        result = await attempts.run()
+        endpoint = attempts.endpoint
+        self._record(request, routed, started, ids, status=result.status, detail=result.detail,
+                     endpoint=endpoint, tries=attempts.tries)
         if result.detail and result.status >= 500:
             log.warning("%s -> %s (%s): %d %s", self.source, self.destination,
-                        called.endpoint.key if called.endpoint else "-", result.status,
-                        result.detail)
+                        endpoint.key if endpoint else "-", result.status, result.detail)
         if mirror is not None:
             self._send_mirror(view, state, mirror, route, request, conn, body, facts, ids)
         return result.keep
@@ -189,10 +185,9 @@ class Outbound:
             return None
         m.faults_injected.labels(self.destination, routed.route_name, "abort").inc()
         text = f"fault injected by route {routed.route_name}"
-        keep = await answer_locally(source.stream, source, request, conn, abort, text,
+        keep = await answer_locally(source, request, conn, abort, text,
                                     [(REASON_HEADER, text.encode("ascii", "replace"))])
-        self._record(request, Decision(self.destination, routed.subset, None,
-                                       routed.route_name, text), abort, started, text, ids)
+        self._record(request, routed, started, ids, status=abort, detail=text)
         return keep
 
     def _hash_key(self, state: DestinationState, facts: RequestFacts,
@@ -234,22 +229,26 @@ class Outbound:
                                      extra=(MIRROR_HEADER,), ids=ids)
         timeout = route.timeout if route is not None and route.timeout else MIRROR_TIMEOUT
         connect = self._connector(state)
-        ctx.mirror.submit(MirrorJob(self.destination, subset, endpoint, request, head, content,
-                                    self._pool_key(endpoint), lambda: connect(endpoint),
-                                    timeout))
+        ctx.mirror.submit(MirrorJob(
+            destination=self.destination, subset=subset, endpoint=endpoint, request=request,
+            head=head, body=content, pool_key=self._pool_key(endpoint),
+            connect=lambda: connect(endpoint), timeout=timeout))
 
-    def _record(self, request: RequestHead, decision: Decision, status: int, started: float,
-                detail: str, ids: RequestIdentity, tries: int = 0) -> None:
+    def _record(self, request: RequestHead, routed: RoutePlan, started: float,
+                ids: RequestIdentity, *, status: int, detail: str,
+                endpoint: Endpoint | None = None, tries: int = 0) -> None:
         m = self.ctx.metrics
-        subset = decision.subset_label
+        subset = routed.subset or ""
         elapsed = trio.current_time() - started
         m.request_done("outbound", self.source, self.destination, subset, status, elapsed)
         access = self.ctx.access
         if access.enabled:
             access.record(AccessEntry(
-                "outbound", self.source, self.destination, request.method, request.target,
-                status, elapsed, ids.request_id, decision.route or "", subset,
-                decision.endpoint.key if decision.endpoint else "", detail, tries))
+                direction="outbound", source=self.source, destination=self.destination,
+                method=request.method, target=request.target, status=status, duration=elapsed,
+                request_id=ids.request_id, route=routed.route_name, subset=subset,
+                endpoint=endpoint.key if endpoint is not None else "", detail=detail,
+                tries=tries))
 
     def _count_bad_request(self, exc: ProtocolError) -> None:
         self.ctx.metrics.requests.labels("outbound", self.source, self.destination, "",

@@ -2,8 +2,8 @@
 
 ``IdleConnections`` is the policy, pure and synchronous (``now`` passed in): which idle
 connection to reuse, which have idled too long, which to evict. ``ConnectionPool`` is the trio
-shell: it opens connections through a connector, hands them out, takes them back, and closes
-what the policy returns.
+shell: it opens connections through a connector (which raises ``ConnectFailed``), hands them
+out, takes them back, and closes what the policy returns.
 
 A connection goes back to the pool only when the exchange that used it ended cleanly: the whole
 request sent, the whole response read, no ``Connection: close``, nothing extra from the server.
@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 import trio
+
+from meshd.errors import ProxyError
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +119,15 @@ class Lease:
     key: Hashable
     stream: trio.abc.HalfCloseableStream
     reused: bool
+
+
+class ConnectFailed(ProxyError):
+    """No upstream connection could be made (what a ``Connector`` raises). ``reason`` is the
+    metric label."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 Connector = Callable[[], Awaitable[trio.abc.HalfCloseableStream]]

@@ -399,8 +399,9 @@ async def test_websocket_upgrade_tunnels_bytes_through_both_hops(pair: Pair) -> 
 
 # -- access log -----------------------------------------------------------------------------------
 
-ENTRY = AccessEntry("outbound", "web", "payments", b"GET", b"/x?y=1", 200, 0.0123, "id-1",
-                    "default", "v1", "b:1", "", 1)
+ENTRY = AccessEntry(direction="outbound", source="web", destination="payments", method=b"GET",
+                    target=b"/x?y=1", status=200, duration=0.0123, request_id="id-1",
+                    route="default", subset="v1", endpoint="b:1", detail="", tries=1)
 
 
 def test_access_log_formats(caplog: pytest.LogCaptureFixture) -> None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import trio
 import trio.testing
 
+from meshd.proxy.attempts import Attempts
 from meshd.proxy.core.http1 import RequestHead
 from meshd.proxy.exchange import Exchange, RequestSource
-from meshd.proxy.forward import ClientConnection, ConnectFailed, proxy_request
-from meshd.proxy.pool import ConnectionPool, Connector, IdleConnections
+from meshd.proxy.forward import ClientConnection
+from meshd.proxy.pool import ConnectFailed, ConnectionPool, Connector, IdleConnections
 
 
 def test_reuse_most_recent_first_and_keys_apart() -> None:
@@ -131,10 +132,10 @@ async def test_stale_pooled_connection_is_retried_on_a_new_one() -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_fake_upstream, fresh_theirs,
                            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        result = await proxy_request(head, source, client_ours, ClientConnection("test"),
-                                     pool=pool, key="k", connect=_returns(fresh_ours),
-                                     upstream_head=b"GET /x HTTP/1.1\r\nhost: a\r\n\r\n",
-                                     request_timeout=5)
+        result = await Attempts(head, source, ClientConnection("test"),
+                                pool=pool, key="k", connect=_returns(fresh_ours),
+                                upstream_head=b"GET /x HTTP/1.1\r\nhost: a\r\n\r\n",
+                                timeout=5).run()
     assert (result.status, result.keep) == (200, True)
     assert pool.opened == 1  # the fresh one
     assert pool.idle_count == 1  # the fresh one, back; the dead ones are gone
@@ -151,9 +152,9 @@ async def test_connect_failure_is_a_502_and_keeps_the_client() -> None:
     await client_theirs.send_all(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
     head = await source.next_event()
     assert isinstance(head, RequestHead)
-    result = await proxy_request(head, source, client_ours, ClientConnection("test"),
-                                 pool=ConnectionPool(), key="k", connect=refuse,
-                                 upstream_head=b"", request_timeout=None)
+    result = await Attempts(head, source, ClientConnection("test"),
+                            pool=ConnectionPool(), key="k", connect=refuse,
+                            upstream_head=b"", timeout=None).run()
     assert (result.status, result.keep) == (502, True)
     assert (await client_theirs.receive_some()).startswith(b"HTTP/1.1 502 Bad Gateway")
 

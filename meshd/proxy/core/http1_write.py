@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from http import HTTPStatus
 
-from meshd.proxy.core.http1 import Framing, Header, header_values
+from meshd.proxy.core.http1 import Framing, Header, RequestHead, header_values
+from meshd.proxy.core.trace import REQUEST_ID, TRACEPARENT, RequestIdentity
 
 # RFC 9110 7.6.1 plus the classic hop-by-hop set; headers named in Connection are added per message.
 HOP_BY_HOP = frozenset({
@@ -66,6 +67,29 @@ def serialize_request(method: bytes, target: bytes, headers: Iterable[Header],
     """An HTTP/1.1 request head; ``headers`` must be free of framing and hop-by-hop ones."""
     return (b"%s %s HTTP/1.1\r\n" % (method, target) + _header_lines(headers)
             + _header_lines(_framing_headers(framing, length)) + b"\r\n")
+
+
+def upstream_request_head(request: RequestHead, *, forwarded_for: str, default_host: str,
+                          drop: tuple[bytes, ...] = (), extra: tuple[Header, ...] = (),
+                          ids: RequestIdentity | None = None) -> bytes:
+    """The head sent upstream: end-to-end headers only (minus ``drop``), the client appended
+    to ``X-Forwarded-For``, this hop's ``X-Request-Id`` and ``traceparent`` (``ids``), ``extra``
+    added, the same body framing, always HTTP/1.1 (upstream connections are kept alive
+    whatever the client wants for its own). An upgrade request keeps its ``Upgrade``."""
+    if ids is not None:
+        drop = (*drop, REQUEST_ID, TRACEPARENT)
+    headers = end_to_end(request.headers, drop=drop)
+    if not any(n.lower() == b"host" for n, _ in headers):
+        headers.insert(0, (b"host", default_host.encode("ascii")))
+    headers = append_forwarded_for(headers, forwarded_for)
+    if ids is not None:
+        headers.extend(ids.headers)
+    headers.extend(extra)
+    if request.upgrade:
+        upgrade = b", ".join(v for n, v in request.headers if n.lower() == b"upgrade")
+        headers += [(b"connection", b"upgrade"), (b"upgrade", upgrade)]
+    return serialize_request(request.method, request.target, headers, request.framing,
+                             request.content_length)
 
 
 def serialize_response(status: int, reason: bytes, headers: Iterable[Header],

@@ -1,0 +1,356 @@
+"""The one forwarding path of an HTTP request, inbound and outbound: its tries, until one gets
+an answer worth relaying, else meshd's own answer. The trio shell of ``core.attempt``.
+
+    whole-request timeout (the route's ``timeout``; inbound: none)
+      └─ a connection slot (outbound: the circuit breaker; at once, after waiting, or 503)
+           └─ try 1..1+attempts (inbound: a route without retries, one try), each under the
+              per-try timeout until its response starts:
+                an endpoint (outbound: the balancer's, minus ejected ones and those tried;
+                inbound: the local app)
+                → pooled connection → ``Exchange`` (a 5xx the route retries is held back)
+                  (a pooled connection found stale: once more on a new one, same try)
+                → ``TryEnd`` → the outlier detector (outbound) → ``Step``: retry (+ budget)?
+      → ``Finish``: relayed, or meshd answers 502 (no connection, reset), 504 (timeouts) or
+        503 (circuit breaker, with ``x-meshd-reason``)
+
+Once a response starts towards the client it is relayed to the end (only the whole-request
+timeout still applies): nothing that reached the client is ever retried.
+
+What happens after each exchange, try and request is decided in ``meshd.proxy.core.attempt``;
+this module connects, runs exchanges, gives connections back and answers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import KW_ONLY, dataclass, field
+
+import trio
+
+from meshd.config.schema import RetryPolicy
+from meshd.metrics import Metrics
+from meshd.proxy.core.attempt import (
+    Finish,
+    Step,
+    TryEnd,
+    classify,
+    connect_failed,
+    finish,
+    holds,
+    next_step,
+    outlier_outcome,
+)
+from meshd.proxy.core.http1 import Framing, ProtocolError, RequestHead, ResponseHead
+from meshd.proxy.core.http1_write import simple_response
+from meshd.proxy.core.outlier import Failure, Outcome
+from meshd.proxy.core.retry import Body, retry_backoff
+from meshd.proxy.core.router import RoutePlan
+from meshd.proxy.destinations import DestinationState
+from meshd.proxy.exchange import STREAM_ERRORS, BodySource, Exchange, RequestSource
+from meshd.proxy.forward import ClientConnection, answer_locally
+from meshd.proxy.pool import ConnectFailed, ConnectionPool, Connector
+from meshd.proxy.replay import ReplayBody
+from meshd.registry.model import Endpoint, EndpointSet
+
+log = logging.getLogger(__name__)
+
+REASON_HEADER = b"x-meshd-reason"
+
+# Members read on every request, as module names: in Python 3.11 reading one through its class
+# (``Step.FINISH``) costs about 0.1 µs, a module name a tenth of that.
+_STALE, _FINISH, _RELAYED = TryEnd.STALE, Step.FINISH, Finish.RELAYED
+_NO_BODY, _LOST, _NO_FRAMING = Body.NONE, Body.LOST, Framing.NONE
+
+
+def bounded(timeout: float | None) -> trio.CancelScope | Unbounded:
+    """A cancel scope for ``timeout`` seconds, or (None) a stand-in that never cancels:
+    entering a real scope costs a few microseconds per request even without a deadline."""
+    return trio.move_on_after(timeout) if timeout is not None else UNBOUNDED
+
+
+class Unbounded:
+    """Used like a ``CancelScope`` with no deadline, at no cost (one instance, ``UNBOUNDED``:
+    it keeps no state)."""
+
+    cancelled_caught: bool = False
+
+    @property
+    def deadline(self) -> float:
+        return math.inf
+
+    @deadline.setter
+    def deadline(self, value: float) -> None:
+        if value != math.inf:
+            raise AssertionError("an unbounded scope has no deadline to set")
+
+    def __enter__(self) -> Unbounded:
+        return self
+
+    def __exit__(self, *exc_info: object) -> bool:
+        return self.cancelled_caught  # as a scope swallows its own cancellation: never here
+
+
+UNBOUNDED = Unbounded()
+
+
+@dataclass(frozen=True)
+class Result:
+    """How a proxied request ended: the status the client got (0: none, connection cut), whether
+    its connection may carry another request, and why meshd answered itself, if it did."""
+
+    status: int
+    keep: bool
+    detail: str = ""
+
+
+@dataclass(slots=True, kw_only=True, eq=False)
+class Destination:
+    """What the tries of an outbound request need of its destination: the route's plan, the
+    live state (balancer, circuit breaker, in-flight counts, outlier detector, retry budget),
+    and how to reach an endpoint."""
+
+    plan: RoutePlan
+    state: DestinationState
+    endpoints: EndpointSet | None  # the destination's endpoints in the view the request read
+    pool_key: Callable[[Endpoint], Hashable]
+    connect: Callable[[Endpoint], Awaitable[trio.abc.HalfCloseableStream]]
+    rand: Callable[[], float]
+    metrics: Metrics
+    hash_key: str | None = None
+
+    def pick(self, avoid: tuple[str, ...]) -> Endpoint:
+        plan = self.plan
+        endpoint = self.state.pick(plan.candidates, plan.subset, trio.current_time(), self.rand,
+                                   self.hash_key, avoid)
+        assert endpoint is not None  # the plan has candidates
+        return endpoint
+
+    def spend(self) -> bool:
+        """Take a retry from the budget; False (counted) when it is spent."""
+        if self.state.budget.try_spend(trio.current_time()):
+            return True
+        self.metrics.retry_budget_exhausted.labels(self.plan.destination).inc()
+        log.debug("%s: retry budget spent, not retrying", self.plan.destination)
+        return False
+
+    def count_retry(self, outcome: Outcome, endpoint: Endpoint, retry: int) -> None:
+        reason = outcome.value if isinstance(outcome, Failure) else str(outcome)
+        self.metrics.retries.labels(self.plan.destination, reason).inc()
+        log.debug("%s: retrying after %s from %s (retry %d)", self.plan.destination, reason,
+                  endpoint.key, retry)
+
+
+@dataclass(slots=True, eq=False)
+class Attempts:
+    """One request forwarded (the module doc). Inbound gives the local app's pool ``key`` and
+    ``connect``; outbound its ``destination``. ``connect`` raises ``ConnectFailed``. ``body``
+    keeps the request body for retries (None: streamed only). After ``run``: ``tries`` made,
+    the last ``endpoint`` tried (outbound)."""
+
+    request: RequestHead
+    source: RequestSource
+    conn: ClientConnection
+    _: KW_ONLY
+    pool: ConnectionPool
+    upstream_head: bytes
+    timeout: float | None  # the whole request's
+    key: Hashable = None
+    connect: Connector | None = None
+    destination: Destination | None = None
+    body: ReplayBody | None = None
+    # what the tries came to, so far
+    tries: int = field(default=0, init=False)
+    retries_done: int = field(default=0, init=False)
+    endpoint: Endpoint | None = field(default=None, init=False)  # of the latest try
+    tried: tuple[str, ...] = field(default=(), init=False)  # failed: avoided by the next try
+    exchange: Exchange | None = field(default=None, init=False)  # the latest one
+    failure: ConnectFailed | None = field(default=None, init=False)  # the latest one
+    end: TryEnd | None = field(default=None, init=False)  # of the latest try
+    retries: RetryPolicy | None = field(init=False)  # the route's
+    method: str = field(init=False)  # for retry decisions
+    _whole: trio.CancelScope | Unbounded = field(default=UNBOUNDED, init=False)
+    _per_try: trio.CancelScope | Unbounded = field(default=UNBOUNDED, init=False)
+
+    def __post_init__(self) -> None:
+        dest = self.destination
+        route = dest.plan.route if dest is not None else None
+        self.retries = route.retries if route is not None else None
+        self.method = (self.request.method.decode("ascii", "replace")
+                       if self.retries is not None else "")
+
+    def body_state(self) -> Body:
+        if self.body is not None:
+            return self.body.state
+        # Not kept (the route neither retries nor mirrors): only a body-less request can be
+        # sent again (on a fresh connection when a pooled one was stale).
+        return _NO_BODY if self.request.framing is _NO_FRAMING else _LOST
+
+    async def run(self) -> Result:
+        """Try until a try ends the request; then relay its end or answer (module doc)."""
+        dest = self.destination
+        rejected = False
+        with bounded(self.timeout) as whole:
+            self._whole = whole
+            if dest is not None and not await dest.state.acquire():
+                rejected = True
+            else:
+                try:
+                    if dest is not None and self.retries is not None:  # a ratio of these
+                        dest.state.budget.record_request(trio.current_time())
+                    while True:
+                        self.tries += 1
+                        if dest is None:  # the local app
+                            assert self.connect is not None
+                            self.end = await self._connections(self.key, self.connect)
+                        else:
+                            self.end = await self._try_endpoint(dest)
+                        if not self._again(self.end):
+                            break
+                        assert dest is not None
+                        await trio.sleep(retry_backoff(self.retries_done - 1, dest.rand()))
+                finally:
+                    if dest is not None:
+                        dest.state.release()
+        how = finish(self.end, self.exchange, rejected=rejected,
+                     timed_out=whole.cancelled_caught)
+        if how is _RELAYED:
+            assert self.exchange is not None
+            return Result(self.exchange.status, self.exchange.client_reusable)
+        return await self._answer(how)
+
+    def _again(self, end: TryEnd) -> bool:
+        """After a try: its outcome to the outlier detector, and whether to try again (a
+        retry counted and, unless paid for already, taken from the budget)."""
+        dest, endpoint, exchange = self.destination, self.endpoint, self.exchange
+        outcome = outlier_outcome(
+            end, (exchange.held_status or exchange.status) if exchange is not None else 0)
+        if dest is not None and outcome is not None and endpoint is not None:
+            dest.state.record(endpoint, outcome, trio.current_time(), dest.endpoints)
+        step = next_step(end, outcome, self.retries, self.retries_done, self.method,
+                         self.body_state())
+        if step is _FINISH:
+            return False
+        assert dest is not None and endpoint is not None and outcome is not None
+        if step is Step.RETRY and not dest.spend():
+            return False
+        self.retries_done += 1
+        dest.count_retry(outcome, endpoint, self.retries_done)
+        self.tried = (*self.tried, endpoint.key)
+        return True
+
+    async def _try_endpoint(self, dest: Destination) -> TryEnd:
+        """One try of an outbound request: an endpoint of the destination, counted in flight
+        while the try lasts."""
+        endpoint = self.endpoint = dest.pick(self.tried)
+        dest.state.begin(endpoint)
+        try:
+            return await self._connections(dest.pool_key(endpoint),
+                                           lambda: dest.connect(endpoint))
+        finally:
+            dest.state.end(endpoint)
+
+    async def _connections(self, key: Hashable, connect: Connector) -> TryEnd:
+        """One try: a pooled connection and the exchange on it, once more on a new connection
+        if the pooled one turns out stale."""
+        retries = self.retries
+        per_try = retries.per_try_timeout if retries is not None else None
+        request, source, pool = self.request, self.source, self.pool
+        dest = self.destination
+        idle_timeout = dest.state.policy.idle_timeout if dest is not None else None
+        exchange: Exchange | None = None
+        end: TryEnd | None = None
+        first = True
+        with bounded(per_try) as scope:
+            self._per_try = scope
+            while True:
+                try:
+                    lease = await pool.acquire(key, connect)
+                except ConnectFailed as exc:
+                    self.failure = exc
+                    end = connect_failed(exc.reason)
+                    break
+                body: BodySource = self.body.for_try() if self.body is not None else source
+                exchange = self.exchange = Exchange(
+                    request, body, source.stream, lease.stream, self.upstream_head,
+                    keep_client=request.keep_alive and not self.conn.draining,
+                    reused_upstream=lease.reused,
+                    hold=self._hold if retries is not None else None, requests=source,
+                    on_switch=(self._tunnelling if self.timeout is not None or per_try is not None
+                               else None))
+                try:
+                    await exchange.run()
+                finally:
+                    await pool.release(lease, exchange.upstream_reusable, idle_timeout)
+                error = exchange.upstream_error
+                if error is not None and error.pooled_dead:
+                    # the server closed its idle connections (restart, drain, timeout)
+                    await pool.discard_idle(key)
+                end = classify(exchange, timed_out=False, first_connection=first,
+                               body=self.body_state())
+                if end is not _STALE:
+                    break
+                log.debug("pooled connection for %s was stale, retrying on a new one", key)
+                end, first = None, False
+        if end is None:  # the per-try timeout stopped the try
+            end = classify(exchange, timed_out=True, first_connection=first,
+                           body=self.body_state())
+        return end
+
+    def _hold(self, head: ResponseHead) -> bool:
+        """Whether to hold back the response ``head`` starts and retry instead (paid for now:
+        once held, the response is gone)."""
+        if holds(self.retries, self.retries_done, head.status, self.method, self.body_state()):
+            assert self.destination is not None
+            if self.destination.spend():
+                return True
+        self._per_try.deadline = math.inf  # relaying: only the whole timeout applies now
+        return False
+
+    def _tunnelling(self) -> None:
+        """A 101 went to the client: the upgraded connection lasts as long as its two ends
+        want, past the route's timeouts."""
+        self._per_try.deadline = math.inf
+        self._whole.deadline = math.inf
+
+    async def _answer(self, how: Finish) -> Result:
+        """The end of a request not simply relayed: answered here, or the client cut off."""
+        exchange = self.exchange
+        headers = None
+        if how is Finish.REJECTED:
+            assert self.destination is not None
+            text = self.destination.state.rejection_reason()
+            headers = [(REASON_HEADER, text.encode("ascii", "replace"))]
+        elif how is Finish.GATEWAY_TIMEOUT:
+            text = f"upstream did not answer within {self.timeout:g}s"
+        elif how is Finish.CONNECT_FAILED:
+            text = str(self.failure)
+        elif how is Finish.TRY_TIMEOUT:
+            per_try = self.retries.per_try_timeout if self.retries is not None else None
+            text = f"upstream did not answer within {per_try:g}s (per-try timeout)"
+        elif how is Finish.BAD_GATEWAY:
+            assert exchange is not None
+            text = f"bad gateway: {exchange.upstream_error}"
+        else:
+            assert exchange is not None
+            return await self._cut(how, exchange)
+        keep = await answer_locally(self.source, self.request, self.conn, how.status, text,
+                                    headers)
+        return Result(how.status, keep, text)
+
+    async def _cut(self, how: Finish, exchange: Exchange) -> Result:
+        """The ends that close the client's connection."""
+        if how is Finish.CUT_OFF:
+            return Result(exchange.status, False, "timed out while relaying the response")
+        if how is Finish.BROKE_OFF:
+            return Result(exchange.status, False, str(exchange.upstream_error))
+        error = exchange.client_error
+        if how is Finish.BAD_REQUEST and isinstance(error, ProtocolError):
+            try:
+                await self.source.stream.send_all(simple_response(error.status, str(error),
+                                                                  close=True))
+            except STREAM_ERRORS:
+                pass
+            return Result(error.status, False, str(error))
+        return Result(exchange.status, False, str(error))  # CLIENT_GONE
