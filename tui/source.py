@@ -94,15 +94,16 @@ def _reason(exc: BaseException) -> str:
 class RegistrySource:
     def __init__(
         self, registry_url: str, admin_port: int = DEFAULT_ADMIN_PORT, *,
-        timeout: float = POLL_TIMEOUT, admin_tls: ssl.SSLContext | None = None,
+        token: str | None = None, timeout: float = POLL_TIMEOUT,
+        admin_tls: ssl.SSLContext | None = None,
         admin_client_cert: bool = False, tls_options: tuple[str, str, str] = ADMIN_TLS_OPTIONS,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """``admin_tls``: read admin APIs over HTTPS with this context (``[admin] tls =
         true``); ``admin_client_cert``: it holds an operator certificate (for the reason shown
-        when a host refuses)."""
+        when a host refuses); ``token``: the registry ACL token (reads, and split edits)."""
         self.description = f"registry {registry_url.rstrip('/')}"
-        self.consul = ConsulClient(registry_url)
+        self.consul = ConsulClient(registry_url, token=token)
         self.routes = RouteConfigStore(self.consul)
         self.admin_port = admin_port
         self.timeout = timeout

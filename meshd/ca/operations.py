@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -29,7 +29,12 @@ from meshd.ca.store import (
 )
 from meshd.errors import CAError
 from meshd.identity import keys
-from meshd.identity.files import write_private_file, write_public_file
+from meshd.identity.files import (
+    BUNDLE_FILE,
+    ensure_private_dir,
+    write_private_file,
+    write_public_file,
+)
 from meshd.identity.spiffe import Kind, check_name, spiffe_id_of
 
 log = logging.getLogger(__name__)
@@ -66,6 +71,38 @@ def issue_offline(
             what=spiffe_id_of(material.trust_domain, kind, name), serial=record.serial,
             not_after=record.not_after, root=record.root))
     return material, keys.private_key_pem(key), cert, issuer.chain_pem(cert, material.signer)
+
+
+@dataclass(frozen=True)
+class IssuedFiles:
+    """Where ``issue_to_directory`` wrote a certificate, its key and the CA bundle."""
+
+    cert: Path
+    key: Path
+    ca_bundle: Path
+    certificate: x509.Certificate
+    trust_domain: str
+
+
+def issue_to_directory(
+    directory: str | os.PathLike[str], kind: Kind, name: str, out: str | os.PathLike[str], *,
+    now: datetime, lifetime: timedelta | None = None,
+) -> IssuedFiles:
+    """``meshd ca issue``: issue offline and write NAME.key (0600, in a 0700 directory),
+    NAME.crt (the chain) and ca.crt (the roots) into ``out``."""
+    material, key_pem, cert, chain = issue_offline(directory, kind, name, now=now,
+                                                   lifetime=lifetime)
+    try:
+        target = ensure_private_dir(out)
+        files = IssuedFiles(target / f"{name}.crt", target / f"{name}.key",
+                            target / BUNDLE_FILE, cert, material.trust_domain)
+        write_private_file(files.key, key_pem)
+        write_public_file(files.cert, chain)
+        write_public_file(files.ca_bundle,
+                          b"".join(keys.cert_pem(c) for c in material.roots()))
+    except OSError as exc:
+        raise CAError(f"cannot write to {out}: {exc}") from exc
+    return files
 
 
 def revoke(

@@ -21,7 +21,7 @@ from meshd.ca import issuer, operations, server, store
 from meshd.config import durations as config_durations
 from meshd.errors import CAError
 from meshd.httpd import parse_hostport
-from meshd.identity import files, keys
+from meshd.identity import keys
 from meshd.identity.spiffe import Kind, check_name, spiffe_id_of
 
 log = logging.getLogger(__name__)
@@ -144,21 +144,12 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 def cmd_issue(args: argparse.Namespace) -> int:
     kind, name = (Kind.OPERATOR, args.operator) if args.operator else (Kind.SERVICE, args.service)
-    material, key_pem, cert, chain = operations.issue_offline(
-        args.dir, kind, name, now=datetime.now(UTC), lifetime=args.ttl)
-    try:
-        out = files.ensure_private_dir(args.out)
-        files.write_private_file(out / f"{name}.key", key_pem)
-        files.write_public_file(out / f"{name}.crt", chain)
-        files.write_public_file(
-            out / files.BUNDLE_FILE, b"".join(keys.cert_pem(c) for c in material.roots())
-        )
-    except OSError as exc:
-        raise CAError(f"cannot write to {args.out}: {exc}") from exc
+    issued = operations.issue_to_directory(args.dir, kind, name, args.out,
+                                           now=datetime.now(UTC), lifetime=args.ttl)
     log.info(
         "issued certificate for %s (serial %s) valid until %s into %s",
-        spiffe_id_of(material.trust_domain, kind, name), keys.serial_hex(cert),
-        cert.not_valid_after_utc.isoformat(), args.out,
+        spiffe_id_of(issued.trust_domain, kind, name), keys.serial_hex(issued.certificate),
+        issued.certificate.not_valid_after_utc.isoformat(), args.out,
     )
     return 0
 

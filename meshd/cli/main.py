@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "meshd.cli.status",     # status
     "meshd.cli.routes",     # routes apply|show|set-split
     "meshd.cli.explain",    # explain
+    "meshd.cli.context",    # context
 )
 
 

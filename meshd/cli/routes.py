@@ -5,7 +5,8 @@ table as TOML with its ModifyIndex; ``set-split SERVICE v1=90 v2=10`` changes on
 write is a check-and-set on the ModifyIndex that was read: if someone else changed the key
 meanwhile, nothing is written, the command says the index moved and shows the new value, and
 exits 1. The registry is ``--registry URL`` (default ``$CONSUL_HTTP_ADDR`` or
-http://127.0.0.1:8500), the token ``--token`` (default ``$CONSUL_HTTP_TOKEN``).
+http://127.0.0.1:8500), the token ``--token`` (default: ``$CONSUL_HTTP_TOKEN``,
+``$CONSUL_HTTP_TOKEN_FILE``, else the operator token of a running ``meshd up`` for its registry).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from meshd.registry.config_store import (
     RouteConfigStore,
     StoredRoutes,
 )
-from meshd.registry.consul import ConsulClient, registry_token, registry_url
+from meshd.registry.consul import ConsulClient, operator_token, registry_url
 
 
 def register(subparsers: Any) -> None:
@@ -36,7 +37,9 @@ def register(subparsers: Any) -> None:
                         help="the registry's HTTP API (default: $CONSUL_HTTP_ADDR or "
                              "http://127.0.0.1:8500)")
     common.add_argument("--token", metavar="TOKEN", default=argparse.SUPPRESS,
-                        help="ACL token (default: $CONSUL_HTTP_TOKEN)")
+                        help="ACL token (default: $CONSUL_HTTP_TOKEN, the file "
+                             "$CONSUL_HTTP_TOKEN_FILE names, else the operator token of a "
+                             "running `meshd up` for its registry)")
     parser = subparsers.add_parser("routes", parents=[common],
                                    help=f"the mesh route table in the registry ({ROUTES_KEY})")
     sub = parser.add_subparsers(dest="routes_command", metavar="SUBCOMMAND", required=True)
@@ -59,7 +62,7 @@ Action = Callable[[RouteConfigStore, argparse.Namespace, TextIO], Awaitable[int]
 
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     url = registry_url(getattr(args, "registry", None))
-    token = registry_token(getattr(args, "token", None))
+    token = operator_token(getattr(args, "token", None), url)
     action: Action = args.action
     stream = out or sys.stdout
 

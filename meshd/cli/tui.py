@@ -9,7 +9,7 @@ from typing import Any
 
 from meshd.admin.client import DEFAULT_ADMIN_PORT, admin_ssl_context
 from meshd.errors import MeshError
-from meshd.registry.consul import DEFAULT_REGISTRY, registry_url
+from meshd.registry.consul import DEFAULT_REGISTRY, operator_token, registry_url
 
 
 def register(sub: Any) -> None:
@@ -23,6 +23,10 @@ def register(sub: Any) -> None:
     p.add_argument("--registry", default=DEFAULT_REGISTRY, metavar="URL",
                    help=f"registry HTTP API, Consul or `meshd registry serve` "
                    f"(default: {DEFAULT_REGISTRY}; consul://HOST:PORT works too)")
+    p.add_argument("--token", metavar="TOKEN", default=None,
+                   help="registry ACL token (default: $CONSUL_HTTP_TOKEN, the file "
+                   "$CONSUL_HTTP_TOKEN_FILE names, else the operator token of a running "
+                   "`meshd up` for this registry)")
     p.add_argument("--admin-port", type=int, default=DEFAULT_ADMIN_PORT, metavar="PORT",
                    help=f"admin API port of every meshd (default: {DEFAULT_ADMIN_PORT})")
     p.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
@@ -54,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     from tui.app import MeshConsole
     from tui.source import RegistrySource
 
-    source = RegistrySource(registry_url(args.registry), args.admin_port,
+    url = registry_url(args.registry)
+    source = RegistrySource(url, args.admin_port, token=operator_token(args.token, url),
                             timeout=min(0.8, args.interval * 0.8), admin_tls=admin_tls(args),
                             admin_client_cert=bool(args.admin_cert))
     # log lines written to the terminal would tear the screen: the console reports what

@@ -39,8 +39,16 @@ mesh.toml (paths are relative to the file):
   command placeholders: {python} (this interpreter), {here} (the mesh.toml directory),
   {host}, {name}, {version}, {address}, {port}; write a literal brace as {{ or }}.
 
-The run dir holds the generated hosts/<name>/meshd.toml, the CA, the registry's data and one log
-per process (logs/). With --tui the console opens in the terminal once the mesh is ready
+The registry runs with ACLs on (default deny). Its management token is random, used by `meshd up`
+only to create the tokens, and given to no meshd. Each meshd gets a token that may register only its
+own services and read the rest (hosts/<name>/registry-token); the operator gets one that may write
+the mesh config (operator/registry-token) and a certificate (operator/dev.crt, dev.key, ca.crt).
+While `meshd up` runs, $XDG_RUNTIME_DIR/meshd/context.json (else ~/.local/state/meshd/context.json)
+names them: `meshd routes` and `meshd tui` use that token for this registry with no --token, and
+`meshd context --token` prints it (curl -H "X-Consul-Token: $(meshd context --token)" ...).
+
+The run dir holds the generated hosts/<name>/meshd.toml, the CA, the registry's data, the tokens
+and one log per process (logs/). With --tui the console opens in the terminal once the mesh is ready
 (the processes' output then goes only to the logs); quitting it stops the mesh. Ctrl-C or SIGTERM
 stops the meshds, then the apps, the CA and the registry;
 a second Ctrl-C kills what is left at once. `meshd validate mesh.toml` checks a file.

@@ -26,8 +26,9 @@ FINGERPRINT_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 _HOST_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
                         r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
 
-HOST_KEYS = {"node", "address", "trust_domain", "registry", "registry_token", "ca", "inbound",
-             "admin", "outbound", "state_dir", "services"}
+HOST_KEYS = {"node", "address", "trust_domain", "registry", "registry_token",
+             "registry_token_file", "ca", "inbound", "admin", "outbound", "state_dir",
+             "services"}
 
 
 def parse_host_config(data: Mapping[str, Any], file: str = "meshd.toml",
@@ -42,6 +43,7 @@ def parse_host_config(data: Mapping[str, Any], file: str = "meshd.toml",
     trust_domain = r.trust_domain(data, "trust_domain", "")
     registry_url = _registry_url(r, r.get(data, "registry", "", str, "consul://127.0.0.1:8500"))
     registry_token = r.get(data, "registry_token", "", str, "") or ""
+    registry_token_file = _registry_token_file(r, data, base)
 
     ca = _parse_ca(r, r.get(data, "ca", "", dict, None), base)
 
@@ -107,7 +109,7 @@ def parse_host_config(data: Mapping[str, Any], file: str = "meshd.toml",
         admin_tls=admin_tls, admin_allowed_hosts=tuple(allowed_hosts),
         outbound_address=outbound_address, outbound_beyond_loopback=beyond_loopback,
         state_dir=state_dir, services=tuple(services),
-        source=file, registry_token=registry_token,
+        source=file, registry_token=registry_token, registry_token_file=registry_token_file,
     )
 
 
@@ -126,6 +128,22 @@ def _registry_url(r: Reader, raw: str | None) -> str:
         return ""
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
     return f"{scheme}://{host}:{port}"
+
+
+def _registry_token_file(r: Reader, data: Mapping[str, Any], base: Path) -> Path | None:
+    """The token file's path (its content is read by ``load_host_config``): one of
+    ``registry_token`` and ``registry_token_file``, never both."""
+    raw = r.get(data, "registry_token_file", "", str, None)
+    if raw is None:
+        return None
+    if not raw.strip():
+        r.problem("registry_token_file", "expected the path of a file holding the ACL token")
+        return None
+    if data.get("registry_token"):
+        r.problem("registry_token_file",
+                  "registry_token is set too: give the token in one place")
+        return None
+    return base / str(raw)
 
 
 def _parse_ca(r: Reader, raw: Mapping[str, Any] | None, base: Path) -> CASettings | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,27 @@ def read_toml(path: Path) -> dict[str, Any]:
 
 
 def load_host_config(path: Path) -> HostConfig:
-    return parse_host_config(read_toml(path), str(path), path.parent)
+    """A meshd.toml; with ``registry_token_file``, its ``registry_token`` is that file's
+    content (the first line, without surrounding whitespace)."""
+    config = parse_host_config(read_toml(path), str(path), path.parent)
+    if config.registry_token_file is None:
+        return config
+    token = read_token_file(config.registry_token_file, str(path), "registry_token_file")
+    return dataclasses.replace(config, registry_token=token)
+
+
+def read_token_file(token_file: Path, file: str = "", key: str = "") -> str:
+    """A secret kept alone in a file (a registry ACL token): its first line, stripped.
+    ConfigError naming ``file`` and ``key`` when it cannot be read or holds nothing."""
+    try:
+        text = token_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError([Problem(file, key, f"cannot read {token_file}: {reason}")]) from exc
+    lines = text.strip().splitlines()
+    if not lines or not lines[0].strip():
+        raise ConfigError([Problem(file, key, f"{token_file} is empty")])
+    return lines[0].strip()
 
 
 def load_routes(path: Path) -> RouteTable:

@@ -93,6 +93,8 @@ class HostConfig:
     services: tuple[LocalService, ...] = ()
     source: str = ""
     registry_token: str = ""  # ACL token for the registry; "" = $CONSUL_HTTP_TOKEN, if set
+    # where registry_token was read from (``load_host_config`` reads it); None: not a file
+    registry_token_file: Path | None = None
 
     def service(self, name: str) -> LocalService | None:
         return next((s for s in self.services if s.name == name), None)

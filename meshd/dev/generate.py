@@ -15,10 +15,13 @@ from meshd.config.schema import LocalService, MTLSMode
 
 
 def host_config_data(mesh: MeshConfig, host: MeshHost, *, fingerprint: str,
-                     token_file: str = "join-token", state_dir: str = "state") -> dict[str, Any]:
+                     token_file: str = "join-token", state_dir: str = "state",
+                     registry_token_file: str | None = None) -> dict[str, Any]:
     """The ``meshd.toml`` mapping of one simulated host (paths relative to that file)."""
     data = host_data(host, mesh.trust_domain, mesh.registry, mesh.ca, fingerprint,
                      token_file=token_file, state_dir=state_dir)
+    if registry_token_file is not None:
+        data["registry_token_file"] = registry_token_file
     data["services"] = [service_data(ms.service) for ms in host.services]
     return data
 

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 import httpx
 import trio
 
+from meshd.config.mesh_schema import MeshConfig, MeshHost
 from meshd.config.schema import RouteTable
 from meshd.dev.supervisor import Child, describe_exit
 from meshd.errors import MeshError
@@ -81,6 +82,58 @@ def child_report(child: Child) -> str:
             f"{tail}\n---")
 
 
+async def wait_meshds_ready(client: httpx.AsyncClient, mesh: MeshConfig,
+                            meshds: Mapping[str, Child], *, give_up_after: float) -> None:
+    """Wait until every meshd answers ``/readyz`` and sees every instance of its upstreams;
+    one MeshError naming each that did not within ``give_up_after`` seconds."""
+
+    async def ready(host: MeshHost) -> None:
+        url = f"http://{host.admin}/readyz"
+        await wait_ready(http_ok(client, url), what=f"meshd {host.name}", how=f"GET {url}",
+                         give_up_after=give_up_after, child=meshds[host.name])
+
+    await _on_every_host(mesh, ready)
+
+    # Every meshd answering /readyz is not yet a working mesh: a consumer learns that a new
+    # instance passes its health check a moment later, through its registry watch. The mesh is
+    # ready when every consumer sees every instance the mesh declares of each of its upstreams.
+    declared: dict[str, int] = {}
+    for host in mesh.hosts:
+        for ms in host.services:
+            declared[ms.service.name] = declared.get(ms.service.name, 0) + 1
+
+    async def sees_all(host: MeshHost) -> None:
+        wanted = {u.name: declared.get(u.name, 0)
+                  for ms in host.services for u in ms.service.upstreams}
+        if not wanted:
+            return
+        how = (f"GET http://{host.admin}/v1/state shows healthy endpoints "
+               + ", ".join(f"{n} x{c}" for n, c in sorted(wanted.items())))
+        await wait_ready(sees_healthy(client, str(host.admin), wanted),
+                         what=f"meshd {host.name}'s view of its upstreams",
+                         how=how, give_up_after=give_up_after, child=meshds[host.name])
+
+    await _on_every_host(mesh, sees_all)
+
+
+async def _on_every_host(mesh: MeshConfig,
+                         check: Callable[[MeshHost], Awaitable[None]]) -> None:
+    """Run ``check`` for every host at once; one MeshError with every host's failure."""
+    failures: list[str] = []
+
+    async def one(host: MeshHost) -> None:
+        try:
+            await check(host)
+        except MeshError as exc:
+            failures.append(str(exc))
+
+    async with trio.open_nursery() as nursery:
+        for host in mesh.hosts:
+            nursery.start_soon(one, host)
+    if failures:
+        raise MeshError("\n".join(failures))
+
+
 async def run_command(argv: Sequence[str], *, what: str, env: Mapping[str, str],
                       give_up_after: float = 60.0) -> str:
     """Run a one-shot command to completion and return its stdout; MeshError (with its stderr)
@@ -102,8 +155,8 @@ async def run_command(argv: Sequence[str], *, what: str, env: Mapping[str, str],
     return str(result.stdout.decode(errors="replace"))
 
 
-async def write_routes(registry: str, table: RouteTable) -> None:
+async def write_routes(registry: str, table: RouteTable, *, token: str | None = None) -> None:
     """Store the mesh's route table in the registry's KV, through the one mesh config store (its
-    key, its canonical encoding, check-and-set)."""
-    async with ConsulClient(registry_url(registry)) as consul:
+    key, its canonical encoding, check-and-set), as the holder of ``token``."""
+    async with ConsulClient(registry_url(registry), token=token) as consul:
         await RouteConfigStore(consul).apply(table)

@@ -1,11 +1,13 @@
 """``meshd up``: a whole mesh as child processes of one runner, on one machine.
 
-Start order: registry -> ready -> CA init and join tokens -> CA serve -> ready -> routes into the
-registry's KV -> the apps -> one meshd per simulated host -> every ``/readyz`` answers 200. Then the
-runner prints what runs where and ``meshd up: ready``, and waits for SIGINT or SIGTERM. The first
-signal cancels whatever step is under way and the supervisor stops everything in order; a second
-one kills what is left at once. Either way the exit path is the same, including after a failed
-start: nothing this runner started outlives it.
+Start order: registry (ACLs on) -> ready -> registry tokens -> CA init, join tokens and the
+operator certificate -> CA serve -> ready -> routes into the registry's KV (with the operator
+token) -> the operator context -> the apps -> one meshd per simulated host -> every ``/readyz``
+answers 200. Then the runner prints what runs where and ``meshd up: ready``, and waits for SIGINT
+or SIGTERM. The first signal cancels whatever step is under way and the supervisor stops
+everything in order; a second one kills what is left at once. Either way the exit path is the
+same, including after a failed start: nothing this runner started outlives it, and the operator
+context is removed.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from functools import partial
 from pathlib import Path
 from typing import TextIO
 
-import httpx
 import trio
 
 import meshd
@@ -32,13 +33,14 @@ from meshd.config.mesh import parse_mesh
 from meshd.config.mesh_schema import MeshConfig, MeshHost, MeshService, port_claims
 from meshd.config.parse import FINGERPRINT_RE
 from meshd.config.schema import RouteTable
-from meshd.dev import probes
+from meshd.dev import access, probes
 from meshd.dev.console import Console
 from meshd.dev.generate import expand_command, host_config_data, render_toml
 from meshd.dev.ports import ports_in_use
 from meshd.dev.report import Row, format_table
 from meshd.dev.supervisor import Child, ChildSpec, Supervisor
 from meshd.errors import MeshError
+from meshd.operator_context import OperatorContext, context_path, remove_context, write_context
 from meshd.registry.config_store import ROUTES_KEY
 
 # stop groups: the meshds go first so they deregister while the registry still answers
@@ -71,6 +73,11 @@ class RunDir:
     def host(self, name: str) -> Path:
         return self.root / "hosts" / name
 
+    @property
+    def operator(self) -> Path:
+        """The operator's registry token and certificate (a 0700 directory)."""
+        return self.root / "operator"
+
     def log(self, label: str) -> Path:
         return self.root / "logs" / (re.sub(r"[^A-Za-z0-9_.-]+", "-", label) + ".log")
 
@@ -91,7 +98,8 @@ def prepare_run_dir(path: Path | None) -> tuple[RunDir, bool]:
                 raise MeshError(f"run dir {root} is not empty and was not made by meshd up; "
                                 "give an empty or new directory")
         run_dir = RunDir(root)
-        for old in (run_dir.registry, run_dir.ca, root / "hosts", root / "logs"):
+        for old in (run_dir.registry, run_dir.ca, root / "hosts", root / "logs",
+                    run_dir.operator):
             shutil.rmtree(old, ignore_errors=True)
         root.mkdir(parents=True, exist_ok=True)
         (root / RUN_DIR_MARKER).write_text("meshd up run directory\n")
@@ -112,6 +120,8 @@ class Launch:
     python: str
     log_level: str
     keep: bool
+    # where the operator context goes (removed on exit); None: no context (the benchmarks)
+    context_file: Path | None = None
 
     def meshd_argv(self, *args: str) -> tuple[str, ...]:
         # `python -m meshd`, so a venv without the console script on PATH works too
@@ -159,13 +169,16 @@ def main(file: Path, *, keep: bool = False, run_dir: Path | None = None,
         return 1
     rd, temporary = prepare_run_dir(run_dir or mesh.run_dir)
     launch = Launch(mesh=mesh, mesh_file=file.resolve(), routes=routes, run_dir=rd,
-                    python=sys.executable, log_level=log_level, keep=keep or not temporary)
+                    python=sys.executable, log_level=log_level, keep=keep or not temporary,
+                    context_file=context_path())
     supervisor = Supervisor(console, sweep_all_descendants=True)
     foreground = partial(run_console, launch, console) if tui else None
     try:
         return trio.run(supervise_until_signal, console, supervisor,
                         partial(bring_up, launch, console), foreground)
     finally:
+        if launch.context_file is not None:
+            remove_context(launch.context_file, os.getpid())
         if not launch.keep:
             shutil.rmtree(rd.root, ignore_errors=True)
 
@@ -215,8 +228,10 @@ async def run_console(launch: Launch, console: Console) -> int:
     try:
         # stdin (stdin=None: inherited, not trio's default of an empty pipe), stdout and
         # stderr are the terminal's; a cancel (SIGTERM to the runner) terminates it
-        result = await trio.run_process(list(argv), check=False, stdin=None,
-                                        env={**os.environ, **launch.env})
+        result = await trio.run_process(
+            list(argv), check=False, stdin=None,
+            env={**os.environ, **launch.env,
+                 "CONSUL_HTTP_TOKEN_FILE": str(launch.run_dir.operator / access.TOKEN_FILE)})
     except OSError as exc:
         console.unmute()
         console.error(f"cannot start the console ({argv[0]}): {exc.strerror or exc}")
@@ -246,15 +261,23 @@ async def bring_up(launch: Launch, console: Console, supervisor: Supervisor) -> 
     mesh, rd = launch.mesh, launch.run_dir
     labels = app_labels(mesh)
     console.say(f"starting {launch.mesh_file} (run dir {rd.root})")
+    registry_http = f"http://{mesh.registry}"
+    # used here to create the tokens below, and given to no meshd
+    management = access.new_secret()
     async with probes.http_client() as client:
         registry = await supervisor.start(ChildSpec(
             "registry", launch.meshd_argv("registry", "serve", "--http", str(mesh.registry),
-                                          "--data-dir", str(rd.registry)),
-            rd.log("registry"), REGISTRY_GROUP, env=launch.env))
+                                          "--data-dir", str(rd.registry),
+                                          *access.registry_acl_args()),
+            rd.log("registry"), REGISTRY_GROUP,
+            env={**launch.env, access.MANAGEMENT_ENV: management}))
         await probes.wait_ready(
-            probes.http_ok(client, f"http://{mesh.registry}/v1/status/leader"),
-            what="the registry", how=f"GET http://{mesh.registry}/v1/status/leader",
+            probes.http_ok(client, f"{registry_http}/v1/status/leader"),
+            what="the registry", how=f"GET {registry_http}/v1/status/leader",
             give_up_after=REGISTRY_TIMEOUT, child=registry)
+        tokens = await access.create_tokens(registry_http, management, mesh)
+        operator_token = rd.operator / access.TOKEN_FILE
+        access.write_secret(operator_token, tokens.operator)
 
         fingerprint = _fingerprint(await probes.run_command(
             launch.meshd_argv("ca", "init", "--dir", str(rd.ca),
@@ -268,7 +291,8 @@ async def bring_up(launch: Launch, console: Console, supervisor: Supervisor) -> 
                                   "--ttl", TOKEN_TTL),
                 what=f"meshd ca token for {host.name}", env=launch.env)
             configs[host.name] = write_host_files(rd, launch, host, fingerprint,
-                                                  _last_line(token))
+                                                  _last_line(token), tokens.hosts[host.name])
+        operator = await access.issue_operator_certificate(rd.ca, rd.operator)
         ca = await supervisor.start(ChildSpec(
             "ca", launch.meshd_argv("ca", "serve", "--dir", str(rd.ca), "--listen", str(mesh.ca)),
             rd.log("ca"), CA_GROUP, env=launch.env))
@@ -279,8 +303,12 @@ async def bring_up(launch: Launch, console: Console, supervisor: Supervisor) -> 
                                 give_up_after=CA_TIMEOUT, child=ca)
 
         if launch.routes is not None:
-            await probes.write_routes(str(mesh.registry), launch.routes)
+            await probes.write_routes(registry_http, launch.routes, token=tokens.operator)
             console.say(f"routes from {mesh.routes} written to {ROUTES_KEY}")
+        _write_context(launch, console, OperatorContext(
+            registry=registry_http, token_file=operator_token,
+            admin=tuple(str(h.admin) for h in mesh.hosts), operator=operator,
+            run_dir=rd.root, pid=os.getpid()))
 
         apps: dict[tuple[str, str], Child] = {}
         for host in mesh.hosts:
@@ -295,7 +323,7 @@ async def bring_up(launch: Launch, console: Console, supervisor: Supervisor) -> 
                                                          str(configs[host.name])),
                 rd.log(f"meshd {host.name}"), MESHD_GROUP, cwd=rd.host(host.name),
                 env=launch.env))
-        await _wait_meshds_ready(client, mesh, meshds)
+        await probes.wait_meshds_ready(client, mesh, meshds, give_up_after=MESHD_TIMEOUT)
 
     rows = [Row("registry", registry.pid, f"http://{mesh.registry}"),
             Row("ca", ca.pid, f"https://{mesh.ca}")]
@@ -316,58 +344,12 @@ async def bring_up(launch: Launch, console: Console, supervisor: Supervisor) -> 
     console.plain("try:")
     for hint in (*mesh.hints, f"curl -s http://{mesh.hosts[0].admin}/v1/state"):
         console.plain(f"  {hint}")
+    found = (f" (meshd routes and meshd tui find it through {launch.context_file})"
+             if launch.context_file is not None else "")
+    console.plain(f"registry ACLs: on; operator token: {rd.operator / access.TOKEN_FILE}{found}")
     console.plain(f"logs: {rd.root / 'logs'}"
                   + ("" if launch.keep else " (the run dir is removed on exit; --keep keeps it)"))
     console.say("ready")
-
-
-async def _wait_meshds_ready(client: httpx.AsyncClient, mesh: MeshConfig,
-                             meshds: dict[str, Child]) -> None:
-    failures: list[str] = []
-
-    async def one(host: MeshHost) -> None:
-        url = f"http://{host.admin}/readyz"
-        try:
-            await probes.wait_ready(probes.http_ok(client, url), what=f"meshd {host.name}",
-                                    how=f"GET {url}", give_up_after=MESHD_TIMEOUT,
-                                    child=meshds[host.name])
-        except MeshError as exc:
-            failures.append(str(exc))
-
-    async with trio.open_nursery() as nursery:
-        for host in mesh.hosts:
-            nursery.start_soon(one, host)
-    if failures:
-        raise MeshError("\n".join(failures))
-
-    # Every meshd answering /readyz is not yet a working mesh: a consumer learns that a new
-    # instance passes its health check a moment later, through its registry watch. The mesh is
-    # ready when every consumer sees every instance the mesh declares of each of its upstreams.
-    declared: dict[str, int] = {}
-    for host in mesh.hosts:
-        for ms in host.services:
-            declared[ms.service.name] = declared.get(ms.service.name, 0) + 1
-
-    async def sees_all(host: MeshHost) -> None:
-        wanted = {u.name: declared.get(u.name, 0)
-                  for ms in host.services for u in ms.service.upstreams}
-        if not wanted:
-            return
-        how = (f"GET http://{host.admin}/v1/state shows healthy endpoints "
-               + ", ".join(f"{n} x{c}" for n, c in sorted(wanted.items())))
-        try:
-            await probes.wait_ready(probes.sees_healthy(client, str(host.admin), wanted),
-                                    what=f"meshd {host.name}'s view of its upstreams",
-                                    how=how, give_up_after=MESHD_TIMEOUT,
-                                    child=meshds[host.name])
-        except MeshError as exc:
-            failures.append(str(exc))
-
-    async with trio.open_nursery() as nursery:
-        for host in mesh.hosts:
-            nursery.start_soon(sees_all, host)
-    if failures:
-        raise MeshError("\n".join(failures))
 
 
 def app_spec(launch: Launch, host: MeshHost, ms: MeshService, label: str) -> ChildSpec:
@@ -378,11 +360,24 @@ def app_spec(launch: Launch, host: MeshHost, ms: MeshService, label: str) -> Chi
                      env=launch.env)
 
 
+def _write_context(launch: Launch, console: Console, context: OperatorContext) -> None:
+    if launch.context_file is None:
+        return
+    try:
+        write_context(context, launch.context_file)
+    except OSError as exc:
+        console.error(f"cannot write the operator context {launch.context_file}: "
+                      f"{exc.strerror or exc}; give meshd routes and meshd tui the operator "
+                      f"token: CONSUL_HTTP_TOKEN_FILE={context.token_file}")
+
+
 def write_host_files(rd: RunDir, launch: Launch, host: MeshHost, fingerprint: str,
-                     token: str) -> Path:
-    """Write a host's meshd.toml and join token; check the daemon's own parser accepts it."""
+                     token: str, registry_token: str) -> Path:
+    """Write a host's meshd.toml, join token and registry token; check the daemon's own parser
+    accepts them."""
     directory = rd.host(host.name)
-    data = host_config_data(launch.mesh, host, fingerprint=fingerprint)
+    data = host_config_data(launch.mesh, host, fingerprint=fingerprint,
+                            registry_token_file=access.TOKEN_FILE)
     header = (f"meshd.toml of {host.name}, generated by `meshd up` from {launch.mesh_file}.\n"
               "Edits are overwritten by the next run.")
     path = directory / "meshd.toml"
@@ -391,6 +386,7 @@ def write_host_files(rd: RunDir, launch: Launch, host: MeshHost, fingerprint: st
         fd = os.open(directory / "join-token", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.write(token)
+        access.write_secret(directory / access.TOKEN_FILE, registry_token)
         path.write_text(render_toml(data, header))
     except OSError as exc:
         raise MeshError(f"cannot write the configuration of {host.name} to {directory}: "

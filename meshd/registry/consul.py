@@ -12,14 +12,17 @@ import base64
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 
 from meshd.config.durations import format_duration
+from meshd.config.load import read_token_file
 from meshd.errors import RegistryError, RegistryNotFound
+from meshd.operator_context import load_context
 
 CONNECT_TIMEOUT = 5.0
 REQUEST_TIMEOUT = 10.0
@@ -57,8 +60,29 @@ def registry_url(addr: str | None = None) -> str:
 
 
 def registry_token(configured: str | None = None) -> str | None:
-    """The ACL token to send: the configured one, else ``$CONSUL_HTTP_TOKEN``, else none."""
-    return configured or os.environ.get("CONSUL_HTTP_TOKEN") or None
+    """The ACL token to send: the configured one, else ``$CONSUL_HTTP_TOKEN``, else the content
+    of the file ``$CONSUL_HTTP_TOKEN_FILE`` names (as with Consul's own tools), else none.
+    ConfigError when that file cannot be read or is empty."""
+    if configured or os.environ.get("CONSUL_HTTP_TOKEN"):
+        return configured or os.environ["CONSUL_HTTP_TOKEN"]
+    token_file = os.environ.get("CONSUL_HTTP_TOKEN_FILE")
+    if token_file:
+        return read_token_file(Path(token_file), key="CONSUL_HTTP_TOKEN_FILE")
+    return None
+
+
+def operator_token(given: str | None, url: str) -> str | None:
+    """The ACL token of an operator's command (``meshd routes``, ``meshd tui``) talking to the
+    registry at ``url``: as ``registry_token``, else the operator token of the context a running
+    ``meshd up`` recorded, if ``url`` is that mesh's registry. The daemon never calls this: a
+    meshd sends only its own token."""
+    token = registry_token(given)
+    if token is not None:
+        return token
+    context = load_context()
+    if context is None or registry_url(context.registry) != registry_url(url):
+        return None
+    return read_token_file(context.token_file, key="operator context registry_token_file")
 
 
 def next_index(previous: int, returned: int) -> int:
@@ -184,6 +208,26 @@ class ConsulClient:
         if not isinstance(data, dict):
             raise RegistryError("/v1/catalog/services: expected a JSON object")
         return data
+
+    # -- ACL -----------------------------------------------------------------------------------
+
+    async def acl_create_policy(self, name: str, rules: str, description: str = "") -> str:
+        """``PUT /v1/acl/policy``; the new policy's ID."""
+        response = await self._request("PUT", "/v1/acl/policy", json_body={
+            "Name": name, "Description": description, "Rules": rules})
+        return self._field(response, "ID")
+
+    async def acl_create_token(self, description: str, policies: Sequence[str]) -> str:
+        """``PUT /v1/acl/token`` linked to ``policies`` by name; the new token's SecretID."""
+        response = await self._request("PUT", "/v1/acl/token", json_body={
+            "Description": description, "Policies": [{"Name": p} for p in policies]})
+        return self._field(response, "SecretID")
+
+    def _field(self, response: httpx.Response, name: str) -> str:
+        data = self._json(response)
+        if not isinstance(data, dict) or not isinstance(data.get(name), str):
+            raise RegistryError(f"{response.request.url.path}: answer has no {name}")
+        return str(data[name])
 
     async def leader(self) -> str:
         response = await self._request("GET", "/v1/status/leader")

@@ -23,6 +23,11 @@ def proxy_id(config: HostConfig, svc: LocalService) -> str:
     return f"{service_id(config, svc)}-sidecar-proxy"
 
 
+def proxy_service_name(service: str) -> str:
+    """The name of the ``connect-proxy`` service fronting ``service`` (Consul's convention)."""
+    return f"{service}-sidecar-proxy"
+
+
 def check_id(sid: str) -> str:
     return f"service:{sid}"
 
@@ -67,7 +72,7 @@ def proxy_registration(
     pid = proxy_id(config, svc)
     return {
         "ID": pid,
-        "Name": f"{svc.name}-sidecar-proxy",
+        "Name": proxy_service_name(svc.name),
         "Kind": "connect-proxy",
         "Tags": [svc.version, "meshd"],
         "Address": config.address,

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from meshd.config.durations import format_duration, parse_duration
-from meshd.config.load import validate_file
+from meshd.config.load import load_host_config, validate_file
 from meshd.config.parse import parse_host_config, parse_routes, routes_to_data
 from meshd.config.schema import Protocol
 from meshd.errors import ConfigError
@@ -128,7 +128,8 @@ HOST_CASES = [
      "expected HOST:PORT with a port in 1-65535, got 'localhost'"),
     ("address", "host-a.local", "address", "'host-a.local' is not an IP address"),
     ("colour", "blue", "colour", "unknown key (expected one of: address, admin, ca, inbound, "
-     "node, outbound, registry, registry_token, services, state_dir, trust_domain)"),
+     "node, outbound, registry, registry_token, registry_token_file, services, state_dir, "
+     "trust_domain)"),
 ]
 
 
@@ -154,6 +155,45 @@ def test_an_outbound_listener_beyond_loopback_needs_a_reason() -> None:
     assert config.outbound_address == "172.17.0.1"
     assert config.outbound_beyond_loopback == "docker bridge, firewalled to containers"
     assert parse_host_config(HOST, "hosts/a.toml").outbound_beyond_loopback == ""
+
+
+def test_registry_token_file_is_read_at_load(tmp_path: Path) -> None:
+    (tmp_path / "registry-token").write_text("  s3cret\n\n")
+    (tmp_path / "meshd.toml").write_text(
+        'node = "host-a"\ntrust_domain = "shop.mesh"\nregistry_token_file = "registry-token"\n'
+        f'[ca]\nurl = "https://127.0.0.1:8443"\nfingerprint = "{FP}"\n'
+        'token_file = "join-token"\n')
+    parsed = parse_host_config({**HOST, "registry_token_file": "registry-token"},
+                               base_dir=tmp_path)
+    assert (parsed.registry_token_file, parsed.registry_token) == (
+        tmp_path / "registry-token", "")   # pure: the file is not read
+    loaded = load_host_config(tmp_path / "meshd.toml")
+    assert loaded.registry_token == "s3cret"
+    assert loaded.registry_token_file == tmp_path / "registry-token"
+
+    (tmp_path / "registry-token").write_text("\n")
+    with pytest.raises(ConfigError) as info:
+        load_host_config(tmp_path / "meshd.toml")
+    assert str(info.value) == (f"{tmp_path / 'meshd.toml'}: registry_token_file: "
+                               f"{tmp_path / 'registry-token'} is empty")
+    (tmp_path / "registry-token").unlink()
+    with pytest.raises(ConfigError) as info:
+        load_host_config(tmp_path / "meshd.toml")
+    assert str(info.value) == (f"{tmp_path / 'meshd.toml'}: registry_token_file: cannot read "
+                               f"{tmp_path / 'registry-token'}: No such file or directory")
+
+
+@pytest.mark.parametrize(("extra", "reason"), [
+    ({"registry_token_file": "t", "registry_token": "x"},
+     "registry_token is set too: give the token in one place"),
+    ({"registry_token_file": " "}, "expected the path of a file holding the ACL token"),
+    ({"registry_token_file": 7}, "expected a string, got int"),
+])
+def test_registry_token_file_problems(extra: dict[str, Any], reason: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_host_config({**HOST, **extra}, "a.toml")
+    assert [(p.path, p.reason) for p in info.value.problems] == [
+        ("registry_token_file", reason)]
 
 
 def test_every_problem_is_reported_at_once() -> None:

@@ -184,7 +184,8 @@ def test_port_claims_name_every_listener_and_who_wants_it() -> None:
 def test_generated_host_config_is_accepted_by_the_daemons_parser(tmp_path: Path) -> None:
     mesh = parse_mesh(mesh_data(), "mesh.toml", tmp_path)
     host = mesh.hosts[0]
-    data = host_config_data(mesh, host, fingerprint=FINGERPRINT)
+    data = host_config_data(mesh, host, fingerprint=FINGERPRINT,
+                            registry_token_file="registry-token")
     text = render_toml(data, "generated\nby a test")
     assert text.startswith("# generated\n# by a test\n")
     assert tomllib.loads(text) == data
@@ -197,6 +198,7 @@ def test_generated_host_config_is_accepted_by_the_daemons_parser(tmp_path: Path)
     assert config.ca.url == "https://127.0.0.1:8443"
     assert config.ca.fingerprint == FINGERPRINT
     assert config.ca.token_file == tmp_path / "hosts" / "host-a" / "join-token"
+    assert config.registry_token_file == tmp_path / "hosts" / "host-a" / "registry-token"
     assert config.state_dir == tmp_path / "hosts" / "host-a" / "state"
     assert (config.inbound_port, config.admin_host, config.admin_port) == \
         (15001, "127.0.0.2", 15000)

@@ -4,7 +4,10 @@ One mesh for the module; the tests run in file order and the last one stops it:
 1. 1000 checkouts through web -> meshd (host-a) -> mTLS -> payments v1/v2, split 90/10;
 2. host-b's inbound listener refuses plain TCP and a certificate from another CA, while a
    certificate from the mesh's own CA gets through (so the refusal is about the certificate);
-3. SIGTERM stops everything: exit 0, and no process of the tree is left.
+3. the registry's ACLs: no token cannot write the mesh config, a meshd's own token cannot
+   write it nor register another host's service or another node, the operator's can, and
+   `meshd routes` finds the operator token through the context with no token argument;
+4. SIGTERM stops everything: exit 0, no process of the tree is left, the context is removed.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import os
 import signal
 import socket
 import ssl
+import stat
 import subprocess
 import sys
 import time
@@ -32,6 +36,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from proc_testing import Output
 
+from meshd.registry.config_store import ROUTES_KEY
+
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,6 +46,7 @@ FRONT_DOOR = ("127.0.0.1", 8080)
 HOST_B_INBOUND = ("127.0.0.3", 15001)
 READY_WITHIN = 90.0
 REQUESTS = 1000
+REGISTRY = ("127.0.0.1", 8500)
 # 4 sigma of Binomial(1000, 0.1): 100 +- 4 * sqrt(1000 * 0.1 * 0.9) = 100 +- 37.9
 V2_RANGE = range(57, 144)
 
@@ -49,6 +56,7 @@ class Mesh:
     process: subprocess.Popen[bytes]
     output: Output
     run_dir: Path
+    runtime_dir: Path   # $XDG_RUNTIME_DIR of the runner: the operator context is there
     tree: dict[int, psutil.Process] = field(default_factory=dict)
 
     def record_tree(self) -> None:
@@ -78,13 +86,15 @@ def _stop(mesh: Mesh) -> None:
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     run_dir = tmp_path_factory.mktemp("shop-run")
+    runtime_dir = tmp_path_factory.mktemp("runtime")
     process = subprocess.Popen(
         [sys.executable, "-m", "meshd", "up", str(SHOP), "--run-dir", str(run_dir)],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        start_new_session=True, env={**os.environ, "NO_COLOR": "1"},
+        start_new_session=True, env={**_operator_env(runtime_dir), "NO_COLOR": "1"},
     )
     assert process.stdout is not None
-    running = Mesh(process, Output(process.stdout), run_dir)  # type: ignore[arg-type]
+    running = Mesh(process, Output(process.stdout), run_dir,  # type: ignore[arg-type]
+                   runtime_dir)
     try:
         if not running.output.wait_for("meshd up: ready", READY_WITHIN):
             running.record_tree()
@@ -220,7 +230,125 @@ def test_inbound_accepts_a_certificate_from_the_mesh_ca(mesh: Mesh, tmp_path: Pa
 
 
 # --------------------------------------------------------------------------------------------
-# 3. shutdown (last: it stops the module's mesh)
+# 3. registry ACLs
+
+
+def _operator_env(runtime_dir: Path) -> dict[str, str]:
+    """A newcomer's environment: no registry token of their own, the runner's runtime dir."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("CONSUL_HTTP_TOKEN", "CONSUL_HTTP_TOKEN_FILE", "CONSUL_HTTP_ADDR")}
+    return {**env, "XDG_RUNTIME_DIR": str(runtime_dir)}
+
+
+def _registry(method: str, path: str, body: bytes = b"",
+              token: str = "") -> tuple[int, str]:
+    conn = http.client.HTTPConnection(*REGISTRY, timeout=15)
+    try:
+        conn.request(method, path, body=body,
+                     headers={"X-Consul-Token": token} if token else {})
+        response = conn.getresponse()
+        return response.status, response.read().decode(errors="replace")
+    finally:
+        conn.close()
+
+
+def _host_token(mesh: Mesh, host: str) -> str:
+    return (mesh.run_dir / "hosts" / host / "registry-token").read_text().strip()
+
+
+def test_an_unauthenticated_config_write_is_refused(mesh: Mesh) -> None:
+    status, text = _registry("PUT", f"/v1/kv/{ROUTES_KEY}", b'{"destinations": {}}')
+    assert status == 403, text
+    assert "anonymous token lacks permission 'key:write'" in text
+    status, text = _registry("PUT", f"/v1/kv/{ROUTES_KEY}", b"{}", token="guessed")
+    assert (status, text) == (403, "ACL not found")
+    status, text = _registry("PUT", "/v1/agent/service/register",
+                             json.dumps({"Name": "payments", "Port": 1}).encode())
+    assert status == 403, text
+
+
+def test_a_host_token_cannot_write_the_config_nor_register_others(mesh: Mesh) -> None:
+    token = _host_token(mesh, "host-a")
+    # what host-a's meshd needs works with it
+    status, _ = _registry("GET", f"/v1/kv/{ROUTES_KEY}", token=token)
+    assert status == 200
+    status, text = _registry("GET", "/v1/health/connect/payments?passing", token=token)
+    assert status == 200 and len(json.loads(text)) == 2, text
+    # and nothing more
+    status, text = _registry("PUT", f"/v1/kv/{ROUTES_KEY}", b'{"destinations": {}}', token)
+    assert status == 403 and "lacks permission 'key:write'" in text, text
+    status, text = _registry("PUT", "/v1/agent/service/register", json.dumps(
+        {"ID": "payments-host-a", "Name": "payments", "Address": "127.0.0.2",
+         "Port": 9001}).encode(), token)
+    assert status == 403 and "lacks permission 'service:write' on \"payments\"" in text, text
+    status, text = _registry("PUT", "/v1/catalog/register", json.dumps(
+        {"Node": "host-z", "Address": "127.0.0.9",
+         "Service": {"Service": "web", "Port": 8080}}).encode(), token)
+    assert status == 403 and "lacks permission 'node:write' on \"host-z\"" in text, text
+    status, text = _registry("PUT", "/v1/agent/service/deregister/payments-host-b", token=token)
+    assert status == 403, text
+
+
+def test_meshd_tokens_are_private_and_the_management_token_is_nobodys(mesh: Mesh) -> None:
+    for host in ("host-a", "host-b", "host-c"):
+        directory = mesh.run_dir / "hosts" / host
+        assert stat.S_IMODE((directory / "registry-token").stat().st_mode) == 0o600
+        assert 'registry_token_file = "registry-token"' in (directory / "meshd.toml").read_text()
+    mesh.record_tree()
+    meshds = [p for p in mesh.tree.values() if "run" in p.cmdline() and p.is_running()]
+    assert len(meshds) == 3, meshds
+    for proc in meshds:
+        assert "MESHD_REGISTRY_ACL_INITIAL_MANAGEMENT" not in proc.environ()
+    registry = next(p for p in mesh.tree.values() if "registry" in p.cmdline())
+    assert "--acl-enabled" in registry.cmdline()
+    management = registry.environ()["MESHD_REGISTRY_ACL_INITIAL_MANAGEMENT"]
+    assert management not in " ".join(registry.cmdline())
+    for path in mesh.run_dir.rglob("*"):   # configs, tokens, logs (the registry's own data
+        if path.is_file() and mesh.run_dir / "registry" not in path.parents:  # holds it)
+            assert management not in path.read_text(errors="replace"), path
+
+
+def _meshd(mesh: Mesh, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "meshd", *args], capture_output=True,
+                          text=True, timeout=30, cwd=REPO, env=_operator_env(mesh.runtime_dir))
+
+
+def test_routes_work_with_the_operator_token_from_the_context(mesh: Mesh) -> None:
+    context = mesh.runtime_dir / "meshd" / "context.json"
+    assert stat.S_IMODE(context.stat().st_mode) == 0o600
+    recorded = json.loads(context.read_text())
+    token_file = mesh.run_dir / "operator" / "registry-token"
+    assert recorded["registry"] == "http://127.0.0.1:8500"
+    assert recorded["registry_token_file"] == str(token_file)
+    assert recorded["operator"]["cert"] == str(mesh.run_dir / "operator" / "dev.crt")
+    assert f"operator token: {token_file}" in mesh.output.text(0.0)
+
+    shown = _meshd(mesh, "routes", "show")
+    assert shown.returncode == 0, shown.stderr
+    assert "[destinations.payments]" in shown.stdout and "v1 = 90" in shown.stdout
+    changed = _meshd(mesh, "routes", "set-split", "payments", "v1=90", "v2=10")
+    assert changed.returncode == 0, changed.stderr
+    assert "v1=90, v2=10 -> v1=90, v2=10" in changed.stdout
+    printed = _meshd(mesh, "context", "--token")
+    assert printed.stdout.strip() == token_file.read_text().strip()
+    # the operator token writes under meshd/config/, and only there
+    status, text = _registry("PUT", "/v1/kv/meshd/config/e2e-probe", b"1", printed.stdout.strip())
+    assert (status, text.strip()) == (200, "true")
+    assert _registry("DELETE", "/v1/kv/meshd/config/e2e-probe",
+                     token=printed.stdout.strip())[0] == 200
+    assert _registry("PUT", "/v1/kv/elsewhere", b"1", printed.stdout.strip())[0] == 403
+    # and the demo still answers behind it
+    conn = http.client.HTTPConnection(*FRONT_DOOR, timeout=10)
+    try:
+        conn.request("GET", "/checkout")
+        response = conn.getresponse()
+        assert response.status == 200 and json.loads(response.read())["service"] == "payments"
+    finally:
+        conn.close()
+
+
+# --------------------------------------------------------------------------------------------
+# 4. shutdown (last: it stops the module's mesh)
 
 
 def test_sigterm_stops_everything_and_leaves_no_process(mesh: Mesh) -> None:
@@ -235,6 +363,7 @@ def test_sigterm_stops_everything_and_leaves_no_process(mesh: Mesh) -> None:
     assert code == 0, text
     assert text.rstrip().endswith("meshd up: stopped"), text[-2000:]
     assert "killed a process left behind" not in text
+    assert not (mesh.runtime_dir / "meshd" / "context.json").exists()
     _, alive = psutil.wait_procs(list(mesh.tree.values()), timeout=5)
     alive = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
     assert alive == [], [f"{p.pid} {p.cmdline()}" for p in alive]

@@ -77,5 +77,7 @@ def test_meshd_reload_is_sighup_and_the_token_is_a_credential() -> None:
     s = unit_settings("meshd.service")
     assert s["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
     assert s["ExecStart"] == ["/usr/bin/meshd run --config /etc/meshd/meshd.toml"]
-    assert s["LoadCredential"] == ["join-token:/etc/meshd/join-token"]
-    assert s["SetCredential"] == ["join-token:\\n"]  # the fallback: a missing file is not fatal
+    assert s["LoadCredential"] == ["join-token:/etc/meshd/join-token",
+                                   "registry-token:/etc/meshd/registry-token"]
+    # the fallbacks: a missing file is not fatal
+    assert s["SetCredential"] == ["join-token:\\n", "registry-token:\\n"]

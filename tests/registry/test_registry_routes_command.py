@@ -4,6 +4,7 @@ including a concurrent change between its read and its check-and-set write."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tomllib
@@ -17,7 +18,10 @@ from registry_testing import Registry, start_registry
 from meshd.config.load import load_routes
 from meshd.config.routes import parse_routes, routes_to_data
 from meshd.httpd import Request, Response, serve_http
+from meshd.operator_context import OperatorContext, context_path, write_context
+from meshd.registry.acl_policies import OPERATOR_POLICY, operator_rules
 from meshd.registry.config_store import ROUTES_KEY
+from meshd.registry.consul import ConsulClient
 from meshd.registry.embedded.server import listen_port
 
 SHOP_ROUTES = Path(__file__).resolve().parents[2] / "examples" / "shop" / "routes.toml"
@@ -31,14 +35,19 @@ timeout = "2s"
 """
 
 
-def meshd(registry: str, *args: str, token: str = "") -> subprocess.CompletedProcess[str]:
-    env = {"PATH": "/usr/bin:/bin", "CONSUL_HTTP_TOKEN": token}
+def meshd(registry: str, *args: str, token: str = "",
+          runtime_dir: Path | None = None) -> subprocess.CompletedProcess[str]:
+    # a private runtime dir: no operator context of a real `meshd up` of this user applies
+    env = {"PATH": "/usr/bin:/bin", "CONSUL_HTTP_TOKEN": token,
+           "XDG_RUNTIME_DIR": str(runtime_dir or Path("/nonexistent/runtime"))}
     return subprocess.run([sys.executable, "-m", "meshd", "routes", "--registry", registry,
                            *args], capture_output=True, text=True, timeout=30, env=env)
 
 
-async def run(registry: str, *args: str, token: str = "") -> subprocess.CompletedProcess[str]:
-    return await trio.to_thread.run_sync(lambda: meshd(registry, *args, token=token))
+async def run(registry: str, *args: str, token: str = "",
+              runtime_dir: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return await trio.to_thread.run_sync(
+        lambda: meshd(registry, *args, token=token, runtime_dir=runtime_dir))
 
 
 async def stored(client: httpx.AsyncClient) -> tuple[bytes, int]:
@@ -154,4 +163,31 @@ async def test_token_from_the_environment(nursery: trio.Nursery, routes_file: Pa
         assert allowed.returncode == 0, allowed.stderr
         shown = await run(reg.url, "--token", "t0ken", "show")
         assert shown.returncode == 0 and "[destinations.payments]" in shown.stdout
+    nursery.cancel_scope.cancel()
+
+
+@pytest.mark.embedded_only("starts the embedded registry with ACLs on")
+async def test_token_from_the_operator_context(nursery: trio.Nursery, routes_file: Path,
+                                               tmp_path: Path) -> None:
+    reg = await start_registry(nursery, acl_enabled=True, acl_default_policy="deny",
+                               acl_initial_management="root")
+    async with ConsulClient(reg.url, token="root") as admin:
+        await admin.acl_create_policy(OPERATOR_POLICY, operator_rules())
+        token = await admin.acl_create_token("operator", [OPERATOR_POLICY])
+    (tmp_path / "operator-token").write_text(token + "\n")
+    runtime = tmp_path / "runtime"
+    # this test process stands in for the `meshd up` that wrote the context
+    write_context(OperatorContext(registry=reg.url, token_file=tmp_path / "operator-token",
+                                  admin=(), operator=None, run_dir=tmp_path,
+                                  pid=os.getpid()), context_path({"XDG_RUNTIME_DIR": str(runtime)}))
+    async with reg.client:
+        denied = await run(reg.url, "apply", str(routes_file))
+        assert denied.returncode == 1 and "403" in denied.stderr
+        applied = await run(reg.url, "apply", str(routes_file), runtime_dir=runtime)
+        assert applied.returncode == 0, applied.stderr
+        split = await run(reg.url, "set-split", "payments", "v1=50", "v2=50", runtime_dir=runtime)
+        assert split.returncode == 0, split.stderr
+        assert "v1=90, v2=10 -> v1=50, v2=50" in split.stdout
+        wrong = await run(reg.url, "--token", "not-the-token", "show", runtime_dir=runtime)
+        assert wrong.returncode == 1 and "403 ACL not found" in wrong.stderr
     nursery.cancel_scope.cancel()

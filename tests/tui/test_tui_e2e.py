@@ -1,8 +1,9 @@
 """The console against the real shop demo (`meshd up` as a child process, on a loopback block of
-its own): in a real terminal (tmux: start `meshd tui`, send keys, capture the pane) the topology
-shows web → payments; headless, the split editor moves payments from 90/10 to 50/50, the
-registry holds the new table, every meshd takes it, and 1000 real checkouts split ~50/50, as the
-console itself measures from the meshds' metrics."""
+its own, registry ACLs on): in a real terminal (tmux: start `meshd tui` with no token, which
+finds the operator's through the context `meshd up` recorded) the topology shows web →
+payments; headless, with the operator's token, the split editor moves payments from 90/10 to
+50/50, the registry holds the new table, every meshd takes it, and 1000 real checkouts split
+~50/50, as the console itself measures from the meshds' metrics."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import asyncio
 import http.client
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -17,6 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from tui_pilot import open_editor, until
@@ -39,15 +42,23 @@ V2_RANGE = range(437, 564)
 class Shop:
     running: Running
     addresses: ShopAddresses
+    run_dir: Path
+    runtime_dir: Path   # the runner's $XDG_RUNTIME_DIR: its operator context is there
+
+    @property
+    def operator_token(self) -> str:
+        return (self.run_dir / "operator" / "registry-token").read_text().strip()
 
 
 @pytest.fixture(scope="module")
 def shop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shop]:
     directory = tmp_path_factory.mktemp("tui-shop")
     mesh, addresses = derive_shop_mesh(directory)
-    running = start(["up", str(mesh), "--run-dir", str(directory / "run")], "meshd up: ready")
+    runtime_dir = directory / "runtime"
+    running = start(["up", str(mesh), "--run-dir", str(directory / "run")], "meshd up: ready",
+                    env={"XDG_RUNTIME_DIR": str(runtime_dir)})
     try:
-        yield Shop(running, addresses)
+        yield Shop(running, addresses, directory / "run", runtime_dir)
     finally:
         running.stop()
 
@@ -82,7 +93,9 @@ class Tmux:
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
 def test_topology_appears_in_a_real_terminal(shop: Shop) -> None:
     tmux = Tmux()
-    command = (f"{sys.executable} -m meshd tui --registry {shop.addresses.registry} "
+    command = (f"env -u CONSUL_HTTP_TOKEN -u CONSUL_HTTP_TOKEN_FILE "
+               f"XDG_RUNTIME_DIR={shlex.quote(str(shop.runtime_dir))} "
+               f"{sys.executable} -m meshd tui --registry {shop.addresses.registry} "
                "--admin-port 15000")
     try:
         started = tmux("new-session", "-d", "-s", "tui", "-x", "100", "-y", "30",
@@ -129,7 +142,8 @@ def checkouts(address: tuple[str, int], n: int) -> Counter[str]:
 
 def test_editor_moves_payments_from_90_10_to_50_50(shop: Shop) -> None:
     async def scenario() -> None:
-        app = MeshConsole(RegistrySource(shop.addresses.registry, 15000))
+        app = MeshConsole(RegistrySource(shop.addresses.registry, 15000,
+                                         token=shop.operator_token))
         async with app.run_test(size=(120, 40)) as pilot:
             def ready() -> bool:
                 _, edges = build_graph(app.model)
@@ -147,7 +161,7 @@ def test_editor_moves_payments_from_90_10_to_50_50(shop: Shop) -> None:
             await pilot.press("a")
             await until(pilot, lambda: editor.writes == 1, 10, "split written")
 
-            async with ConsulClient(shop.addresses.registry) as consul:
+            async with ConsulClient(shop.addresses.registry, token=shop.operator_token) as consul:
                 stored = (await consul.kv_get(ROUTES_KEY)).data
             assert stored is not None
             table = json.loads(stored.value)

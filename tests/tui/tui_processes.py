@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,11 +94,13 @@ class Running:
                 pass
 
 
-def start(argv: list[str], ready: str, within: float = READY_WITHIN) -> Running:
+def start(argv: list[str], ready: str, within: float = READY_WITHIN,
+          env: Mapping[str, str] | None = None) -> Running:
+    """``meshd ARGV`` in its own session; ``env`` is added to this process's environment."""
     process = subprocess.Popen(
         [sys.executable, "-m", "meshd", *argv], cwd=REPO, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-        env={**os.environ, "NO_COLOR": "1"},
+        env={**os.environ, "NO_COLOR": "1", **(env or {})},
     )
     assert process.stdout is not None
     running = Running(process, Output(process.stdout))  # type: ignore[arg-type]
