@@ -51,7 +51,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from meshd.identity import keys
 from meshd.identity.certs import TrustBundle
-from meshd.identity.spiffe import Kind, parse_identity, spiffe_ids_from_cert
+from meshd.identity.spiffe import (
+    Kind,
+    NotAnOperator,
+    operator_of,
+    parse_identity,
+    spiffe_ids_from_cert,
+)
 from meshd.timestamps import format_time_precise, parse_time
 
 FORMAT = "meshd-signed/1"
@@ -200,19 +206,11 @@ def _claims(payload: bytes, kind: str, trust_domain: str) -> dict[str, Any]:
 
 def _operator(leaf: x509.Certificate, trust_domain: str) -> tuple[str, str]:
     ids = spiffe_ids_from_cert(leaf)
-    if len(ids) != 1:
-        raise SignatureRefused("not_an_operator", f"the signer certificate carries {len(ids)} "
-                               "SPIFFE IDs, expected one operator identity")
     try:
-        domain, kind, name = parse_identity(ids[0])
-    except ValueError as exc:
-        raise SignatureRefused("not_an_operator", f"signer identity refused: {exc}") from None
-    if domain != trust_domain:
-        raise SignatureRefused("foreign_trust_domain",
-                               f"signer {ids[0]} is not of trust domain {trust_domain}")
-    if kind is not Kind.OPERATOR:
-        raise SignatureRefused("not_an_operator", f"signer {ids[0]} is not an operator "
-                               "(`meshd ca issue --operator NAME`)")
+        name = operator_of(ids, trust_domain)
+    except NotAnOperator as exc:
+        code = "not_an_operator" if exc.code == "wrong_identity" else exc.code
+        raise SignatureRefused(code, f"signer {exc}") from None
     return ids[0], name
 
 

@@ -115,6 +115,35 @@ def parse_spiffe_id(uri: str) -> tuple[str, str]:
     return trust_domain, name
 
 
+class NotAnOperator(ValueError):
+    """Why a certificate's SPIFFE IDs do not name an operator of a trust domain; ``code`` is
+    ``wrong_identity``, ``foreign_trust_domain`` or ``not_an_operator``."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+
+
+def operator_of(ids: list[str], trust_domain: str) -> str:
+    """The operator name in a certificate's SPIFFE IDs: exactly one, of the form
+    ``spiffe://<trust_domain>/operator/NAME``. Raises ``NotAnOperator``. Used for the admin
+    API's clients and for the signers of the mesh config."""
+    if len(ids) != 1:
+        raise NotAnOperator("wrong_identity", f"certificate carries {len(ids)} SPIFFE IDs, "
+                            "expected one operator identity")
+    try:
+        domain, kind, name = parse_identity(ids[0])
+    except ValueError as exc:
+        raise NotAnOperator("wrong_identity", f"identity refused: {exc}") from None
+    if domain != trust_domain:
+        raise NotAnOperator("foreign_trust_domain",
+                            f"{ids[0]} is not of trust domain {trust_domain}")
+    if kind is not Kind.OPERATOR:
+        raise NotAnOperator("not_an_operator", f"{ids[0]} is not an operator "
+                            "(`meshd ca issue --operator NAME`)")
+    return name
+
+
 def spiffe_ids_from_cert(cert: x509.Certificate) -> list[str]:
     """The URI SANs of ``cert`` that start with ``spiffe://`` (in certificate order)."""
     try:

@@ -45,6 +45,8 @@ from meshd.errors import IdentityError
 from meshd.identity.files import node_files
 from meshd.identity.spiffe import (
     Kind,
+    NotAnOperator,
+    operator_of,
     parse_identity,
     parse_spiffe_id,
     spiffe_id_for,
@@ -173,19 +175,10 @@ class TLSState:
         """The operator name of a verified admin client certificate: one SPIFFE ID,
         ``spiffe://<our trust domain>/operator/NAME``, not revoked. Raises ``HandshakeRefused``."""
         ids, serial = _peer(der)
-        if len(ids) != 1:
-            raise HandshakeRefused("wrong_identity", f"client certificate carries {len(ids)} "
-                                   "SPIFFE IDs, expected one operator identity")
         try:
-            trust_domain, kind, name = parse_identity(ids[0])
-        except ValueError as exc:
-            raise HandshakeRefused("wrong_identity", f"client identity refused: {exc}") from None
-        if trust_domain != self.trust_domain:
-            raise HandshakeRefused("foreign_trust_domain",
-                                   f"client {ids[0]} is not of trust domain {self.trust_domain}")
-        if kind is not Kind.OPERATOR:
-            raise HandshakeRefused("not_an_operator", f"client {ids[0]} is not an operator "
-                                   "(`meshd ca issue --operator NAME`)")
+            name = operator_of(ids, self.trust_domain)
+        except NotAnOperator as exc:
+            raise HandshakeRefused(exc.code, f"client {exc}") from None
         if serial in self._denied:
             raise HandshakeRefused("revoked", f"client {ids[0]} presented certificate {serial}, "
                                    "which the CA revoked")
