@@ -277,8 +277,8 @@ def parse_authorization(r: Reader, raw: Mapping[str, Any], path: str) -> Authori
     if listed is None:
         return None
     if not listed:
-        r.problem(f"{apath}.rules", "empty: write rules, or leave authorization out to let "
-                  "every caller in")
+        r.problem(f"{apath}.rules", "empty: write rules, or leave authorization out for the "
+                  "mesh's default_policy")
         return None
     rules: list[AuthorizationRule] = []
     names: set[str] = set()

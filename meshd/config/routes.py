@@ -33,6 +33,7 @@ from meshd.config.route_parts import (
 )
 from meshd.config.schema import (
     RETRY_CONDITIONS,
+    DefaultPolicy,
     DestinationPolicy,
     DestinationRoutes,
     FaultPolicy,
@@ -60,7 +61,9 @@ _STATUS_RE = re.compile(r"^[45][0-9][0-9]$")
 def parse_routes(data: Mapping[str, Any], file: str = "routes.toml") -> RouteTable:
     """Build a ``RouteTable`` from a parsed ``routes.toml`` (or its canonical JSON form)."""
     r = Reader(file)
-    r.unknown_keys(data, "", {"destinations"})
+    r.unknown_keys(data, "", {"destinations", "default_policy"})
+    default_policy = r.choice(data, "default_policy", "", DefaultPolicy,
+                              [p.value for p in DefaultPolicy], DefaultPolicy.DENY)
     dests_raw = r.get(data, "destinations", "", dict, {}) or {}
     dests: list[DestinationRoutes] = []
     for service, raw in dests_raw.items():
@@ -75,7 +78,8 @@ def parse_routes(data: Mapping[str, Any], file: str = "routes.toml") -> RouteTab
         if dest is not None:
             dests.append(dest)
     r.fail_if_problems()
-    return RouteTable(tuple(sorted(dests, key=lambda d: d.service)))
+    return RouteTable(tuple(sorted(dests, key=lambda d: d.service)),
+                      default_policy or DefaultPolicy.DENY)
 
 
 def _parse_destination(
@@ -282,6 +286,8 @@ def routes_to_data(table: RouteTable) -> dict[str, Any]:
         if d.authorization is not None:
             entry["authorization"] = authorization_data(d.authorization)
         out[d.service] = entry
+    if table.default_policy is not DefaultPolicy.DENY:
+        return {"default_policy": table.default_policy.value, "destinations": out}
     return {"destinations": out}
 
 

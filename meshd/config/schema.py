@@ -310,7 +310,7 @@ class AuthorizationRule:
 class Authorization:
     """Who may call a destination, checked by the destination's inbound side. The first rule
     that applies decides; when none does, the request is denied (default deny). A destination
-    without rules (``None``) lets every caller in."""
+    without rules follows the table's ``default_policy`` (``RouteTable.authorization_for``)."""
 
     rules: tuple[AuthorizationRule, ...] = ()
 
@@ -347,9 +347,29 @@ class DestinationRoutes:
                      self.fault, self.mirror)
 
 
+class DefaultPolicy(StrEnum):
+    """What the mesh does with a call to a service that has no authorization rules: ``deny``
+    (the default, as Consul's intentions under ACL default deny) or ``allow``."""
+
+    DENY = "deny"
+    ALLOW = "allow"
+
+
+NO_RULES = Authorization()  # no rule applies to anyone: every call is denied (default deny)
+
+
 @dataclass(frozen=True)
 class RouteTable:
     destinations: tuple[DestinationRoutes, ...] = ()
+    default_policy: DefaultPolicy = DefaultPolicy.DENY
 
     def get(self, service: str) -> DestinationRoutes | None:
         return next((d for d in self.destinations if d.service == service), None)
+
+    def authorization_for(self, service: str) -> Authorization | None:
+        """The rules ``service``'s inbound side applies: its own, else none at all under
+        ``default_policy = "deny"`` (every call denied), else ``None`` (every caller let in)."""
+        dest = self.get(service)
+        if dest is not None and dest.authorization is not None:
+            return dest.authorization
+        return NO_RULES if self.default_policy is DefaultPolicy.DENY else None

@@ -28,7 +28,7 @@ from meshd.config.schema import (
     Authorization,
     AuthorizationRule,
     AuthzAction,
-    DestinationRoutes,
+    RouteTable,
 )
 from meshd.identity.spiffe import spiffe_id_for
 from meshd.proxy.core.authz import DEFAULT_DENY, Caller, Verdict, authorize, normalize_path
@@ -50,7 +50,7 @@ class AuthzCheck:
     method: str
     target: str  # as given
     path: str  # as the rules see it
-    rules: tuple[RuleCheck, ...] | None  # None: the destination has no rules
+    rules: tuple[RuleCheck, ...] | None  # None: no rules, default allow; (): default deny
     verdict: Verdict | None
 
     @property
@@ -77,11 +77,12 @@ def choose_source(state: Mapping[str, Any], service: str,
     return None, f"local services of {node} calling {service}: {', '.join(callers)}"
 
 
-def check_authorization(dest: DestinationRoutes | None, service: str, facts: RequestFacts,
+def check_authorization(table: RouteTable, service: str, facts: RequestFacts,
                         source: str | None, source_note: str,
                         trust_domain: str = "") -> AuthzCheck:
-    """The verdict of ``service``'s rules on ``facts`` sent by ``source``."""
-    authorization = dest.authorization if dest is not None else None
+    """The verdict of ``service``'s rules (or the table's default policy) on ``facts`` sent by
+    ``source``."""
+    authorization = table.authorization_for(service)
     path = normalize_path(facts.target.encode("utf-8", "surrogateescape"))
     spiffe_id = _spiffe_id(trust_domain, source)
 
@@ -139,7 +140,11 @@ def _verdict_text(verdict: Verdict) -> str:
 def render_authz(c: AuthzCheck) -> list[str]:
     """The "authorization" section of ``meshd explain``'s output."""
     if c.rules is None:
-        return [f"authorization: {c.destination} has no rules: its meshd lets every caller in"]
+        return [f"authorization: {c.destination} has no rules and the mesh's default_policy is "
+                "allow: its meshd lets every caller in"]
+    if not c.rules:
+        return [f"authorization: {c.destination} has no rules and the mesh's default_policy is "
+                f"deny: its meshd refuses every caller (403)"]
     out = [f"authorization of {c.destination}, enforced by its own meshd (first rule that "
            "applies decides, else deny):"]
     for i, check in enumerate(c.rules, 1):

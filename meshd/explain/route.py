@@ -158,7 +158,7 @@ def explain(state: Mapping[str, Any], service: str, facts: RequestFacts,
     if extra and not any("ejected" in e for e in extra.values()):
         notes.append("this meshd does not report ejection state or load per endpoint")
     caller, caller_note = choose_source(state, service, source)
-    authz = check_authorization(dest, service, facts, caller, caller_note,
+    authz = check_authorization(table, service, facts, caller, caller_note,
                                 str(state.get("trust_domain") or ""))
     return Explanation(service, facts, int(state.get("generation", 0)), dest, reports, route,
                        tuple(subsets), tuple(notes), authz)

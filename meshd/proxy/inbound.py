@@ -80,8 +80,7 @@ class InboundContext:
                   request: RequestHead | None = None) -> Verdict:
         """The verdict of ``service``'s rules in ``view`` on ``request`` (None: a TCP
         connection); a denial is logged with the rule and counted."""
-        dest = view.routes.get(service)
-        authorization = dest.authorization if dest is not None else None
+        authorization = view.routes.authorization_for(service)
         if authorization is None:
             return authorize(None, caller)
         if request is None:

@@ -17,7 +17,7 @@ from mesh_testing import Mesh, open_mesh, start_daemon, wait_for
 from net_testing import free_port
 
 from meshd.config.parse import routes_to_data
-from meshd.config.schema import RouteTable
+from meshd.config.schema import DefaultPolicy, RouteTable
 from meshd.httpd import Request, Response, serve_http
 
 TD = "test.mesh"
@@ -50,7 +50,8 @@ async def test_two_hosts_route_register_report_and_deregister(
 ) -> None:
     app_port = free_port(HOST_B)
     await nursery.start(payments_app, HOST_B, app_port, "v2")
-    await mesh.put_routes(routes_to_data(RouteTable()) | {"destinations": {"payments": {
+    open_table = routes_to_data(RouteTable(default_policy=DefaultPolicy.ALLOW))
+    await mesh.put_routes(open_table | {"destinations": {"payments": {
         "subsets": {"v2": {"version": "v2"}}, "split": {"v2": 100}, "timeout": 2.0}}})
 
     b_conf = mesh.host_config("host-b", HOST_B, [{

@@ -36,6 +36,7 @@ from meshd.ca.server import CAEndpoint, serve_ca
 from meshd.ca.store import TokenStore, init_ca
 from meshd.config.schema import (
     CASettings,
+    DefaultPolicy,
     DestinationRoutes,
     HostConfig,
     LocalService,
@@ -87,7 +88,8 @@ async def host(tmp_path: Path, nursery: trio.Nursery) -> Host:
             LocalService("payments", listener.socket.getsockname()[1]),
             LocalService("web", 1, upstreams=(Upstream("payments", 0),))))
     view = ViewCell(MeshView(endpoints=MappingProxyType({}),
-                             routes=RouteTable((DestinationRoutes("payments"),))))
+                             routes=RouteTable((DestinationRoutes("payments"),),
+                                               DefaultPolicy.ALLOW)))
     metrics = Metrics()
     proxy = Proxy(config, view, tls, metrics)
     await nursery.start(proxy.run)

@@ -13,12 +13,20 @@ from daemon_testing import until
 from identity_testing import echo_server, write_identities
 
 from meshd.config.parse import parse_host_config
-from meshd.config.schema import CASettings, HostConfig, LocalService, MTLSMode, Protocol
+from meshd.config.schema import (
+    CASettings,
+    DefaultPolicy,
+    HostConfig,
+    LocalService,
+    MTLSMode,
+    Protocol,
+    RouteTable,
+)
 from meshd.errors import ConfigError
 from meshd.httpd import Request, Response, serve_http
 from meshd.identity.tls import TLSState
 from meshd.metrics import Metrics
-from meshd.proxy.core.view import ViewCell
+from meshd.proxy.core.view import MeshView, ViewCell
 from meshd.proxy.server import Proxy
 from meshd.proxy.streams import open_mtls
 
@@ -62,7 +70,9 @@ async def start_proxy(nursery: trio.Nursery, tmp_path: Path,
     write_identities(tmp_path, TD, [s.name for s in services] + ["web"])
     tls = TLSState(tmp_path, TD, [s.name for s in services] + ["web"])
     metrics = Metrics()
-    proxy = Proxy(config(tmp_path, services), ViewCell(), tls, metrics)
+    proxy = Proxy(config(tmp_path, services),
+                  ViewCell(MeshView(routes=RouteTable(default_policy=DefaultPolicy.ALLOW))), tls,
+                  metrics)
     await nursery.start(proxy.run)
     return proxy, tls, metrics
 

@@ -7,7 +7,7 @@ from types import MappingProxyType
 
 import pytest
 import trio
-from proxy_mesh_testing import Farm, Mesh, make_host
+from proxy_mesh_testing import OPEN, Farm, Mesh, make_host
 from proxy_testing import Backend, EchoServer, MiniCA, RawServer
 
 from meshd.config.schema import (
@@ -33,7 +33,7 @@ async def mesh(tmp_path: Path, nursery: trio.Nursery) -> Mesh:
         LocalService("broken", broken.port),
     ])
     c = make_host(ca, tmp_path, "c", [LocalService("payments", v2.port, version="v2")])
-    view = ViewCell(MeshView(endpoints=MappingProxyType({})))
+    view = ViewCell(MeshView(routes=OPEN, endpoints=MappingProxyType({})))
     a = make_host(ca, tmp_path, "a", [LocalService("web", 1, upstreams=(
         Upstream("payments", 0), Upstream("ledger", 0, Protocol.TCP), Upstream("broken", 0),
         Upstream("orders", 0)))], view)
@@ -59,7 +59,7 @@ async def farm(tmp_path: Path, nursery: trio.Nursery) -> Farm:
     hosts = {name: make_host(ca, tmp_path, name, [LocalService("payments", app.port,
                                                            version=app.version)])
              for name, app in apps.items()}
-    view = ViewCell()
+    view = ViewCell(MeshView(routes=OPEN))
     a = make_host(ca, tmp_path, "a", [LocalService("web", 1, upstreams=(
         Upstream("payments", 0), Upstream("ledger", 0, Protocol.TCP)))], view)
     for host in (*hosts.values(), a):

@@ -18,6 +18,7 @@ from proxy_testing import TD, Backend, EchoServer, MiniCA, host_config
 
 from meshd.config.routes import parse_routes
 from meshd.config.schema import (
+    DefaultPolicy,
     DestinationRoutes,
     LocalService,
     RouteTable,
@@ -26,10 +27,12 @@ from meshd.config.schema import (
 )
 from meshd.identity.tls import TLSState
 from meshd.metrics import Metrics
-from meshd.proxy.core.view import ViewCell
+from meshd.proxy.core.view import MeshView, ViewCell
 from meshd.proxy.server import Proxy
 from meshd.registry.model import Endpoint, EndpointSet
 
+# the route table of meshes whose subject is not authorization: no rules, every caller let in
+OPEN = RouteTable(default_policy=DefaultPolicy.ALLOW)
 
 @dataclass
 class Host:
@@ -71,7 +74,8 @@ class Mesh:
                      timeout: float | None = None) -> None:
         self.view.set_routes(RouteTable((DestinationRoutes(
             "payments", subsets=(Subset("v1", "v1"), Subset("v2", "v2")),
-            split=tuple(SplitLeg(s, w) for s, w in split), timeout=timeout),)))
+            split=tuple(SplitLeg(s, w) for s, w in split), timeout=timeout),),
+            DefaultPolicy.ALLOW))
 
 
 def make_host(ca: MiniCA, root: Path, node: str, services: list[LocalService],
@@ -83,7 +87,8 @@ def make_host(ca: MiniCA, root: Path, node: str, services: list[LocalService],
     config = host_config(node, root / node, services)
     tls = TLSState(cert_dir, TD, [s.name for s in services])
     metrics = Metrics()
-    return Host(Proxy(config, view or ViewCell(), tls, metrics, rand=rand), metrics, tls,
+    return Host(Proxy(config, view or ViewCell(MeshView(routes=OPEN)), tls, metrics, rand=rand),
+                metrics, tls,
                 cert_dir)
 
 
@@ -118,7 +123,8 @@ class Farm:
     def set_routes(self, payments: Mapping[str, object]) -> None:
         """``payments``' entry in routes.toml form (subsets v1/v2 added when missing)."""
         entry = {"subsets": {"v1": {"version": "v1"}, "v2": {"version": "v2"}}, **payments}
-        self.view.set_routes(parse_routes({"destinations": {"payments": entry}}))
+        self.view.set_routes(parse_routes({"default_policy": "allow",
+                                           "destinations": {"payments": entry}}))
 
     def state(self, name: str) -> dict[str, object]:
         rows = self.a.proxy.endpoint_states()["payments"]

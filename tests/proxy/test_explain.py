@@ -174,13 +174,17 @@ def test_authorization_verdict_names_the_deciding_rule(
         assert line in lines
 
 
-def test_no_rules_let_every_caller_in_with_or_without_a_source() -> None:
+def test_no_rules_follow_the_mesh_default_policy() -> None:
+    open_state = {**STATE, "routes": {**STATE["routes"], "default_policy": "allow"}}
     for source in (None, "orders"):
-        found = explain(STATE, "payments", RequestFacts("DELETE", "/admin"), source)
+        found = explain(open_state, "payments", RequestFacts("DELETE", "/admin"), source)
         assert found.authz.verdict is not None and found.authz.verdict.allowed
         assert found.reaches_app
-        assert render(found).endswith(
-            "authorization: payments has no rules: its meshd lets every caller in\n")
+        assert render(found).endswith("authorization: payments has no rules and the mesh's "
+                                      "default_policy is allow: its meshd lets every caller in\n")
+    found = explain(STATE, "payments", RequestFacts("GET", "/"), "orders")
+    assert found.authz.denied and not found.reaches_app
+    assert render(found).count("default_policy is deny: its meshd refuses every caller (403)")
 
 
 @pytest.mark.parametrize(("upstreams", "given", "source", "note"), [

@@ -193,7 +193,8 @@ async def test_a_request_arriving_as_the_wait_ends_is_still_served(
 
 def _limit(view: ViewCell, service: str, limit: int, **extra: Any) -> None:
     entry = {"policy": {"max_request_bytes": limit}, **extra}
-    view.set_routes(parse_routes({"destinations": {service: entry}}))
+    view.set_routes(parse_routes({"default_policy": "allow",
+                                  "destinations": {service: entry}}))
 
 
 async def test_body_over_the_limit_is_413(mesh: Mesh) -> None:

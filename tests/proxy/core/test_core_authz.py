@@ -88,7 +88,7 @@ def test_authorization_config_round_trips() -> None:
 
 @pytest.mark.parametrize(("authorization", "where", "reason"), [
     ({"rules": []}, "authorization.rules", "empty: write rules, or leave authorization out "
-     "to let every caller in"),
+     "for the mesh's default_policy"),
     ({"rules": [{"action": "permit"}]}, "authorization.rules[0].action",
      "must be one of allow, deny, got 'permit'"),
     ({"rules": [{"name": "a"}]}, "authorization.rules[0].action", "required key is missing"),
@@ -155,9 +155,11 @@ async def test_changed_rule_applies_to_an_open_keep_alive_connection(mesh: Mesh)
         _protect(mesh, "payments", [{"name": "only-orders", "action": "allow",
                                      "from": ["orders"]}])
         assert (await client.get("/version")).status_code == 403
-        mesh.b.proxy.view.set_routes(parse_routes({}))  # rules gone: everyone again
-        assert (await client.get("/version")).status_code == 200
-    assert mesh.a.proxy.pool.opened == 1  # all three on the one mTLS connection
+        mesh.b.proxy.view.set_routes(parse_routes({}))  # rules gone: the default deny, not open
+        assert (await client.get("/version")).status_code == 403
+        mesh.b.proxy.view.set_routes(parse_routes({"default_policy": "allow"}))
+        assert (await client.get("/version")).status_code == 200  # said so explicitly
+    assert mesh.a.proxy.pool.opened == 1  # all four on the one mTLS connection
 
 
 async def test_caller_identity_comes_from_its_certificate(mesh: Mesh, tmp_path: Path) -> None:
