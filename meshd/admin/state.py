@@ -51,6 +51,7 @@ class DaemonState:
     health: dict[str, ProbeResult] = field(default_factory=dict)
     watches: dict[str, WatchStatus] = field(default_factory=dict)
     last_config_error: str = ""
+    routes_source: str = "none"  # where the table in force came from: registry, disk, none
     identity: IdentityStatus | None = None  # renewal, deny list, roots (meshd.identity.manager)
 
 
@@ -128,6 +129,7 @@ def build_state(
         "identity": (state.identity.to_json(datetime.fromtimestamp(now_wall, UTC))
                      if state.identity is not None else None),
         "config_error": state.last_config_error,
+        "routes_source": state.routes_source,
         "process": dict(process),
         **({"connections": dict(connections)} if connections is not None else {}),
     }

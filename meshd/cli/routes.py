@@ -4,9 +4,11 @@
 table as TOML with its ModifyIndex; ``set-split SERVICE v1=90 v2=10`` changes one split. Every
 write is a check-and-set on the ModifyIndex that was read: if someone else changed the key
 meanwhile, nothing is written, the command says the index moved and shows the new value, and
-exits 1. The registry is ``--registry URL`` (default ``$CONSUL_HTTP_ADDR`` or
-http://127.0.0.1:8500), the token ``--token`` (default: ``$CONSUL_HTTP_TOKEN``,
-``$CONSUL_HTTP_TOKEN_FILE``, else the operator token of a running ``meshd up`` for its registry).
+exits 1. ``clear`` empties the table on purpose: every meshd refuses a deleted key or a table
+without destinations and keeps its own. The registry is ``--registry URL`` (default
+``$CONSUL_HTTP_ADDR`` or http://127.0.0.1:8500), the token ``--token`` (default:
+``$CONSUL_HTTP_TOKEN``, ``$CONSUL_HTTP_TOKEN_FILE``, else the operator token of a running
+``meshd up`` for its registry).
 """
 
 from __future__ import annotations
@@ -55,6 +57,11 @@ def register(subparsers: Any) -> None:
     split.add_argument("service")
     split.add_argument("weights", nargs="+", metavar="SUBSET=WEIGHT")
     split.set_defaults(func=run, action=_set_split)
+    clear = sub.add_parser("clear", parents=[common],
+                           help="empty the route table on purpose (every meshd applies it; "
+                                "a deleted or emptied key is refused and the table in force "
+                                "stays)")
+    clear.set_defaults(func=run, action=_clear)
 
 
 Action = Callable[[RouteConfigStore, argparse.Namespace, TextIO], Awaitable[int]]
@@ -77,6 +84,9 @@ def render_toml(stored: StoredRoutes) -> str:
     """The stored table as TOML, in its canonical form (``meshd routes apply`` takes it back):
     one ``[destinations.NAME]`` table each, small tables inline, routes as arrays of tables."""
     doc = tomlkit.document()
+    for key, value in stored.data.items():  # default_policy, clear
+        if key != "destinations":
+            doc.add(key, value)
     destinations = tomlkit.table(is_super_table=True)
     for name, entry in stored.data["destinations"].items():
         table = tomlkit.table()
@@ -129,6 +139,16 @@ async def _apply(store: RouteConfigStore, args: argparse.Namespace, out: TextIO)
         return _show_conflict(conflict, store, out)
     print(f"{args.file}: {len(table.destinations)} destination(s) written to {store.key} "
           f"(ModifyIndex {stored.modify_index})", file=out)
+    return 0
+
+
+async def _clear(store: RouteConfigStore, args: argparse.Namespace, out: TextIO) -> int:
+    try:
+        stored = await store.clear()
+    except ConfigConflict as conflict:
+        return _show_conflict(conflict, store, out)
+    print(f"{store.key} cleared (ModifyIndex {stored.modify_index}): no routes and no rules; "
+          "services follow default_policy = \"deny\"", file=out)
     return 0
 
 

@@ -61,7 +61,8 @@ _STATUS_RE = re.compile(r"^[45][0-9][0-9]$")
 def parse_routes(data: Mapping[str, Any], file: str = "routes.toml") -> RouteTable:
     """Build a ``RouteTable`` from a parsed ``routes.toml`` (or its canonical JSON form)."""
     r = Reader(file)
-    r.unknown_keys(data, "", {"destinations", "default_policy"})
+    r.unknown_keys(data, "", {"destinations", "default_policy", "clear"})
+    cleared = r.get(data, "clear", "", bool, False) is True
     default_policy = r.choice(data, "default_policy", "", DefaultPolicy,
                               [p.value for p in DefaultPolicy], DefaultPolicy.DENY)
     dests_raw = r.get(data, "destinations", "", dict, {}) or {}
@@ -77,9 +78,11 @@ def parse_routes(data: Mapping[str, Any], file: str = "routes.toml") -> RouteTab
         dest = _parse_destination(r, service, raw, path)
         if dest is not None:
             dests.append(dest)
+    if cleared and dests_raw:
+        r.problem("clear", "clear = true empties the table: it takes no destinations")
     r.fail_if_problems()
     return RouteTable(tuple(sorted(dests, key=lambda d: d.service)),
-                      default_policy or DefaultPolicy.DENY)
+                      default_policy or DefaultPolicy.DENY, cleared)
 
 
 def _parse_destination(
@@ -286,9 +289,12 @@ def routes_to_data(table: RouteTable) -> dict[str, Any]:
         if d.authorization is not None:
             entry["authorization"] = authorization_data(d.authorization)
         out[d.service] = entry
+    data: dict[str, Any] = {"destinations": out}
     if table.default_policy is not DefaultPolicy.DENY:
-        return {"default_policy": table.default_policy.value, "destinations": out}
-    return {"destinations": out}
+        data["default_policy"] = table.default_policy.value
+    if table.cleared:
+        data["clear"] = True
+    return data
 
 
 def _split_data(split: tuple[SplitLeg, ...]) -> dict[str, int]:

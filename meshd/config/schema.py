@@ -362,6 +362,9 @@ NO_RULES = Authorization()  # no rule applies to anyone: every call is denied (d
 class RouteTable:
     destinations: tuple[DestinationRoutes, ...] = ()
     default_policy: DefaultPolicy = DefaultPolicy.DENY
+    # an operator emptied the table on purpose (`meshd routes clear`): without it, every meshd
+    # refuses a table with no destinations and keeps the one in force
+    cleared: bool = False
 
     def get(self, service: str) -> DestinationRoutes | None:
         return next((d for d in self.destinations if d.service == service), None)

@@ -38,6 +38,7 @@ from meshd.config.parse import routes_to_data
 from meshd.config.schema import HostConfig, LocalService, RouteTable
 from meshd.daemon.health import probe, probe_client, report_health
 from meshd.errors import CAError, ConfigError, MeshError, Problem, RegistryError
+from meshd.fileio import write_atomic
 from meshd.identity.ca_client import CARefusedError
 from meshd.identity.certs import Identity, TrustBundle
 from meshd.identity.manager import IdentityManager
@@ -46,6 +47,7 @@ from meshd.metrics import Metrics
 from meshd.proxy.core.view import ViewCell
 from meshd.proxy.server import Proxy
 from meshd.registry import registration
+from meshd.registry.config_store import Refused, encode_routes, judge_stored
 from meshd.registry.consul import ConsulClient, registry_token
 from meshd.registry.model import EndpointSet, ProbeResult
 from meshd.registry.watch import WatchStatus, watch_endpoints, watch_routes
@@ -54,6 +56,11 @@ log = logging.getLogger(__name__)
 
 DRAIN_DEADLINE = 10.0
 DEREGISTER_TIMEOUT = 5.0
+
+
+def routes_file(config: HostConfig) -> Path:
+    """Where a meshd keeps the last route table it applied from the registry."""
+    return config.state_dir / "routes.json"
 
 
 def cert_dir(config: HostConfig) -> Path:
@@ -99,21 +106,51 @@ class Daemon:
 
     # -- callbacks from watchers -------------------------------------------------------------
 
-    def _apply_routes(self, table: RouteTable) -> None:
+    def _apply_routes(self, table: RouteTable, source: str = "registry") -> None:
         view = self.view.set_routes(table)
         self.metrics.config_generation.set(view.generation)
         self.metrics.config_reloads.labels("applied").inc()
         self.state.last_config_error = ""
-        log.info("route table generation %d applied: %s", view.generation,
-                 routes_to_data(table)["destinations"] or "(empty)")
+        self.state.routes_source = source
+        log.info("route table generation %d applied from the %s: %s", view.generation, source,
+                 routes_to_data(table)["destinations"] or "(cleared)")
+        if source == "registry":
+            self._keep_on_disk(table)
         if self.state.ready:
             systemd.notify(status=self.status_line())
 
-    def _reject_routes(self, exc: ConfigError) -> None:
+    def _reject_routes(self, refused: Refused) -> None:
         self.metrics.config_reloads.labels("rejected").inc()
-        self.state.last_config_error = str(exc)
-        log.error("route table in the registry rejected, generation %d stays in force:\n%s",
-                  self.view.current.generation, exc)
+        self.state.last_config_error = refused.reason
+        log.error("route table in the registry refused (%s), generation %d (from the %s) stays "
+                  "in force:\n%s", refused.code, self.view.current.generation,
+                  self.state.routes_source, refused.reason)
+
+    def _keep_on_disk(self, table: RouteTable) -> None:
+        """The last good table, for a start while the registry is away (a small file written
+        only when the operator changes the table: written here, on the event loop)."""
+        path = routes_file(self.config)
+        try:
+            write_atomic(path, encode_routes(table), 0o600)
+        except OSError as exc:
+            log.warning("cannot keep the route table in %s: %s", path, exc)
+
+    def _load_from_disk(self) -> None:
+        """Put the last good table in force before the registry answers (fail closed: without
+        one, no table is in force and every service follows the default deny)."""
+        path = routes_file(self.config)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.warning("cannot read the last good route table %s: %s", path, exc)
+            return
+        judged = judge_stored(raw, str(path))
+        if isinstance(judged, Refused):
+            log.warning("the route table kept in %s is not usable: %s", path, judged.reason)
+            return
+        self._apply_routes(judged, "disk")
 
     def _apply_endpoints(self, endpoints: EndpointSet) -> None:
         self.view.set_endpoints(endpoints)
@@ -191,6 +228,7 @@ class Daemon:
             log.info("admin API on https://%s:%d (operator certificates only)",
                      config.admin_host, config.admin_port)
 
+        self._load_from_disk()
         systemd.notify(status=f"reading routes and endpoints from {config.registry_url}")
         routes_status = self.state.watches.setdefault("routes", WatchStatus("routes"))
         await n.start(self._wait_for_registry, "route table",

@@ -47,6 +47,35 @@ def decode_routes(raw: bytes, source: str = f"registry kv {ROUTES_KEY}") -> Rout
     return parse_routes(_json_object(raw, source), source)
 
 
+@dataclass(frozen=True)
+class Refused:
+    """Why a meshd does not apply what the registry holds; the table in force stays.
+    ``code``: ``missing``, ``empty`` or ``invalid``."""
+
+    code: str
+    reason: str
+
+
+def judge_stored(raw: bytes | None, source: str = f"registry kv {ROUTES_KEY}",
+                 ) -> RouteTable | Refused:
+    """What a meshd makes of the stored value (None: the key is absent). Pure.
+
+    Fail closed: a missing key, a table without destinations or one that does not validate
+    never replaces the table in force; only an operator's `meshd routes clear` (a table marked
+    ``clear``) empties it."""
+    if raw is None:
+        return Refused("missing", f"{source} is missing from the registry; the route table in "
+                       "force stays (an operator empties it with `meshd routes clear`)")
+    try:
+        table = decode_routes(raw, source)
+    except ConfigError as exc:
+        return Refused("invalid", str(exc))
+    if not table.destinations and not table.cleared:
+        return Refused("empty", f"{source} holds a table without destinations; the route table "
+                       "in force stays (an operator empties it with `meshd routes clear`)")
+    return table
+
+
 class KV(Protocol):
     """What the store needs of a registry: one key read, one check-and-set write."""
 
@@ -123,7 +152,13 @@ class RouteConfigStore:
 
     async def write(self, table: RouteTable, cas: int) -> StoredRoutes:
         """Store ``table`` if the key's ModifyIndex is still ``cas`` (0: only if absent).
-        Returns what is stored afterwards; raises ``ConfigConflict`` if the key moved."""
+        Returns what is stored afterwards; raises ``ConfigConflict`` if the key moved, and
+        ``ConfigError`` for a table without destinations that is not marked ``clear`` (every
+        meshd would refuse it)."""
+        if not table.destinations and not table.cleared:
+            raise ConfigError([Problem(self.source, "destinations", "no destinations: every "
+                                       "meshd would refuse the table and keep its own; empty "
+                                       "the table on purpose with `meshd routes clear`")])
         if await self.client.kv_put(self.key, encode_routes(table), cas=cas):
             return StoredRoutes(table, await self.current_index())
         try:
@@ -137,6 +172,11 @@ class RouteConfigStore:
         """Replace the stored table (whatever it was) with ``table``, unless it changes between
         our read of its index and our write."""
         return await self.write(table, await self.current_index())
+
+    async def clear(self) -> StoredRoutes:
+        """Empty the table on purpose: every meshd applies it (no routes, no rules; services
+        then follow ``default_policy = "deny"``)."""
+        return await self.apply(RouteTable(cleared=True))
 
     async def set_split(self, service: str, weights: Mapping[str, int]) -> tuple[StoredRoutes,
                                                                                  StoredRoutes]:

@@ -15,8 +15,8 @@ import trio
 
 from meshd.backoff import backoff_delay
 from meshd.config.schema import RouteTable
-from meshd.errors import ConfigError, RegistryError
-from meshd.registry.config_store import ROUTES_KEY, decode_routes
+from meshd.errors import RegistryError
+from meshd.registry.config_store import ROUTES_KEY, Refused, judge_stored
 from meshd.registry.consul import Blocking, ConsulClient, KVEntry, next_index
 from meshd.registry.model import EndpointSet, diff_endpoints, endpoints_from_health_connect
 
@@ -128,15 +128,16 @@ async def watch_endpoints(
 async def watch_routes(
     client: ConsulClient,
     on_update: Callable[[RouteTable], None],
-    on_rejected: Callable[[ConfigError], None],
+    on_rejected: Callable[[Refused], None],
     status: WatchStatus,
     *,
     key: str = ROUTES_KEY,
     wait: float = DEFAULT_WAIT,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Watch the route table key. A missing key means an empty table; an invalid value is
-    rejected (``on_rejected``) and the table in force stays."""
+    """Watch the route table key. What the registry holds is judged by ``judge_stored``: a
+    table to apply (``on_update``), or a refusal (``on_rejected``: missing, empty, invalid)
+    and the table in force stays."""
     seen_modify: int | None = -1
 
     def on_answer(answer: Blocking) -> None:
@@ -146,15 +147,11 @@ async def watch_routes(
         if modify == seen_modify:
             return
         seen_modify = modify
-        if entry is None:
-            on_update(RouteTable())
-            return
-        try:
-            table = decode_routes(entry.value)
-        except ConfigError as exc:
-            on_rejected(exc)
-            return
-        on_update(table)
+        judged = judge_stored(entry.value if entry is not None else None)
+        if isinstance(judged, Refused):
+            on_rejected(judged)
+        else:
+            on_update(judged)
 
     async def fetch(index: int) -> Blocking:
         return await client.kv_get(key, index=index, wait=wait)

@@ -1,9 +1,11 @@
 """Authorization fails closed: a caller refused by the rules stays refused when the route table
-is deleted from the registry or replaced by an empty one (the mesh's default_policy is deny).
+is deleted from the registry or replaced by an empty or invalid one (the meshd keeps the table in
+force, on disk too, and says why; with no table at all, the default_policy deny applies).
 Real daemons, registry and CA in-process; the callers present certificates the mesh CA issued."""
 
 from __future__ import annotations
 
+import json
 import ssl
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -17,8 +19,11 @@ from net_testing import free_port
 from test_daemon import payments_app
 
 from meshd.ca.operations import issue_to_directory
+from meshd.config.schema import HostConfig
+from meshd.daemon.lifetime import Daemon
 from meshd.identity.spiffe import Kind
-from meshd.registry.config_store import ROUTES_KEY
+from meshd.registry.config_store import ROUTES_KEY, RouteConfigStore
+from meshd.registry.consul import ConsulClient
 
 TD = "test.mesh"
 HOST_B = "127.0.20.5"
@@ -42,15 +47,20 @@ def _client(mesh: Mesh, service: str) -> httpx.AsyncClient:
     return httpx.AsyncClient(verify=ctx, timeout=5, trust_env=False)
 
 
-async def test_deleting_or_emptying_the_table_never_lets_a_refused_caller_in(
-        mesh: Mesh, nursery: trio.Nursery) -> None:
+async def _payments_host(mesh: Mesh, nursery: trio.Nursery) -> tuple[HostConfig, Daemon]:
+    """host-b running payments v1 under ``RULES`` (only web may call it)."""
     app_port = free_port(HOST_B)
     await nursery.start(payments_app, HOST_B, app_port, "v1")
     await mesh.put_routes(RULES)
     conf = mesh.host_config("host-b", HOST_B, [{
         "name": "payments", "port": app_port, "address": HOST_B, "version": "v1",
         "health": {"none": True}}])
-    await start_daemon(nursery, conf)
+    return conf, await start_daemon(nursery, conf)
+
+
+async def test_deleting_or_emptying_the_table_never_lets_a_refused_caller_in(
+        mesh: Mesh, nursery: trio.Nursery) -> None:
+    conf, _ = await _payments_host(mesh, nursery)
     url = f"https://{HOST_B}:{conf.inbound_port}/pay"
     sni = {"sni_hostname": "payments"}
 
@@ -63,29 +73,62 @@ async def test_deleting_or_emptying_the_table_never_lets_a_refused_caller_in(
         await wait_for(rules_in_force)
         assert await status(evil) == 403
 
-        # an unauthenticated registry writer deletes the table: nothing opens
+        admin = f"http://{conf.admin_host}:{conf.admin_port}/v1/state"
+
+        async def refused(reason: str) -> bool:
+            return reason in (await mesh.http.get(admin)).json()["config_error"]
+
+        # a registry writer deletes the table, or writes an empty one: the meshd keeps the
+        # table in force and says why; nothing opens and nothing is lost
         r = await mesh.http.delete(f"{mesh.registry_url}/v1/kv/{ROUTES_KEY}")
         assert r.status_code == 200
+        await wait_for(lambda: refused("is missing from the registry"))
+        assert (await status(evil), await status(web)) == (403, 200)
+        for empty in ({}, {"destinations": {}}, {"default_policy": "allow"}):
+            await mesh.put_routes(empty)
+            await wait_for(lambda: refused("holds a table without destinations"))
+            assert (await status(evil), await status(web)) == (403, 200)
+        state = (await mesh.http.get(admin)).json()
+        assert state["routes_source"] == "registry"
+        assert state["routes"]["destinations"]["payments"]["authorization"]
 
-        async def table_gone() -> bool:
-            return await status(web) == 403  # default deny now covers payments
-        await wait_for(table_gone)
+        # an operator empties it on purpose: applied, and the default deny covers payments
+        async with ConsulClient(mesh.registry_url) as consul:
+            await RouteConfigStore(consul).clear()
+
+        async def cleared() -> bool:
+            return await status(web) == 403
+        await wait_for(cleared)
         assert await status(evil) == 403
-
-        # ... or writes an empty table: still nothing opens
-        admin = f"http://{conf.admin_host}:{conf.admin_port}/v1/state"
-        generation = (await mesh.http.get(admin)).json()["generation"]
-        await mesh.put_routes({})
-
-        async def applied() -> bool:
-            return bool((await mesh.http.get(admin)).json()["generation"] > generation)
-        await wait_for(applied)
-        assert await status(evil) == 403
-        assert await status(web) == 403
+        assert (await mesh.http.get(admin)).json()["config_error"] == ""
 
         # only an explicit default_policy = "allow" opens a service without rules
-        await mesh.put_routes({"default_policy": "allow"})
+        await mesh.put_routes({"default_policy": "allow", "clear": True})
 
         async def opened() -> bool:
             return await status(evil) == 200
         await wait_for(opened)
+
+
+async def test_a_restart_starts_with_the_last_good_table_from_disk(
+        mesh: Mesh, nursery: trio.Nursery) -> None:
+    """The table a meshd applied is kept in its state directory and put in force at the next
+    start, before the registry answers; the registry's answer then replaces it."""
+    conf, daemon = await _payments_host(mesh, nursery)
+    kept = conf.state_dir / "routes.json"
+    assert json.loads(kept.read_bytes())["destinations"]["payments"]["authorization"]
+    assert kept.stat().st_mode & 0o777 == 0o600
+    await daemon.stop()
+
+    # the registry now holds garbage: the restarted meshd serves with the table from disk
+    await mesh.put_routes(b"{not json")
+    async with _client(mesh, "web") as web, _client(mesh, "evil") as evil:
+        await start_daemon(nursery, conf)
+        url = f"https://{HOST_B}:{conf.inbound_port}/pay"
+        sni = {"sni_hostname": "payments"}
+        assert (await web.get(url, extensions=sni)).status_code == 200
+        assert (await evil.get(url, extensions=sni)).status_code == 403
+        state = (await mesh.http.get(
+            f"http://{conf.admin_host}:{conf.admin_port}/v1/state")).json()
+        assert state["routes_source"] == "disk"
+        assert "invalid JSON" in state["config_error"]

@@ -191,3 +191,32 @@ async def test_token_from_the_operator_context(nursery: trio.Nursery, routes_fil
         wrong = await run(reg.url, "--token", "not-the-token", "show", runtime_dir=runtime)
         assert wrong.returncode == 1 and "403 ACL not found" in wrong.stderr
     nursery.cancel_scope.cancel()
+
+
+async def test_an_empty_table_is_refused_and_clear_empties_on_purpose(
+        registry: Registry, routes_file: Path, tmp_path: Path) -> None:
+    result = await run(registry.url, "apply", str(routes_file))
+    assert result.returncode == 0, result.stderr
+    _, index = await stored(registry.client)
+
+    empty = tmp_path / "empty.toml"
+    empty.write_text('default_policy = "allow"\n')
+    result = await run(registry.url, "apply", str(empty))
+    assert result.returncode == 1
+    assert "no destinations: every meshd would refuse the table" in result.stderr
+    assert "meshd routes clear" in result.stderr
+    assert (await stored(registry.client))[1] == index  # nothing written
+
+    result = await run(registry.url, "clear")
+    assert result.returncode == 0, result.stderr
+    assert "cleared" in result.stdout
+    value, _ = await stored(registry.client)
+    assert json.loads(value) == {"clear": True, "destinations": {}}
+    shown = await run(registry.url, "show")
+    assert shown.returncode == 0 and "clear = true" in shown.stdout, shown.stdout
+
+    allow = tmp_path / "allow.toml"
+    allow.write_text('default_policy = "allow"\n' + ROUTES)
+    assert (await run(registry.url, "apply", str(allow))).returncode == 0
+    shown = await run(registry.url, "show")
+    assert parse_routes(tomllib.loads(shown.stdout)) == load_routes(allow)  # round trip
