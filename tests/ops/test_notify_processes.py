@@ -79,8 +79,9 @@ async def test_meshd_run_notifies_and_status_reports(
                      listener.environ(WATCHDOG_USEC), log) as proc:
         ready = await listener.wait_for("READY", "1")
         assert ready.pid == proc.pid
-        # generation 1: the (empty) route table read from the registry
-        assert ready.fields["STATUS"] == "ready: 1 service, 0 upstreams, generation 1"
+        # generation 0: the registry holds no route table, so none is in force (fail closed:
+        # a missing key is never applied as an empty table)
+        assert ready.fields["STATUS"] == "ready: 1 service, 0 upstreams, generation 0"
         before = listener.statuses()[:-1]
         assert before == [f"getting certificates from the CA at {mesh.ca_url}",
                           f"reading routes and endpoints from {mesh.registry_url}",
