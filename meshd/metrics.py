@@ -39,6 +39,10 @@ class Metrics:
             "meshd_config_generation", "route table generation in force", registry=r)
         self.config_reloads = Counter(
             "meshd_config_reloads", "route table updates", ["result"], registry=r)
+        self.config_refused = Counter(
+            "meshd_config_refused", "route tables refused (the one in force stays), by reason: "
+            "missing, empty, invalid, unsigned, unknown_signer, revoked, bad_signature, "
+            "replay, from_the_future...", ["reason"], registry=r)
         self.registry_staleness = Gauge(
             "meshd_registry_staleness_seconds",
             "age of the oldest endpoint view (seconds since last successful registry read)",

@@ -4,7 +4,6 @@ and awaited. (``pyproject.toml`` puts ``tests/`` on ``sys.path``.)"""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -15,6 +14,7 @@ from typing import Any
 import httpx
 import trio
 from net_testing import free_port
+from operator_testing import issue_operator, signed_routes
 
 from meshd.ca.server import serve_ca
 from meshd.ca.store import TokenStore, init_ca
@@ -23,6 +23,7 @@ from meshd.config.schema import HostConfig
 from meshd.daemon.lifetime import Daemon
 from meshd.registry.config_store import ROUTES_KEY
 from meshd.registry.embedded.server import RegistryConfig, listen_port, serve_registry
+from meshd.registry.operator_key import OperatorKey
 
 
 @dataclass
@@ -34,6 +35,15 @@ class Mesh:
     tmp: Path
     http: httpx.AsyncClient
     trust_domain: str
+    _operator: OperatorKey | None = None
+
+    @property
+    def operator(self) -> OperatorKey:
+        """An operator certificate of the mesh CA (issued on first use), as `meshd ca issue
+        --operator ops` would: what signs the route tables the tests write."""
+        if self._operator is None:
+            self._operator = issue_operator(self.ca_dir, self.tmp / "operator")
+        return self._operator
 
     def host_config(self, node: str, address: str, services: list[dict[str, Any]],
                     **extra: Any) -> HostConfig:
@@ -57,7 +67,9 @@ class Mesh:
         } | extra, f"{node}.toml", base)
 
     async def put_routes(self, data: dict[str, Any] | bytes) -> None:
-        body = data if isinstance(data, bytes) else json.dumps(data).encode()
+        """Write a route table signed by ``operator`` (as given, even one every meshd refuses
+        for its content), or ``bytes`` exactly as given (unsigned, garbage, a replay)."""
+        body = data if isinstance(data, bytes) else signed_routes(data, self.operator)
         r = await self.http.put(f"{self.registry_url}/v1/kv/{ROUTES_KEY}", content=body)
         assert r.status_code == 200 and r.json() is True
 

@@ -23,6 +23,7 @@ from meshd.config.routes import parse_routes
 from meshd.errors import MeshError
 from meshd.registry.config_store import ROUTES_KEY, RouteConfigStore, encode_routes
 from meshd.registry.consul import Blocking, ConsulClient, KVEntry
+from meshd.registry.operator_key import OperatorKey
 from tui.observe import (
     HostPoll,
     Instance,
@@ -72,12 +73,13 @@ class MemoryKV:
 
 
 class MemoryRouteStore(RouteConfigStore):
-    """The mesh config store over a KV in memory holding ``data`` at ``index``: the same
-    encoding and check-and-set as against a registry."""
+    """The mesh config store over a KV in memory holding ``data`` at ``index`` (unsigned, as
+    recorded): the same encoding, signing and check-and-set as against a registry."""
 
-    def __init__(self, data: Mapping[str, Any], index: int = 1) -> None:
+    def __init__(self, data: Mapping[str, Any], index: int = 1, *,
+                 signer: OperatorKey | None = None) -> None:
         self.kv = MemoryKV({ROUTES_KEY: encode_routes(parse_routes(data, "fixed data"))}, index)
-        super().__init__(self.kv)
+        super().__init__(self.kv, signer=signer)
 
     @property
     def writes(self) -> int:
@@ -97,14 +99,15 @@ class RegistrySource:
         token: str | None = None, timeout: float = POLL_TIMEOUT,
         admin_tls: ssl.SSLContext | None = None,
         admin_client_cert: bool = False, tls_options: tuple[str, str, str] = ADMIN_TLS_OPTIONS,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.time, signer: OperatorKey | None = None,
     ) -> None:
         """``admin_tls``: read admin APIs over HTTPS with this context (``[admin] tls =
         true``); ``admin_client_cert``: it holds an operator certificate (for the reason shown
-        when a host refuses); ``token``: the registry ACL token (reads, and split edits)."""
+        when a host refuses); ``token``: the registry ACL token (reads, and split edits);
+        ``signer``: the operator certificate split edits are signed with."""
         self.description = f"registry {registry_url.rstrip('/')}"
         self.consul = ConsulClient(registry_url, token=token)
-        self.routes = RouteConfigStore(self.consul)
+        self.routes = RouteConfigStore(self.consul, signer=signer)
         self.admin_port = admin_port
         self.timeout = timeout
         self.clock = clock

@@ -17,6 +17,8 @@ Shape (stable keys; a later console issue may add, never rename):
                      renew_at, retry_at, last_renewal, last_error, failures,
                      denylist {version, serials}}
     config_error    the last rejected route table's reasons ("" when none)
+    routes_signed   who signed the table in force: version, signed_at, signer, signer_id,
+                    serial (null when none is in force)
     process         {pid, cpu_seconds, rss_bytes, open_fds}
     connections     {inbound, outbound}: accepted connections open now (absent before start)
 """
@@ -34,6 +36,7 @@ from meshd.config.parse import routes_to_data
 from meshd.config.schema import HostConfig
 from meshd.identity.certs import Identity, TrustBundle
 from meshd.identity.manager import IdentityStatus
+from meshd.identity.signing import Signed
 from meshd.proxy.core.view import MeshView
 from meshd.registry.model import ProbeResult
 from meshd.registry.watch import WatchStatus
@@ -52,6 +55,7 @@ class DaemonState:
     watches: dict[str, WatchStatus] = field(default_factory=dict)
     last_config_error: str = ""
     routes_source: str = "none"  # where the table in force came from: registry, disk, none
+    routes_signed: Signed | None = None  # who signed the table in force
     identity: IdentityStatus | None = None  # renewal, deny list, roots (meshd.identity.manager)
 
 
@@ -130,6 +134,8 @@ def build_state(
                      if state.identity is not None else None),
         "config_error": state.last_config_error,
         "routes_source": state.routes_source,
+        "routes_signed": (state.routes_signed.summary()
+                          if state.routes_signed is not None else None),
         "process": dict(process),
         **({"connections": dict(connections)} if connections is not None else {}),
     }

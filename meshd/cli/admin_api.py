@@ -5,7 +5,7 @@ certificate (``--ca``, ``--cert``, ``--key``), read through the one admin client
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import trio
@@ -60,3 +60,14 @@ def failure_line(exc: AdminError) -> str:
     if exc.failure in (Failure.CONNECT, Failure.TIMEOUT):
         return f"{exc} (is meshd running, and is --admin its admin address?)"
     return str(exc)
+
+
+def signer_line(state: Mapping[str, Any]) -> str:
+    """One line: who signed the route table in force (``routes_signed`` in ``/v1/state``)."""
+    signed = state.get("routes_signed")
+    source = state.get("routes_source", "none")
+    if not isinstance(signed, Mapping):
+        return f"route table signed by: none in force (from {source})"
+    return (f"route table signed by {signed.get('signer_id', '?')} (version "
+            f"{signed.get('version', '?')}, at {signed.get('signed_at', '?')}, certificate "
+            f"{signed.get('serial', '?')}; from {source})")

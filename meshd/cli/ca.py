@@ -88,7 +88,8 @@ def register(subparsers: Any) -> None:
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--service", help="service name (spiffe://TD/svc/NAME)")
     who.add_argument("--operator", help="operator name (spiffe://TD/operator/NAME, client "
-                                        "auth only: for admin APIs served over mutual TLS)")
+                                        "auth only: signs the route table (`meshd routes`), "
+                                        "reads admin APIs served over mutual TLS)")
     p.add_argument("--out", required=True, type=Path,
                    help="directory for NAME.crt, NAME.key and ca.crt")
     p.add_argument("--ttl", type=_duration_arg, default=None,

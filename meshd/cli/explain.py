@@ -20,7 +20,7 @@ import sys
 from typing import Any
 
 from meshd.admin.client import AdminError
-from meshd.cli.admin_api import add_admin_options, failure_line, read_state
+from meshd.cli.admin_api import add_admin_options, failure_line, read_state, signer_line
 from meshd.errors import ConfigError, MeshError
 from meshd.explain.route import explain, render
 from meshd.names import NAME_RULE, is_valid_name
@@ -81,4 +81,5 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_UNREACHABLE
     print(render(found), end="")
+    print(signer_line(state))
     return EXIT_ROUTED if found.reaches_app else EXIT_NOT_ROUTED

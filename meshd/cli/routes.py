@@ -8,7 +8,10 @@ exits 1. ``clear`` empties the table on purpose: every meshd refuses a deleted k
 without destinations and keeps its own. The registry is ``--registry URL`` (default
 ``$CONSUL_HTTP_ADDR`` or http://127.0.0.1:8500), the token ``--token`` (default:
 ``$CONSUL_HTTP_TOKEN``, ``$CONSUL_HTTP_TOKEN_FILE``, else the operator token of a running
-``meshd up`` for its registry).
+``meshd up`` for its registry). Writes are signed with an operator certificate of the mesh CA
+(``--operator-cert FILE --operator-key FILE``, else ``$MESHD_OPERATOR_CERT`` and
+``$MESHD_OPERATOR_KEY``, else a running ``meshd up``'s for its registry); every meshd refuses an
+unsigned table. ``show`` prints who signed the stored table.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from meshd.registry.config_store import (
     StoredRoutes,
 )
 from meshd.registry.consul import ConsulClient, operator_token, registry_url
+from meshd.registry.operator_key import CERT_ENV, KEY_ENV, operator_key
+from meshd.timestamps import format_time_precise
 
 
 def register(subparsers: Any) -> None:
@@ -42,6 +47,7 @@ def register(subparsers: Any) -> None:
                         help="ACL token (default: $CONSUL_HTTP_TOKEN, the file "
                              "$CONSUL_HTTP_TOKEN_FILE names, else the operator token of a "
                              "running `meshd up` for its registry)")
+    add_operator_options(common)
     parser = subparsers.add_parser("routes", parents=[common],
                                    help=f"the mesh route table in the registry ({ROUTES_KEY})")
     sub = parser.add_subparsers(dest="routes_command", metavar="SUBCOMMAND", required=True)
@@ -64,18 +70,30 @@ def register(subparsers: Any) -> None:
     clear.set_defaults(func=run, action=_clear)
 
 
+def add_operator_options(p: argparse.ArgumentParser) -> None:
+    """The operator certificate that signs what is written (``meshd routes``, ``meshd tui``)."""
+    p.add_argument("--operator-cert", metavar="FILE", type=Path, default=argparse.SUPPRESS,
+                   help="operator certificate of the mesh CA that signs the table (default: "
+                        f"${CERT_ENV}, else a running `meshd up`'s for its registry)")
+    p.add_argument("--operator-key", metavar="FILE", type=Path, default=argparse.SUPPRESS,
+                   help=f"its private key (default: ${KEY_ENV})")
+
+
 Action = Callable[[RouteConfigStore, argparse.Namespace, TextIO], Awaitable[int]]
 
 
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     url = registry_url(getattr(args, "registry", None))
     token = operator_token(getattr(args, "token", None), url)
+    signer = (operator_key(getattr(args, "operator_cert", None),
+                           getattr(args, "operator_key", None), url)
+              if args.action is not _show else None)
     action: Action = args.action
     stream = out or sys.stdout
 
     async def main() -> int:
         async with ConsulClient(url, token=token) as client:
-            return await action(RouteConfigStore(client), args, stream)
+            return await action(RouteConfigStore(client, signer=signer), args, stream)
 
     return trio.run(main)
 
@@ -117,7 +135,14 @@ def _toml_value(value: Any, *, top: bool = False) -> Any:
 
 
 def _header(store: RouteConfigStore, stored: StoredRoutes) -> str:
-    return f"# {store.key} at ModifyIndex {stored.modify_index} ({store.client.base_url})\n"
+    header = f"# {store.key} at ModifyIndex {stored.modify_index} ({store.client.base_url})\n"
+    signed = stored.signed
+    if signed is not None:
+        header += (f"# signed by {signed.signer_id} (certificate {signed.serial}), version "
+                   f"{signed.version}, at {format_time_precise(signed.signed_at)}\n")
+    elif stored.modify_index:
+        header += "# UNSIGNED: every meshd refuses this table and keeps its own\n"
+    return header
 
 
 def _show_conflict(conflict: ConfigConflict, store: RouteConfigStore, out: TextIO) -> int:

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from meshd.admin.client import AdminError
-from meshd.cli.admin_api import add_admin_options, failure_line, read_state
+from meshd.cli.admin_api import add_admin_options, failure_line, read_state, signer_line
 from meshd.errors import MeshError
 
 CERT_WARN_SECONDS = 6 * 3600  # a 24 h leaf is renewed long before this; below it, say so
@@ -153,6 +153,7 @@ def render(state: Mapping[str, Any]) -> str:
                      f"expires {c.get('not_after', '?')}", note])
     out += _table(rows) if rows else []
 
+    out.append(signer_line(state))
     if state.get("config_error"):
         first, *rest = str(state["config_error"]).splitlines()
         out.append(f"route table REJECTED (the previous one stays): {first}")

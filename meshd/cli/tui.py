@@ -8,8 +8,10 @@ import ssl
 from typing import Any
 
 from meshd.admin.client import DEFAULT_ADMIN_PORT, admin_ssl_context
+from meshd.cli.routes import add_operator_options
 from meshd.errors import MeshError
 from meshd.registry.consul import DEFAULT_REGISTRY, operator_token, registry_url
+from meshd.registry.operator_key import operator_key
 
 
 def register(sub: Any) -> None:
@@ -38,6 +40,7 @@ def register(sub: Any) -> None:
                    help="operator certificate (PEM) presented to admin APIs over HTTPS "
                    "(meshd ca issue --operator NAME writes NAME.crt, NAME.key and ca.crt)")
     p.add_argument("--admin-key", metavar="FILE", help="the operator certificate's key")
+    add_operator_options(p)
     p.set_defaults(func=run)
 
 
@@ -61,7 +64,9 @@ def run(args: argparse.Namespace) -> int:
     url = registry_url(args.registry)
     source = RegistrySource(url, args.admin_port, token=operator_token(args.token, url),
                             timeout=min(0.8, args.interval * 0.8), admin_tls=admin_tls(args),
-                            admin_client_cert=bool(args.admin_cert))
+                            admin_client_cert=bool(args.admin_cert),
+                            signer=operator_key(getattr(args, "operator_cert", None),
+                                                getattr(args, "operator_key", None), url))
     # log lines written to the terminal would tear the screen: the console reports what
     # matters in its events pane instead
     logging.disable(logging.CRITICAL)

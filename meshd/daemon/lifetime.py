@@ -23,6 +23,7 @@ import os
 import random
 import time
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from meshd.admin.server import AdminAPI
 from meshd.admin.state import DaemonState, build_state
 from meshd.backoff import backoff_delay
 from meshd.config.parse import routes_to_data
-from meshd.config.schema import HostConfig, LocalService, RouteTable
+from meshd.config.schema import HostConfig, LocalService
 from meshd.daemon.health import probe, probe_client, report_health
 from meshd.errors import CAError, ConfigError, MeshError, Problem, RegistryError
 from meshd.fileio import write_atomic
@@ -47,7 +48,7 @@ from meshd.metrics import Metrics
 from meshd.proxy.core.view import ViewCell
 from meshd.proxy.server import Proxy
 from meshd.registry import registration
-from meshd.registry.config_store import Refused, encode_routes, judge_stored
+from meshd.registry.config_store import Accepted, Refused, Trust, judge_stored
 from meshd.registry.consul import ConsulClient, registry_token
 from meshd.registry.model import EndpointSet, ProbeResult
 from meshd.registry.watch import WatchStatus, watch_endpoints, watch_routes
@@ -88,6 +89,7 @@ class Daemon:
         self.view = ViewCell()
         self.state = DaemonState()
         self.proxy: Proxy | None = None
+        self._tls: TLSState | None = None
         self._cancel = trio.CancelScope()
         self._consul: ConsulClient | None = None
         self._registered: list[str] = []
@@ -106,38 +108,54 @@ class Daemon:
 
     # -- callbacks from watchers -------------------------------------------------------------
 
-    def _apply_routes(self, table: RouteTable, source: str = "registry") -> None:
-        view = self.view.set_routes(table)
+    def _judge_routes(self, raw: bytes | None, source: str | None = None) -> Accepted | Refused:
+        """``judge_stored`` against this meshd's trust bundle and deny list, with the signed
+        table in force (an older one is a replay) and the clock now."""
+        bundle = self.state.bundle
+        if bundle is None or self._tls is None:  # (watchers start after the join)
+            return Refused("no_trust_bundle", "no trust bundle yet to verify the route table")
+        trust = Trust(bundle, self._tls.denied, datetime.now(UTC), self.state.routes_signed)
+        return (judge_stored(raw, trust) if source is None
+                else judge_stored(raw, trust, source))
+
+    def _apply_routes(self, accepted: Accepted, source: str = "registry") -> None:
+        view = self.view.set_routes(accepted.table)
         self.metrics.config_generation.set(view.generation)
         self.metrics.config_reloads.labels("applied").inc()
         self.state.last_config_error = ""
         self.state.routes_source = source
-        log.info("route table generation %d applied from the %s: %s", view.generation, source,
-                 routes_to_data(table)["destinations"] or "(cleared)")
+        self.state.routes_signed = signed = accepted.signed
+        log.info("route table generation %d applied from the %s (version %d signed by %s at "
+                 "%s): %s", view.generation, source, signed.version, signed.signer_id,
+                 signed.summary()["signed_at"],
+                 routes_to_data(accepted.table)["destinations"] or "(cleared)")
         if source == "registry":
-            self._keep_on_disk(table)
+            self._keep_on_disk(accepted.raw)
         if self.state.ready:
             systemd.notify(status=self.status_line())
 
     def _reject_routes(self, refused: Refused) -> None:
         self.metrics.config_reloads.labels("rejected").inc()
+        self.metrics.config_refused.labels(refused.code).inc()
         self.state.last_config_error = refused.reason
         log.error("route table in the registry refused (%s), generation %d (from the %s) stays "
                   "in force:\n%s", refused.code, self.view.current.generation,
                   self.state.routes_source, refused.reason)
 
-    def _keep_on_disk(self, table: RouteTable) -> None:
-        """The last good table, for a start while the registry is away (a small file written
-        only when the operator changes the table: written here, on the event loop)."""
+    def _keep_on_disk(self, raw: bytes) -> None:
+        """The last good table's signed envelope, for a start while the registry is away (a
+        small file written only when the operator changes the table: written here, on the
+        event loop)."""
         path = routes_file(self.config)
         try:
-            write_atomic(path, encode_routes(table), 0o600)
+            write_atomic(path, raw, 0o600)
         except OSError as exc:
             log.warning("cannot keep the route table in %s: %s", path, exc)
 
     def _load_from_disk(self) -> None:
-        """Put the last good table in force before the registry answers (fail closed: without
-        one, no table is in force and every service follows the default deny)."""
+        """Put the last good table in force before the registry answers, once its signature
+        verifies again against the trust bundle and deny list (fail closed: without one, no
+        table is in force and every service follows the default deny)."""
         path = routes_file(self.config)
         try:
             raw = path.read_bytes()
@@ -146,7 +164,7 @@ class Daemon:
         except OSError as exc:
             log.warning("cannot read the last good route table %s: %s", path, exc)
             return
-        judged = judge_stored(raw, str(path))
+        judged = self._judge_routes(raw, str(path))
         if isinstance(judged, Refused):
             log.warning("the route table kept in %s is not usable: %s", path, judged.reason)
             return
@@ -222,6 +240,7 @@ class Daemon:
         self.state.bundle, self.state.identities = bundle, identities
         tls = TLSState(cert_dir(config), config.trust_domain, [s.name for s in config.services],
                        admin=config.admin_tls)
+        self._tls = tls
         await n.start(self.identity.run, tls)  # renewals, deny list, roots
         if config.admin_tls:
             await n.start(partial(admin.serve, config.admin_host, config.admin_port, tls=tls))
@@ -232,8 +251,8 @@ class Daemon:
         systemd.notify(status=f"reading routes and endpoints from {config.registry_url}")
         routes_status = self.state.watches.setdefault("routes", WatchStatus("routes"))
         await n.start(self._wait_for_registry, "route table",
-                      watch_routes, consul, self._apply_routes, self._reject_routes,
-                      routes_status)
+                      watch_routes, consul, self._judge_routes, self._apply_routes,
+                      self._reject_routes, routes_status)
         for dest in sorted({u.name for _, u in config.upstreams}):
             status = self.state.watches.setdefault(f"endpoints/{dest}",
                                                    WatchStatus(f"endpoints/{dest}"))

@@ -15,6 +15,7 @@ from meshd.dev.supervisor import Child, describe_exit
 from meshd.errors import MeshError
 from meshd.registry.config_store import RouteConfigStore
 from meshd.registry.consul import ConsulClient, registry_url
+from meshd.registry.operator_key import OperatorKey
 
 POLL_INTERVAL = 0.2
 PROBE_TIMEOUT = 2.0
@@ -155,8 +156,10 @@ async def run_command(argv: Sequence[str], *, what: str, env: Mapping[str, str],
     return str(result.stdout.decode(errors="replace"))
 
 
-async def write_routes(registry: str, table: RouteTable, *, token: str | None = None) -> None:
+async def write_routes(registry: str, table: RouteTable, signer: OperatorKey, *,
+                       token: str | None = None) -> None:
     """Store the mesh's route table in the registry's KV, through the one mesh config store (its
-    key, its canonical encoding, check-and-set), as the holder of ``token``."""
+    key, its signed encoding, check-and-set), signed by ``signer``, as the holder of
+    ``token``."""
     async with ConsulClient(registry_url(registry), token=token) as consul:
-        await RouteConfigStore(consul).apply(table)
+        await RouteConfigStore(consul, signer=signer).apply(table)

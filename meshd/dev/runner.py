@@ -42,6 +42,7 @@ from meshd.dev.supervisor import Child, ChildSpec, Supervisor
 from meshd.errors import MeshError
 from meshd.operator_context import OperatorContext, context_path, remove_context, write_context
 from meshd.registry.config_store import ROUTES_KEY
+from meshd.registry.operator_key import OperatorKey
 
 # stop groups: the meshds go first so they deregister while the registry still answers
 MESHD_GROUP, APP_GROUP, CA_GROUP, REGISTRY_GROUP = range(4)
@@ -303,8 +304,11 @@ async def bring_up(launch: Launch, console: Console, supervisor: Supervisor) -> 
                                 give_up_after=CA_TIMEOUT, child=ca)
 
         if launch.routes is not None:
-            await probes.write_routes(registry_http, launch.routes, token=tokens.operator)
-            console.say(f"routes from {mesh.routes} written to {ROUTES_KEY}")
+            signer = OperatorKey.from_files(operator.cert, operator.key)
+            await probes.write_routes(registry_http, launch.routes, signer,
+                                      token=tokens.operator)
+            console.say(f"routes from {mesh.routes} written to {ROUTES_KEY}, signed by "
+                        f"operator {operator.name}")
         _write_context(launch, console, OperatorContext(
             registry=registry_http, token_file=operator_token,
             admin=tuple(str(h.admin) for h in mesh.hosts), operator=operator,

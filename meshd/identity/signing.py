@@ -169,6 +169,24 @@ def verify(envelope: Any, kind: str, *, bundle: TrustBundle, denied: Iterable[st
     return doc
 
 
+def inspect(envelope: Any, kind: str) -> Signed:
+    """What a well-formed envelope claims, NOT verified (no chain, revocation, signature or
+    order check): for an operator's display (``meshd routes show``) and for the version a writer
+    signs after. ``SignatureRefused`` when it is not a well-formed envelope of ``kind``."""
+    if not is_envelope(envelope):
+        raise SignatureRefused("unsigned", "the document is not signed (no meshd-signed "
+                               "envelope)")
+    payload, _, certs = _parts(envelope)
+    claims = _claims(payload, kind, None)
+    try:
+        name = parse_identity(claims["signer"])[2]
+    except ValueError as exc:
+        raise SignatureRefused("malformed", f"malformed signer: {exc}") from None
+    return Signed(kind=kind, version=claims["version"], signed_at=claims["signed_at"],
+                  signer=name, signer_id=claims["signer"], serial=keys.serial_hex(certs[0]),
+                  digest=hashlib.sha256(payload).hexdigest(), data=claims["data"])
+
+
 def _parts(envelope: Mapping[str, Any]) -> tuple[bytes, bytes, list[x509.Certificate]]:
     try:
         payload = base64.b64decode(envelope["payload"], validate=True)
@@ -182,7 +200,8 @@ def _parts(envelope: Mapping[str, Any]) -> tuple[bytes, bytes, list[x509.Certifi
     return payload, signature, certs
 
 
-def _claims(payload: bytes, kind: str, trust_domain: str) -> dict[str, Any]:
+def _claims(payload: bytes, kind: str, trust_domain: str | None) -> dict[str, Any]:
+    """The payload's claims; the trust domain is checked unless ``trust_domain`` is None."""
     try:
         claims = json.loads(payload)
         if not isinstance(claims, dict):
@@ -198,7 +217,7 @@ def _claims(payload: bytes, kind: str, trust_domain: str) -> dict[str, Any]:
     if claims.get("kind") != kind:
         raise SignatureRefused("wrong_kind", f"a signed {claims.get('kind')!r} document where "
                                f"{kind!r} belongs")
-    if claims.get("trust_domain") != trust_domain:
+    if trust_domain is not None and claims.get("trust_domain") != trust_domain:
         raise SignatureRefused("foreign_trust_domain", f"signed for trust domain "
                                f"{claims.get('trust_domain')!r}, this mesh is {trust_domain!r}")
     return claims

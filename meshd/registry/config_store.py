@@ -1,11 +1,13 @@
 """The mesh config in the registry's KV: the one place that knows its key (``ROUTES_KEY``), its
-encoding, and how it is written. ``meshd routes``, ``meshd up``, the console and every meshd's
-watcher go through here.
+encoding, and how it is written and judged. ``meshd routes``, ``meshd up``, the console and every
+meshd's watcher go through here.
 
-What is written is always the canonical form, ``json.dumps(routes_to_data(table),
-sort_keys=True)`` of a validated table, so the same table always gives the same bytes and every
-meshd can parse it. Every write names the ModifyIndex it was based on (check-and-set); if the key
-moved meanwhile nothing is written and ``ConfigConflict`` says from which index to which, with the
+What is written is always a signed envelope (``meshd.identity.signing``) of the canonical form
+of a validated table, ``routes_to_data(table)``, signed by an operator certificate of the mesh CA
+(``OperatorKey``); every meshd verifies it against its trust bundle and deny list before applying
+it (``judge_stored``), so whoever can only write the registry can deny service but never open a
+door. Every write names the ModifyIndex it was based on (check-and-set); if the key moved
+meanwhile nothing is written and ``ConfigConflict`` says from which index to which, with the
 value now stored, so the caller can show it: two operators never overwrite each other silently.
 
 ``RouteConfigStore`` is async over a ``KV`` (meshd's one Consul adapter, httpx, or a KV in
@@ -15,21 +17,48 @@ memory), so it runs under trio (the CLI, ``meshd up``) and asyncio (the console)
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from meshd.config.routes import parse_routes, routes_to_data
 from meshd.config.schema import RouteTable
 from meshd.errors import ConfigError, MeshError, Problem
+from meshd.identity.certs import TrustBundle
+from meshd.identity.signing import (
+    SignatureRefused,
+    Signed,
+    canonical_bytes,
+    inspect,
+    is_envelope,
+    next_version,
+    sign,
+    verify,
+)
 from meshd.registry.consul import Blocking
+from meshd.registry.operator_key import HOW_TO_SIGN, OperatorKey
 
 ROUTES_KEY = "meshd/config/routes"
+KIND = "routes"
 
 
 def encode_routes(table: RouteTable) -> bytes:
-    """The canonical bytes stored in KV for a route table."""
+    """The canonical bytes of a route table, unsigned (what an envelope's payload carries)."""
     return json.dumps(routes_to_data(table), sort_keys=True).encode()
+
+
+def encode_signed(table: RouteTable, signer: OperatorKey, *, version: int,
+                  now: datetime) -> bytes:
+    """The bytes stored in KV for ``table``: its envelope signed by ``signer``. ConfigError
+    when the key does not belong to the certificate."""
+    try:
+        envelope = sign(KIND, routes_to_data(table), version=version, now=now,
+                        trust_domain=signer.trust_domain, key_pem=signer.key_pem,
+                        cert_pem=signer.cert_pem)
+    except ValueError as exc:
+        raise ConfigError([Problem(f"operator {signer.name}", "operator-key", str(exc))]) from exc
+    return canonical_bytes(envelope)
 
 
 def _json_object(raw: bytes, source: str) -> dict[str, Any]:
@@ -43,37 +72,73 @@ def _json_object(raw: bytes, source: str) -> dict[str, Any]:
 
 
 def decode_routes(raw: bytes, source: str = f"registry kv {ROUTES_KEY}") -> RouteTable:
-    """Parse the canonical JSON route table stored in KV (raises ConfigError with reasons)."""
+    """Parse a canonical JSON route table, unsigned (raises ConfigError with reasons)."""
     return parse_routes(_json_object(raw, source), source)
 
 
 @dataclass(frozen=True)
 class Refused:
     """Why a meshd does not apply what the registry holds; the table in force stays.
-    ``code``: ``missing``, ``empty`` or ``invalid``."""
+    ``code``: ``missing``, ``empty``, ``invalid``, or a ``SignatureRefused`` code (``unsigned``,
+    ``unknown_signer``, ``revoked``, ``bad_signature``, ``replay``, ``from_the_future``...)."""
 
     code: str
     reason: str
 
 
-def judge_stored(raw: bytes | None, source: str = f"registry kv {ROUTES_KEY}",
-                 ) -> RouteTable | Refused:
+@dataclass(frozen=True)
+class Trust:
+    """What a meshd verifies the stored table against: its trust bundle and deny list, the
+    signed table in force (an older one is a replay), and its clock."""
+
+    bundle: TrustBundle
+    denied: frozenset[str]
+    now: datetime
+    in_force: Signed | None = None
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A verified, valid table; ``raw``: its envelope as stored (kept on disk, verified again
+    at the next start)."""
+
+    table: RouteTable
+    signed: Signed
+    raw: bytes
+
+
+def judge_stored(raw: bytes | None, trust: Trust, source: str = f"registry kv {ROUTES_KEY}",
+                 ) -> Accepted | Refused:
     """What a meshd makes of the stored value (None: the key is absent). Pure.
 
-    Fail closed: a missing key, a table without destinations or one that does not validate
-    never replaces the table in force; only an operator's `meshd routes clear` (a table marked
-    ``clear``) empties it."""
+    Fail closed: a missing key, an unsigned table, one whose signature does not verify against
+    ``trust`` (unknown or revoked signer, altered, older than the one in force, dated ahead), a
+    table without destinations or one that does not validate never replaces the table in
+    force; only an operator's signed `meshd routes clear` (a table marked ``clear``) empties
+    it."""
+    stays = "the route table in force stays"
     if raw is None:
-        return Refused("missing", f"{source} is missing from the registry; the route table in "
-                       "force stays (an operator empties it with `meshd routes clear`)")
+        return Refused("missing", f"{source} is missing from the registry; {stays} (an "
+                       "operator empties it with `meshd routes clear`)")
     try:
-        table = decode_routes(raw, source)
+        envelope = _json_object(raw, source)
+    except ConfigError as exc:
+        return Refused("invalid", str(exc))
+    try:
+        signed = verify(envelope, KIND, bundle=trust.bundle, denied=trust.denied,
+                        now=trust.now, in_force=trust.in_force)
+    except SignatureRefused as exc:
+        return Refused(exc.code, f"{source}: {exc.reason}; {stays}")
+    try:
+        if not isinstance(signed.data, dict):
+            raise ConfigError([Problem(source, "", "the signed data is not a JSON object")])
+        table = parse_routes(signed.data, source)
     except ConfigError as exc:
         return Refused("invalid", str(exc))
     if not table.destinations and not table.cleared:
-        return Refused("empty", f"{source} holds a table without destinations; the route table "
-                       "in force stays (an operator empties it with `meshd routes clear`)")
-    return table
+        return Refused("empty", f"{source} holds a table without destinations; {stays} (an "
+                       "operator empties it with `meshd routes clear`)")
+    return Accepted(table, signed, raw)
 
 
 class KV(Protocol):
@@ -90,10 +155,11 @@ class KV(Protocol):
 @dataclass(frozen=True)
 class StoredRoutes:
     """The route table stored in KV and its ModifyIndex (0: the key does not exist, which means
-    an empty table)."""
+    an empty table), and who signed it (None: absent, or unsigned, which every meshd refuses)."""
 
     table: RouteTable
     modify_index: int
+    signed: Signed | None = None
 
     @property
     def data(self) -> dict[str, Any]:
@@ -117,9 +183,18 @@ class ConfigConflict(MeshError):
 
 
 class RouteConfigStore:
-    def __init__(self, client: KV, key: str = ROUTES_KEY) -> None:
+    """``signer``: the operator certificate writes are signed with (none: reads only);
+    ``bundle``: verify what is read against it (else the signer shown is what the envelope
+    claims; every meshd verifies before applying)."""
+
+    def __init__(self, client: KV, key: str = ROUTES_KEY, *, signer: OperatorKey | None = None,
+                 bundle: TrustBundle | None = None,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self.client = client
         self.key = key
+        self.signer = signer
+        self.bundle = bundle
+        self.clock = clock
 
     @property
     def source(self) -> str:
@@ -135,38 +210,72 @@ class RouteConfigStore:
         answer = await self.client.kv_get(self.key)
         if answer.data is None:
             return StoredRoutes(RouteTable(), 0)
-        return StoredRoutes(decode_routes(answer.data.value, self.source),
-                            answer.data.modify_index)
+        data, signed = self._unwrap(answer.data.value)
+        return StoredRoutes(parse_routes(data, self.source), answer.data.modify_index, signed)
+
+    def _unwrap(self, raw: bytes) -> tuple[dict[str, Any], Signed | None]:
+        """The table's mapping in a stored value and its signature (None: unsigned)."""
+        obj = _json_object(raw, self.source)
+        if not is_envelope(obj):
+            return obj, None
+        try:
+            signed = (inspect(obj, KIND) if self.bundle is None else
+                      verify(obj, KIND, bundle=self.bundle, denied=(), now=self.clock()))
+        except SignatureRefused as exc:
+            raise ConfigError([Problem(self.source, "", str(exc))]) from exc
+        if not isinstance(signed.data, dict):
+            raise ConfigError([Problem(self.source, "", "the signed data is not a JSON object")])
+        return signed.data, signed
 
     async def peek(self) -> tuple[dict[str, Any] | None, int]:
-        """What is stored as a JSON object, not validated (None: absent, or not a JSON object),
-        and its ModifyIndex: a console shows even a table every meshd refuses."""
+        """What is stored as a JSON object, not validated nor verified (the signed table's, when
+        signed; None: absent, or not a JSON object), and its ModifyIndex: a console shows even
+        a table every meshd refuses."""
         answer = await self.client.kv_get(self.key)
         if answer.data is None:
             return None, 0
         try:
             data: dict[str, Any] | None = _json_object(answer.data.value, self.source)
-        except ConfigError:
+            if is_envelope(data):
+                data = inspect(data, KIND).data
+        except (ConfigError, SignatureRefused):
             data = None
-        return data, answer.data.modify_index
+        return data if isinstance(data, dict) else None, answer.data.modify_index
 
     async def write(self, table: RouteTable, cas: int) -> StoredRoutes:
         """Store ``table`` if the key's ModifyIndex is still ``cas`` (0: only if absent).
         Returns what is stored afterwards; raises ``ConfigConflict`` if the key moved, and
         ``ConfigError`` for a table without destinations that is not marked ``clear`` (every
-        meshd would refuse it)."""
+        meshd would refuse it) and without an operator certificate to sign with. The version
+        signed follows the stored one's."""
         if not table.destinations and not table.cleared:
             raise ConfigError([Problem(self.source, "destinations", "no destinations: every "
                                        "meshd would refuse the table and keep its own; empty "
                                        "the table on purpose with `meshd routes clear`")])
-        if await self.client.kv_put(self.key, encode_routes(table), cas=cas):
-            return StoredRoutes(table, await self.current_index())
+        if self.signer is None:
+            raise ConfigError([Problem(self.source, "signature", HOW_TO_SIGN)])
+        now = self.clock()
+        raw = encode_signed(table, self.signer, now=now,
+                            version=next_version(now, await self._stored_version()))
+        if await self.client.kv_put(self.key, raw, cas=cas):
+            return StoredRoutes(table, await self.current_index(),
+                                inspect(json.loads(raw), KIND))
         try:
             current: StoredRoutes | None = await self.read()
             error = None
         except ConfigError as exc:
             current, error = StoredRoutes(RouteTable(), await self.current_index()), exc
         raise ConfigConflict(self.key, cas, current, error)
+
+    async def _stored_version(self) -> int | None:
+        """The version of the stored envelope, if one is readable (what the next one follows)."""
+        answer = await self.client.kv_get(self.key)
+        if answer.data is None:
+            return None
+        try:
+            return inspect(json.loads(answer.data.value), KIND).version
+        except (ValueError, SignatureRefused):
+            return None
 
     async def apply(self, table: RouteTable) -> StoredRoutes:
         """Replace the stored table (whatever it was) with ``table``, unless it changes between

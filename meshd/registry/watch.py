@@ -14,9 +14,8 @@ from dataclasses import dataclass
 import trio
 
 from meshd.backoff import backoff_delay
-from meshd.config.schema import RouteTable
 from meshd.errors import RegistryError
-from meshd.registry.config_store import ROUTES_KEY, Refused, judge_stored
+from meshd.registry.config_store import ROUTES_KEY, Accepted, Refused
 from meshd.registry.consul import Blocking, ConsulClient, KVEntry, next_index
 from meshd.registry.model import EndpointSet, diff_endpoints, endpoints_from_health_connect
 
@@ -127,7 +126,8 @@ async def watch_endpoints(
 
 async def watch_routes(
     client: ConsulClient,
-    on_update: Callable[[RouteTable], None],
+    judge: Callable[[bytes | None], Accepted | Refused],
+    on_update: Callable[[Accepted], None],
     on_rejected: Callable[[Refused], None],
     status: WatchStatus,
     *,
@@ -135,9 +135,10 @@ async def watch_routes(
     wait: float = DEFAULT_WAIT,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Watch the route table key. What the registry holds is judged by ``judge_stored``: a
-    table to apply (``on_update``), or a refusal (``on_rejected``: missing, empty, invalid)
-    and the table in force stays."""
+    """Watch the route table key. What the registry holds is judged by ``judge`` (the daemon's
+    ``judge_stored`` with its trust bundle, deny list and the signed table in force): a verified
+    table to apply (``on_update``), or a refusal (``on_rejected``: missing, empty, invalid,
+    unsigned, unknown or revoked signer, replay...) and the table in force stays."""
     seen_modify: int | None = -1
 
     def on_answer(answer: Blocking) -> None:
@@ -147,7 +148,7 @@ async def watch_routes(
         if modify == seen_modify:
             return
         seen_modify = modify
-        judged = judge_stored(entry.value if entry is not None else None)
+        judged = judge(entry.value if entry is not None else None)
         if isinstance(judged, Refused):
             on_rejected(judged)
         else:

@@ -21,6 +21,7 @@ from test_daemon import payments_app
 from meshd.ca.operations import issue_to_directory
 from meshd.config.schema import HostConfig
 from meshd.daemon.lifetime import Daemon
+from meshd.identity.signing import inspect
 from meshd.identity.spiffe import Kind
 from meshd.registry.config_store import ROUTES_KEY, RouteConfigStore
 from meshd.registry.consul import ConsulClient
@@ -94,7 +95,7 @@ async def test_deleting_or_emptying_the_table_never_lets_a_refused_caller_in(
 
         # an operator empties it on purpose: applied, and the default deny covers payments
         async with ConsulClient(mesh.registry_url) as consul:
-            await RouteConfigStore(consul).clear()
+            await RouteConfigStore(consul, signer=mesh.operator).clear()
 
         async def cleared() -> bool:
             return await status(web) == 403
@@ -116,7 +117,8 @@ async def test_a_restart_starts_with_the_last_good_table_from_disk(
     start, before the registry answers; the registry's answer then replaces it."""
     conf, daemon = await _payments_host(mesh, nursery)
     kept = conf.state_dir / "routes.json"
-    assert json.loads(kept.read_bytes())["destinations"]["payments"]["authorization"]
+    assert inspect(json.loads(kept.read_bytes()), "routes").data["destinations"]["payments"][
+        "authorization"]
     assert kept.stat().st_mode & 0o777 == 0o600
     await daemon.stop()
 

@@ -326,6 +326,8 @@ def test_routes_work_with_the_operator_token_from_the_context(mesh: Mesh) -> Non
     shown = _meshd(mesh, "routes", "show")
     assert shown.returncode == 0, shown.stderr
     assert "[destinations.payments]" in shown.stdout and "v1 = 90" in shown.stdout
+    # meshd up wrote the table signed with its operator certificate, and so do these commands
+    assert "/operator/dev (certificate " in shown.stdout, shown.stdout
     changed = _meshd(mesh, "routes", "set-split", "payments", "v1=90", "v2=10")
     assert changed.returncode == 0, changed.stderr
     assert "v1=90, v2=10 -> v1=90, v2=10" in changed.stdout

@@ -44,6 +44,7 @@ WEB_PORT = 8080
 PAYMENTS_PORT = 9001
 UPSTREAM_PORT = 9191
 
+OPERATOR = "faults"
 HOSTS = {"registry": 2, "ca": 3, "host-a": 11, "host-b": 12, "host-c": 13, "client": 20}
 BACKENDS = {"host-b": "v1", "host-c": "v2"}
 
@@ -91,6 +92,7 @@ class FaultMesh:
         self.ip = {name: h.ip for name, h in self.topo.hosts.items()}
         self.registry_url = f"http://{self.ip['registry']}:8500"
         self.ca_dir = root / "ca"
+        self.operator_dir = root / "operator"
         self.procs: dict[str, Proc] = {}
         self.loads: list[LoadRun] = []
 
@@ -105,6 +107,11 @@ class FaultMesh:
                               TRUST_DOMAIN, "--leaf-ttl", LEAF_TTL), env={**os.environ, **env()})
         fingerprint = next(line.strip() for line in reversed(init.stdout.splitlines())
                            if re.fullmatch(r"sha256:[0-9a-f]{64}", line.strip()))
+        # the operator's certificate: every route table the suite writes is signed with it
+        # (valid for the whole suite, unlike the short-lived leaves under test)
+        run(meshd_argv("ca", "issue", "--dir", str(self.ca_dir), "--operator", OPERATOR,
+                       "--out", str(self.operator_dir), "--ttl", "24h"),
+            env={**os.environ, **env()})
         self.start_ca()
         self.wait(lambda: self.get("client", f"https://{self.ip['ca']}:8443/v1/ca/roots",
                                    insecure=True)["status"] == 200, 30, "the CA answers")
@@ -243,13 +250,18 @@ class FaultMesh:
         result = self.topo.exec("client", meshd_argv(*args), env=env())
         return result.stdout
 
+    def operator_args(self) -> tuple[str, ...]:
+        """The options that sign what `meshd routes` (or the agent's set-splits) writes."""
+        return ("--operator-cert", str(self.operator_dir / f"{OPERATOR}.crt"),
+                "--operator-key", str(self.operator_dir / f"{OPERATOR}.key"))
+
     def apply_routes(self, name: str) -> None:
-        self.meshd_cli("routes", "--registry", self.registry_url, "apply",
-                       str(Path(__file__).resolve().parent / name))
+        self.meshd_cli("routes", "--registry", self.registry_url, *self.operator_args(),
+                       "apply", str(Path(__file__).resolve().parent / name))
 
     def set_split(self, v1: int, v2: int) -> None:
-        self.meshd_cli("routes", "--registry", self.registry_url, "set-split", "payments",
-                       f"v1={v1}", f"v2={v2}")
+        self.meshd_cli("routes", "--registry", self.registry_url, *self.operator_args(),
+                       "set-split", "payments", f"v1={v1}", f"v2={v2}")
 
     def front_door(self) -> str:
         return f"http://{self.ip['host-a']}:{WEB_PORT}/checkout"

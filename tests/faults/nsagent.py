@@ -145,10 +145,15 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 
 def cmd_set_splits(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     import trio
 
     from meshd.registry.config_store import ConfigConflict, RouteConfigStore
     from meshd.registry.consul import ConsulClient
+    from meshd.registry.operator_key import OperatorKey
+
+    signer = OperatorKey.from_files(Path(args.operator_cert), Path(args.operator_key))
 
     splits = [{"v1": w, "v2": 100 - w} for w in (90, 50, 10, 70, 30)]
 
@@ -156,7 +161,7 @@ def cmd_set_splits(args: argparse.Namespace) -> int:
         changes = conflicts = 0
         started = time.monotonic()
         async with ConsulClient(args.registry) as client:
-            store = RouteConfigStore(client)
+            store = RouteConfigStore(client, signer=signer)
             with trio.move_on_after(args.max_seconds):
                 while changes < args.count:
                     try:
@@ -200,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-seconds", type=float, default=60.0)
     p.add_argument("--pause", type=float, default=0.02)
     p.add_argument("--final-v2", type=int, default=10)
+    p.add_argument("--operator-cert", required=True, help="signs the route tables written")
+    p.add_argument("--operator-key", required=True)
     p.set_defaults(func=cmd_set_splits)
     args = parser.parse_args(argv)
     return int(args.func(args))

@@ -94,7 +94,8 @@ def test_b_route_churn_under_load(fault_mesh: FaultMesh) -> None:
     before = mesh.state("host-a")["generation"]
     load = fault_load(mesh)
     time.sleep(0.5)
-    churn = mesh.agent("client", "set-splits", mesh.registry_url, "--count", "100",
+    churn = mesh.agent("client", "set-splits", mesh.registry_url, *mesh.operator_args(),
+                       "--count", "100",
                        "--final-v2", "10", "--max-seconds", "60", timeout=90)
     mesh.wait(lambda: split_of(mesh.routes_in_force()) == {"v1": 90, "v2": 10}, 20,
               "host-a back on 90/10")

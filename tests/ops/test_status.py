@@ -50,6 +50,10 @@ STATE: dict[str, Any] = {
                       "serial": "ab", "not_after": "2030-01-02T03:04:05Z",
                       "expires_in_seconds": 80000}],
     "config_error": "",
+    "routes_source": "registry",
+    "routes_signed": {"version": 1780000000000000, "signed_at": "2026-05-28T20:26:40.000000Z",
+                      "signer": "alice", "signer_id": "spiffe://shop.mesh/operator/alice",
+                      "serial": "5f2a"},
     "process": {"pid": 4242, "cpu_seconds": 1.0, "rss_bytes": 1, "open_fds": 9},
 }
 
@@ -68,6 +72,8 @@ upstreams (1)
 registry http://10.0.0.9:8500: up to date (2 watches)
 certificates (1)
   spiffe://shop.mesh/svc/web  expires 2030-01-02T03:04:05Z  in 22h13m
+route table signed by spiffe://shop.mesh/operator/alice (version 1780000000000000, at \
+2026-05-28T20:26:40.000000Z, certificate 5f2a; from registry)
 """
 
 
@@ -81,6 +87,7 @@ def test_render_a_troubled_host() -> None:
              "error": "connection refused"}]},
         "certificates": [STATE["certificates"][0] | {"expires_in_seconds": 1800}],
         "config_error": "routes: destinations.payments.split: weights sum to 95\nsecond line",
+        "routes_signed": None, "routes_source": "none",
     }
     text = render(state)
     assert text.splitlines()[0].endswith(": NOT READY")
@@ -88,6 +95,7 @@ def test_render_a_troubled_host() -> None:
     assert ("registry http://10.0.0.9:8500: STALE for 1m35s, serving the last known view: "
             "routes: connection refused") in text
     assert "EXPIRES SOON, in 30m00s" in text
+    assert "route table signed by: none in force (from none)" in text
     assert ("route table REJECTED (the previous one stays): routes: "
             "destinations.payments.split: weights sum to 95\n  second line") in text
 

@@ -256,6 +256,7 @@ def test_command_reads_the_admin_api(admin: AdminAPI,
                           "(route table generation 7)")
     assert "1. admin: MATCHED, chosen" in out
     assert "2. canary: not reached" in out
+    assert out.endswith("route table signed by: none in force (from none)\n")
 
 
 def test_command_exit_codes(admin: AdminAPI, capsys: pytest.CaptureFixture[str]) -> None:

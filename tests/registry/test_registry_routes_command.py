@@ -1,5 +1,7 @@
 """``meshd routes apply | show | set-split`` as a process against a real registry over HTTP,
-including a concurrent change between its read and its check-and-set write."""
+including a concurrent change between its read and its check-and-set write. Writes are signed
+with an operator certificate from a test CA (``$MESHD_OPERATOR_CERT``/``KEY`` unless a test says
+otherwise)."""
 
 from __future__ import annotations
 
@@ -8,17 +10,28 @@ import os
 import subprocess
 import sys
 import tomllib
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import trio
+from operator_testing import issue_operator
 from registry_testing import Registry, start_registry
 
+from meshd.ca.store import init_ca
 from meshd.config.load import load_routes
 from meshd.config.routes import parse_routes, routes_to_data
 from meshd.httpd import Request, Response, serve_http
-from meshd.operator_context import OperatorContext, context_path, write_context
+from meshd.identity.signing import canonical_bytes, inspect
+from meshd.operator_context import (
+    OperatorContext,
+    OperatorCredentials,
+    context_path,
+    write_context,
+)
 from meshd.registry.acl_policies import OPERATOR_POLICY, operator_rules
 from meshd.registry.config_store import ROUTES_KEY
 from meshd.registry.consul import ConsulClient
@@ -35,19 +48,44 @@ timeout = "2s"
 """
 
 
-def meshd(registry: str, *args: str, token: str = "",
-          runtime_dir: Path | None = None) -> subprocess.CompletedProcess[str]:
+OPERATOR: dict[str, Path] = {}  # the operator certificate `meshd routes` signs with
+
+
+@pytest.fixture(autouse=True, scope="module")
+def operator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
+    tmp = tmp_path_factory.mktemp("operator")
+    init_ca(tmp / "ca", "routes.test", now=datetime.now(UTC) - timedelta(hours=1))
+    issue_operator(tmp / "ca", tmp / "out", "alice")
+    OPERATOR.update(cert=tmp / "out" / "alice.crt", key=tmp / "out" / "alice.key",
+                    ca=tmp / "out" / "ca.crt")
+    yield OPERATOR
+    OPERATOR.clear()
+
+
+def table_of(value: bytes) -> Any:
+    """The table in a stored value (a signed envelope, in canonical form)."""
+    envelope = json.loads(value)
+    assert value == canonical_bytes(envelope)
+    return inspect(envelope, "routes").data
+
+
+def meshd(registry: str, *args: str, token: str = "", runtime_dir: Path | None = None,
+          signer_env: bool = True) -> subprocess.CompletedProcess[str]:
     # a private runtime dir: no operator context of a real `meshd up` of this user applies
     env = {"PATH": "/usr/bin:/bin", "CONSUL_HTTP_TOKEN": token,
            "XDG_RUNTIME_DIR": str(runtime_dir or Path("/nonexistent/runtime"))}
+    if signer_env:
+        env |= {"MESHD_OPERATOR_CERT": str(OPERATOR["cert"]),
+                "MESHD_OPERATOR_KEY": str(OPERATOR["key"])}
     return subprocess.run([sys.executable, "-m", "meshd", "routes", "--registry", registry,
                            *args], capture_output=True, text=True, timeout=30, env=env)
 
 
-async def run(registry: str, *args: str, token: str = "",
-              runtime_dir: Path | None = None) -> subprocess.CompletedProcess[str]:
+async def run(registry: str, *args: str, token: str = "", runtime_dir: Path | None = None,
+              signer_env: bool = True) -> subprocess.CompletedProcess[str]:
     return await trio.to_thread.run_sync(
-        lambda: meshd(registry, *args, token=token, runtime_dir=runtime_dir))
+        lambda: meshd(registry, *args, token=token, runtime_dir=runtime_dir,
+                      signer_env=signer_env))
 
 
 async def stored(client: httpx.AsyncClient) -> tuple[bytes, int]:
@@ -73,12 +111,15 @@ async def test_apply_show_and_set_split(registry: Registry, routes_file: Path) -
     assert result.returncode == 0, result.stderr
     value, index = await stored(registry.client)
     table = load_routes(routes_file)
-    assert value == json.dumps(routes_to_data(table), sort_keys=True).encode()  # canonical
+    assert table_of(value) == routes_to_data(table)  # canonical, signed
     assert f"(ModifyIndex {index})" in result.stdout
 
     shown = await run(registry.url, "show")
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.startswith(f"# {ROUTES_KEY} at ModifyIndex {index} ")
+    signed = inspect(json.loads(value), "routes")
+    assert (f"# signed by spiffe://routes.test/operator/alice (certificate {signed.serial}), "
+            f"version {signed.version}, at ") in shown.stdout
     assert parse_routes(tomllib.loads(shown.stdout)) == table  # TOML that applies back
 
     result = await run(registry.url, "set-split", "payments", "v1=50", "v2=50")
@@ -86,8 +127,9 @@ async def test_apply_show_and_set_split(registry: Registry, routes_file: Path) -
     assert "v1=90, v2=10 -> v1=50, v2=50" in result.stdout
     value, new_index = await stored(registry.client)
     assert new_index > index
-    assert json.loads(value)["destinations"]["payments"]["split"] == {"v1": 50, "v2": 50}
-    assert json.loads(value)["destinations"]["cart"]["timeout"] == 2.0  # the rest is kept
+    assert table_of(value)["destinations"]["payments"]["split"] == {"v1": 50, "v2": 50}
+    assert table_of(value)["destinations"]["cart"]["timeout"] == 2.0  # the rest is kept
+    assert inspect(json.loads(value), "routes").version > signed.version
 
     for bad, reason in ((["payments", "v1=50", "v2=40"], "must sum to 100"),
                         (["payments", "v1=50", "v3=50"], "unknown subset 'v3'"),
@@ -99,6 +141,26 @@ async def test_apply_show_and_set_split(registry: Registry, routes_file: Path) -
 
     # the shipped demo file applies too
     assert (await run(registry.url, "apply", str(SHOP_ROUTES))).returncode == 0
+
+
+async def test_writing_needs_an_operator_certificate(registry: Registry, routes_file: Path,
+                                                     tmp_path: Path) -> None:
+    result = await run(registry.url, "apply", str(routes_file), signer_env=False)
+    assert result.returncode == 1
+    assert "needs an operator certificate" in result.stderr
+    assert "--operator-cert FILE --operator-key FILE" in result.stderr
+    assert await stored(registry.client) == (b"", 0)  # nothing written
+
+    result = await run(registry.url, "apply", str(routes_file), "--operator-cert",
+                       str(OPERATOR["cert"]), "--operator-key", str(OPERATOR["key"]),
+                       signer_env=False)
+    assert result.returncode == 0, result.stderr
+
+    # an unsigned table (written by anyone holding a registry token) shows as such
+    await registry.client.put(f"/v1/kv/{ROUTES_KEY}", content=b'{"destinations": {}}')
+    shown = await run(registry.url, "show", signer_env=False)
+    assert shown.returncode == 0, shown.stderr
+    assert "# UNSIGNED: every meshd refuses this table" in shown.stdout
 
 
 async def test_apply_refuses_an_invalid_file(registry: Registry, tmp_path: Path) -> None:
@@ -177,15 +239,19 @@ async def test_token_from_the_operator_context(nursery: trio.Nursery, routes_fil
     (tmp_path / "operator-token").write_text(token + "\n")
     runtime = tmp_path / "runtime"
     # this test process stands in for the `meshd up` that wrote the context
+    # with the token and the operator certificate of the context
+    credentials = OperatorCredentials("alice", OPERATOR["cert"], OPERATOR["key"], OPERATOR["ca"])
     write_context(OperatorContext(registry=reg.url, token_file=tmp_path / "operator-token",
-                                  admin=(), operator=None, run_dir=tmp_path,
+                                  admin=(), operator=credentials, run_dir=tmp_path,
                                   pid=os.getpid()), context_path({"XDG_RUNTIME_DIR": str(runtime)}))
     async with reg.client:
         denied = await run(reg.url, "apply", str(routes_file))
         assert denied.returncode == 1 and "403" in denied.stderr
-        applied = await run(reg.url, "apply", str(routes_file), runtime_dir=runtime)
+        applied = await run(reg.url, "apply", str(routes_file), runtime_dir=runtime,
+                            signer_env=False)
         assert applied.returncode == 0, applied.stderr
-        split = await run(reg.url, "set-split", "payments", "v1=50", "v2=50", runtime_dir=runtime)
+        split = await run(reg.url, "set-split", "payments", "v1=50", "v2=50", runtime_dir=runtime,
+                          signer_env=False)
         assert split.returncode == 0, split.stderr
         assert "v1=90, v2=10 -> v1=50, v2=50" in split.stdout
         wrong = await run(reg.url, "--token", "not-the-token", "show", runtime_dir=runtime)
@@ -211,7 +277,7 @@ async def test_an_empty_table_is_refused_and_clear_empties_on_purpose(
     assert result.returncode == 0, result.stderr
     assert "cleared" in result.stdout
     value, _ = await stored(registry.client)
-    assert json.loads(value) == {"clear": True, "destinations": {}}
+    assert table_of(value) == {"clear": True, "destinations": {}}
     shown = await run(registry.url, "show")
     assert shown.returncode == 0 and "clear = true" in shown.stdout, shown.stdout
 

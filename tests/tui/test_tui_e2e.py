@@ -22,11 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from operator_testing import table_in
 from tui_pilot import open_editor, until
 from tui_processes import REPO, Running, ShopAddresses, derive_shop_mesh, start
 
 from meshd.registry.config_store import ROUTES_KEY
 from meshd.registry.consul import ConsulClient
+from meshd.registry.operator_key import OperatorKey
 from tui.app import MeshConsole
 from tui.source import RegistrySource
 from tui.views import build_graph, propagation
@@ -48,6 +50,12 @@ class Shop:
     @property
     def operator_token(self) -> str:
         return (self.run_dir / "operator" / "registry-token").read_text().strip()
+
+    @property
+    def operator(self) -> OperatorKey:
+        """The operator certificate `meshd up` issued (its split edits are signed with it)."""
+        directory = self.run_dir / "operator"
+        return OperatorKey.from_files(directory / "dev.crt", directory / "dev.key")
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +151,7 @@ def checkouts(address: tuple[str, int], n: int) -> Counter[str]:
 def test_editor_moves_payments_from_90_10_to_50_50(shop: Shop) -> None:
     async def scenario() -> None:
         app = MeshConsole(RegistrySource(shop.addresses.registry, 15000,
-                                         token=shop.operator_token))
+                                         token=shop.operator_token, signer=shop.operator))
         async with app.run_test(size=(120, 40)) as pilot:
             def ready() -> bool:
                 _, edges = build_graph(app.model)
@@ -164,7 +172,7 @@ def test_editor_moves_payments_from_90_10_to_50_50(shop: Shop) -> None:
             async with ConsulClient(shop.addresses.registry, token=shop.operator_token) as consul:
                 stored = (await consul.kv_get(ROUTES_KEY)).data
             assert stored is not None
-            table = json.loads(stored.value)
+            table = table_in(stored.value)
             assert table["destinations"]["payments"]["split"] == {"v1": 50, "v2": 50}
             assert editor.target == table
             await until(pilot, lambda: propagation(app.model, table).complete, 15,

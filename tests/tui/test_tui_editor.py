@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
+from operator_testing import table_in, throwaway_operator
 from tui_data import ROUTES, ROUTES_INDEX, fixed_app
 from tui_pilot import open_editor, until
 from tui_processes import start_registry
@@ -41,7 +42,7 @@ def run(scenario: Callable[[], Awaitable[None]]) -> None:
 
 
 def test_validation_confirmation_step_and_rollback() -> None:
-    store = MemoryRouteStore(ROUTES, ROUTES_INDEX)
+    store = MemoryRouteStore(ROUTES, ROUTES_INDEX, signer=throwaway_operator())
 
     async def scenario() -> None:
         app = fixed_app(store)
@@ -113,7 +114,7 @@ TABLE = parse_routes(ROUTES, "test")
 
 
 def stored_split(raw: bytes) -> dict[str, int]:
-    return dict(json.loads(raw)["destinations"]["payments"]["split"])
+    return dict(table_in(raw)["destinations"]["payments"]["split"])
 
 
 def test_conflicting_change_is_shown_and_nothing_is_overwritten(registry: str) -> None:
@@ -121,7 +122,7 @@ def test_conflicting_change_is_shown_and_nothing_is_overwritten(registry: str) -
         async with ConsulClient(registry) as consul, ConsulClient(registry) as other:
             await consul.kv_delete(ROUTES_KEY)
             assert await consul.kv_put(ROUTES_KEY, encode_routes(TABLE), cas=0)
-            app = fixed_app(RouteConfigStore(consul))
+            app = fixed_app(RouteConfigStore(consul, signer=throwaway_operator()))
             async with app.run_test(size=(100, 32)) as pilot:
                 editor = await open_editor(app, pilot)
                 assert editor.base is not None
@@ -164,7 +165,7 @@ def test_conflicting_change_is_shown_and_nothing_is_overwritten(registry: str) -
 def test_unreadable_registry_is_explained(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with ConsulClient("http://127.0.0.1:9") as consul:
-            app = fixed_app(RouteConfigStore(consul))
+            app = fixed_app(RouteConfigStore(consul, signer=throwaway_operator()))
             async with app.run_test(size=(100, 32)) as pilot:
                 await pilot.press("w")
                 await until(pilot, lambda: isinstance(app.screen, SplitEditorScreen))

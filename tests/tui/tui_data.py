@@ -14,6 +14,8 @@ import zlib
 from collections.abc import Callable
 from typing import Any
 
+from operator_testing import throwaway_operator
+
 from meshd.registry.config_store import RouteConfigStore
 from tui.app import MeshConsole
 from tui.fmt import utc_clock
@@ -197,6 +199,6 @@ def fixed_app(store: RouteConfigStore | None = None,
               clock: Callable[[], float] = lambda: NOW) -> MeshConsole:
     """The console on the fixed data, at a fixed time, in UTC: the same pixels every run."""
     obs = observations()
-    source = FixedSource([obs[-1]], store or MemoryRouteStore(ROUTES, ROUTES_INDEX),
-                         description="registry http://10.0.0.2:8500")
+    store = store or MemoryRouteStore(ROUTES, ROUTES_INDEX, signer=throwaway_operator())
+    source = FixedSource([obs[-1]], store, description="registry http://10.0.0.2:8500")
     return MeshConsole(source, clock=clock, clock_format=utc_clock, model=fixed_model())
