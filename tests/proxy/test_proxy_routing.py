@@ -181,3 +181,26 @@ async def test_tcp_connect_failure_is_retried_on_another_endpoint(mesh: Mesh) ->
         await stream.aclose()
     assert sample(mesh.a.metrics, "meshd_retries_total", destination="ledger",
                   reason="connect-failure") == 1
+
+
+async def test_a_backtracking_route_pattern_stalls_nothing(farm: Farm) -> None:
+    """A route whose regex is ``/(a+)+`` (seconds per request with a backtracking engine on a
+    28-byte path) against paths built to defeat it: RE2 answers at once, and a side client on
+    the same meshd keeps being served meanwhile."""
+    farm.set_routes({"split": {"v1": 100}, "routes": [
+        {"name": "bomb", "match": {"path": {"regex": "/(a+)+"}}, "split": {"v2": 100}}]})
+    side: list[int] = []
+    async with httpx.AsyncClient(base_url=farm.url(), timeout=10) as client:
+        async def side_client() -> None:
+            for _ in range(50):
+                side.append((await client.get("/version")).status_code)
+
+        with trio.fail_after(20):  # a hang guard, not a speed test
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(side_client)
+                for n in (28, 60, 2000):
+                    miss = await client.get("/" + "a" * n + "!")  # no match: the split, v1
+                    assert miss.json()["version"] == "v1"
+                    hit = await client.get("/" + "a" * n)  # the whole path matches: v2
+                    assert hit.json()["version"] == "v2"
+    assert side == [200] * 50
