@@ -18,6 +18,7 @@ SIGHUP re-reads meshd.toml and applies what can change without a restart (``mesh
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -36,13 +37,14 @@ from meshd.admin.server import AdminAPI
 from meshd.admin.state import DaemonState, build_state
 from meshd.backoff import backoff_delay
 from meshd.config.parse import routes_to_data
-from meshd.config.schema import HostConfig, LocalService
+from meshd.config.schema import HostConfig, LocalService, RouteTable
 from meshd.daemon.health import probe, probe_client, report_health
 from meshd.errors import CAError, ConfigError, MeshError, Problem, RegistryError
 from meshd.fileio import write_atomic
 from meshd.identity.ca_client import CARefusedError
 from meshd.identity.certs import Identity, TrustBundle
 from meshd.identity.manager import IdentityManager
+from meshd.identity.signing import Signed
 from meshd.identity.tls import TLSState
 from meshd.metrics import Metrics
 from meshd.proxy.core.view import ViewCell
@@ -56,6 +58,7 @@ from meshd.registry.watch import WatchStatus, watch_endpoints, watch_routes
 log = logging.getLogger(__name__)
 
 DRAIN_DEADLINE = 10.0
+FIRST_DENYLIST_WAIT = 5.0
 DEREGISTER_TIMEOUT = 5.0
 
 
@@ -102,6 +105,10 @@ class Daemon:
             config, lambda: read_join_token(self.config), metrics=self.metrics,
             on_change=self._identities_changed)
         self.state.identity = self.identity.status
+        self.identity.on_revoked = self._signer_revoked
+        # the newest signed table ever applied: an older one is a replay, even after the table
+        # in force was dropped because its signer was revoked
+        self._version_floor: Signed | None = None
 
     def _identities_changed(self, bundle: TrustBundle, identities: dict[str, Identity]) -> None:
         self.state.bundle, self.state.identities = bundle, identities
@@ -114,7 +121,7 @@ class Daemon:
         bundle = self.state.bundle
         if bundle is None or self._tls is None:  # (watchers start after the join)
             return Refused("no_trust_bundle", "no trust bundle yet to verify the route table")
-        trust = Trust(bundle, self._tls.denied, datetime.now(UTC), self.state.routes_signed)
+        trust = Trust(bundle, self._tls.denied, datetime.now(UTC), self._version_floor)
         return (judge_stored(raw, trust) if source is None
                 else judge_stored(raw, trust, source))
 
@@ -124,7 +131,7 @@ class Daemon:
         self.metrics.config_reloads.labels("applied").inc()
         self.state.last_config_error = ""
         self.state.routes_source = source
-        self.state.routes_signed = signed = accepted.signed
+        self.state.routes_signed = self._version_floor = signed = accepted.signed
         log.info("route table generation %d applied from the %s (version %d signed by %s at "
                  "%s): %s", view.generation, source, signed.version, signed.signer_id,
                  signed.summary()["signed_at"],
@@ -141,6 +148,26 @@ class Daemon:
         log.error("route table in the registry refused (%s), generation %d (from the %s) stays "
                   "in force:\n%s", refused.code, self.view.current.generation,
                   self.state.routes_source, refused.reason)
+
+    def _signer_revoked(self, serials: frozenset[str]) -> None:
+        """The CA revoked the certificate that signed the table in force: its content can no
+        longer be trusted (a stolen key may have signed it), so it is dropped, here and on
+        disk, and every service follows the default deny until an operator applies a table
+        signed with another certificate."""
+        signed = self.state.routes_signed
+        if signed is None or signed.serial not in serials:
+            return
+        self.view.set_routes(RouteTable())
+        self.state.routes_signed, self.state.routes_source = None, "none"
+        self.state.last_config_error = (
+            f"the route table in force (version {signed.version}) was signed by "
+            f"{signed.signer_id} with certificate {signed.serial}, which the CA revoked: the "
+            "table is dropped and every service follows the default deny until an operator "
+            "applies a table signed with another certificate")
+        self.metrics.config_refused.labels("revoked").inc()
+        log.error("%s", self.state.last_config_error)
+        with contextlib.suppress(FileNotFoundError):
+            routes_file(self.config).unlink()
 
     def _keep_on_disk(self, raw: bytes) -> None:
         """The last good table's signed envelope, for a start while the registry is away (a
@@ -242,6 +269,14 @@ class Daemon:
                        admin=config.admin_tls)
         self._tls = tls
         await n.start(self.identity.run, tls)  # renewals, deny list, roots
+        # the deny list before any route table is judged: a table signed by a certificate the
+        # CA revoked is never put in force, not even briefly at start
+        with trio.move_on_after(FIRST_DENYLIST_WAIT):
+            await self.identity.denylist_read.wait()
+        if not self.identity.denylist_read.is_set():
+            log.warning("no deny list from the CA within %gs: route tables are verified "
+                        "without it for now (a table whose signer is revoked is dropped as "
+                        "soon as the deny list arrives)", FIRST_DENYLIST_WAIT)
         if config.admin_tls:
             await n.start(partial(admin.serve, config.admin_host, config.admin_port, tls=tls))
             log.info("admin API on https://%s:%d (operator certificates only)",

@@ -135,6 +135,9 @@ class IdentityManager:
         self._run_blocking = run_blocking
         self._warned: set[str] = set()  # serials already warned about (expiring / expired)
         self.renewed = trio.Event()      # set (and replaced) after each successful renewal
+        self.denylist_read = trio.Event()  # set once the CA's deny list was first read
+        # called with the serials newly revoked, after they are in force in the TLS state
+        self.on_revoked: Callable[[frozenset[str]], None] = lambda serials: None
 
     @classmethod
     def for_config(cls, config: HostConfig, token: Callable[[], str], *,
@@ -301,6 +304,7 @@ class IdentityManager:
             try:
                 deny = await self.ca.denylist()
                 self._apply_denylist(tls, deny)
+                self.denylist_read.set()
                 current = self.status.bundle
                 if not deny.roots or current is None or deny.roots != set(current.fingerprints()):
                     await self._apply_bundle(tls, await self.ca.roots())
@@ -326,6 +330,7 @@ class IdentityManager:
         if added:
             log.warning("deny list version %d: %d revoked serial(s) in force, new: %s",
                         deny.version, len(deny.serials), ", ".join(sorted(added)))
+            self.on_revoked(frozenset(added))
 
     async def _apply_bundle(self, tls: TLSState, bundle: TrustBundle) -> None:
         current = self.status.bundle

@@ -136,3 +136,54 @@ async def test_a_table_kept_on_disk_is_verified_again_at_start(
 def signed_envelope_signature_of(mesh: Mesh) -> str:
     """A valid signature, but over another document: the envelope no longer verifies."""
     return str(json.loads(signed_routes(OPEN, mesh.operator))["signature"])
+
+
+async def test_revoking_the_signer_of_the_table_in_force_drops_it(
+        mesh: Mesh, nursery: trio.Nursery) -> None:
+    """A table a (stolen) operator key signed is not kept once the CA revokes that certificate:
+    every meshd drops it within a deny-list poll, here and on disk, and the default deny
+    covers every service until a table signed with another certificate is applied. The
+    dropped table stays the replay floor: an older signed table is still refused."""
+    older = signed_routes(OPEN, mesh.operator, now=datetime.now(UTC) - timedelta(minutes=1))
+    conf, _ = await _payments_host(mesh, nursery)
+    admin = f"http://{conf.admin_host}:{conf.admin_port}/v1/state"
+    mallory = issue_operator(mesh.ca_dir, mesh.tmp / "mallory", "mallory")
+    async with _client(mesh, "web") as web, _client(mesh, "evil") as evil:
+        url = f"https://{HOST_B}:{conf.inbound_port}/pay"
+
+        async def answers() -> tuple[int, int]:
+            got = [await c.get(url, extensions={"sni_hostname": "payments"})
+                   for c in (evil, web)]
+            return got[0].status_code, got[1].status_code
+
+        await mesh.put_routes(signed_routes(OPEN, mallory))  # the door mallory opened
+
+        async def opened() -> bool:
+            return await answers() == (200, 200)
+        await wait_for(opened)
+        assert (conf.state_dir / "routes.json").exists()
+
+        cert = x509.load_pem_x509_certificate(mallory.cert_pem)
+        operations.revoke(mesh.ca_dir, now=datetime.now(UTC), who="test",
+                          serial=keys.serial_hex(cert))
+
+        async def closed() -> bool:
+            return await answers() == (403, 403)
+        await wait_for(closed, 15)  # the deny list is polled every ~2 s
+        state = (await mesh.http.get(admin)).json()
+        assert state["routes_signed"] is None and state["routes_source"] == "none"
+        assert "which the CA revoked: the table is dropped" in state["config_error"]
+        assert not (conf.state_dir / "routes.json").exists()
+
+        await mesh.put_routes(older)  # a replay of an older signed table: still refused
+
+        async def replay_refused() -> bool:
+            return "replay" in (await mesh.http.get(admin)).json()["config_error"]
+        await wait_for(replay_refused)
+        assert await answers() == (403, 403)
+
+        await mesh.put_routes(RULES)  # signed by the mesh's operator, newer: applies
+
+        async def rules_again() -> bool:
+            return await answers() == (403, 200)
+        await wait_for(rules_again)
