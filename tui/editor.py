@@ -305,7 +305,7 @@ class SplitEditorScreen(Screen[None]):
         mine = " ".join(f"{k}={v}" for k, v in split.items())
         try:
             table = self.draft.to_table(base.data)
-            written = await self.routes.write(table, cas=base.modify_index)
+            written = await self.routes.write(table, base)
             after = await self.routes.read()
         except ConfigConflict as conflict:
             self.conflicts += 1

@@ -240,9 +240,9 @@ def _check_path(leaf: x509.Certificate, chain: list[x509.Certificate],
     candidates: list[list[x509.Certificate]] = [[leaf]]
     candidates += [[leaf, link] for link in chain if keys.verify_issued_by(leaf, [link])]
     for path in candidates:
-        if not keys.verify_issued_by(path[-1], roots):
+        issuer = next((r for r in roots if keys.verify_issued_by(path[-1], [r])), None)
+        if issuer is None:
             continue
-        issuer = next(r for r in roots if keys.verify_issued_by(path[-1], [r]))
         if all(_valid_at(c, at) for c in [*path, issuer]):
             return
         raise SignatureRefused("expired", f"the signer's certificate (or its issuer) was not "

@@ -71,11 +71,6 @@ def _json_object(raw: bytes, source: str) -> dict[str, Any]:
     return data
 
 
-def decode_routes(raw: bytes, source: str = f"registry kv {ROUTES_KEY}") -> RouteTable:
-    """Parse a canonical JSON route table, unsigned (raises ConfigError with reasons)."""
-    return parse_routes(_json_object(raw, source), source)
-
-
 @dataclass(frozen=True)
 class Refused:
     """Why a meshd does not apply what the registry holds; the table in force stays.
@@ -242,12 +237,17 @@ class RouteConfigStore:
             data = None
         return data if isinstance(data, dict) else None, answer.data.modify_index
 
-    async def write(self, table: RouteTable, cas: int) -> StoredRoutes:
-        """Store ``table`` if the key's ModifyIndex is still ``cas`` (0: only if absent).
-        Returns what is stored afterwards; raises ``ConfigConflict`` if the key moved, and
-        ``ConfigError`` for a table without destinations that is not marked ``clear`` (every
-        meshd would refuse it) and without an operator certificate to sign with. The version
-        signed follows the stored one's."""
+    async def write(self, table: RouteTable, base: StoredRoutes) -> StoredRoutes:
+        """Store ``table`` in place of ``base`` (what was read): only if the key's ModifyIndex
+        is still ``base.modify_index`` (0: only if absent), signed with a version past
+        ``base``'s. Returns what is stored afterwards; raises ``ConfigConflict`` if the key
+        moved, and ``ConfigError`` for a table without destinations that is not marked
+        ``clear`` (every meshd would refuse it) and without an operator certificate."""
+        version = base.signed.version if base.signed is not None else None
+        return await self._write(table, base.modify_index, version)
+
+    async def _write(self, table: RouteTable, cas: int, stored_version: int | None,
+                     ) -> StoredRoutes:
         if not table.destinations and not table.cleared:
             raise ConfigError([Problem(self.source, "destinations", "no destinations: every "
                                        "meshd would refuse the table and keep its own; empty "
@@ -256,7 +256,7 @@ class RouteConfigStore:
             raise ConfigError([Problem(self.source, "signature", HOW_TO_SIGN)])
         now = self.clock()
         raw = encode_signed(table, self.signer, now=now,
-                            version=next_version(now, await self._stored_version()))
+                            version=next_version(now, stored_version))
         if await self.client.kv_put(self.key, raw, cas=cas):
             return StoredRoutes(table, await self.current_index(),
                                 inspect(json.loads(raw), KIND))
@@ -267,20 +267,17 @@ class RouteConfigStore:
             current, error = StoredRoutes(RouteTable(), await self.current_index()), exc
         raise ConfigConflict(self.key, cas, current, error)
 
-    async def _stored_version(self) -> int | None:
-        """The version of the stored envelope, if one is readable (what the next one follows)."""
-        answer = await self.client.kv_get(self.key)
-        if answer.data is None:
-            return None
-        try:
-            return inspect(json.loads(answer.data.value), KIND).version
-        except (ValueError, SignatureRefused):
-            return None
-
     async def apply(self, table: RouteTable) -> StoredRoutes:
         """Replace the stored table (whatever it was) with ``table``, unless it changes between
-        our read of its index and our write."""
-        return await self.write(table, await self.current_index())
+        our read of its index (and of its version, which the new one follows) and our write."""
+        answer = await self.client.kv_get(self.key)
+        if answer.data is None:
+            return await self._write(table, 0, None)
+        try:
+            version: int | None = inspect(json.loads(answer.data.value), KIND).version
+        except (ValueError, SignatureRefused):
+            version = None
+        return await self._write(table, answer.data.modify_index, version)
 
     async def clear(self) -> StoredRoutes:
         """Empty the table on purpose: every meshd applies it (no routes, no rules; services
@@ -302,4 +299,4 @@ class RouteConfigStore:
                                        "and apply that")])
         destination["split"] = dict(weights)
         table = parse_routes(data, f"set-split {service}")
-        return before, await self.write(table, before.modify_index)
+        return before, await self.write(table, before)

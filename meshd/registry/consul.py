@@ -22,7 +22,7 @@ import httpx
 from meshd.config.durations import format_duration
 from meshd.config.load import read_token_file
 from meshd.errors import RegistryError, RegistryNotFound
-from meshd.operator_context import load_context
+from meshd.operator_context import OperatorContext, load_context
 
 CONNECT_TIMEOUT = 5.0
 REQUEST_TIMEOUT = 10.0
@@ -79,10 +79,18 @@ def operator_token(given: str | None, url: str) -> str | None:
     token = registry_token(given)
     if token is not None:
         return token
+    context = context_for(url)
+    if context is None:
+        return None
+    return read_token_file(context.token_file, key="operator context registry_token_file")
+
+
+def context_for(url: str) -> OperatorContext | None:
+    """The operator context a running ``meshd up`` recorded, if ``url`` is its registry."""
     context = load_context()
     if context is None or registry_url(context.registry) != registry_url(url):
         return None
-    return read_token_file(context.token_file, key="operator context registry_token_file")
+    return context
 
 
 def next_index(previous: int, returned: int) -> int:

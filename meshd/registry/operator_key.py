@@ -17,8 +17,7 @@ from cryptography import x509
 
 from meshd.errors import ConfigError, Problem
 from meshd.identity.spiffe import Kind, parse_identity, spiffe_ids_from_cert
-from meshd.operator_context import load_context
-from meshd.registry.consul import registry_url
+from meshd.registry.consul import context_for
 
 CERT_ENV = "MESHD_OPERATOR_CERT"
 KEY_ENV = "MESHD_OPERATOR_KEY"
@@ -79,8 +78,7 @@ def operator_key(cert: Path | None, key: Path | None, url: str,
             raise ConfigError([Problem("command line", "operator-cert",
                                        "--operator-cert and --operator-key go together")])
         return OperatorKey.from_files(cert, key)
-    context = load_context()
-    if (context is None or context.operator is None
-            or registry_url(context.registry) != registry_url(url)):
+    context = context_for(url)
+    if context is None or context.operator is None:
         return None
     return OperatorKey.from_files(context.operator.cert, context.operator.key)

@@ -78,6 +78,11 @@ def _with(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
 
 _DELETE = object()
 
+OPEN_OUTBOUND = (
+    " is not a loopback address: an outbound listener is plaintext and calls the mesh with this "
+    "host's service identities, so beyond loopback anyone who reaches it speaks as those "
+    "services; keep it on loopback, or say why it is safe in outbound.beyond_loopback = \"...\" "
+    "(e.g. a firewall admits only the local containers)")
 HOST_CASES = [
     ("services[0].port", 70000, "services[0].port", "port 70000 out of range (1-65535)"),
     ("services[0].port", "8080", "services[0].port", "expected an integer, got str"),
@@ -92,16 +97,9 @@ HOST_CASES = [
      "0.0.0.0 is not a loopback address: without TLS the admin API (state, metrics) is "
      "unauthenticated and stays on loopback (127.0.0.0/8 or ::1); set admin.tls = true to serve "
      "it beyond, to holders of an operator certificate (`meshd ca issue --operator NAME`)"),
-    ("outbound", {"address": "0.0.0.0"}, "outbound.address",
-     "0.0.0.0 is not a loopback address: an outbound listener is plaintext and calls the mesh "
-     "with this host's service identities, so beyond loopback anyone who reaches it speaks as "
-     "those services; keep it on loopback, or say why it is safe in outbound.beyond_loopback = "
-     '"..." (e.g. a firewall admits only the local containers)'),
+    ("outbound", {"address": "0.0.0.0"}, "outbound.address", "0.0.0.0" + OPEN_OUTBOUND),
     ("outbound", {"address": "10.0.0.5", "beyond_loopback": "  "}, "outbound.address",
-     "10.0.0.5 is not a loopback address: an outbound listener is plaintext and calls the mesh "
-     "with this host's service identities, so beyond loopback anyone who reaches it speaks as "
-     "those services; keep it on loopback, or say why it is safe in outbound.beyond_loopback = "
-     '"..." (e.g. a firewall admits only the local containers)'),
+     "10.0.0.5" + OPEN_OUTBOUND),
     ("outbound", {"address": "127.0.0.1", "open": True}, "outbound.open",
      "unknown key (expected one of: address, beyond_loopback)"),
     ("admin", {"address": "127.0.0.1:15000", "allowed_hosts": ["ok.example", "bad name"]},

@@ -20,7 +20,7 @@ from meshd.proxy.core.matcher import RequestFacts, select_route
 from meshd.proxy.core.view import MeshView
 from meshd.registry.model import Endpoint
 
-__all__ = ["Decision", "RoundRobin", "RoutePlan", "candidates", "choose_subset", "plan"]
+__all__ = ["RoundRobin", "RoutePlan", "candidates", "choose_subset", "plan"]
 
 
 def choose_subset(split: Sequence[SplitLeg] | None, rand: float) -> str | None:
@@ -102,19 +102,3 @@ def plan(view: MeshView, dest_name: str, facts: RequestFacts | None,
         route = select_route(dest, facts)
     subset = choose_subset(route.split if route is not None else None, rand)
     return RoutePlan(dest_name, route, subset, candidates(view, dest_name, subset))
-
-
-@dataclass(frozen=True)
-class Decision:
-    """Where one request or connection went: the plan and the endpoint picked (None when
-    nothing could serve it; ``reason`` then says why)."""
-
-    destination: str
-    subset: str | None
-    endpoint: Endpoint | None
-    route: str = ""
-    reason: str = ""
-
-    @property
-    def subset_label(self) -> str:
-        return self.subset or ""
