@@ -1,5 +1,6 @@
 """``meshd status``: the rendering of a state document (pure), and the exit codes an operator's
-script relies on: 0 ready (see test_notify_processes), 1 not ready, 2 unreachable or refused;
+script relies on: 0 ready (see test_notify_processes), 1 not ready, 2 options that cannot work,
+3 unreachable or refused;
 and a real meshd whose admin API is served over mutual TLS, read with an operator certificate
 issued by the real `meshd ca issue --operator`."""
 
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -111,9 +113,14 @@ def test_duration(seconds: float, text: str) -> None:
     assert duration(seconds) == text
 
 
+# no operator context of a `meshd up` that may run on this machine: its hint would be added
+NO_CONTEXT = {**os.environ, "XDG_RUNTIME_DIR": "/nonexistent/meshd-test"}
+
+
 async def run_status(*args: str) -> tuple[int, str, str]:
     result = await trio.run_process([sys.executable, "-m", "meshd", "status", *args],
-                                    capture_stdout=True, capture_stderr=True, check=False)
+                                    capture_stdout=True, capture_stderr=True, check=False,
+                                    env=NO_CONTEXT)
     return result.returncode, result.stdout.decode(), result.stderr.decode()
 
 
@@ -129,23 +136,23 @@ async def test_not_ready_exits_1(nursery: trio.Nursery) -> None:
     assert out.startswith("meshd host-a (10.0.0.2), trust domain shop.mesh: NOT READY")
 
 
-async def test_unreachable_exits_2_with_one_clear_line() -> None:
+async def test_unreachable_exits_3_with_one_clear_line() -> None:
     port = free_port("127.0.0.1")
     code, out, err = await run_status("--admin", f"127.0.0.1:{port}")
-    assert code == 2 and out == ""
+    assert code == 3 and out == ""
     assert err == (f"meshd status: cannot read http://127.0.0.1:{port}/v1/state: connection "
                    "refused or unreachable (is meshd running, and is --admin its admin "
                    "address?)\n")
 
 
-async def test_something_else_on_the_port_exits_2(nursery: trio.Nursery) -> None:
+async def test_something_else_on_the_port_exits_3(nursery: trio.Nursery) -> None:
     async def handle(request: Request) -> Response:
         return Response.text("hello\n")
 
     port = free_port("127.0.0.1")
     await nursery.start(serve_http, handle, "127.0.0.1", port)
     code, _, err = await run_status("--admin", f"127.0.0.1:{port}")
-    assert code == 2 and "cannot read" in err
+    assert code == 3 and "cannot read" in err
 
 
 def test_admin_addresses() -> None:
@@ -214,7 +221,7 @@ async def test_an_operator_certificate_reads_an_admin_api_over_tls(tls_admin: TL
     assert "  payments  v1  http" in out
 
 
-async def test_an_admin_api_over_tls_refusing_this_client_exits_2_with_one_clear_line(
+async def test_an_admin_api_over_tls_refusing_this_client_exits_3_with_one_clear_line(
         tls_admin: TLSAdmin) -> None:
     ops = tls_admin.issue("--operator", "alice")
     svc = tls_admin.issue("--service", "payments")
@@ -224,17 +231,17 @@ async def test_an_admin_api_over_tls_refusing_this_client_exits_2_with_one_clear
                                       "--ca", str(ops / "ca.crt"), "--cert",
                                       str(svc / "payments.crt"), "--key",
                                       str(svc / "payments.key"))
-    assert (code, out) == (2, "")
+    assert (code, out) == (3, "")
     assert err == (f"meshd status: {url}: refused: client spiffe://{TD}/svc/payments is not "
                    "an operator (`meshd ca issue --operator NAME`)\n")
     # no certificate at all (the scheme follows from --ca): the handshake is broken off
     code, out, err = await run_status("--admin", tls_admin.address, "--ca", str(ops / "ca.crt"))
-    assert (code, out) == (2, "")
+    assert (code, out) == (3, "")
     assert err == (f"meshd status: cannot read {url}: TLS handshake broken off: an operator "
                    "certificate is required (--cert, --key)\n")
     # plain HTTP to it
     code, _, err = await run_status("--admin", tls_admin.address)
-    assert code == 2
+    assert code == 3
     assert err == (f"meshd status: cannot read http://{tls_admin.address}/v1/state: closed "
                    "without an answer: is the admin API over TLS? then give --ca, --cert, "
                    "--key\n")
@@ -246,7 +253,7 @@ async def test_an_admin_api_over_tls_refusing_this_client_exits_2_with_one_clear
     assert other.func(other) == 0
     code, _, err = await run_status("--admin", f"https://{tls_admin.address}", "--ca",
                                     str(tls_admin.tmp / "other" / "ca.crt"))
-    assert code == 2
+    assert code == 3
     assert err.startswith(f"meshd status: cannot read {url}: TLS: cannot verify the admin "
                           "API's certificate (")
     assert err.endswith("): is --ca this mesh's ca.crt?\n")

@@ -270,7 +270,7 @@ def test_command_exit_codes(admin: AdminAPI, capsys: pytest.CaptureFixture[str])
         unused.bind(("127.0.0.1", 0))
         port = unused.getsockname()[1]
         assert main(["explain", "payments", "--admin", f"127.0.0.1:{port}",
-                     "--timeout", "1"]) == 2
+                     "--timeout", "1"]) == 3
     assert "cannot read" in capsys.readouterr().err
 
 
