@@ -56,5 +56,5 @@ def unreachable(error: BaseException) -> bool:
             return False
         if isinstance(seen, AdminError | httpx.TransportError):
             return True
-        seen = seen.__cause__ or seen.__context__
+        seen = seen.__cause__ or (None if seen.__suppress_context__ else seen.__context__)
     return False

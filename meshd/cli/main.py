@@ -116,8 +116,7 @@ def _failed(error: MeshError) -> int:
     code = exits.code_for(error)
     hint = ""
     if code == exits.UNREACHABLE and isinstance(error, RegistryError):
-        hint = (" (cannot reach the registry: is it running, and is --registry, else "
-                "$CONSUL_HTTP_ADDR, its address?)")
+        hint = " (cannot reach the registry: is it running, and is that its address?)"
     print(f"meshd: {error}{hint}", file=sys.stderr)
     return code
 

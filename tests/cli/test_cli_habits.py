@@ -14,11 +14,14 @@ from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 
+import httpx
 import pytest
 
 import meshd
+from meshd.admin.client import AdminError, Failure
 from meshd.cli import exits
 from meshd.cli.main import build_parser
+from meshd.errors import ConfigError, MeshError, Problem, RegistryError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -165,3 +168,23 @@ def test_systemd_units_lists_and_prints_the_shipped_units(tmp_path: Path) -> Non
     assert one.stdout == (REPO / "systemd" / "meshd.service").read_text()
     unknown = meshd_cli("systemd-units", "meshd-nope.service")
     assert unknown.returncode == 2 and "unknown unit meshd-nope.service" in unknown.stderr
+
+
+def _raised_from(cause: BaseException, error: MeshError) -> MeshError:
+    try:
+        raise error from cause
+    except MeshError as exc:
+        return exc
+
+
+@pytest.mark.parametrize(("error", "code"), [
+    (AdminError("http://127.0.0.1:1/v1/state", Failure.CONNECT, "refused"), 3),
+    (AdminError("https://127.0.0.1:1/v1/state", Failure.REFUSED, "not an operator"), 3),
+    (_raised_from(httpx.ConnectError("refused"), RegistryError("registry: GET /v1/kv")), 3),
+    (_raised_from(httpx.ReadTimeout("slow"), RegistryError("registry: GET /v1/kv")), 3),
+    (RegistryError("registry: PUT /v1/kv/x: 403 Permission denied"), 1),
+    (ConfigError([Problem("routes.toml", "destinations.a.split", "sums to 95")]), 1),
+    (_raised_from(ValueError("bad"), MeshError("refused")), 1),
+])
+def test_exit_code_of_a_failure(error: MeshError, code: int) -> None:
+    assert exits.code_for(error) == code

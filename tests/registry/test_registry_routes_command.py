@@ -323,8 +323,8 @@ async def test_an_unreachable_registry_exits_3_and_a_refusal_1(nursery: trio.Nur
     assert result.returncode == 3, result.stderr
     assert result.stdout == ""
     assert result.stderr.startswith(f"meshd: registry {url}: GET /v1/kv/{ROUTES_KEY}")
-    assert result.stderr.endswith("(cannot reach the registry: is it running, and is "
-                                  "--registry, else $CONSUL_HTTP_ADDR, its address?)\n")
+    assert result.stderr.endswith("(cannot reach the registry: is it running, and is that "
+                                  "its address?)\n")
 
     reg = await start_registry(nursery, acl_enabled=True, acl_default_policy="deny",
                                acl_initial_management="root")
