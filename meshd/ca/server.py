@@ -207,7 +207,8 @@ class CAService:
             material = self._materials.get()
             with self._db.transaction() as txn:
                 record, refusal = store.redeem(txn, parsed.token, node=parsed.node,
-                                               services=sorted(parsed.public_keys), now=now)
+                                               services=sorted(parsed.public_keys), now=now,
+                                               ca_dir=str(self._db.directory))
                 token_id = record.token_id if record is not None else None
                 if refusal is not None or record is None:
                     refusal = refusal or Refusal(401, "invalid_token", "invalid token")

@@ -318,17 +318,20 @@ class TokenStore:
         """Admit a join and count the use, atomically. Returns the record as it was (None when
         the token is unknown, so callers may log its id) and the refusal (None when admitted)."""
         with self._db.transaction() as txn:
-            return redeem(txn, token, node=node, services=services, now=now)
+            return redeem(txn, token, node=node, services=services, now=now,
+                          ca_dir=str(self._db.directory))
 
 
 def redeem(
-    txn: Transaction, token: str, *, node: str, services: Sequence[str], now: datetime
+    txn: Transaction, token: str, *, node: str, services: Sequence[str], now: datetime,
+    ca_dir: str | None = None,
 ) -> tuple[JoinToken | None, Refusal | None]:
     """``TokenStore.redeem`` inside a caller's transaction: the token's checks, then the
-    ledger's (a revoked node needs a token minted after its revocation)."""
+    ledger's (a revoked node needs a token minted after its revocation). ``ca_dir`` goes into
+    the command a refusal suggests for minting a new token."""
     parts = tokens.split_token(token)
     record = txn.tokens.get(parts[0]) if parts is not None else None
-    refusal = tokens.admit(record, token, node=node, services=services, now=now)
+    refusal = tokens.admit(record, token, node=node, services=services, now=now, ca_dir=ca_dir)
     if refusal is None and record is not None:
         refusal = ledger.refuse_join(txn.ledger, record)
     if refusal is None and record is not None:

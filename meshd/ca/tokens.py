@@ -85,6 +85,20 @@ def split_token(token: str) -> tuple[str, str] | None:
     return (match.group(1), match.group(2)) if match else None
 
 
+CA_DIR_PLACEHOLDER = "CA_DIR"
+
+
+def mint_command(record: JoinToken, ca_dir: str | None = None) -> str:
+    """The command that mints a token like ``record`` again (same node, same services)."""
+    return (f"meshd ca token --dir {ca_dir or CA_DIR_PLACEHOLDER} --node {record.node} "
+            f"--services {','.join(record.services)}")
+
+
+def _mint_again(record: JoinToken, ca_dir: str | None) -> str:
+    return (f": mint a new one on the CA host with `{mint_command(record, ca_dir)}` and put it "
+            "in the host's join token file ([ca] token_file)")
+
+
 def admit(
     record: JoinToken | None,
     token: str,
@@ -92,9 +106,12 @@ def admit(
     node: str,
     services: Iterable[str],
     now: datetime,
+    ca_dir: str | None = None,
 ) -> Refusal | None:
     """Decide a join: None to admit, else why not. ``record`` is the record for the token's id
-    (None if unknown). Checks, in order: the secret, expiry, uses left, node, each service."""
+    (None if unknown). Checks, in order: the secret, expiry, uses left, node, each service. An
+    expired or used-up token's refusal says how to mint a new one (in ``ca_dir``, the CA's
+    directory, when given); only the holder of the token's secret reads it."""
     parts = split_token(token)
     if record is None or parts is None or not hmac.compare_digest(
         _digest(parts[1]), record.secret_sha256
@@ -103,9 +120,10 @@ def admit(
     if now >= record.expires_at:
         return Refusal(
             401, "token_expired", f"the join token expired at {format_time(record.expires_at)}"
-        )
+            + _mint_again(record, ca_dir))
     if record.uses_left is not None and record.uses_left <= 0:
-        return Refusal(401, "token_used_up", "the join token has been used up")
+        return Refusal(401, "token_used_up",
+                       "the join token has been used up" + _mint_again(record, ca_dir))
     if node != record.node:
         return Refusal(403, "node_not_allowed", f"the join token is not valid for node {node!r}")
     for service in services:

@@ -19,6 +19,7 @@ from meshd.admin.client import (
     admin_url,
 )
 from meshd.errors import MeshError
+from meshd.operator_context import load_context
 
 
 def add_admin_options(p: argparse.ArgumentParser, *, timeout_help: str) -> None:
@@ -33,13 +34,18 @@ def add_admin_options(p: argparse.ArgumentParser, *, timeout_help: str) -> None:
     p.add_argument("--key", metavar="FILE", help="over TLS: the operator certificate's key")
 
 
+def admin_base(args: argparse.Namespace) -> tuple[str, bool]:
+    """``(base URL, over TLS)`` of ``--admin``; ``MeshError`` if it is malformed."""
+    try:
+        return admin_url(args.admin, bool(args.ca or args.cert))
+    except ValueError as exc:
+        raise MeshError(f"--admin: {exc}") from exc
+
+
 def read_state(args: argparse.Namespace, required: Iterable[str]) -> dict[str, Any]:
     """The ``/v1/state`` of the admin API the options name. ``MeshError`` for options that
     cannot work (before connecting), ``AdminError`` when it cannot be read."""
-    try:
-        base, https = admin_url(args.admin, bool(args.ca or args.cert))
-    except ValueError as exc:
-        raise MeshError(f"--admin: {exc}") from exc
+    base, https = admin_base(args)
     if not https and (args.cert or args.key):
         raise MeshError(f"--cert/--key are for an admin API over TLS, but --admin "
                         f"{args.admin} is plain HTTP")
@@ -60,6 +66,21 @@ def failure_line(exc: AdminError) -> str:
     if exc.failure in (Failure.CONNECT, Failure.TIMEOUT):
         return f"{exc} (is meshd running, and is --admin its admin address?)"
     return str(exc)
+
+
+def demo_hint(command: str, exc: AdminError) -> str | None:
+    """When nothing answered and a running ``meshd up`` recorded its meshds' admin addresses
+    (the operator context) elsewhere than where ``command`` looked: where to look instead."""
+    if exc.failure not in (Failure.CONNECT, Failure.TIMEOUT):
+        return None
+    context = load_context()
+    if context is None or not context.admin:
+        return None
+    tried = exc.url.partition("://")[2].partition("/")[0]
+    if tried in context.admin:
+        return None
+    return (f"`meshd up` (pid {context.pid}) runs meshds with admin APIs at "
+            f"{', '.join(context.admin)}: try `{command} --admin {context.admin[0]}`")
 
 
 def signer_line(state: Mapping[str, Any]) -> str:

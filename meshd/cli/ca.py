@@ -1,7 +1,7 @@
 """``meshd ca init|token|issue|revoke|rotate|serve``: the operator's side of the CA.
 
 stdout carries only what scripts consume (the fingerprint, the token, the listen URL); everything
-else goes to the log on stderr.
+else goes to stderr: the log, and for ``init`` the sentence saying where the fingerprint goes.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import sys
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
@@ -63,7 +64,11 @@ def register(subparsers: Any) -> None:
     ca = subparsers.add_parser("ca", help="the mesh certificate authority")
     sub = ca.add_subparsers(dest="ca_command", metavar="CA_COMMAND", required=True)
 
-    p = sub.add_parser("init", help="create a root key and certificate")
+    p = sub.add_parser(
+        "init", help="create a root key and certificate",
+        description="Create the mesh's root key (0600) and certificate in DIR. stdout carries "
+        "only the root's fingerprint (sha256:...), for scripts; every host pins it as "
+        "fingerprint in the [ca] table of its meshd.toml, and stderr says so.")
     p.add_argument("--dir", required=True, type=Path, help="CA directory (created 0700)")
     p.add_argument("--trust-domain", required=True, help="SPIFFE trust domain, e.g. mesh.local")
     p.add_argument("--leaf-ttl", type=_duration_arg, default=issuer.DEFAULT_LEAF_LIFETIME,
@@ -90,7 +95,7 @@ def register(subparsers: Any) -> None:
     who.add_argument("--operator", help="operator name (spiffe://TD/operator/NAME, client "
                                         "auth only: signs the route table (`meshd routes`), "
                                         "reads admin APIs served over mutual TLS)")
-    p.add_argument("--out", required=True, type=Path,
+    p.add_argument("--out", required=True, type=Path, metavar="DIR",
                    help="directory for NAME.crt, NAME.key and ca.crt")
     p.add_argument("--ttl", type=_duration_arg, default=None,
                    help="lifetime (default: the CA's leaf lifetime)")
@@ -124,8 +129,16 @@ def cmd_init(args: argparse.Namespace) -> int:
         force=args.force,
     )
     log.info("created CA for trust domain %s in %s", material.trust_domain, args.dir)
-    print(material.fingerprint)
+    print(material.fingerprint, flush=True)
+    print(fingerprint_sentence(material.fingerprint), file=sys.stderr)
     return 0
+
+
+def fingerprint_sentence(fingerprint: str) -> str:
+    """What ``meshd ca init`` tells the operator (on stderr) about the fingerprint it printed."""
+    return ("meshd ca init: the root's fingerprint is above; every host pins it: put it in each "
+            "host's meshd.toml as\n"
+            f'  [ca]\n  fingerprint = "{fingerprint}"')
 
 
 def cmd_token(args: argparse.Namespace) -> int:

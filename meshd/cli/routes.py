@@ -11,7 +11,11 @@ without destinations and keeps its own. The registry is ``--registry URL`` (defa
 ``meshd up`` for its registry). Writes are signed with an operator certificate of the mesh CA
 (``--operator-cert FILE --operator-key FILE``, else ``$MESHD_OPERATOR_CERT`` and
 ``$MESHD_OPERATOR_KEY``, else a running ``meshd up``'s for its registry); every meshd refuses an
-unsigned table. ``show`` prints who signed the stored table.
+unsigned table. ``show`` prints who signed the stored table; ``show -o json`` prints
+``routes_document``.
+
+Exit status (``meshd.cli.exits``): 0 done, 1 refused (an invalid file, a conflicting write, the
+registry said no), 2 usage, 3 the registry cannot be reached.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any, TextIO
 import tomlkit
 import trio
 
+from meshd.cli.output import add_output_option, print_json, wants_json
 from meshd.config.load import load_routes
 from meshd.errors import ConfigError, Problem
 from meshd.registry.config_store import (
@@ -55,13 +60,29 @@ def register(subparsers: Any) -> None:
                            help="validate a routes.toml and write it to the registry")
     apply.add_argument("file", type=Path, metavar="FILE")
     apply.set_defaults(func=run, action=_apply)
-    show = sub.add_parser("show", parents=[common],
-                          help="print the route table in force, as TOML")
+    show = sub.add_parser(
+        "show", parents=[common], help="print the route table in force, as TOML",
+        description="Print the route table stored in the registry as TOML (what `meshd routes "
+        "apply` takes back), with its ModifyIndex and who signed it. -o json prints one "
+        "object: {format, registry, key, modify_index, signed, routes}, where routes is the "
+        "table in its canonical JSON form (the form meshds read) and signed is null or "
+        "{version, signed_at, signer, signer_id, serial}.")
+    add_output_option(show, what="the stored table, its ModifyIndex and its signer")
     show.set_defaults(func=run, action=_show)
-    split = sub.add_parser("set-split", parents=[common],
-                           help="set one destination's weighted split (check-and-set)")
-    split.add_argument("service")
-    split.add_argument("weights", nargs="+", metavar="SUBSET=WEIGHT")
+    split = sub.add_parser(
+        "set-split", parents=[common],
+        help="set one destination's weighted split (check-and-set)",
+        description="Replace SERVICE's weighted split (split in [destinations.SERVICE]): one "
+        "SUBSET=WEIGHT per subset declared in its subsets, weights summing to 100. "
+        "The table is read, changed, validated, signed and written back with check-and-set; "
+        "if someone changed it meanwhile, nothing is written and the command exits 1.",
+        epilog="example:\n  meshd routes set-split payments v1=90 v2=10   # 10% canary on v2\n"
+               "  meshd routes set-split payments v1=0 v2=100   # move everything to v2\n")
+    split.add_argument("service", metavar="SERVICE",
+                       help="the destination service whose split changes, e.g. payments")
+    split.add_argument("weights", nargs="+", metavar="SUBSET=WEIGHT",
+                       help="a subset of SERVICE and its share in percent, e.g. v1=90 v2=10 "
+                            "(all weights sum to 100)")
     split.set_defaults(func=run, action=_set_split)
     clear = sub.add_parser("clear", parents=[common],
                            help="empty the route table on purpose (every meshd applies it; "
@@ -179,11 +200,23 @@ async def _clear(store: RouteConfigStore, args: argparse.Namespace, out: TextIO)
 
 async def _show(store: RouteConfigStore, args: argparse.Namespace, out: TextIO) -> int:
     stored = await store.read()
+    if wants_json(args):
+        print_json(routes_document(store, stored), out)
+        return 0
     text = render_toml(stored)
     if stored.modify_index == 0:
         text = "# no route table stored: every destination uses all its healthy instances\n"
     print(_header(store, stored) + text, end="" if text.endswith("\n") else "\n", file=out)
     return 0
+
+
+def routes_document(store: RouteConfigStore, stored: StoredRoutes) -> dict[str, Any]:
+    """``meshd routes show -o json``: the stored table (``{"destinations": {}}`` when none is
+    stored, with ``modify_index`` 0), where it is and who signed it."""
+    return {"format": "meshd.routes/1", "registry": store.client.base_url, "key": store.key,
+            "modify_index": stored.modify_index,
+            "signed": stored.signed.summary() if stored.signed is not None else None,
+            "routes": stored.data}
 
 
 def parse_weights(items: list[str]) -> dict[str, int]:

@@ -1,8 +1,9 @@
 """``meshd status``: a one-screen summary of one meshd, read from its admin API's ``/v1/state``.
 
-Exit status: 0 when the daemon is ready, 1 when it answers but is not ready, 2 when its admin API
-cannot be reached, refuses this client, or answers something that is not a state document.
-``render`` is pure: the state mapping in, the text out.
+Exit status (``meshd.cli.exits``): 0 when the daemon is ready, 1 when it answers but is not ready,
+2 for options that cannot work, 3 when its admin API cannot be reached, refuses this client, or
+answers something that is not a state document. ``render`` and ``status_document`` are pure: the
+state mapping in, the text or the ``-o json`` document out.
 
 An admin API served over mutual TLS (``[admin] tls = true``) is read with ``--admin https://ADDR``
 and an operator certificate: ``--ca`` (the mesh's ca.crt), ``--cert`` and ``--key``, as written
@@ -18,11 +19,21 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from meshd.admin.client import AdminError
-from meshd.cli.admin_api import add_admin_options, failure_line, read_state, signer_line
+from meshd.cli import exits
+from meshd.cli.admin_api import (
+    add_admin_options,
+    admin_base,
+    demo_hint,
+    failure_line,
+    read_state,
+    signer_line,
+)
+from meshd.cli.output import add_output_option, print_json, wants_json
 from meshd.errors import MeshError
 
 CERT_WARN_SECONDS = 6 * 3600  # a 24 h leaf is renewed long before this; below it, say so
-EXIT_READY, EXIT_NOT_READY, EXIT_UNREACHABLE = 0, 1, 2
+EXIT_READY, EXIT_NOT_READY, EXIT_UNREACHABLE = exits.OK, exits.FAILED, exits.UNREACHABLE
+STATUS_FORMAT = "meshd.status/1"
 
 
 def register(sub: Any) -> None:
@@ -30,25 +41,55 @@ def register(sub: Any) -> None:
         "status", help="one-screen summary of the local meshd",
         description="Print what the meshd behind ADMIN is doing: readiness, local services and "
         "their health, upstreams and their endpoints per subset, route generation, registry "
-        "staleness and certificate expiry. Exit 0 if ready, 1 if not ready, 2 if unreachable "
-        "or refused. An admin API served over TLS ([admin] tls = true) needs "
-        "--admin https://ADDR and an operator certificate (meshd ca issue --operator NAME).",
+        "staleness and certificate expiry. Exit 0 if ready, 1 if not ready, 3 if its admin "
+        "API is unreachable or refuses this client. An admin API served over TLS ([admin] "
+        "tls = true) needs --admin https://ADDR and an operator certificate (meshd ca issue "
+        "--operator NAME). With -o json: one object {format, admin, reachable, ready, "
+        "exit_code, error, state}, where state is the daemon's /v1/state as it served it "
+        "(null when unreachable) and error is null or {failure, message, hint}.",
     )
     add_admin_options(p, timeout_help="how long to wait for an answer (default: 3)")
+    add_output_option(p, what="the daemon's /v1/state and the verdict")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
+        base, _ = admin_base(args)
         state = read_state(args, required=("ready",))
     except AdminError as exc:
+        hint = demo_hint("meshd status", exc)
         print(f"meshd status: {failure_line(exc)}", file=sys.stderr)
+        if hint:
+            print(f"meshd status: {hint}", file=sys.stderr)
+        if wants_json(args):
+            print_json(unreachable_document(exc, hint), sys.stdout)
         return EXIT_UNREACHABLE
-    except MeshError as exc:
+    except MeshError as exc:  # options that cannot work: nothing was asked
         print(f"meshd status: {exc}", file=sys.stderr)
-        return EXIT_UNREACHABLE
-    print(render(state), end="")
-    return EXIT_READY if state.get("ready") is True else EXIT_NOT_READY
+        return exits.USAGE
+    code = EXIT_READY if state.get("ready") is True else EXIT_NOT_READY
+    if wants_json(args):
+        print_json(status_document(base, state, code), sys.stdout)
+    else:
+        print(render(state), end="")
+    return code
+
+
+def status_document(admin: str, state: Mapping[str, Any], code: int) -> dict[str, Any]:
+    """``-o json`` of a daemon that answered: the verdict, and ``/v1/state`` passed through
+    whole (fields a newer daemon adds appear without a change here)."""
+    return {"format": STATUS_FORMAT, "admin": admin, "reachable": True,
+            "ready": state.get("ready") is True, "exit_code": code, "error": None,
+            "state": dict(state)}
+
+
+def unreachable_document(exc: AdminError, hint: str | None) -> dict[str, Any]:
+    return {"format": STATUS_FORMAT, "admin": exc.url.removesuffix("/v1/state"),
+            "reachable": False, "ready": None, "exit_code": EXIT_UNREACHABLE,
+            "error": {"failure": exc.failure.name.lower(), "message": failure_line(exc),
+                      "hint": hint},
+            "state": None}
 
 
 # -- rendering (pure) --------------------------------------------------------------------------

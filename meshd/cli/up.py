@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import meshd
+from meshd.cli.share import DEMO, shared_dir
 
 DEFAULT_MESH = Path("examples/shop/mesh.toml")
 
@@ -64,7 +64,8 @@ def register(sub: Any) -> None:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("file", nargs="?", type=Path, default=None, metavar="FILE",
-                   help=f"the mesh to run (default: {DEFAULT_MESH})")
+                   help=f"the mesh to run (default: {DEFAULT_MESH} in the current directory, "
+                   "else the shop demo this meshd carries)")
     p.add_argument("--keep", action="store_true",
                    help="keep the temporary run dir (configs, CA, logs) after exit")
     p.add_argument("--run-dir", type=Path, metavar="DIR",
@@ -77,12 +78,12 @@ def register(sub: Any) -> None:
 
 
 def default_mesh_file() -> Path:
-    """examples/shop/mesh.toml in the current directory, else in the source tree meshd runs
-    from."""
+    """examples/shop/mesh.toml in the current directory, else the shop demo of the source tree
+    meshd runs from, else the one its wheel carries (meshd/share/shop)."""
     if DEFAULT_MESH.exists():
         return DEFAULT_MESH
-    source = Path(meshd.__file__).resolve().parent.parent / DEFAULT_MESH
-    return source if source.exists() else DEFAULT_MESH
+    demo = shared_dir(DEMO)
+    return demo / DEFAULT_MESH.name if demo is not None else DEFAULT_MESH
 
 
 def run(args: argparse.Namespace) -> int:

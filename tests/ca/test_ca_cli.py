@@ -39,7 +39,10 @@ def test_init_token_issue(tmp_path: Path) -> None:
     ca_dir = tmp_path / "ca"
     init = meshd("ca", "init", "--dir", ca_dir, "--trust-domain", "mesh.test")
     fingerprint = init.stdout.strip()
-    assert re.fullmatch(r"sha256:[0-9a-f]{64}", fingerprint)
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}", fingerprint)  # stdout: for scripts
+    # stderr: for the operator, where it goes
+    assert ("put it in each host's meshd.toml as\n  [ca]\n  fingerprint = "
+            f'"{fingerprint}"\n') in init.stderr
     assert fingerprint == load_ca(ca_dir).fingerprint
     assert mode(ca_dir) == 0o700 and mode(ca_dir / "root.key") == 0o600
 

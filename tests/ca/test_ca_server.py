@@ -141,6 +141,10 @@ async def test_expired_token_is_refused(ca: CAMaterial, ca_server: CAEndpoint) -
     with pytest.raises(CARefusedError, match="expired") as info:
         await do_join(ca_server, token)
     assert info.value.status == 401
+    # the operator reading the host's log learns the exact command that mints a new one
+    assert info.value.reason.endswith(
+        f": mint a new one on the CA host with `meshd ca token --dir {ca.directory} --node n1 "
+        "--services web,cart` and put it in the host's join token file ([ca] token_file)")
 
 
 async def test_used_up_token_is_refused(ca: CAMaterial, ca_server: CAEndpoint) -> None:
@@ -152,6 +156,10 @@ async def test_used_up_token_is_refused(ca: CAMaterial, ca_server: CAEndpoint) -
     with pytest.raises(CARefusedError, match="used up") as info:
         await do_join(ca_server, token)
     assert info.value.status == 401
+    assert info.value.reason == (
+        f"the join token has been used up: mint a new one on the CA host with `meshd ca token "
+        f"--dir {ca.directory} --node n1 --services web,cart` and put it in the host's join "
+        "token file ([ca] token_file)")
 
 
 async def test_service_not_allowed_names_the_service(

@@ -1,5 +1,6 @@
 """``meshd status``: the rendering of a state document (pure), and the exit codes an operator's
-script relies on: 0 ready (see test_notify_processes), 1 not ready, 2 unreachable or refused;
+script relies on: 0 ready (see test_notify_processes), 1 not ready, 2 options that cannot work,
+3 unreachable or refused;
 and a real meshd whose admin API is served over mutual TLS, read with an operator certificate
 issued by the real `meshd ca issue --operator`."""
 
@@ -7,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import socket
 import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -24,6 +27,7 @@ from meshd.ca.store import init_ca
 from meshd.cli.main import build_parser
 from meshd.cli.status import duration, render
 from meshd.httpd import Request, Response, serve_http
+from meshd.operator_context import OperatorContext, context_path, write_context
 
 STATE: dict[str, Any] = {
     "node": "host-a", "address": "10.0.0.2", "trust_domain": "shop.mesh", "version": "0.1.0",
@@ -111,9 +115,16 @@ def test_duration(seconds: float, text: str) -> None:
     assert duration(seconds) == text
 
 
-async def run_status(*args: str) -> tuple[int, str, str]:
+# no operator context of a `meshd up` that may run on this machine: its hint would be added
+NO_CONTEXT = {**os.environ, "XDG_RUNTIME_DIR": "/nonexistent/meshd-test"}
+
+
+async def run_status(*args: str, runtime_dir: Path | None = None) -> tuple[int, str, str]:
+    env = NO_CONTEXT if runtime_dir is None else {**NO_CONTEXT,
+                                                  "XDG_RUNTIME_DIR": str(runtime_dir)}
     result = await trio.run_process([sys.executable, "-m", "meshd", "status", *args],
-                                    capture_stdout=True, capture_stderr=True, check=False)
+                                    capture_stdout=True, capture_stderr=True, check=False,
+                                    env=env)
     return result.returncode, result.stdout.decode(), result.stderr.decode()
 
 
@@ -129,23 +140,94 @@ async def test_not_ready_exits_1(nursery: trio.Nursery) -> None:
     assert out.startswith("meshd host-a (10.0.0.2), trust domain shop.mesh: NOT READY")
 
 
-async def test_unreachable_exits_2_with_one_clear_line() -> None:
+async def test_unreachable_exits_3_with_one_clear_line() -> None:
     port = free_port("127.0.0.1")
     code, out, err = await run_status("--admin", f"127.0.0.1:{port}")
-    assert code == 2 and out == ""
+    assert code == 3 and out == ""
     assert err == (f"meshd status: cannot read http://127.0.0.1:{port}/v1/state: connection "
                    "refused or unreachable (is meshd running, and is --admin its admin "
                    "address?)\n")
 
 
-async def test_something_else_on_the_port_exits_2(nursery: trio.Nursery) -> None:
+async def test_something_else_on_the_port_exits_3(nursery: trio.Nursery) -> None:
     async def handle(request: Request) -> Response:
         return Response.text("hello\n")
 
     port = free_port("127.0.0.1")
     await nursery.start(serve_http, handle, "127.0.0.1", port)
     code, _, err = await run_status("--admin", f"127.0.0.1:{port}")
-    assert code == 2 and "cannot read" in err
+    assert code == 3 and "cannot read" in err
+
+
+async def serve_state(nursery: trio.Nursery, state: dict[str, Any]) -> str:
+    """A stand-in admin API serving ``state``; its HOST:PORT."""
+    async def handle(request: Request) -> Response:
+        return Response(200, json.dumps(state).encode(), [("Content-Type", "application/json")])
+
+    port = free_port("127.0.0.1")
+    await nursery.start(serve_http, handle, "127.0.0.1", port)
+    return f"127.0.0.1:{port}"
+
+
+async def test_json_passes_the_state_document_through(nursery: trio.Nursery) -> None:
+    # a field this command does not know (a newer daemon's) comes through untouched
+    served = STATE | {"local_health": {"critical": [], "since_seconds": 4.5}}
+    admin = await serve_state(nursery, served)
+    code, out, err = await run_status("--admin", admin, "-o", "json")
+    assert (code, err) == (0, "")
+    document = json.loads(out)
+    assert document == {"format": "meshd.status/1", "admin": f"http://{admin}",
+                        "reachable": True, "ready": True, "exit_code": 0, "error": None,
+                        "state": served}
+
+    not_ready = await serve_state(nursery, STATE | {"ready": False})
+    code, out, _ = await run_status("--admin", not_ready, "--output", "json")
+    document = json.loads(out)
+    assert (code, document["exit_code"], document["ready"]) == (1, 1, False)
+    assert document["state"]["node"] == "host-a"
+
+
+async def test_json_of_an_unreachable_admin_api() -> None:
+    port = free_port("127.0.0.1")
+    code, out, err = await run_status("--admin", f"127.0.0.1:{port}", "-o", "json")
+    assert code == 3 and err.startswith(f"meshd status: cannot read http://127.0.0.1:{port}")
+    document = json.loads(out)
+    assert document["error"]["failure"] == "connect"
+    assert document["error"]["message"] == err.removeprefix("meshd status: ").rstrip("\n")
+    assert {k: document[k] for k in ("format", "admin", "reachable", "ready", "exit_code",
+                                     "state")} == {
+        "format": "meshd.status/1", "admin": f"http://127.0.0.1:{port}", "reachable": False,
+        "ready": None, "exit_code": 3, "state": None}
+
+
+async def test_bare_status_while_meshd_up_runs_names_its_admin_addresses(
+        tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.settimeout(1)
+        if probe.connect_ex(("127.0.0.1", 15000)) == 0:
+            pytest.skip("something answers on the default admin address 127.0.0.1:15000")
+    runtime = tmp_path / "runtime"
+    demo = ("127.0.0.2:15000", "127.0.0.3:15000", "127.0.0.4:15000")
+    # this test process stands in for the `meshd up` that wrote the context
+    write_context(OperatorContext(registry="http://127.0.0.1:8500",
+                                  token_file=tmp_path / "token", admin=demo, operator=None,
+                                  run_dir=tmp_path, pid=os.getpid()),
+                  context_path({"XDG_RUNTIME_DIR": str(runtime)}))
+    code, out, err = await run_status(runtime_dir=runtime)
+    assert (code, out) == (3, "")
+    first, second = err.splitlines()
+    assert first.startswith("meshd status: cannot read http://127.0.0.1:15000/v1/state")
+    assert second == (f"meshd status: `meshd up` (pid {os.getpid()}) runs meshds with admin "
+                      "APIs at 127.0.0.2:15000, 127.0.0.3:15000, 127.0.0.4:15000: try "
+                      "`meshd status --admin 127.0.0.2:15000`")
+    # asked at one of its addresses, no hint: the address was right, the meshd is not there
+    port = free_port("127.0.0.1")
+    write_context(OperatorContext(registry="http://127.0.0.1:8500",
+                                  token_file=tmp_path / "token", admin=(f"127.0.0.1:{port}",),
+                                  operator=None, run_dir=tmp_path, pid=os.getpid()),
+                  context_path({"XDG_RUNTIME_DIR": str(runtime)}))
+    code, _, err = await run_status("--admin", f"127.0.0.1:{port}", runtime_dir=runtime)
+    assert code == 3 and len(err.splitlines()) == 1
 
 
 def test_admin_addresses() -> None:
@@ -214,7 +296,7 @@ async def test_an_operator_certificate_reads_an_admin_api_over_tls(tls_admin: TL
     assert "  payments  v1  http" in out
 
 
-async def test_an_admin_api_over_tls_refusing_this_client_exits_2_with_one_clear_line(
+async def test_an_admin_api_over_tls_refusing_this_client_exits_3_with_one_clear_line(
         tls_admin: TLSAdmin) -> None:
     ops = tls_admin.issue("--operator", "alice")
     svc = tls_admin.issue("--service", "payments")
@@ -224,17 +306,17 @@ async def test_an_admin_api_over_tls_refusing_this_client_exits_2_with_one_clear
                                       "--ca", str(ops / "ca.crt"), "--cert",
                                       str(svc / "payments.crt"), "--key",
                                       str(svc / "payments.key"))
-    assert (code, out) == (2, "")
+    assert (code, out) == (3, "")
     assert err == (f"meshd status: {url}: refused: client spiffe://{TD}/svc/payments is not "
                    "an operator (`meshd ca issue --operator NAME`)\n")
     # no certificate at all (the scheme follows from --ca): the handshake is broken off
     code, out, err = await run_status("--admin", tls_admin.address, "--ca", str(ops / "ca.crt"))
-    assert (code, out) == (2, "")
+    assert (code, out) == (3, "")
     assert err == (f"meshd status: cannot read {url}: TLS handshake broken off: an operator "
                    "certificate is required (--cert, --key)\n")
     # plain HTTP to it
     code, _, err = await run_status("--admin", tls_admin.address)
-    assert code == 2
+    assert code == 3
     assert err == (f"meshd status: cannot read http://{tls_admin.address}/v1/state: closed "
                    "without an answer: is the admin API over TLS? then give --ca, --cert, "
                    "--key\n")
@@ -246,7 +328,7 @@ async def test_an_admin_api_over_tls_refusing_this_client_exits_2_with_one_clear
     assert other.func(other) == 0
     code, _, err = await run_status("--admin", f"https://{tls_admin.address}", "--ca",
                                     str(tls_admin.tmp / "other" / "ca.crt"))
-    assert code == 2
+    assert code == 3
     assert err.startswith(f"meshd status: cannot read {url}: TLS: cannot verify the admin "
                           "API's certificate (")
     assert err.endswith("): is --ca this mesh's ca.crt?\n")

@@ -270,7 +270,7 @@ def test_command_exit_codes(admin: AdminAPI, capsys: pytest.CaptureFixture[str])
         unused.bind(("127.0.0.1", 0))
         port = unused.getsockname()[1]
         assert main(["explain", "payments", "--admin", f"127.0.0.1:{port}",
-                     "--timeout", "1"]) == 2
+                     "--timeout", "1"]) == 3
     assert "cannot read" in capsys.readouterr().err
 
 
@@ -285,6 +285,49 @@ def test_command_exits_1_for_a_request_the_destination_denies(
     assert main(["explain", "payments", "--path", "/pay", "--method", "post",
                  "--source", "orders", *where]) == 1
     assert "DENIED by the default deny" in capsys.readouterr().out
+
+
+def test_command_prints_the_explanation_as_json(
+        admin: AdminAPI, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["explain", "payments", "--path", "/pay", "--admin", admin.address,
+                 "-o", "json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert (code, doc["exit_code"], doc["format"]) == (0, 0, "meshd.explain/1")
+    assert doc["admin"] == f"http://{admin.address}" and doc["service"] == "payments"
+    assert doc["request"] == {"method": "GET", "target": "/pay", "path": "/pay", "headers": {}}
+    assert doc["generation"] == 7
+    assert [(r["name"], r["matched"], r["chosen"]) for r in doc["routes"]] == [
+        ("admin", False, False), ("canary", False, False), ("default", True, True)]
+    assert {"condition": "path prefix '/admin'", "passed": False, "actual": "'/pay'"} \
+        in doc["routes"][0]["checks"]
+    assert doc["route"] == {"name": "default", "timeout_seconds": 3.0,
+                            "split": {"v1": 90, "v2": 10}}
+    assert doc["policy"] == {"load_balancer": "least_request"}
+    v1, v2 = doc["subsets"]
+    assert (v1["name"], v1["weight"], v1["version"], v1["usable"]) == ("v1", 90, "v1", 1)
+    assert [(e["node"], e["healthy"], e["ejected"], e["usable"], e["active_requests"])
+            for e in v1["endpoints"]] == [("a", True, False, True, 3),
+                                          ("b", True, True, False, 0),
+                                          ("c", False, False, False, 0)]
+    assert v1["endpoints"][1]["ejection_remaining_seconds"] == 12.5
+    assert v2["panic"] is True and v2["why"].startswith("every candidate is ejected")
+    assert doc["routable"] is True and doc["reaches_app"] is True
+    assert doc["routes_signed"] is None
+
+
+def test_command_prints_a_denial_as_json(admin: AdminAPI,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    admin.state = PROTECTED
+    code = main(["explain", "payments", "--path", "/admin", "--admin", admin.address,
+                 "--output", "json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert (code, doc["exit_code"]) == (1, 1)
+    authz = doc["authorization"]
+    assert (authz["source"], authz["spiffe_id"]) == ("web", "spiffe://mesh.test/svc/web")
+    assert authz["verdict"] == {"allowed": False, "rule": "no-admin"} and authz["denied"]
+    assert [(r["name"], r["action"], r["applies"]) for r in authz["rules"]] == [
+        ("no-admin", "deny", True), ("web-pays", "allow", None), ("mesh-reads", "allow", None)]
+    assert doc["routable"] is True and doc["reaches_app"] is False
 
 
 def _admin_state(farm: Farm) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import tomllib
@@ -286,3 +287,56 @@ async def test_an_empty_table_is_refused_and_clear_empties_on_purpose(
     assert (await run(registry.url, "apply", str(allow))).returncode == 0
     shown = await run(registry.url, "show")
     assert parse_routes(tomllib.loads(shown.stdout)) == load_routes(allow)  # round trip
+
+
+async def test_show_as_json(registry: Registry, routes_file: Path) -> None:
+    empty = await run(registry.url, "show", "-o", "json")
+    assert empty.returncode == 0, empty.stderr
+    document = json.loads(empty.stdout)
+    assert (document["format"], document["key"], document["modify_index"],
+            document["signed"]) == ("meshd.routes/1", ROUTES_KEY, 0, None)
+    assert document["routes"]["destinations"] == {}
+
+    assert (await run(registry.url, "apply", str(routes_file))).returncode == 0
+    value, index = await stored(registry.client)
+    shown = await run(registry.url, "show", "--output", "json")
+    assert shown.returncode == 0, shown.stderr
+    document = json.loads(shown.stdout)
+    signed = inspect(json.loads(value), "routes")
+    assert document["registry"] == registry.url and document["modify_index"] == index
+    assert document["signed"] == {"version": signed.version,
+                                  "signed_at": document["signed"]["signed_at"],
+                                  "signer": "alice",
+                                  "signer_id": "spiffe://routes.test/operator/alice",
+                                  "serial": signed.serial}
+    # the canonical form meshds read, which parses back to the applied table
+    assert document["routes"] == table_of(value)
+    assert parse_routes(document["routes"]) == load_routes(routes_file)
+
+
+@pytest.mark.embedded_only("starts the embedded registry with ACLs on")
+async def test_an_unreachable_registry_exits_3_and_a_refusal_1(nursery: trio.Nursery) -> None:
+    with socket.socket() as unused:  # bound, never listening: connections are refused
+        unused.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{unused.getsockname()[1]}"
+        result = await run(url, "show")
+    assert result.returncode == 3, result.stderr
+    assert result.stdout == ""
+    assert result.stderr.startswith(f"meshd: registry {url}: GET /v1/kv/{ROUTES_KEY}")
+    assert result.stderr.endswith("(cannot reach the registry: is it running, and is that "
+                                  "its address?)\n")
+
+    reg = await start_registry(nursery, acl_enabled=True, acl_default_policy="deny",
+                               acl_initial_management="root")
+    async with reg.client:
+        refused = await run(reg.url, "--token", "not-a-token", "show", "-o", "json")
+    assert refused.returncode == 1 and "403" in refused.stderr and refused.stdout == ""
+    nursery.cancel_scope.cancel()
+
+
+def test_a_usage_error_exits_2() -> None:
+    result = meshd("http://127.0.0.1:1", "set-split", "payments")  # no SUBSET=WEIGHT
+    assert result.returncode == 2
+    assert "the following arguments are required: SUBSET=WEIGHT" in result.stderr
+    result = meshd("http://127.0.0.1:1", "show", "-o", "yaml")
+    assert result.returncode == 2 and "invalid choice: 'yaml'" in result.stderr
