@@ -31,7 +31,7 @@ from meshd.listen_fds import InheritedSockets
 from meshd.metrics import Metrics
 from meshd.proxy.access import AccessLog
 from meshd.proxy.core.view import ViewCell
-from meshd.proxy.forward import ClientConnection
+from meshd.proxy.forward import FIRST_REQUEST_GRACE, ClientConnection
 from meshd.proxy.inbound import APP_IDLE_TIMEOUT, Inbound, InboundContext
 from meshd.proxy.outbound import Outbound, OutboundContext
 from meshd.proxy.pool import DEFAULT_IDLE_TIMEOUT, ConnectionPool
@@ -162,8 +162,13 @@ class Proxy:
         self._accepting.cancel()
         for conn in list(self._connections):
             conn.draining = True
-            if conn.idle_scope is not None:
+            if conn.idle_scope is None:
+                continue
+            if conn.served:  # idle between requests: closed now
                 conn.idle_scope.cancel()
+            else:  # its first request may be on its way (``serve_requests``)
+                conn.idle_scope.deadline = min(conn.idle_scope.deadline,
+                                               trio.current_time() + FIRST_REQUEST_GRACE)
         with trio.move_on_at(deadline) as scope:
             await self._drained.wait()
         if scope.cancelled_caught:
