@@ -202,6 +202,11 @@ class Successor:
         finally:
             self._sock.close()
 
+    def close(self) -> None:
+        """Give up before finishing (the old process keeps serving) and close the sockets."""
+        self._sock.close()
+        self.sockets.close_unclaimed()
+
 
 async def take_over(config: HostConfig) -> Successor | None:
     """Take the listening sockets of a meshd running with this configuration, if one is: None
