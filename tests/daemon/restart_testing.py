@@ -78,7 +78,7 @@ class Meshd:
     async def wait_for(self, line: str, within: float = 30.0) -> float:
         """The trio time at which ``line`` was first seen in the log (polled)."""
         with trio.fail_after(within):
-            while line not in self.text():  # noqa: ASYNC110 - another process writes it
+            while line not in self.text():
                 if self.process.returncode is not None:
                     raise AssertionError(f"meshd exited ({self.process.returncode}) before "
                                          f"{line!r}:\n{self.text()[-3000:]}")
