@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -353,11 +354,14 @@ async def serve_http(
     *,
     ssl_context: ssl.SSLContext | None = None,
     max_body: int = DEFAULT_MAX_BODY,
+    inherited: socket.socket | None = None,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen on host:port and serve until cancelled. ``task_status.started`` gets the listeners
-    once they accept connections (so port 0 callers can read the real port)."""
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    once they accept connections (so port 0 callers can read the real port). ``inherited``: a
+    socket already listening on that address, served instead of binding one (a restart)."""
+    listeners = ([trio.SocketListener(trio.socket.from_stdlib_socket(inherited))]
+                 if inherited is not None else await trio.open_tcp_listeners(port, host=host))
     wrapped: list[trio.abc.Listener[Any]]
     if ssl_context is not None:
         wrapped = [

@@ -9,17 +9,25 @@ and ``WATCHDOG=1`` at least once per ``WatchdogSec=`` (passed as ``WATCHDOG_USEC
 kills and restarts the service. Outside systemd ``NOTIFY_SOCKET`` is unset and every call here is
 a no-op, so the daemons call these unconditionally.
 
+The same socket keeps file descriptors for the service (its fd store, when the unit sets
+``FileDescriptorStoreMax=``; systemd 254 and later say so with ``FDSTORE=<max>``): a datagram with
+``FDSTORE=1``, ``FDNAME=<name>`` and the descriptors attached (``SCM_RIGHTS``). systemd hands them
+back to the next process of the service through ``LISTEN_FDS`` (``meshd.listen_fds``), so the
+listening sockets outlive a restart and connections queue in the kernel meanwhile.
+
 Formatting the message (``format_message``) and reading the environment (``notify_address``,
-``watchdog_interval``) are pure; ``notify`` is the one place that touches a socket.
+``watchdog_interval``, ``fd_store_size``) are pure; ``notify`` and ``send_fds`` are the places
+that touch a socket.
 """
 
 from __future__ import annotations
 
+import array
 import logging
 import os
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import trio
 
@@ -102,6 +110,43 @@ def notify(
             sock.sendto(message, address)
     except OSError as exc:
         log.debug("sd_notify to %r failed: %s", os.environ.get("NOTIFY_SOCKET"), exc)
+        return False
+    return True
+
+
+def fd_store_size(environ: Mapping[str, str]) -> int:
+    """How many descriptors the service manager keeps for us (``FDSTORE``, set by systemd 254+
+    when the unit has ``FileDescriptorStoreMax=``); 0 without a notify socket or a store."""
+    raw = environ.get("FDSTORE", "")
+    if notify_address(environ) is None or not raw.isdigit():
+        return 0
+    return int(raw)
+
+
+def fd_store_message(name: str, *, remove: bool = False) -> bytes:
+    """The datagram that stores (``FDSTORE=1``) the attached descriptors under ``name``, or
+    removes (``FDSTOREREMOVE=1``) every stored one of that name. ``FDPOLL=0``: a listening
+    socket is not to be dropped for what poll() reports on it."""
+    if remove:
+        return f"FDSTOREREMOVE=1\nFDNAME={name}".encode()
+    return f"FDSTORE=1\nFDNAME={name}\nFDPOLL=0".encode()
+
+
+def send_fds(name: str, fds: Sequence[int], *, remove: bool = False) -> bool:
+    """Store ``fds`` in the service manager's fd store under ``name`` (or, with ``remove``,
+    drop what is stored under it); True if the datagram was sent. Never raises."""
+    address = notify_address(os.environ)
+    if address is None:
+        return False
+    ancillary = ([] if remove else
+                 [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())])
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.setblocking(False)
+            sock.sendmsg([fd_store_message(name, remove=remove)], ancillary, 0, address)
+    except OSError as exc:
+        log.warning("cannot %s %s in the service manager's fd store: %s",
+                    "remove" if remove else "keep", name, exc)
         return False
     return True
 

@@ -23,6 +23,9 @@ from urllib.parse import parse_qs, urlsplit
 
 class PaymentsServer(ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver's default backlog of 5 drops the SYNs of a burst (the requests a restarted
+    # meshd's queue releases at once), and each dropped one waits a second for its retransmit
+    request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], version: str, node: str,
                  access_log: bool) -> None:

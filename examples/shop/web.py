@@ -32,7 +32,9 @@ class UpstreamPool:
 
     A connection that sat idle may have been closed by the other side; a request that fails on
     such a reused connection before any answer arrived is retried once on a fresh connection
-    (what browsers and urllib3 do). Any other failure is the caller's to report."""
+    (what browsers and urllib3 do), and the other idle connections are dropped: whatever closed
+    one (a restarted meshd, or one draining) closed them all. Any other failure is the
+    caller's to report."""
 
     def __init__(self, host: str, port: int, timeout: float) -> None:
         self.host = host
@@ -44,7 +46,7 @@ class UpstreamPool:
     def request(self, method: str, path: str, body: bytes,
                 headers: dict[str, str]) -> tuple[int, str, bytes]:
         for attempt in (1, 2):
-            conn, reused = self._take()
+            conn, reused = self._take(fresh=attempt > 1)
             try:
                 conn.request(method, path, body=body, headers=headers)
                 response = conn.getresponse()
@@ -52,6 +54,7 @@ class UpstreamPool:
             except (ConnectionResetError, BrokenPipeError, http.client.BadStatusLine):
                 conn.close()
                 if reused and attempt == 1:
+                    self._drop_idle()
                     continue
                 raise
             except (OSError, http.client.HTTPException):
@@ -64,11 +67,17 @@ class UpstreamPool:
             return response.status, response.getheader("Content-Type", ""), data
         raise AssertionError("unreachable")
 
-    def _take(self) -> tuple[http.client.HTTPConnection, bool]:
+    def _take(self, fresh: bool = False) -> tuple[http.client.HTTPConnection, bool]:
         with self._lock:
-            if self._idle:
+            if self._idle and not fresh:
                 return self._idle.pop(), True
         return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout), False
+
+    def _drop_idle(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
 
     def _give_back(self, conn: http.client.HTTPConnection) -> None:
         with self._lock:
@@ -77,6 +86,9 @@ class UpstreamPool:
 
 class WebServer(ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver's default backlog of 5 drops the SYNs of a burst (the requests a restarted
+    # meshd's queue releases at once), and each dropped one waits a second for its retransmit
+    request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], upstream: UpstreamPool,
                  access_log: bool) -> None:

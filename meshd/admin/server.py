@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -85,15 +86,16 @@ class AdminAPI:
 
     async def serve(
         self, host: str, port: int, *, tls: TLSState | None = None,
+        inherited: socket.socket | None = None,
         task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Serve until cancelled; with ``tls`` (built with ``admin=True``), over mutual TLS
-        for operators only."""
+        for operators only; on ``inherited`` (already listening there) instead of binding."""
         self._tls = tls
         context = tls.admin_context if tls is not None else None
         try:
             await serve_http(self.handle, host, port, ssl_context=context,
-                             task_status=task_status)
+                             inherited=inherited, task_status=task_status)
         except OSError as exc:
             raise MeshError(f"cannot listen on admin address {host}:{port}: "
                             f"{exc.strerror or exc}") from exc

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 from meshd.config.reader import Reader
 from meshd.config.schema import (
+    DEFAULT_DRAIN_TIMEOUT,
     CASettings,
     HealthCheck,
     HostConfig,
@@ -28,7 +29,7 @@ _HOST_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9]
 
 HOST_KEYS = {"node", "address", "trust_domain", "registry", "registry_token",
              "registry_token_file", "ca", "inbound", "admin", "outbound", "state_dir",
-             "services"}
+             "services", "drain_timeout"}
 
 
 def parse_host_config(data: Mapping[str, Any], file: str = "meshd.toml",
@@ -82,6 +83,7 @@ def parse_host_config(data: Mapping[str, Any], file: str = "meshd.toml",
                   "loopback, or say why it is safe in outbound.beyond_loopback = \"...\" "
                   "(e.g. a firewall admits only the local containers)")
 
+    drain_timeout = r.duration(data, "drain_timeout", "", DEFAULT_DRAIN_TIMEOUT)
     state_dir_raw = r.get(data, "state_dir", "", str, "/var/lib/meshd")
     state_dir = (base / state_dir_raw) if isinstance(state_dir_raw, str) else Path(".")
 
@@ -110,6 +112,7 @@ def parse_host_config(data: Mapping[str, Any], file: str = "meshd.toml",
         outbound_address=outbound_address, outbound_beyond_loopback=beyond_loopback,
         state_dir=state_dir, services=tuple(services),
         source=file, registry_token=registry_token, registry_token_file=registry_token_file,
+        drain_timeout=drain_timeout or DEFAULT_DRAIN_TIMEOUT,
     )
 
 

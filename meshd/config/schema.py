@@ -73,6 +73,10 @@ class CASettings:
     token_file: Path
 
 
+# how long a stopping meshd lets requests in flight finish before it cuts them (``drain_timeout``)
+DEFAULT_DRAIN_TIMEOUT = 10.0
+
+
 @dataclass(frozen=True)
 class HostConfig:
     node: str
@@ -95,6 +99,9 @@ class HostConfig:
     registry_token: str = ""  # ACL token for the registry; "" = $CONSUL_HTTP_TOKEN, if set
     # where registry_token was read from (``load_host_config`` reads it); None: not a file
     registry_token_file: Path | None = None
+    # a stop (SIGTERM, or the end of a handover to a new process) lets requests and transfers in
+    # flight run this long, then cuts them
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
 
     def service(self, name: str) -> LocalService | None:
         return next((s for s in self.services if s.name == name), None)

@@ -12,7 +12,10 @@
 
 Ready means: identities in hand, first route table and endpoint views read, every listener
 accepting and every local service registered. ``stop()`` (SIGTERM) deregisters first so peers
-stop choosing this host, drains in-flight requests until a deadline, then cancels the tree.
+stop choosing this host, drains in-flight requests until ``drain_timeout``, then cancels the tree.
+The listening sockets may come from a predecessor and outlive this process (``meshd.listen_fds``:
+systemd's fd store, ``meshd up``, or an in-place upgrade through ``meshd.daemon.handover``, which
+ends with ``stop(deregister=False)``: the successor serves under the same service IDs).
 SIGHUP re-reads meshd.toml and applies what can change without a restart (``meshd.daemon.reload``).
 """
 
@@ -38,6 +41,7 @@ from meshd.admin.state import DaemonState, build_state
 from meshd.backoff import backoff_delay
 from meshd.config.parse import routes_to_data
 from meshd.config.schema import HostConfig, LocalService, RouteTable
+from meshd.daemon import handover, listeners
 from meshd.daemon.health import probe, probe_client, report_health
 from meshd.errors import CAError, ConfigError, MeshError, Problem, RegistryError
 from meshd.fileio import write_atomic
@@ -46,6 +50,7 @@ from meshd.identity.certs import Identity, TrustBundle
 from meshd.identity.manager import IdentityManager
 from meshd.identity.signing import Signed
 from meshd.identity.tls import TLSState
+from meshd.listen_fds import InheritedSockets
 from meshd.metrics import Metrics
 from meshd.proxy.core.view import ViewCell
 from meshd.proxy.server import Proxy
@@ -57,7 +62,6 @@ from meshd.registry.watch import WatchStatus, watch_endpoints, watch_routes
 
 log = logging.getLogger(__name__)
 
-DRAIN_DEADLINE = 10.0
 FIRST_DENYLIST_WAIT = 5.0
 DEREGISTER_TIMEOUT = 5.0
 
@@ -86,8 +90,11 @@ def read_join_token(config: HostConfig) -> str:
 
 
 class Daemon:
-    def __init__(self, config: HostConfig) -> None:
+    def __init__(self, config: HostConfig, inherited: InheritedSockets | None = None) -> None:
         self.config = config
+        self.inherited = inherited or InheritedSockets()
+        self._admin_sockets: list[trio.SocketListener] = []
+        self._admin_scope = trio.CancelScope()
         self.metrics = Metrics()
         self.view = ViewCell()
         self.state = DaemonState()
@@ -259,7 +266,7 @@ class Daemon:
         admin = AdminAPI(self.metrics, lambda: self.state.ready, self.snapshot,
                          self.refresh_gauges, allowed_hosts=config.admin_allowed_hosts)
         if not config.admin_tls:  # (over TLS it needs the node certificate: started below)
-            await n.start(admin.serve, config.admin_host, config.admin_port)
+            await n.start(self._serve_admin, admin, None)
             log.info("admin API on http://%s:%d", config.admin_host, config.admin_port)
 
         systemd.notify(status=f"getting certificates from the CA at {config.ca.url}")
@@ -278,7 +285,7 @@ class Daemon:
                         "without it for now (a table whose signer is revoked is dropped as "
                         "soon as the deny list arrives)", FIRST_DENYLIST_WAIT)
         if config.admin_tls:
-            await n.start(partial(admin.serve, config.admin_host, config.admin_port, tls=tls))
+            await n.start(self._serve_admin, admin, tls)
             log.info("admin API on https://%s:%d (operator certificates only)",
                      config.admin_host, config.admin_port)
 
@@ -294,8 +301,9 @@ class Daemon:
             await n.start(self._wait_for_registry, f"endpoints of {dest}",
                           watch_endpoints, consul, dest, self._apply_endpoints, status)
 
-        self.proxy = Proxy(config, self.view, tls, self.metrics)
+        self.proxy = Proxy(config, self.view, tls, self.metrics, inherited=self.inherited)
         await n.start(self.proxy.run)
+        listeners.settle(self.inherited, self.listening_sockets())
 
         systemd.notify(status=f"registering {len(config.services)} service(s)")
         await self._register_all(consul)
@@ -306,6 +314,26 @@ class Daemon:
             log.info("meshd %s ready: inbound %s:%d, %d service(s), %d upstream(s)",
                      config.node, config.address, config.inbound_port,
                      len(config.services), len(config.upstreams))
+
+    async def _serve_admin(
+        self, admin: AdminAPI, tls: TLSState | None,
+        *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """The admin API, on the inherited socket for its address if there is one, under a
+        scope a handover cancels (the successor answers from then on)."""
+        config = self.config
+        inherited = self.inherited.take(config.admin_host, config.admin_port)
+        with self._admin_scope:
+            async with trio.open_nursery() as nursery:
+                self._admin_sockets = await nursery.start(partial(
+                    admin.serve, config.admin_host, config.admin_port, tls=tls,
+                    inherited=inherited))
+                task_status.started()
+
+    def listening_sockets(self) -> list[tuple[str, trio.socket.SocketType]]:
+        """``(role, socket)`` of every listening socket: the proxy's and the admin API's."""
+        found = self.proxy.listening_sockets() if self.proxy is not None else []
+        return found + [("admin", lst.socket) for lst in self._admin_sockets]
 
     async def _join_with_retry(self) -> tuple[TrustBundle, dict[str, Identity]]:
         """Join the CA; while it is unreachable (or failing), retry with backoff and stay not
@@ -454,18 +482,27 @@ class Daemon:
                     except RegistryError as exc:
                         log.warning("deregistering %s failed: %s", sid, exc)
 
-    async def stop(self) -> None:
+    async def stop(self, *, deregister: bool = True) -> None:
         """Graceful stop: stop reporting health, deregister (so peers stop choosing this host),
-        drain in-flight requests until a deadline, then end the lifetime tree."""
+        drain in-flight requests until ``drain_timeout``, then end the lifetime tree.
+
+        ``deregister=False`` ends a handover: a successor serves under the same service IDs
+        and keeps their checks passing, so the entries stay, and so does the admin API (it is
+        the successor's now: this process stops answering on it at once)."""
         if self.state.stopping:
             return
         self.state.stopping = True
         self.state.ready = False
         self._reporters.cancel()
-        await self._deregister_all()
+        if deregister:
+            await self._deregister_all()
+        else:
+            self._admin_scope.cancel()
+            async with self._registry_lock:
+                self._registered.clear()  # the successor's entries now: never deregistered
         if self.proxy is not None:
             with trio.CancelScope(shield=True):
-                await self.proxy.drain(trio.current_time() + DRAIN_DEADLINE)
+                await self.proxy.drain(trio.current_time() + self.config.drain_timeout)
         self._cancel.cancel()
 
 
@@ -476,6 +513,11 @@ async def run_daemon(config: HostConfig, config_path: Path | None = None) -> Non
 
     Under systemd (``Type=notify``): ``READY=1`` once the daemon is ready, ``STATUS=`` lines
     along the way, watchdog pings while the event loop runs, ``STOPPING=1`` on SIGTERM.
+
+    Listening sockets passed with ``LISTEN_FDS`` are served instead of binding new ones; without
+    them, a meshd already running with this configuration hands its own over
+    (``meshd.daemon.handover``) and is told to finish once this one is ready. Once ready, this
+    one offers its sockets the same way to a successor.
     Reloads wait until the daemon is ready and run one at a time; signals that arrive while one
     is pending coalesce (the pending reload reads the newest file)."""
     import signal
@@ -486,7 +528,9 @@ async def run_daemon(config: HostConfig, config_path: Path | None = None) -> Non
     if config.outbound_beyond_loopback:
         log.warning("outbound listeners bind %s, beyond loopback, because: %s",
                     config.outbound_address, config.outbound_beyond_loopback)
-    daemon = Daemon(config)
+    inherited = InheritedSockets.from_environment()
+    successor = None if len(inherited) else await handover.take_over(config)
+    daemon = Daemon(config, successor.sockets if successor is not None else inherited)
     reload_send, reload_receive = trio.open_memory_channel[None](1)
     async with trio.open_nursery() as nursery:
 
@@ -509,7 +553,13 @@ async def run_daemon(config: HostConfig, config_path: Path | None = None) -> Non
 
         async def announce_ready_then_reload() -> None:
             await daemon.ready_event.wait()
+            if successor is not None:
+                await successor.finish()
             systemd.notify(ready=True, status=daemon.status_line())
+            nursery.start_soon(partial(
+                handover.serve, daemon.config,
+                lambda: listeners.named(daemon.listening_sockets()),
+                partial(daemon.stop, deregister=False)))
             async for _ in reload_receive:
                 if daemon.state.stopping:
                     return

@@ -5,7 +5,8 @@ changes nothing. Of a valid file's changes, only those that can be put in force 
 a listener, an identity or a registration key are applied: the local services' health checks
 (kind, path, interval, timeout). Everything else (node, address, ports, trust domain, registry,
 CA, state directory, the set of services and their upstreams) is reported, key by key, as needing
-a restart, and the running daemon keeps its current value. Routes are not in meshd.toml at all:
+a restart, and the running daemon keeps its current value. ``drain_timeout`` applies live too:
+the next stop reads it. Routes are not in meshd.toml at all:
 they come from the registry and are applied as they change there. Nor is the log level (the
 ``--log-level`` option or ``MESHD_LOG_LEVEL``, read at start).
 
@@ -73,7 +74,7 @@ _HOST_KEYS = {"registry_url": "registry", "inbound_port": "inbound.port",
               "outbound_address": "outbound.address"}
 _SECRET_KEYS = {"registry_token"}
 # services are compared one by one below; the beyond-loopback reason is only words
-_LIVE_HOST_FIELDS = {"services", "source", "outbound_beyond_loopback"}
+_LIVE_HOST_FIELDS = {"services", "source", "outbound_beyond_loopback", "drain_timeout"}
 _LIVE_SERVICE_FIELDS = {"name", "health", "upstreams"}  # health applies live; upstreams below
 
 
@@ -167,6 +168,10 @@ def plan_reload(running: HostConfig, loaded: HostConfig) -> ReloadPlan:
         if svc.name not in old_names:
             restart.append(Change(f"services.{svc.name}", ABSENT, f"port {svc.port}"))
     config = dataclasses.replace(running, services=tuple(services)) if applied else running
+    if running.drain_timeout != loaded.drain_timeout:
+        applied.append(Change("drain_timeout", _seconds(running.drain_timeout),
+                              _seconds(loaded.drain_timeout)))
+        config = dataclasses.replace(config, drain_timeout=loaded.drain_timeout)
     return ReloadPlan(config, tuple(applied), tuple(restart), tuple(health_changed))
 
 

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -40,6 +41,7 @@ from meshd.dev.ports import ports_in_use
 from meshd.dev.report import Row, format_table
 from meshd.dev.supervisor import Child, ChildSpec, Supervisor
 from meshd.errors import MeshError
+from meshd.listen_fds import bind_listener, host_listen_addresses
 from meshd.operator_context import OperatorContext, context_path, remove_context, write_context
 from meshd.registry.config_store import ROUTES_KEY
 from meshd.registry.operator_key import OperatorKey
@@ -174,10 +176,13 @@ def main(file: Path, *, keep: bool = False, run_dir: Path | None = None,
                     context_file=context_path())
     supervisor = Supervisor(console, sweep_all_descendants=True)
     foreground = partial(run_console, launch, console) if tui else None
+    held: list[socket.socket] = []  # every meshd's listening sockets, for the whole run
     try:
         return trio.run(supervise_until_signal, console, supervisor,
-                        partial(bring_up, launch, console), foreground)
+                        partial(bring_up, launch, console, held=held), foreground)
     finally:
+        for sock in held:
+            sock.close()
         if launch.context_file is not None:
             remove_context(launch.context_file, os.getpid())
         if not launch.keep:
@@ -258,7 +263,10 @@ async def _watch_signals(signals: AsyncIterator[int], startup: trio.CancelScope,
             supervisor.hurry()
 
 
-async def bring_up(launch: Launch, console: Console, supervisor: Supervisor) -> None:
+async def bring_up(launch: Launch, console: Console, supervisor: Supervisor,
+                   held: list[socket.socket] | None = None) -> None:
+    """Start everything, in order (the module's header). ``held`` receives the listening
+    sockets bound for the meshds, which the caller closes once everything has stopped."""
     mesh, rd = launch.mesh, launch.run_dir
     labels = app_labels(mesh)
     console.say(f"starting {launch.mesh_file} (run dir {rd.root})")
@@ -322,11 +330,12 @@ async def bring_up(launch: Launch, console: Console, supervisor: Supervisor) -> 
                         app_spec(launch, host, ms, labels[(host.name, ms.service.name)]))
         meshds: dict[str, Child] = {}
         for host in mesh.hosts:
+            sockets = hold_listeners(configs[host.name], [] if held is None else held)
             meshds[host.name] = await supervisor.start(ChildSpec(
                 f"meshd {host.name}", launch.meshd_argv("run", "--config",
                                                          str(configs[host.name])),
                 rd.log(f"meshd {host.name}"), MESHD_GROUP, cwd=rd.host(host.name),
-                env=launch.env))
+                env=launch.env, listen_fds=sockets))
         await probes.wait_meshds_ready(client, mesh, meshds, give_up_after=MESHD_TIMEOUT)
 
     rows = [Row("registry", registry.pid, f"http://{mesh.registry}"),
@@ -354,6 +363,22 @@ async def bring_up(launch: Launch, console: Console, supervisor: Supervisor) -> 
     console.plain(f"logs: {rd.root / 'logs'}"
                   + ("" if launch.keep else " (the run dir is removed on exit; --keep keeps it)"))
     console.say("ready")
+
+
+def hold_listeners(config_file: Path, held: list[socket.socket]) -> tuple[tuple[str, int], ...]:
+    """Bind a meshd's listening sockets (inbound, each outbound listener, admin) here, in the
+    runner, as systemd's fd store holds them: the meshd gets them on every start, and while it
+    restarts connections wait in the kernel's queue instead of being refused."""
+    passed = []
+    for address in host_listen_addresses(load_host_config(config_file)):
+        try:
+            sock = bind_listener(address)
+        except OSError as exc:
+            raise MeshError(f"cannot listen on {address.host}:{address.port} ({address.name}, "
+                            f"for {config_file}): {exc.strerror or exc}") from exc
+        held.append(sock)
+        passed.append((address.name, sock.fileno()))
+    return tuple(passed)
 
 
 def app_spec(launch: Launch, host: MeshHost, ms: MeshService, label: str) -> ChildSpec:

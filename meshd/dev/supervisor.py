@@ -6,10 +6,15 @@ stdout and stderr share one pipe; a pump task copies it line by line to the cons
 child's prefix) and to the child's log file, and keeps the last lines for error messages.
 
 A child that exits while nobody asked it to is restarted after an exponential backoff, which
-resets once a run has lasted ``stable_after`` seconds. ``stop_all`` sends SIGTERM to each child's
-process group, one stop group at a time (the runner puts the meshds first, so that they deregister
-while the registry still answers), SIGKILLs whatever outlives the deadline, and a final sweep with
-psutil kills any descendant still alive, including grandchildren orphaned on the way.
+resets once a run has lasted ``stable_after`` seconds. A child given listening sockets
+(``ChildSpec.listen_fds``, which the runner holds for the whole run) gets them as systemd passes
+them (``LISTEN_FDS``, through ``listen_exec.py``) on every start, and is restarted almost at once:
+connections queue on its sockets meanwhile, so the delay is what they wait.
+
+``stop_all`` sends SIGTERM to each child's process group, one stop group at a time (the runner
+puts the meshds first, so that they deregister while the registry still answers), SIGKILLs
+whatever outlives the deadline, and a final sweep with psutil kills any descendant still alive,
+including grandchildren orphaned on the way.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import os
 import shlex
 import signal
 import subprocess
+import sys
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
@@ -36,6 +42,8 @@ from meshd.errors import MeshError
 TAIL_LINES = 40
 MAX_LINE = 64 * 1024
 DRAIN_TIMEOUT = 1.0   # after a child exits, how long its last output may take to arrive
+LISTENING_RESTART_BASE = 0.05  # first restart delay of a child whose sockets are held for it
+LISTEN_EXEC = Path(__file__).resolve().parent / "listen_exec.py"
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,16 @@ class ChildSpec:
     stop_group: int = 0            # lower groups are stopped first
     cwd: Path | None = None
     env: Mapping[str, str] = field(default_factory=dict)   # added to the runner's environment
+    # (name, descriptor) of listening sockets the runner holds: passed with LISTEN_FDS
+    listen_fds: tuple[tuple[str, int], ...] = ()
+
+    def command(self) -> list[str]:
+        """The argv to start: ``argv`` itself, or through the ``LISTEN_FDS`` shim."""
+        if not self.listen_fds:
+            return list(self.argv)
+        fds = ",".join(str(fd) for _, fd in self.listen_fds)
+        names = ":".join(name for name, _ in self.listen_fds)
+        return [sys.executable, "-I", str(LISTEN_EXEC), fds, names, "--", *self.argv]
 
 
 def restart_delay(failures: int, base: float = 0.5, cap: float = 10.0) -> float:
@@ -197,9 +215,9 @@ class Supervisor:
         spec = child.spec
         try:
             process = await trio.lowlevel.open_process(
-                list(spec.argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                spec.command(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT, cwd=spec.cwd, env={**os.environ, **spec.env},
-                start_new_session=True,
+                start_new_session=True, pass_fds=[fd for _, fd in spec.listen_fds],
             )
         except OSError as exc:
             raise MeshError(f"cannot start {spec.label} ({shlex.join(spec.argv)}): "
@@ -231,7 +249,8 @@ class Supervisor:
                 else:
                     what = f"{child.label} could not be started"
                 failures += 1
-                delay = restart_delay(failures, self.backoff_base, self.backoff_cap)
+                base = LISTENING_RESTART_BASE if child.spec.listen_fds else self.backoff_base
+                delay = restart_delay(failures, base, self.backoff_cap)
                 self.console.error(f"{what}; restarting it in {delay:g}s")
                 child.state = ChildState.BACKOFF
                 with trio.move_on_after(delay):

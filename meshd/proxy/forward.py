@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 # From a request's first byte to the end of its head: a client trickling a head byte by byte
 # (slowloris) holds a connection this long at most, then gets a 408.
 HEAD_TIMEOUT = 10.0
+# how long a drain waits for the first request of a connection accepted before it began
+FIRST_REQUEST_GRACE = 1.0
 
 
 @dataclass(eq=False)
@@ -46,6 +48,7 @@ class ClientConnection:
     peer: str
     draining: bool = False
     idle_scope: trio.CancelScope | None = None
+    served: bool = False  # a request was read on it (a drain closes it when idle again)
 
 
 async def answer_locally(source: RequestSource, request: RequestHead, conn: ClientConnection,
@@ -94,12 +97,18 @@ async def serve_requests(client: trio.abc.Stream, conn: ClientConnection, handle
     Each wait has its own cancel scope, entered only when the wait happens (a head that came
     whole in one read needs no head deadline), and the handler runs outside them: a deadline
     or a drain that lands just as a request arrives finds the read already done, and the
-    request is served."""
+    request is served.
+
+    A drain closes connections idle between requests at once, but gives one whose first
+    request is still on its way ``FIRST_REQUEST_GRACE``: its client connected before the drain
+    began and, not having reused a connection, would not retry a request left unanswered.
+    """
     source = RequestSource(client)
-    while not conn.draining:
+    while not (conn.draining and conn.served):
         try:
             if not source.has_input:
-                with trio.move_on_after(idle_timeout) as idle:
+                wait = min(idle_timeout, FIRST_REQUEST_GRACE) if conn.draining else idle_timeout
+                with trio.move_on_after(wait) as idle:
                     conn.idle_scope = idle
                     try:
                         await source.fill()
@@ -124,6 +133,7 @@ async def serve_requests(client: trio.abc.Stream, conn: ClientConnection, handle
             return
         if not isinstance(event, RequestHead):  # a handler consumes every body it starts
             raise AssertionError(f"request events out of order: {event!r}")
+        conn.served = True
         if not await handle(event, source, conn):
             return
 

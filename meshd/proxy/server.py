@@ -6,7 +6,8 @@
       └─ connections nursery     (one task per accepted connection)
            └─ accept loops       (inbound mTLS listener; one outbound listener per upstream)
 
-``run`` binds every listener first (a port in use is a ``ProxyError`` naming the address) and
+``run`` binds every listener first (a port in use is a ``ProxyError`` naming the address), or
+adopts the socket inherited for its address (``meshd.listen_fds``: a restart or an upgrade), and
 reports started only once all of them accept. ``drain(deadline)`` stops accepting, lets
 requests in flight finish (idle keep-alive connections are closed at once, busy ones after
 their current response) and cuts whatever is left at the deadline.
@@ -26,10 +27,11 @@ import trio
 from meshd.config.schema import HostConfig
 from meshd.errors import ProxyError
 from meshd.identity.tls import TLSState
+from meshd.listen_fds import InheritedSockets
 from meshd.metrics import Metrics
 from meshd.proxy.access import AccessLog
 from meshd.proxy.core.view import ViewCell
-from meshd.proxy.forward import ClientConnection
+from meshd.proxy.forward import FIRST_REQUEST_GRACE, ClientConnection
 from meshd.proxy.inbound import APP_IDLE_TIMEOUT, Inbound, InboundContext
 from meshd.proxy.outbound import Outbound, OutboundContext
 from meshd.proxy.pool import DEFAULT_IDLE_TIMEOUT, ConnectionPool
@@ -57,8 +59,10 @@ class _Listener:
 
 class Proxy:
     def __init__(self, config: HostConfig, view: ViewCell, tls: TLSState, metrics: Metrics, *,
-                 rand: Callable[[], float] = random.random) -> None:
+                 rand: Callable[[], float] = random.random,
+                 inherited: InheritedSockets | None = None) -> None:
         self.config = config
+        self._inherited = inherited
         self.view = view
         self.tls = tls
         self.metrics = metrics
@@ -104,6 +108,11 @@ class Proxy:
             raise RuntimeError("the proxy is not listening yet")
         host, port = listener.sockets[0].socket.getsockname()[:2]
         return host, port
+
+    def listening_sockets(self) -> list[tuple[str, trio.socket.SocketType]]:
+        """``(direction, socket)`` of every listening socket (to hand to a successor)."""
+        return [(listener.direction, sock.socket)
+                for listener in self._listeners for sock in listener.sockets]
 
     # -- observability -------------------------------------------------------------------------
 
@@ -153,8 +162,13 @@ class Proxy:
         self._accepting.cancel()
         for conn in list(self._connections):
             conn.draining = True
-            if conn.idle_scope is not None:
+            if conn.idle_scope is None:
+                continue
+            if conn.served:  # idle between requests: closed now
                 conn.idle_scope.cancel()
+            else:  # its first request may be on its way (``serve_requests``)
+                conn.idle_scope.deadline = min(conn.idle_scope.deadline,
+                                               trio.current_time() + FIRST_REQUEST_GRACE)
         with trio.move_on_at(deadline) as scope:
             await self._drained.wait()
         if scope.cancelled_caught:
@@ -168,6 +182,11 @@ class Proxy:
 
     async def _bind_all(self) -> None:
         for listener in self._listeners:
+            adopted = (self._inherited.take(listener.host, listener.port)
+                       if self._inherited is not None else None)
+            if adopted is not None:
+                listener.sockets = [trio.SocketListener(trio.socket.from_stdlib_socket(adopted))]
+                continue
             try:
                 listener.sockets = await trio.open_tcp_listeners(listener.port,
                                                                  host=listener.host)
@@ -178,6 +197,7 @@ class Proxy:
                     f"({listener.direction} {listener.name}): {exc.strerror or exc}") from exc
 
     async def _close_listeners(self) -> None:
+        # close, never shutdown(): an inherited socket stays listening for its other holders
         for listener in self._listeners:
             sockets, listener.sockets = listener.sockets, []
             for sock in sockets:

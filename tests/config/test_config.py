@@ -125,10 +125,19 @@ HOST_CASES = [
     ("admin.address", "localhost", "admin.address",
      "expected HOST:PORT with a port in 1-65535, got 'localhost'"),
     ("address", "host-a.local", "address", "'host-a.local' is not an IP address"),
-    ("colour", "blue", "colour", "unknown key (expected one of: address, admin, ca, inbound, "
-     "node, outbound, registry, registry_token, registry_token_file, services, state_dir, "
-     "trust_domain)"),
+    ("colour", "blue", "colour", "unknown key (expected one of: address, admin, ca, "
+     "drain_timeout, inbound, node, outbound, registry, registry_token, registry_token_file, "
+     "services, state_dir, trust_domain)"),
+    ("drain_timeout", "soon", "drain_timeout",
+     "invalid duration 'soon' (use e.g. 500ms, 10s, 1m30s, 24h)"),
+    ("drain_timeout", 0, "drain_timeout", "duration must be greater than zero"),
 ]
+
+
+def test_drain_timeout_defaults_to_ten_seconds_and_takes_a_duration() -> None:
+    assert parse_host_config(HOST, "a.toml").drain_timeout == 10.0
+    assert parse_host_config(_with(HOST, "drain_timeout", "1m30s"), "a.toml").drain_timeout == 90
+
 
 
 @pytest.mark.parametrize(("path", "value", "where", "reason"), HOST_CASES)

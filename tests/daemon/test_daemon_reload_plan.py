@@ -54,3 +54,12 @@ def test_a_changed_secret_is_reported_without_its_value(tmp_path: Path) -> None:
     _, restart, text = _plan({"registry_token": "other-token"}, tmp_path)
     assert restart == ["registry_token"]
     assert "s3cret-token" not in text and "other-token" not in text
+
+
+def test_drain_timeout_applies_live(tmp_path: Path) -> None:
+    """The next stop reads it: nothing to restart for a new drain deadline."""
+    new = copy.deepcopy(BASE) | {"drain_timeout": "45s"}
+    plan = plan_reload(parse_host_config(BASE, "m.toml", tmp_path),
+                       parse_host_config(new, "m.toml", tmp_path))
+    assert [str(c) for c in plan.applied] == ["drain_timeout: 10s -> 45s"]
+    assert plan.needs_restart == () and plan.config.drain_timeout == 45

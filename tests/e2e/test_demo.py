@@ -7,7 +7,9 @@ One mesh for the module; the tests run in file order and the last one stops it:
 3. the registry's ACLs: no token cannot write the mesh config, a meshd's own token cannot
    write it nor register another host's service or another node, the operator's can, and
    `meshd routes` finds the operator token through the context with no token argument;
-4. SIGTERM stops everything: exit 0, no process of the tree is left, the context is removed.
+4. host-a's meshd SIGTERMed, then SIGKILLed, at 50 req/s through web's /checkout: `meshd up`
+   restarts it on the listening sockets it holds, and no checkout fails;
+5. SIGTERM stops everything: exit 0, no process of the tree is left, the context is removed.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -350,7 +353,72 @@ def test_routes_work_with_the_operator_token_from_the_context(mesh: Mesh) -> Non
 
 
 # --------------------------------------------------------------------------------------------
-# 4. shutdown (last: it stops the module's mesh)
+# 4. host-a's meshd stopped (SIGTERM) or killed (SIGKILL) under load: `meshd up` holds its
+#    listening sockets, restarts it on them, and no checkout fails
+
+
+RESTART_LOAD = 300  # 6 s at 50 req/s
+RESTART_RATE = 50.0
+
+
+def _checkout(i: int, failures: list[str]) -> None:
+    """One checkout on a new connection to web (web's own pooled connections to host-a's
+    outbound listener are what the restart tests)."""
+    conn = http.client.HTTPConnection(*FRONT_DOOR, timeout=30)
+    try:
+        conn.request("GET", "/checkout", headers={"Connection": "close"})
+        response = conn.getresponse()
+        body = response.read()
+        if response.status != 200:
+            failures.append(f"#{i}: {response.status} {body[:200]!r}")
+    except (OSError, http.client.HTTPException) as exc:
+        failures.append(f"#{i}: {type(exc).__name__} {exc}")
+    finally:
+        conn.close()
+
+
+def _host_a_meshd(mesh: Mesh) -> psutil.Process:
+    config = str(mesh.run_dir / "hosts" / "host-a" / "meshd.toml")
+    for proc in psutil.Process(mesh.process.pid).children(recursive=True):
+        try:
+            if config in proc.cmdline() and "run" in proc.cmdline():
+                return proc
+        except psutil.Error:
+            continue
+    raise AssertionError("no meshd of host-a under the runner")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_host_a_meshd_stopped_under_load_fails_no_checkout(mesh: Mesh, sig: int) -> None:
+    log = mesh.run_dir / "logs" / "meshd-host-a.log"
+    listening = "outbound listener web->payments on"
+    victim = _host_a_meshd(mesh)
+    before = log.read_text(errors="replace").count(listening)
+    failures: list[str] = []
+    window = -1.0
+    with ThreadPoolExecutor(max_workers=64) as pool:
+        start = time.monotonic()
+        for i in range(RESTART_LOAD):
+            time.sleep(max(0.0, start + i / RESTART_RATE - time.monotonic()))
+            pool.submit(_checkout, i, failures)
+            if i == int(1.5 * RESTART_RATE):
+                signalled = time.monotonic()
+                victim.send_signal(sig)
+            if window < 0 and i > 1.5 * RESTART_RATE \
+                    and log.read_text(errors="replace").count(listening) > before:
+                window = time.monotonic() - signalled
+    mesh.record_tree()
+    successor = _host_a_meshd(mesh)
+    print(f"\nmeshd up, {signal.Signals(sig).name} to host-a's meshd at {RESTART_RATE:g} "
+          f"req/s: {len(failures)}/{RESTART_LOAD} failed; restart window (signal until the "
+          f"new process accepts) {window:.2f}s")
+    assert successor.pid != victim.pid
+    assert window > 0, "the restarted meshd did not accept within the load"
+    assert failures == [], f"{len(failures)}/{RESTART_LOAD} failed: {failures[:5]}"
+
+
+# --------------------------------------------------------------------------------------------
+# 5. shutdown (last: it stops the module's mesh)
 
 
 def test_sigterm_stops_everything_and_leaves_no_process(mesh: Mesh) -> None:

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 from ops_testing import UNITS_DIR, unit_settings
 
+from meshd.config.schema import DEFAULT_DRAIN_TIMEOUT
+
 UNITS = ["meshd.service", "meshd-ca.service", "meshd-registry.service"]
 INSTALLED_BINARY = "/usr/bin/meshd"
 MAX_EXPOSURE = 2.0
@@ -81,3 +83,12 @@ def test_meshd_reload_is_sighup_and_the_token_is_a_credential() -> None:
                                    "registry-token:/etc/meshd/registry-token"]
     # the fallbacks: a missing file is not fatal
     assert s["SetCredential"] == ["join-token:\\n", "registry-token:\\n"]
+
+
+def test_meshd_keeps_its_listening_sockets_across_restarts_and_stops_after_its_drain() -> None:
+    """The fd store holds the listening sockets across a restart, and systemd waits longer
+    than the default drain deadline plus the deregistration before it kills."""
+    s = unit_settings("meshd.service")
+    assert int(s["FileDescriptorStoreMax"][0]) >= 16
+    stop = s["TimeoutStopSec"][0]
+    assert stop.endswith("s") and int(stop[:-1]) >= DEFAULT_DRAIN_TIMEOUT + 10
