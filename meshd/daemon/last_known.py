@@ -24,15 +24,18 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import trio
 
+from meshd.daemon.route_table import RouteTableInForce
 from meshd.fileio import write_atomic
+from meshd.proxy.core.view import ViewCell
 from meshd.registry.model import Endpoint, EndpointSet
+from meshd.registry.watch import WatchStatus
 
 log = logging.getLogger(__name__)
 
@@ -165,3 +168,38 @@ class EndpointKeeper:
             log.warning("cannot keep the last known endpoints in %s: %s", self.path, exc)
             return
         self.writes += 1
+
+
+def load_last_known(routes: RouteTableInForce, keeper: EndpointKeeper, view: ViewCell,
+                    watches: Mapping[str, WatchStatus], destinations: Sequence[str], *,
+                    now_monotonic: float, now_wall: float) -> bool:
+    """Put the last known route table and endpoints from disk in force (the table only if its
+    signature verifies again), and mark the watches they stand for as serving from disk. True
+    when every upstream destination has its last known endpoints, so the daemon need not wait
+    for the registry to serve."""
+
+    def monotonic(saved_at: float) -> float:
+        return now_monotonic - max(0.0, now_wall - saved_at)
+
+    saved = routes.load_from_disk()
+    if saved is not None:
+        watches["routes"].loaded_from_disk(monotonic(saved), 0)
+    known = read_known_endpoints(keeper.path, keeper.trust_domain)
+    if known is None:
+        return False
+    at = monotonic(known.saved_at)
+    for dest in destinations:
+        if dest in known.destinations:
+            index, endpoints = known.destinations[dest]
+            view.set_endpoints(EndpointSet(dest, endpoints, index, at))
+            watches[f"endpoints/{dest}"].loaded_from_disk(at, index)
+    missing = [d for d in destinations if d not in known.destinations]
+    if missing:
+        log.warning("no last known endpoints for %s in %s: waiting for the registry",
+                    ", ".join(missing), keeper.path)
+        return False
+    log.info("serving from the last known state saved %.0fs ago (route table: %s, endpoints "
+             "of %d destination(s)) until the registry answers",
+             max(0.0, now_wall - known.saved_at),
+             "from disk" if saved is not None else "none usable", len(destinations))
+    return True

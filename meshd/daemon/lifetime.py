@@ -46,7 +46,7 @@ from meshd.admin.state import DaemonState, build_state
 from meshd.backoff import backoff_delay
 from meshd.config.schema import HostConfig, LocalService
 from meshd.daemon.health import probe, probe_client, report_health
-from meshd.daemon.last_known import EndpointKeeper, endpoints_file, read_known_endpoints
+from meshd.daemon.last_known import EndpointKeeper, endpoints_file, load_last_known
 from meshd.daemon.route_table import RouteTableInForce
 from meshd.errors import CAError, ConfigError, MeshError, Problem, RegistryError
 from meshd.identity.ca_client import CARefusedError
@@ -151,38 +151,6 @@ class Daemon:
 
     # -- the last known state ------------------------------------------------------------------
 
-    def _load_last_known(self, destinations: Sequence[str]) -> bool:
-        """Put the last known route table and endpoints from ``state_dir`` in force (the table
-        only if its signature verifies again). True when every upstream destination has its
-        last known endpoints, so the daemon need not wait for the registry to serve."""
-        now_mono, now_wall = trio.current_time(), time.time()
-
-        def monotonic(saved_at: float) -> float:
-            return now_mono - max(0.0, now_wall - saved_at)
-
-        saved = self.routes.load_from_disk()
-        if saved is not None:
-            self.state.watches["routes"].loaded_from_disk(monotonic(saved), 0)
-        known = read_known_endpoints(self.known_endpoints.path, self.config.trust_domain)
-        if known is None:
-            return False
-        at = monotonic(known.saved_at)
-        for dest in destinations:
-            if dest not in known.destinations:
-                continue
-            index, endpoints = known.destinations[dest]
-            self.view.set_endpoints(EndpointSet(dest, endpoints, index, at))
-            self.state.watches[f"endpoints/{dest}"].loaded_from_disk(at, index)
-        missing = [d for d in destinations if d not in known.destinations]
-        if missing:
-            log.warning("no last known endpoints for %s in %s: waiting for the registry",
-                        ", ".join(missing), self.known_endpoints.path)
-            return False
-        log.info("serving from the last known state saved %s ago (route table from the %s, "
-                 "endpoints of %d destination(s)) until the registry answers",
-                 _ago(now_wall - known.saved_at), self.state.routes_source, len(destinations))
-        return True
-
     def registry_stale(self, now: float) -> bool:
         last = self.contact.contact.last_contact
         return any(w.stale(now, last) for w in self.state.watches.values())
@@ -266,7 +234,9 @@ class Daemon:
         now = trio.current_time()
         for name in ["routes", *(f"endpoints/{d}" for d in destinations)]:
             self.state.watches.setdefault(name, WatchStatus(name, created=now))
-        from_disk = self._load_last_known(destinations)
+        from_disk = load_last_known(self.routes, self.known_endpoints, self.view,
+                                    self.state.watches, destinations,
+                                    now_monotonic=trio.current_time(), now_wall=time.time())
         await n.start(heartbeat, consul, self.contact)
         n.start_soon(self._announce_contact_changes)
         await n.start(self.known_endpoints.run)
