@@ -45,7 +45,11 @@ class Metrics:
             "replay, from_the_future...", ["reason"], registry=r)
         self.registry_staleness = Gauge(
             "meshd_registry_staleness_seconds",
-            "age of the oldest endpoint view (seconds since last successful registry read)",
+            "how out of date the oldest view from the registry may be: seconds since it was "
+            "last known current (0 while the registry answers)", registry=r)
+        self.registry_stale = Gauge(
+            "meshd_registry_stale", "1 while a view in force may be out of date (registry "
+            "unreachable or not answering, or serving the last known state from disk)",
             registry=r)
         self.endpoints = Gauge(
             "meshd_endpoints", "known endpoints by destination and health",

@@ -10,7 +10,13 @@ Shape (stable keys; a later console issue may add, never rename):
                              ejection_remaining_seconds, ejections, ejection_reason,
                              active_requests}}
     routes          the route table in force (canonical form, as stored in the registry)
-    registry        {url, staleness_seconds, watches[] {name, index, staleness_seconds, error}}
+    registry        {url, stale, staleness_seconds, registered, last_contact_seconds_ago,
+                     contact_error, watches[] {name, index, stale, staleness_seconds, source,
+                     error}}: ``stale`` when a view in force may be out of date (never read
+                     from the registry in this run, a watch failing, or no answer from the
+                     registry's heartbeat for a few seconds); ``source``: registry, disk (the
+                     last known state a previous run kept) or none; ``registered``: every
+                     local service registered (false while the registry is unreachable)
     certificates[]  {service, spiffe_id, serial, not_after, expires_in_seconds}
     identity        {node {spiffe_id, serial, not_after, state}, certificates{} (same, per
                      service; state: valid / renewal_due / expiring / expired), roots[],
@@ -39,7 +45,7 @@ from meshd.identity.manager import IdentityStatus
 from meshd.identity.signing import Signed
 from meshd.proxy.core.view import MeshView
 from meshd.registry.model import ProbeResult
-from meshd.registry.watch import WatchStatus
+from meshd.registry.watch import RegistryContact, WatchStatus
 
 
 @dataclass
@@ -57,6 +63,8 @@ class DaemonState:
     routes_source: str = "none"  # where the table in force came from: registry, disk, none
     routes_signed: Signed | None = None  # who signed the table in force
     identity: IdentityStatus | None = None  # renewal, deny list, roots (meshd.identity.manager)
+    contact: RegistryContact = field(default_factory=RegistryContact)  # the heartbeat's view
+    registered: bool = False  # every local service registered at least once
 
 
 def build_state(
@@ -71,9 +79,11 @@ def build_state(
         (name, e.get("node"), e.get("instance_id")): e
         for name, entries in (endpoint_states or {}).items() for e in entries
     }
+    contact = state.contact.last_contact
     watches: list[dict[str, Any]] = [
-        {"name": w.name, "index": w.index,
-         "staleness_seconds": round(w.staleness(now_monotonic), 3), "error": w.last_error}
+        {"name": w.name, "index": w.index, "stale": w.stale(now_monotonic, contact),
+         "staleness_seconds": round(w.staleness(now_monotonic, contact), 3),
+         "source": w.source, "error": w.last_error}
         for w in state.watches.values()
     ]
     services = []
@@ -125,8 +135,13 @@ def build_state(
         "routes": routes_to_data(view.routes),
         "registry": {
             "url": registry_url,
+            "stale": any(w["stale"] for w in watches),
             "staleness_seconds": max(
                 (float(w["staleness_seconds"]) for w in watches), default=0.0),
+            "registered": state.registered,
+            "last_contact_seconds_ago": (round(now_monotonic - contact, 3)
+                                         if contact is not None else None),
+            "contact_error": state.contact.last_error,
             "watches": watches,
         },
         "certificates": certificates,

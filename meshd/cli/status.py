@@ -168,11 +168,16 @@ def render(state: Mapping[str, Any]) -> str:
 
     registry = state.get("registry", {})
     stale = float(registry.get("staleness_seconds", 0.0))
-    errors = [w for w in registry.get("watches", []) if w.get("error")]
-    if stale > 0 or errors:
-        detail = f": {errors[0]['name']}: {errors[0]['error']}" if errors else ""
+    watches = registry.get("watches", [])
+    errors = [w for w in watches if w.get("error")]
+    if registry.get("stale") is True or stale > 0 or errors:
+        error = registry.get("contact_error") or (
+            f"{errors[0]['name']}: {errors[0]['error']}" if errors else "")
+        from_disk = " from disk" if any(w.get("source") == "disk" for w in watches) else ""
         out.append(f"registry {registry.get('url', '?')}: STALE for {duration(stale)}, "
-                   f"serving the last known view{detail}")
+                   f"serving the last known view{from_disk}" + (f": {error}" if error else ""))
+        if registry.get("registered") is False:
+            out.append("  local services not registered yet (retrying until it answers)")
     else:
         out.append(f"registry {registry.get('url', '?')}: up to date "
                    f"({len(registry.get('watches', []))} watches)")

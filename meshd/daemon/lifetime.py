@@ -5,29 +5,38 @@
       │  here, only CSRs sent); then meshd.identity.manager renews them and follows the deny list
       ├─ admin server            (/healthz /readyz /metrics /v1/state; over mTLS for operators
       │                           when [admin] tls = true, started once the node cert is in hand)
-      ├─ route-table watcher     (registry KV, blocking query)
+      ├─ registry heartbeat      (when the registry last answered: staleness, watch restarts)
+      ├─ route-table watcher     (registry KV, blocking query; meshd.daemon.route_table)
       ├─ endpoint watchers       (one per upstream destination, blocking queries)
+      ├─ last known endpoints    (kept on disk, coalesced writes; meshd.daemon.last_known)
       ├─ proxy                   (outbound listener per upstream, inbound mTLS listener)
-      └─ health reporters        (probe each local app, feed its TTL checks)
+      └─ registration, then health reporters (probe each local app, feed its TTL checks)
 
-Ready means: identities in hand, first route table and endpoint views read, every listener
-accepting and every local service registered. ``stop()`` (SIGTERM) deregisters first so peers
-stop choosing this host, drains in-flight requests until ``drain_timeout``, then cancels the tree.
-The listening sockets may come from a predecessor and outlive this process (``meshd.listen_fds``:
-systemd's fd store, ``meshd up``, or an in-place upgrade through ``meshd.daemon.handover``, which
-ends with ``stop(deregister=False)``: the successor serves under the same service IDs).
+A meshd that ran before starts from what it last knew: the signed route table and the endpoints
+kept in ``state_dir`` (verified again against the trust bundle on disk) are in force before the
+registry answers, so with the registry unreachable it serves at once, marked stale, while the
+watchers and the registration keep trying in the background.
+
+Ready means: identities in hand, a route table and endpoint views (from the registry, or the
+last known ones from disk), every listener accepting, and every local service registered (or,
+when started from the last known state, registration under way: a proxy serving what it last
+knew is ready, as an Envoy serving its last config is). ``stop()`` (SIGTERM) deregisters first so
+peers stop choosing this host, drains in-flight requests until ``drain_timeout``, then cancels
+the tree. The listening sockets may come from a predecessor and outlive this process
+(``meshd.listen_fds``: systemd's fd store, ``meshd up``, or an in-place upgrade through
+``meshd.daemon.handover``, which ends with ``stop(deregister=False)``: the successor serves under
+the same service IDs).
 SIGHUP re-reads meshd.toml and applies what can change without a restart (``meshd.daemon.reload``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import math
 import os
 import random
 import time
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -39,36 +48,39 @@ from meshd import systemd
 from meshd.admin.server import AdminAPI
 from meshd.admin.state import DaemonState, build_state
 from meshd.backoff import backoff_delay
-from meshd.config.parse import routes_to_data
-from meshd.config.schema import HostConfig, LocalService, RouteTable
+from meshd.config.schema import HostConfig, LocalService
 from meshd.daemon import handover, listeners
 from meshd.daemon.health import probe, probe_client, report_health
+from meshd.daemon.last_known import EndpointKeeper, endpoints_file, load_last_known
+from meshd.daemon.route_table import RouteTableInForce
 from meshd.errors import CAError, ConfigError, MeshError, Problem, RegistryError
-from meshd.fileio import write_atomic
 from meshd.identity.ca_client import CARefusedError
 from meshd.identity.certs import Identity, TrustBundle
 from meshd.identity.manager import IdentityManager
-from meshd.identity.signing import Signed
 from meshd.identity.tls import TLSState
 from meshd.listen_fds import InheritedSockets
 from meshd.metrics import Metrics
 from meshd.proxy.core.view import ViewCell
 from meshd.proxy.server import Proxy
 from meshd.registry import registration
-from meshd.registry.config_store import Accepted, Refused, Trust, judge_stored
 from meshd.registry.consul import ConsulClient, registry_token
 from meshd.registry.model import EndpointSet, ProbeResult
-from meshd.registry.watch import WatchStatus, watch_endpoints, watch_routes
+from meshd.registry.watch import (
+    ContactSignal,
+    RegistryContact,
+    WatchStatus,
+    heartbeat,
+    watch_endpoints,
+    watch_routes,
+)
 
 log = logging.getLogger(__name__)
 
 FIRST_DENYLIST_WAIT = 5.0
 DEREGISTER_TIMEOUT = 5.0
-
-
-def routes_file(config: HostConfig) -> Path:
-    """Where a meshd keeps the last route table it applied from the registry."""
-    return config.state_dir / "routes.json"
+# started from the last known state: how long registration may hold readiness back (the
+# registry may be the very thing that is down; registration goes on in the background)
+REGISTER_WAIT_FROM_DISK = 1.0
 
 
 def cert_dir(config: HostConfig) -> Path:
@@ -107,116 +119,60 @@ class Daemon:
         self._reporters = trio.CancelScope()
         self._reporter_round = trio.CancelScope()  # cancelled to restart reporters (reload)
         self.ready_event = trio.Event()  # set once, when the daemon first becomes ready
+        self.registered = trio.Event()  # set once every local service was first registered
         self.status_note = ""  # appended to the systemd status line (e.g. a refused reload)
         self.identity = IdentityManager.for_config(
             config, lambda: read_join_token(self.config), metrics=self.metrics,
             on_change=self._identities_changed)
         self.state.identity = self.identity.status
-        self.identity.on_revoked = self._signer_revoked
-        # the newest signed table ever applied: an older one is a replay, even after the table
-        # in force was dropped because its signer was revoked
-        self._version_floor: Signed | None = None
+        self.contact = ContactSignal(RegistryContact())
+        self.state.contact = self.contact.contact
+        self.routes = RouteTableInForce(config.state_dir, self.view, self.metrics, self.state,
+                                        self._route_trust, self._routes_changed)
+        self.identity.on_revoked = self.routes.signer_revoked
+        self.known_endpoints = EndpointKeeper(
+            endpoints_file(config.state_dir), config.trust_domain,
+            lambda: self.view.current.endpoints, time.time)
 
     def _identities_changed(self, bundle: TrustBundle, identities: dict[str, Identity]) -> None:
         self.state.bundle, self.state.identities = bundle, identities
 
     # -- callbacks from watchers -------------------------------------------------------------
 
-    def _judge_routes(self, raw: bytes | None, source: str | None = None) -> Accepted | Refused:
-        """``judge_stored`` against this meshd's trust bundle and deny list, with the signed
-        table in force (an older one is a replay) and the clock now."""
-        bundle = self.state.bundle
-        if bundle is None or self._tls is None:  # (watchers start after the join)
-            return Refused("no_trust_bundle", "no trust bundle yet to verify the route table")
-        trust = Trust(bundle, self._tls.denied, datetime.now(UTC), self._version_floor)
-        return (judge_stored(raw, trust) if source is None
-                else judge_stored(raw, trust, source))
+    def _route_trust(self) -> tuple[TrustBundle, frozenset[str]] | None:
+        """What route tables are verified against now: the trust bundle and deny list."""
+        if self.state.bundle is None or self._tls is None:
+            return None
+        return self.state.bundle, self._tls.denied
 
-    def _apply_routes(self, accepted: Accepted, source: str = "registry") -> None:
-        view = self.view.set_routes(accepted.table)
-        self.metrics.config_generation.set(view.generation)
-        self.metrics.config_reloads.labels("applied").inc()
-        self.state.last_config_error = ""
-        self.state.routes_source = source
-        self.state.routes_signed = self._version_floor = signed = accepted.signed
-        log.info("route table generation %d applied from the %s (version %d signed by %s at "
-                 "%s): %s", view.generation, source, signed.version, signed.signer_id,
-                 signed.summary()["signed_at"],
-                 routes_to_data(accepted.table)["destinations"] or "(cleared)")
-        if source == "registry":
-            self._keep_on_disk(accepted.raw)
+    def _routes_changed(self) -> None:
         if self.state.ready:
             systemd.notify(status=self.status_line())
 
-    def _reject_routes(self, refused: Refused) -> None:
-        self.metrics.config_reloads.labels("rejected").inc()
-        self.metrics.config_refused.labels(refused.code).inc()
-        self.state.last_config_error = refused.reason
-        log.error("route table in the registry refused (%s), generation %d (from the %s) stays "
-                  "in force:\n%s", refused.code, self.view.current.generation,
-                  self.state.routes_source, refused.reason)
-
-    def _signer_revoked(self, serials: frozenset[str]) -> None:
-        """The CA revoked the certificate that signed the table in force: its content can no
-        longer be trusted (a stolen key may have signed it), so it is dropped, here and on
-        disk, and every service follows the default deny until an operator applies a table
-        signed with another certificate."""
-        signed = self.state.routes_signed
-        if signed is None or signed.serial not in serials:
-            return
-        self.view.set_routes(RouteTable())
-        self.state.routes_signed, self.state.routes_source = None, "none"
-        self.state.last_config_error = (
-            f"the route table in force (version {signed.version}) was signed by "
-            f"{signed.signer_id} with certificate {signed.serial}, which the CA revoked: the "
-            "table is dropped and every service follows the default deny until an operator "
-            "applies a table signed with another certificate")
-        self.metrics.config_refused.labels("revoked").inc()
-        log.error("%s", self.state.last_config_error)
-        with contextlib.suppress(FileNotFoundError):
-            routes_file(self.config).unlink()
-
-    def _keep_on_disk(self, raw: bytes) -> None:
-        """The last good table's signed envelope, for a start while the registry is away (a
-        small file written only when the operator changes the table: written here, on the
-        event loop)."""
-        path = routes_file(self.config)
-        try:
-            write_atomic(path, raw, 0o600)
-        except OSError as exc:
-            log.warning("cannot keep the route table in %s: %s", path, exc)
-
-    def _load_from_disk(self) -> None:
-        """Put the last good table in force before the registry answers, once its signature
-        verifies again against the trust bundle and deny list (fail closed: without one, no
-        table is in force and every service follows the default deny)."""
-        path = routes_file(self.config)
-        try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            log.warning("cannot read the last good route table %s: %s", path, exc)
-            return
-        judged = self._judge_routes(raw, str(path))
-        if isinstance(judged, Refused):
-            log.warning("the route table kept in %s is not usable: %s", path, judged.reason)
-            return
-        self._apply_routes(judged, "disk")
-
     def _apply_endpoints(self, endpoints: EndpointSet) -> None:
         self.view.set_endpoints(endpoints)
+        self.known_endpoints.changed()
 
     def _record_health(self, service: str, result: ProbeResult) -> None:
         self.state.health[service] = result
         self.metrics.local_health.labels(service).set(1 if result.status == "passing" else 0)
 
+    # -- the last known state ------------------------------------------------------------------
+
+    def registry_stale(self, now: float) -> bool:
+        last = self.contact.contact.last_contact
+        return any(w.stale(now, last) for w in self.state.watches.values())
+
+    def registry_staleness(self, now: float) -> float:
+        last = self.contact.contact.last_contact
+        return max((w.staleness(now, last) for w in self.state.watches.values()), default=0.0)
+
     # -- observability -------------------------------------------------------------------------
 
     def refresh_gauges(self) -> None:
         now = trio.current_time()
-        stale = [w.staleness(now) for w in self.state.watches.values()]
-        self.metrics.registry_staleness.set(max(stale, default=0.0))
+        self.metrics.registry_staleness.set(self.registry_staleness(now))
+        self.metrics.registry_stale.set(1 if self.registry_stale(now) else 0)
         for service, identity in self.state.identities.items():
             self.metrics.cert_expiry.labels(service).set(identity.not_after.timestamp())
         self.metrics.endpoints.clear()
@@ -276,44 +232,76 @@ class Daemon:
                        admin=config.admin_tls)
         self._tls = tls
         await n.start(self.identity.run, tls)  # renewals, deny list, roots
-        # the deny list before any route table is judged: a table signed by a certificate the
-        # CA revoked is never put in force, not even briefly at start
-        with trio.move_on_after(FIRST_DENYLIST_WAIT):
-            await self.identity.denylist_read.wait()
-        if not self.identity.denylist_read.is_set():
-            log.warning("no deny list from the CA within %gs: route tables are verified "
-                        "without it for now (a table whose signer is revoked is dropped as "
-                        "soon as the deny list arrives)", FIRST_DENYLIST_WAIT)
+        await self._first_denylist()
         if config.admin_tls:
             await n.start(self._serve_admin, admin, tls)
             log.info("admin API on https://%s:%d (operator certificates only)",
                      config.admin_host, config.admin_port)
 
-        self._load_from_disk()
+        destinations = sorted({u.name for _, u in config.upstreams})
+        now = trio.current_time()
+        for name in ["routes", *(f"endpoints/{d}" for d in destinations)]:
+            self.state.watches.setdefault(name, WatchStatus(name, created=now))
+        from_disk = load_last_known(self.routes, self.known_endpoints, self.view,
+                                    self.state.watches, destinations,
+                                    now_monotonic=trio.current_time(), now_wall=time.time())
+        await n.start(heartbeat, consul, self.contact)
+        n.start_soon(self._announce_contact_changes)
+        await n.start(self.known_endpoints.run)
         systemd.notify(status=f"reading routes and endpoints from {config.registry_url}")
-        routes_status = self.state.watches.setdefault("routes", WatchStatus("routes"))
-        await n.start(self._wait_for_registry, "route table",
-                      watch_routes, consul, self._judge_routes, self._apply_routes,
-                      self._reject_routes, routes_status)
-        for dest in sorted({u.name for _, u in config.upstreams}):
-            status = self.state.watches.setdefault(f"endpoints/{dest}",
-                                                   WatchStatus(f"endpoints/{dest}"))
-            await n.start(self._wait_for_registry, f"endpoints of {dest}",
-                          watch_endpoints, consul, dest, self._apply_endpoints, status)
+        watches: list[tuple[str, Any, tuple[Any, ...]]] = [
+            ("route table", watch_routes, (consul, self.routes.judge, self.routes.apply,
+                                           self.routes.reject, self.state.watches["routes"]))]
+        watches += [(f"endpoints of {dest}", watch_endpoints,
+                     (consul, dest, self._apply_endpoints, self.state.watches[f"endpoints/{dest}"]))
+                    for dest in destinations]
+        for what, watcher, args in watches:
+            if from_disk:  # serving the last known state: the watchers catch up meanwhile
+                n.start_soon(partial(watcher, *args, self.contact))
+            else:
+                await n.start(self._wait_for_registry, what, watcher, *args, self.contact)
 
         self.proxy = Proxy(config, self.view, tls, self.metrics, inherited=self.inherited)
         await n.start(self.proxy.run)
         listeners.settle(self.inherited, self.listening_sockets())
 
         systemd.notify(status=f"registering {len(config.services)} service(s)")
-        await self._register_all(consul)
-        await n.start(self._report_health, consul)
+        n.start_soon(self._register_then_report, consul)
+        with trio.move_on_after(REGISTER_WAIT_FROM_DISK if from_disk else math.inf):
+            await self.registered.wait()
+        if not self.registered.is_set():
+            log.warning("not registered in %s yet: ready with the last known state, "
+                        "registration goes on in the background", config.registry_url)
+        else:
+            self.known_endpoints.changed()  # (a first run with no upstream keeps an empty file)
         if not self.state.stopping:
             self.state.ready = True
             self.ready_event.set()
-            log.info("meshd %s ready: inbound %s:%d, %d service(s), %d upstream(s)",
+            log.info("meshd %s ready: inbound %s:%d, %d service(s), %d upstream(s)%s",
                      config.node, config.address, config.inbound_port,
-                     len(config.services), len(config.upstreams))
+                     len(config.services), len(config.upstreams),
+                     " (from the last known state: stale until the registry answers)"
+                     if self.registry_stale(trio.current_time()) else "")
+
+    async def _first_denylist(self) -> None:
+        """The deny list before any route table is judged: a table signed by a certificate the
+        CA revoked is never put in force, not even briefly at start. Not waited for when the CA
+        did not answer at start (certificates from disk): the table is judged without it and
+        dropped as soon as the deny list arrives, if its signer is revoked."""
+        if self.identity.status.failures == 0:
+            with trio.move_on_after(FIRST_DENYLIST_WAIT):
+                await self.identity.denylist_tried.wait()
+        if not self.identity.denylist_read.is_set():
+            log.warning("no deny list from the CA yet: route tables are verified without it for "
+                        "now (a table whose signer is revoked is dropped as soon as the deny "
+                        "list arrives)")
+
+    async def _announce_contact_changes(self) -> None:
+        """The systemd status line follows the registry contact (stale / current)."""
+        while True:
+            await self.contact.changed().wait()
+            if self.state.ready:
+                systemd.notify(status=self.status_line())
 
     async def _serve_admin(
         self, admin: AdminAPI, tls: TLSState | None,
@@ -378,6 +366,12 @@ class Daemon:
 
     # -- registration --------------------------------------------------------------------------
 
+    async def _register_then_report(self, consul: ConsulClient) -> None:
+        await self._register_all(consul)
+        self.registered.set()
+        self.state.registered = True
+        await self._report_health(consul)
+
     async def _register_all(self, consul: ConsulClient) -> None:
         """Register every local service and its proxy, each check starting in the state of a
         first probe of the app."""
@@ -413,7 +407,9 @@ class Daemon:
                 attempt += 1
                 log.warning("registering %s failed (attempt %d): %s", definition["ID"],
                             attempt, error)
-                await trio.sleep(backoff_delay(attempt, random.random()))
+                # the backoff ends early when the heartbeat sees the registry come back
+                with trio.move_on_after(backoff_delay(attempt, random.random())):
+                    await self.contact.changed().wait()
 
     async def _report_health(
         self, consul: ConsulClient,
@@ -468,6 +464,12 @@ class Daemon:
                 f"{n_services} service{'s' * (n_services != 1)}, "
                 f"{n_upstreams} upstream{'s' * (n_upstreams != 1)}, "
                 f"generation {self.view.current.generation}")
+        now = trio.current_time()
+        if self.registry_stale(now):
+            line += (f"; registry stale for {_ago(self.registry_staleness(now))}: serving the "
+                     "last known state")
+        if not self.registered.is_set():
+            line += "; registration pending"
         return f"{line}; {self.status_note}" if self.status_note else line
 
     async def _deregister_all(self) -> None:
@@ -504,6 +506,10 @@ class Daemon:
             with trio.CancelScope(shield=True):
                 await self.proxy.drain(trio.current_time() + self.config.drain_timeout)
         self._cancel.cancel()
+
+
+def _ago(seconds: float) -> str:
+    return f"{max(0.0, seconds):.0f}s"
 
 
 async def run_daemon(config: HostConfig, config_path: Path | None = None) -> None:

@@ -2,8 +2,11 @@
 
     IdentityManager.obtain     at start: renew with the node certificate on disk if it is valid
                                (a host rebooting after its join token expired), else join with
-                               the token; with the CA unreachable, serve valid certificates
-                               already on disk
+                               the token; with the CA unreachable (refusing, failing, or not
+                               answering within START_CA_WAIT), serve the certificates already
+                               on disk if every one is valid now and chains to the bundle on
+                               disk (else wait for the CA: fail closed); renewal then goes on
+                               in the background
     IdentityManager.run
       ├─ renewal loop          renew everything at the pure schedule's point (50-70% of the
       │                        lifetime), retry with backoff until expiry, warn at 20% left,
@@ -28,6 +31,7 @@ it writes).
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -36,11 +40,12 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from cryptography import x509
 
 from meshd.config.schema import HostConfig
 from meshd.errors import CAError, ConfigError, IdentityError
 from meshd.identity import files as ca_files
-from meshd.identity import schedule
+from meshd.identity import keys, schedule
 from meshd.identity.ca_access import HTTPCA, CAAccess
 from meshd.identity.ca_client import CARefusedError, DenyList
 from meshd.identity.certs import Identity, JoinResult, TrustBundle
@@ -51,6 +56,7 @@ from meshd.timestamps import format_time
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL = 2.0     # deny list and roots: how soon a revocation or a new root applies
+START_CA_WAIT = 1.0     # at start, with valid certificates on disk: how long the CA may take
 MAX_SLEEP = 30.0        # re-read the wall clock at least this often (laptops sleep)
 NODE_LABEL = "_node"
 
@@ -136,6 +142,7 @@ class IdentityManager:
         self._warned: set[str] = set()  # serials already warned about (expiring / expired)
         self.renewed = trio.Event()      # set (and replaced) after each successful renewal
         self.denylist_read = trio.Event()  # set once the CA's deny list was first read
+        self.denylist_tried = trio.Event()  # set once the first deny-list poll ended, either way
         # called with the serials newly revoked, after they are in force in the TLS state
         self.on_revoked: Callable[[frozenset[str]], None] = lambda serials: None
 
@@ -154,27 +161,59 @@ class IdentityManager:
         """Certificates for every local service, on disk and in ``status``.
 
         Raises CARefusedError when the CA refused both the renewal and the join (an operator is
-        needed), CAError when the CA cannot be reached and the disk holds no valid certificates.
+        needed), CAError when the CA cannot be reached and the disk holds no usable
+        certificates (one per service, valid now, chaining to the bundle on disk).
         """
         now = self._clock()
         node, bundle, on_disk = await self._run_blocking(self._read_disk)
-        try:
-            result = await self._renew_or_join(node, now)
-        except CARefusedError:
-            raise
-        except (CAError, ConfigError) as exc:
-            if bundle is None or len(on_disk) != len(self.services) or not all(
-                    i.valid_at(now) for i in on_disk.values()):
+        unusable = self._unusable_on_disk(bundle, on_disk, now)
+        result: JoinResult | None = None
+        error: Exception | None = None
+        # with usable certificates on disk, a CA that does not answer soon is not waited for
+        with trio.move_on_after(START_CA_WAIT if unusable is None else math.inf):
+            try:
+                result = await self._renew_or_join(node, now)
+            except CARefusedError:
                 raise
+            except (CAError, ConfigError) as exc:
+                error = exc
+        if result is None:
+            if error is None:
+                error = CAError(f"the CA did not answer within {START_CA_WAIT:g}s")
+            if unusable is not None or bundle is None:
+                if isinstance(error, CAError) and on_disk:
+                    raise CAError(f"{error} (and the certificates on disk are not usable: "
+                                  f"{unusable})") from error
+                raise error
             log.warning("cannot renew with the CA (%s); serving with the certificates on disk, "
-                        "valid until %s", exc, format_time(min(i.not_after
-                                                               for i in on_disk.values())))
+                        "valid until %s; renewal goes on in the background", error,
+                        format_time(min(i.not_after for i in on_disk.values())))
             self._set(bundle, on_disk, node)
-            self._failed(exc, now)
+            self._failed(error, now)
             return bundle, on_disk
         await self._store(result)
         self._succeeded(result, now)
         return result.bundle, dict(result.identities)
+
+    def _unusable_on_disk(self, bundle: TrustBundle | None, on_disk: dict[str, Identity],
+                          now: datetime) -> str | None:
+        """Why the certificates on disk may not be served without the CA, or None (fail
+        closed: one per service, of this trust domain, valid now, chaining to the bundle)."""
+        if bundle is None:
+            return "no trust bundle"
+        missing = sorted(set(self.services) - set(on_disk))
+        if missing:
+            return f"no certificate for {', '.join(missing)}"
+        roots = bundle.certificates()
+        for service, identity in sorted(on_disk.items()):
+            if identity.trust_domain != self.trust_domain:
+                return f"the certificate of {service} is of trust domain {identity.trust_domain}"
+            if not identity.valid_at(now):
+                return (f"the certificate of {service} is not valid now (valid "
+                        f"{format_time(identity.not_before)} to {format_time(identity.not_after)})")
+            if not _chains_to(identity, roots):
+                return f"the certificate of {service} does not chain to the trust bundle on disk"
+        return None
 
     def _read_disk(self) -> tuple[Identity | None, TrustBundle | None, dict[str, Identity]]:
         node: Identity | None
@@ -317,6 +356,7 @@ class IdentityManager:
                 if failing:
                     log.info("reading the deny list and roots from the CA again")
                 failing = False
+            self.denylist_tried.set()
             # +-20%: hosts started together do not poll the CA in lockstep
             await trio.sleep(self._poll_interval * (0.8 + 0.4 * self._rand()))
 
@@ -396,3 +436,13 @@ class IdentityManager:
         log.warning("certificate renewal failed (attempt %d, next in %.1fs; certificates valid "
                     "until %s): %s", self.status.failures, delay.total_seconds(),
                     format_time(not_after) if anchor else "-", exc)
+
+
+def _chains_to(identity: Identity, roots: list[x509.Certificate]) -> bool:
+    """Whether ``identity``'s leaf was signed by one of ``roots``, directly or through the chain
+    certificate a root rotation adds (signature and names; validity is checked apart)."""
+    leaf, *chain = x509.load_pem_x509_certificates(identity.cert_pem)
+    if keys.verify_issued_by(leaf, roots):
+        return True
+    return any(keys.verify_issued_by(leaf, [c]) and keys.verify_issued_by(c, roots)
+               for c in chain)

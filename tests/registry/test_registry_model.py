@@ -71,8 +71,8 @@ def test_backoff_grows_caps_and_jitters() -> None:
 
 
 def test_watch_staleness() -> None:
-    w = WatchStatus("endpoints/payments")
-    assert w.staleness(100.0) == 0.0
+    w = WatchStatus("endpoints/payments", created=90.0)
+    assert w.stale(100.0) and w.staleness(100.0) == 10.0  # never read from the registry yet
     w.succeeded(100.0, 5)
     w.failed(110.0, "connection refused")
     assert w.staleness(130.0) == pytest.approx(30.0)

@@ -208,7 +208,13 @@ class RegistryServer:
                 self.checks.checks_changed(mutation.ops)
                 if self.data is not None and self.data.needs_compaction():
                     snapshot = self.data.snapshot_bytes(self.state)
-                    await trio.to_thread.run_sync(self.data.compact, snapshot)
+                    try:
+                        await trio.to_thread.run_sync(self.data.compact, snapshot)
+                    except RegistryError as exc:
+                        # this write is durable and applied: answer it; the log keeps growing
+                        # and the next write tries again (or is refused, if durability of the
+                        # directory is now in doubt)
+                        log.error("%s", exc)
         return mutation
 
     # --- timers ----------------------------------------------------------------------------------
