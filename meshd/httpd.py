@@ -24,6 +24,7 @@ import socket
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -369,6 +370,7 @@ async def serve_http(
     listener: str = "http",
     metrics: Metrics | None = None,
     header_timeout: float = HEADER_TIMEOUT,
+    idle_timeout: float = IDLE_TIMEOUT,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen on host:port and serve until cancelled. ``task_status.started`` gets the listeners
@@ -384,7 +386,7 @@ async def serve_http(
     async def conn(raw: trio.SocketStream, _source: str) -> None:
         if ssl_context is None:
             await serve_connection(raw, handler, max_body=max_body,
-                                   header_timeout=header_timeout)
+                                   header_timeout=header_timeout, idle_timeout=idle_timeout)
             return
         try:
             with trio.fail_after(header_timeout):  # from accept to the end of the handshake
@@ -396,14 +398,18 @@ async def serve_http(
             return
         if stream is not None:
             await serve_connection(stream, handler, max_body=max_body,
-                                   header_timeout=header_timeout)
+                                   header_timeout=header_timeout, idle_timeout=idle_timeout)
 
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(guard.run)
             async with trio.open_nursery() as connections:
+                # clients speak first: until their first bytes they wait without a task
+                first_byte = idle_timeout if ssl_context is None else header_timeout
                 for sock in sockets:  # (the accept loops keep the nursery open)
-                    connections.start_soon(accept_loop, sock, admission, conn, connections)
+                    connections.start_soon(partial(
+                        accept_loop, sock, admission, conn, connections,
+                        first_byte_timeout=first_byte))
                 task_status.started(sockets)
     finally:
         for sock in sockets:

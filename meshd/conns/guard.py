@@ -6,7 +6,9 @@ parser exists for it: refusing costs one system call and no memory. Each refusal
 (``meshd_connections_refused_total{listener,reason}`` where there is a metrics registry) and
 reported by a log line naming the listener, the source and the cap, at most one per listener
 and reason every 10 s. After a flood (``TrimPolicy``) the freed memory is handed back to the
-system (``meshd.conns.memory``) by ``ConnectionGuard.run``, off the connections' path.
+system (``meshd.conns.memory``) by ``ConnectionGuard.run``, off the connections' path. Where
+the client speaks first, a connection waits for its first bytes without a task
+(``meshd.conns.waiting``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from meshd.config.schema import ListenerLimits
 from meshd.conns import memory
 from meshd.conns.fdlimit import connection_budget
 from meshd.conns.limits import Admission, ProcessCount, RefusalLog, TrimPolicy
+from meshd.conns.waiting import WaitingRoom
 from meshd.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -133,11 +136,45 @@ def peer_host(sock: trio.socket.SocketType) -> str | None:
 async def accept_loop(listener: trio.SocketListener, guard: ListenerGuard,
                       serve: Callable[[trio.SocketStream, str], Awaitable[None]],
                       connections: trio.Nursery,
-                      on_accept_error: Callable[[OSError], None] | None = None) -> None:
+                      on_accept_error: Callable[[OSError], None] | None = None, *,
+                      first_byte_timeout: float | None = None,
+                      on_silent: Callable[[str], None] | None = None) -> None:
     """Accept until cancelled: each connection the caps admit is served by ``serve(stream,
     source)`` in ``connections`` (and released when that returns); the others are closed at
     once. Running out of descriptors or memory backs off, doubling up to 1 s; any other
-    accept error is raised."""
+    accept error is raised.
+
+    With ``first_byte_timeout`` (for protocols where the client speaks first), a connection
+    waits for its first bytes in a ``WaitingRoom``, without a task; one that sends nothing in
+    time is closed and reported to ``on_silent(source)``."""
+    if first_byte_timeout is None:
+        await _accept(listener, guard, on_accept_error,
+                      lambda stream, source: connections.start_soon(
+                          _serve_admitted, guard, serve, stream, source))
+        return
+
+    def ready(sock: trio.socket.SocketType, source: str) -> None:
+        connections.start_soon(_serve_admitted, guard, serve, trio.SocketStream(sock), source)
+
+    def gone(sock: trio.socket.SocketType, source: str) -> None:
+        sock.close()
+        guard.release(source)
+
+    def silent(sock: trio.socket.SocketType, source: str) -> None:
+        gone(sock, source)
+        if on_silent is not None:
+            on_silent(source)
+
+    room: WaitingRoom[str] = WaitingRoom(first_byte_timeout, ready, silent, gone)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(room.run)
+        await _accept(listener, guard, on_accept_error,
+                      lambda stream, source: room.add(stream.socket, source))
+
+
+async def _accept(listener: trio.SocketListener, guard: ListenerGuard,
+                  on_accept_error: Callable[[OSError], None] | None,
+                  admitted: Callable[[trio.SocketStream, str], None]) -> None:
     backoff = 0.0
     while True:
         try:
@@ -159,7 +196,7 @@ async def accept_loop(listener: trio.SocketListener, guard: ListenerGuard,
         if source is None or not guard.admit(source):
             accepted.socket.close()
             continue
-        connections.start_soon(_serve_admitted, guard, serve, accepted, source)
+        admitted(accepted, source)
 
 
 async def _serve_admitted(guard: ListenerGuard,

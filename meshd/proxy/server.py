@@ -80,6 +80,7 @@ class Proxy:
                 "outbound", name, config.outbound_address, upstream.local_port,
                 handler.handle, [], self.guard.listener(f"outbound:{name}",
                                                         config.outbound_limits)))
+        self._permissive = inbound.permissive is not None
         self._connections: set[ClientConnection] = set()
         self._open = {"inbound": 0, "outbound": 0}  # accepted connections open, by listener
         self._accepting = trio.CancelScope()
@@ -200,7 +201,20 @@ class Proxy:
         async def serve(accepted: trio.SocketStream, peer: str) -> None:
             await self._serve_connection(listener, accepted, peer)
 
-        await accept_loop(sock, listener.guard, serve, connections, accept_failed)
+        # A strict mTLS listener's clients speak first: they wait for their ClientHello
+        # without a task. (Not outbound listeners, where a TCP upstream's server may speak
+        # first, nor a permissive inbound one, which may carry such a protocol in plaintext.)
+        timeout = self.config.inbound_handshake_timeout
+        first_byte = timeout if listener.direction == "inbound" and not self._permissive \
+            else None
+
+        def silent(peer: str) -> None:
+            log.debug("inbound connection from %s sent nothing within %gs: closed", peer,
+                      timeout)
+            self.metrics.connection_errors.labels("inbound", "handshake_timeout").inc()
+
+        await accept_loop(sock, listener.guard, serve, connections, accept_failed,
+                          first_byte_timeout=first_byte, on_silent=silent)
 
     async def _serve_connection(self, listener: _Listener, accepted: trio.SocketStream,
                                 peer: str) -> None:
