@@ -136,6 +136,9 @@ def _limits(r: Reader, table: Mapping[str, Any], path: str,
     ``max_connections_per_source``, each a positive count; the second at most the first."""
     total = _count(r, table, "max_connections", path, default.max_connections)
     per_source = _count(r, table, "max_connections_per_source", path, default.max_per_source)
+    if "max_connections_per_source" not in table and isinstance(total, int) \
+            and per_source is not None:
+        per_source = min(per_source, total)  # the default never exceeds a lower listener cap
     if isinstance(per_source, int) and isinstance(total, int) and per_source > total:
         r.problem(f"{path}.max_connections_per_source",
                   f"{per_source} is more than {path}.max_connections ({total}): a source "
