@@ -34,7 +34,7 @@ import trio
 
 from meshd.config import hostport as config_hostport
 from meshd.config.schema import ListenerLimits
-from meshd.conns.guard import ConnectionGuard, accept_loop
+from meshd.conns.guard import ConnectionGuard, ListenerGuard, accept_loop
 from meshd.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -408,12 +408,22 @@ async def serve_http(
                 first_byte = idle_timeout if ssl_context is None else header_timeout
                 for sock in sockets:  # (the accept loops keep the nursery open)
                     connections.start_soon(partial(
-                        accept_loop, sock, admission, conn, connections,
-                        first_byte_timeout=first_byte))
+                        _accept_then_close, sock, admission, conn, connections, first_byte))
                 task_status.started(sockets)
     finally:
         for sock in sockets:
             sock.socket.close()
+
+
+async def _accept_then_close(sock: trio.SocketListener, admission: ListenerGuard,
+                             conn: Callable[[trio.SocketStream, str], Awaitable[None]],
+                             connections: trio.Nursery, first_byte: float) -> None:
+    """Accept until cancelled; the listening socket is closed at once then, not after the
+    connections still open (a server started again on the same port must find it free)."""
+    try:
+        await accept_loop(sock, admission, conn, connections, first_byte_timeout=first_byte)
+    finally:
+        sock.socket.close()
 
 
 async def _start_tls(raw: trio.SocketStream,

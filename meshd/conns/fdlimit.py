@@ -39,7 +39,7 @@ def raise_nofile_limit() -> tuple[int, int]:
             return _finite(soft), _finite(soft)
         log.info("open file limit raised from %d to %d", soft, target)
         return _finite(soft), target
-    log.info("open file limit is %d", _finite(soft))
+    log.debug("open file limit is %d (its hard limit)", _finite(soft))
     return _finite(soft), _finite(soft)
 
 

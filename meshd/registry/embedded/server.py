@@ -49,9 +49,9 @@ from meshd.registry.embedded.store.sessions import SESSION_TTL_MIN
 log = logging.getLogger(__name__)
 
 REAP_INTERVAL = 30.0
-# connection caps: 200 per client address is Consul's own default (limits.http_max_conns_per_
-# client); a meshd holds one blocking query per destination it watches
-DEFAULT_LIMITS = ListenerLimits(10_000, 200)
+# connection caps: a meshd holds one blocking query per destination it watches, and a client
+# may park a thousand (Consul's own default per client, 200, is lower)
+DEFAULT_LIMITS = ListenerLimits(10_000, 1024)
 
 
 class Notifier:
