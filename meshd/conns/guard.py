@@ -153,12 +153,16 @@ async def accept_loop(listener: trio.SocketListener, guard: ListenerGuard,
                           _serve_admitted, guard, serve, stream, source))
         return
 
-    def ready(sock: trio.socket.SocketType, source: str) -> None:
-        connections.start_soon(_serve_admitted, guard, serve, trio.SocketStream(sock), source)
-
     def gone(sock: trio.socket.SocketType, source: str) -> None:
         sock.close()
         guard.release(source)
+
+    def ready(sock: trio.socket.SocketType, source: str) -> None:
+        try:
+            connections.start_soon(_serve_admitted, guard, serve, trio.SocketStream(sock),
+                                   source)
+        except (RuntimeError, OSError):  # the server is gone (or the socket with it)
+            gone(sock, source)
 
     def silent(sock: trio.socket.SocketType, source: str) -> None:
         gone(sock, source)

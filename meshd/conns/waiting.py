@@ -52,8 +52,9 @@ class WaitingRoom(Generic[T]):
         self._deadlines.append((trio.current_time() + self.timeout, fd, sock))
 
     async def run(self) -> None:
-        """Hand over connections as they become readable or time out, until cancelled; then
-        every connection still waiting is handed to ``on_timeout``."""
+        """Hand over connections as they become readable or time out, until cancelled (a
+        drain). Then every connection still waiting gets its task like a readable one: its
+        first bytes may be on the way, and its task's own deadlines (or the drain's) end it."""
         try:
             while True:
                 deadline = self._deadlines[0][0] if self._deadlines else float("inf")
@@ -64,7 +65,7 @@ class WaitingRoom(Generic[T]):
                 self._expire(trio.current_time())
         finally:
             for fd in list(self._waiting):
-                self._hand_over(fd, self._on_timeout)
+                self._hand_over(fd, self._ready)
             self._deadlines.clear()
             self._selector.close()
 

@@ -81,3 +81,35 @@ async def test_caps_waiting_room_and_service() -> None:
     assert metrics.registry.get_sample_value("meshd_connections_open", {"listener": "test"}) == 0
     for lst in listeners:
         lst.socket.close()
+
+
+async def test_a_connection_still_waiting_when_accepting_stops_is_still_served() -> None:
+    """A drain stops accepting; a client accepted just before, whose first bytes are still on
+    the way, is served like any other."""
+    guard = ConnectionGuard(100)
+    listener_guard = guard.listener("test", ListenerLimits(10))
+
+    async def serve(stream: trio.SocketStream, source: str) -> None:
+        await stream.send_all(b"echo " + await stream.receive_some(100))
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    async with trio.open_nursery() as connections:
+        async with trio.open_nursery() as accepting:
+            accepting.start_soon(lambda: accept_loop(listeners[0], listener_guard, serve,
+                                                     connections, first_byte_timeout=30))
+            late = await _connect(port)
+            with trio.fail_after(5):
+                while not listener_guard.open:  # noqa: ASYNC110 - accepted by the loop
+                    await trio.sleep(0.01)
+            accepting.cancel_scope.cancel()  # the drain: the accept loop and its room stop
+        connections.cancel_scope.deadline = trio.current_time() + 5
+        late.sendall(b"late")
+        assert await _recv(late) == b"echo late"
+        late.close()
+        with trio.fail_after(5):
+            while listener_guard.open:  # noqa: ASYNC110 - released when served
+                await trio.sleep(0.01)
+        connections.cancel_scope.cancel()
+    for lst in listeners:
+        lst.socket.close()
