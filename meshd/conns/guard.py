@@ -172,8 +172,13 @@ async def accept_loop(listener: trio.SocketListener, guard: ListenerGuard,
     room: WaitingRoom[str] = WaitingRoom(first_byte_timeout, ready, silent, gone)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(room.run)
-        await _accept(listener, guard, on_accept_error,
-                      lambda stream, source: room.add(stream.socket, source))
+        def admitted(stream: trio.SocketStream, source: str) -> None:
+            try:
+                room.add(stream.socket, source)
+            except OSError:  # no descriptor for the room itself: a task at once, as before
+                ready(stream.socket, source)
+
+        await _accept(listener, guard, on_accept_error, admitted)
 
 
 async def _accept(listener: trio.SocketListener, guard: ListenerGuard,

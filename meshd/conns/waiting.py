@@ -36,9 +36,9 @@ class WaitingRoom(Generic[T]):
         self._ready = ready
         self._on_timeout = on_timeout
         self._on_gone = on_gone
-        self._selector = selectors.DefaultSelector()
-        if not hasattr(self._selector, "fileno"):  # select()/poll(): nothing trio can wait on
-            raise RuntimeError("no selector with a file descriptor on this platform")
+        # made with the first connection: a listener that never gets one spends no descriptor
+        self._selector: selectors.BaseSelector | None = None
+        self._opened = trio.Event()
         self._waiting: dict[int, tuple[trio.socket.SocketType, T]] = {}
         self._deadlines: deque[tuple[float, int, trio.socket.SocketType]] = deque()
 
@@ -46,6 +46,15 @@ class WaitingRoom(Generic[T]):
         return len(self._waiting)
 
     def add(self, sock: trio.socket.SocketType, payload: T) -> None:
+        """Park a connection; raises ``OSError`` when the room cannot be made (no descriptor
+        left for its selector): then the caller gives the connection its task at once."""
+        if self._selector is None:
+            selector = selectors.DefaultSelector()
+            if not hasattr(selector, "fileno"):  # select()/poll(): nothing trio can wait on
+                selector.close()
+                raise OSError("no selector with a file descriptor on this platform")
+            self._selector = selector
+            self._opened.set()
         fd = sock.fileno()
         self._selector.register(fd, selectors.EVENT_READ)
         self._waiting[fd] = (sock, payload)
@@ -56,20 +65,25 @@ class WaitingRoom(Generic[T]):
         drain). Then every connection still waiting gets its task like a readable one: its
         first bytes may be on the way, and its task's own deadlines (or the drain's) end it."""
         try:
+            await self._opened.wait()
+            selector = self._selector
+            assert selector is not None
             while True:
                 deadline = self._deadlines[0][0] if self._deadlines else float("inf")
                 with trio.move_on_at(deadline):
-                    await trio.lowlevel.wait_readable(self._selector.fileno())
-                for key, _ in self._selector.select(0):
+                    await trio.lowlevel.wait_readable(selector.fileno())  # type: ignore[attr-defined]
+                for key, _ in selector.select(0):
                     self._hand_over(key.fd, self._on_gone if _gone(key.fd) else self._ready)
                 self._expire(trio.current_time())
         finally:
             for fd in list(self._waiting):
                 self._hand_over(fd, self._ready)
             self._deadlines.clear()
-            self._selector.close()
+            if self._selector is not None:
+                self._selector.close()
 
     def _hand_over(self, fd: int, to: Callable[[trio.socket.SocketType, T], None]) -> None:
+        assert self._selector is not None
         self._selector.unregister(fd)
         sock, payload = self._waiting.pop(fd)
         to(sock, payload)
