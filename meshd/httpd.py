@@ -10,7 +10,10 @@ take care of, because every control-plane server needs it:
 * malformed requests get a 400 and the connection is closed, never a crash;
 * while a handler runs (a blocking query can wait ten minutes) the connection is still watched: if
   the client goes away, the handler is cancelled instead of holding its watcher until the deadline;
-* the peer's TLS certificate, when there is one, is on the request for mutual-TLS endpoints.
+* the peer's TLS certificate, when there is one, is on the request for mutual-TLS endpoints;
+* connection caps at accept (``meshd.conns.guard``: per listener, per source address, and what
+  the open file limit leaves room for), and no TLS object nor parser for a connection before
+  its first bytes: an idle connection costs a task and a socket.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import socket
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -29,6 +33,9 @@ import httptools
 import trio
 
 from meshd.config import hostport as config_hostport
+from meshd.config.schema import ListenerLimits
+from meshd.conns.guard import ConnectionGuard, ListenerGuard, accept_loop
+from meshd.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +44,9 @@ MAX_HEADERS = 100
 DEFAULT_MAX_BODY = 1024 * 1024
 HEADER_TIMEOUT = 10.0
 IDLE_TIMEOUT = 75.0
+# what a server that does not say otherwise accepts: no cap per source (an app behind meshd
+# sees all its clients come from meshd's one address)
+DEFAULT_LIMITS = ListenerLimits(10_000)
 
 
 @dataclass(frozen=True)
@@ -280,25 +290,27 @@ async def serve_connection(
         await trio.aclose_forcefully(stream)
         return
 
-    reader = _RequestReader(max_body)
+    reader: _RequestReader | None = None  # made with the first bytes
     try:
         while True:
             # Wait for a whole request; the first byte may take up to idle_timeout, the rest of
             # the head and body must arrive within header_timeout of the first byte.
             deadline_first = trio.current_time() + idle_timeout
             deadline_rest: float | None = None
-            while not reader.done:
+            while reader is None or not reader.done:
                 deadline = deadline_rest if deadline_rest is not None else deadline_first
                 with trio.move_on_at(deadline) as scope:
                     data = await stream.receive_some(65536)
                 if scope.cancelled_caught:
-                    if reader.in_progress:
+                    if reader is not None and reader.in_progress:
                         await _send_error(stream, 408, "request not received in time")
                     return
                 if not data:
                     return
                 if deadline_rest is None:
                     deadline_rest = trio.current_time() + header_timeout
+                if reader is None:
+                    reader = _RequestReader(max_body)
                 reader.feed(data)
 
             method, target, headers, body, keep_alive = reader.done.pop(0)
@@ -355,24 +367,82 @@ async def serve_http(
     ssl_context: ssl.SSLContext | None = None,
     max_body: int = DEFAULT_MAX_BODY,
     inherited: socket.socket | None = None,
+    limits: ListenerLimits = DEFAULT_LIMITS,
+    listener: str = "http",
+    metrics: Metrics | None = None,
+    header_timeout: float = HEADER_TIMEOUT,
+    idle_timeout: float = IDLE_TIMEOUT,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen on host:port and serve until cancelled. ``task_status.started`` gets the listeners
     once they accept connections (so port 0 callers can read the real port). ``inherited``: a
-    socket already listening on that address, served instead of binding one (a restart)."""
-    listeners = ([trio.SocketListener(trio.socket.from_stdlib_socket(inherited))]
-                 if inherited is not None else await trio.open_tcp_listeners(port, host=host))
-    wrapped: list[trio.abc.Listener[Any]]
-    if ssl_context is not None:
-        wrapped = [
-            trio.SSLListener(lst, ssl_context, https_compatible=True) for lst in listeners
-        ]
-    else:
-        wrapped = list(listeners)
+    socket already listening on that address, served instead of binding one (a restart; only
+    this process's descriptor is closed at the end, the socket lives on where it is held).
 
-    async def conn(stream: trio.abc.Stream) -> None:
-        await serve_connection(stream, handler, max_body=max_body)
+    ``limits`` caps the connections at accept; refusals are logged as from ``listener`` and,
+    with ``metrics``, counted there. Over TLS, a connection must send its first bytes and
+    finish its handshake within ``header_timeout`` of being accepted."""
+    sockets = ([trio.SocketListener(trio.socket.from_stdlib_socket(inherited))]
+               if inherited is not None else await trio.open_tcp_listeners(port, host=host))
+    guard = ConnectionGuard(metrics=metrics)
+    admission = guard.listener(listener, limits)
 
-    async with trio.open_nursery() as nursery:
-        await nursery.start(trio.serve_listeners, conn, wrapped)
-        task_status.started(listeners)
+    async def conn(raw: trio.SocketStream, _source: str) -> None:
+        if ssl_context is None:
+            await serve_connection(raw, handler, max_body=max_body,
+                                   header_timeout=header_timeout, idle_timeout=idle_timeout)
+            return
+        try:
+            with trio.fail_after(header_timeout):  # from accept to the end of the handshake
+                stream = await _start_tls(raw, ssl_context)
+        except trio.TooSlowError:
+            log.info("closing connection before first request: no TLS handshake within %gs",
+                     header_timeout)
+            await trio.aclose_forcefully(raw)
+            return
+        if stream is not None:
+            await serve_connection(stream, handler, max_body=max_body,
+                                   header_timeout=header_timeout, idle_timeout=idle_timeout)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(guard.run)
+            async with trio.open_nursery() as connections:
+                # clients speak first: until their first bytes they wait without a task
+                first_byte = idle_timeout if ssl_context is None else header_timeout
+                for sock in sockets:  # (the accept loops keep the nursery open)
+                    connections.start_soon(partial(
+                        _accept_then_close, sock, admission, conn, connections, first_byte))
+                task_status.started(sockets)
+    finally:
+        for sock in sockets:
+            sock.socket.close()
+
+
+async def _accept_then_close(sock: trio.SocketListener, admission: ListenerGuard,
+                             conn: Callable[[trio.SocketStream, str], Awaitable[None]],
+                             connections: trio.Nursery, first_byte: float) -> None:
+    """Accept until cancelled; the listening socket is closed at once then, not after the
+    connections still open (a server started again on the same port must find it free)."""
+    try:
+        await accept_loop(sock, admission, conn, connections, first_byte_timeout=first_byte)
+    finally:
+        sock.socket.close()
+
+
+async def _start_tls(raw: trio.SocketStream,
+                     context: ssl.SSLContext) -> trio.SSLStream[trio.SocketStream] | None:
+    """The server side of TLS on an accepted connection, handshake done, or None (closed,
+    logged). The caller bounds the time. The TLS object (and OpenSSL's buffers) is only made
+    once the client's first bytes are there."""
+    try:
+        if not await raw.socket.recv(1, socket.MSG_PEEK):  # EOF: the client gave up
+            await trio.aclose_forcefully(raw)
+            return None
+        stream = trio.SSLStream(raw, context, server_side=True, https_compatible=True)
+        await stream.do_handshake()
+    except (trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
+        log.info("closing connection before first request: TLS handshake failed: %s", exc)
+        await trio.aclose_forcefully(raw)
+        return None
+    return stream

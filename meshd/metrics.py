@@ -75,6 +75,14 @@ class Metrics:
             "meshd_inbound_connections", "inbound connections accepted, by local service and "
             "whether they were mutual TLS (mtls=\"false\": plaintext on a permissive service)",
             ["destination", "mtls"], registry=r)
+        self.connections_refused = Counter(
+            "meshd_connections_refused", "connections closed at accept because a cap was "
+            "reached: listener_limit (max_connections), source_limit "
+            "(max_connections_per_source), process_limit (what the open file limit allows)",
+            ["listener", "reason"], registry=r)
+        self.connections_open = Gauge(
+            "meshd_connections_open", "accepted connections open now, by listener",
+            ["listener"], registry=r)
         self.local_health = Gauge(
             "meshd_local_service_healthy", "1 when the local app passes its health check",
             ["service"], registry=r)

@@ -21,6 +21,7 @@ from typing import Any
 
 import trio
 
+from meshd.config.schema import DEFAULT_ADMIN_LIMITS, ListenerLimits
 from meshd.errors import MeshError
 from meshd.httpd import Request, Response, serve_http
 from meshd.identity.tls import HandshakeRefused, TLSState
@@ -35,9 +36,10 @@ class AdminAPI:
     def __init__(
         self, metrics: Metrics, ready: Callable[[], bool],
         state: Callable[[], Mapping[str, Any]], refresh: Callable[[], None] = lambda: None,
-        *, allowed_hosts: Iterable[str] = (),
+        *, allowed_hosts: Iterable[str] = (), limits: ListenerLimits = DEFAULT_ADMIN_LIMITS,
     ) -> None:
         self._metrics = metrics
+        self._limits = limits
         self._ready = ready
         self._state = state
         self._refresh = refresh  # updates gauges that are computed, not counted
@@ -95,7 +97,9 @@ class AdminAPI:
         context = tls.admin_context if tls is not None else None
         try:
             await serve_http(self.handle, host, port, ssl_context=context,
-                             inherited=inherited, task_status=task_status)
+                             inherited=inherited,
+                             limits=self._limits, listener="admin", metrics=self._metrics,
+                             task_status=task_status)
         except OSError as exc:
             raise MeshError(f"cannot listen on admin address {host}:{port}: "
                             f"{exc.strerror or exc}") from exc

@@ -63,6 +63,7 @@ from meshd.ca.server_tls import (
 from meshd.ca.store import CADatabase, CAMaterial, load_ca
 from meshd.ca.throttle import JoinThrottle
 from meshd.ca.tokens import Refusal
+from meshd.config.schema import ListenerLimits
 from meshd.errors import CAError
 from meshd.httpd import Request, Response, serve_http
 from meshd.identity import keys
@@ -78,6 +79,8 @@ log = logging.getLogger(__name__)
 
 MAX_JOIN_BODY = 64 * 1024       # answered with a JSON 413 by the handler
 MAX_HTTP_BODY = 256 * 1024      # beyond this the HTTP layer refuses before reading the body
+# connection caps: every host holds a connection or two (renewals, deny-list polls)
+DEFAULT_LIMITS = ListenerLimits(10_000, 256)
 
 
 # refusals that count as a failed guess: a bad, used-up or expired token, a node or service the
@@ -365,6 +368,7 @@ async def serve_ca(
     *,
     extra_hosts: Iterable[str] = (),
     clock: Clock = utc_now,
+    limits: ListenerLimits = DEFAULT_LIMITS,
     task_status: trio.TaskStatus[CAEndpoint] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the CA in ``directory`` on host:port (0 picks a port) until cancelled.
@@ -388,7 +392,8 @@ async def serve_ca(
             listeners = await nursery.start(
                 partial(
                     serve_http, service.handle, host, port,
-                    ssl_context=tls.front, max_body=MAX_HTTP_BODY,
+                    ssl_context=tls.front, max_body=MAX_HTTP_BODY, limits=limits,
+                    listener="ca",
                 )
             )
         except OSError as exc:

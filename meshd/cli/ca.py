@@ -19,7 +19,10 @@ import trio
 
 from meshd import systemd, timestamps
 from meshd.ca import issuer, operations, server, store
+from meshd.cli.limits import add_limit_flags, limits_from_args
 from meshd.config import durations as config_durations
+from meshd.config.schema import ListenerLimits
+from meshd.conns.fdlimit import raise_nofile_limit
 from meshd.errors import CAError
 from meshd.httpd import parse_hostport
 from meshd.identity import keys
@@ -120,6 +123,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--listen", required=True, help="HOST:PORT, e.g. 127.0.0.1:8443")
     p.add_argument("--san", action="append", default=[], metavar="NAME",
                    help="extra DNS name or IP for the API's certificate (repeatable)")
+    add_limit_flags(p, server.DEFAULT_LIMITS)
     p.set_defaults(func=cmd_serve)
 
 
@@ -201,16 +205,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host, port = parse_hostport(args.listen)
     except ValueError as exc:
         raise CAError(str(exc)) from None
-    return trio.run(partial(_serve, args.dir, host, port, args.san))
+    limits = limits_from_args(args)
+    raise_nofile_limit()
+    return trio.run(partial(_serve, args.dir, host, port, args.san, limits))
 
 
-async def _serve(directory: Path, host: str, port: int, extra_hosts: list[str]) -> int:
+async def _serve(directory: Path, host: str, port: int, extra_hosts: list[str],
+                 limits: ListenerLimits) -> int:
     failure: CAError | None = None
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             try:
                 endpoint = await nursery.start(
-                    partial(server.serve_ca, directory, host, port, extra_hosts=extra_hosts)
+                    partial(server.serve_ca, directory, host, port, extra_hosts=extra_hosts,
+                            limits=limits)
                 )
             except CAError as exc:
                 failure = exc  # re-raised below, outside the nursery (no exception group)

@@ -11,9 +11,16 @@ from typing import Any
 import trio
 
 from meshd import systemd
+from meshd.cli.limits import add_limit_flags, limits_from_args
+from meshd.conns.fdlimit import raise_nofile_limit
 from meshd.errors import RegistryError
 from meshd.httpd import parse_hostport
-from meshd.registry.embedded.server import RegistryConfig, listen_port, serve_registry
+from meshd.registry.embedded.server import (
+    DEFAULT_LIMITS,
+    RegistryConfig,
+    listen_port,
+    serve_registry,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +59,7 @@ def register(subparsers: Any) -> None:
     serve.add_argument("--allow-unauthenticated", action="store_true",
                        help="listen on a non-loopback address with ACLs off (anyone who can "
                             "reach it can change the mesh)")
+    add_limit_flags(serve, DEFAULT_LIMITS)
     serve.set_defaults(func=run_serve)
 
 
@@ -66,7 +74,8 @@ def config_from_args(args: argparse.Namespace) -> RegistryConfig:
                           acl_default_policy=args.acl_default_policy,
                           acl_initial_management=args.acl_initial_management,
                           acl_master_token=args.acl_master_token,
-                          allow_unauthenticated=args.allow_unauthenticated)
+                          allow_unauthenticated=args.allow_unauthenticated,
+                          limits=limits_from_args(args))
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -75,6 +84,7 @@ def run_serve(args: argparse.Namespace) -> int:
         log.warning("--acl-master-token is deprecated: use --acl-enabled --acl-default-policy "
                     "deny --acl-initial-management TOKEN")
     config.validate()  # refuse an exposed listener before anything starts
+    raise_nofile_limit()
     trio.run(_main, config)  # a MeshError inside a nursery is unwrapped by meshd.cli.main
     return 0
 

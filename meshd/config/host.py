@@ -13,10 +13,15 @@ from urllib.parse import urlsplit
 
 from meshd.config.reader import Reader
 from meshd.config.schema import (
+    DEFAULT_ADMIN_LIMITS,
     DEFAULT_DRAIN_TIMEOUT,
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_INBOUND_LIMITS,
+    DEFAULT_OUTBOUND_LIMITS,
     CASettings,
     HealthCheck,
     HostConfig,
+    ListenerLimits,
     LocalService,
     MTLSMode,
     Protocol,
@@ -49,11 +54,15 @@ def parse_host_config(data: Mapping[str, Any], file: str = "meshd.toml",
     ca = _parse_ca(r, r.get(data, "ca", "", dict, None), base)
 
     inbound = r.get(data, "inbound", "", dict, {}) or {}
-    r.unknown_keys(inbound, "inbound", {"port"})
+    r.unknown_keys(inbound, "inbound", {"port", "handshake_timeout", *LIMIT_KEYS})
     inbound_port = r.port(inbound, "port", "inbound", 15001)
+    inbound_limits = _limits(r, inbound, "inbound", DEFAULT_INBOUND_LIMITS)
+    handshake_timeout = r.duration(inbound, "handshake_timeout", "inbound",
+                                   DEFAULT_HANDSHAKE_TIMEOUT)
 
     admin = r.get(data, "admin", "", dict, {}) or {}
-    r.unknown_keys(admin, "admin", {"address", "tls", "allowed_hosts"})
+    r.unknown_keys(admin, "admin", {"address", "tls", "allowed_hosts", *LIMIT_KEYS})
+    admin_limits = _limits(r, admin, "admin", DEFAULT_ADMIN_LIMITS)
     admin_address = r.hostport(admin.get("address", "127.0.0.1:15000"), "admin.address")
     admin_host, admin_port = admin_address or ("127.0.0.1", 0)
     admin_tls = r.get(admin, "tls", "admin", bool, False) is True
@@ -72,7 +81,10 @@ def parse_host_config(data: Mapping[str, Any], file: str = "meshd.toml",
                   "certificate (`meshd ca issue --operator NAME`)")
 
     outbound = r.get(data, "outbound", "", dict, {}) or {}
-    r.unknown_keys(outbound, "outbound", {"address", "beyond_loopback"})
+    # no cap per source on outbound listeners: every client is a local app on loopback, and
+    # each listener serves one app's upstream, so its own cap is the cap per app
+    r.unknown_keys(outbound, "outbound", {"address", "beyond_loopback", "max_connections"})
+    outbound_limits = _limits(r, outbound, "outbound", DEFAULT_OUTBOUND_LIMITS)
     outbound_address = r.ip(outbound, "address", "outbound", "127.0.0.1")
     beyond_loopback = (r.get(outbound, "beyond_loopback", "outbound", str, "") or "").strip()
     if outbound_address and not _is_loopback(outbound_address) and not beyond_loopback:
@@ -113,7 +125,36 @@ def parse_host_config(data: Mapping[str, Any], file: str = "meshd.toml",
         state_dir=state_dir, services=tuple(services),
         source=file, registry_token=registry_token, registry_token_file=registry_token_file,
         drain_timeout=drain_timeout or DEFAULT_DRAIN_TIMEOUT,
+        inbound_limits=inbound_limits, outbound_limits=outbound_limits,
+        admin_limits=admin_limits, inbound_handshake_timeout=handshake_timeout,
     )
+
+
+LIMIT_KEYS = ("max_connections", "max_connections_per_source")
+
+
+def _limits(r: Reader, table: Mapping[str, Any], path: str,
+            default: ListenerLimits) -> ListenerLimits:
+    """A listener's caps: ``max_connections`` and (where the table allows it)
+    ``max_connections_per_source``, each a positive count; the second at most the first."""
+    total = _count(r, table, "max_connections", path, default.max_connections)
+    per_source = _count(r, table, "max_connections_per_source", path, default.max_per_source)
+    if "max_connections_per_source" not in table and isinstance(total, int) \
+            and per_source is not None:
+        per_source = min(per_source, total)  # the default never exceeds a lower listener cap
+    if isinstance(per_source, int) and isinstance(total, int) and per_source > total:
+        r.problem(f"{path}.max_connections_per_source",
+                  f"{per_source} is more than {path}.max_connections ({total}): a source "
+                  "could never reach it")
+    return ListenerLimits(total or default.max_connections, per_source)
+
+
+def _count(r: Reader, table: Mapping[str, Any], key: str, path: str, default: Any) -> Any:
+    value = r.get(table, key, path, int, default)
+    if isinstance(value, int) and value is not default and value < 1:
+        r.problem(f"{path}.{key}", f"expected a positive number of connections, got {value}")
+        return default
+    return value
 
 
 def _registry_url(r: Reader, raw: str | None) -> str:

@@ -67,6 +67,27 @@ class LocalService:
 
 
 @dataclass(frozen=True)
+class ListenerLimits:
+    """Connection caps of one listener, applied at accept, before any TLS or parsing: at most
+    ``max_connections`` open at once, and at most ``max_per_source`` of them from one source
+    address (None: no cap per source). A connection over a cap is closed at once."""
+
+    max_connections: int
+    max_per_source: int | None = None
+
+
+# Defaults. Inbound: a peer meshd (or an Envoy, whose per-cluster circuit breaker allows 1024
+# connections by default) never needs more than 1024 from one address. Outbound: one listener
+# per local app and upstream, all from loopback, so the listener itself is the per-app cap.
+# Admin: a few scrapers, the TUI and `meshd status`. Pre-handshake: 10 s from accept to the end
+# of the TLS handshake.
+DEFAULT_INBOUND_LIMITS = ListenerLimits(10_000, 1024)
+DEFAULT_OUTBOUND_LIMITS = ListenerLimits(4096)
+DEFAULT_ADMIN_LIMITS = ListenerLimits(256, 64)
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
 class CASettings:
     url: str
     fingerprint: str
@@ -102,6 +123,12 @@ class HostConfig:
     # a stop (SIGTERM, or the end of a handover to a new process) lets requests and transfers in
     # flight run this long, then cuts them
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
+    # connection caps per listener (the outbound one applies to each outbound listener), and
+    # how long a connection may take from accept to the end of its TLS handshake (inbound)
+    inbound_limits: ListenerLimits = DEFAULT_INBOUND_LIMITS
+    outbound_limits: ListenerLimits = DEFAULT_OUTBOUND_LIMITS
+    admin_limits: ListenerLimits = DEFAULT_ADMIN_LIMITS
+    inbound_handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
 
     def service(self, name: str) -> LocalService | None:
         return next((s for s in self.services if s.name == name), None)

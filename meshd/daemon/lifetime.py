@@ -220,7 +220,8 @@ class Daemon:
     async def _start(self, consul: ConsulClient, n: trio.Nursery) -> None:
         config = self.config
         admin = AdminAPI(self.metrics, lambda: self.state.ready, self.snapshot,
-                         self.refresh_gauges, allowed_hosts=config.admin_allowed_hosts)
+                         self.refresh_gauges, allowed_hosts=config.admin_allowed_hosts,
+                         limits=config.admin_limits)
         if not config.admin_tls:  # (over TLS it needs the node certificate: started below)
             await n.start(self._serve_admin, admin, None)
             log.info("admin API on http://%s:%d", config.admin_host, config.admin_port)

@@ -71,7 +71,13 @@ def _check(health: HealthCheck) -> str:
 _HOST_KEYS = {"registry_url": "registry", "inbound_port": "inbound.port",
               "admin_host": "admin.address", "admin_port": "admin.address",
               "admin_tls": "admin.tls", "admin_allowed_hosts": "admin.allowed_hosts",
-              "outbound_address": "outbound.address"}
+              "outbound_address": "outbound.address",
+              "inbound_handshake_timeout": "inbound.handshake_timeout"}
+# connection caps (``ListenerLimits``): the table they are written in, and their keys' names
+_LIMIT_TABLES = {"inbound_limits": "inbound", "outbound_limits": "outbound",
+                 "admin_limits": "admin"}
+_LIMIT_KEYS = {"max_connections": "max_connections",
+               "max_per_source": "max_connections_per_source"}
 _SECRET_KEYS = {"registry_token"}
 # services are compared one by one below; the beyond-loopback reason is only words
 _LIVE_HOST_FIELDS = {"services", "source", "outbound_beyond_loopback", "drain_timeout"}
@@ -96,7 +102,9 @@ def _host_changes(old: HostConfig, new: HostConfig) -> Iterator[Change]:
             for sub in fields(a):
                 sa, sb = getattr(a, sub.name), getattr(b, sub.name)
                 if sa != sb:
-                    yield Change(f"{f.name}.{sub.name}", str(sa), str(sb))
+                    table = _LIMIT_TABLES.get(f.name, f.name)
+                    yield Change(f"{table}.{_LIMIT_KEYS.get(sub.name, sub.name)}", str(sa),
+                                 str(sb))
             continue
         key = _HOST_KEYS.get(f.name, f.name)
         if key in seen:

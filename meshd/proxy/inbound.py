@@ -52,7 +52,6 @@ from meshd.proxy.streams import accept_mtls
 
 log = logging.getLogger(__name__)
 
-HANDSHAKE_TIMEOUT = 10.0
 APP_CONNECT_TIMEOUT = 5.0
 # Longer than the outbound pools' 30 s, so a peer drops its idle connection before we do.
 PEER_IDLE_TIMEOUT = 75.0
@@ -113,12 +112,23 @@ class Inbound:
         if self.permissive is not None and not await _speaks_tls(transport):
             await self._handle_plaintext(transport, conn, self.permissive)
             return
+        timeout = ctx.config.inbound_handshake_timeout
         try:
-            with trio.fail_after(HANDSHAKE_TIMEOUT):
+            # One deadline from accept to the end of the handshake. The TLS state (an SSLObject
+            # and its buffers, tens of KB) is only made once the client's first bytes are
+            # there: a connection that sends nothing costs a task and a socket, no more.
+            with trio.fail_after(timeout):
+                try:
+                    first = await transport.peek(1)
+                except trio.BrokenResourceError:
+                    first = b""
+                if not first:  # gone before its first byte: counted, not worth a log line
+                    log.debug("inbound connection from %s closed before any byte", conn.peer)
+                    ctx.metrics.connection_errors.labels("inbound", "handshake_eof").inc()
+                    return
                 stream, service_name, source = await accept_mtls(transport, ctx.tls)
         except trio.TooSlowError:
-            self._refuse(conn, "handshake_timeout", "no TLS handshake within "
-                         f"{HANDSHAKE_TIMEOUT:g}s")
+            self._refuse(conn, "handshake_timeout", f"no TLS handshake within {timeout:g}s")
             await trio.aclose_forcefully(transport)
             return
         except HandshakeRefused as exc:

@@ -15,7 +15,6 @@ their current response) and cuts whatever is left at the deadline.
 
 from __future__ import annotations
 
-import errno
 import logging
 import random
 from collections.abc import Awaitable, Callable
@@ -25,6 +24,7 @@ from typing import Any
 import trio
 
 from meshd.config.schema import HostConfig
+from meshd.conns.guard import ConnectionGuard, ListenerGuard, accept_loop
 from meshd.errors import ProxyError
 from meshd.identity.tls import TLSState
 from meshd.listen_fds import InheritedSockets
@@ -39,9 +39,6 @@ from meshd.proxy.sockio import SocketConnection
 
 log = logging.getLogger(__name__)
 
-# accept() failures that mean "out of resources for now": back off instead of crashing
-_RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
-MAX_ACCEPT_BACKOFF = 1.0
 STOP_GRACE = 2.0
 
 ConnectionHandler = Callable[[SocketConnection, ClientConnection], Awaitable[None]]
@@ -55,6 +52,7 @@ class _Listener:
     port: int
     handle: ConnectionHandler
     sockets: list[trio.SocketListener]
+    guard: ListenerGuard  # its connection caps
 
 
 class Proxy:
@@ -74,13 +72,19 @@ class Proxy:
         access = AccessLog()
         outbound_ctx.access = access
         inbound = Inbound(InboundContext(config, tls, metrics, self.app_pool, view, access))
+        # caps at accept; the process's cap is what its open file limit leaves room for
+        self.guard = ConnectionGuard(metrics=metrics)
         self._listeners = [_Listener("inbound", "mesh", config.address, config.inbound_port,
-                                     inbound.handle, [])]
+                                     inbound.handle, [],
+                                     self.guard.listener("inbound", config.inbound_limits))]
         for service, upstream in config.upstreams:
             handler = Outbound(service, upstream, outbound_ctx)
+            name = f"{service.name}->{upstream.name}"
             self._listeners.append(_Listener(
-                "outbound", f"{service.name}->{upstream.name}", config.outbound_address,
-                upstream.local_port, handler.handle, []))
+                "outbound", name, config.outbound_address, upstream.local_port,
+                handler.handle, [], self.guard.listener(f"outbound:{name}",
+                                                        config.outbound_limits)))
+        self._permissive = inbound.permissive is not None
         self._connections: set[ClientConnection] = set()
         self._open = {"inbound": 0, "outbound": 0}  # accepted connections open, by listener
         self._accepting = trio.CancelScope()
@@ -138,6 +142,7 @@ class Proxy:
                     await nursery.start(self.pool.run)
                     await nursery.start(self.app_pool.run)
                     await nursery.start(self._outbound.mirror.run)
+                    await nursery.start(self.guard.run)
                     async with trio.open_nursery() as connections:
                         with self._accepting:
                             async with trio.open_nursery() as accepting:
@@ -210,30 +215,29 @@ class Proxy:
 
     async def _accept_loop(self, listener: _Listener, sock: trio.SocketListener,
                            connections: trio.Nursery) -> None:
-        backoff = 0.0
-        while True:
-            try:
-                # trio's accept retries what a pending connection error looks like (EPERM,
-                # ECONNABORTED, EPROTO...) and turns a closed listener into ClosedResourceError
-                accepted = await sock.accept()
-            except OSError as exc:
-                if exc.errno not in _RESOURCE_ERRNOS:
-                    raise
-                backoff = min(max(backoff * 2, 0.01), MAX_ACCEPT_BACKOFF)
-                log.warning("%s listener %s: accept failed (%s), retrying in %.2fs",
-                            listener.direction, listener.name, exc.strerror, backoff)
-                self.metrics.connection_errors.labels(listener.direction, "accept_failed").inc()
-                await trio.sleep(backoff)
-                continue
-            backoff = 0.0
-            connections.start_soon(self._serve_connection, listener, accepted)
+        def accept_failed(_exc: OSError) -> None:
+            self.metrics.connection_errors.labels(listener.direction, "accept_failed").inc()
 
-    async def _serve_connection(self, listener: _Listener, accepted: trio.SocketStream) -> None:
-        try:
-            peer = str(accepted.socket.getpeername()[0])
-        except OSError:  # reset before we got to it
-            await trio.aclose_forcefully(accepted)
-            return
+        async def serve(accepted: trio.SocketStream, peer: str) -> None:
+            await self._serve_connection(listener, accepted, peer)
+
+        # A strict mTLS listener's clients speak first: they wait for their ClientHello
+        # without a task. (Not outbound listeners, where a TCP upstream's server may speak
+        # first, nor a permissive inbound one, which may carry such a protocol in plaintext.)
+        timeout = self.config.inbound_handshake_timeout
+        first_byte = timeout if listener.direction == "inbound" and not self._permissive \
+            else None
+
+        def silent(peer: str) -> None:
+            log.debug("inbound connection from %s sent nothing within %gs: closed", peer,
+                      timeout)
+            self.metrics.connection_errors.labels("inbound", "handshake_timeout").inc()
+
+        await accept_loop(sock, listener.guard, serve, connections, accept_failed,
+                          first_byte_timeout=first_byte, on_silent=silent)
+
+    async def _serve_connection(self, listener: _Listener, accepted: trio.SocketStream,
+                                peer: str) -> None:
         # the raw stream takes the socket over (sockio: the request path's I/O)
         stream = SocketConnection.from_trio(accepted.socket)
         conn = ClientConnection(peer, draining=self._draining)

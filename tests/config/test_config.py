@@ -101,7 +101,7 @@ HOST_CASES = [
     ("outbound", {"address": "10.0.0.5", "beyond_loopback": "  "}, "outbound.address",
      "10.0.0.5" + OPEN_OUTBOUND),
     ("outbound", {"address": "127.0.0.1", "open": True}, "outbound.open",
-     "unknown key (expected one of: address, beyond_loopback)"),
+     "unknown key (expected one of: address, beyond_loopback, max_connections)"),
     ("admin", {"address": "127.0.0.1:15000", "allowed_hosts": ["ok.example", "bad name"]},
      "admin.allowed_hosts[1]",
      "expected a DNS name clients use to reach the admin API, got 'bad name'"),

@@ -24,6 +24,7 @@ from os import PathLike
 
 import trio
 
+from meshd.config.schema import ListenerLimits
 from meshd.errors import RegistryError
 from meshd.httpd import Request, Response, serve_http
 from meshd.registry.embedded.acl import AclConfig, initial_management_accessor
@@ -48,6 +49,9 @@ from meshd.registry.embedded.store.sessions import SESSION_TTL_MIN
 log = logging.getLogger(__name__)
 
 REAP_INTERVAL = 30.0
+# connection caps: a meshd holds one blocking query per destination it watches, and a client
+# may park a thousand (Consul's own default per client, 200, is lower)
+DEFAULT_LIMITS = ListenerLimits(10_000, 1024)
 
 
 class Notifier:
@@ -106,6 +110,7 @@ class RegistryConfig:
     allow_unauthenticated: bool = False  # listen beyond loopback with ACLs off
     session_ttl_min: float = SESSION_TTL_MIN  # Consul's session_ttl_min
     check_min_interval: float = MIN_INTERVAL  # HTTP/TCP check intervals are raised to this
+    limits: ListenerLimits = DEFAULT_LIMITS  # connection caps at accept
 
     def acl(self) -> AclConfig:
         if self.acl_master_token:
@@ -324,7 +329,7 @@ async def _listen(server: RegistryServer, config: RegistryConfig,
                   task_status: trio.TaskStatus[list[trio.SocketListener]]
                   = trio.TASK_STATUS_IGNORED) -> None:
     await serve_http(server.handle, config.host, config.port, task_status=task_status,
-                     max_body=2 * KV_MAX_VALUE)
+                     max_body=2 * KV_MAX_VALUE, limits=config.limits, listener="registry")
 
 
 def is_loopback(host: str) -> bool:

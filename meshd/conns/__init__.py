@@ -1,0 +1,1 @@
+"""Bounded cost per connection: caps at accept, the fd limit, memory handed back after floods."""

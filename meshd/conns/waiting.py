@@ -1,0 +1,114 @@
+"""The waiting room: accepted connections that have not sent a byte yet, held without a task.
+
+A trio task per connection costs a few KB and a dozen objects the garbage collector walks on
+every full collection (the task, its coroutine frames, a cancel scope for its deadline). For a
+connection that may never send anything (a flood, a scanner, a half-dead client) that is the
+whole cost, and thousands of them make each full collection a stall of 100 ms or more for every
+other connection. So a listener parks such connections here: one selector (epoll on Linux,
+kqueue on macOS) that trio waits on as a single file descriptor, a dict entry per connection
+and one deadline queue (every entry has the same timeout, so accept order is deadline order).
+A connection gets its task once its first bytes arrive; one that sends nothing within the
+timeout is handed to ``on_timeout``, and one that goes away first (EOF, reset) to ``on_gone``:
+neither ever costs a task (when a flood ends, thousands of them close at once).
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import socket
+from collections import deque
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+import trio
+
+T = TypeVar("T")
+
+
+class WaitingRoom(Generic[T]):
+    """Sockets waiting for their first byte, each with a payload ``T`` (what its task needs)."""
+
+    def __init__(self, timeout: float, ready: Callable[[trio.socket.SocketType, T], None],
+                 on_timeout: Callable[[trio.socket.SocketType, T], None],
+                 on_gone: Callable[[trio.socket.SocketType, T], None]) -> None:
+        self.timeout = timeout
+        self._ready = ready
+        self._on_timeout = on_timeout
+        self._on_gone = on_gone
+        # made with the first connection: a listener that never gets one spends no descriptor
+        self._selector: selectors.BaseSelector | None = None
+        self._opened = trio.Event()
+        self._waiting: dict[int, tuple[trio.socket.SocketType, T]] = {}
+        self._deadlines: deque[tuple[float, int, trio.socket.SocketType]] = deque()
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def add(self, sock: trio.socket.SocketType, payload: T) -> None:
+        """Park a connection; raises ``OSError`` when the room cannot be made (no descriptor
+        left for its selector): then the caller gives the connection its task at once."""
+        if self._selector is None:
+            selector = selectors.DefaultSelector()
+            if not hasattr(selector, "fileno"):  # select()/poll(): nothing trio can wait on
+                selector.close()
+                raise OSError("no selector with a file descriptor on this platform")
+            self._selector = selector
+            self._opened.set()
+        fd = sock.fileno()
+        self._selector.register(fd, selectors.EVENT_READ)
+        self._waiting[fd] = (sock, payload)
+        self._deadlines.append((trio.current_time() + self.timeout, fd, sock))
+
+    async def run(self) -> None:
+        """Hand over connections as they become readable or time out, until cancelled (a
+        drain). Then every connection still waiting gets its task like a readable one: its
+        first bytes may be on the way, and its task's own deadlines (or the drain's) end it."""
+        try:
+            await self._opened.wait()
+            selector = self._selector
+            assert selector is not None
+            while True:
+                deadline = self._deadlines[0][0] if self._deadlines else float("inf")
+                with trio.move_on_at(deadline):
+                    await trio.lowlevel.wait_readable(selector.fileno())  # type: ignore[attr-defined]
+                for key, _ in selector.select(0):
+                    self._hand_over(key.fd, self._on_gone if _gone(key.fd) else self._ready)
+                self._expire(trio.current_time())
+        finally:
+            for fd in list(self._waiting):
+                self._hand_over(fd, self._ready)
+            self._deadlines.clear()
+            if self._selector is not None:
+                self._selector.close()
+
+    def _hand_over(self, fd: int, to: Callable[[trio.socket.SocketType, T], None]) -> None:
+        assert self._selector is not None
+        self._selector.unregister(fd)
+        sock, payload = self._waiting.pop(fd)
+        to(sock, payload)
+
+    def _expire(self, now: float) -> None:
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            _, fd, sock = deadlines.popleft()
+            entry = self._waiting.get(fd)
+            if entry is not None and entry[0] is sock:  # (not a later socket on the same fd)
+                self._hand_over(fd, self._on_timeout)
+        # entries handed over early stay in the queue until their deadline: drop them in
+        # bulk when they are most of it, so a busy listener's queue stays small
+        if len(deadlines) > 2 * len(self._waiting) + 1024:
+            self._deadlines = deque(d for d in deadlines
+                                    if self._waiting.get(d[1], (None,))[0] is d[2])
+
+
+def _gone(fd: int) -> bool:
+    """Whether a readable socket holds its peer's EOF (or an error) rather than bytes: peeked
+    through a duplicate descriptor, leaving the socket as it is."""
+    with socket.socket(fileno=os.dup(fd)) as probe:
+        try:
+            return probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
