@@ -21,6 +21,7 @@ from meshd.config.schema import (
     Protocol,
     Upstream,
 )
+from meshd.names import NAME_RULE, is_valid_name
 
 FINGERPRINT_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 _HOST_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -28,7 +29,7 @@ _HOST_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9]
 
 HOST_KEYS = {"node", "address", "trust_domain", "registry", "registry_token",
              "registry_token_file", "ca", "inbound", "admin", "outbound", "state_dir",
-             "services"}
+             "services", "labels"}
 
 
 def parse_host_config(data: Mapping[str, Any], file: str = "meshd.toml",
@@ -82,6 +83,7 @@ def parse_host_config(data: Mapping[str, Any], file: str = "meshd.toml",
                   "loopback, or say why it is safe in outbound.beyond_loopback = \"...\" "
                   "(e.g. a firewall admits only the local containers)")
 
+    labels = _labels(r, data)
     state_dir_raw = r.get(data, "state_dir", "", str, "/var/lib/meshd")
     state_dir = (base / state_dir_raw) if isinstance(state_dir_raw, str) else Path(".")
 
@@ -110,7 +112,23 @@ def parse_host_config(data: Mapping[str, Any], file: str = "meshd.toml",
         outbound_address=outbound_address, outbound_beyond_loopback=beyond_loopback,
         state_dir=state_dir, services=tuple(services),
         source=file, registry_token=registry_token, registry_token_file=registry_token_file,
+        labels=labels,
     )
+
+
+def _labels(r: Reader, data: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    """``labels = { zone = "eu-1" }``: names and values follow the mesh's name rule (they
+    travel in the registry's service ``Meta`` and are compared as they are)."""
+    table = r.get(data, "labels", "", dict, {}) or {}
+    out: list[tuple[str, str]] = []
+    for name, value in table.items():
+        if not is_valid_name(name):
+            r.problem(f"labels.{name}", f"invalid label name {name!r} ({NAME_RULE})")
+        elif not isinstance(value, str) or not is_valid_name(value):
+            r.problem(f"labels.{name}", f"invalid label value {value!r} ({NAME_RULE})")
+        else:
+            out.append((name, value))
+    return tuple(sorted(out))
 
 
 def _registry_url(r: Reader, raw: str | None) -> str:

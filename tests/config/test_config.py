@@ -126,7 +126,7 @@ HOST_CASES = [
      "expected HOST:PORT with a port in 1-65535, got 'localhost'"),
     ("address", "host-a.local", "address", "'host-a.local' is not an IP address"),
     ("colour", "blue", "colour", "unknown key (expected one of: address, admin, ca, inbound, "
-     "node, outbound, registry, registry_token, registry_token_file, services, state_dir, "
+     "labels, node, outbound, registry, registry_token, registry_token_file, services, state_dir, "
      "trust_domain)"),
 ]
 

@@ -25,6 +25,16 @@ RESET            the upstream failed before a response       reset              
 Inbound is a route without retries: it holds no response back, and every end but ``STALE``
 finishes its request.
 
+meshd's own answers (``Finish`` with a status) carry ``x-meshd-error``, a short code saying
+what failed (``error_code``), and ``x-meshd-reason`` in words. 503 means nothing reached an app
+(no connection to the peer meshd, the peer meshd could not connect to its app, no healthy
+endpoint, the circuit breaker); 502 an upstream that failed or answered garbage after the
+request went out; 504 a timeout of a started request. A 503 whose code is ``app-connect-*``
+(``never_reached``) is trusted only from a peer meshd: the inbound side drops the header from
+its app's responses, so an app cannot claim it never saw a request. The caller's meshd treats
+it as a connect failure: retried on another endpoint for any method, and counted against that
+endpoint by outlier detection.
+
 What to retry is ``meshd.proxy.core.retry``'s (``retry_verdict``); the retry budget is spent by
 the shell after a ``RETRY`` step (a ``HELD`` response was paid for when it was held). Whether a
 connection is stale, dead with its idle siblings, or reusable after an exchange is decided
@@ -33,6 +43,7 @@ here too (``stale``, ``pooled_dead``, ``reusable``), from what the exchange saw.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from enum import Enum
 from typing import Protocol
 
@@ -43,6 +54,11 @@ from meshd.proxy.core.retry import Body, condition_met, retry_verdict
 
 # Failed connects that are our own doing (no certificate yet): not the endpoint's fault.
 LOCAL_CONNECT_FAILURES = frozenset({"no_identity"})
+
+ERROR_HEADER = b"x-meshd-error"  # on meshd's own answers: what failed, as a short code
+REASON_HEADER = b"x-meshd-reason"  # ... and why, in words
+# the inbound side's codes for a request it could not hand to its app
+UNREACHED_CODES = frozenset({b"app-connect-failed", b"app-connect-timeout"})
 
 
 class TryEnd(Enum):
@@ -75,7 +91,7 @@ class Finish(Enum):
     REJECTED = ("rejected", 503)  # the circuit breaker: 503 with ``x-meshd-reason``
     GATEWAY_TIMEOUT = ("gateway-timeout", 504)  # the request timeout, no response started
     CUT_OFF = ("cut-off", 0)  # the request timeout while relaying: the client is cut off
-    CONNECT_FAILED = ("connect-failed", 502)  # the last try got no connection
+    CONNECT_FAILED = ("connect-failed", 503)  # the last try got no connection
     TRY_TIMEOUT = ("try-timeout", 504)  # the last try's per-try timeout
     BAD_REQUEST = ("bad-request", 0)  # a malformed body, no response started: its 4xx, closed
     CLIENT_GONE = ("client-gone", 0)  # the client left mid-exchange: nothing to answer
@@ -85,6 +101,33 @@ class Finish(Enum):
     @property
     def status(self) -> int:
         return self.value[1]
+
+
+def error_code(how: Finish, connect_reason: str = "") -> str:
+    """The ``x-meshd-error`` code of meshd's own answer ``how`` (``connect_reason``: the
+    connect failure's label, for ``CONNECT_FAILED``: ``connect-timeout``,
+    ``app-connect-failed``, ``wrong-identity``, ...)."""
+    if how is Finish.CONNECT_FAILED:
+        return connect_reason.replace("_", "-") or "connect-failed"
+    return _CODES[how]
+
+
+_CODES = {Finish.REJECTED: "circuit-open", Finish.GATEWAY_TIMEOUT: "timeout",
+          Finish.TRY_TIMEOUT: "per-try-timeout", Finish.BAD_GATEWAY: "upstream-failed"}
+NO_ENDPOINT_CODE = "no-healthy-endpoint"
+FAULT_CODE = "fault-injected"
+
+
+def unreached_code(status: int, headers: Iterable[tuple[bytes, bytes]]) -> str:
+    """The code of a peer meshd's answer that says its app was never reached (module doc),
+    "" for any other response."""
+    if status != 503:
+        return ""
+    for name, value in headers:
+        if name.lower() == ERROR_HEADER:
+            code = value.strip()
+            return code.decode("ascii") if code in UNREACHED_CODES else ""
+    return ""
 
 
 # Members as module names, for what the functions below check or return on every request: in
@@ -190,35 +233,41 @@ _OUTLIER_FAILURES: dict[TryEnd, Failure | None] = {
 }
 
 
-def outlier_outcome(end: TryEnd, status: int) -> Outcome | None:
+def outlier_outcome(end: TryEnd, status: int, unreached: bool = False) -> Outcome | None:
     """What the outlier detector is told of a try (``status``: of the response answered or
-    held), None when the try says nothing about the endpoint."""
+    held; ``unreached``: a peer meshd's answer that its app was never reached, a connect
+    failure of that endpoint), None when the try says nothing about the endpoint."""
     if end is _ANSWERED or end is _HELD:
-        return status
+        return Failure.CONNECT if unreached else status
     return _OUTLIER_FAILURES[end]
 
 
 def holds(policy: RetryPolicy | None, retries_done: int, status: int, method: str,
-          body: Body) -> bool:
+          body: Body, *, unreached: bool = False, fresh: bool = True) -> bool:
     """Whether to hold back a final response with ``status`` and retry instead, budget aside
-    (the shell spends it at once: once held, the response is gone)."""
-    if policy is None or status < 400 or not condition_met(status, policy.retry_on):
+    (the shell spends it at once: once held, the response is gone). ``unreached``, ``fresh``:
+    as ``retry_verdict``'s."""
+    if policy is None or status < 400:
         return False
-    return retry_verdict(policy, retries_done, status, method, body).retry
+    if not unreached and not condition_met(status, policy.retry_on):
+        return False
+    return retry_verdict(policy, retries_done, status, method, body, unreached=unreached,
+                         fresh=fresh).retry
 
 
 def next_step(end: TryEnd, outcome: Outcome | None, policy: RetryPolicy | None,
-              retries_done: int, method: str, body: Body) -> Step:
+              retries_done: int, method: str, body: Body, *, fresh: bool = True) -> Step:
     """What follows a try that ended in ``end`` (``outcome``: its ``outlier_outcome``) after
     ``retries_done`` retries, on a route whose retries are ``policy`` (None: it has none, as
-    inbound). Never ``STALE``: such a try goes on, on a new connection."""
+    inbound; ``fresh``: an endpoint not tried yet is left). Never ``STALE``: such a try goes
+    on, on a new connection."""
     if end is _HELD:
         return _RETRY_PAID
     if end is _STALE:
         raise AssertionError("a stale connection does not end a try")
     if policy is None or outcome is None or end is _ANSWERED or end is _BROKE_OFF:
         return _FINISH
-    if retry_verdict(policy, retries_done, outcome, method, body).retry:
+    if retry_verdict(policy, retries_done, outcome, method, body, fresh=fresh).retry:
         return _RETRY
     return _FINISH
 
@@ -237,6 +286,11 @@ def finish(end: TryEnd | None, exchange: ExchangeReport | None, *, rejected: boo
         started = exchange is not None and exchange.response_started
         return Finish.CUT_OFF if started else Finish.GATEWAY_TIMEOUT
     if end is _CONNECT_FAILED or end is _NOT_CONNECTED:
+        if exchange is not None and not exchange.held_status:
+            # The request went out on a connection that then failed (a pooled one found dead,
+            # or an earlier try's reset) before the new connection failed: it may have
+            # reached an app, so this is no "never reached" 503.
+            return Finish.BAD_GATEWAY
         return Finish.CONNECT_FAILED
     if end is _TIMED_OUT:
         return Finish.TRY_TIMEOUT

@@ -20,6 +20,15 @@ Whether a failed try is tried again (``retry_verdict``) depends on four things, 
    connect failure is always safe, as nothing reached a server;
 4. the destination's retry budget has a retry to spare.
 
+A request that never reached an app is tried again even on a route that declares no
+retries (``route_retries``: ``IMPLICIT_RETRIES``, Istio's default of 2 retries on connect
+failures): no connection to the peer meshd, or the peer meshd's answer that it could not connect
+to its app (``unreached``: a 503 with ``x-meshd-error: app-connect-*``, which counts as a
+connect failure for every decision here). Such a retry is safe for any method — nothing reached
+an app — as long as the body is still held; the implicit policy only moves on to an endpoint the
+request has not tried (``fresh``), and it spends the retry budget like any retry. Declared
+retries keep their meaning (``attempts = 0`` turns even these off).
+
 The budget (``RetryBudget``) is Finagle's and Linkerd's: over a sliding 10 s window, retries may
 reach ``ratio`` times the requests plus ``min_retries_per_second`` times the window. When a
 destination fails as a whole, retries then add at most ``ratio`` to its load instead of
@@ -83,15 +92,32 @@ class Verdict:
     reason: str  # why not, in words (empty when retrying)
 
 
+# What a route without declared retries retries: only what never reached an app.
+IMPLICIT_RETRIES = RetryPolicy(2, None, ("connect-failure",))
+
+
+def route_retries(declared: RetryPolicy | None) -> RetryPolicy:
+    """The retries an outbound request gets: the route's, else ``IMPLICIT_RETRIES``."""
+    return declared if declared is not None else IMPLICIT_RETRIES
+
+
 def retry_verdict(policy: RetryPolicy | None, retries_done: int, outcome: Outcome,
-                  method: str, body: Body) -> Verdict:
-    """Whether to retry after ``outcome``, budget aside (the caller spends it last)."""
+                  method: str, body: Body, *, unreached: bool = False,
+                  fresh: bool = True) -> Verdict:
+    """Whether to retry after ``outcome``, budget aside (the caller spends it last).
+    ``unreached``: ``outcome`` is a status from a peer meshd that never reached its app (a
+    connect failure too); ``fresh``: an endpoint not yet tried (and not ejected) is left."""
     if policy is None or policy.attempts == 0:
         return Verdict(False, "no retries on this route")
     if retries_done >= policy.attempts:
         return Verdict(False, f"{policy.attempts} retries done")
-    if not condition_met(outcome, policy.retry_on):
+    if not (condition_met(outcome, policy.retry_on)
+            or (unreached and condition_met(Failure.CONNECT, policy.retry_on))):
         return Verdict(False, f"{outcome} is not in retry_on")
+    if policy is IMPLICIT_RETRIES and not fresh:
+        return Verdict(False, "no endpoint left that was not tried")
+    if unreached:
+        outcome = Failure.CONNECT
     if not safe_to_repeat(method, body, outcome):
         why = ("its body was not kept" if body is Body.LOST
                else f"{method} without a held body is not safe to repeat")

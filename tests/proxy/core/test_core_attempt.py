@@ -242,7 +242,9 @@ def test_stale_connection_retried_once_then_the_request_finishes() -> None:
     (TryEnd.CONNECT_FAILED, None, False, False, Finish.CONNECT_FAILED),
     (TryEnd.NOT_CONNECTED, None, False, False, Finish.CONNECT_FAILED),
     (TryEnd.CONNECT_FAILED, Report(upstream_error=STALE), False, False,
-     Finish.CONNECT_FAILED),  # stale, then no new connection
+     Finish.BAD_GATEWAY),  # stale, then no new connection: the request may have arrived
+    (TryEnd.CONNECT_FAILED, Report(held_status=503), False, False,
+     Finish.CONNECT_FAILED),  # an answer held back, then no connection: no app reached
     (TryEnd.TIMED_OUT, None, False, False, Finish.TRY_TIMEOUT),
     (TryEnd.TIMED_OUT, Report(), False, False, Finish.TRY_TIMEOUT),
     (TryEnd.ANSWERED, Report(response_started=True), False, False, Finish.RELAYED),
@@ -274,7 +276,7 @@ def test_conclusion(report: Report, expected: Finish) -> None:
 
 @pytest.mark.parametrize(("how", "status"), [
     (Finish.REJECTED, 503), (Finish.GATEWAY_TIMEOUT, 504), (Finish.TRY_TIMEOUT, 504),
-    (Finish.CONNECT_FAILED, 502), (Finish.BAD_GATEWAY, 502),
+    (Finish.CONNECT_FAILED, 503), (Finish.BAD_GATEWAY, 502),
     (Finish.RELAYED, 0), (Finish.CUT_OFF, 0), (Finish.BAD_REQUEST, 0),
     (Finish.CLIENT_GONE, 0), (Finish.BROKE_OFF, 0),
 ])
