@@ -57,7 +57,7 @@ from meshd.proxy.core.attempt import (
 from meshd.proxy.core.http1 import Framing, ProtocolError, RequestHead, ResponseHead
 from meshd.proxy.core.http1_write import simple_response
 from meshd.proxy.core.outlier import Failure, Outcome
-from meshd.proxy.core.retry import IMPLICIT_RETRIES, Body, retry_backoff, route_retries
+from meshd.proxy.core.retry import Body, retry_backoff, route_retries
 from meshd.proxy.core.router import RoutePlan, Tier
 from meshd.proxy.destinations import DestinationState
 from meshd.proxy.exchange import STREAM_ERRORS, BodySource, Exchange, RequestSource
@@ -75,6 +75,7 @@ OWN_HEADERS = (ERROR_HEADER, REASON_HEADER)
 # Members read on every request, as module names: in Python 3.11 reading one through its class
 # (``Step.FINISH``) costs about 0.1 µs, a module name a tenth of that.
 _STALE, _FINISH, _RELAYED = TryEnd.STALE, Step.FINISH, Finish.RELAYED
+_ANSWERED = TryEnd.ANSWERED
 _NO_BODY, _LOST, _NO_FRAMING = Body.NONE, Body.LOST, Framing.NONE
 
 
@@ -253,7 +254,8 @@ class Attempts:
         if dest is not None and outcome is not None and endpoint is not None:
             dest.state.record(endpoint, outcome, trio.current_time(), dest.endpoints)
         step = next_step(end, outcome, self.retries, self.retries_done, self.method,
-                         self.body_state(), fresh=self._fresh())
+                         self.body_state(),
+                         fresh=end is not _ANSWERED and self._fresh())
         if step is _FINISH:
             return False
         assert dest is not None and endpoint is not None and outcome is not None
@@ -326,11 +328,11 @@ class Attempts:
         return end
 
     def _fresh(self) -> bool:
-        """Whether the implicit retries have an untried endpoint to go to (always True for
-        declared retries, which may try an endpoint again)."""
+        """Whether an endpoint neither tried by this request nor ejected is left (what the
+        retries of a request that never reached an app go to)."""
         dest, endpoint = self.destination, self.endpoint
-        if self.retries is not IMPLICIT_RETRIES or dest is None or endpoint is None:
-            return True
+        if dest is None or endpoint is None:
+            return False
         return dest.fresh_left((*self.tried, endpoint.key))
 
     def _hold(self, head: ResponseHead) -> bool:

@@ -141,6 +141,19 @@ def test_host_config_problem_names_key_path_and_reason(
     assert f"hosts/a.toml: {where}: {reason}" in rendered
 
 
+def test_host_labels_are_names_and_values() -> None:
+    config = parse_host_config(HOST | {"labels": {"zone": "eu-1", "region": "eu"}}, "a.toml")
+    assert config.labels == (("region", "eu"), ("zone", "eu-1"))
+    assert parse_host_config(HOST, "a.toml").labels == ()
+    with pytest.raises(ConfigError) as info:
+        parse_host_config(HOST | {"labels": {"Zone": "x", "rack": 7}}, "a.toml")
+    assert [str(p) for p in info.value.problems] == [
+        "a.toml: labels.Zone: invalid label name 'Zone' (use lowercase letters, digits and "
+        "'-' (max 63))",
+        "a.toml: labels.rack: invalid label value 7 (use lowercase letters, digits and '-' "
+        "(max 63))"]
+
+
 def test_admin_allowed_hosts_are_kept_in_lower_case() -> None:
     data = _with(HOST, "admin", {"address": "127.0.0.1:15000", "allowed_hosts": ["VM1.Example"]})
     assert parse_host_config(data, "hosts/a.toml").admin_allowed_hosts == ("vm1.example",)

@@ -20,14 +20,15 @@ Whether a failed try is tried again (``retry_verdict``) depends on four things, 
    connect failure is always safe, as nothing reached a server;
 4. the destination's retry budget has a retry to spare.
 
-A request that never reached an app is tried again even on a route that declares no
-retries (``route_retries``: ``IMPLICIT_RETRIES``, Istio's default of 2 retries on connect
-failures): no connection to the peer meshd, or the peer meshd's answer that it could not connect
-to its app (``unreached``: a 503 with ``x-meshd-error: app-connect-*``, which counts as a
-connect failure for every decision here). Such a retry is safe for any method — nothing reached
-an app — as long as the body is still held; the implicit policy only moves on to an endpoint the
-request has not tried (``fresh``), and it spends the retry budget like any retry. Declared
-retries keep their meaning (``attempts = 0`` turns even these off).
+A request that never reached an app — no connection to the peer meshd, or the peer meshd's
+answer that it could not connect to its app (``unreached``: a 503 with ``x-meshd-error:
+app-connect-*``, a connect failure for every decision here) — is tried again on up to
+``IMPLICIT_RETRIES.attempts`` (2) endpoints it has not tried yet (``fresh``), whatever the route
+declares: on a route without retries (``route_retries``: ``IMPLICIT_RETRIES``, Istio's default
+of 2 retries on connect failures), and as a floor under declared ones (which keep their meaning
+for everything else, and may add retries on top; ``attempts = 0`` turns even these off). Such a
+retry is safe for any method — nothing reached an app — as long as the body is still held; it
+spends the retry budget like any retry.
 
 The budget (``RetryBudget``) is Finagle's and Linkerd's: over a sliding 10 s window, retries may
 reach ``ratio`` times the requests plus ``min_retries_per_second`` times the window. When a
@@ -109,14 +110,16 @@ def retry_verdict(policy: RetryPolicy | None, retries_done: int, outcome: Outcom
     connect failure too); ``fresh``: an endpoint not yet tried (and not ejected) is left."""
     if policy is None or policy.attempts == 0:
         return Verdict(False, "no retries on this route")
-    if retries_done >= policy.attempts:
-        return Verdict(False, f"{policy.attempts} retries done")
-    if not (condition_met(outcome, policy.retry_on)
-            or (unreached and condition_met(Failure.CONNECT, policy.retry_on))):
-        return Verdict(False, f"{outcome} is not in retry_on")
-    if policy is IMPLICIT_RETRIES and not fresh:
-        return Verdict(False, "no endpoint left that was not tried")
-    if unreached:
+    never = unreached or outcome is Failure.CONNECT
+    if not (never and fresh and retries_done < IMPLICIT_RETRIES.attempts):  # not the floor
+        if retries_done >= policy.attempts:
+            return Verdict(False, f"{policy.attempts} retries done")
+        if not (condition_met(outcome, policy.retry_on)
+                or (unreached and condition_met(Failure.CONNECT, policy.retry_on))):
+            return Verdict(False, f"{outcome} is not in retry_on")
+        if policy is IMPLICIT_RETRIES and not fresh:
+            return Verdict(False, "no endpoint left that was not tried")
+    if never:
         outcome = Failure.CONNECT
     if not safe_to_repeat(method, body, outcome):
         why = ("its body was not kept" if body is Body.LOST

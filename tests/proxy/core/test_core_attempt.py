@@ -15,6 +15,7 @@ from meshd.proxy.core.attempt import (
     classify,
     conclusion,
     connect_failed,
+    error_code,
     finish,
     holds,
     next_step,
@@ -22,10 +23,11 @@ from meshd.proxy.core.attempt import (
     pooled_dead,
     reusable,
     stale,
+    unreached_code,
 )
 from meshd.proxy.core.http1 import ProtocolError
 from meshd.proxy.core.outlier import Failure, Outcome
-from meshd.proxy.core.retry import Body
+from meshd.proxy.core.retry import IMPLICIT_RETRIES, Body, route_retries
 
 
 @dataclass(frozen=True)
@@ -195,7 +197,10 @@ def test_inbound_every_try_is_the_last(end: TryEnd) -> None:
     (TryEnd.CONNECT_FAILED, 0, GATEWAY, 0, "POST", Body.LOST, Step.FINISH),  # body gone
     (TryEnd.CONNECT_FAILED, 0, GATEWAY, 0, "POST", Body.NONE, Step.RETRY),  # nothing sent
     (TryEnd.CONNECT_FAILED, 0, GATEWAY, 2, "GET", Body.NONE, Step.FINISH),  # none left
-    (TryEnd.CONNECT_FAILED, 0, ON_503, 0, "GET", Body.NONE, Step.FINISH),  # not retried on
+    # never reached an app: retried (to an untried endpoint) whatever retry_on says
+    (TryEnd.CONNECT_FAILED, 0, ON_503, 0, "POST", Body.HELD, Step.RETRY),
+    (TryEnd.CONNECT_FAILED, 0, ON_503, 1, "GET", Body.NONE, Step.RETRY),  # the floor: 2
+    (TryEnd.CONNECT_FAILED, 0, ON_503, 2, "GET", Body.NONE, Step.FINISH),
     (TryEnd.CONNECT_FAILED, 0, OFF, 0, "GET", Body.NONE, Step.FINISH),
     (TryEnd.RESET, 0, GATEWAY, 1, "GET", Body.NONE, Step.RETRY),
     (TryEnd.RESET, 0, GATEWAY, 0, "POST", Body.NONE, Step.FINISH),
@@ -282,3 +287,72 @@ def test_conclusion(report: Report, expected: Finish) -> None:
 ])
 def test_what_meshd_answers_itself(how: Finish, status: int) -> None:
     assert how.status == status
+
+
+# -- what never reached an app -----------------------------------------------------------------
+
+UNREACHED_503 = [(b"Content-Length", b"0"), (b"X-Meshd-Error", b"app-connect-failed")]
+
+
+@pytest.mark.parametrize(("status", "headers", "code"), [
+    (503, UNREACHED_503, "app-connect-failed"),
+    (503, [(b"x-meshd-error", b" app-connect-timeout ")], "app-connect-timeout"),
+    (503, [(b"x-meshd-error", b"connect-failed")], ""),  # the peer's own upstream: not ours
+    (503, [(b"x-meshd-error", b"circuit-open")], ""),
+    (502, UNREACHED_503, ""),  # only a 503 says it
+    (503, [], ""),
+])
+def test_unreached_code(status: int, headers: list[tuple[bytes, bytes]], code: str) -> None:
+    assert unreached_code(status, headers) == code
+
+
+@pytest.mark.parametrize(("policy", "done", "method", "body", "fresh", "expected"), [
+    (IMPLICIT_RETRIES, 0, "POST", Body.HELD, True, True),  # any method: it never arrived
+    (IMPLICIT_RETRIES, 1, "POST", Body.NONE, True, True),
+    (IMPLICIT_RETRIES, 2, "GET", Body.NONE, True, False),  # two retries at most
+    (IMPLICIT_RETRIES, 0, "GET", Body.NONE, False, False),  # no endpoint left to try
+    (IMPLICIT_RETRIES, 0, "POST", Body.LOST, True, False),  # its body is gone
+    (ON_503, 0, "POST", Body.HELD, True, True),
+    (RetryPolicy(1, None, ("5xx",)), 1, "POST", Body.HELD, True, True),  # declared: a floor
+    (RetryPolicy(5, None, ("5xx",)), 3, "GET", Body.NONE, False, True),  # declared: more
+    (OFF, 0, "GET", Body.NONE, True, False),  # attempts = 0 turns even these off
+    (None, 0, "GET", Body.NONE, True, False),  # inbound
+])
+def test_a_peer_meshd_that_never_reached_its_app_is_held_and_retried(
+        policy: RetryPolicy | None, done: int, method: str, body: Body, fresh: bool,
+        expected: bool) -> None:
+    assert holds(policy, done, 503, method, body, unreached=True, fresh=fresh) is expected
+    # ... and told to outlier detection as a connect failure of that endpoint, held or not
+    for end in (TryEnd.HELD, TryEnd.ANSWERED):
+        assert outlier_outcome(end, 503, unreached=True) is Failure.CONNECT
+
+
+def test_an_app_503_is_not_retried_by_the_implicit_policy() -> None:
+    assert not holds(IMPLICIT_RETRIES, 0, 503, "GET", Body.NONE)
+    assert next_step(TryEnd.RESET, Failure.RESET, IMPLICIT_RETRIES, 0, "GET",
+                     Body.NONE) is Step.FINISH  # a reset may have reached the app
+    assert next_step(TryEnd.CONNECT_FAILED, Failure.CONNECT, IMPLICIT_RETRIES, 0, "POST",
+                     Body.HELD) is Step.RETRY
+    assert next_step(TryEnd.CONNECT_FAILED, Failure.CONNECT, IMPLICIT_RETRIES, 0, "POST",
+                     Body.HELD, fresh=False) is Step.FINISH
+
+
+def test_route_retries_default_to_the_implicit_policy() -> None:
+    assert route_retries(None) is IMPLICIT_RETRIES
+    assert route_retries(ON_503) is ON_503
+    assert IMPLICIT_RETRIES.attempts == 2 and IMPLICIT_RETRIES.retry_on == ("connect-failure",)
+
+
+@pytest.mark.parametrize(("how", "reason", "status", "code"), [
+    (Finish.CONNECT_FAILED, "connect_timeout", 503, "connect-timeout"),
+    (Finish.CONNECT_FAILED, "connect_failed", 503, "connect-failed"),
+    (Finish.CONNECT_FAILED, "app_connect_failed", 503, "app-connect-failed"),
+    (Finish.CONNECT_FAILED, "wrong_identity", 503, "wrong-identity"),
+    (Finish.REJECTED, "", 503, "circuit-open"),
+    (Finish.BAD_GATEWAY, "", 502, "upstream-failed"),
+    (Finish.GATEWAY_TIMEOUT, "", 504, "timeout"),
+    (Finish.TRY_TIMEOUT, "", 504, "per-try-timeout"),
+])
+def test_meshd_answers_carry_a_status_and_a_code(how: Finish, reason: str, status: int,
+                                                  code: str) -> None:
+    assert (how.status, error_code(how, reason)) == (status, code)
