@@ -52,7 +52,7 @@ from meshd.proxy.core.attempt import (
     holds,
     next_step,
     outlier_outcome,
-    unreached_code,
+    peer_failure,
 )
 from meshd.proxy.core.http1 import Framing, ProtocolError, RequestHead, ResponseHead
 from meshd.proxy.core.http1_write import simple_response
@@ -154,8 +154,8 @@ class Destination:
         return False
 
     def count_retry(self, outcome: Outcome, endpoint: Endpoint, retry: int,
-                    unreached: str = "") -> None:
-        reason = unreached or (outcome.value if isinstance(outcome, Failure) else str(outcome))
+                    peer: str = "") -> None:
+        reason = peer or (outcome.value if isinstance(outcome, Failure) else str(outcome))
         self.metrics.retries.labels(self.plan.destination, reason).inc()
         log.debug("%s: retrying after %s from %s (retry %d)", self.plan.destination, reason,
                   endpoint.key, retry)
@@ -186,7 +186,8 @@ class Attempts:
     retries_done: int = field(default=0, init=False)
     endpoint: Endpoint | None = field(default=None, init=False)  # of the latest try
     tier: Tier | None = field(default=None, init=False)  # of the latest try
-    unreached: str = field(default="", init=False)  # latest try: the peer's app not reached
+    # latest try: what the peer meshd's answer says happened to its app (code, failure)
+    peer: tuple[str, Failure] | None = field(default=None, init=False)
     tried: tuple[str, ...] = field(default=(), init=False)  # failed: avoided by the next try
     exchange: Exchange | None = field(default=None, init=False)  # the latest one
     failure: ConnectFailed | None = field(default=None, init=False)  # the latest one
@@ -250,7 +251,7 @@ class Attempts:
         dest, endpoint, exchange = self.destination, self.endpoint, self.exchange
         outcome = outlier_outcome(
             end, (exchange.held_status or exchange.status) if exchange is not None else 0,
-            bool(self.unreached))
+            self.peer[1] if self.peer is not None else None)
         if dest is not None and outcome is not None and endpoint is not None:
             dest.state.record(endpoint, outcome, trio.current_time(), dest.endpoints)
         step = next_step(end, outcome, self.retries, self.retries_done, self.method,
@@ -262,7 +263,8 @@ class Attempts:
         if step is Step.RETRY and not dest.spend():
             return False
         self.retries_done += 1
-        dest.count_retry(outcome, endpoint, self.retries_done, self.unreached)
+        dest.count_retry(outcome, endpoint, self.retries_done,
+                         self.peer[0] if self.peer is not None else "")
         self.tried = (*self.tried, endpoint.key)
         return True
 
@@ -271,7 +273,7 @@ class Attempts:
         while the try lasts."""
         endpoint, self.tier = dest.pick(self.tried)
         self.endpoint = endpoint
-        self.unreached = ""
+        self.peer = None
         dest.state.begin(endpoint)
         try:
             return await self._connections(dest.pool_key(endpoint),
@@ -338,12 +340,13 @@ class Attempts:
     def _hold(self, head: ResponseHead) -> bool:
         """Whether to hold back the response ``head`` starts and retry instead (paid for now:
         once held, the response is gone). A peer meshd's "never reached its app" 503 is
-        noted (``unreached``) for outlier detection either way."""
+        noted (``peer``) for outlier detection either way."""
         status = head.status
-        if status == 503:
-            self.unreached = unreached_code(status, head.headers)
+        if status == 503 or status == 502:
+            self.peer = peer_failure(status, head.headers)
         if status >= 400 and holds(self.retries, self.retries_done, status, self.method,
-                                   self.body_state(), unreached=bool(self.unreached),
+                                   self.body_state(),
+                                   failure=self.peer[1] if self.peer is not None else None,
                                    fresh=self._fresh()):
             assert self.destination is not None
             if self.destination.spend():
@@ -378,7 +381,9 @@ class Attempts:
         else:
             assert exchange is not None
             return await self._cut(how, exchange)
-        code = error_code(how, connect_reason)
+        error = exchange.upstream_error if exchange is not None else None
+        code = error_code(how, connect_reason, app=self.destination is None,
+                          malformed=error is not None and error.malformed)
         headers = [(ERROR_HEADER, code.encode("ascii")),
                    (REASON_HEADER, text.encode("ascii", "replace"))]
         if how is Finish.CONNECT_FAILED:

@@ -58,10 +58,12 @@ class UpstreamFailed(ProxyError):
     closed too); ``stale`` is that, for a request that can be sent again as it was (no body):
     safe to retry on a fresh connection."""
 
-    def __init__(self, message: str, stale: bool = False, pooled_dead: bool = False) -> None:
+    def __init__(self, message: str, stale: bool = False, pooled_dead: bool = False,
+                 malformed: bool = False) -> None:
         super().__init__(message)
         self.stale = stale
         self.pooled_dead = pooled_dead or stale
+        self.malformed = malformed  # it answered garbage rather than breaking off
 
 
 class RequestSource:
@@ -370,7 +372,8 @@ class Exchange:
                 raise UpstreamFailed(str(exc), stale=self._stale(),
                                      pooled_dead=self._pooled_dead()) from exc
             except ProtocolError as exc:
-                raise UpstreamFailed(f"malformed response from upstream: {exc}") from exc
+                raise UpstreamFailed(f"malformed response from upstream: {exc}",
+                                     malformed=True) from exc
         return self._pending.popleft()
 
     def _pooled_dead(self) -> bool:

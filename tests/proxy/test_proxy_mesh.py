@@ -193,6 +193,7 @@ async def test_malformed_response_from_app_is_502(mesh: Mesh) -> None:
     async with httpx.AsyncClient(base_url=mesh.url("broken")) as client:
         response = await client.get("/")
     assert response.status_code == 502
+    assert response.headers["x-meshd-error"] == "app-bad-response"  # from b's meshd
     assert sample(mesh.b.metrics, "meshd_requests_total", direction="inbound", source="web",
                   destination="broken", subset="", code="502") == 1
 

@@ -29,11 +29,14 @@ meshd's own answers (``Finish`` with a status) carry ``x-meshd-error``, a short 
 what failed (``error_code``), and ``x-meshd-reason`` in words. 503 means nothing reached an app
 (no connection to the peer meshd, the peer meshd could not connect to its app, no healthy
 endpoint, the circuit breaker); 502 an upstream that failed or answered garbage after the
-request went out; 504 a timeout of a started request. A 503 whose code is ``app-connect-*``
-(``never_reached``) is trusted only from a peer meshd: the inbound side drops the header from
-its app's responses, so an app cannot claim it never saw a request. The caller's meshd treats
-it as a connect failure: retried on another endpoint for any method, and counted against that
-endpoint by outlier detection.
+request went out; 504 a timeout of a started request.
+
+The peer meshd is transparent to the caller's decisions (``peer_failure``): its 503
+``app-connect-*`` counts as a connect failure (never reached an app: retried on another
+endpoint for any method) and its 502 ``app-reset`` (the app's connection broke before a
+response head: it may have seen the request) as a reset, for retries and outlier detection
+alike. These codes are trusted only from a peer meshd: the inbound side drops the header from
+its app's responses, so an app cannot claim it never saw a request.
 
 What to retry is ``meshd.proxy.core.retry``'s (``retry_verdict``); the retry budget is spent by
 the shell after a ``RETRY`` step (a ``HELD`` response was paid for when it was held). Whether a
@@ -57,8 +60,11 @@ LOCAL_CONNECT_FAILURES = frozenset({"no_identity"})
 
 ERROR_HEADER = b"x-meshd-error"  # on meshd's own answers: what failed, as a short code
 REASON_HEADER = b"x-meshd-reason"  # ... and why, in words
-# the inbound side's codes for a request it could not hand to its app
-UNREACHED_CODES = frozenset({b"app-connect-failed", b"app-connect-timeout"})
+# the inbound side's codes for what happened to its app, with the status they come as and
+# what they count as at the caller
+PEER_FAILURES = {b"app-connect-failed": (503, Failure.CONNECT),
+                 b"app-connect-timeout": (503, Failure.CONNECT),
+                 b"app-reset": (502, Failure.RESET)}
 
 
 class TryEnd(Enum):
@@ -103,31 +109,40 @@ class Finish(Enum):
         return self.value[1]
 
 
-def error_code(how: Finish, connect_reason: str = "") -> str:
+def error_code(how: Finish, connect_reason: str = "", *, app: bool = False,
+               malformed: bool = False) -> str:
     """The ``x-meshd-error`` code of meshd's own answer ``how`` (``connect_reason``: the
     connect failure's label, for ``CONNECT_FAILED``: ``connect-timeout``,
-    ``app-connect-failed``, ``wrong-identity``, ...)."""
+    ``app-connect-failed``, ``wrong-identity``, ...). ``BAD_GATEWAY``: ``app``, the upstream
+    is the local app (inbound); ``malformed``, it answered garbage rather than breaking off."""
     if how is Finish.CONNECT_FAILED:
         return connect_reason.replace("_", "-") or "connect-failed"
+    if how is Finish.BAD_GATEWAY:
+        what = "bad-response" if malformed else "reset"
+        return f"app-{what}" if app else f"upstream-{what}"
     return _CODES[how]
 
 
 _CODES = {Finish.REJECTED: "circuit-open", Finish.GATEWAY_TIMEOUT: "timeout",
-          Finish.TRY_TIMEOUT: "per-try-timeout", Finish.BAD_GATEWAY: "upstream-failed"}
+          Finish.TRY_TIMEOUT: "per-try-timeout"}
 NO_ENDPOINT_CODE = "no-healthy-endpoint"
 FAULT_CODE = "fault-injected"
 
 
-def unreached_code(status: int, headers: Iterable[tuple[bytes, bytes]]) -> str:
-    """The code of a peer meshd's answer that says its app was never reached (module doc),
-    "" for any other response."""
-    if status != 503:
-        return ""
+def peer_failure(status: int, headers: Iterable[tuple[bytes, bytes]]
+                 ) -> tuple[str, Failure] | None:
+    """What a peer meshd's answer says happened to its app (module doc): its code and the
+    failure it counts as; None for any other response (an app's own, or meshd's about
+    something else)."""
+    if status != 503 and status != 502:
+        return None
     for name, value in headers:
         if name.lower() == ERROR_HEADER:
-            code = value.strip()
-            return code.decode("ascii") if code in UNREACHED_CODES else ""
-    return ""
+            found = PEER_FAILURES.get(value.strip())
+            if found is None or found[0] != status:
+                return None
+            return value.strip().decode("ascii"), found[1]
+    return None
 
 
 # Members as module names, for what the functions below check or return on every request: in
@@ -233,25 +248,27 @@ _OUTLIER_FAILURES: dict[TryEnd, Failure | None] = {
 }
 
 
-def outlier_outcome(end: TryEnd, status: int, unreached: bool = False) -> Outcome | None:
+def outlier_outcome(end: TryEnd, status: int, failure: Failure | None = None
+                    ) -> Outcome | None:
     """What the outlier detector is told of a try (``status``: of the response answered or
-    held; ``unreached``: a peer meshd's answer that its app was never reached, a connect
-    failure of that endpoint), None when the try says nothing about the endpoint."""
+    held; ``failure``: what a peer meshd's answer says happened to its app, counted as that
+    endpoint's), None when the try says nothing about the endpoint."""
     if end is _ANSWERED or end is _HELD:
-        return Failure.CONNECT if unreached else status
+        return failure if failure is not None else status
     return _OUTLIER_FAILURES[end]
 
 
 def holds(policy: RetryPolicy | None, retries_done: int, status: int, method: str,
-          body: Body, *, unreached: bool = False, fresh: bool = True) -> bool:
+          body: Body, *, failure: Failure | None = None, fresh: bool = True) -> bool:
     """Whether to hold back a final response with ``status`` and retry instead, budget aside
-    (the shell spends it at once: once held, the response is gone). ``unreached``, ``fresh``:
-    as ``retry_verdict``'s."""
+    (the shell spends it at once: once held, the response is gone). ``failure``: what the
+    answer counts as (``peer_failure``); ``fresh``: as ``retry_verdict``'s."""
     if policy is None or status < 400:
         return False
-    if not unreached and not condition_met(status, policy.retry_on):
+    if failure is None and not condition_met(status, policy.retry_on):
         return False
-    return retry_verdict(policy, retries_done, status, method, body, unreached=unreached,
+    outcome = failure if failure is not None else status
+    return retry_verdict(policy, retries_done, outcome, method, body, status=status,
                          fresh=fresh).retry
 
 

@@ -21,8 +21,8 @@ Whether a failed try is tried again (``retry_verdict``) depends on four things, 
 4. the destination's retry budget has a retry to spare.
 
 A request that never reached an app — no connection to the peer meshd, or the peer meshd's
-answer that it could not connect to its app (``unreached``: a 503 with ``x-meshd-error:
-app-connect-*``, a connect failure for every decision here) — is tried again on up to
+answer that it could not connect to its app (a 503 with ``x-meshd-error: app-connect-*``, a
+connect failure for every decision here: ``core.attempt.peer_failure``) — is tried again on up to
 ``IMPLICIT_RETRIES.attempts`` (2) endpoints it has not tried yet (``fresh``), whatever the route
 declares: on a route without retries (``route_retries``: ``IMPLICIT_RETRIES``, Istio's default
 of 2 retries on connect failures), and as a floor under declared ones (which keep their meaning
@@ -103,24 +103,22 @@ def route_retries(declared: RetryPolicy | None) -> RetryPolicy:
 
 
 def retry_verdict(policy: RetryPolicy | None, retries_done: int, outcome: Outcome,
-                  method: str, body: Body, *, unreached: bool = False,
-                  fresh: bool = True) -> Verdict:
+                  method: str, body: Body, *, status: int = 0, fresh: bool = True) -> Verdict:
     """Whether to retry after ``outcome``, budget aside (the caller spends it last).
-    ``unreached``: ``outcome`` is a status from a peer meshd that never reached its app (a
-    connect failure too); ``fresh``: an endpoint not yet tried (and not ejected) is left."""
+    ``status``: the answer a failure came as (a peer meshd's 503 for its app's connect
+    failure: ``retry_on = ["503"]`` matches it too); ``fresh``: an endpoint not yet tried
+    (and not ejected) is left."""
     if policy is None or policy.attempts == 0:
         return Verdict(False, "no retries on this route")
-    never = unreached or outcome is Failure.CONNECT
+    never = outcome is Failure.CONNECT
     if not (never and fresh and retries_done < IMPLICIT_RETRIES.attempts):  # not the floor
         if retries_done >= policy.attempts:
             return Verdict(False, f"{policy.attempts} retries done")
         if not (condition_met(outcome, policy.retry_on)
-                or (unreached and condition_met(Failure.CONNECT, policy.retry_on))):
+                or (status and condition_met(status, policy.retry_on))):
             return Verdict(False, f"{outcome} is not in retry_on")
         if policy is IMPLICIT_RETRIES and not fresh:
             return Verdict(False, "no endpoint left that was not tried")
-    if never:
-        outcome = Failure.CONNECT
     if not safe_to_repeat(method, body, outcome):
         why = ("its body was not kept" if body is Body.LOST
                else f"{method} without a held body is not safe to repeat")

@@ -23,7 +23,7 @@ from meshd.proxy.core.attempt import (
     pooled_dead,
     reusable,
     stale,
-    unreached_code,
+    peer_failure,
 )
 from meshd.proxy.core.http1 import ProtocolError
 from meshd.proxy.core.outlier import Failure, Outcome
@@ -294,16 +294,21 @@ def test_what_meshd_answers_itself(how: Finish, status: int) -> None:
 UNREACHED_503 = [(b"Content-Length", b"0"), (b"X-Meshd-Error", b"app-connect-failed")]
 
 
-@pytest.mark.parametrize(("status", "headers", "code"), [
-    (503, UNREACHED_503, "app-connect-failed"),
-    (503, [(b"x-meshd-error", b" app-connect-timeout ")], "app-connect-timeout"),
-    (503, [(b"x-meshd-error", b"connect-failed")], ""),  # the peer's own upstream: not ours
-    (503, [(b"x-meshd-error", b"circuit-open")], ""),
-    (502, UNREACHED_503, ""),  # only a 503 says it
-    (503, [], ""),
+@pytest.mark.parametrize(("status", "headers", "found"), [
+    (503, UNREACHED_503, ("app-connect-failed", Failure.CONNECT)),
+    (503, [(b"x-meshd-error", b" app-connect-timeout ")], ("app-connect-timeout",
+                                                          Failure.CONNECT)),
+    (502, [(b"x-meshd-error", b"app-reset")], ("app-reset", Failure.RESET)),
+    (503, [(b"x-meshd-error", b"connect-failed")], None),  # the peer's own upstream: not ours
+    (503, [(b"x-meshd-error", b"circuit-open")], None),
+    (502, UNREACHED_503, None),  # each code comes with its own status
+    (503, [(b"x-meshd-error", b"app-reset")], None),
+    (502, [(b"x-meshd-error", b"app-bad-response")], None),  # garbage: not a reset
+    (503, [], None),
 ])
-def test_unreached_code(status: int, headers: list[tuple[bytes, bytes]], code: str) -> None:
-    assert unreached_code(status, headers) == code
+def test_peer_failure(status: int, headers: list[tuple[bytes, bytes]],
+                      found: tuple[str, Failure] | None) -> None:
+    assert peer_failure(status, headers) == found
 
 
 @pytest.mark.parametrize(("policy", "done", "method", "body", "fresh", "expected"), [
@@ -321,10 +326,24 @@ def test_unreached_code(status: int, headers: list[tuple[bytes, bytes]], code: s
 def test_a_peer_meshd_that_never_reached_its_app_is_held_and_retried(
         policy: RetryPolicy | None, done: int, method: str, body: Body, fresh: bool,
         expected: bool) -> None:
-    assert holds(policy, done, 503, method, body, unreached=True, fresh=fresh) is expected
+    assert holds(policy, done, 503, method, body, failure=Failure.CONNECT,
+                 fresh=fresh) is expected
     # ... and told to outlier detection as a connect failure of that endpoint, held or not
     for end in (TryEnd.HELD, TryEnd.ANSWERED):
-        assert outlier_outcome(end, 503, unreached=True) is Failure.CONNECT
+        assert outlier_outcome(end, 503, Failure.CONNECT) is Failure.CONNECT
+
+
+@pytest.mark.parametrize(("policy", "method", "body", "expected"), [
+    (RetryPolicy(1, None, ("reset",)), "GET", Body.NONE, True),
+    (RetryPolicy(1, None, ("reset",)), "POST", Body.NONE, False),  # it may have arrived
+    (RetryPolicy(1, None, ("502",)), "GET", Body.NONE, True),
+    (RetryPolicy(1, None, ("503",)), "GET", Body.NONE, False),
+    (IMPLICIT_RETRIES, "GET", Body.NONE, False),  # no floor: it may have reached the app
+])
+def test_an_app_reset_behind_the_peer_counts_as_a_reset(
+        policy: RetryPolicy, method: str, body: Body, expected: bool) -> None:
+    assert holds(policy, 0, 502, method, body, failure=Failure.RESET) is expected
+    assert outlier_outcome(TryEnd.ANSWERED, 502, Failure.RESET) is Failure.RESET
 
 
 def test_an_app_503_is_not_retried_by_the_implicit_policy() -> None:
@@ -349,10 +368,16 @@ def test_route_retries_default_to_the_implicit_policy() -> None:
     (Finish.CONNECT_FAILED, "app_connect_failed", 503, "app-connect-failed"),
     (Finish.CONNECT_FAILED, "wrong_identity", 503, "wrong-identity"),
     (Finish.REJECTED, "", 503, "circuit-open"),
-    (Finish.BAD_GATEWAY, "", 502, "upstream-failed"),
+    (Finish.BAD_GATEWAY, "", 502, "upstream-reset"),
     (Finish.GATEWAY_TIMEOUT, "", 504, "timeout"),
     (Finish.TRY_TIMEOUT, "", 504, "per-try-timeout"),
 ])
 def test_meshd_answers_carry_a_status_and_a_code(how: Finish, reason: str, status: int,
                                                   code: str) -> None:
     assert (how.status, error_code(how, reason)) == (status, code)
+
+
+def test_a_bad_gateway_says_whose_and_what() -> None:
+    assert error_code(Finish.BAD_GATEWAY, app=True) == "app-reset"
+    assert error_code(Finish.BAD_GATEWAY, app=True, malformed=True) == "app-bad-response"
+    assert error_code(Finish.BAD_GATEWAY, malformed=True) == "upstream-bad-response"
