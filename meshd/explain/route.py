@@ -232,6 +232,8 @@ def _policy_summary(dest: DestinationRoutes) -> str:
         pending = p.max_pending_requests
         parts.append(f"max_connections {p.max_connections}, max_pending_requests "
                      f"{pending if pending is not None else f'{DEFAULT_MAX_PENDING} (default)'}")
+    if p.locality:
+        parts.append(f"locality on {', '.join(p.locality)}")
     o = p.outlier_detection
     if o is not None:
         parts.append(f"outlier detection: eject after {o.consecutive_5xx} 5xx or "
@@ -298,15 +300,17 @@ def render(found: Explanation) -> str:
             f"subset {s.name} ({s.weight}%, version {s.version})"
         out.append(f"{title}: {s.why}")
         if s.failover and s.failover_to is None:
-            out.append(f"  fails over to {', '.join(s.failover)} (in that order) when it has "
-                       "no healthy, admitted endpoint, and a retry that tried all of its")
-        if s.locality:
+            out.append(f"  fails over to {', '.join(s.failover)} (in that order) while it has "
+                       "no healthy, admitted endpoint, or once a retry has tried them all")
+        if s.locality and s.failover_to is None:
             out.append(f"  {s.locality}")
         out += _endpoint_lines(s, s.endpoints)
         if not s.endpoints:
             out.append("     (no endpoints)")
         if s.failover_to is not None:
             out.append(f"  failover subset {s.failover_to}:")
+            if s.locality:
+                out.append(f"  {s.locality}")
             out += _endpoint_lines(s, s.fallback)
     out += render_authz(found.authz)
     return "\n".join(out) + "\n"

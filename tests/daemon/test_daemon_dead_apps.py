@@ -70,10 +70,16 @@ async def mesh(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[Mesh]:
         yield await open_mesh(nursery, tmp_path, http, TD)
 
 
+@dataclass
+class App:
+    proc: subprocess.Popen[bytes]
+    port: int
+
+
 @pytest.fixture
-def apps() -> Iterator[dict[str, subprocess.Popen[bytes]]]:
+def apps() -> Iterator[dict[str, App]]:
     """payments on b1, b2 (v1) and b3 (v2), each a child process; all stopped at the end."""
-    started: dict[str, subprocess.Popen[bytes]] = {}
+    started: dict[str, App] = {}
     try:
         for node, version in VERSIONS.items():
             port = free_port(HOSTS[node])
@@ -81,14 +87,14 @@ def apps() -> Iterator[dict[str, subprocess.Popen[bytes]]]:
                 [sys.executable, str(PAYMENTS_APP), "--address", HOSTS[node], "--port",
                  str(port), "--version", version, "--node", node],
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-            started[node] = proc
-            assert Output(proc.stdout).wait_for("listening", 10), f"payments on {node}"  # type: ignore[arg-type]
-            proc.port = port  # type: ignore[attr-defined]
+            started[node] = App(proc, port)
+            assert proc.stdout is not None
+            assert Output(proc.stdout).wait_for("listening", 10), f"payments on {node}"
         yield started
     finally:
-        for proc in started.values():
-            proc.kill()
-            proc.wait(timeout=10)
+        for app in started.values():
+            app.proc.kill()
+            app.proc.wait(timeout=10)
 
 
 def _host(mesh: Mesh, node: str, services: list[dict[str, Any]]) -> Any:
@@ -96,7 +102,7 @@ def _host(mesh: Mesh, node: str, services: list[dict[str, Any]]) -> Any:
 
 
 async def test_killed_apps_cost_no_request(
-        mesh: Mesh, nursery: trio.Nursery, apps: dict[str, subprocess.Popen[bytes]]) -> None:
+        mesh: Mesh, nursery: trio.Nursery, apps: dict[str, App]) -> None:
     open_table = routes_to_data(RouteTable(default_policy=DefaultPolicy.ALLOW))
     await mesh.put_routes(open_table | {"destinations": {"payments": {
         "subsets": {"v1": {"version": "v1", "failover": ["v2"]},
@@ -110,7 +116,7 @@ async def test_killed_apps_cost_no_request(
                    "outlier_detection": {"consecutive_5xx": 5, "base_ejection_time": "30s"}},
     }}})
     for node, version in VERSIONS.items():
-        port = apps[node].port  # type: ignore[attr-defined]
+        port = apps[node].port
         await start_daemon(nursery, _host(mesh, node, [{
             "name": "payments", "port": port, "address": HOSTS[node], "version": version,
             "health": {"http": "/healthz", "interval": "200ms"}}]))
@@ -138,10 +144,10 @@ async def test_killed_apps_cost_no_request(
         traffic.start_soon(load.run, 6.0)
         await trio.sleep(1.0)
         load.phase = "b1 killed"  # v1 in host-a's zone: b2 (v1, the other zone) remains
-        apps["b1"].kill()
+        apps["b1"].proc.kill()  # SIGKILL
         await trio.sleep(2.5)
         load.phase = "v1 killed"  # the whole of v1: v2 takes over, as declared
-        apps["b2"].kill()
+        apps["b2"].proc.kill()
 
     report = {phase: load.tally(phase)[:2] for phase in ("before", "b1 killed", "v1 killed")}
     print(f"failed/total per phase at {RATE} req/s: "

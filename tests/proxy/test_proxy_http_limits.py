@@ -5,7 +5,6 @@ head limits (431) and deadline (408), body limit (413), hop-by-hop headers, requ
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import logging
 import re

@@ -20,10 +20,10 @@ from meshd.proxy.core.attempt import (
     holds,
     next_step,
     outlier_outcome,
+    peer_failure,
     pooled_dead,
     reusable,
     stale,
-    peer_failure,
 )
 from meshd.proxy.core.http1 import ProtocolError
 from meshd.proxy.core.outlier import Failure, Outcome
