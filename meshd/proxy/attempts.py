@@ -14,9 +14,10 @@ an answer worth relaying, else meshd's own answer. The trio shell of ``core.atte
         the circuit breaker), 502 (a reset or garbage after the request went out) or 504
         (timeouts), each with ``x-meshd-error`` (a code) and ``x-meshd-reason`` (words)
 
-Outbound, a route without declared retries still retries what never reached an app
-(``core.retry.IMPLICIT_RETRIES``), including a peer meshd's 503 saying its app refused the
-connection (held back like a retried 5xx, and told to outlier detection as a connect failure);
+Outbound, what never reached an app is retried on up to 2 endpoints not tried yet, whatever the
+route declares (``core.retry``), including a peer meshd's 503 saying its app refused the
+connection (held back like a retried 5xx, and told to outlier detection as a connect failure;
+its 502 ``app-reset`` counts as a reset);
 each try goes to the first tier of the plan (subset, failover subsets, locality) with an
 endpoint not ejected and not yet tried (``core.router.usable``). Inbound drops
 ``x-meshd-error`` and ``x-meshd-reason`` from its app's responses: only meshd says them.
