@@ -15,7 +15,8 @@ Tiers, highest priority first:
     failover[1]   ── ...                       ┘   host does NOT share with this host)
 
 A try takes the first tier with an endpoint that is neither ejected nor tried by this request;
-failing that, one not ejected (tried again); failing that, ejection is ignored (panic). So a
+failing that (a retry that has tried every admitted endpoint), one it has not tried though
+ejected; then one not ejected (tried again); failing that, ejection is ignored (panic). So a
 subset whose endpoints are all unhealthy or ejected fails over to the next subset in its
 declared order, a zone without a healthy endpoint to the other zones, and a retry that has
 tried every endpoint of its subset moves on into the failover subsets.
@@ -166,22 +167,26 @@ def usable(found: Sequence[Tier], ejected: Collection[Hashable], avoid: Collecti
            ) -> tuple[Tier | None, tuple[Endpoint, ...], bool]:
     """The tier a try goes to and the endpoints of it the balancer picks from (by
     ``Endpoint.key``: ``ejected`` by outlier detection, ``avoid`` already tried by this
-    request), and whether it is a panic (every endpoint ejected: ejection ignored). The first
-    tier with an endpoint neither ejected nor tried; else the first with one not ejected;
-    else the first tier, ejection ignored (untried endpoints preferred)."""
+    request), and whether it is a panic (ejection ignored). In order: the first tier with an
+    endpoint neither ejected nor tried; for a retry, the first with one not tried, ejected or
+    not (an ejection is an older guess than the failure this request just met), then the
+    first with one not ejected (tried again); else the first tier, ejection ignored."""
     for tier in found:
         pool = tuple(e for e in tier.endpoints if e.key not in ejected and e.key not in avoid)
         if pool:
             return tier, pool, False
     if avoid:
         for tier in found:
+            pool = tuple(e for e in tier.endpoints if e.key not in avoid)
+            if pool:
+                return tier, pool, True
+        for tier in found:
             pool = tuple(e for e in tier.endpoints if e.key not in ejected)
             if pool:
                 return tier, pool, False
     if not found:
         return None, (), False
-    tier = found[0]
-    return tier, tuple(e for e in tier.endpoints if e.key not in avoid) or tier.endpoints, True
+    return found[0], found[0].endpoints, True
 
 
 def fresh_left(found: Sequence[Tier], ejected: Collection[Hashable],

@@ -218,3 +218,12 @@ def test_without_a_split_there_is_one_subset_and_locality_still_applies() -> Non
                  None, 0.0, (("zone", "z1"),)).tiers
     assert [(t.subset, t.rank, [e.node for e in t.endpoints]) for t in found] == [
         (None, 0, ["b"]), (None, 1, ["a"])]
+
+
+def test_a_retry_prefers_an_ejected_endpoint_to_one_that_just_failed_it() -> None:
+    """b is ejected (an older guess); a just failed this request: the retry tries b."""
+    found = plan(_view(_dest(("v1", 100)), _ep("a", "v1"), _ep("b", "v1")), "payments", None,
+                 0.0).tiers
+    assert _keys(*usable(found, {"b/payments-v1"})[:2]) == ("v1", ["a"])  # a first try
+    tier, pool, panic = usable(found, {"b/payments-v1"}, {"a/payments-v1"})
+    assert ([e.node for e in pool], panic) == (["b"], True)
