@@ -225,5 +225,5 @@ def test_a_retry_prefers_an_ejected_endpoint_to_one_that_just_failed_it() -> Non
     found = plan(_view(_dest(("v1", 100)), _ep("a", "v1"), _ep("b", "v1")), "payments", None,
                  0.0).tiers
     assert _keys(*usable(found, {"b/payments-v1"})[:2]) == ("v1", ["a"])  # a first try
-    tier, pool, panic = usable(found, {"b/payments-v1"}, {"a/payments-v1"})
+    _tier, pool, panic = usable(found, {"b/payments-v1"}, {"a/payments-v1"})
     assert ([e.node for e in pool], panic) == (["b"], True)
