@@ -91,6 +91,10 @@ class Metrics:
         self.retries = Counter(
             "meshd_retries", "outbound requests tried again, by what the failed try got",
             ["destination", "reason"], registry=r)
+        self.failovers = Counter(
+            "meshd_failovers", "outbound requests served by a failover subset of the one drawn "
+            "(it had no healthy, admitted endpoint left)", ["destination", "subset", "to"],
+            registry=r)
         self.retry_budget_exhausted = Counter(
             "meshd_retry_budget_exhausted",
             "retries not made because the destination's retry budget was spent",

@@ -2,11 +2,11 @@
 ``meshd status`` read it. Pure: built from values, so its shape is tested without a daemon.
 
 Shape (stable keys; a later console issue may add, never rename):
-    node, address, trust_domain, version, ready, uptime_seconds, generation,
+    node, address, trust_domain, version, ready, uptime_seconds, generation, labels{},
     services[]      {name, version, protocol, address, port, health, health_output, mtls}
     upstreams[]     {service, destination, local_address, local_port}
     destinations{}  name -> {index, age_seconds, endpoints[] {node, instance_id, address, port,
-                             version, healthy, and from this host's proxy: ejected,
+                             version, healthy, labels{}, and from this host's proxy: ejected,
                              ejection_remaining_seconds, ejections, ejection_reason,
                              active_requests}}
     routes          the route table in force (canonical form, as stored in the registry)
@@ -103,6 +103,7 @@ def build_state(
             "endpoints": [
                 {"node": e.node, "instance_id": e.instance_id, "address": e.address,
                  "port": e.port, "version": e.version, "healthy": e.healthy,
+                 "labels": dict(e.labels),
                  **{k: v for k, v in proxy_view.get((name, e.node, e.instance_id), {}).items()
                     if k not in ("node", "instance_id")}}
                 for e in eps.endpoints
@@ -124,6 +125,7 @@ def build_state(
         "ready": state.ready,
         "uptime_seconds": round(now_wall - state.started_at, 3),
         "generation": view.generation,
+        "labels": dict(config.labels),
         "inbound": {"address": config.address, "port": config.inbound_port},
         "services": services,
         "upstreams": [

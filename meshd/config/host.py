@@ -27,6 +27,7 @@ from meshd.config.schema import (
     Protocol,
     Upstream,
 )
+from meshd.names import NAME_RULE, is_valid_name
 
 FINGERPRINT_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 _HOST_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -34,7 +35,7 @@ _HOST_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9]
 
 HOST_KEYS = {"node", "address", "trust_domain", "registry", "registry_token",
              "registry_token_file", "ca", "inbound", "admin", "outbound", "state_dir",
-             "services", "drain_timeout"}
+             "services", "drain_timeout", "labels"}
 
 
 def parse_host_config(data: Mapping[str, Any], file: str = "meshd.toml",
@@ -96,6 +97,7 @@ def parse_host_config(data: Mapping[str, Any], file: str = "meshd.toml",
                   "(e.g. a firewall admits only the local containers)")
 
     drain_timeout = r.duration(data, "drain_timeout", "", DEFAULT_DRAIN_TIMEOUT)
+    labels = _labels(r, data)
     state_dir_raw = r.get(data, "state_dir", "", str, "/var/lib/meshd")
     state_dir = (base / state_dir_raw) if isinstance(state_dir_raw, str) else Path(".")
 
@@ -127,6 +129,7 @@ def parse_host_config(data: Mapping[str, Any], file: str = "meshd.toml",
         drain_timeout=drain_timeout or DEFAULT_DRAIN_TIMEOUT,
         inbound_limits=inbound_limits, outbound_limits=outbound_limits,
         admin_limits=admin_limits, inbound_handshake_timeout=handshake_timeout,
+        labels=labels,
     )
 
 
@@ -155,6 +158,21 @@ def _count(r: Reader, table: Mapping[str, Any], key: str, path: str, default: An
         r.problem(f"{path}.{key}", f"expected a positive number of connections, got {value}")
         return default
     return value
+
+
+def _labels(r: Reader, data: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    """``labels = { zone = "eu-1" }``: names and values follow the mesh's name rule (they
+    travel in the registry's service ``Meta`` and are compared as they are)."""
+    table = r.get(data, "labels", "", dict, {}) or {}
+    out: list[tuple[str, str]] = []
+    for name, value in table.items():
+        if not is_valid_name(name):
+            r.problem(f"labels.{name}", f"invalid label name {name!r} ({NAME_RULE})")
+        elif not isinstance(value, str) or not is_valid_name(value):
+            r.problem(f"labels.{name}", f"invalid label value {value!r} ({NAME_RULE})")
+        else:
+            out.append((name, value))
+    return tuple(sorted(out))
 
 
 def _registry_url(r: Reader, raw: str | None) -> str:

@@ -24,13 +24,13 @@ from meshd.config.schema import (
     RouteMatch,
     StringMatch,
 )
-from meshd.names import is_valid_name
+from meshd.names import NAME_RULE, is_valid_name
 from meshd.patterns import PatternError, compile_pattern
 
 MATCH_KEYS = {"path", "method", "headers", "query"}
 POLICY_KEYS = {"load_balancer", "ring_hash", "connect_timeout", "max_connections",
                "max_pending_requests", "outlier_detection", "retry_budget",
-               "max_request_bytes", "idle_timeout"}
+               "max_request_bytes", "idle_timeout", "locality"}
 OUTLIER_KEYS = {"consecutive_5xx", "consecutive_connect_failures", "interval",
                 "base_ejection_time", "max_ejection_time", "max_ejection_percent"}
 BUDGET_KEYS = {"ratio", "min_retries_per_second"}
@@ -205,9 +205,32 @@ def parse_policy(r: Reader, raw: Mapping[str, Any], path: str) -> DestinationPol
     budget = _budget(r, table, ppath)
     max_request_bytes = get_integer(r, table, "max_request_bytes", ppath, 0, None, None)
     idle_timeout = r.duration(table, "idle_timeout", ppath, None)
+    locality = _locality(r, table, ppath)
     return DestinationPolicy(balancer or LoadBalancer.ROUND_ROBIN, hash_on, connect_timeout,
                              max_connections, max_pending, outlier, budget, max_request_bytes,
-                             idle_timeout)
+                             idle_timeout, locality)
+
+
+def _locality(r: Reader, raw: Mapping[str, Any], path: str) -> tuple[str, ...]:
+    """``locality = ["region", "zone"]``: host label names, most significant first."""
+    if "locality" not in raw:
+        return ()
+    listed = r.get(raw, "locality", path, list)
+    if listed is None:
+        return ()
+    lpath = f"{path}.locality"
+    if not listed:
+        r.problem(lpath, "empty: leave it out for no locality preference")
+    out: list[str] = []
+    for item in listed:
+        if not isinstance(item, str) or not is_valid_name(item):
+            r.problem(lpath, f"invalid label name {item!r} (a host label such as \"zone\": "
+                      f"{NAME_RULE})")
+        elif item in out:
+            r.problem(lpath, f"label {item!r} listed twice")
+        else:
+            out.append(item)
+    return tuple(out)
 
 
 def _hash_on(r: Reader, raw: Mapping[str, Any], path: str) -> HashOn | None:
@@ -431,4 +454,6 @@ def policy_data(policy: DestinationPolicy) -> dict[str, Any]:
         out["max_request_bytes"] = policy.max_request_bytes
     if policy.idle_timeout is not None:
         out["idle_timeout"] = policy.idle_timeout
+    if policy.locality:
+        out["locality"] = list(policy.locality)
     return out

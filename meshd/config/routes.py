@@ -99,11 +99,13 @@ def _parse_destination(
         if not isinstance(sub, dict):
             r.problem(spath, "expected a table like { version = \"v1\" }")
             continue
-        r.unknown_keys(sub, spath, {"version"})
+        r.unknown_keys(sub, spath, {"version", "failover"})
         version = r.name(sub, "version", spath)
+        failover = _failover_names(r, sub, spath, name)
         if version is not None:
-            subsets.append(Subset(name, version))
+            subsets.append(Subset(name, version, failover))
     known = {s.name for s in subsets}
+    _check_failover(r, subsets, path, known)
     split = _split(r, raw, path, known)
     timeout = r.duration(raw, "timeout", path, None)
     retries = _retries(r, raw, path)
@@ -132,6 +134,42 @@ def _parse_destination(
     return DestinationRoutes(service, tuple(subsets), split or (), timeout, tuple(routes),
                              retries, fault, mirror, policy or DestinationPolicy(),
                              authorization)
+
+
+def _failover_names(r: Reader, raw: Mapping[str, Any], path: str,
+                    subset: str) -> tuple[str, ...]:
+    """``failover = ["v2", ...]``: other subsets' names, in order (checked against the
+    declared subsets once all are read: ``_check_failover``)."""
+    if "failover" not in raw:
+        return ()
+    listed = r.get(raw, "failover", path, list)
+    if listed is None:
+        return ()
+    fpath = f"{path}.failover"
+    if not listed:
+        r.problem(fpath, "empty: leave it out for no failover")
+    out: list[str] = []
+    for item in listed:
+        if not isinstance(item, str):
+            r.problem(fpath, f"expected subset names, got {item!r}")
+        elif item == subset:
+            r.problem(fpath, f"subset {subset!r} cannot fail over to itself")
+        elif item in out:
+            r.problem(fpath, f"subset {item!r} listed twice")
+        else:
+            out.append(item)
+    return tuple(out)
+
+
+def _check_failover(r: Reader, subsets: list[Subset], path: str, known: set[str]) -> None:
+    """Every failover target is a declared subset. Two subsets may fail over to each other
+    (v1 -> v2 and v2 -> v1): only the chosen subset's own list is followed, never a target's,
+    so no chain can loop."""
+    for s in subsets:
+        for target in s.failover:
+            if target not in known:
+                r.problem(f"{path}.subsets.{s.name}.failover",
+                          f"unknown subset {target!r} (declared: {', '.join(sorted(known))})")
 
 
 def _split(r: Reader, raw: Mapping[str, Any], path: str,
@@ -275,7 +313,7 @@ def routes_to_data(table: RouteTable) -> dict[str, Any]:
     for d in table.destinations:
         entry: dict[str, Any] = {}
         if d.subsets:
-            entry["subsets"] = {s.name: {"version": s.version} for s in d.subsets}
+            entry["subsets"] = {s.name: _subset_data(s) for s in d.subsets}
         if d.split:
             entry["split"] = _split_data(d.split)
         if d.timeout is not None:
@@ -294,6 +332,13 @@ def routes_to_data(table: RouteTable) -> dict[str, Any]:
         data["default_policy"] = table.default_policy.value
     if table.cleared:
         data["clear"] = True
+    return data
+
+
+def _subset_data(subset: Subset) -> dict[str, Any]:
+    data: dict[str, Any] = {"version": subset.version}
+    if subset.failover:
+        data["failover"] = list(subset.failover)
     return data
 
 

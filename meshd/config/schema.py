@@ -129,6 +129,9 @@ class HostConfig:
     outbound_limits: ListenerLimits = DEFAULT_OUTBOUND_LIMITS
     admin_limits: ListenerLimits = DEFAULT_ADMIN_LIMITS
     inbound_handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    # the host's labels (``labels = { zone = "eu-1" }``), registered with its services: what
+    # a destination's ``locality`` priority compares between caller and endpoint
+    labels: tuple[tuple[str, str], ...] = ()
 
     def service(self, name: str) -> LocalService | None:
         return next((s for s in self.services if s.name == name), None)
@@ -140,10 +143,14 @@ class HostConfig:
 
 @dataclass(frozen=True)
 class Subset:
-    """A named slice of a service's instances, selected by the instance's version."""
+    """A named slice of a service's instances, selected by the instance's version.
+    ``failover``: the subsets (in order) that take its requests while it has no healthy,
+    admitted endpoint, and that a retry moves on to once every endpoint of it was tried. Not
+    transitive: only the chosen subset's own list is followed."""
 
     name: str
     version: str
+    failover: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -314,6 +321,10 @@ class DestinationPolicy:
     # HTTP: how long a pooled connection to an endpoint may sit unused (None: the pool's 30 s);
     # TCP: how long a proxied connection may carry no byte either way (None: 1 h, as Envoy).
     idle_timeout: float | None = None
+    # Locality priority: host label names, most significant first (``("region", "zone")``).
+    # Endpoints whose host shares the caller's values on more leading labels are used first;
+    # the others only while none of those is healthy and admitted. Empty: no preference.
+    locality: tuple[str, ...] = ()
 
 
 # -- inbound authorization -----------------------------------------------------------------------

@@ -68,7 +68,8 @@ def encode_endpoints(trust_domain: str, sets: Mapping[str, EndpointSet], saved_a
         "destinations": {
             name: {"index": eps.index, "endpoints": [
                 {"node": e.node, "instance_id": e.instance_id, "address": e.address,
-                 "port": e.port, "version": e.version, "healthy": e.healthy}
+                 "port": e.port, "version": e.version, "healthy": e.healthy,
+                 "labels": dict(e.labels)}
                 for e in eps.endpoints]}
             for name, eps in sorted(sets.items())
         },
@@ -104,9 +105,13 @@ def _endpoint(service: str, e: Mapping[str, Any]) -> Endpoint:
     port = e["port"]
     if not isinstance(port, int) or not 0 < port < 65536 or not isinstance(e["address"], str):
         raise ValueError(f"bad address or port in {e!r}")
+    labels = e.get("labels", {})  # (a file from before labels has none)
+    if not isinstance(labels, dict):
+        raise ValueError(f"bad labels in {e!r}")
     return Endpoint(service=service, instance_id=str(e["instance_id"]), node=str(e["node"]),
                     address=e["address"], port=port, version=str(e["version"]),
-                    healthy=bool(e["healthy"]))
+                    healthy=bool(e["healthy"]),
+                    labels=tuple(sorted((str(k), str(v)) for k, v in labels.items())))
 
 
 def endpoints_file(state_dir: Path) -> Path:

@@ -3,10 +3,12 @@
 out (``explain``), and its text (``render``).
 
 The route table and endpoints in force are run through the proxy's own pure decision functions
-(``matcher.explain_route`` / ``select_route``, ``router.candidates``, ``outlier.admitted``, the
-ring hash), so what is explained is what the proxy does: which route matched (each condition,
-passed or not), the split, and per subset the candidate endpoints with health, ejection and
-requests in flight. Ejection and load appear when the daemon reports them per endpoint
+(``matcher.explain_route`` / ``select_route``, ``router.tiers`` / ``usable``, the ring hash), so
+what is explained is what the proxy does: which route matched (each condition, passed or not),
+the split, and per subset the candidate endpoints with health, ejection and requests in flight;
+where a subset has no healthy, admitted endpoint, the failover subset that takes its requests;
+and, under a locality policy, which endpoints are near this host and preferred. Ejection and
+load appear when the daemon reports them per endpoint
 (``ejected``, ``ejection_remaining_seconds``, ``ejections``, ``ejection_reason``,
 ``active_requests``: ``Proxy.endpoint_states``).
 """
@@ -23,8 +25,8 @@ from meshd.config.schema import DEFAULT_MAX_PENDING, DestinationRoutes, LoadBala
 from meshd.explain.authz import AuthzCheck, check_authorization, choose_source, render_authz
 from meshd.proxy.core.balancer import PickInputs, RingHash
 from meshd.proxy.core.matcher import RequestFacts, RouteReport, explain_route, select_route
-from meshd.proxy.core.outlier import admitted
-from meshd.proxy.core.router import candidates, no_endpoint_reason
+from meshd.proxy.core.retry import IMPLICIT_RETRIES
+from meshd.proxy.core.router import Labels, Tier, no_endpoint_reason, tiers, usable
 from meshd.proxy.core.view import MeshView
 from meshd.registry.model import Endpoint, EndpointSet
 
@@ -46,10 +48,14 @@ class SubsetView:
     weight: int
     version: str
     endpoints: tuple[Candidate, ...]  # every known endpoint of the subset's version
-    usable: tuple[Endpoint, ...]  # what the balancer picks from
+    usable: tuple[Endpoint, ...]  # what the balancer picks from (maybe of a failover subset)
     panic: bool
     hashed_to: Endpoint | None
     why: str
+    failover: tuple[str, ...] = ()  # the subset's declared failover order
+    failover_to: str | None = None  # the failover subset taking its requests now
+    fallback: tuple[Candidate, ...] = ()  # that subset's endpoints
+    locality: str = ""  # which endpoints locality priority prefers, in words
 
 
 @dataclass(frozen=True)
@@ -87,10 +93,27 @@ def _endpoints(state: Mapping[str, Any], service: str) -> tuple[EndpointSet | No
     for e in raw.get("endpoints", []):
         endpoint = Endpoint(service, str(e.get("instance_id", "")), str(e.get("node", "")),
                             str(e.get("address", "")), int(e.get("port", 0)),
-                            str(e.get("version", "")), bool(e.get("healthy", False)))
+                            str(e.get("version", "")), bool(e.get("healthy", False)),
+                            _labels(e.get("labels")))
         endpoints.append(endpoint)
         extra[endpoint.key] = e
     return EndpointSet(service, tuple(endpoints), int(raw.get("index", 0)), 0.0), extra
+
+
+def _labels(raw: object) -> Labels:
+    if not isinstance(raw, Mapping):
+        return ()
+    return tuple(sorted((str(k), str(v)) for k, v in raw.items()))
+
+
+def _locality_text(keys: tuple[str, ...], here: Labels, tier: Tier) -> str:
+    """Which endpoints a locality policy sends requests to, in words."""
+    mine = ", ".join(f"{k}={v}" for k, v in here if k in keys) or "no locality labels"
+    shared = len(keys) - tier.rank
+    near = (f"same {keys[shared - 1]} as this host" if shared
+            else f"no {keys[0]} shared with this host")
+    return (f"locality on {', '.join(keys)} (this host: {mine}): requests go to the "
+            f"{len(tier.endpoints)} healthy endpoint(s) with the {near}")
 
 
 def _candidate(endpoint: Endpoint, extra: Mapping[str, Any]) -> Candidate:
@@ -131,30 +154,44 @@ def explain(state: Mapping[str, Any], service: str, facts: RequestFacts,
             notes.append("ring_hash on the client's address: each calling host sticks to "
                          "one endpoint (not known here)")
     ejected = {k for k, e in extra.items() if e.get("ejected")}
+    here = _labels(state.get("labels"))
+    keys = policy.locality if policy is not None else ()
+    every = endpoint_set.endpoints if endpoint_set else ()
     subsets = []
     for name, weight in legs or [(None, 100)]:
         version = ""
-        if name is not None and dest is not None:
-            declared = dest.subset(name)
+        declared = dest.subset(name) if name is not None and dest is not None else None
+        if name is not None:
             version = declared.version if declared else "?"
-        members = tuple(e for e in (endpoint_set.endpoints if endpoint_set else ())
-                        if name is None or e.version == version)
-        eligible = candidates(view, service, name)
-        usable, panic = admitted(eligible, ejected)
+        members = tuple(e for e in every if name is None or e.version == version)
+        tier, pool, panic = usable(tiers(view, service, name, here), ejected)
         hashed = None
-        if hash_key is not None and usable:
-            hashed = RingHash().pick(None, usable, PickInputs(lambda: 0.0, hash_key=hash_key))
-        if not eligible:
+        if hash_key is not None and pool:
+            hashed = RingHash().pick(None, pool, PickInputs(lambda: 0.0, hash_key=hash_key))
+        failover_to: str | None = None
+        fallback: tuple[Candidate, ...] = ()
+        if tier is None:
             why = no_endpoint_reason(view, service, name)
             if weight:
                 why += f": its {weight}% of requests get a 503"
+        elif tier.failover:
+            failover_to = tier.subset
+            target = dest.subset(tier.subset) if dest is not None and tier.subset else None
+            fallback = tuple(_candidate(e, extra.get(e.key, {})) for e in every
+                             if target is not None and e.version == target.version)
+            why = (f"no healthy, admitted endpoint: its requests fail over to subset "
+                   f"{tier.subset} (failover order: {', '.join(declared.failover)}), where "
+                   f"{len(pool)} endpoint(s) take them" if declared is not None else "")
         elif panic:
             why = "every candidate is ejected: requests ignore ejection (panic)"
         else:
-            why = f"{len(usable)} of {len(members)} endpoints take requests"
+            why = f"{len(pool)} of {len(members)} endpoints take requests"
+        locality = _locality_text(keys, here, tier) if keys and tier is not None else ""
         subsets.append(SubsetView(name, weight, version,
                                   tuple(_candidate(e, extra.get(e.key, {})) for e in members),
-                                  usable, panic, hashed, why))
+                                  pool, panic, hashed, why,
+                                  declared.failover if declared is not None else (),
+                                  failover_to, fallback, locality))
     if extra and not any("ejected" in e for e in extra.values()):
         notes.append("this meshd does not report ejection state or load per endpoint")
     caller, caller_note = choose_source(state, service, source)
@@ -172,6 +209,9 @@ def _route_summary(route: Route) -> list[str]:
     if r is not None:
         per_try = f", {r.per_try_timeout:g}s per try" if r.per_try_timeout else ""
         out.append(f"retries {r.attempts} on {', '.join(r.retry_on)}{per_try}")
+    else:
+        out.append(f"no retries declared: a request that never reached an app is tried on up "
+                   f"to {IMPLICIT_RETRIES.attempts} other endpoints")
     f = route.fault
     if f is not None:
         if f.delay is not None:
@@ -192,6 +232,8 @@ def _policy_summary(dest: DestinationRoutes) -> str:
         pending = p.max_pending_requests
         parts.append(f"max_connections {p.max_connections}, max_pending_requests "
                      f"{pending if pending is not None else f'{DEFAULT_MAX_PENDING} (default)'}")
+    if p.locality:
+        parts.append(f"locality on {', '.join(p.locality)}")
     o = p.outlier_detection
     if o is not None:
         parts.append(f"outlier detection: eject after {o.consecutive_5xx} 5xx or "
@@ -203,6 +245,28 @@ def _policy_summary(dest: DestinationRoutes) -> str:
 def _show_checks(report: RouteReport) -> list[str]:
     return [f"       {'ok  ' if c.passed else 'FAIL'} {c.condition} (got {c.actual})"
             for c in report.checks]
+
+
+def _endpoint_lines(s: SubsetView, endpoints: tuple[Candidate, ...]) -> list[str]:
+    usable = {e.key for e in s.usable}
+    out = []
+    for c in endpoints:
+        e = c.endpoint
+        health = "healthy" if e.healthy else "UNHEALTHY"
+        if c.ejected is None:
+            ejection = "ejection ?"
+        elif c.ejected:
+            ejection = (f"EJECTED {c.ejection_remaining:.1f}s left "
+                        f"({c.ejection_reason}, ejection {c.ejections})")
+        else:
+            ejection = "in service"
+        load = f"active {c.active}" if c.active is not None else "active ?"
+        mark = ">" if e.key in usable else " "
+        hashed = "  <- the ring hash picks this one" if s.hashed_to == e else ""
+        labels = "  " + ",".join(f"{k}={v}" for k, v in e.labels) if e.labels else ""
+        out.append(f"   {mark} {e.key}  {e.address}:{e.port}  {health}  {ejection}  "
+                   f"{load}{labels}{hashed}")
+    return out
 
 
 def render(found: Explanation) -> str:
@@ -235,23 +299,18 @@ def render(found: Explanation) -> str:
         title = "any healthy instance (no split)" if s.name is None else \
             f"subset {s.name} ({s.weight}%, version {s.version})"
         out.append(f"{title}: {s.why}")
-        usable = {e.key for e in s.usable}
-        for c in s.endpoints:
-            e = c.endpoint
-            health = "healthy" if e.healthy else "UNHEALTHY"
-            if c.ejected is None:
-                ejection = "ejection ?"
-            elif c.ejected:
-                ejection = (f"EJECTED {c.ejection_remaining:.1f}s left "
-                            f"({c.ejection_reason}, ejection {c.ejections})")
-            else:
-                ejection = "in service"
-            load = f"active {c.active}" if c.active is not None else "active ?"
-            mark = ">" if e.key in usable else " "
-            hashed = "  <- the ring hash picks this one" if s.hashed_to == e else ""
-            out.append(f"   {mark} {e.key}  {e.address}:{e.port}  {health}  {ejection}  "
-                       f"{load}{hashed}")
+        if s.failover and s.failover_to is None:
+            out.append(f"  fails over to {', '.join(s.failover)} (in that order) while it has "
+                       "no healthy, admitted endpoint, or once a retry has tried them all")
+        if s.locality and s.failover_to is None:
+            out.append(f"  {s.locality}")
+        out += _endpoint_lines(s, s.endpoints)
         if not s.endpoints:
             out.append("     (no endpoints)")
+        if s.failover_to is not None:
+            out.append(f"  failover subset {s.failover_to}:")
+            if s.locality:
+                out.append(f"  {s.locality}")
+            out += _endpoint_lines(s, s.fallback)
     out += render_authz(found.authz)
     return "\n".join(out) + "\n"

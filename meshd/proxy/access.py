@@ -50,6 +50,8 @@ class AccessEntry:
     endpoint: str = ""
     detail: str = ""  # why meshd answered itself, or what went wrong
     tries: int = 0
+    error: str = ""  # the x-meshd-error code of meshd's own answer
+    failover_from: str = ""  # the subset drawn, when another one (its failover) served
 
 
 class AccessLog:
@@ -76,10 +78,12 @@ def _text(raw: bytes, limit: int | None = None) -> str:
 def as_text(e: AccessEntry) -> str:
     tries = f" tries={e.tries}" if e.tries > 1 else ""
     detail = f" ({e.detail})" if e.detail else ""
+    extra = (f" error={e.error}" if e.error else "") + (
+        f" failover_from={e.failover_from}" if e.failover_from else "")
     return (f"{e.direction} {e.source} -> {e.destination} route={e.route or '-'} "
             f"subset={e.subset or '-'} endpoint={e.endpoint or '-'} {_text(e.method, 32)} "
             f"{_text(e.target, MAX_TARGET)} {e.status} {e.duration * 1000:.1f}ms "
-            f"id={e.request_id or '-'}{tries}{detail}")
+            f"id={e.request_id or '-'}{tries}{extra}{detail}")
 
 
 def as_json(e: AccessEntry) -> str:
@@ -88,5 +92,6 @@ def as_json(e: AccessEntry) -> str:
         "method": _text(e.method, 32), "target": _text(e.target, MAX_TARGET),
         "status": e.status, "duration_ms": round(e.duration * 1000, 3),
         "request_id": e.request_id, "route": e.route, "subset": e.subset,
-        "endpoint": e.endpoint, "tries": e.tries, "detail": e.detail,
+        "endpoint": e.endpoint, "tries": e.tries, "detail": e.detail, "error": e.error,
+        "failover_from": e.failover_from,
     }, separators=(",", ":"))

@@ -10,8 +10,17 @@ an answer worth relaying, else meshd's own answer. The trio shell of ``core.atte
                 → pooled connection → ``Exchange`` (a 5xx the route retries is held back)
                   (a pooled connection found stale: once more on a new one, same try)
                 → ``TryEnd`` → the outlier detector (outbound) → ``Step``: retry (+ budget)?
-      → ``Finish``: relayed, or meshd answers 502 (no connection, reset), 504 (timeouts) or
-        503 (circuit breaker, with ``x-meshd-reason``)
+      → ``Finish``: relayed, or meshd answers 503 (nothing reached an app: no connection,
+        the circuit breaker), 502 (a reset or garbage after the request went out) or 504
+        (timeouts), each with ``x-meshd-error`` (a code) and ``x-meshd-reason`` (words)
+
+Outbound, what never reached an app is retried on up to 2 endpoints not tried yet, whatever the
+route declares (``core.retry``), including a peer meshd's 503 saying its app refused the
+connection (held back like a retried 5xx, and told to outlier detection as a connect failure;
+its 502 ``app-reset`` counts as a reset);
+each try goes to the first tier of the plan (subset, failover subsets, locality) with an
+endpoint not ejected and not yet tried (``core.router.usable``). Inbound drops
+``x-meshd-error`` and ``x-meshd-reason`` from its app's responses: only meshd says them.
 
 Once a response starts towards the client it is relayed to the end (only the whole-request
 timeout still applies): nothing that reached the client is ever retried.
@@ -32,35 +41,42 @@ import trio
 from meshd.config.schema import RetryPolicy
 from meshd.metrics import Metrics
 from meshd.proxy.core.attempt import (
+    ERROR_HEADER,
+    REASON_HEADER,
     Finish,
     Step,
     TryEnd,
     classify,
     connect_failed,
+    error_code,
     finish,
     holds,
     next_step,
     outlier_outcome,
+    peer_failure,
 )
 from meshd.proxy.core.http1 import Framing, ProtocolError, RequestHead, ResponseHead
 from meshd.proxy.core.http1_write import simple_response
 from meshd.proxy.core.outlier import Failure, Outcome
-from meshd.proxy.core.retry import Body, retry_backoff
-from meshd.proxy.core.router import RoutePlan
+from meshd.proxy.core.retry import Body, retry_backoff, route_retries
+from meshd.proxy.core.router import RoutePlan, Tier
 from meshd.proxy.destinations import DestinationState
 from meshd.proxy.exchange import STREAM_ERRORS, BodySource, Exchange, RequestSource
-from meshd.proxy.forward import ClientConnection, answer_locally
+from meshd.proxy.forward import ClientConnection, answer_locally, discard_body
 from meshd.proxy.pool import ConnectFailed, ConnectionPool, Connector
 from meshd.proxy.replay import ReplayBody
 from meshd.registry.model import Endpoint, EndpointSet
 
 log = logging.getLogger(__name__)
 
-REASON_HEADER = b"x-meshd-reason"
+__all__ = ["ERROR_HEADER", "REASON_HEADER", "Attempts", "Destination", "Result"]
+# meshd's own headers: an app's response never carries them past its meshd
+OWN_HEADERS = (ERROR_HEADER, REASON_HEADER)
 
 # Members read on every request, as module names: in Python 3.11 reading one through its class
 # (``Step.FINISH``) costs about 0.1 µs, a module name a tenth of that.
 _STALE, _FINISH, _RELAYED = TryEnd.STALE, Step.FINISH, Finish.RELAYED
+_ANSWERED = TryEnd.ANSWERED
 _NO_BODY, _LOST, _NO_FRAMING = Body.NONE, Body.LOST, Framing.NONE
 
 
@@ -103,6 +119,7 @@ class Result:
     status: int
     keep: bool
     detail: str = ""
+    code: str = ""  # the ``x-meshd-error`` of meshd's own answer
 
 
 @dataclass(slots=True, kw_only=True, eq=False)
@@ -120,12 +137,14 @@ class Destination:
     metrics: Metrics
     hash_key: str | None = None
 
-    def pick(self, avoid: tuple[str, ...]) -> Endpoint:
-        plan = self.plan
-        endpoint = self.state.pick(plan.candidates, plan.subset, trio.current_time(), self.rand,
-                                   self.hash_key, avoid)
-        assert endpoint is not None  # the plan has candidates
-        return endpoint
+    def pick(self, avoid: tuple[str, ...]) -> tuple[Endpoint, Tier]:
+        picked = self.state.pick(self.plan.tiers, trio.current_time(), self.rand,
+                                 self.hash_key, avoid)
+        assert picked is not None  # the plan has candidates
+        return picked
+
+    def fresh_left(self, tried: tuple[str, ...]) -> bool:
+        return self.state.fresh_left(self.plan.tiers, trio.current_time(), tried)
 
     def spend(self) -> bool:
         """Take a retry from the budget; False (counted) when it is spent."""
@@ -135,8 +154,9 @@ class Destination:
         log.debug("%s: retry budget spent, not retrying", self.plan.destination)
         return False
 
-    def count_retry(self, outcome: Outcome, endpoint: Endpoint, retry: int) -> None:
-        reason = outcome.value if isinstance(outcome, Failure) else str(outcome)
+    def count_retry(self, outcome: Outcome, endpoint: Endpoint, retry: int,
+                    peer: str = "") -> None:
+        reason = peer or (outcome.value if isinstance(outcome, Failure) else str(outcome))
         self.metrics.retries.labels(self.plan.destination, reason).inc()
         log.debug("%s: retrying after %s from %s (retry %d)", self.plan.destination, reason,
                   endpoint.key, retry)
@@ -146,8 +166,9 @@ class Destination:
 class Attempts:
     """One request forwarded (the module doc). Inbound gives the local app's pool ``key`` and
     ``connect``; outbound its ``destination``. ``connect`` raises ``ConnectFailed``. ``body``
-    keeps the request body for retries (None: streamed only). After ``run``: ``tries`` made,
-    the last ``endpoint`` tried (outbound)."""
+    keeps the request body for retries (None: streamed only). ``drop_response``: header names
+    removed from the upstream's responses. After ``run``: ``tries`` made, the last
+    ``endpoint`` tried and its ``tier`` (outbound)."""
 
     request: RequestHead
     source: RequestSource
@@ -160,10 +181,14 @@ class Attempts:
     connect: Connector | None = None
     destination: Destination | None = None
     body: ReplayBody | None = None
+    drop_response: tuple[bytes, ...] = ()
     # what the tries came to, so far
     tries: int = field(default=0, init=False)
     retries_done: int = field(default=0, init=False)
     endpoint: Endpoint | None = field(default=None, init=False)  # of the latest try
+    tier: Tier | None = field(default=None, init=False)  # of the latest try
+    # latest try: what the peer meshd's answer says happened to its app (code, failure)
+    peer: tuple[str, Failure] | None = field(default=None, init=False)
     tried: tuple[str, ...] = field(default=(), init=False)  # failed: avoided by the next try
     exchange: Exchange | None = field(default=None, init=False)  # the latest one
     failure: ConnectFailed | None = field(default=None, init=False)  # the latest one
@@ -176,7 +201,8 @@ class Attempts:
     def __post_init__(self) -> None:
         dest = self.destination
         route = dest.plan.route if dest is not None else None
-        self.retries = route.retries if route is not None else None
+        self.retries = (route_retries(route.retries if route is not None else None)
+                        if dest is not None else None)
         self.method = (self.request.method.decode("ascii", "replace")
                        if self.retries is not None else "")
 
@@ -225,25 +251,30 @@ class Attempts:
         retry counted and, unless paid for already, taken from the budget)."""
         dest, endpoint, exchange = self.destination, self.endpoint, self.exchange
         outcome = outlier_outcome(
-            end, (exchange.held_status or exchange.status) if exchange is not None else 0)
+            end, (exchange.held_status or exchange.status) if exchange is not None else 0,
+            self.peer[1] if self.peer is not None else None)
         if dest is not None and outcome is not None and endpoint is not None:
             dest.state.record(endpoint, outcome, trio.current_time(), dest.endpoints)
         step = next_step(end, outcome, self.retries, self.retries_done, self.method,
-                         self.body_state())
+                         self.body_state(),
+                         fresh=end is not _ANSWERED and self._fresh())
         if step is _FINISH:
             return False
         assert dest is not None and endpoint is not None and outcome is not None
         if step is Step.RETRY and not dest.spend():
             return False
         self.retries_done += 1
-        dest.count_retry(outcome, endpoint, self.retries_done)
+        dest.count_retry(outcome, endpoint, self.retries_done,
+                         self.peer[0] if self.peer is not None else "")
         self.tried = (*self.tried, endpoint.key)
         return True
 
     async def _try_endpoint(self, dest: Destination) -> TryEnd:
         """One try of an outbound request: an endpoint of the destination, counted in flight
         while the try lasts."""
-        endpoint = self.endpoint = dest.pick(self.tried)
+        endpoint, self.tier = dest.pick(self.tried)
+        self.endpoint = endpoint
+        self.peer = None
         dest.state.begin(endpoint)
         try:
             return await self._connections(dest.pool_key(endpoint),
@@ -277,6 +308,7 @@ class Attempts:
                     keep_client=request.keep_alive and not self.conn.draining,
                     reused_upstream=lease.reused,
                     hold=self._hold if retries is not None else None, requests=source,
+                    drop_response=self.drop_response,
                     on_switch=(self._tunnelling if self.timeout is not None or per_try is not None
                                else None))
                 try:
@@ -298,10 +330,25 @@ class Attempts:
                            body=self.body_state())
         return end
 
+    def _fresh(self) -> bool:
+        """Whether an endpoint neither tried by this request nor ejected is left (what the
+        retries of a request that never reached an app go to)."""
+        dest, endpoint = self.destination, self.endpoint
+        if dest is None or endpoint is None:
+            return False
+        return dest.fresh_left((*self.tried, endpoint.key))
+
     def _hold(self, head: ResponseHead) -> bool:
         """Whether to hold back the response ``head`` starts and retry instead (paid for now:
-        once held, the response is gone)."""
-        if holds(self.retries, self.retries_done, head.status, self.method, self.body_state()):
+        once held, the response is gone). A peer meshd's "never reached its app" 503 is
+        noted (``peer``) for outlier detection either way."""
+        status = head.status
+        if status == 503 or status == 502:
+            self.peer = peer_failure(status, head.headers)
+        if status >= 400 and holds(self.retries, self.retries_done, status, self.method,
+                                   self.body_state(),
+                                   failure=self.peer[1] if self.peer is not None else None,
+                                   fresh=self._fresh()):
             assert self.destination is not None
             if self.destination.spend():
                 return True
@@ -317,15 +364,15 @@ class Attempts:
     async def _answer(self, how: Finish) -> Result:
         """The end of a request not simply relayed: answered here, or the client cut off."""
         exchange = self.exchange
-        headers = None
+        connect_reason = ""
         if how is Finish.REJECTED:
             assert self.destination is not None
             text = self.destination.state.rejection_reason()
-            headers = [(REASON_HEADER, text.encode("ascii", "replace"))]
         elif how is Finish.GATEWAY_TIMEOUT:
             text = f"upstream did not answer within {self.timeout:g}s"
         elif how is Finish.CONNECT_FAILED:
-            text = str(self.failure)
+            assert self.failure is not None
+            text, connect_reason = str(self.failure), self.failure.reason
         elif how is Finish.TRY_TIMEOUT:
             per_try = self.retries.per_try_timeout if self.retries is not None else None
             text = f"upstream did not answer within {per_try:g}s (per-try timeout)"
@@ -335,9 +382,18 @@ class Attempts:
         else:
             assert exchange is not None
             return await self._cut(how, exchange)
+        error = exchange.upstream_error if exchange is not None else None
+        code = error_code(how, connect_reason, app=self.destination is None,
+                          malformed=error is not None and error.malformed)
+        headers = [(ERROR_HEADER, code.encode("ascii")),
+                   (REASON_HEADER, text.encode("ascii", "replace"))]
+        if how is Finish.CONNECT_FAILED:
+            # Nothing went upstream: read a short body to its end, so the client's connection
+            # stays usable (and is not reset under our answer by unread bytes).
+            await discard_body(self.source, self.request)
         keep = await answer_locally(self.source, self.request, self.conn, how.status, text,
                                     headers)
-        return Result(how.status, keep, text)
+        return Result(how.status, keep, text, code)
 
     async def _cut(self, how: Finish, exchange: Exchange) -> Result:
         """The ends that close the client's connection."""

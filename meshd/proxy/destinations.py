@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,8 +23,9 @@ from meshd.config.schema import RetryBudget as RetryBudgetConfig
 from meshd.metrics import Metrics
 from meshd.proxy.core.balancer import Balancer, PickInputs, make_balancer
 from meshd.proxy.core.breaker import Admission, CircuitBreaker
-from meshd.proxy.core.outlier import Outcome, OutlierDetector, admitted
+from meshd.proxy.core.outlier import Outcome, OutlierDetector
 from meshd.proxy.core.retry import RetryBudget
+from meshd.proxy.core.router import Tier, fresh_left, usable
 from meshd.registry.model import Endpoint, EndpointSet
 
 log = logging.getLogger(__name__)
@@ -111,21 +112,25 @@ class DestinationState:
 
     # -- endpoints -----------------------------------------------------------------------------
 
-    def pick(self, candidates: tuple[Endpoint, ...], subset: str | None, now: float,
-             rand: Callable[[], float], hash_key: str | None = None,
-             avoid: Iterable[str] = ()) -> Endpoint | None:
-        """An endpoint for one try: not ejected (unless all are), preferably not one that
-        already failed this request, by the destination's balancer."""
-        pool, _panic = admitted(candidates, self.outlier.ejected(now))
-        key: tuple[str, ...] = (self.name, subset or "")
-        avoid = set(avoid)
-        if avoid:
-            others = tuple(e for e in pool if e.key not in avoid)
-            pool = others or pool
-            # Retries rotate on their own cursor, so the first tries keep an even rotation
-            # (a failing endpoint is not made everyone's first pick by the retries after it).
-            key = (*key, "retry")
-        return self.balancer.pick(key, pool, PickInputs(rand, self._load_of, hash_key))
+    def pick(self, found: Sequence[Tier], now: float, rand: Callable[[], float],
+             hash_key: str | None = None, avoid: Collection[str] = ()
+             ) -> tuple[Endpoint, Tier] | None:
+        """An endpoint for one try, and its tier: the first tier with an endpoint not ejected
+        and not yet tried by this request (``router.usable``), by the destination's
+        balancer."""
+        tier, pool, _panic = usable(found, self.outlier.ejected(now), avoid)
+        if tier is None:
+            return None
+        # Retries rotate on their own cursor, so the first tries keep an even rotation (a
+        # failing endpoint is not made everyone's first pick by the retries after it).
+        key = ((self.name, tier.subset or "", tier.rank, "retry") if avoid
+               else (self.name, tier.subset or "", tier.rank))
+        endpoint = self.balancer.pick(key, pool, PickInputs(rand, self._load_of, hash_key))
+        return (endpoint, tier) if endpoint is not None else None
+
+    def fresh_left(self, found: Sequence[Tier], now: float, avoid: Collection[str]) -> bool:
+        """Whether an endpoint neither ejected nor tried is left (``router.fresh_left``)."""
+        return fresh_left(found, self.outlier.ejected(now), avoid)
 
     def _load_of(self, endpoint: Endpoint) -> int:
         return self.in_flight.get(endpoint.key, 0)

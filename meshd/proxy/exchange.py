@@ -58,10 +58,12 @@ class UpstreamFailed(ProxyError):
     closed too); ``stale`` is that, for a request that can be sent again as it was (no body):
     safe to retry on a fresh connection."""
 
-    def __init__(self, message: str, stale: bool = False, pooled_dead: bool = False) -> None:
+    def __init__(self, message: str, stale: bool = False, pooled_dead: bool = False,
+                 malformed: bool = False) -> None:
         super().__init__(message)
         self.stale = stale
         self.pooled_dead = pooled_dead or stale
+        self.malformed = malformed  # it answered garbage rather than breaking off
 
 
 class RequestSource:
@@ -165,14 +167,16 @@ class Exchange:
 
     ``requests`` is the client connection's ``RequestSource`` when ``source`` is not (it holds
     the bytes a client sent after an upgrade request); ``on_switch`` is called when a 101 went
-    to the client, before the tunnel starts (request timeouts no longer apply)."""
+    to the client, before the tunnel starts (request timeouts no longer apply).
+    ``drop_response`` names headers removed from the response (inbound: meshd's own)."""
 
     def __init__(self, request: RequestHead, source: BodySource, client: trio.abc.Stream,
                  upstream: trio.abc.Stream, upstream_head: bytes, *, keep_client: bool,
                  reused_upstream: bool,
                  hold: Callable[[ResponseHead], bool] | None = None,
                  requests: RequestSource | None = None,
-                 on_switch: Callable[[], None] | None = None) -> None:
+                 on_switch: Callable[[], None] | None = None,
+                 drop_response: tuple[bytes, ...] = ()) -> None:
         self.request = request
         self.source = source
         self.client = client
@@ -184,6 +188,7 @@ class Exchange:
         self.requests = requests if requests is not None else (
             source if isinstance(source, RequestSource) else None)
         self.on_switch = on_switch
+        self.drop_response = drop_response  # header names (lower case) the client never sees
         self.switched = False  # a 101 went to the client: the connections became a tunnel
         self.reused_upstream = reused_upstream
         self.status = 0  # the status sent to the client, 0 until a response head went out
@@ -347,7 +352,8 @@ class Exchange:
         elif self.request.version != "1.1":
             connection = b"keep-alive"
         # A response without a body (HEAD, 204, 304) keeps the length the upstream announced.
-        headers = end_to_end(head.headers, keep_length=framing is Framing.NONE)
+        headers = end_to_end(head.headers, keep_length=framing is Framing.NONE,
+                             drop=self.drop_response)
         return serialize_response(head.status, head.reason, headers, framing,
                                   head.content_length, connection)
 
@@ -366,7 +372,8 @@ class Exchange:
                 raise UpstreamFailed(str(exc), stale=self._stale(),
                                      pooled_dead=self._pooled_dead()) from exc
             except ProtocolError as exc:
-                raise UpstreamFailed(f"malformed response from upstream: {exc}") from exc
+                raise UpstreamFailed(f"malformed response from upstream: {exc}",
+                                     malformed=True) from exc
         return self._pending.popleft()
 
     def _pooled_dead(self) -> bool:

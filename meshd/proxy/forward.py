@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import trio
 
 from meshd.proxy.core.http1 import (
+    Data,
     Header,
     ProtocolError,
     RequestHead,
@@ -64,6 +65,35 @@ async def answer_locally(source: RequestSource, request: RequestHead, conn: Clie
     except STREAM_ERRORS:
         return False
     return not close
+
+
+# What ``discard_body`` reads at most before giving up on keeping the connection.
+DISCARD_LIMIT = 64 * 1024
+DISCARD_TIMEOUT = 2.0
+
+
+async def discard_body(source: RequestSource, request: RequestHead,
+                       limit: int = DISCARD_LIMIT) -> None:
+    """Read what is left of ``request``'s body and throw it away, up to ``limit`` bytes and
+    ``DISCARD_TIMEOUT`` seconds, before meshd answers a request it could not forward: the connection
+    then stays usable, and the answer is not lost to a reset caused by unread bytes. A longer
+    or slower body is left (the answer then closes the connection)."""
+    source.take_empty_body()
+    if source.message_done or request.upgrade:
+        return
+    if request.content_length is not None and request.content_length > limit:
+        return
+    read = 0
+    with trio.move_on_after(DISCARD_TIMEOUT):
+        try:
+            while not source.message_done and read <= limit:
+                event = await source.next_event()
+                if event is None:
+                    return
+                if isinstance(event, Data):
+                    read += len(event.data)
+        except (ProtocolError, ClientGone):
+            return
 
 
 async def refuse_large_body(source: RequestSource, request: RequestHead, conn: ClientConnection,

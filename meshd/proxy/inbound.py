@@ -19,6 +19,12 @@ per request, so a changed rule applies to keep-alive connections already open); 
 gets a 403 and a log line naming the rule. A TCP connection is checked when it opens and again
 whenever the route table changes, and closed once no longer allowed. The same table's
 ``policy.max_request_bytes`` bounds request bodies (413).
+
+An app that cannot be connected to (refused, timed out) gets its caller a 503 with
+``x-meshd-error: app-connect-failed`` / ``app-connect-timeout``: the request never reached the
+app, and the caller's meshd retries it on another endpoint, whatever its method. The app's own
+responses lose any ``x-meshd-error``/``x-meshd-reason`` header on the way out, so that claim
+comes only from this meshd (and reaches the caller's meshd only over mTLS).
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from meshd.config.schema import HostConfig, LocalService, MTLSMode, Protocol
 from meshd.identity.tls import HandshakeRefused, TLSState
 from meshd.metrics import Metrics
 from meshd.proxy.access import AccessEntry, AccessLog
-from meshd.proxy.attempts import Attempts
+from meshd.proxy.attempts import OWN_HEADERS, Attempts
 from meshd.proxy.core.authz import DEFAULT_DENY, Caller, Verdict, authorize, normalize_path
 from meshd.proxy.core.http1 import ProtocolError, RequestHead
 from meshd.proxy.core.http1_write import upstream_request_head
@@ -235,9 +241,11 @@ class _HTTPService:
         head = upstream_request_head(
             request, forwarded_for=conn.peer, default_host=self.service.name,
             drop=(SOURCE_HEADER,), extra=self.extra, ids=ids)
-        # a route without retries, to the local app
+        # a route without retries, to the local app; meshd's own headers are meshd's: an app
+        # cannot claim it never saw a request (x-meshd-error: app-connect-*)
         result = await Attempts(request, source, conn, pool=ctx.app_pool, key=self.key,
-                                connect=self.connect, upstream_head=head, timeout=None).run()
+                                connect=self.connect, upstream_head=head, timeout=None,
+                                drop_response=OWN_HEADERS).run()
         if result.detail and result.status >= 500:
             log.warning("%s -> %s (local app): %d %s", self.source, self.service.name,
                         result.status, result.detail)

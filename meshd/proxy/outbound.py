@@ -26,15 +26,15 @@ from meshd.errors import IdentityError
 from meshd.identity.tls import HandshakeRefused, TLSState
 from meshd.metrics import Metrics
 from meshd.proxy.access import AccessEntry, AccessLog
-from meshd.proxy.attempts import REASON_HEADER, Attempts, Destination
-from meshd.proxy.core.attempt import LOCAL_CONNECT_FAILURES
+from meshd.proxy.attempts import ERROR_HEADER, REASON_HEADER, Attempts, Destination
+from meshd.proxy.core.attempt import FAULT_CODE, LOCAL_CONNECT_FAILURES, NO_ENDPOINT_CODE
 from meshd.proxy.core.fault import decide_fault, mirrored
 from meshd.proxy.core.http1 import ProtocolError, RequestHead
 from meshd.proxy.core.http1_write import upstream_request_head
 from meshd.proxy.core.matcher import RequestFacts
 from meshd.proxy.core.outlier import CONNECTED, Failure
-from meshd.proxy.core.retry import REPLAY_LIMIT, Body, retry_verdict
-from meshd.proxy.core.router import RoutePlan, candidates, no_endpoint_reason, plan
+from meshd.proxy.core.retry import REPLAY_LIMIT, Body, retry_verdict, route_retries
+from meshd.proxy.core.router import RoutePlan, Tier, candidates, no_endpoint_reason, plan
 from meshd.proxy.core.trace import RequestIdentity, identify
 from meshd.proxy.core.view import MeshView, ViewCell
 from meshd.proxy.destinations import Destinations, DestinationState
@@ -42,6 +42,7 @@ from meshd.proxy.exchange import RequestSource
 from meshd.proxy.forward import (
     ClientConnection,
     answer_locally,
+    discard_body,
     refuse_large_body,
     serve_requests,
 )
@@ -72,6 +73,7 @@ class OutboundContext:
     pool: ConnectionPool
     rand: Callable[[], float] = random.random
     connect_timeout: float = CONNECT_TIMEOUT
+    here: tuple[tuple[str, str], ...] = ()  # this host's labels, for locality priority
     access: AccessLog = field(default_factory=AccessLog)
     destinations: Destinations = field(init=False)
     mirror: Mirror = field(init=False)
@@ -128,7 +130,7 @@ class Outbound:
         facts = RequestFacts.from_head(request.method, request.target, request.headers,
                                        conn.peer)
         ids = identify(request.headers)
-        routed = plan(view, self.destination, facts, ctx.rand())
+        routed = plan(view, self.destination, facts, ctx.rand(), ctx.here)
         route = routed.route
         fault = decide_fault(route.fault if route is not None else None, ctx.rand)
         if not fault.none:
@@ -139,9 +141,12 @@ class Outbound:
         if not routed.candidates:
             reason = no_endpoint_reason(view, self.destination, routed.subset)
             log.warning("%s -> %s: %s", self.source, self.destination, reason)
+            await discard_body(source, request)
             keep = await answer_locally(source, request, conn, 503, reason,
-                                        [(REASON_HEADER, reason.encode("ascii", "replace"))])
-            self._record(request, routed, started, ids, status=503, detail=reason)
+                                        [(ERROR_HEADER, NO_ENDPOINT_CODE.encode("ascii")),
+                                         (REASON_HEADER, reason.encode("ascii", "replace"))])
+            self._record(request, routed, started, ids, status=503, detail=reason,
+                         error=NO_ENDPOINT_CODE)
             return keep
         limit = dest.policy.max_request_bytes if dest is not None else None
         refused = await refuse_large_body(source, request, conn, limit)
@@ -151,7 +156,10 @@ class Outbound:
             return refused
         state = ctx.destinations.get(self.destination, dest.policy if dest else None)
         mirror = self._mirror_subset(route)
-        keep_body = (route is not None and route.retries is not None) or mirror is not None
+        # kept for retries: a route's own, or (none declared) those of a request that never
+        # reached an app, which any method gets
+        retries = route_retries(route.retries if route is not None else None)
+        keep_body = retries.attempts > 0 or mirror is not None
         body = ReplayBody(source, request, REPLAY_LIMIT) if keep_body else None
         head = upstream_request_head(request, forwarded_for=conn.peer,
                                      default_host=self.destination, ids=ids)
@@ -163,8 +171,13 @@ class Outbound:
                             timeout=routed.timeout, destination=destination, body=body)
         result = await attempts.run()
         endpoint = attempts.endpoint
+        tier = attempts.tier
+        if tier is not None and tier.failover:
+            ctx.metrics.failovers.labels(self.destination, routed.subset or "",
+                                         tier.subset or "").inc()
         self._record(request, routed, started, ids, status=result.status, detail=result.detail,
-                     endpoint=endpoint, tries=attempts.tries)
+                     endpoint=endpoint, tries=attempts.tries, error=result.code,
+                     served_by=tier.subset if tier is not None else None)
         if result.detail and result.status >= 500:
             log.warning("%s -> %s (%s): %d %s", self.source, self.destination,
                         endpoint.key if endpoint else "-", result.status, result.detail)
@@ -186,8 +199,10 @@ class Outbound:
         m.faults_injected.labels(self.destination, routed.route_name, "abort").inc()
         text = f"fault injected by route {routed.route_name}"
         keep = await answer_locally(source, request, conn, abort, text,
-                                    [(REASON_HEADER, text.encode("ascii", "replace"))])
-        self._record(request, routed, started, ids, status=abort, detail=text)
+                                    [(ERROR_HEADER, FAULT_CODE.encode("ascii")),
+                                     (REASON_HEADER, text.encode("ascii", "replace"))])
+        self._record(request, routed, started, ids, status=abort, detail=text,
+                     error=FAULT_CODE)
         return keep
 
     def _hash_key(self, state: DestinationState, facts: RequestFacts,
@@ -219,11 +234,13 @@ class Outbound:
         if content is None:
             ctx.mirror.skip(self.destination, subset, "body_not_kept")
             return
-        endpoint = state.pick(candidates(view, self.destination, subset), subset,
-                              trio.current_time(), ctx.rand, self._hash_key(state, facts, conn))
-        if endpoint is None:
+        found = candidates(view, self.destination, subset)
+        picked = state.pick((Tier(subset, 0, found),) if found else (), trio.current_time(),
+                            ctx.rand, self._hash_key(state, facts, conn))
+        if picked is None:
             ctx.mirror.skip(self.destination, subset, "no_endpoint")
             return
+        endpoint = picked[0]
         head = upstream_request_head(request, forwarded_for=conn.peer,
                                      default_host=self.destination, drop=(MIRROR_HEADER[0],),
                                      extra=(MIRROR_HEADER,), ids=ids)
@@ -236,9 +253,13 @@ class Outbound:
 
     def _record(self, request: RequestHead, routed: RoutePlan, started: float,
                 ids: RequestIdentity, *, status: int, detail: str,
-                endpoint: Endpoint | None = None, tries: int = 0) -> None:
+                endpoint: Endpoint | None = None, tries: int = 0, error: str = "",
+                served_by: str | None = None) -> None:
+        """Metrics and the access log line of one request; ``served_by``: the subset of the
+        tier the last try went to (a failover subset, or the one drawn)."""
         m = self.ctx.metrics
-        subset = routed.subset or ""
+        drawn = routed.subset or ""
+        subset = served_by if served_by is not None else drawn
         elapsed = trio.current_time() - started
         m.request_done("outbound", self.source, self.destination, subset, status, elapsed)
         access = self.ctx.access
@@ -248,7 +269,7 @@ class Outbound:
                 method=request.method, target=request.target, status=status, duration=elapsed,
                 request_id=ids.request_id, route=routed.route_name, subset=subset,
                 endpoint=endpoint.key if endpoint is not None else "", detail=detail,
-                tries=tries))
+                tries=tries, error=error, failover_from=drawn if subset != drawn else ""))
 
     def _count_bad_request(self, exc: ProtocolError) -> None:
         self.ctx.metrics.requests.labels("outbound", self.source, self.destination, "",
@@ -284,11 +305,12 @@ class Outbound:
 
     async def _handle_tcp(self, stream: SocketConnection, conn: ClientConnection) -> None:
         """The default route's split, one endpoint for the connection (connect failures
-        retried on another one when the default route retries on connect-failure)."""
+        retried on another one: the default route's retries on connect-failure, or without
+        declared retries up to two other endpoints)."""
         ctx = self.ctx
         view = ctx.view.current
         dest = view.routes.get(self.destination)
-        routed = plan(view, self.destination, None, ctx.rand())
+        routed = plan(view, self.destination, None, ctx.rand(), ctx.here)
         if not routed.candidates:
             reason = no_endpoint_reason(view, self.destination, routed.subset)
             log.warning("%s -> %s (tcp) from %s: %s; closing", self.source, self.destination,
@@ -326,15 +348,15 @@ class Outbound:
                            conn: ClientConnection, view: MeshView
                            ) -> tuple[Endpoint, TLSStream] | None:
         ctx = self.ctx
-        retries = routed.route.retries if routed.route is not None else None
+        retries = route_retries(routed.route.retries if routed.route is not None else None)
         hash_key = conn.peer if state.policy.hash_on is not None else None
         tried: list[str] = []
         connect = self._connector(state)
         while True:
             now = trio.current_time()
-            endpoint = state.pick(routed.candidates, routed.subset, now, ctx.rand, hash_key,
-                                  tried)
-            assert endpoint is not None
+            picked = state.pick(routed.tiers, now, ctx.rand, hash_key, tried)
+            assert picked is not None
+            endpoint = picked[0]
             try:
                 upstream = await connect(endpoint)
             except ConnectFailed as exc:
@@ -344,7 +366,9 @@ class Outbound:
                 now = trio.current_time()
                 state.record(endpoint, Failure.CONNECT, now,
                              view.endpoint_set(self.destination))
-                verdict = retry_verdict(retries, len(tried), Failure.CONNECT, "", Body.NONE)
+                fresh = state.fresh_left(routed.tiers, now, (*tried, endpoint.key))
+                verdict = retry_verdict(retries, len(tried), Failure.CONNECT, "", Body.NONE,
+                                        fresh=fresh)
                 if not verdict.retry or not state.budget.try_spend(now):
                     return None
                 ctx.metrics.retries.labels(self.destination, Failure.CONNECT.value).inc()

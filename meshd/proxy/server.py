@@ -67,7 +67,7 @@ class Proxy:
         self.pool = ConnectionPool(idle_timeout=DEFAULT_IDLE_TIMEOUT)
         self.app_pool = ConnectionPool(idle_timeout=APP_IDLE_TIMEOUT)
         outbound_ctx = OutboundContext(view=view, tls=tls, metrics=metrics, pool=self.pool,
-                                       rand=rand)
+                                       rand=rand, here=config.labels)
         self._outbound = outbound_ctx
         access = AccessLog()
         outbound_ctx.access = access

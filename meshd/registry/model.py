@@ -11,6 +11,7 @@ from typing import Any
 
 VERSION_META = "version"
 NODE_META = "meshd-node"
+LABEL_META_PREFIX = "meshd-label-"  # a host label ``zone = "eu-1"`` is ``meshd-label-zone``
 PASSING = "passing"
 CRITICAL = "critical"
 
@@ -36,10 +37,14 @@ class Endpoint:
     port: int  # the host's meshd inbound port
     version: str
     healthy: bool = True
+    labels: tuple[tuple[str, str], ...] = ()  # its host's labels, sorted by name
 
     @property
     def key(self) -> str:
         return f"{self.node}/{self.instance_id}"
+
+    def label(self, name: str) -> str | None:
+        return next((v for k, v in self.labels if k == name), None)
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,14 @@ def _passing(checks: Iterable[Mapping[str, Any]]) -> bool:
     return all(c.get("Status") == "passing" for c in checks)
 
 
+def labels_from_meta(meta: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    """A host's labels from a service's ``Meta`` (``LABEL_META_PREFIX`` keys)."""
+    n = len(LABEL_META_PREFIX)
+    return tuple(sorted((str(k)[n:], str(v)) for k, v in meta.items()
+                        if isinstance(k, str) and k.startswith(LABEL_META_PREFIX)
+                        and len(k) > n and isinstance(v, str)))
+
+
 def endpoints_from_health_connect(
     service: str, entries: Iterable[Any]
 ) -> tuple[Endpoint, ...]:
@@ -116,5 +129,6 @@ def endpoints_from_health_connect(
             port=int(port),
             version=str(meta.get(VERSION_META) or ""),
             healthy=_passing(entry.get("Checks") or []),
+            labels=labels_from_meta(meta),
         ))
     return tuple(sorted(out))

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from meshd.config.schema import HostConfig, LocalService
-from meshd.registry.model import NODE_META, VERSION_META
+from meshd.registry.model import LABEL_META_PREFIX, NODE_META, VERSION_META
 
 CHECK_TTL_FACTOR = 3  # a TTL of three probe intervals tolerates one late report
 MIN_TTL = 3.0
@@ -39,7 +39,8 @@ def _ttl(svc: LocalService) -> str:
 
 def _meta(config: HostConfig, svc: LocalService) -> dict[str, str]:
     return {VERSION_META: svc.version, NODE_META: config.node,
-            "protocol": svc.protocol.value}
+            "protocol": svc.protocol.value,
+            **{f"{LABEL_META_PREFIX}{name}": value for name, value in config.labels}}
 
 
 def app_registration(

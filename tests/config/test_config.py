@@ -126,8 +126,8 @@ HOST_CASES = [
      "expected HOST:PORT with a port in 1-65535, got 'localhost'"),
     ("address", "host-a.local", "address", "'host-a.local' is not an IP address"),
     ("colour", "blue", "colour", "unknown key (expected one of: address, admin, ca, "
-     "drain_timeout, inbound, node, outbound, registry, registry_token, registry_token_file, "
-     "services, state_dir, trust_domain)"),
+     "drain_timeout, inbound, labels, node, outbound, registry, registry_token, "
+     "registry_token_file, services, state_dir, trust_domain)"),
     ("drain_timeout", "soon", "drain_timeout",
      "invalid duration 'soon' (use e.g. 500ms, 10s, 1m30s, 24h)"),
     ("drain_timeout", 0, "drain_timeout", "duration must be greater than zero"),
@@ -148,6 +148,19 @@ def test_host_config_problem_names_key_path_and_reason(
         parse_host_config(_with(HOST, path, value), "hosts/a.toml")
     rendered = [str(p) for p in info.value.problems]
     assert f"hosts/a.toml: {where}: {reason}" in rendered
+
+
+def test_host_labels_are_names_and_values() -> None:
+    config = parse_host_config(HOST | {"labels": {"zone": "eu-1", "region": "eu"}}, "a.toml")
+    assert config.labels == (("region", "eu"), ("zone", "eu-1"))
+    assert parse_host_config(HOST, "a.toml").labels == ()
+    with pytest.raises(ConfigError) as info:
+        parse_host_config(HOST | {"labels": {"Zone": "x", "rack": 7}}, "a.toml")
+    assert [str(p) for p in info.value.problems] == [
+        "a.toml: labels.Zone: invalid label name 'Zone' (use lowercase letters, digits and "
+        "'-' (max 63))",
+        "a.toml: labels.rack: invalid label value 7 (use lowercase letters, digits and '-' "
+        "(max 63))"]
 
 
 def test_admin_allowed_hosts_are_kept_in_lower_case() -> None:

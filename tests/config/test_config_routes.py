@@ -267,10 +267,16 @@ BALANCING = st.sampled_from([(b, None) for b in LoadBalancer if b is not LoadBal
                             + [(LoadBalancer.RING_HASH, HashOn("x-user")),
                                (LoadBalancer.RING_HASH, HashOn(None, True))])
 LIMITS = st.sampled_from([(None, None), (10, None), (10, 0), (1, 5000)])
+LOCALITY = st.sampled_from([(), ("zone",), ("region", "zone")])
 POLICIES = st.builds(
-    lambda balancing, limits, timeout, outlier, budget: DestinationPolicy(
-        balancing[0], balancing[1], timeout, limits[0], limits[1], outlier, budget),
-    BALANCING, LIMITS, st.none() | DURATIONS, OUTLIERS, BUDGETS)
+    lambda balancing, limits, timeout, outlier, budget, locality: DestinationPolicy(
+        balancing[0], balancing[1], timeout, limits[0], limits[1], outlier, budget,
+        locality=locality),
+    BALANCING, LIMITS, st.none() | DURATIONS, OUTLIERS, BUDGETS, LOCALITY)
+SUBSETS = st.sampled_from([
+    (Subset("v1", "v1"), Subset("v2", "v2"), Subset("v3", "v3")),
+    (Subset("v1", "v1", ("v2",)), Subset("v2", "v2", ("v1",)), Subset("v3", "v3", ("v2", "v1"))),
+])
 
 
 def _named(routes: tuple[Route, ...]) -> tuple[Route, ...]:
@@ -281,7 +287,7 @@ def _named(routes: tuple[Route, ...]) -> tuple[Route, ...]:
 
 DESTINATIONS = st.builds(
     DestinationRoutes, st.sampled_from(["payments", "cart", "ledger"]),
-    st.just((Subset("v1", "v1"), Subset("v2", "v2"), Subset("v3", "v3"))), SPLITS,
+    SUBSETS, SPLITS,
     st.none() | DURATIONS, ROUTES.map(_named), RETRIES, FAULTS, MIRRORS, POLICIES)
 
 
@@ -292,3 +298,48 @@ def test_canonical_form_round_trips(dests: list[DestinationRoutes]) -> None:
     data = routes_to_data(table)
     assert parse_routes(data) == table
     assert parse_routes(json.loads(json.dumps(data))) == table  # as stored in the KV
+
+
+# -- failover and locality ---------------------------------------------------------------------
+
+def _payments(**extra: Any) -> dict[str, Any]:
+    return {"destinations": {"payments": {
+        "subsets": {"v1": {"version": "v1", "failover": ["v2"]},
+                    "v2": {"version": "v2", "failover": ["v1"]}},
+        "split": {"v1": 100}, **extra}}}
+
+
+def test_subsets_fail_over_to_each_other_and_policy_declares_locality() -> None:
+    table = parse_routes(_payments(policy={"locality": ["region", "zone"]}))
+    dest = table.get("payments")
+    assert dest is not None
+    assert dest.subsets == (Subset("v1", "v1", ("v2",)), Subset("v2", "v2", ("v1",)))
+    assert dest.policy.locality == ("region", "zone")
+
+
+@pytest.mark.parametrize(("subsets", "policy", "where", "reason"), [
+    ({"v1": {"version": "v1", "failover": ["v9"]}}, {}, "subsets.v1.failover",
+     "unknown subset 'v9' (declared: v1)"),
+    ({"v1": {"version": "v1", "failover": ["v1"]}}, {}, "subsets.v1.failover",
+     "subset 'v1' cannot fail over to itself"),
+    ({"v1": {"version": "v1", "failover": []}}, {}, "subsets.v1.failover",
+     "empty: leave it out for no failover"),
+    ({"v1": {"version": "v1", "failover": "v2"}, "v2": {"version": "v2"}}, {},
+     "subsets.v1.failover", "expected an array, got str"),
+    ({"v1": {"version": "v1", "failover": ["v2", "v2"]}, "v2": {"version": "v2"}}, {},
+     "subsets.v1.failover", "subset 'v2' listed twice"),
+    ({"v1": {"version": "v1"}}, {"locality": []}, "policy.locality",
+     "empty: leave it out for no locality preference"),
+    ({"v1": {"version": "v1"}}, {"locality": ["Zone"]}, "policy.locality",
+     "invalid label name 'Zone' (a host label such as \"zone\": use lowercase letters, "
+     "digits and '-' (max 63))"),
+    ({"v1": {"version": "v1"}}, {"locality": ["zone", "zone"]}, "policy.locality",
+     "label 'zone' listed twice"),
+])
+def test_failover_and_locality_problems(subsets: dict[str, Any], policy: dict[str, Any],
+                                        where: str, reason: str) -> None:
+    data = {"destinations": {"payments": {"subsets": subsets, "policy": policy}}}
+    with pytest.raises(ConfigError) as info:
+        parse_routes(data, "routes.toml")
+    assert f"routes.toml: destinations.payments.{where}: {reason}" in \
+        [str(p) for p in info.value.problems]

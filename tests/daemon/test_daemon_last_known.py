@@ -377,7 +377,8 @@ def test_endpoints_file_round_trip_and_refusals() -> None:
     from meshd.daemon.last_known import LastKnownError, decode_endpoints, encode_endpoints
     from meshd.registry.model import Endpoint, EndpointSet
 
-    eps = (Endpoint("payments", "payments-host-b", "host-b", HOST_B, 20001, "v1", True),
+    eps = (Endpoint("payments", "payments-host-b", "host-b", HOST_B, 20001, "v1", True,
+                    (("region", "eu"), ("zone", "eu-1"))),
            Endpoint("payments", "payments-host-c", "host-c", "127.0.21.4", 20002, "v2", False))
     raw = encode_endpoints(TD, {"payments": EndpointSet("payments", eps, 42, 0.0)}, 1000.5)
     known = decode_endpoints(raw, TD)
@@ -385,7 +386,8 @@ def test_endpoints_file_round_trip_and_refusals() -> None:
     with pytest.raises(LastKnownError, match=r"trust domain 'lastknown\.mesh'"):
         decode_endpoints(raw, "other.mesh")
     for bad, reason in [(b"{", "not JSON"), (b"[]", "not a meshd-endpoints/1"),
-                        (raw.replace(b"20001", b"70000"), "bad address or port")]:
+                        (raw.replace(b"20001", b"70000"), "bad address or port"),
+                        (raw.replace(b'"labels": {}', b'"labels": []'), "bad labels")]:
         with pytest.raises(LastKnownError, match=reason):
             decode_endpoints(bad, TD)
 

@@ -221,7 +221,8 @@ async def test_outbound_refuses_a_server_with_another_services_identity(
     out_host, out_port = host.proxy.outbound_address("web", "payments")
     async with httpx.AsyncClient() as http:
         response = await http.get(f"http://{out_host}:{out_port}/")
-    assert response.status_code == 502
+    assert response.status_code == 503  # never reached an app
+    assert response.headers["x-meshd-error"] == "wrong-identity"
     assert refusals(host.metrics, "outbound", "wrong_identity") == 1
     assert f"upstream presented spiffe://{TD}/svc/evil, expected spiffe://{TD}/svc/payments" \
         in caplog.text

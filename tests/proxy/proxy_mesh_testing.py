@@ -9,6 +9,7 @@ of ``conftest.py``): a three-host mesh in one process, on real loopback sockets 
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -79,12 +80,12 @@ class Mesh:
 
 
 def make_host(ca: MiniCA, root: Path, node: str, services: list[LocalService],
-          view: ViewCell | None = None) -> Host:
+          view: ViewCell | None = None, labels: tuple[tuple[str, str], ...] = ()) -> Host:
     rand = random.Random(node).random  # replayable splits
     cert_dir = root / node / "certs"
     for svc in services:
         ca.write_identity(cert_dir, svc.name)
-    config = host_config(node, root / node, services)
+    config = dataclasses.replace(host_config(node, root / node, services), labels=labels)
     tls = TLSState(cert_dir, TD, [s.name for s in services])
     metrics = Metrics()
     return Host(Proxy(config, view or ViewCell(MeshView(routes=OPEN)), tls, metrics, rand=rand),
@@ -110,12 +111,13 @@ class Farm:
         host, port = self.a.proxy.outbound_address("web", upstream)
         return f"http://{host}:{port}"
 
-    def endpoint(self, name: str, port: int | None = None, version: str | None = None
-                 ) -> Endpoint:
+    def endpoint(self, name: str, port: int | None = None, version: str | None = None,
+                 healthy: bool = True, labels: tuple[tuple[str, str], ...] = ()) -> Endpoint:
         if version is None:
             version = self.apps[name].version if name in self.apps else "v1"
         return Endpoint("payments", f"payments-{name}", name, "127.0.0.1",
-                        port if port is not None else self.hosts[name].port, version)
+                        port if port is not None else self.hosts[name].port, version, healthy,
+                        labels)
 
     def set_endpoints(self, *endpoints: Endpoint, service: str = "payments") -> None:
         self.view.set_endpoints(EndpointSet(service, tuple(endpoints), 1, 0.0))

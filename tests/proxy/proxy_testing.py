@@ -174,6 +174,7 @@ class Backend:
     delay: float = 0.0
     hang: bool = False
     drop: bool = False
+    extra_headers: list[tuple[str, str]] = field(default_factory=list)  # on every answer
     seen: list[dict[str, Any]] = field(default_factory=list)  # every request's headers/body
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -261,6 +262,7 @@ class Backend:
         headers = [("content-type", "application/json"), ("content-length", str(len(body)))]
         if url.path == "/close":
             headers.append(("connection", "close"))
+        headers += self.extra_headers
         await send(h11.Response(status_code=self.status, headers=headers))
         if request.method != b"HEAD":
             await send(h11.Data(data=body))

@@ -381,3 +381,39 @@ async def test_explain_authorization_agrees_with_a_live_proxy(farm: Farm) -> Non
             assert (status == 403) is found.authz.denied is (not found.reaches_app), \
                 (method, target, status, render(found))
     assert farm.apps["b1"].requests + farm.apps["b2"].requests == 1  # only the GET got in
+
+
+FAILOVER_ROUTES = parse_routes({"destinations": {"payments": {
+    "subsets": {"v1": {"version": "v1", "failover": ["v2"]},
+                "v2": {"version": "v2", "failover": ["v1"]}},
+    "split": {"v1": 90, "v2": 10},
+    "policy": {"locality": ["zone"]},
+}}})
+
+
+def _zoned(node: str, version: str, zone: str, healthy: bool = True) -> dict[str, Any]:
+    return _endpoint(node, version, healthy, labels={"zone": zone}, **_live())
+
+
+def test_a_subset_without_healthy_endpoints_shows_its_failover_and_locality() -> None:
+    state = {"generation": 3, "labels": {"zone": "z1"}, "routes": routes_to_data(FAILOVER_ROUTES),
+             "destinations": {"payments": {"endpoints": [
+                 _zoned("b", "v1", "z1", healthy=False), _zoned("c", "v2", "z2"),
+                 _zoned("d", "v2", "z1")]}}}
+    found = explain(state, "payments", RequestFacts("POST", "/pay"))
+    v1, v2 = found.subsets
+    assert (v1.failover_to, [e.node for e in v1.usable]) == ("v2", ["d"])
+    assert (v2.failover_to, [e.node for e in v2.usable]) == (None, ["d"])
+    assert found.routable
+    text = render(found)
+    assert ("subset v1 (90%, version v1): no healthy, admitted endpoint: its requests fail "
+            "over to subset v2 (failover order: v2), where 1 endpoint(s) take them") in text
+    assert "  failover subset v2:\n" in text
+    assert "   > d/payments-v2  10.0.0.1:15001  healthy  in service  active 0  zone=z1" in text
+    assert ("  locality on zone (this host: zone=z1): requests go to the 1 healthy "
+            "endpoint(s) with the same zone as this host") in text
+    assert ("  fails over to v1 (in that order) while it has no healthy, admitted endpoint, "
+            "or once a retry has tried them all") in text
+    assert "no retries declared: a request that never reached an app is tried on up to 2 " \
+        "other endpoints" in text
+    assert "policy: round_robin; locality on zone" in text

@@ -4,6 +4,7 @@ head limits (431) and deadline (408), body limit (413), hop-by-hop headers, requ
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -415,7 +416,14 @@ def test_access_log_formats(caplog: pytest.LogCaptureFixture) -> None:
     assert json.loads(line) == {
         "direction": "outbound", "source": "web", "destination": "payments", "method": "GET",
         "target": "/x?y=1", "status": 200, "duration_ms": 12.3, "request_id": "id-1",
-        "route": "default", "subset": "v1", "endpoint": "b:1", "tries": 1, "detail": ""}
+        "route": "default", "subset": "v1", "endpoint": "b:1", "tries": 1, "detail": "",
+        "error": "", "failover_from": ""}
+    failed_over = dataclasses.replace(ENTRY, subset="v2", status=503, tries=3,
+                                      error="app-connect-failed", failover_from="v1")
+    AccessLog(AccessLogFormat.TEXT).record(failed_over)
+    assert caplog.records[-1].getMessage() == (
+        "outbound web -> payments route=default subset=v2 endpoint=b:1 GET /x?y=1 503 12.3ms "
+        "id=id-1 tries=3 error=app-connect-failed failover_from=v1")
     assert format_from_env({"MESHD_ACCESS_LOG": "JSON"}) is AccessLogFormat.JSON
     assert format_from_env({}) is AccessLogFormat.TEXT
     assert format_from_env({"MESHD_ACCESS_LOG": "off"}) is AccessLogFormat.OFF

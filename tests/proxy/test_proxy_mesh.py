@@ -160,7 +160,7 @@ async def test_no_endpoint_is_503_with_reason(mesh: Mesh) -> None:
                   destination="payments", subset="v1", code="503") == 1
 
 
-async def test_endpoint_down_is_502(mesh: Mesh) -> None:
+async def test_endpoint_down_is_503_with_its_code(mesh: Mesh) -> None:
     listener = trio.socket.socket()
     await listener.bind(("127.0.0.1", 0))
     dead_port = listener.getsockname()[1]
@@ -169,8 +169,10 @@ async def test_endpoint_down_is_502(mesh: Mesh) -> None:
     mesh.set_endpoints("payments", [mesh.endpoint("payments", mesh.b, "v1", port=dead_port)])
     async with httpx.AsyncClient(base_url=mesh.url()) as client:
         response = await client.get("/version")
-    assert response.status_code == 502
+    assert response.status_code == 503  # nothing reached an app
+    assert response.headers["x-meshd-error"] == "connect-failed"
     assert "cannot connect" in response.text
+    # no other endpoint to try: the implicit retries do not hammer the dead one
     assert sample(mesh.a.metrics, "meshd_connection_errors_total", direction="outbound",
                   reason="connect_failed") == 1
 
@@ -191,6 +193,7 @@ async def test_malformed_response_from_app_is_502(mesh: Mesh) -> None:
     async with httpx.AsyncClient(base_url=mesh.url("broken")) as client:
         response = await client.get("/")
     assert response.status_code == 502
+    assert response.headers["x-meshd-error"] == "app-bad-response"  # from b's meshd
     assert sample(mesh.b.metrics, "meshd_requests_total", direction="inbound", source="web",
                   destination="broken", subset="", code="502") == 1
 

@@ -143,7 +143,7 @@ async def test_stale_pooled_connection_is_retried_on_a_new_one() -> None:
     assert answer.startswith(b"HTTP/1.1 200 OK") and answer.endswith(b"ok")
 
 
-async def test_connect_failure_is_a_502_and_keeps_the_client() -> None:
+async def test_connect_failure_is_a_503_and_keeps_the_client() -> None:
     async def refuse() -> trio.abc.HalfCloseableStream:
         raise ConnectFailed("connect_failed", "cannot connect to 10.0.0.1:15001: refused")
 
@@ -155,8 +155,10 @@ async def test_connect_failure_is_a_502_and_keeps_the_client() -> None:
     result = await Attempts(head, source, ClientConnection("test"),
                             pool=ConnectionPool(), key="k", connect=refuse,
                             upstream_head=b"", timeout=None).run()
-    assert (result.status, result.keep) == (502, True)
-    assert (await client_theirs.receive_some()).startswith(b"HTTP/1.1 502 Bad Gateway")
+    assert (result.status, result.keep, result.code) == (503, True, "connect-failed")
+    answer = await client_theirs.receive_some()
+    assert answer.startswith(b"HTTP/1.1 503 Service Unavailable")
+    assert b"x-meshd-error: connect-failed\r\n" in answer
 
 
 async def test_early_response_leaves_neither_connection_reusable() -> None:

@@ -123,7 +123,8 @@ async def test_outbound_refuses_server_with_wrong_identity(
     mesh.set_endpoints("payments", [mesh.endpoint("payments", mesh.b, "v1", port=port)])
     async with httpx.AsyncClient(base_url=mesh.url()) as client:
         response = await client.get("/version")
-    assert response.status_code == 502
+    assert response.status_code == 503  # never reached an app
+    assert response.headers["x-meshd-error"] == "wrong-identity"
     assert "spiffe://mesh.test/svc/evil" in response.text
     assert sample(mesh.a.metrics, "meshd_connection_errors_total", direction="outbound",
                   reason="wrong_identity") == 1

@@ -102,3 +102,20 @@ def test_registration_follows_the_sidecar_convention(tmp_path: Path) -> None:
     assert proxy["Proxy"]["DestinationServiceName"] == "payments"
     assert proxy["Proxy"]["LocalServicePort"] == 9001
     assert proxy["Address"] == "127.0.0.3"
+
+
+def test_host_labels_travel_in_meta_to_the_endpoints(tmp_path: Path) -> None:
+    config = parse_host_config({
+        "node": "host-b", "address": "127.0.0.3", "trust_domain": "shop.mesh",
+        "ca": {"url": "https://127.0.0.1:8443", "fingerprint": "sha256:" + "0" * 64,
+               "token_file": "t"},
+        "labels": {"zone": "eu-1", "region": "eu"},
+        "services": [{"name": "payments", "port": 9001}],
+    }, "m.toml", tmp_path)
+    proxy = registration.proxy_registration(config, config.services[0], "passing")
+    assert proxy["Meta"]["meshd-label-zone"] == "eu-1"
+    entry = _entry("host-b", "127.0.0.3", "v1")
+    entry["Service"]["Meta"] = proxy["Meta"] | {"meshd-label-": "x", "meshd-label-odd": 3}
+    (endpoint,) = endpoints_from_health_connect("payments", [entry])
+    assert endpoint.labels == (("region", "eu"), ("zone", "eu-1"))
+    assert endpoint.label("zone") == "eu-1" and endpoint.label("rack") is None

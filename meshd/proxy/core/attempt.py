@@ -25,6 +25,19 @@ RESET            the upstream failed before a response       reset              
 Inbound is a route without retries: it holds no response back, and every end but ``STALE``
 finishes its request.
 
+meshd's own answers (``Finish`` with a status) carry ``x-meshd-error``, a short code saying
+what failed (``error_code``), and ``x-meshd-reason`` in words. 503 means nothing reached an app
+(no connection to the peer meshd, the peer meshd could not connect to its app, no healthy
+endpoint, the circuit breaker); 502 an upstream that failed or answered garbage after the
+request went out; 504 a timeout of a started request.
+
+The peer meshd is transparent to the caller's decisions (``peer_failure``): its 503
+``app-connect-*`` counts as a connect failure (never reached an app: retried on another
+endpoint for any method) and its 502 ``app-reset`` (the app's connection broke before a
+response head: it may have seen the request) as a reset, for retries and outlier detection
+alike. These codes are trusted only from a peer meshd: the inbound side drops the header from
+its app's responses, so an app cannot claim it never saw a request.
+
 What to retry is ``meshd.proxy.core.retry``'s (``retry_verdict``); the retry budget is spent by
 the shell after a ``RETRY`` step (a ``HELD`` response was paid for when it was held). Whether a
 connection is stale, dead with its idle siblings, or reusable after an exchange is decided
@@ -33,6 +46,7 @@ here too (``stale``, ``pooled_dead``, ``reusable``), from what the exchange saw.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from enum import Enum
 from typing import Protocol
 
@@ -43,6 +57,14 @@ from meshd.proxy.core.retry import Body, condition_met, retry_verdict
 
 # Failed connects that are our own doing (no certificate yet): not the endpoint's fault.
 LOCAL_CONNECT_FAILURES = frozenset({"no_identity"})
+
+ERROR_HEADER = b"x-meshd-error"  # on meshd's own answers: what failed, as a short code
+REASON_HEADER = b"x-meshd-reason"  # ... and why, in words
+# the inbound side's codes for what happened to its app, with the status they come as and
+# what they count as at the caller
+PEER_FAILURES = {b"app-connect-failed": (503, Failure.CONNECT),
+                 b"app-connect-timeout": (503, Failure.CONNECT),
+                 b"app-reset": (502, Failure.RESET)}
 
 
 class TryEnd(Enum):
@@ -75,7 +97,7 @@ class Finish(Enum):
     REJECTED = ("rejected", 503)  # the circuit breaker: 503 with ``x-meshd-reason``
     GATEWAY_TIMEOUT = ("gateway-timeout", 504)  # the request timeout, no response started
     CUT_OFF = ("cut-off", 0)  # the request timeout while relaying: the client is cut off
-    CONNECT_FAILED = ("connect-failed", 502)  # the last try got no connection
+    CONNECT_FAILED = ("connect-failed", 503)  # the last try got no connection
     TRY_TIMEOUT = ("try-timeout", 504)  # the last try's per-try timeout
     BAD_REQUEST = ("bad-request", 0)  # a malformed body, no response started: its 4xx, closed
     CLIENT_GONE = ("client-gone", 0)  # the client left mid-exchange: nothing to answer
@@ -85,6 +107,42 @@ class Finish(Enum):
     @property
     def status(self) -> int:
         return self.value[1]
+
+
+def error_code(how: Finish, connect_reason: str = "", *, app: bool = False,
+               malformed: bool = False) -> str:
+    """The ``x-meshd-error`` code of meshd's own answer ``how`` (``connect_reason``: the
+    connect failure's label, for ``CONNECT_FAILED``: ``connect-timeout``,
+    ``app-connect-failed``, ``wrong-identity``, ...). ``BAD_GATEWAY``: ``app``, the upstream
+    is the local app (inbound); ``malformed``, it answered garbage rather than breaking off."""
+    if how is Finish.CONNECT_FAILED:
+        return connect_reason.replace("_", "-") or "connect-failed"
+    if how is Finish.BAD_GATEWAY:
+        what = "bad-response" if malformed else "reset"
+        return f"app-{what}" if app else f"upstream-{what}"
+    return _CODES[how]
+
+
+_CODES = {Finish.REJECTED: "circuit-open", Finish.GATEWAY_TIMEOUT: "timeout",
+          Finish.TRY_TIMEOUT: "per-try-timeout"}
+NO_ENDPOINT_CODE = "no-healthy-endpoint"
+FAULT_CODE = "fault-injected"
+
+
+def peer_failure(status: int, headers: Iterable[tuple[bytes, bytes]]
+                 ) -> tuple[str, Failure] | None:
+    """What a peer meshd's answer says happened to its app (module doc): its code and the
+    failure it counts as; None for any other response (an app's own, or meshd's about
+    something else)."""
+    if status != 503 and status != 502:
+        return None
+    for name, value in headers:
+        if name.lower() == ERROR_HEADER:
+            found = PEER_FAILURES.get(value.strip())
+            if found is None or found[0] != status:
+                return None
+            return value.strip().decode("ascii"), found[1]
+    return None
 
 
 # Members as module names, for what the functions below check or return on every request: in
@@ -190,35 +248,43 @@ _OUTLIER_FAILURES: dict[TryEnd, Failure | None] = {
 }
 
 
-def outlier_outcome(end: TryEnd, status: int) -> Outcome | None:
+def outlier_outcome(end: TryEnd, status: int, failure: Failure | None = None
+                    ) -> Outcome | None:
     """What the outlier detector is told of a try (``status``: of the response answered or
-    held), None when the try says nothing about the endpoint."""
+    held; ``failure``: what a peer meshd's answer says happened to its app, counted as that
+    endpoint's), None when the try says nothing about the endpoint."""
     if end is _ANSWERED or end is _HELD:
-        return status
+        return failure if failure is not None else status
     return _OUTLIER_FAILURES[end]
 
 
 def holds(policy: RetryPolicy | None, retries_done: int, status: int, method: str,
-          body: Body) -> bool:
+          body: Body, *, failure: Failure | None = None, fresh: bool = True) -> bool:
     """Whether to hold back a final response with ``status`` and retry instead, budget aside
-    (the shell spends it at once: once held, the response is gone)."""
-    if policy is None or status < 400 or not condition_met(status, policy.retry_on):
+    (the shell spends it at once: once held, the response is gone). ``failure``: what the
+    answer counts as (``peer_failure``); ``fresh``: as ``retry_verdict``'s."""
+    if policy is None or status < 400:
         return False
-    return retry_verdict(policy, retries_done, status, method, body).retry
+    if failure is None and not condition_met(status, policy.retry_on):
+        return False
+    outcome = failure if failure is not None else status
+    return retry_verdict(policy, retries_done, outcome, method, body, status=status,
+                         fresh=fresh).retry
 
 
 def next_step(end: TryEnd, outcome: Outcome | None, policy: RetryPolicy | None,
-              retries_done: int, method: str, body: Body) -> Step:
+              retries_done: int, method: str, body: Body, *, fresh: bool = True) -> Step:
     """What follows a try that ended in ``end`` (``outcome``: its ``outlier_outcome``) after
     ``retries_done`` retries, on a route whose retries are ``policy`` (None: it has none, as
-    inbound). Never ``STALE``: such a try goes on, on a new connection."""
+    inbound; ``fresh``: an endpoint not tried yet is left). Never ``STALE``: such a try goes
+    on, on a new connection."""
     if end is _HELD:
         return _RETRY_PAID
     if end is _STALE:
         raise AssertionError("a stale connection does not end a try")
     if policy is None or outcome is None or end is _ANSWERED or end is _BROKE_OFF:
         return _FINISH
-    if retry_verdict(policy, retries_done, outcome, method, body).retry:
+    if retry_verdict(policy, retries_done, outcome, method, body, fresh=fresh).retry:
         return _RETRY
     return _FINISH
 
@@ -237,6 +303,11 @@ def finish(end: TryEnd | None, exchange: ExchangeReport | None, *, rejected: boo
         started = exchange is not None and exchange.response_started
         return Finish.CUT_OFF if started else Finish.GATEWAY_TIMEOUT
     if end is _CONNECT_FAILED or end is _NOT_CONNECTED:
+        if exchange is not None and not exchange.held_status:
+            # The request went out on a connection that then failed (a pooled one found dead,
+            # or an earlier try's reset) before the new connection failed: it may have
+            # reached an app, so this is no "never reached" 503.
+            return Finish.BAD_GATEWAY
         return Finish.CONNECT_FAILED
     if end is _TIMED_OUT:
         return Finish.TRY_TIMEOUT

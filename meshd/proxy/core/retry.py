@@ -20,6 +20,16 @@ Whether a failed try is tried again (``retry_verdict``) depends on four things, 
    connect failure is always safe, as nothing reached a server;
 4. the destination's retry budget has a retry to spare.
 
+A request that never reached an app — no connection to the peer meshd, or the peer meshd's
+answer that it could not connect to its app (a 503 with ``x-meshd-error: app-connect-*``, a
+connect failure for every decision here: ``core.attempt.peer_failure``) — is tried again on up to
+``IMPLICIT_RETRIES.attempts`` (2) endpoints it has not tried yet (``fresh``), whatever the route
+declares: on a route without retries (``route_retries``: ``IMPLICIT_RETRIES``, Istio's default
+of 2 retries on connect failures), and as a floor under declared ones (which keep their meaning
+for everything else, and may add retries on top; ``attempts = 0`` turns even these off). Such a
+retry is safe for any method — nothing reached an app — as long as the body is still held; it
+spends the retry budget like any retry.
+
 The budget (``RetryBudget``) is Finagle's and Linkerd's: over a sliding 10 s window, retries may
 reach ``ratio`` times the requests plus ``min_retries_per_second`` times the window. When a
 destination fails as a whole, retries then add at most ``ratio`` to its load instead of
@@ -83,15 +93,32 @@ class Verdict:
     reason: str  # why not, in words (empty when retrying)
 
 
+# What a route without declared retries retries: only what never reached an app.
+IMPLICIT_RETRIES = RetryPolicy(2, None, ("connect-failure",))
+
+
+def route_retries(declared: RetryPolicy | None) -> RetryPolicy:
+    """The retries an outbound request gets: the route's, else ``IMPLICIT_RETRIES``."""
+    return declared if declared is not None else IMPLICIT_RETRIES
+
+
 def retry_verdict(policy: RetryPolicy | None, retries_done: int, outcome: Outcome,
-                  method: str, body: Body) -> Verdict:
-    """Whether to retry after ``outcome``, budget aside (the caller spends it last)."""
+                  method: str, body: Body, *, status: int = 0, fresh: bool = True) -> Verdict:
+    """Whether to retry after ``outcome``, budget aside (the caller spends it last).
+    ``status``: the answer a failure came as (a peer meshd's 503 for its app's connect
+    failure: ``retry_on = ["503"]`` matches it too); ``fresh``: an endpoint not yet tried
+    (and not ejected) is left."""
     if policy is None or policy.attempts == 0:
         return Verdict(False, "no retries on this route")
-    if retries_done >= policy.attempts:
-        return Verdict(False, f"{policy.attempts} retries done")
-    if not condition_met(outcome, policy.retry_on):
-        return Verdict(False, f"{outcome} is not in retry_on")
+    never = outcome is Failure.CONNECT
+    if not (never and fresh and retries_done < IMPLICIT_RETRIES.attempts):  # not the floor
+        if retries_done >= policy.attempts:
+            return Verdict(False, f"{policy.attempts} retries done")
+        if not (condition_met(outcome, policy.retry_on)
+                or (status and condition_met(status, policy.retry_on))):
+            return Verdict(False, f"{outcome} is not in retry_on")
+        if policy is IMPLICIT_RETRIES and not fresh:
+            return Verdict(False, "no endpoint left that was not tried")
     if not safe_to_repeat(method, body, outcome):
         why = ("its body was not kept" if body is Body.LOST
                else f"{method} without a held body is not safe to repeat")

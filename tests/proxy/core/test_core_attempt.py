@@ -15,17 +15,19 @@ from meshd.proxy.core.attempt import (
     classify,
     conclusion,
     connect_failed,
+    error_code,
     finish,
     holds,
     next_step,
     outlier_outcome,
+    peer_failure,
     pooled_dead,
     reusable,
     stale,
 )
 from meshd.proxy.core.http1 import ProtocolError
 from meshd.proxy.core.outlier import Failure, Outcome
-from meshd.proxy.core.retry import Body
+from meshd.proxy.core.retry import IMPLICIT_RETRIES, Body, route_retries
 
 
 @dataclass(frozen=True)
@@ -195,7 +197,10 @@ def test_inbound_every_try_is_the_last(end: TryEnd) -> None:
     (TryEnd.CONNECT_FAILED, 0, GATEWAY, 0, "POST", Body.LOST, Step.FINISH),  # body gone
     (TryEnd.CONNECT_FAILED, 0, GATEWAY, 0, "POST", Body.NONE, Step.RETRY),  # nothing sent
     (TryEnd.CONNECT_FAILED, 0, GATEWAY, 2, "GET", Body.NONE, Step.FINISH),  # none left
-    (TryEnd.CONNECT_FAILED, 0, ON_503, 0, "GET", Body.NONE, Step.FINISH),  # not retried on
+    # never reached an app: retried (to an untried endpoint) whatever retry_on says
+    (TryEnd.CONNECT_FAILED, 0, ON_503, 0, "POST", Body.HELD, Step.RETRY),
+    (TryEnd.CONNECT_FAILED, 0, ON_503, 1, "GET", Body.NONE, Step.RETRY),  # the floor: 2
+    (TryEnd.CONNECT_FAILED, 0, ON_503, 2, "GET", Body.NONE, Step.FINISH),
     (TryEnd.CONNECT_FAILED, 0, OFF, 0, "GET", Body.NONE, Step.FINISH),
     (TryEnd.RESET, 0, GATEWAY, 1, "GET", Body.NONE, Step.RETRY),
     (TryEnd.RESET, 0, GATEWAY, 0, "POST", Body.NONE, Step.FINISH),
@@ -242,7 +247,9 @@ def test_stale_connection_retried_once_then_the_request_finishes() -> None:
     (TryEnd.CONNECT_FAILED, None, False, False, Finish.CONNECT_FAILED),
     (TryEnd.NOT_CONNECTED, None, False, False, Finish.CONNECT_FAILED),
     (TryEnd.CONNECT_FAILED, Report(upstream_error=STALE), False, False,
-     Finish.CONNECT_FAILED),  # stale, then no new connection
+     Finish.BAD_GATEWAY),  # stale, then no new connection: the request may have arrived
+    (TryEnd.CONNECT_FAILED, Report(held_status=503), False, False,
+     Finish.CONNECT_FAILED),  # an answer held back, then no connection: no app reached
     (TryEnd.TIMED_OUT, None, False, False, Finish.TRY_TIMEOUT),
     (TryEnd.TIMED_OUT, Report(), False, False, Finish.TRY_TIMEOUT),
     (TryEnd.ANSWERED, Report(response_started=True), False, False, Finish.RELAYED),
@@ -274,9 +281,103 @@ def test_conclusion(report: Report, expected: Finish) -> None:
 
 @pytest.mark.parametrize(("how", "status"), [
     (Finish.REJECTED, 503), (Finish.GATEWAY_TIMEOUT, 504), (Finish.TRY_TIMEOUT, 504),
-    (Finish.CONNECT_FAILED, 502), (Finish.BAD_GATEWAY, 502),
+    (Finish.CONNECT_FAILED, 503), (Finish.BAD_GATEWAY, 502),
     (Finish.RELAYED, 0), (Finish.CUT_OFF, 0), (Finish.BAD_REQUEST, 0),
     (Finish.CLIENT_GONE, 0), (Finish.BROKE_OFF, 0),
 ])
 def test_what_meshd_answers_itself(how: Finish, status: int) -> None:
     assert how.status == status
+
+
+# -- what never reached an app -----------------------------------------------------------------
+
+UNREACHED_503 = [(b"Content-Length", b"0"), (b"X-Meshd-Error", b"app-connect-failed")]
+
+
+@pytest.mark.parametrize(("status", "headers", "found"), [
+    (503, UNREACHED_503, ("app-connect-failed", Failure.CONNECT)),
+    (503, [(b"x-meshd-error", b" app-connect-timeout ")], ("app-connect-timeout",
+                                                          Failure.CONNECT)),
+    (502, [(b"x-meshd-error", b"app-reset")], ("app-reset", Failure.RESET)),
+    (503, [(b"x-meshd-error", b"connect-failed")], None),  # the peer's own upstream: not ours
+    (503, [(b"x-meshd-error", b"circuit-open")], None),
+    (502, UNREACHED_503, None),  # each code comes with its own status
+    (503, [(b"x-meshd-error", b"app-reset")], None),
+    (502, [(b"x-meshd-error", b"app-bad-response")], None),  # garbage: not a reset
+    (503, [], None),
+])
+def test_peer_failure(status: int, headers: list[tuple[bytes, bytes]],
+                      found: tuple[str, Failure] | None) -> None:
+    assert peer_failure(status, headers) == found
+
+
+@pytest.mark.parametrize(("policy", "done", "method", "body", "fresh", "expected"), [
+    (IMPLICIT_RETRIES, 0, "POST", Body.HELD, True, True),  # any method: it never arrived
+    (IMPLICIT_RETRIES, 1, "POST", Body.NONE, True, True),
+    (IMPLICIT_RETRIES, 2, "GET", Body.NONE, True, False),  # two retries at most
+    (IMPLICIT_RETRIES, 0, "GET", Body.NONE, False, False),  # no endpoint left to try
+    (IMPLICIT_RETRIES, 0, "POST", Body.LOST, True, False),  # its body is gone
+    (ON_503, 0, "POST", Body.HELD, True, True),
+    (RetryPolicy(1, None, ("5xx",)), 1, "POST", Body.HELD, True, True),  # declared: a floor
+    (RetryPolicy(5, None, ("5xx",)), 3, "GET", Body.NONE, False, True),  # declared: more
+    (OFF, 0, "GET", Body.NONE, True, False),  # attempts = 0 turns even these off
+    (None, 0, "GET", Body.NONE, True, False),  # inbound
+])
+def test_a_peer_meshd_that_never_reached_its_app_is_held_and_retried(
+        policy: RetryPolicy | None, done: int, method: str, body: Body, fresh: bool,
+        expected: bool) -> None:
+    assert holds(policy, done, 503, method, body, failure=Failure.CONNECT,
+                 fresh=fresh) is expected
+    # ... and told to outlier detection as a connect failure of that endpoint, held or not
+    for end in (TryEnd.HELD, TryEnd.ANSWERED):
+        assert outlier_outcome(end, 503, Failure.CONNECT) is Failure.CONNECT
+
+
+@pytest.mark.parametrize(("policy", "method", "body", "expected"), [
+    (RetryPolicy(1, None, ("reset",)), "GET", Body.NONE, True),
+    (RetryPolicy(1, None, ("reset",)), "POST", Body.NONE, False),  # it may have arrived
+    (RetryPolicy(1, None, ("502",)), "GET", Body.NONE, True),
+    (RetryPolicy(1, None, ("503",)), "GET", Body.NONE, False),
+    (IMPLICIT_RETRIES, "GET", Body.NONE, False),  # no floor: it may have reached the app
+])
+def test_an_app_reset_behind_the_peer_counts_as_a_reset(
+        policy: RetryPolicy, method: str, body: Body, expected: bool) -> None:
+    assert holds(policy, 0, 502, method, body, failure=Failure.RESET) is expected
+    assert outlier_outcome(TryEnd.ANSWERED, 502, Failure.RESET) is Failure.RESET
+
+
+def test_an_app_503_is_not_retried_by_the_implicit_policy() -> None:
+    assert not holds(IMPLICIT_RETRIES, 0, 503, "GET", Body.NONE)
+    assert next_step(TryEnd.RESET, Failure.RESET, IMPLICIT_RETRIES, 0, "GET",
+                     Body.NONE) is Step.FINISH  # a reset may have reached the app
+    assert next_step(TryEnd.CONNECT_FAILED, Failure.CONNECT, IMPLICIT_RETRIES, 0, "POST",
+                     Body.HELD) is Step.RETRY
+    assert next_step(TryEnd.CONNECT_FAILED, Failure.CONNECT, IMPLICIT_RETRIES, 0, "POST",
+                     Body.HELD, fresh=False) is Step.FINISH
+
+
+def test_route_retries_default_to_the_implicit_policy() -> None:
+    assert route_retries(None) is IMPLICIT_RETRIES
+    assert route_retries(ON_503) is ON_503
+    assert IMPLICIT_RETRIES.attempts == 2 and IMPLICIT_RETRIES.retry_on == ("connect-failure",)
+
+
+@pytest.mark.parametrize(("how", "reason", "status", "code"), [
+    (Finish.CONNECT_FAILED, "connect_timeout", 503, "connect-timeout"),
+    (Finish.CONNECT_FAILED, "connect_failed", 503, "connect-failed"),
+    (Finish.CONNECT_FAILED, "app_connect_failed", 503, "app-connect-failed"),
+    (Finish.CONNECT_FAILED, "wrong_identity", 503, "wrong-identity"),
+    (Finish.REJECTED, "", 503, "circuit-open"),
+    (Finish.BAD_GATEWAY, "", 502, "upstream-reset"),
+    (Finish.GATEWAY_TIMEOUT, "", 504, "timeout"),
+    (Finish.TRY_TIMEOUT, "", 504, "per-try-timeout"),
+])
+def test_meshd_answers_carry_a_status_and_a_code(how: Finish, reason: str, status: int,
+                                                  code: str) -> None:
+    assert (how.status, error_code(how, reason)) == (status, code)
+
+
+def test_a_bad_gateway_says_whose_and_what() -> None:
+    assert error_code(Finish.BAD_GATEWAY, app=True) == "app-reset"
+    assert error_code(Finish.BAD_GATEWAY, app=True, malformed=True) == "app-bad-response"
+    assert error_code(Finish.BAD_GATEWAY, malformed=True) == "upstream-bad-response"
