@@ -3,12 +3,16 @@
 The main screen has four views (topology, services, hosts, events) in tabs, a status line and an
 events pane when the terminal is tall enough. A worker refreshes the model from the data source
 every ``interval`` seconds; the source bounds each read with a timeout, so the UI never waits on
-the network. Service detail and the split editor are screens pushed on top."""
+the network. Service detail and the split editor are screens pushed on top; the worker refreshes
+one only once it is mounted (it shows the model itself when it mounts), and nothing once the
+console is closing. Each view's refresh is contained: a bug in one is logged (the events view,
+Textual's log) and shown (a notification, the status line) while the console carries on."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,7 +34,7 @@ from tui.split import editable_destinations
 from tui.widgets import (
     EventsPane,
     EventsTable,
-    HostsTable,
+    HostsView,
     ServiceChosen,
     ServicesTable,
     SplitRequested,
@@ -77,6 +81,8 @@ class MeshConsole(App[None]):
         self._poll = poll
         self._wake = asyncio.Event()
         self.refreshes = 0  # completed refreshes (tests wait on it)
+        self.view_errors = 0  # view refreshes that raised (contained, logged, shown)
+        self._last_view_error = ""
 
     # -- layout --------------------------------------------------------------------------------
 
@@ -88,7 +94,7 @@ class MeshConsole(App[None]):
             with TabPane("2 Services", id="services"):
                 yield ServicesTable(id="services-table")
             with TabPane("3 Hosts", id="hosts"):
-                yield HostsTable(id="hosts-table")
+                yield HostsView(id="hosts-view")
             with TabPane("4 Events", id="events"):
                 yield EventsTable(id="events-table")
         yield EventsPane(id="events-pane")
@@ -115,14 +121,12 @@ class MeshConsole(App[None]):
 
     @work(exclusive=True, group="poll")
     async def poll_loop(self) -> None:
-        while True:
+        while self.is_running:
             started = time.monotonic()
             try:
-                observation = await self.source.poll()
+                self.model.ingest(await self.source.poll())
             except Exception as exc:  # a bug in a source must not take the console down
                 self.model.note(self.clock(), "console", "error", f"refresh failed: {exc!r}")
-            else:
-                self.model.ingest(observation)
             self.refreshes += 1
             self.refresh_views()
             self._wake.clear()
@@ -133,26 +137,56 @@ class MeshConsole(App[None]):
                 pass
 
     def refresh_views(self) -> None:
-        """Show the model: on the main screen, or on whichever screen is on top."""
-        if len(self.screen_stack) > 1:
-            update = getattr(self.screen, "model_updated", None)
-            if update is not None:
-                update()
+        """Show the model: on the main screen, or on whichever screen is on top (once it is
+        mounted: until then it has nothing to show it in, and it shows the model itself when
+        it mounts). Nothing while the console closes: its screens are being taken down."""
+        if not self.is_running:
             return
-        self.query_one("#status", Static).update(self.status_text())
+        if len(self.screen_stack) > 1:
+            screen = self.screen
+            update = getattr(screen, "model_updated", None)
+            if update is not None and screen.is_mounted:
+                self.contained(type(screen).__name__, update)
+            return
+        self.contained("status line", lambda: self.query_one("#status", Static).update(
+            self.status_text()))
         now = self.clock()
         active = self.query_one(TabbedContent).active
         if active == "topology":
-            self.query_one(TopologyPane).show(self.model, self.filter_text)
+            self.contained("topology view", lambda: self.query_one(TopologyPane).show(
+                self.model, self.filter_text))
         elif active == "services":
-            self.query_one(ServicesTable).show(self.model, self.filter_text)
+            self.contained("services view", lambda: self.query_one(ServicesTable).show(
+                self.model, self.filter_text))
         elif active == "hosts":
-            self.query_one(HostsTable).show(self.model, self.filter_text, now)
+            self.contained("hosts view", lambda: self.query_one(HostsView).show(
+                self.model, self.filter_text, now))
         elif active == "events":
-            self.query_one(EventsTable).show(self.model, self.filter_text, self.clock_format)
+            self.contained("events view", lambda: self.query_one(EventsTable).show(
+                self.model, self.filter_text, self.clock_format))
         if self.screen.has_class("tall"):
-            self.query_one(EventsPane).show(self.model, self.filter_text, self.clock_format,
-                                            EVENTS_PANE_LINES)
+            self.contained("events pane", lambda: self.query_one(EventsPane).show(
+                self.model, self.filter_text, self.clock_format, EVENTS_PANE_LINES))
+
+    def contained(self, what: str, show: Callable[[], object]) -> None:
+        """Run one view's refresh; if it raises (a bug), log it and show it, and carry on: the
+        other views, the keys and the next refresh still work."""
+        try:
+            show()
+        except Exception as exc:
+            self.view_failed(what, exc)
+
+    def view_failed(self, what: str, exc: Exception) -> None:
+        self.view_errors += 1
+        self.log.error(f"{what} failed to refresh:\n" + "".join(
+            traceback.format_exception(exc)))
+        message = f"{what} failed to refresh: {exc!r}"
+        if message == self._last_view_error:  # once per distinct failure, not every refresh
+            return
+        self._last_view_error = message
+        self.model.note(self.clock(), "console", "error", f"console bug: {message}")
+        self.notify(f"{message}\n(the console carries on; the events view has it)",
+                    title="console bug", severity="error", timeout=10)
 
     def status_text(self) -> Text:
         model, now = self.model, self.clock()
@@ -180,6 +214,9 @@ class MeshConsole(App[None]):
             text.append(f"  {self.clock_format(model.last_at)}", style="dim")
         if self.filter_text:
             text.append(f"  filter: {self.filter_text}", style="bold yellow")
+        if self.view_errors:
+            text.append(f"  {SYMBOL[Status.FAIL]} console bug: see events",
+                        style=STYLE[Status.FAIL])
         return text
 
     # -- actions -------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from tui.fmt import STYLE, SYMBOL, Status
 from tui.model import MeshModel
 from tui.topology import leg_parts
 from tui.views import Ejection, ServiceDetail, service_detail
-from tui.widgets import SplitRequested, fill_table
+from tui.widgets import ColumnsTable, SplitRequested, fill_table
 
 SPARK = 20
 HEALTH = {"passing": Status.OK, "warning": Status.WARN, "critical": Status.FAIL}
@@ -44,22 +44,17 @@ class ServiceScreen(Screen[None]):
         with VerticalScroll(id="detail"):
             yield Static(id="detail-title")
             yield Static("Instances", classes="section")
-            yield DataTable(id="instances", cursor_type="row")
+            yield ColumnsTable("subset", "version", "host", "address", "health", "ejected",
+                               "active", "rate", f"last {SPARK}s", id="instances")
             yield Static("Routes in force", classes="section")
             yield Static(id="routes")
-            yield DataTable(id="generations", cursor_type="row")
+            yield ColumnsTable("host", "generation", f"{self.service} split", "stored table",
+                               "refused", id="generations")
             yield Static("Certificates", classes="section")
-            yield DataTable(id="certs", cursor_type="row")
+            yield ColumnsTable("host", "serial", "not after", "expires in", id="certs")
         yield Footer()
 
     def on_mount(self) -> None:
-        self.query_one("#instances", DataTable).add_columns(
-            "subset", "version", "host", "address", "health", "ejected", "active", "rate",
-            f"last {SPARK}s")
-        self.query_one("#generations", DataTable).add_columns(
-            "host", "generation", f"{self.service} split", "stored table", "refused")
-        self.query_one("#certs", DataTable).add_columns("host", "serial", "not after",
-                                                       "expires in")
         self.model_updated()
         self.query_one("#instances", DataTable).focus()
 

@@ -22,7 +22,7 @@ from tui.events import split_text
 from tui.fmt import STYLE, SYMBOL, Status
 from tui.model import MeshModel
 from tui.split import SplitDraft, Validation
-from tui.views import propagation
+from tui.views import endpoints_status, propagation
 
 BODY_HEADER_LINES = 1  # lines above the first subset row in the editor body
 BAR = 16
@@ -51,8 +51,7 @@ def render_body(draft: SplitDraft, validation: Validation,
         if health is None:
             text.append(f"{'?':<10}", style=STYLE[Status.IDLE])
         else:
-            status = Status.OK if total and healthy == total else (
-                Status.FAIL if healthy == 0 else Status.WARN)
+            status = endpoints_status(healthy, total, draft.weights[name] > 0)
             dot = fmt.HEALTHY_DOT if status is Status.OK else SYMBOL[status]
             text.append(f"{dot} {healthy}/{total}".ljust(10), style=STYLE[status])
         stored = draft.stored.get(name) if draft.stored else None

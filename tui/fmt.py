@@ -116,6 +116,12 @@ def size(n: float | None) -> str:
     return f"{n:.0f}G"
 
 
+def clip(text: str, width: int) -> str:
+    """The first line of ``text``, cut to ``width`` characters with an ellipsis."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= width else line[:width - 1].rstrip() + "…"
+
+
 BLOCKS = "▁▂▃▄▅▆▇█"
 
 

@@ -45,7 +45,7 @@ HELP = [
         ("✘", "failing: no healthy endpoint, success < 90%, refused, unreachable"),
         ("⊘", "ejected endpoints (outlier detection)"),
         ("?", "stale: the meshd cannot be reached, last known data shown"),
-        ("·", "idle: no requests in the last 5 s"),
+        ("·", "idle: no requests in the last 5 s, or an empty 0 % subset"),
     ]),
 ]
 

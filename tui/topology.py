@@ -12,7 +12,7 @@ from rich.text import Text
 
 from tui import fmt
 from tui.fmt import STYLE, SYMBOL, Status
-from tui.views import EdgeView, LegView, NodeView
+from tui.views import EdgeView, LegView, NodeView, endpoints_status
 
 N, E, S, W = 1, 2, 4, 8
 LINES = {0: " ", N: "│", S: "│", N | S: "│", E: "─", W: "─", E | W: "─", N | E: "└",
@@ -52,20 +52,19 @@ def node_lines(node: NodeView) -> list[Text]:
                            (node.service, "bold"))]
     named = [s for s in node.subsets if s.name or s.version]
     if not named:
-        lines.append(_health(node.healthy, node.total, node.ejected, " inst"))
+        lines.append(_health(node.healthy, node.total, node.ejected, True, " inst"))
     for sub in named:
         weight = "   " + fmt.DASH if sub.weight is None else f"{sub.weight:3d}%"
         name = sub.name or f"({sub.version})"
-        lines.append(Text.assemble(f"{name:<4}{weight} ",
-                                   _health(sub.healthy, sub.total, sub.ejected)))
+        lines.append(Text.assemble(f"{name:<4}{weight} ", _health(
+            sub.healthy, sub.total, sub.ejected, bool(sub.weight))))
     return lines
 
 
-def _health(healthy: int, total: int, ejected: int, suffix: str = "") -> Text:
+def _health(healthy: int, total: int, ejected: int, routed: bool, suffix: str = "") -> Text:
+    """``● 2/2``, ``▲ 1/2``, ``✘ 0/2``; ``· 0/0`` for an empty set no traffic is routed to."""
     up = healthy - ejected
-    status = Status.OK if total and up >= total else (Status.FAIL if up <= 0 else Status.WARN)
-    if not total:
-        status = Status.FAIL
+    status = endpoints_status(up, total, routed)
     dot = fmt.HEALTHY_DOT if status is Status.OK else SYMBOL[status]
     text = Text(f"{dot} {up}/{total}{suffix}", style=STYLE[status])
     if ejected:
@@ -354,7 +353,7 @@ def _edge_lines(edges: Sequence[EdgeView], nodes: dict[str, NodeView],
             out.append(f"{rate:>{widths[1]}} {success:>{widths[2]}}{latency}",
                        style=STYLE[leg.status])
             out.append("  ")
-            out.append_text(_health(leg.healthy, leg.total, 0))
+            out.append_text(_health(leg.healthy, leg.total, 0, leg.weight != 0))
     return out
 
 

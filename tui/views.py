@@ -17,6 +17,21 @@ SUCCESS_FAIL = 0.90
 SUCCESS_WARN = 0.99
 
 
+def endpoints_status(up: int, total: int, routed: bool) -> Status:
+    """The health of a set of endpoints (``up``: healthy and not ejected). ``routed``: traffic
+    is sent to it (a subset with a weight above 0 %, or a destination without a split). Only
+    routed endpoints fail: an empty 0 % subset (a canary not deployed yet, or rolled back) is
+    idle, and a 0 % subset whose endpoints are all down is degraded, since no request goes
+    there."""
+    if total and up >= total:
+        return Status.OK
+    if not total:
+        return Status.FAIL if routed else Status.IDLE
+    if up <= 0:
+        return Status.FAIL if routed else Status.WARN
+    return Status.WARN
+
+
 @dataclass(frozen=True)
 class SubsetView:
     name: str
@@ -28,13 +43,10 @@ class SubsetView:
 
     @property
     def status(self) -> Status:
-        if self.total and self.healthy - self.ejected <= 0:
-            return Status.FAIL
-        if self.weight and not self.total:
-            return Status.FAIL
-        if self.healthy < self.total or self.ejected:
-            return Status.WARN
-        return Status.OK if self.total else Status.IDLE
+        """✘ only for a subset the split sends requests to (weight above 0 %) with no endpoint
+        up; a subset outside the split (or without one) whose endpoints are all down is
+        degraded: the service's other endpoints take its requests."""
+        return endpoints_status(self.healthy - self.ejected, self.total, bool(self.weight))
 
 
 @dataclass(frozen=True)

@@ -9,16 +9,16 @@ from typing import Any
 from rich.text import Text
 from textual import events
 from textual.binding import Binding
-from textual.containers import VerticalScroll
+from textual.containers import Vertical, VerticalScroll
 from textual.message import Message
 from textual.widgets import DataTable, Static
 
 from tui import fmt
-from tui.events import STALE_AFTER, Event
+from tui.events import STALE_AFTER, Event, config_reason
 from tui.fmt import STYLE, SYMBOL, Status
 from tui.model import MeshModel
 from tui.topology import Drawing, draw
-from tui.views import build_graph, host_rows, matches, service_rows
+from tui.views import HostRow, build_graph, host_rows, matches, service_rows
 
 SEVERITY = {"info": Status.OK, "warn": Status.WARN, "error": Status.FAIL}
 
@@ -41,17 +41,37 @@ class SplitRequested(Message):
         self.explicit = explicit
 
 
+class ColumnsTable(DataTable[Any]):
+    """A table with a row cursor and its columns from construction on, so it can be filled as
+    soon as it is composed (before its own mount, or its screen's)."""
+
+    COLUMNS: tuple[str, ...] = ()
+
+    def __init__(self, *columns: str, **kwargs: Any) -> None:
+        super().__init__(cursor_type="row", **kwargs)
+        self.add_columns(*(columns or self.COLUMNS))
+
+
 def fill_table(table: DataTable[Any], rows: Sequence[tuple[str, Sequence[Any]]]) -> None:
-    """Replace a table's rows, keeping the cursor on the same row key when it still exists."""
+    """Replace a table's rows, keeping the cursor on the same row key when it still exists and
+    the scroll position (a refresh must not snap the operator back to the top left). Every row
+    has one cell per column: a row of another shape is a bug, raised before anything changes."""
+    width = len(table.columns)
+    for key, cells in rows:
+        if len(cells) != width:
+            raise ValueError(f"table #{table.id}: row {key!r} has {len(cells)} cells for "
+                             f"{width} columns")
     keep: str | None = None
     if table.row_count and 0 <= table.cursor_row < table.row_count:
         keep = str(table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value)
+    scroll_x, scroll_y = table.scroll_x, table.scroll_y
     table.clear()
     for key, cells in rows:
         table.add_row(*cells, key=key)
     keys = [k for k, _ in rows]
     if keep in keys:
-        table.move_cursor(row=keys.index(keep), animate=False)
+        table.move_cursor(row=keys.index(keep), animate=False, scroll=False)
+    table.scroll_to(scroll_x, scroll_y, animate=False, immediate=True)
 
 
 def selected_key(table: DataTable[Any]) -> str | None:
@@ -133,13 +153,9 @@ class TopologyPane(VerticalScroll):
 # -- services, hosts, events -------------------------------------------------------------------
 
 
-class ServicesTable(DataTable[Any]):
+class ServicesTable(ColumnsTable):
     COLUMNS = ("service", "instances", "subsets (weight healthy/all)", "in rate", "success",
                "p99", "called by")
-
-    def on_mount(self) -> None:
-        self.cursor_type = "row"
-        self.add_columns(*self.COLUMNS)
 
     def show(self, model: MeshModel, filter_text: str) -> None:
         rows = []
@@ -166,46 +182,100 @@ class ServicesTable(DataTable[Any]):
         fill_table(self, rows)
 
 
-class HostsTable(DataTable[Any]):
-    COLUMNS = ("host", "state", "cpu", "mem", "conns in/out", "registry", "cert", "gen",
-               "version",
-               "services", "admin")
+REASON_WIDTH = 24  # of an unreachable host's reason in its state cell (the full one below)
 
-    def on_mount(self) -> None:
-        self.cursor_type = "row"
-        self.add_columns(*self.COLUMNS)
+
+class HostsTable(ColumnsTable):
+    COLUMNS = ("host", "state", "cpu", "mem", "conns in/out", "registry", "cert", "gen",
+               "version", "services", "admin")
+
+    def show(self, rows: Sequence[HostRow]) -> None:
+        fill_table(self, [(row.record.admin, host_cells(row)) for row in rows])
+
+
+def host_state(row: HostRow) -> Text:
+    """Up and for how long, or why not (clipped: it is the second column, seen at 80x24)."""
+    rec = row.record
+    if rec.reachable:
+        return fmt.badge(Status.OK, "up " + fmt.age(row.uptime))
+    when = "never read" if rec.state is None else f"data {fmt.age(row.age)} old"
+    return fmt.badge(Status.FAIL, f"{fmt.clip(rec.error, REASON_WIDTH)} · {when}")
+
+
+def host_cells(row: HostRow) -> list[Any]:
+    rec = row.record
+    stale = row.staleness
+    if stale is None:
+        registry: Text | str = fmt.DASH
+    else:
+        fresh = stale < STALE_AFTER and not row.watch_error
+        registry = fmt.badge(Status.OK if fresh else Status.WARN, fmt.age(stale))
+    gen = Text(str(row.generation if row.generation is not None else fmt.DASH))
+    if row.on_stored_routes is False:
+        gen.append(" ≠", style=STYLE[Status.WARN])
+    if row.config_error:
+        gen.append(" ✘refused", style=STYLE[Status.FAIL])
+    return [
+        Text(rec.node, style="bold"), host_state(row),
+        fmt.DASH if row.cpu_percent is None else f"{row.cpu_percent:.1f}%",
+        fmt.size(row.rss),
+        fmt.DASH if row.connections is None else "{}/{}".format(*row.connections),
+        registry,
+        fmt.badge(fmt.expiry_status(row.cert_expiry), fmt.expiry(row.cert_expiry)),
+        gen, row.version, ", ".join(row.services) or fmt.DASH, rec.admin,
+    ]
+
+
+def host_detail(row: HostRow) -> Text:
+    """The selected host in full, under the table: why it is unreachable, why it refuses the
+    stored route table, what its registry watch reports."""
+    rec = row.record
+    text = Text()
+    text.append(rec.node, style="bold")
+    text.append(f" {rec.admin} ", style="dim")
+    if rec.reachable:
+        text.append_text(fmt.badge(Status.OK, "up " + fmt.age(row.uptime)))
+    else:
+        text.append_text(fmt.badge(Status.FAIL, f"unreachable: {rec.error}"))
+        text.append(" (never read)" if rec.state is None else
+                    f" (showing its data of {fmt.age(row.age)} ago)", style="dim")
+    if row.config_error:
+        text.append("\n")
+        text.append_text(fmt.badge(Status.FAIL, "refuses the stored route table: "
+                                   + config_reason(row.config_error)))
+    elif row.on_stored_routes is False:
+        text.append("\n")
+        text.append_text(fmt.badge(Status.WARN, "not on the stored route table yet"))
+    if row.watch_error:
+        text.append("\n")
+        text.append_text(fmt.badge(Status.WARN, f"registry watch: {row.watch_error}"))
+    return text
+
+
+class HostsView(Vertical):
+    """The hosts table and, under it, the selected host in full."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._rows: dict[str, HostRow] = {}
+
+    def compose(self) -> Any:
+        yield HostsTable(id="hosts-table")
+        yield Static(id="host-detail")
 
     def show(self, model: MeshModel, filter_text: str, now: float) -> None:
-        rows = []
-        for row in host_rows(model, now, filter_text):
-            rec = row.record
-            if rec.reachable:
-                state = fmt.badge(Status.OK, "up " + fmt.age(row.uptime))
-            elif rec.state is None:
-                state = fmt.badge(Status.FAIL, "down, never read")
-            else:
-                state = fmt.badge(Status.FAIL, f"down, data {fmt.age(row.age)} old")
-            stale = row.staleness
-            if stale is None:
-                registry: Text | str = fmt.DASH
-            else:
-                fresh = stale < STALE_AFTER and not row.watch_error
-                registry = fmt.badge(Status.OK if fresh else Status.WARN, fmt.age(stale))
-            gen = Text(str(row.generation if row.generation is not None else fmt.DASH))
-            if row.on_stored_routes is False:
-                gen.append(" ≠", style=STYLE[Status.WARN])
-            if row.config_error:
-                gen.append(" ✘refused", style=STYLE[Status.FAIL])
-            rows.append((rec.admin, [
-                Text(rec.node, style="bold"), state,
-                fmt.DASH if row.cpu_percent is None else f"{row.cpu_percent:.1f}%",
-                fmt.size(row.rss),
-                fmt.DASH if row.connections is None else "{}/{}".format(*row.connections),
-                registry,
-                fmt.badge(fmt.expiry_status(row.cert_expiry), fmt.expiry(row.cert_expiry)),
-                gen, row.version, ", ".join(row.services) or fmt.DASH, rec.admin,
-            ]))
-        fill_table(self, rows)
+        rows = host_rows(model, now, filter_text)
+        self._rows = {row.record.admin: row for row in rows}
+        self.query_one(HostsTable).show(rows)
+        self.show_detail()
+
+    def show_detail(self) -> None:
+        row = self._rows.get(selected_key(self.query_one(HostsTable)) or "")
+        self.query_one("#host-detail", Static).update(
+            host_detail(row) if row else Text("no host", style="dim"))
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        self.show_detail()
 
 
 def event_row(event: Event, clock: fmt.ClockFormat) -> list[Any]:
@@ -213,10 +283,8 @@ def event_row(event: Event, clock: fmt.ClockFormat) -> list[Any]:
     return [clock(event.at), fmt.badge(status, event.kind), event.text]
 
 
-class EventsTable(DataTable[Any]):
-    def on_mount(self) -> None:
-        self.cursor_type = "row"
-        self.add_columns("time", "kind", "event")
+class EventsTable(ColumnsTable):
+    COLUMNS = ("time", "kind", "event")
 
     def show(self, model: MeshModel, filter_text: str, clock: fmt.ClockFormat) -> None:
         shown = [e for e in model.events if matches(filter_text, e.kind, e.text)]

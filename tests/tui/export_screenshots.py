@@ -14,6 +14,7 @@ NAMES = {
     "test_topology_at_80x24_is_an_edge_list.svg": "tui-topology-80x24.svg",
     "test_services.svg": "tui-services.svg",
     "test_hosts.svg": "tui-hosts.svg",
+    "test_hosts_at_80x24_keep_why_a_host_is_unreachable.svg": "tui-hosts-80x24.svg",
     "test_events.svg": "tui-events.svg",
     "test_service_detail.svg": "tui-service-detail.svg",
     "test_split_editor.svg": "tui-split-editor.svg",

@@ -11,6 +11,7 @@ import asyncio
 import http.client
 import json
 import os
+import random
 import shlex
 import shutil
 import subprocess
@@ -23,7 +24,8 @@ from pathlib import Path
 
 import pytest
 from operator_testing import table_in
-from tui_pilot import open_editor, until
+from textual.widgets import TabbedContent
+from tui_pilot import console_errors, open_editor, until
 from tui_processes import REPO, Running, ShopAddresses, derive_shop_mesh, start
 
 from meshd.registry.config_store import ROUTES_KEY
@@ -193,5 +195,81 @@ def test_editor_moves_payments_from_90_10_to_50_50(shop: Shop) -> None:
                         "the console to see the checkouts")
             assert measured() == {"v1": versions["v1"], "v2": versions["v2"]}
             assert "measured share since then (1000 requests)" in editor.share_text().plain
+
+    asyncio.run(scenario())
+
+
+# -- navigating for a while, against the live mesh ------------------------------------------
+
+NAVIGATIONS = 200
+FAST_REFRESH = 0.2  # seconds: five refreshes a second land at every stage of every screen
+PACES = (0.0, 0.0, 0.01, 0.02, 0.05, 0.2)  # pauses after a key, so refreshes land anywhere
+# Tours through every screen and key, in a shuffled order. The editor's apply (a) is only
+# pressed as it opens, with nothing changed: the walk never rewrites the demo's split.
+TOURS = (
+    ("1", "down", "right", "up", "left", "enter", "down", "up", "question_mark", "escape",
+     "backspace"),
+    ("2", "down", "down", "enter", "w", "a", "right", "left", "plus", "minus",
+     "right_square_bracket", "left_square_bracket", "5", "0", "backspace", "equals_sign", "c",
+     "b", "s", "up", "down", "r", "question_mark", "escape", "escape", "escape"),
+    ("3", "down", "down", "down", "down", "up", "tab", "r"),
+    ("4", "down", "up", "r"),
+    ("slash", "p", "a", "y", "enter", "2", "3", "1", "slash", "backspace", "backspace",
+     "backspace", "escape"),
+    ("question_mark", "down", "up", "question_mark"),
+    ("1", "w", "a", "down", "1", "0", "escape"),
+    ("r",),
+)
+
+
+def where(app: MeshConsole) -> str:
+    screen = app.screen
+    if len(app.screen_stack) > 1:
+        return type(screen).__name__
+    if app.focused is not None and app.focused.id == "filter":
+        return "filter"
+    return str(app.query_one(TabbedContent).active)
+
+
+def test_two_hundred_navigations_at_a_fast_refresh_never_crash(shop: Shop) -> None:
+    """Every screen and key of the console, in tours shuffled by a seeded random walk with
+    random pauses, against the live demo while it refreshes five times a second; then q quits
+    it cleanly."""
+    rng = random.Random(14)
+
+    async def scenario() -> None:
+        source = RegistrySource(shop.addresses.registry, 15000, token=shop.operator_token,
+                                signer=shop.operator, timeout=FAST_REFRESH * 0.8)
+        app = MeshConsole(source, interval=FAST_REFRESH)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await until(pilot, lambda: len(app.model.hosts) == 3 and app.model.registry
+                        is not None, 20, "three meshds and the registry read")
+            refreshes = app.refreshes
+            visits: Counter[str] = Counter()
+            pressed = 0
+
+            async def press(key: str) -> None:
+                nonlocal pressed
+                visits[where(app)] += 1
+                await pilot.press(key)
+                pressed += 1
+                await pilot.pause(rng.choice(PACES))
+                assert app.is_running, f"the console stopped at {key!r} ({pressed} keys in)"
+
+            while pressed < NAVIGATIONS:
+                for tour in rng.sample(TOURS, len(TOURS)):
+                    for key in tour[:NAVIGATIONS - pressed]:
+                        await press(key)
+                    while len(app.screen_stack) > 1 and pressed < NAVIGATIONS:
+                        await press("escape")  # back to the main screen for the next tour
+            assert pressed == NAVIGATIONS
+            assert console_errors(app) == [] and app.view_errors == 0
+            assert app.refreshes - refreshes >= 20, "too few refreshes landed during the walk"
+            assert {"topology", "services", "hosts", "events", "filter", "ServiceScreen",
+                    "SplitEditorScreen", "HelpScreen"} <= set(visits), visits
+            while len(app.screen_stack) > 1:
+                await pilot.press("escape")
+            await pilot.press("q")
+        assert app.return_code == 0
 
     asyncio.run(scenario())

@@ -51,7 +51,10 @@ def test_tabs_filter_help_and_quit() -> None:
             await pilot.press("3")
             hosts = app.query_one("#hosts-table", DataTable)
             row = [str(c) for c in hosts.get_row("10.0.0.15:15000")]
-            assert "✘ down, data 3s old" in row  # last known data kept, with its age
+            assert "✘ timed out · data 3s old" in row  # why, and the last known data's age
+            await pilot.press("down", "down", "down", "down")  # host-e: its reason in full
+            detail = str(app.query_one("#host-detail").render())
+            assert "host-e 10.0.0.15:15000 ✘ unreachable: timed out" in detail, detail
             await pilot.press("question_mark")
             assert isinstance(app.screen, HelpScreen)
             await pilot.press("escape", "q")

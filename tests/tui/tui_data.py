@@ -35,6 +35,13 @@ ROUTES: dict[str, Any] = {"destinations": {
     "cart": {"timeout": 2.0},
 }}
 ROUTES_INDEX = 42
+# the same with a third payments subset at 0 %: a canary declared, not deployed (no instance)
+V3_READY: dict[str, Any] = {"destinations": {
+    **ROUTES["destinations"],
+    "payments": {"subsets": {"v1": {"version": "v1"}, "v2": {"version": "v2"},
+                             "v3": {"version": "v3"}},
+                 "split": {"v1": 90, "v2": 10, "v3": 0}, "timeout": 3.0},
+}}
 # what host-d has in force: the table before the split was added (it refused the latest)
 OLD_ROUTES: dict[str, Any] = {"destinations": {
     "payments": {"subsets": {"v1": {"version": "v1"}, "v2": {"version": "v2"}},
@@ -125,7 +132,7 @@ def _destinations(node: str, step: int) -> dict[str, Any]:
     return out
 
 
-def _state(node: str, step: int) -> dict[str, Any]:
+def _state(node: str, step: int, routes: dict[str, Any]) -> dict[str, Any]:
     address, services, upstreams = HOSTS[node]
     serial = f"{zlib.crc32(node.encode()):08x}c0ffee" if not (node == "host-b" and step >= 4) \
         else "5e1ec7ed0000"
@@ -144,7 +151,7 @@ def _state(node: str, step: int) -> dict[str, Any]:
         "upstreams": [{"service": s, "destination": d, "local_address": "127.0.0.1",
                        "local_port": 9191 + i} for i, (s, d) in enumerate(upstreams)],
         "destinations": _destinations(node, step),
-        "routes": OLD_ROUTES if refused else ROUTES,
+        "routes": OLD_ROUTES if refused else routes,
         "registry": {"url": "http://10.0.0.2:8500",
                      "staleness_seconds": 0.0 if node != "host-d" else 12.0 + step,
                      "watches": [{"name": "routes", "index": ROUTES_INDEX,
@@ -172,7 +179,8 @@ def _instances(step: int) -> tuple[Instance, ...]:
     return tuple(out)
 
 
-def observations(admin_port: int = 15000) -> list[Observation]:
+def observations(admin_port: int = 15000, routes: dict[str, Any] = ROUTES
+                 ) -> list[Observation]:
     out = []
     for step in range(STEPS):
         at = T0 + step
@@ -182,23 +190,26 @@ def observations(admin_port: int = 15000) -> list[Observation]:
             if node == "host-e" and step >= 3:
                 hosts.append(HostPoll(admin, node, at, error="timed out"))
             else:
-                hosts.append(HostPoll(admin, node, at, _state(node, step), _metrics(node, step)))
-        registry = RegistryPoll(at, "", _instances(step), ROUTES, ROUTES_INDEX)
+                hosts.append(HostPoll(admin, node, at, _state(node, step, routes),
+                                      _metrics(node, step)))
+        registry = RegistryPoll(at, "", _instances(step), routes, ROUTES_INDEX)
         out.append(Observation(at, registry, tuple(hosts)))
     return out
 
 
-def fixed_model() -> MeshModel:
+def fixed_model(routes: dict[str, Any] = ROUTES) -> MeshModel:
     model = MeshModel()
-    for obs in observations():
+    for obs in observations(routes=routes):
         model.ingest(obs)
     return model
 
 
 def fixed_app(store: RouteConfigStore | None = None,
-              clock: Callable[[], float] = lambda: NOW) -> MeshConsole:
+              clock: Callable[[], float] = lambda: NOW, routes: dict[str, Any] = ROUTES,
+              interval: float = 1.0) -> MeshConsole:
     """The console on the fixed data, at a fixed time, in UTC: the same pixels every run."""
-    obs = observations()
-    store = store or MemoryRouteStore(ROUTES, ROUTES_INDEX, signer=throwaway_operator())
+    obs = observations(routes=routes)
+    store = store or MemoryRouteStore(routes, ROUTES_INDEX, signer=throwaway_operator())
     source = FixedSource([obs[-1]], store, description="registry http://10.0.0.2:8500")
-    return MeshConsole(source, clock=clock, clock_format=utc_clock, model=fixed_model())
+    return MeshConsole(source, clock=clock, clock_format=utc_clock, model=fixed_model(routes),
+                       interval=interval)

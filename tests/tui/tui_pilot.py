@@ -28,3 +28,8 @@ async def open_editor(app: MeshConsole, pilot: Pilot[None]) -> SplitEditorScreen
     assert isinstance(editor, SplitEditorScreen)
     await until(pilot, lambda: editor.draft is not None, what="stored split read")
     return editor
+
+
+def console_errors(app: MeshConsole) -> list[str]:
+    """The console's own errors it logged (a failed refresh, a view that could not be drawn)."""
+    return [e.text for e in app.model.events if e.kind == "console" and e.severity == "error"]
