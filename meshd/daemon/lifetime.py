@@ -46,7 +46,7 @@ import trio
 
 from meshd import systemd
 from meshd.admin.server import AdminAPI
-from meshd.admin.state import DaemonState, build_state
+from meshd.admin.state import DaemonState, build_state, not_ready_reasons
 from meshd.backoff import backoff_delay
 from meshd.config.schema import HostConfig, LocalService
 from meshd.daemon import handover, listeners
@@ -219,8 +219,9 @@ class Daemon:
 
     async def _start(self, consul: ConsulClient, n: trio.Nursery) -> None:
         config = self.config
-        admin = AdminAPI(self.metrics, lambda: self.state.ready, self.snapshot,
-                         self.refresh_gauges, allowed_hosts=config.admin_allowed_hosts,
+        admin = AdminAPI(self.metrics, lambda: not_ready_reasons(self.config, self.state),
+                         self.snapshot, self.refresh_gauges,
+                         allowed_hosts=config.admin_allowed_hosts,
                          limits=config.admin_limits)
         if not config.admin_tls:  # (over TLS it needs the node certificate: started below)
             await n.start(self._serve_admin, admin, None)

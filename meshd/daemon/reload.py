@@ -18,14 +18,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields, is_dataclass
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 
 from meshd import systemd
+from meshd.admin.state import DaemonState
 from meshd.config.load import load_host_config
 from meshd.config.schema import HealthCheck, HostConfig, LocalService
 from meshd.errors import ConfigError
@@ -45,6 +48,20 @@ class Change:
 
     def __str__(self) -> str:
         return f"{self.key}: {self.old} -> {self.new}"
+
+    @property
+    def restart_reason(self) -> str:
+        """Why this key cannot change in a running meshd (for a change that needs a restart)."""
+        for prefix, reason in _RESTART_REASONS:
+            if self.key == prefix or self.key.startswith(prefix + "."):
+                return reason
+        if self.key.startswith("services."):
+            return _SERVICE_REASON
+        return "read once at start"
+
+    def to_json(self, *, restart: bool = False) -> dict[str, str]:
+        data = {"key": self.key, "old": self.old, "new": self.new}
+        return {**data, "reason": self.restart_reason} if restart else data
 
 
 @dataclass(frozen=True)
@@ -79,6 +96,21 @@ _LIMIT_TABLES = {"inbound_limits": "inbound", "outbound_limits": "outbound",
 _LIMIT_KEYS = {"max_connections": "max_connections",
                "max_per_source": "max_connections_per_source"}
 _SECRET_KEYS = {"registry_token"}
+# why a key needs a restart, by the first parts of its name in meshd.toml
+_RESTART_REASONS = (
+    ("node", "the node's certificate, registrations and service IDs carry its name"),
+    ("address", "registrations and the inbound listener use it"),
+    ("trust_domain", "every certificate and trust check is made for it"),
+    ("registry", "the registry client, its watches and registrations are made at start"),
+    ("registry_token", "the registry client is made at start"),
+    ("ca", "identities are obtained and renewed with these settings from start"),
+    ("state_dir", "certificates and the last known state are kept there"),
+    ("inbound", "the inbound mTLS listener is bound at start"),
+    ("outbound", "outbound listeners are bound with these settings"),
+    ("admin", "the admin API is bound at start"),
+)
+_SERVICE_REASON = ("the set of services, a service's address, port, protocol and version, and "
+                   "its upstreams are fixed at start (its registration, identity and listeners)")
 # services are compared one by one below; the beyond-loopback reason is only words
 _LIVE_HOST_FIELDS = {"services", "source", "outbound_beyond_loopback", "drain_timeout"}
 _LIVE_SERVICE_FIELDS = {"name", "health", "upstreams"}  # health applies live; upstreams below
@@ -183,6 +215,22 @@ def plan_reload(running: HostConfig, loaded: HostConfig) -> ReloadPlan:
     return ReloadPlan(config, tuple(applied), tuple(restart), tuple(health_changed))
 
 
+def reload_report(path: Path, at: float, plan: ReloadPlan | None,
+                  problems: Sequence[str] = (),
+                  previous: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The ``reload`` entry of ``/v1/state``: the last reload's outcome. A refused file changes
+    nothing, so what an earlier reload left waiting for a restart is still waiting."""
+    when = datetime.fromtimestamp(at, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    if plan is None:
+        return {"result": "refused", "file": str(path), "at": when, "problems": list(problems),
+                "applied": [],
+                "needs_restart": list((previous or {}).get("needs_restart", []))}
+    return {"result": "unchanged" if plan.unchanged else "applied", "file": str(path),
+            "at": when, "problems": [],
+            "applied": [c.to_json() for c in plan.applied],
+            "needs_restart": [c.to_json(restart=True) for c in plan.needs_restart]}
+
+
 def summary(plan: ReloadPlan) -> str:
     """A short phrase for the service status line."""
     if plan.unchanged:
@@ -201,6 +249,7 @@ class Reloadable(Protocol):
 
     config: HostConfig
     status_note: str
+    state: DaemonState
 
     def status_line(self) -> str: ...
 
@@ -221,6 +270,8 @@ async def reload_from_file(daemon: Reloadable, path: Path) -> ReloadPlan | None:
                 "still running on the previous configuration")
         log.error("%s", note)
         daemon.status_note = note
+        daemon.state.last_reload = reload_report(
+            path, time.time(), None, [str(p) for p in exc.problems], daemon.state.last_reload)
         systemd.notify(ready=True, status=daemon.status_line())
         return None
     plan = plan_reload(daemon.config, loaded)
@@ -229,13 +280,14 @@ async def reload_from_file(daemon: Reloadable, path: Path) -> ReloadPlan | None:
     for change in plan.applied:
         log.info("reload applied %s", change)
     for change in plan.needs_restart:
-        log.warning("reload cannot apply %s without a restart; the running value stays",
-                    change)
+        log.warning("reload cannot apply %s without a restart; the running value stays "
+                    "(%s: %s)", change, path, change.restart_reason)
     if plan.needs_restart:
         log.warning("reload: %d change(s) need a restart to take effect "
                     "(systemctl restart meshd): %s", len(plan.needs_restart),
                     ", ".join(c.key for c in plan.needs_restart))
     await daemon.apply_live_config(plan.config, plan.health_changed)
     daemon.status_note = "" if plan.unchanged else summary(plan)
+    daemon.state.last_reload = reload_report(path, time.time(), plan)
     systemd.notify(ready=True, status=daemon.status_line())
     return plan
