@@ -153,6 +153,12 @@ def _reload_lines(reload: Mapping[str, Any] | None) -> list[str]:
         out.append(f"reload REFUSED at {reload.get('at', '?')}: {len(problems)} problem(s) in "
                    f"{reload.get('file', '?')}, still running on the previous configuration")
         out += [f"  {p}" for p in problems]
+    failed = list(reload.get("failed", []))
+    if failed:
+        out.append(f"reload at {reload.get('at', '?')} COULD NOT APPLY {len(failed)} change(s) "
+                   f"in {reload.get('file', '?')} (left out of the configuration in force)")
+        out += [f"  {c.get('key')}: {c.get('old')} -> {c.get('new')}: {c.get('reason', '')}"
+                for c in failed]
     restart = list(reload.get("needs_restart", []))
     if restart:
         out.append(f"RESTART NEEDED: {len(restart)} change(s) in {reload.get('file', '?')} "
