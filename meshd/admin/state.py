@@ -8,8 +8,10 @@ Shape (stable keys; a later console issue may add, never rename):
     not_ready[]     why ``ready`` is false, one phrase each (empty when ready)
     reload          the last reload of meshd.toml, null before any: {result (applied,
                     unchanged, refused), file, at, problems[], applied[] {key, old, new},
-                    needs_restart[] {key, old, new, reason}}; needs_restart lists the file's
-                    changes still waiting for a restart (the running value stays)
+                    failed[] {key, old, new, reason}, needs_restart[] {key, old, new,
+                    reason}}; failed: live changes that could not be made (left out);
+                    needs_restart: the file's changes still waiting for a restart (the
+                    running value stays)
     services[]      {name, version, protocol, address, port, health, health_output, mtls}
     upstreams[]     {service, destination, local_address, local_port}
     destinations{}  name -> {index, age_seconds, endpoints[] {node, instance_id, address, port,

@@ -211,20 +211,30 @@ async def test_a_service_the_ca_does_not_allow_is_refused_and_the_rest_stays(
     }
     toml = mesh.tmp / "host-a" / "meshd.toml"
     toml.write_text(tomlkit.dumps(data))
+    toml.with_name("running.toml").write_text(tomlkit.dumps(data))
     daemon = await start_daemon(nursery, load_host_config(toml))
     extra_up = free_port("127.0.0.1")
-    toml.write_text(tomlkit.dumps(data | {"services": [web, {
-        "name": "billing", "port": extra_port, "address": HOST_A,
-        "upstreams": [{"name": "payments", "local_port": extra_up}]}]}))
-    plan = await reload_from_file(daemon, toml)
-    assert plan is not None and [c.key for c in plan.failed] == ["services.billing"]
+    taken = socket.socket()  # an upstream port some other program listens on
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    with taken:
+        toml.write_text(tomlkit.dumps(data | {"services": [
+            web | {"upstreams": [{"name": "payments",
+                                  "local_port": taken.getsockname()[1]}]},
+            {"name": "billing", "port": extra_port, "address": HOST_A,
+             "upstreams": [{"name": "payments", "local_port": extra_up}]}]}))
+        plan = await reload_from_file(daemon, toml)
+    assert plan is not None
+    assert [c.key for c in plan.failed] == ["services.billing", "services.web.upstreams.payments"]
     assert "node 'host-a' may not claim service 'billing'" in plan.failed[0].note
-    assert plan.applied == () and [s.name for s in daemon.config.services] == ["web"]
+    assert "cannot listen on 127.0.0.1:" in plan.failed[1].note
+    assert plan.applied == () and daemon.config.services == load_host_config(
+        toml.with_name("running.toml")).services
     assert refused(extra_up)
     state = (await mesh.http.get(
         f"http://{first.admin_host}:{first.admin_port}/v1/state")).json()
     assert state["reload"]["failed"][0]["key"] == "services.billing"
     assert "may not claim service 'billing'" in state["reload"]["failed"][0]["reason"]
     screen = render(state)
-    assert "COULD NOT APPLY 1 change(s)" in screen and "  services.billing: " in screen
+    assert "COULD NOT APPLY 2 change(s)" in screen and "  services.billing: " in screen
     await daemon.stop()
