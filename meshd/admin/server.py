@@ -1,6 +1,10 @@
 """The admin endpoint of one meshd: ``/healthz``, ``/readyz``, ``/metrics`` (Prometheus) and
 ``/v1/state`` (the JSON snapshot the console reads). Loopback by default.
 
+``/readyz`` answers 200 ``ready`` when this host should receive traffic, else 503 ``not ready:``
+with the reasons (``meshd.admin.state.not_ready_reasons``: starting, stopping, or a local
+service whose health check is critical). ``/healthz`` answers 200 while the process serves.
+
 With ``[admin] tls = true`` it speaks HTTPS with the node certificate and requires a client
 certificate from the mesh CA naming an operator (``meshd ca issue --operator NAME``); any other
 identity (a service's, another trust domain's, a revoked one) gets a JSON 403 with the reason,
@@ -16,7 +20,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import trio
@@ -34,7 +38,7 @@ ROUTES = ("/healthz", "/readyz", "/metrics", "/v1/state")
 
 class AdminAPI:
     def __init__(
-        self, metrics: Metrics, ready: Callable[[], bool],
+        self, metrics: Metrics, ready: Callable[[], Sequence[str]],
         state: Callable[[], Mapping[str, Any]], refresh: Callable[[], None] = lambda: None,
         *, allowed_hosts: Iterable[str] = (), limits: ListenerLimits = DEFAULT_ADMIN_LIMITS,
     ) -> None:
@@ -76,9 +80,10 @@ class AdminAPI:
         if request.path == "/healthz":
             return Response.text("ok\n")
         if request.path == "/readyz":
-            if self._ready():
+            reasons = self._ready()  # why not ready: none when ready
+            if not reasons:
                 return Response.text("ready\n")
-            return Response.text("not ready\n", 503)
+            return Response.text("not ready: " + "; ".join(reasons) + "\n", 503)
         if request.path == "/metrics":
             self._refresh()
             body = await trio.to_thread.run_sync(self._metrics.render)

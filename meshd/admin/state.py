@@ -3,6 +3,15 @@
 
 Shape (stable keys; a later console issue may add, never rename):
     node, address, trust_domain, version, ready, uptime_seconds, generation, labels{},
+    ready           what /readyz answers: the daemon is ready AND no local service is critical
+    daemon_ready    meshd itself is ready (identities, routes, listeners): it forwards outbound
+    not_ready[]     why ``ready`` is false, one phrase each (empty when ready)
+    reload          the last reload of meshd.toml, null before any: {result (applied,
+                    unchanged, refused), file, at, problems[], applied[] {key, old, new},
+                    failed[] {key, old, new, reason}, needs_restart[] {key, old, new,
+                    reason}}; failed: live changes that could not be made (left out);
+                    needs_restart: the file's changes still waiting for a restart (the
+                    running value stays)
     services[]      {name, version, protocol, address, port, health, health_output, mtls}
     upstreams[]     {service, destination, local_address, local_port}
     destinations{}  name -> {index, age_seconds, endpoints[] {node, instance_id, address, port,
@@ -44,7 +53,7 @@ from meshd.identity.certs import Identity, TrustBundle
 from meshd.identity.manager import IdentityStatus
 from meshd.identity.signing import Signed
 from meshd.proxy.core.view import MeshView
-from meshd.registry.model import ProbeResult
+from meshd.registry.model import CRITICAL, ProbeResult
 from meshd.registry.watch import RegistryContact, WatchStatus
 
 
@@ -65,6 +74,25 @@ class DaemonState:
     identity: IdentityStatus | None = None  # renewal, deny list, roots (meshd.identity.manager)
     contact: RegistryContact = field(default_factory=RegistryContact)  # the heartbeat's view
     registered: bool = False  # every local service registered at least once
+    last_reload: dict[str, Any] | None = None  # meshd.daemon.reload.reload_report
+
+
+def not_ready_reasons(config: HostConfig, state: DaemonState) -> list[str]:
+    """Why this host should not receive traffic now (empty: it should).
+
+    A local service whose app fails its health check makes the host not ready, as the Consul
+    check of that service (and of its proxy) already says to every peer: a load balancer or a
+    monitoring check reading ``/readyz`` sees the same thing peers see. The daemon still
+    forwards this host's outbound traffic meanwhile (``daemon_ready``); a warning is not a
+    failure (Consul sends traffic to an instance in warning)."""
+    if state.stopping:
+        return ["meshd is stopping"]
+    reasons = [] if state.ready else ["meshd is starting (identities, routes, listeners)"]
+    for svc in config.services:
+        result = state.health.get(svc.name)
+        if result is not None and result.status == CRITICAL:
+            reasons.append(f"local service {svc.name} is critical: {result.output}")
+    return reasons
 
 
 def build_state(
@@ -79,6 +107,7 @@ def build_state(
         (name, e.get("node"), e.get("instance_id")): e
         for name, entries in (endpoint_states or {}).items() for e in entries
     }
+    not_ready = not_ready_reasons(config, state)
     contact = state.contact.last_contact
     watches: list[dict[str, Any]] = [
         {"name": w.name, "index": w.index, "stale": w.stale(now_monotonic, contact),
@@ -122,7 +151,10 @@ def build_state(
         "address": config.address,
         "trust_domain": config.trust_domain,
         "version": getattr(meshd, "__version__", "0"),
-        "ready": state.ready,
+        "ready": not not_ready,
+        "daemon_ready": state.ready,
+        "not_ready": not_ready,
+        "reload": state.last_reload,
         "uptime_seconds": round(now_wall - state.started_at, 3),
         "generation": view.generation,
         "labels": dict(config.labels),

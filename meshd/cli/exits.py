@@ -24,7 +24,8 @@ INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
 
 TABLE = (
     (OK, "success (status: ready; explain: the request reaches an app)"),
-    (FAILED, "a failed check or a refusal (status: not ready; explain: not routed or denied; "
+    (FAILED, "a failed check or a refusal (status: not ready: starting, stopping, or a local "
+             "service whose health check is critical; explain: not routed or denied; "
              "an invalid file, a conflicting write, a refusal by the registry or the CA)"),
     (USAGE, "usage error: unknown command, bad or missing arguments, options that cannot "
             "work together"),

@@ -1,9 +1,11 @@
 """``meshd status``: a one-screen summary of one meshd, read from its admin API's ``/v1/state``.
 
-Exit status (``meshd.cli.exits``): 0 when the daemon is ready, 1 when it answers but is not ready,
-2 for options that cannot work, 3 when its admin API cannot be reached, refuses this client, or
-answers something that is not a state document. ``render`` and ``status_document`` are pure: the
-state mapping in, the text or the ``-o json`` document out.
+Exit status (``meshd.cli.exits``): 0 when the daemon is ready, 1 when it answers but is not ready
+(``/v1/state``'s ``ready``, the same verdict as ``/readyz``: starting, stopping, or a local
+service whose health check is critical; the reasons are printed), 2 for options that cannot
+work, 3 when its admin API cannot be reached, refuses this client, or answers something that
+is not a state document. ``render`` and ``status_document`` are pure: the state mapping in, the
+text or the ``-o json`` document out.
 
 An admin API served over mutual TLS (``[admin] tls = true``) is read with ``--admin https://ADDR``
 and an operator certificate: ``--ca`` (the mesh's ca.crt), ``--cert`` and ``--key``, as written
@@ -41,7 +43,9 @@ def register(sub: Any) -> None:
         "status", help="one-screen summary of the local meshd",
         description="Print what the meshd behind ADMIN is doing: readiness, local services and "
         "their health, upstreams and their endpoints per subset, route generation, registry "
-        "staleness and certificate expiry. Exit 0 if ready, 1 if not ready, 3 if its admin "
+        "staleness, certificate expiry, and a refused reload or changes waiting for a restart. "
+        "Exit 0 if ready, 1 if not ready (starting, stopping, or a local service whose health "
+        "check is critical: the reasons are printed), 3 if its admin "
         "API is unreachable or refuses this client. An admin API served over TLS ([admin] "
         "tls = true) needs --admin https://ADDR and an operator certificate (meshd ca issue "
         "--operator NAME). With -o json: one object {format, admin, reachable, ready, "
@@ -138,6 +142,32 @@ def _subset_lines(name: str, state: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _reload_lines(reload: Mapping[str, Any] | None) -> list[str]:
+    """The last reload of meshd.toml: refused (with its problems), and whatever it left
+    waiting for a restart (key, values, why)."""
+    if not reload:
+        return []
+    out = []
+    if reload.get("result") == "refused":
+        problems = list(reload.get("problems", []))
+        out.append(f"reload REFUSED at {reload.get('at', '?')}: {len(problems)} problem(s) in "
+                   f"{reload.get('file', '?')}, still running on the previous configuration")
+        out += [f"  {p}" for p in problems]
+    failed = list(reload.get("failed", []))
+    if failed:
+        out.append(f"reload at {reload.get('at', '?')} COULD NOT APPLY {len(failed)} change(s) "
+                   f"in {reload.get('file', '?')} (left out of the configuration in force)")
+        out += [f"  {c.get('key')}: {c.get('old')} -> {c.get('new')}: {c.get('reason', '')}"
+                for c in failed]
+    restart = list(reload.get("needs_restart", []))
+    if restart:
+        out.append(f"RESTART NEEDED: {len(restart)} change(s) in {reload.get('file', '?')} "
+                   "wait for `systemctl restart meshd` (the running values stay)")
+        out += [f"  {c.get('key')}: {c.get('old')} -> {c.get('new')} ({c.get('reason', '')})"
+                for c in restart]
+    return out
+
+
 def render(state: Mapping[str, Any]) -> str:
     ready = state.get("ready") is True
     out = [
@@ -147,6 +177,9 @@ def render(state: Mapping[str, Any]) -> str:
         f"{state.get('generation', 0)}, meshd {state.get('version', '?')}, "
         f"pid {state.get('process', {}).get('pid', '?')}",
     ]
+    out += [f"  not ready: {reason}" for reason in state.get("not_ready", [])]
+    if not ready and state.get("daemon_ready") is True:
+        out.append("  (meshd itself is ready: this host's outbound traffic is forwarded)")
     inbound = state.get("inbound")
     if inbound:
         out.append(f"  inbound mTLS on {inbound.get('address')}:{inbound.get('port')}")
@@ -200,6 +233,7 @@ def render(state: Mapping[str, Any]) -> str:
     out += _table(rows) if rows else []
 
     out.append(signer_line(state))
+    out += _reload_lines(state.get("reload"))
     if state.get("config_error"):
         first, *rest = str(state["config_error"]).splitlines()
         out.append(f"route table REJECTED (the previous one stays): {first}")

@@ -26,11 +26,13 @@ the tree. The listening sockets may come from a predecessor and outlive this pro
 (``meshd.listen_fds``: systemd's fd store, ``meshd up``, or an in-place upgrade through
 ``meshd.daemon.handover``, which ends with ``stop(deregister=False)``: the successor serves under
 the same service IDs).
-SIGHUP re-reads meshd.toml and applies what can change without a restart (``meshd.daemon.reload``).
+SIGHUP re-reads meshd.toml and applies what can change without a restart (``meshd.daemon.reload``):
+health checks, services and upstreams added or removed (``apply_live_config``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -46,14 +48,30 @@ import trio
 
 from meshd import systemd
 from meshd.admin.server import AdminAPI
-from meshd.admin.state import DaemonState, build_state
+from meshd.admin.state import DaemonState, build_state, not_ready_reasons
 from meshd.backoff import backoff_delay
 from meshd.config.schema import HostConfig, LocalService
 from meshd.daemon import handover, listeners
 from meshd.daemon.health import probe, probe_client, report_health
 from meshd.daemon.last_known import EndpointKeeper, endpoints_file, load_last_known
+from meshd.daemon.reload import (
+    Change,
+    ReloadPlan,
+    with_failures,
+    without_service,
+    without_services,
+    without_upstream,
+)
 from meshd.daemon.route_table import RouteTableInForce
-from meshd.errors import CAError, ConfigError, MeshError, Problem, RegistryError
+from meshd.errors import (
+    CAError,
+    ConfigError,
+    IdentityError,
+    MeshError,
+    Problem,
+    ProxyError,
+    RegistryError,
+)
 from meshd.identity.ca_client import CARefusedError
 from meshd.identity.certs import Identity, TrustBundle
 from meshd.identity.manager import IdentityManager
@@ -118,6 +136,8 @@ class Daemon:
         self._registry_lock = trio.Lock()
         self._reporters = trio.CancelScope()
         self._reporter_round = trio.CancelScope()  # cancelled to restart reporters (reload)
+        self._nursery: trio.Nursery | None = None  # the lifetime tree's (a reload starts tasks)
+        self._endpoint_scopes: dict[str, trio.CancelScope] = {}  # per destination watched
         self.ready_event = trio.Event()  # set once, when the daemon first becomes ready
         self.registered = trio.Event()  # set once every local service was first registered
         self.status_note = ""  # appended to the systemd status line (e.g. a refused reload)
@@ -219,8 +239,10 @@ class Daemon:
 
     async def _start(self, consul: ConsulClient, n: trio.Nursery) -> None:
         config = self.config
-        admin = AdminAPI(self.metrics, lambda: self.state.ready, self.snapshot,
-                         self.refresh_gauges, allowed_hosts=config.admin_allowed_hosts,
+        self._nursery = n
+        admin = AdminAPI(self.metrics, lambda: not_ready_reasons(self.config, self.state),
+                         self.snapshot, self.refresh_gauges,
+                         allowed_hosts=config.admin_allowed_hosts,
                          limits=config.admin_limits)
         if not config.admin_tls:  # (over TLS it needs the node certificate: started below)
             await n.start(self._serve_admin, admin, None)
@@ -253,7 +275,7 @@ class Daemon:
         watches: list[tuple[str, Any, tuple[Any, ...]]] = [
             ("route table", watch_routes, (consul, self.routes.judge, self.routes.apply,
                                            self.routes.reject, self.state.watches["routes"]))]
-        watches += [(f"endpoints of {dest}", watch_endpoints,
+        watches += [(f"endpoints of {dest}", self._endpoint_watcher(dest),
                      (consul, dest, self._apply_endpoints, self.state.watches[f"endpoints/{dest}"]))
                     for dest in destinations]
         for what, watcher, args in watches:
@@ -393,8 +415,8 @@ class Daemon:
             attempt = 0
             while True:
                 async with self._registry_lock:
-                    if self.state.stopping:
-                        return
+                    if self.state.stopping or self.config.service(svc.name) is None:
+                        return  # (stopping, or removed by a reload)
                     try:
                         await consul.register_service(definition)
                     except RegistryError as exc:
@@ -443,19 +465,125 @@ class Daemon:
                             started = True
                         await trio.sleep_forever()
 
-    async def apply_live_config(self, config: HostConfig, health_changed: Sequence[str]) -> None:
-        """Put a reloaded configuration in force (``meshd.daemon.reload`` decides what may change:
-        only health checks). Services whose check changed are registered again (their TTL
-        follows the interval) before their reporters restart with the new settings."""
+    def _endpoint_watcher(self, destination: str) -> Any:
+        """``watch_endpoints`` under a scope of its own: a reload that removes the last
+        upstream to ``destination`` ends its watch."""
+        scope = self._endpoint_scopes[destination] = trio.CancelScope()
+
+        async def watcher(*args: Any,
+                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            with scope:
+                await watch_endpoints(*args, task_status=task_status)
+
+        return watcher
+
+    def _follow_destinations(self, config: HostConfig, consul: ConsulClient,
+                             n: trio.Nursery) -> None:
+        """Watch the destinations of the upstreams in force, and only those."""
+        wanted = {u.name for _, u in config.upstreams}
+        for dest in sorted(wanted - self._endpoint_scopes.keys()):
+            status = self.state.watches.setdefault(
+                f"endpoints/{dest}", WatchStatus(f"endpoints/{dest}",
+                                                 created=trio.current_time()))
+            n.start_soon(partial(self._endpoint_watcher(dest), consul, dest,
+                                 self._apply_endpoints, status, self.contact))
+        for dest in sorted(self._endpoint_scopes.keys() - wanted):
+            self._endpoint_scopes.pop(dest).cancel()
+            self.state.watches.pop(f"endpoints/{dest}", None)
+
+    async def apply_live_config(self, plan: ReloadPlan) -> ReloadPlan:
+        """Put a reloaded configuration in force (``meshd.daemon.reload`` decides what may
+        change live) and return what is in force. In order: removed upstreams' listeners close
+        (their connections drain in the background until ``drain_timeout``), removed services
+        are deregistered, added services get certificates from the CA with the node
+        certificate (refused: they stay out, with the CA's reason), then the configuration is
+        in force, added upstreams' listeners open (a port that cannot be bound: that upstream
+        stays out), destinations are watched or no longer, added services are registered, and
+        reporters restart with the settings in force. Other listeners are never touched."""
+        n, proxy, tls, consul = self._nursery, self.proxy, self._tls, self._consul
+        if n is None or proxy is None or tls is None or consul is None or self.state.stopping:
+            return with_failures(plan, self.config, [
+                dataclasses.replace(c, note="meshd is not running") for c in plan.applied])
+        config, failed = plan.config, []
+        deadline = trio.current_time() + config.drain_timeout
+        for service_name, upstream_name in plan.upstreams_removed:
+            closed = await n.start(proxy.remove_outbound, service_name, upstream_name, deadline)
+            listeners.forget("outbound", closed)
+        if plan.services_removed:
+            running = self.config
+            # out of the config in force first: no reporter registers them again meanwhile
+            self.config = without_services(running, plan.services_removed)
+            self._reporter_round.cancel()
+            await self._deregister(running, plan.services_removed)
+            self.identity.release(plan.services_removed, tls)
+            for name in plan.services_removed:
+                self.state.health.pop(name, None)
+        if plan.services_added:
+            try:
+                await self.identity.claim([s.name for s in config.services], tls)
+            except (CAError, IdentityError) as exc:
+                for name in plan.services_added:
+                    failed.append(_failed_change(
+                        plan, f"services.{name}", f"the CA issued no certificate for it: {exc} "
+                        "(a node may claim only the services its join token named: mint a "
+                        "token naming it, meshd ca token --node NODE --services ..., and "
+                        "restart)"))
+                    config = without_service(config, name)
         self.config = config
-        if not health_changed or not self.state.ready or self._consul is None:
-            return
-        for name in health_changed:
+        proxy.set_config(config)
+        for service_name, upstream_name in plan.upstreams_added:
+            svc = config.service(service_name)
+            upstream = next((u for u in svc.upstreams if u.name == upstream_name),
+                            None) if svc is not None else None
+            if svc is None or upstream is None:
+                continue  # its service was not added
+            try:
+                listeners.keep("outbound", await proxy.add_outbound(svc, upstream))
+            except ProxyError as exc:
+                failed.append(_failed_change(
+                    plan, f"services.{service_name}.upstreams.{upstream_name}", str(exc)))
+                config = without_upstream(config, service_name, upstream_name)
+                self.config = config
+                proxy.set_config(config)
+        self._follow_destinations(config, consul, n)
+        for name in plan.services_added:
+            svc = config.service(name)
+            if svc is not None:  # registered in the background: the registry may be slow
+                n.start_soon(self._register_added, consul, svc)
+        for name in plan.health_changed:
             svc = config.service(name)
             last = self.state.health.get(name)
             if svc is not None and last is not None:
-                await self._register(self._consul, svc, last)
+                await self._register(consul, svc, last)
+        if plan.health_changed or plan.services_added or plan.services_removed:
+            self._reporter_round.cancel()
+        return with_failures(plan, config, failed)
+
+    async def _register_added(self, consul: ConsulClient, svc: LocalService) -> None:
+        """A service a reload added: probed, registered, then reported like the others."""
+        async with probe_client() as http:
+            first = await probe(svc, http)
+        first.at = trio.current_time()
+        self._record_health(svc.name, first)
+        await self._register(consul, svc, first)
         self._reporter_round.cancel()
+
+    async def _deregister(self, config: HostConfig, names: Sequence[str]) -> None:
+        """Remove the entries of local services ``names`` (app and proxy), bounded."""
+        ids = [i for svc in config.services if svc.name in names
+               for i in (registration.service_id(config, svc),
+                         registration.proxy_id(config, svc))]
+        with trio.move_on_after(DEREGISTER_TIMEOUT):
+            async with self._registry_lock:
+                for sid in ids:
+                    if sid not in self._registered or self._consul is None:
+                        continue
+                    self._registered.remove(sid)
+                    try:
+                        await self._consul.deregister_service(sid)
+                        log.info("deregistered %s (removed by a reload)", sid)
+                    except RegistryError as exc:
+                        log.warning("deregistering %s failed: %s", sid, exc)
 
     def status_line(self) -> str:
         """One line for ``systemctl status``: what this meshd is doing, in numbers."""
@@ -507,6 +635,12 @@ class Daemon:
             with trio.CancelScope(shield=True):
                 await self.proxy.drain(trio.current_time() + self.config.drain_timeout)
         self._cancel.cancel()
+
+
+def _failed_change(plan: ReloadPlan, key: str, note: str) -> Change:
+    """The plan's change of ``key``, with why it could not be made."""
+    return next((dataclasses.replace(c, note=note) for c in plan.applied if c.key == key),
+                Change(key, "", "", note))
 
 
 def _ago(seconds: float) -> str:

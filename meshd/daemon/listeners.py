@@ -47,3 +47,19 @@ def settle(inherited: InheritedSockets,
     if stored:
         log.info("kept %d listening socket(s) in the service manager's fd store for the next "
                  "start: %s", len(stored), ", ".join(stored))
+
+
+def keep(role: str, sockets: Sequence[trio.socket.SocketType]) -> None:
+    """A listener opened while running (a reload) goes into the fd store too, when offered."""
+    if not systemd.fd_store_size(os.environ):
+        return
+    for name, sock in named([(role, sock) for sock in sockets]):
+        systemd.send_fds(name, [sock.fileno()])
+
+
+def forget(role: str, addresses: Sequence[tuple[str, int]]) -> None:
+    """A listener closed while running leaves the fd store: the next start does not get it."""
+    if not systemd.fd_store_size(os.environ):
+        return
+    for host, port in addresses:
+        systemd.send_fds(fd_name(role, host, port), [], remove=True)

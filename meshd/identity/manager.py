@@ -249,6 +249,35 @@ class IdentityManager:
                         format_time(node.not_after))
         return await self.ca.join(self.services)
 
+    async def claim(self, services: Sequence[str], tls: TLSState) -> None:
+        """The host's services are now ``services`` (a reload added some): certificates for
+        all of them, asked with the node certificate (the join token is for joining only, and
+        may be used up). The CA issues for a service only if the node may claim it (the
+        services its token named); it refuses with ``CARefusedError``, and nothing changes."""
+        now = self._clock()
+        node = self.status.node
+        if node is None or not node.valid_at(now):
+            raise CAError("no valid node certificate to ask the CA with")
+        result = await self.ca.renew(services)
+        self.services = tuple(services)
+        await self._store(result)
+        tls.services = self.services
+        tls.reload()
+        self.ca.files_changed()
+        self._succeeded(result, now)
+        log.info("certificates for %s from the CA (renewed with %s)", ", ".join(services),
+                 node.spiffe_id)
+
+    def release(self, services: Sequence[str], tls: TLSState) -> None:
+        """Services no longer on this host (a reload removed them): no longer renewed nor
+        served (their files stay on disk)."""
+        self.services = tuple(s for s in self.services if s not in services)
+        self.status.identities = {k: v for k, v in self.status.identities.items()
+                                  if k not in services}
+        tls.services = tuple(s for s in tls.services if s not in services)
+        if self._on_change is not None and self.status.bundle is not None:
+            self._on_change(self.status.bundle, dict(self.status.identities))
+
     # -- running -------------------------------------------------------------------------------
 
     async def run(self, tls: TLSState, *,

@@ -8,7 +8,9 @@
 
 ``run`` binds every listener first (a port in use is a ``ProxyError`` naming the address), or
 adopts the socket inherited for its address (``meshd.listen_fds``: a restart or an upgrade), and
-reports started only once all of them accept. ``drain(deadline)`` stops accepting, lets
+reports started only once all of them accept. A reload adds and removes outbound listeners
+while the others serve (``add_outbound``, ``remove_outbound``: a removed one drains its own
+connections). ``drain(deadline)`` stops accepting, lets
 requests in flight finish (idle keep-alive connections are closed at once, busy ones after
 their current response) and cuts whatever is left at the deadline.
 """
@@ -18,12 +20,12 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
-from meshd.config.schema import HostConfig
+from meshd.config.schema import HostConfig, LocalService, Upstream
 from meshd.conns.guard import ConnectionGuard, ListenerGuard, accept_loop
 from meshd.errors import ProxyError
 from meshd.identity.tls import TLSState
@@ -53,6 +55,10 @@ class _Listener:
     handle: ConnectionHandler
     sockets: list[trio.SocketListener]
     guard: ListenerGuard  # its connection caps
+    accepting: trio.CancelScope = field(default_factory=trio.CancelScope)  # its accept loops
+    # its connections, each with a scope that cuts it (a listener removed at runtime)
+    connections: dict[ClientConnection, trio.CancelScope] = field(default_factory=dict)
+    emptied: trio.Event | None = None  # set when a removed listener's last connection ends
 
 
 class Proxy:
@@ -77,13 +83,9 @@ class Proxy:
         self._listeners = [_Listener("inbound", "mesh", config.address, config.inbound_port,
                                      inbound.handle, [],
                                      self.guard.listener("inbound", config.inbound_limits))]
-        for service, upstream in config.upstreams:
-            handler = Outbound(service, upstream, outbound_ctx)
-            name = f"{service.name}->{upstream.name}"
-            self._listeners.append(_Listener(
-                "outbound", name, config.outbound_address, upstream.local_port,
-                handler.handle, [], self.guard.listener(f"outbound:{name}",
-                                                        config.outbound_limits)))
+        self._inbound = inbound
+        self._listeners += [self._outbound_listener(service, upstream)
+                            for service, upstream in config.upstreams]
         self._permissive = inbound.permissive is not None
         self._connections: set[ClientConnection] = set()
         self._open = {"inbound": 0, "outbound": 0}  # accepted connections open, by listener
@@ -92,6 +94,15 @@ class Proxy:
         self._draining = False
         self._drained = trio.Event()
         self._stopped = trio.Event()
+        # where runtime listeners (``add_outbound``) accept, and their connections run
+        self._nurseries: tuple[trio.Nursery, trio.Nursery] | None = None
+
+    def _outbound_listener(self, service: LocalService, upstream: Upstream) -> _Listener:
+        handler = Outbound(service, upstream, self._outbound)
+        name = f"{service.name}->{upstream.name}"
+        return _Listener("outbound", name, self.config.outbound_address, upstream.local_port,
+                         handler.handle, [],
+                         self.guard.listener(f"outbound:{name}", self.config.outbound_limits))
 
     # -- addresses (useful with port 0) ----------------------------------------------------------
 
@@ -150,8 +161,10 @@ class Proxy:
                                     for sock in listener.sockets:
                                         accepting.start_soon(self._accept_loop, listener, sock,
                                                              connections)
+                                self._nurseries = (accepting, connections)
                                 self._log_listening()
                                 task_status.started()
+                        self._nurseries = None
                         await self._close_listeners()
                     self._drained.set()
                     nursery.cancel_scope.cancel()
@@ -166,14 +179,7 @@ class Proxy:
         self._draining = True
         self._accepting.cancel()
         for conn in list(self._connections):
-            conn.draining = True
-            if conn.idle_scope is None:
-                continue
-            if conn.served:  # idle between requests: closed now
-                conn.idle_scope.cancel()
-            else:  # its first request may be on its way (``serve_requests``)
-                conn.idle_scope.deadline = min(conn.idle_scope.deadline,
-                                               trio.current_time() + FIRST_REQUEST_GRACE)
+            _drain_connection(conn)
         with trio.move_on_at(deadline) as scope:
             await self._drained.wait()
         if scope.cancelled_caught:
@@ -183,23 +189,92 @@ class Proxy:
         with trio.move_on_after(STOP_GRACE):
             await self._stopped.wait()
 
+    # -- listeners at runtime (a reload adds and removes upstreams) -----------------------------
+
+    def set_config(self, config: HostConfig) -> None:
+        """The configuration in force after a reload: inbound requests for a service added
+        live reach its app (listeners follow ``add_outbound`` / ``remove_outbound``)."""
+        self.config = config
+        self._inbound.ctx.config = config
+
+    async def add_outbound(self, service: LocalService, upstream: Upstream
+                           ) -> list[trio.socket.SocketType]:
+        """Open the outbound listener for ``service``'s ``upstream`` and accept on it, beside
+        the others (none of which is touched). Returns its sockets; a port that cannot be bound
+        is a ``ProxyError`` naming it, and nothing changed."""
+        if self._nurseries is None or self._draining:
+            raise ProxyError("the proxy is not accepting connections (starting or stopping)")
+        listener = self._outbound_listener(service, upstream)
+        await self._bind(listener)
+        accepting, connections = self._nurseries
+        self._listeners.append(listener)
+        for sock in listener.sockets:
+            accepting.start_soon(self._accept_loop, listener, sock, connections)
+        host, port = self._bound(listener)
+        log.info("outbound listener %s on %s:%d (added by a reload)", listener.name, host, port)
+        return [sock.socket for sock in listener.sockets]
+
+    async def remove_outbound(
+        self, service: str, upstream: str, deadline: float,
+        *, task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
+    ) -> int:
+        """Close ``service``'s listener for ``upstream`` at once (new connections are
+        refused), let its connections finish their requests in flight until ``deadline``
+        (idle keep-alive ones close now, as in ``drain``), then cut what is left. Other
+        listeners and their connections are not touched. Started (``nursery.start``) once the
+        port is closed, with the addresses it listened on; returns how many were cut."""
+        name = f"{service}->{upstream}"
+        listener = next((x for x in self._listeners
+                         if x.direction == "outbound" and x.name == name), None)
+        if listener is None:
+            task_status.started([])
+            return 0
+        self._listeners.remove(listener)
+        listener.accepting.cancel()
+        sockets, listener.sockets = listener.sockets, []
+        addresses = [sock.socket.getsockname()[:2] for sock in sockets]
+        for sock in sockets:
+            await trio.aclose_forcefully(sock)
+        task_status.started([(str(host), int(port)) for host, port in addresses])
+        listener.emptied = trio.Event()
+        for conn in list(listener.connections):
+            _drain_connection(conn)
+        if listener.connections:
+            log.info("outbound listener %s closed: draining %d connection(s)", name,
+                     len(listener.connections))
+            with trio.move_on_at(deadline):
+                await listener.emptied.wait()
+        cut = len(listener.connections)
+        for scope in list(listener.connections.values()):
+            scope.cancel()
+        log.info("outbound listener %s removed%s", name,
+                 f": drain deadline reached, {cut} connection(s) cut" if cut else
+                 ", its connections finished")
+        return cut
+
     # -- internals -----------------------------------------------------------------------------
 
     async def _bind_all(self) -> None:
         for listener in self._listeners:
-            adopted = (self._inherited.take(listener.host, listener.port)
-                       if self._inherited is not None else None)
-            if adopted is not None:
-                listener.sockets = [trio.SocketListener(trio.socket.from_stdlib_socket(adopted))]
-                continue
             try:
-                listener.sockets = await trio.open_tcp_listeners(listener.port,
-                                                                 host=listener.host)
-            except OSError as exc:
+                await self._bind(listener)
+            except ProxyError:
                 await self._close_listeners()
-                raise ProxyError(
-                    f"cannot listen on {listener.host}:{listener.port} "
-                    f"({listener.direction} {listener.name}): {exc.strerror or exc}") from exc
+                raise
+
+    async def _bind(self, listener: _Listener) -> None:
+        """Listen for ``listener``: on the socket inherited for its address if there is one."""
+        adopted = (self._inherited.take(listener.host, listener.port)
+                   if self._inherited is not None else None)
+        if adopted is not None:
+            listener.sockets = [trio.SocketListener(trio.socket.from_stdlib_socket(adopted))]
+            return
+        try:
+            listener.sockets = await trio.open_tcp_listeners(listener.port, host=listener.host)
+        except OSError as exc:
+            raise ProxyError(
+                f"cannot listen on {listener.host}:{listener.port} "
+                f"({listener.direction} {listener.name}): {exc.strerror or exc}") from exc
 
     async def _close_listeners(self) -> None:
         # close, never shutdown(): an inherited socket stays listening for its other holders
@@ -233,23 +308,42 @@ class Proxy:
                       timeout)
             self.metrics.connection_errors.labels("inbound", "handshake_timeout").inc()
 
-        await accept_loop(sock, listener.guard, serve, connections, accept_failed,
-                          first_byte_timeout=first_byte, on_silent=silent)
+        with listener.accepting:
+            await accept_loop(sock, listener.guard, serve, connections, accept_failed,
+                              first_byte_timeout=first_byte, on_silent=silent)
 
     async def _serve_connection(self, listener: _Listener, accepted: trio.SocketStream,
                                 peer: str) -> None:
         # the raw stream takes the socket over (sockio: the request path's I/O)
         stream = SocketConnection.from_trio(accepted.socket)
-        conn = ClientConnection(peer, draining=self._draining)
+        conn = ClientConnection(peer, draining=self._draining or listener.emptied is not None)
         self._connections.add(conn)
         self._open[listener.direction] = self._open.get(listener.direction, 0) + 1
         try:
-            await listener.handle(stream, conn)
+            with trio.CancelScope() as scope:
+                listener.connections[conn] = scope
+                await listener.handle(stream, conn)
         except Exception:
             # A bug in one connection must not take the listener down with it.
             log.exception("%s listener %s: connection from %s failed", listener.direction,
                           listener.name, peer)
         finally:
             self._connections.discard(conn)
+            listener.connections.pop(conn, None)
+            if listener.emptied is not None and not listener.connections:
+                listener.emptied.set()
             self._open[listener.direction] -= 1
             stream.close()
+
+
+def _drain_connection(conn: ClientConnection) -> None:
+    """Mark ``conn`` draining: closed now if idle between requests, after its current response
+    otherwise; one just accepted gets a moment for its first request."""
+    conn.draining = True
+    if conn.idle_scope is None:
+        return
+    if conn.served:  # idle between requests: closed now
+        conn.idle_scope.cancel()
+    else:  # its first request may be on its way (``serve_requests``)
+        conn.idle_scope.deadline = min(conn.idle_scope.deadline,
+                                       trio.current_time() + FIRST_REQUEST_GRACE)

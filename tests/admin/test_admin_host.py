@@ -27,7 +27,7 @@ def test_which_hosts_name_the_admin_api(host: str, allowed: bool) -> None:
 
 async def test_a_rebound_name_gets_421_and_nothing_else(nursery: trio.Nursery) -> None:
     metrics = Metrics()
-    api = AdminAPI(metrics, lambda: True, lambda: {"node": "secret-topology"},
+    api = AdminAPI(metrics, lambda: [], lambda: {"node": "secret-topology"},
                    allowed_hosts=["vm1.example"])
     listeners = await nursery.start(partial(api.serve, "127.0.0.1", 0))
     port = listeners[0].socket.getsockname()[1]

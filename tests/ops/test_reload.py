@@ -75,9 +75,7 @@ def test_restart_keys_are_reported_and_not_applied() -> None:
     running = host()
     loaded = host(node="host-z", inbound={"port": 15009}, registry="consul://10.0.0.9:8500",
                   admin={"address": "127.0.0.1:15005"},
-                  services=with_service(0, port=8088, upstreams=[
-                      {"name": "payments", "local_port": 9999},
-                      {"name": "search", "local_port": 9393}]))
+                  services=with_service(0, port=8088))
     plan = plan_reload(running, loaded)
     assert plan.applied == ()
     assert [str(c) for c in plan.needs_restart] == [
@@ -86,29 +84,59 @@ def test_restart_keys_are_reported_and_not_applied() -> None:
         "inbound.port: 15001 -> 15009",
         "admin.address: 127.0.0.1:15000 -> 127.0.0.1:15005",
         "services.web.port: 8080 -> 8088",
-        "services.web.upstreams.payments.local_port: 9191 -> 9999",
-        "services.web.upstreams.search: (absent) -> local_port 9393",
     ]
+    assert plan.needs_restart[2].restart_reason == "the inbound mTLS listener is bound at start"
     assert plan.config == running  # nothing pretended
     assert summary(plan).startswith("RESTART NEEDED for node, registry, inbound.port")
 
 
-def test_added_and_removed_services_need_a_restart_while_health_still_applies() -> None:
+def test_upstreams_are_added_removed_and_replaced_live() -> None:
+    running = host()
+    loaded = host(services=with_service(0, upstreams=[
+        {"name": "payments", "local_port": 9999}, {"name": "search", "local_port": 9393}]))
+    plan = plan_reload(running, loaded)
+    assert plan.needs_restart == ()
+    assert [str(c) for c in plan.applied] == [
+        "services.web.upstreams.payments: local_port 9191 http -> local_port 9999 http",
+        "services.web.upstreams.search: (absent) -> local_port 9393 http",
+    ]
+    # a changed upstream is replaced: its old listener drains, the new one opens
+    assert plan.upstreams_removed == (("web", "payments"),)
+    assert plan.upstreams_added == (("web", "payments"), ("web", "search"))
+    assert plan.config.service("web") == loaded.service("web")
+    back = plan_reload(plan.config, running)
+    assert back.upstreams_removed == (("web", "payments"), ("web", "search"))
+    assert back.upstreams_added == (("web", "payments"),)
+
+
+def test_services_are_added_and_removed_live_with_health() -> None:
     running = host()
     loaded = host(services=[
         {"name": "web", "port": 8080, "health": {"http": "/healthz", "interval": "2s"},
          "upstreams": [{"name": "payments", "local_port": 9191}]},
-        {"name": "search", "port": 8090},
+        {"name": "search", "port": 8090, "upstreams": [{"name": "web", "local_port": 9292}]},
     ])
     plan = plan_reload(running, loaded)
-    assert [str(c) for c in plan.applied] == ["services.web.health.interval: 5s -> 2s"]
-    assert [str(c) for c in plan.needs_restart] == [
-        "services.cart: port 8081 -> (absent)", "services.search: (absent) -> port 8090"]
-    # cart keeps running (its removal needs a restart); search is not started
-    assert [s.name for s in plan.config.services] == ["web", "cart"]
-    assert summary(plan) == ("reload applied 1 change(s); RESTART NEEDED for services.cart, "
-                             "services.search")
+    assert [str(c) for c in plan.applied] == [
+        "services.web.health.interval: 5s -> 2s", "services.cart: port 8081 -> (absent)",
+        "services.search: (absent) -> port 8090"]
+    assert plan.needs_restart == ()
+    assert plan.services_added == ("search",) and plan.services_removed == ("cart",)
+    assert plan.upstreams_added == (("search", "web"),) and plan.upstreams_removed == ()
+    assert [s.name for s in plan.config.services] == ["web", "search"]
+    assert summary(plan) == "reload applied 3 change(s)"
     assert Change("k", "a", "b") == dataclasses.replace(Change("k", "a", "x"), new="b")
+
+
+def test_a_permissive_service_is_added_or_removed_only_by_a_restart() -> None:
+    running = host()
+    loaded = host(services=[*with_service(0), {"name": "legacy", "port": 8095,
+                                               "mtls": "permissive"}])
+    plan = plan_reload(running, loaded)
+    assert plan.applied == () and plan.services_added == ()
+    assert [c.key for c in plan.needs_restart] == ["services.legacy"]
+    assert "permissive" in plan.needs_restart[0].restart_reason
+    assert plan.config == running
 
 
 # -- SIGHUP to a real meshd run -----------------------------------------------------------------
