@@ -30,7 +30,7 @@ from meshd.registry.embedded.server import RegistryConfig, listen_port, serve_re
 from tui.model import MeshModel
 from tui.observe import Instance, Observation, instances_from_health_connect
 from tui.source import RegistrySource, on_this_machine
-from tui.views import host_rows
+from tui.views import host_rows, service_detail
 
 TD = "console.mesh"
 # each host's own address (inbound) and, apart from it, its admin API's
@@ -152,6 +152,10 @@ async def test_the_console_reads_every_host_at_its_published_address(mesh: Mesh)
         model.ingest(obs)
     rows = {r.record.node: r for r in host_rows(model, time.time())}
     assert sorted(rows) == sorted(HOSTS) and all(r.record.reachable for r in rows.values())
+    # each instance is matched to its host (by node: the admin API is not on its address)
+    detail = service_detail(model, "payments", time.time())
+    assert {(i.node, i.host.admin if i.host else "") for i in detail.instances} == set(
+        mesh.admin.items())
 
 
 @pytest.mark.trio
