@@ -8,10 +8,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from meshd.registry.model import ADMIN_META, ADMIN_TLS_META, NODE_META, VERSION_META
 from tui.prom import MetricSample
 
-VERSION_META = "version"
-NODE_META = "meshd-node"
 _STATUS_ORDER = {"passing": 0, "warning": 1, "critical": 2}
 
 
@@ -27,6 +26,8 @@ class Instance:
     port: int
     version: str
     status: str  # passing | warning | critical
+    admin: str = ""  # its host's admin API "HOST:PORT" as published ("": published nothing)
+    admin_tls: bool = False  # that admin API needs an operator certificate (published)
 
     @property
     def healthy(self) -> bool:
@@ -98,6 +99,8 @@ def instances_from_health_connect(service: str, entries: Sequence[Any]) -> list[
             port=int(svc.get("Port") or 0),
             version=str(meta.get(VERSION_META) or ""),
             status=status if status in _STATUS_ORDER else "critical",
+            admin=str(meta.get(ADMIN_META) or ""),
+            admin_tls=meta.get(ADMIN_TLS_META) == "true",
         ))
     return out
 

@@ -1,10 +1,13 @@
 """Where the console's data comes from, and where a split edit goes.
 
 ``RegistrySource`` finds every meshd through the registry: each mesh service instance is fronted
-by a ``connect-proxy`` registration whose address is its host's, and the admin API listens on
-``<that address>:<admin port>`` (the port is the same on every host in laptop mode and in the
-shipped configs; the console takes it on its command line). Each refresh reads the registry and
-every known meshd concurrently, each read bounded by a timeout well under the refresh interval.
+by a ``connect-proxy`` registration whose address is its host's, and whose Meta carries where
+that host's admin API listens (``meshd-admin``, "HOST:PORT") and whether it needs an operator
+certificate (``meshd-admin-tls``). A host that publishes nothing (an older meshd) is read at
+``<its address>:<admin port>``, the port from the console's command line. An admin API on
+loopback only is read when its host is this machine; otherwise it is shown unreachable with
+that reason, without a timeout. Each refresh reads the registry and every known meshd
+concurrently, each read bounded by a timeout well under the refresh interval.
 ``FixedSource`` replays recorded observations (tests, screenshots). Both run under asyncio (the
 console's event loop) and go through meshd's own clients: the Consul adapter, the one admin
 client (``meshd.admin.client``) and the one mesh config store (``meshd.registry.config_store``),
@@ -13,9 +16,13 @@ where a split edit is written with check-and-set."""
 from __future__ import annotations
 
 import asyncio
+import functools
+import ipaddress
+import socket
 import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from meshd.admin.client import DEFAULT_ADMIN_PORT, AdminClient, AdminError, Failure
@@ -86,6 +93,37 @@ class MemoryRouteStore(RouteConfigStore):
         return self.kv.writes
 
 
+@functools.cache
+def on_this_machine(address: str) -> bool:
+    """Whether the IP ``address`` is one of this machine's own (it can be bound here; a name
+    is not looked up: hosts register IP addresses)."""
+    try:
+        ip = ipaddress.ip_address(address)
+        with socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET) as sock:
+            sock.bind((str(ip), 0))
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _loopback_only(admin: str) -> bool:
+    host = admin.rpartition(":")[0].strip("[]")
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+@dataclass(frozen=True)
+class AdminTarget:
+    """How the console reads one host's admin API."""
+
+    address: str  # HOST:PORT to contact
+    node: str
+    tls: bool | None = None  # as published; None: published nothing (the console's own scheme)
+    unreachable: str = ""  # why it is not contacted at all from here ("": it is)
+
+
 def _reason(exc: BaseException) -> str:
     """Why a read of the registry failed."""
     if isinstance(exc, TimeoutError):
@@ -100,11 +138,14 @@ class RegistrySource:
         admin_tls: ssl.SSLContext | None = None,
         admin_client_cert: bool = False, tls_options: tuple[str, str, str] = ADMIN_TLS_OPTIONS,
         clock: Callable[[], float] = time.time, signer: OperatorKey | None = None,
+        here: Callable[[str], bool] = on_this_machine,
     ) -> None:
-        """``admin_tls``: read admin APIs over HTTPS with this context (``[admin] tls =
-        true``); ``admin_client_cert``: it holds an operator certificate (for the reason shown
-        when a host refuses); ``token``: the registry ACL token (reads, and split edits);
-        ``signer``: the operator certificate split edits are signed with."""
+        """``admin_port``: for hosts that do not publish their admin address; ``admin_tls``:
+        read admin APIs over HTTPS with this context (``[admin] tls = true``);
+        ``admin_client_cert``: it holds an operator certificate (for the reason shown when a
+        host refuses); ``token``: the registry ACL token (reads, and split edits); ``signer``:
+        the operator certificate split edits are signed with; ``here``: whether an address is
+        this machine's (an admin API on loopback is reachable only from its own host)."""
         self.description = f"registry {registry_url.rstrip('/')}"
         self.consul = ConsulClient(registry_url, token=token)
         self.routes = RouteConfigStore(self.consul, signer=signer)
@@ -113,16 +154,36 @@ class RegistrySource:
         self.clock = clock
         self.admin = AdminClient(admin_tls, client_cert=admin_client_cert, timeout=timeout,
                                  options=tls_options, max_keepalive=64)
-        self._hosts: dict[str, str] = {}  # admin HOST:PORT -> node name, every host ever seen
+        # for hosts that publish a plain admin API while the console reads others over TLS
+        self.plain = AdminClient(None, timeout=timeout) if admin_tls is not None else self.admin
+        self.tls_options = tls_options
+        self.here = here
+        self._hosts: dict[str, AdminTarget] = {}  # by the host's key in the console, ever seen
         self._limit = asyncio.Semaphore(32)
 
     async def aclose(self) -> None:
         await self.admin.aclose()
+        if self.plain is not self.admin:
+            await self.plain.aclose()
         await self.consul.aclose()
 
-    def admin_address(self, instance: Instance) -> str:
-        host = f"[{instance.address}]" if ":" in instance.address else instance.address
-        return f"{host}:{self.admin_port}"
+    def admin_target(self, instance: Instance) -> tuple[str, AdminTarget]:
+        """The host's key in the console (its admin HOST:PORT) and how to read it."""
+        if not instance.admin:
+            host = f"[{instance.address}]" if ":" in instance.address else instance.address
+            address = f"{host}:{self.admin_port}"
+            return address, AdminTarget(address, instance.node)
+        admin, tls = instance.admin, instance.admin_tls
+        if _loopback_only(admin) and not self.here(instance.address):
+            # every such host may publish the same address: told apart by the host's own
+            return f"{admin} on {instance.address}", AdminTarget(
+                admin, instance.node, tls,
+                f"admin on loopback only ({admin}): not reachable from here")
+        if tls and self.admin.tls is None:
+            return admin, AdminTarget(admin, instance.node, tls, (
+                "admin API over TLS: an operator certificate is required "
+                f"({', '.join(self.tls_options)})"))
+        return admin, AdminTarget(admin, instance.node, tls)
 
     async def poll(self) -> Observation:
         at = self.clock()
@@ -130,8 +191,9 @@ class RegistrySource:
         registry, hosts = await asyncio.gather(
             self._poll_registry(at), self._poll_hosts(known, at))
         for inst in registry.instances:
-            self._hosts.setdefault(self.admin_address(inst), inst.node)
-        found = {a: n for a, n in self._hosts.items() if a not in known}
+            key, target = self.admin_target(inst)
+            self._hosts[key] = target  # (a restarted host may publish anew)
+        found = {k: t for k, t in self._hosts.items() if k not in known}
         if found:  # new hosts: read them now rather than a refresh later
             hosts += await self._poll_hosts(found, at)
         return Observation(at, registry, tuple(sorted(hosts, key=lambda h: h.admin)))
@@ -149,24 +211,27 @@ class RegistrySource:
                      for i in instances_from_health_connect(s, a.data)]
         return RegistryPoll(at, "", tuple(instances), routes, index)
 
-    async def _poll_hosts(self, hosts: Mapping[str, str], at: float) -> list[HostPoll]:
-        return list(await asyncio.gather(*(self._poll_host(a, n, at)
-                                           for a, n in sorted(hosts.items()))))
+    async def _poll_hosts(self, hosts: Mapping[str, AdminTarget], at: float) -> list[HostPoll]:
+        return list(await asyncio.gather(*(self._poll_host(k, t, at)
+                                           for k, t in sorted(hosts.items()))))
 
-    async def _poll_host(self, admin: str, node: str, at: float) -> HostPoll:
-        base = self.admin.base_url(admin)
+    async def _poll_host(self, key: str, target: AdminTarget, at: float) -> HostPoll:
+        node = target.node
+        if target.unreachable:
+            return HostPoll(key, node, at, error=target.unreachable)
+        client = self.plain if target.tls is False else self.admin
+        base = client.base_url(target.address)
         try:
             async with self._limit, asyncio.timeout(self.timeout):
-                state, text = await asyncio.gather(self.admin.state(base),
-                                                   self.admin.metrics(base))
+                state, text = await asyncio.gather(client.state(base), client.metrics(base))
             metrics = parse_metrics(text)
         except AdminError as exc:
-            plain_refusal = exc.failure is Failure.CONNECT and self.admin.tls is None
-            return HostPoll(admin, node, at,
+            plain_refusal = exc.failure is Failure.CONNECT and client.tls is None
+            return HostPoll(key, node, at,
                             error="connection refused" if plain_refusal else exc.reason)
         except (TimeoutError, ValueError) as exc:
-            return HostPoll(admin, node, at, error=_reason(exc))
-        return HostPoll(admin, str(state.get("node") or node), at, state, metrics)
+            return HostPoll(key, node, at, error=_reason(exc))
+        return HostPoll(key, str(state.get("node") or node), at, state, metrics)
 
 
 class FixedSource:

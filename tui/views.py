@@ -390,12 +390,16 @@ def caller_views(model: MeshModel, service: str, now: float) -> dict[str, _Calle
 def service_detail(model: MeshModel, service: str, now: float) -> ServiceDetail:
     nodes, edges = build_graph(model)
     node = next((n for n in nodes if n.service == service), None)
-    by_address = {h.admin.rsplit(":", 1)[0]: h for h in model.hosts.values()}
+    # an instance's host by node name: a host's admin API may listen apart from its address
+    by_node: dict[str, HostRecord] = {}
+    for host in model.sorted_hosts():  # a host seen at two admin addresses: a reachable one
+        if host.node not in by_node or host.reachable:
+            by_node[host.node] = host
     subsets = {s.version: s.name for s in (node.subsets if node else ()) if s.name}
     callers = caller_views(model, service, now)
     instances = []
     for inst in model.instances(service):
-        found = by_address.get(inst.address)
+        found = by_node.get(inst.node)
         history = tuple(found.inbound_history.get(service, ())) if found else ()
         rate = model.inbound_traffic(found, service).rate if found and found.samples else None
         seen = callers.get(inst.instance_id)

@@ -18,8 +18,9 @@ def register(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
         "tui", help="the operator console: live topology, hosts, events; edit traffic splits",
         description="Find every meshd through the registry (each mesh instance's connect-proxy "
-        "registration carries its host's address; the admin API is that address at "
-        "--admin-port), show the mesh live, and edit traffic splits in the registry's KV "
+        "registration carries its host's admin address and whether that needs an operator "
+        "certificate; a host that publishes none is read at its address and --admin-port), "
+        "show the mesh live, and edit traffic splits in the registry's KV "
         "with check-and-set. Press ? in the console for its keys.",
     )
     p.add_argument("--registry", default=DEFAULT_REGISTRY, metavar="URL",
@@ -30,7 +31,8 @@ def register(sub: Any) -> None:
                    "$CONSUL_HTTP_TOKEN_FILE names, else the operator token of a running "
                    "`meshd up` for this registry)")
     p.add_argument("--admin-port", type=int, default=DEFAULT_ADMIN_PORT, metavar="PORT",
-                   help=f"admin API port of every meshd (default: {DEFAULT_ADMIN_PORT})")
+                   help="admin API port of the meshds that do not publish their admin address "
+                   f"in the registry (default: {DEFAULT_ADMIN_PORT})")
     p.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
                    help="refresh interval (default: 1)")
     p.add_argument("--admin-ca", metavar="FILE",

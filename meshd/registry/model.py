@@ -12,6 +12,8 @@ from typing import Any
 VERSION_META = "version"
 NODE_META = "meshd-node"
 LABEL_META_PREFIX = "meshd-label-"  # a host label ``zone = "eu-1"`` is ``meshd-label-zone``
+ADMIN_META = "meshd-admin"  # where its host's admin API listens, "HOST:PORT" (the console reads it)
+ADMIN_TLS_META = "meshd-admin-tls"  # "true": that admin API needs an operator certificate
 PASSING = "passing"
 CRITICAL = "critical"
 

@@ -8,7 +8,13 @@ from __future__ import annotations
 from typing import Any
 
 from meshd.config.schema import HostConfig, LocalService
-from meshd.registry.model import LABEL_META_PREFIX, NODE_META, VERSION_META
+from meshd.registry.model import (
+    ADMIN_META,
+    ADMIN_TLS_META,
+    LABEL_META_PREFIX,
+    NODE_META,
+    VERSION_META,
+)
 
 CHECK_TTL_FACTOR = 3  # a TTL of three probe intervals tolerates one late report
 MIN_TTL = 3.0
@@ -37,9 +43,20 @@ def _ttl(svc: LocalService) -> str:
     return f"{seconds:g}s"
 
 
+def admin_meta(config: HostConfig) -> dict[str, str]:
+    """Where the host's admin API listens (a wildcard bind is published as the host's address)
+    and whether it needs an operator certificate; nothing when it has no admin API."""
+    if not config.admin_port:
+        return {}
+    host = config.address if config.admin_host in ("0.0.0.0", "::") else config.admin_host
+    host = f"[{host}]" if ":" in host else host
+    return {ADMIN_META: f"{host}:{config.admin_port}",
+            ADMIN_TLS_META: "true" if config.admin_tls else "false"}
+
+
 def _meta(config: HostConfig, svc: LocalService) -> dict[str, str]:
     return {VERSION_META: svc.version, NODE_META: config.node,
-            "protocol": svc.protocol.value,
+            "protocol": svc.protocol.value, **admin_meta(config),
             **{f"{LABEL_META_PREFIX}{name}": value for name, value in config.labels}}
 
 

@@ -119,3 +119,25 @@ def test_host_labels_travel_in_meta_to_the_endpoints(tmp_path: Path) -> None:
     (endpoint,) = endpoints_from_health_connect("payments", [entry])
     assert endpoint.labels == (("region", "eu"), ("zone", "eu-1"))
     assert endpoint.label("zone") == "eu-1" and endpoint.label("rack") is None
+
+
+@pytest.mark.parametrize(("admin", "published"), [
+    ({}, ("127.0.0.1:15000", "false")),  # the default: loopback only, published as it is
+    ({"address": "10.0.0.5:15000", "tls": True}, ("10.0.0.5:15000", "true")),
+    ({"address": "0.0.0.0:15100", "tls": True}, ("10.0.0.5:15100", "true")),  # wildcard: host's
+    ({"address": "[::]:15100", "tls": True}, ("10.0.0.5:15100", "true")),
+    ({"address": "[fd00::5]:15100", "tls": True}, ("[fd00::5]:15100", "true")),
+])
+def test_each_registration_publishes_the_admin_address_and_whether_it_needs_tls(
+        tmp_path: Path, admin: dict[str, Any], published: tuple[str, str]) -> None:
+    config = parse_host_config({
+        "node": "host-b", "address": "10.0.0.5", "trust_domain": "shop.mesh",
+        "ca": {"url": "https://127.0.0.1:8443", "fingerprint": "sha256:" + "0" * 64,
+               "token_file": "t"},
+        "admin": admin, "services": [{"name": "payments", "port": 9001}],
+    }, "m.toml", tmp_path)
+    svc = config.services[0]
+    for definition in (registration.app_registration(config, svc),
+                       registration.proxy_registration(config, svc)):
+        meta = definition["Meta"]
+        assert (meta["meshd-admin"], meta["meshd-admin-tls"]) == published

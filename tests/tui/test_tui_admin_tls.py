@@ -163,8 +163,9 @@ async def test_the_console_reads_state_and_metrics_with_an_operator_certificate(
                "(--admin-cert, --admin-key)"),
     ("service", "refused: client spiffe://console.mesh/svc/payments is not an operator "
                 "(`meshd ca issue --operator NAME`)"),
-    ("plain", "closed without an answer: is the admin API over TLS? then give --admin-ca, "
-              "--admin-cert, --admin-key"),
+    # the host publishes that its admin API needs one: not contacted without
+    ("plain", "admin API over TLS: an operator certificate is required (--admin-ca, "
+              "--admin-cert, --admin-key)"),
 ])
 @pytest.mark.trio
 async def test_without_an_operator_certificate_the_host_is_unreachable_with_a_reason(
