@@ -38,7 +38,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -50,10 +50,10 @@ from meshd import systemd
 from meshd.admin.server import AdminAPI
 from meshd.admin.state import DaemonState, build_state, not_ready_reasons
 from meshd.backoff import backoff_delay
-from meshd.config.schema import HostConfig, LocalService
+from meshd.config.schema import HostConfig
 from meshd.daemon import handover, listeners
-from meshd.daemon.health import probe, probe_client, report_health
 from meshd.daemon.last_known import EndpointKeeper, endpoints_file, load_last_known
+from meshd.daemon.registrar import Registrar
 from meshd.daemon.reload import (
     Change,
     ReloadPlan,
@@ -70,7 +70,6 @@ from meshd.errors import (
     MeshError,
     Problem,
     ProxyError,
-    RegistryError,
 )
 from meshd.identity.ca_client import CARefusedError
 from meshd.identity.certs import Identity, TrustBundle
@@ -80,7 +79,6 @@ from meshd.listen_fds import InheritedSockets
 from meshd.metrics import Metrics
 from meshd.proxy.core.view import ViewCell
 from meshd.proxy.server import Proxy
-from meshd.registry import registration
 from meshd.registry.consul import ConsulClient, registry_token
 from meshd.registry.model import EndpointSet, ProbeResult
 from meshd.registry.watch import (
@@ -95,7 +93,6 @@ from meshd.registry.watch import (
 log = logging.getLogger(__name__)
 
 FIRST_DENYLIST_WAIT = 5.0
-DEREGISTER_TIMEOUT = 5.0
 # started from the last known state: how long registration may hold readiness back (the
 # registry may be the very thing that is down; registration goes on in the background)
 REGISTER_WAIT_FROM_DISK = 1.0
@@ -132,14 +129,9 @@ class Daemon:
         self._tls: TLSState | None = None
         self._cancel = trio.CancelScope()
         self._consul: ConsulClient | None = None
-        self._registered: list[str] = []
-        self._registry_lock = trio.Lock()
-        self._reporters = trio.CancelScope()
-        self._reporter_round = trio.CancelScope()  # cancelled to restart reporters (reload)
         self._nursery: trio.Nursery | None = None  # the lifetime tree's (a reload starts tasks)
         self._endpoint_scopes: dict[str, trio.CancelScope] = {}  # per destination watched
         self.ready_event = trio.Event()  # set once, when the daemon first becomes ready
-        self.registered = trio.Event()  # set once every local service was first registered
         self.status_note = ""  # appended to the systemd status line (e.g. a refused reload)
         self.identity = IdentityManager.for_config(
             config, lambda: read_join_token(self.config), metrics=self.metrics,
@@ -150,6 +142,9 @@ class Daemon:
         self.routes = RouteTableInForce(config.state_dir, self.view, self.metrics, self.state,
                                         self._route_trust, self._routes_changed)
         self.identity.on_revoked = self.routes.signer_revoked
+        self.registrar = Registrar(lambda: self.config, lambda: self.state.stopping,
+                                   self._record_health, self.contact)
+        self.registered = self.registrar.registered  # set once every service was registered
         self.known_endpoints = EndpointKeeper(
             endpoints_file(config.state_dir), config.trust_domain,
             lambda: self.view.current.endpoints, time.time)
@@ -387,83 +382,11 @@ class Daemon:
             nag_scope.cancel()
             task_status.started()
 
-    # -- registration --------------------------------------------------------------------------
-
     async def _register_then_report(self, consul: ConsulClient) -> None:
-        await self._register_all(consul)
-        self.registered.set()
-        self.state.registered = True
-        await self._report_health(consul)
+        def registered() -> None:
+            self.state.registered = True
 
-    async def _register_all(self, consul: ConsulClient) -> None:
-        """Register every local service and its proxy, each check starting in the state of a
-        first probe of the app."""
-        async with probe_client() as http:
-            for svc in self.config.services:
-                first = await probe(svc, http)
-                first.at = trio.current_time()
-                self._record_health(svc.name, first)
-                await self._register(consul, svc, first)
-
-    async def _register(self, consul: ConsulClient, svc: LocalService,
-                        health: ProbeResult) -> None:
-        """Register ``svc`` and its proxy, retrying with backoff. Serialised with
-        deregistration, and a no-op once stopping, so a SIGTERM during start-up never leaves
-        an entry behind."""
-        for definition in (registration.app_registration(self.config, svc, health.status),
-                           registration.proxy_registration(self.config, svc, health.status)):
-            attempt = 0
-            while True:
-                async with self._registry_lock:
-                    if self.state.stopping or self.config.service(svc.name) is None:
-                        return  # (stopping, or removed by a reload)
-                    try:
-                        await consul.register_service(definition)
-                    except RegistryError as exc:
-                        error = exc
-                    else:
-                        if definition["ID"] not in self._registered:
-                            self._registered.append(definition["ID"])
-                        log.info("registered %s in %s (%s)", definition["ID"],
-                                 self.config.registry_url, health.status)
-                        break
-                attempt += 1
-                log.warning("registering %s failed (attempt %d): %s", definition["ID"],
-                            attempt, error)
-                # the backoff ends early when the heartbeat sees the registry come back
-                with trio.move_on_after(backoff_delay(attempt, random.random())):
-                    await self.contact.changed().wait()
-
-    async def _report_health(
-        self, consul: ConsulClient,
-        *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        """The health reporters, under one scope that ``stop()`` cancels before it
-        deregisters (so no TTL update races the deregistration)."""
-        started = False
-        with self._reporters:
-            while True:  # one round per health settings in force (a reload starts a new one)
-                config = self.config
-                self._reporter_round = trio.CancelScope()
-                with self._reporter_round:
-                    async with trio.open_nursery() as nursery:
-                        for svc in config.services:
-                            sid = registration.service_id(config, svc)
-                            checks = (registration.check_id(sid),
-                                      registration.check_id(registration.proxy_id(config, svc)))
-
-                            async def reregister(result: ProbeResult,
-                                                 svc: LocalService = svc) -> None:
-                                await self._register(consul, svc, result)
-
-                            await nursery.start(
-                                report_health, svc, consul, checks,
-                                lambda r, name=svc.name: self._record_health(name, r),
-                                reregister)
-                        if not started:
-                            task_status.started()
-                            started = True
-                        await trio.sleep_forever()
+        await self.registrar.register_then_report(consul, registered)
 
     def _endpoint_watcher(self, destination: str) -> Any:
         """``watch_endpoints`` under a scope of its own: a reload that removes the last
@@ -513,8 +436,8 @@ class Daemon:
             running = self.config
             # out of the config in force first: no reporter registers them again meanwhile
             self.config = without_services(running, plan.services_removed)
-            self._reporter_round.cancel()
-            await self._deregister(running, plan.services_removed)
+            self.registrar.restart_reporters()
+            await self.registrar.deregister(running, plan.services_removed)
             self.identity.release(plan.services_removed, tls)
             for name in plan.services_removed:
                 self.state.health.pop(name, None)
@@ -549,41 +472,15 @@ class Daemon:
         for name in plan.services_added:
             svc = config.service(name)
             if svc is not None:  # registered in the background: the registry may be slow
-                n.start_soon(self._register_added, consul, svc)
+                n.start_soon(self.registrar.register_added, consul, svc)
         for name in plan.health_changed:
             svc = config.service(name)
             last = self.state.health.get(name)
             if svc is not None and last is not None:
-                await self._register(consul, svc, last)
+                await self.registrar.register(consul, svc, last)
         if plan.health_changed or plan.services_added or plan.services_removed:
-            self._reporter_round.cancel()
+            self.registrar.restart_reporters()
         return with_failures(plan, config, failed)
-
-    async def _register_added(self, consul: ConsulClient, svc: LocalService) -> None:
-        """A service a reload added: probed, registered, then reported like the others."""
-        async with probe_client() as http:
-            first = await probe(svc, http)
-        first.at = trio.current_time()
-        self._record_health(svc.name, first)
-        await self._register(consul, svc, first)
-        self._reporter_round.cancel()
-
-    async def _deregister(self, config: HostConfig, names: Sequence[str]) -> None:
-        """Remove the entries of local services ``names`` (app and proxy), bounded."""
-        ids = [i for svc in config.services if svc.name in names
-               for i in (registration.service_id(config, svc),
-                         registration.proxy_id(config, svc))]
-        with trio.move_on_after(DEREGISTER_TIMEOUT):
-            async with self._registry_lock:
-                for sid in ids:
-                    if sid not in self._registered or self._consul is None:
-                        continue
-                    self._registered.remove(sid)
-                    try:
-                        await self._consul.deregister_service(sid)
-                        log.info("deregistered %s (removed by a reload)", sid)
-                    except RegistryError as exc:
-                        log.warning("deregistering %s failed: %s", sid, exc)
 
     def status_line(self) -> str:
         """One line for ``systemctl status``: what this meshd is doing, in numbers."""
@@ -603,15 +500,8 @@ class Daemon:
 
     async def _deregister_all(self) -> None:
         """Remove every entry this daemon registered (shielded, bounded)."""
-        with trio.CancelScope(shield=True), trio.move_on_after(DEREGISTER_TIMEOUT):
-            async with self._registry_lock:
-                while self._registered and self._consul is not None:
-                    sid = self._registered.pop()
-                    try:
-                        await self._consul.deregister_service(sid)
-                        log.info("deregistered %s", sid)
-                    except RegistryError as exc:
-                        log.warning("deregistering %s failed: %s", sid, exc)
+        if self._consul is not None:
+            await self.registrar.deregister_all(self._consul)
 
     async def stop(self, *, deregister: bool = True) -> None:
         """Graceful stop: stop reporting health, deregister (so peers stop choosing this host),
@@ -624,13 +514,12 @@ class Daemon:
             return
         self.state.stopping = True
         self.state.ready = False
-        self._reporters.cancel()
+        self.registrar.stop_reporting()
         if deregister:
             await self._deregister_all()
         else:
             self._admin_scope.cancel()
-            async with self._registry_lock:
-                self._registered.clear()  # the successor's entries now: never deregistered
+            await self.registrar.hand_over()  # the successor's entries now
         if self.proxy is not None:
             with trio.CancelScope(shield=True):
                 await self.proxy.drain(trio.current_time() + self.config.drain_timeout)
