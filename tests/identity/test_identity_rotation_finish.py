@@ -10,7 +10,6 @@ once every node has confirmed its new-root certificates.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -24,17 +23,16 @@ from typing import Any
 import httpx
 import pytest
 import trio
+from cryptography import x509
 from daemon_testing import app, single_route
 from mesh_testing import Mesh, wait_for
 from net_testing import free_port
 
-from cryptography import x509
-
 from meshd.ca import audit
 from meshd.ca.store import TokenStore, init_ca, load_ca
 from meshd.identity import keys
-from meshd.registry.operator_key import OperatorKey
 from meshd.registry.embedded.server import RegistryConfig, listen_port, serve_registry
+from meshd.registry.operator_key import OperatorKey
 
 TD = "finish.mesh"
 HOSTS = {"host-a": "127.0.47.1", "host-b": "127.0.47.2", "host-c": "127.0.47.3"}
