@@ -20,6 +20,7 @@ import trio
 
 from meshd import systemd, timestamps
 from meshd.ca import issuer, operations, server, store
+from meshd.cli import exits
 from meshd.cli.limits import add_limit_flags, limits_from_args
 from meshd.config import durations as config_durations
 from meshd.config.schema import ListenerLimits
@@ -123,10 +124,10 @@ def register(subparsers: Any) -> None:
                    help="ask every node still on the previous root to renew now, wait until "
                         "they have, then drop the previous root (refused while a live "
                         "certificate needs it)")
-    p.add_argument("--timeout", type=_duration_arg, default=DEFAULT_FINISH_TIMEOUT,
+    p.add_argument("--timeout", type=_duration_arg, default=None,
                    help="with --finish: how long to wait for the nodes' renewals (default 5m); "
                         "then exit 1 naming the nodes that have not renewed")
-    p.add_argument("--spread", type=_duration_arg, default=DEFAULT_RENEW_SPREAD,
+    p.add_argument("--spread", type=_duration_arg, default=None,
                    help="with --finish: each node renews at a random point within this "
                         "(default 30s), so that a large fleet does not reach the CA at once")
     p.set_defaults(func=cmd_rotate)
@@ -198,8 +199,12 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 
 def cmd_rotate(args: argparse.Namespace) -> int:
     now = datetime.now(UTC)
+    if not args.finish and (args.timeout is not None or args.spread is not None):
+        print("meshd ca rotate: --timeout and --spread go with --finish", file=sys.stderr)
+        return exits.USAGE
     if args.finish:
-        wait_for_renewals(args.dir, timeout=args.timeout, spread=args.spread)
+        wait_for_renewals(args.dir, timeout=args.timeout or DEFAULT_FINISH_TIMEOUT,
+                          spread=args.spread or DEFAULT_RENEW_SPREAD)
         material = operations.finish_rotation(args.dir, now=datetime.now(UTC))
         log.info("root rotation finished: only %s is trusted now; hosts drop the previous root "
                  "within seconds. New joins need ca.fingerprint = %s in meshd.toml",
@@ -207,9 +212,9 @@ def cmd_rotate(args: argparse.Namespace) -> int:
     else:
         material = operations.rotate_ca(args.dir, now=now)
         log.info("root rotation started: %s signs from now on, %s stays trusted; hosts trust "
-                 "both within seconds and move to the new root at their next renewal. Then run "
-                 "`meshd ca rotate --finish`", material.fingerprint,
-                 material.previous_fingerprint)
+                 "both within seconds. Then run `meshd ca rotate --finish`: it asks every host "
+                 "to renew onto the new root now and retires the previous one once they have",
+                 material.fingerprint, material.previous_fingerprint)
     print(material.fingerprint)
     return 0
 

@@ -49,3 +49,13 @@ def test_finish_names_the_nodes_that_did_not_renew_and_keeps_the_previous_root(
     assert request is not None and request.root == first.fingerprint
     assert request.spread_seconds == 5.0
     assert [r["action"] for r in audit.read(d)][-1] == "renew_requested"
+
+
+def test_timeout_and_spread_go_with_finish(tmp_path: Path) -> None:
+    store.init_ca(tmp_path / "ca", TD, now=datetime.now(UTC))
+    result = subprocess.run(
+        [sys.executable, "-m", "meshd", "ca", "rotate", "--dir", str(tmp_path / "ca"),
+         "--spread", "5s"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "--timeout and --spread go with --finish" in result.stderr
+    assert store.load_ca(tmp_path / "ca").previous is None  # nothing rotated
