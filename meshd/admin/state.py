@@ -30,7 +30,8 @@ Shape (stable keys; a later console issue may add, never rename):
     identity        {node {spiffe_id, serial, not_after, state}, certificates{} (same, per
                      service; state: valid / renewal_due / expiring / expired), roots[],
                      renew_at, retry_at, last_renewal, last_error, failures,
-                     denylist {version, serials}}
+                     denylist {version, serials}, renewal_asked {renew_at, issued_before}
+                     (null unless the CA asked for a renewal now), last_renewal_reason}
     config_error    the last rejected route table's reasons ("" when none)
     routes_signed   who signed the table in force: version, signed_at, signer, signer_id,
                     serial (null when none is in force)

@@ -10,6 +10,9 @@ The ledger holds
 * **issued**: every certificate still valid (serial, kind, name, node, issuing root, expiry),
   kept by the store in an append-only journal (a renewal adds lines, it never rewrites them).
 * **revoked**: revoked serials until they expire: the deny list every meshd applies.
+* **renewal request**: the operator's "renew now" (``meshd ca rotate --finish``): every node
+  whose node certificate was issued before a time (and, when it names one, by a root) is told so
+  on its next deny-list poll, and renews within a spread of seconds.
 
 ``store`` keeps it in ``state.json`` and edits it under the CA's lock; ``server`` and ``command``
 ask it questions. Nothing here reads the clock, the disk or the network.
@@ -62,6 +65,18 @@ class Revocation:
     reason: str
 
 
+@dataclass(frozen=True)
+class RenewalRequest:
+    """Nodes holding a node certificate issued before ``before`` (by ``root``, when set) are
+    asked to renew, each at a random point within ``spread_seconds``."""
+
+    before: datetime
+    root: str | None
+    spread_seconds: float
+    requested_at: datetime
+    who: str = ""
+
+
 @dataclass
 class Ledger:
     """Edited in place inside one locked transaction (``store.CADatabase``). ``added`` lists
@@ -72,6 +87,7 @@ class Ledger:
     issued: dict[str, IssuedRecord] = field(default_factory=dict)
     revoked: dict[str, Revocation] = field(default_factory=dict)
     denylist_version: int = 0
+    renewal: RenewalRequest | None = None
     added: list[IssuedRecord] = field(default_factory=list, compare=False, repr=False)
 
 
@@ -196,6 +212,20 @@ def confirm(ledger: Ledger, node: str, serial: str) -> bool:
     return True
 
 
+def renewal_asked(ledger: Ledger, serial: str) -> RenewalRequest | None:
+    """The renewal request that applies to the holder of node certificate ``serial`` (what
+    the deny-list poll answers it), or None."""
+    request = ledger.renewal
+    issued = ledger.issued.get(serial)
+    if request is None or issued is None or issued.kind is not Kind.NODE:
+        return None
+    if issued.issued_at >= request.before:
+        return None
+    if request.root is not None and issued.root != request.root:
+        return None
+    return request
+
+
 # -- revocation ---------------------------------------------------------------------------------
 
 def revoke_node(ledger: Ledger, node: str, now: datetime) -> list[Revocation]:
@@ -276,8 +306,14 @@ def prune(ledger: Ledger, now: datetime) -> None:
 def to_json(ledger: Ledger) -> dict[str, Any]:
     """Nodes, revocations and the deny list's version (certificates: ``issued_to_json``, one
     per line of the store's journal)."""
+    renewal = ledger.renewal
     return {
         "denylist_version": ledger.denylist_version,
+        **({} if renewal is None else {"renewal": {
+            "before": format_time(renewal.before), "root": renewal.root,
+            "spread_seconds": renewal.spread_seconds,
+            "requested_at": format_time(renewal.requested_at), "who": renewal.who,
+        }}),
         "nodes": {
             n.name: {
                 "services": list(n.services), "joined_at": format_time(n.joined_at),
@@ -312,8 +348,15 @@ def from_json(obj: Mapping[str, Any], issued: Iterable[IssuedRecord] = ()) -> Le
                            str(raw.get("reason", "")))
         for serial, raw in obj.get("revoked", {}).items()
     }
+    raw_renewal = obj.get("renewal")
+    renewal = None if not raw_renewal else RenewalRequest(
+        before=parse_time(raw_renewal["before"]),
+        root=str(raw_renewal["root"]) if raw_renewal.get("root") else None,
+        spread_seconds=float(raw_renewal["spread_seconds"]),
+        requested_at=parse_time(raw_renewal["requested_at"]),
+        who=str(raw_renewal.get("who", "")))
     return Ledger(nodes, {r.serial: r for r in issued}, revoked,
-                  int(obj.get("denylist_version", 0)))
+                  int(obj.get("denylist_version", 0)), renewal)
 
 
 def issued_to_json(r: IssuedRecord) -> dict[str, Any]:

@@ -219,6 +219,64 @@ def depending_reason(depending: list[IssuedRecord], trust_domain: str, shown: in
     ]
     more = f" and {len(depending) - shown} more" if len(depending) > shown else ""
     last = max(r.not_after for r in depending)
+    offline = [r.serial for r in depending if r.node is None]
+    steps = (f" Certificates issued offline ({', '.join(offline[:shown])}) are not renewed by "
+             "any node: issue a replacement from the new root (`meshd ca issue`), put it to use "
+             "(an operator certificate: sign the route table with it again, `meshd routes "
+             "apply`), then `meshd ca revoke --serial SERIAL` the old one." if offline else "")
     return (f"{len(depending)} live certificate(s) still depend on the previous root: "
-            f"{'; '.join(names)}{more}. Nodes move to the new root at their next renewal; "
-            f"otherwise wait until {timestamps.format_time(last)} or revoke them")
+            f"{'; '.join(names)}{more}. Nodes move to the new root at their next renewal "
+            "(`meshd ca rotate --finish` asks them to renew now);" + steps
+            + f" Otherwise wait until {timestamps.format_time(last)} or revoke them")
+
+
+def ask_renewal(
+    directory: str | os.PathLike[str], *, now: datetime, root: str | None, spread: timedelta,
+    who: str = "",
+) -> ledger.RenewalRequest:
+    """Ask every node whose node certificate was issued before ``now`` (by ``root``, when given)
+    to renew at its next deny-list poll, each within ``spread``. Kept in the CA's state (it
+    applies to nodes that are down until they come back; a later request replaces it) and
+    audited."""
+    request = ledger.RenewalRequest(before=now, root=root,
+                                    spread_seconds=spread.total_seconds(), requested_at=now,
+                                    who=who or audit.operator())
+    with CADatabase(directory).transaction() as txn:
+        txn.ledger.renewal = request
+        txn.audit.append(audit.event(
+            "renew_requested", now=now, who=request.who, what="nodes", root=root,
+            issued_before=now, spread_seconds=request.spread_seconds))
+    return request
+
+
+@dataclass(frozen=True)
+class RotationProgress:
+    """Where a root rotation stands: the nodes with a live certificate (``nodes``), those
+    still depending on the previous root (``waiting``), and the certificates issued offline
+    that do (no node renews them: reissue and revoke them, or wait for their expiry)."""
+
+    nodes: tuple[str, ...]
+    waiting: tuple[str, ...]
+    offline: tuple[IssuedRecord, ...]
+
+    def summary(self) -> str:
+        done = len(self.nodes) - len(self.waiting)
+        shown = ", ".join(self.waiting[:10]) + (" ..." if len(self.waiting) > 10 else "")
+        return (f"{done}/{len(self.nodes)} node(s) on the new root"
+                + (f"; waiting for {shown}" if self.waiting else ""))
+
+
+def rotation_progress(directory: str | os.PathLike[str], *, now: datetime) -> RotationProgress:
+    """Raises CAError when no rotation is in progress."""
+    material = load_ca(directory)
+    previous = material.previous_fingerprint
+    if previous is None:
+        raise CAError("no root rotation is in progress")
+    state = read_ledger(directory)
+    live = {r.node for r in state.issued.values()
+            if r.node is not None and r.not_after > now and r.serial not in state.revoked}
+    nodes = tuple(sorted(n for n in live
+                         if n in state.nodes and state.nodes[n].revoked_at is None))
+    depending = ledger.depending_on_root(state, previous, now)
+    waiting = tuple(sorted({r.node for r in depending if r.node is not None} & set(nodes)))
+    return RotationProgress(nodes, waiting, tuple(r for r in depending if r.node is None))

@@ -9,7 +9,8 @@
                           node's services and for the node itself -> certificates
     GET  /v1/ca/denylist  serials of revoked certificates still valid, with a version number,
                           and the fingerprints of the roots in the bundle (what pollers
-                          watch; a node certificate presented here confirms its batch)
+                          watch; a node certificate presented here confirms its batch, and
+                          hears whether the operator asked it to renew now: ``renew``)
 
 Every refusal is JSON ``{"error": code, "reason": sentence}``, logged with the reason and appended
 to the audit log with who asked (the token's id, never its secret; never a key). The API speaks
@@ -144,21 +145,29 @@ class CAService:
                               "signing_root": material.fingerprint})
 
     async def _denylist(self, request: Request) -> Response:
-        def read() -> tuple[int, list[str]]:
+        def read() -> tuple[int, list[str], dict[str, Any] | None]:
             state = self._db.ledger()
             peer = PeerCertificate.from_der(request.peer_cert_der)
+            renew = None
             if peer is not None:
                 self._confirm(state, peer)
-            return state.denylist_version, ledger.denylist(state, self._clock())
+                asked = ledger.renewal_asked(state, peer.serial)
+                if asked is not None:  # only ever to the holder of the node certificate
+                    renew = {"serial": peer.serial, "before": timestamps.format_time(asked.before),
+                             "spread_seconds": asked.spread_seconds}
+            return state.denylist_version, ledger.denylist(state, self._clock()), renew
 
         try:
-            version, serials = await trio.to_thread.run_sync(read)
+            version, serials, renew = await trio.to_thread.run_sync(read)
         except CAError as exc:
             log.error("deny list unavailable: %s", exc)
             return _refuse(Refusal(500, "internal", "the CA cannot read its state"))
         # the roots' fingerprints too, so that pollers fetch /v1/ca/roots only on a change
         roots = [keys.fingerprint(r) for r in self._materials.current.roots()]
-        return Response.json({"version": version, "serials": serials, "roots": roots})
+        body: dict[str, Any] = {"version": version, "serials": serials, "roots": roots}
+        if renew is not None:
+            body["renew"] = renew
+        return Response.json(body)
 
     def _confirm(self, state: ledger.Ledger, peer: PeerCertificate) -> None:
         """A node polling with its node certificate holds that certificate's batch: record it

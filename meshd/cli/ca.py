@@ -10,6 +10,7 @@ import argparse
 import logging
 import signal
 import sys
+import time
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
@@ -19,6 +20,7 @@ import trio
 
 from meshd import systemd, timestamps
 from meshd.ca import issuer, operations, server, store
+from meshd.cli import exits
 from meshd.cli.limits import add_limit_flags, limits_from_args
 from meshd.config import durations as config_durations
 from meshd.config.schema import ListenerLimits
@@ -29,6 +31,10 @@ from meshd.identity import keys
 from meshd.identity.spiffe import Kind, check_name, spiffe_id_of
 
 log = logging.getLogger(__name__)
+
+DEFAULT_FINISH_TIMEOUT = timedelta(minutes=5)
+DEFAULT_RENEW_SPREAD = timedelta(seconds=30)
+FINISH_POLL = 1.0  # seconds between two looks at the ledger while --finish waits
 
 
 def parse_duration(text: str) -> timedelta:
@@ -115,7 +121,15 @@ def register(subparsers: Any) -> None:
                                       "one), or --finish it")
     p.add_argument("--dir", required=True, type=Path, help="CA directory")
     p.add_argument("--finish", action="store_true",
-                   help="drop the previous root (refused while a live certificate needs it)")
+                   help="ask every node still on the previous root to renew now, wait until "
+                        "they have, then drop the previous root (refused while a live "
+                        "certificate needs it)")
+    p.add_argument("--timeout", type=_duration_arg, default=None,
+                   help="with --finish: how long to wait for the nodes' renewals (default 5m); "
+                        "then exit 1 naming the nodes that have not renewed")
+    p.add_argument("--spread", type=_duration_arg, default=None,
+                   help="with --finish: each node renews at a random point within this "
+                        "(default 30s), so that a large fleet does not reach the CA at once")
     p.set_defaults(func=cmd_rotate)
 
     p = sub.add_parser("serve", help="run the CA's HTTPS API")
@@ -185,19 +199,60 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 
 def cmd_rotate(args: argparse.Namespace) -> int:
     now = datetime.now(UTC)
+    if not args.finish and (args.timeout is not None or args.spread is not None):
+        print("meshd ca rotate: --timeout and --spread go with --finish", file=sys.stderr)
+        return exits.USAGE
     if args.finish:
-        material = operations.finish_rotation(args.dir, now=now)
+        wait_for_renewals(args.dir, timeout=args.timeout or DEFAULT_FINISH_TIMEOUT,
+                          spread=args.spread or DEFAULT_RENEW_SPREAD)
+        material = operations.finish_rotation(args.dir, now=datetime.now(UTC))
         log.info("root rotation finished: only %s is trusted now; hosts drop the previous root "
                  "within seconds. New joins need ca.fingerprint = %s in meshd.toml",
                  material.fingerprint, material.fingerprint)
     else:
         material = operations.rotate_ca(args.dir, now=now)
         log.info("root rotation started: %s signs from now on, %s stays trusted; hosts trust "
-                 "both within seconds and move to the new root at their next renewal. Then run "
-                 "`meshd ca rotate --finish`", material.fingerprint,
-                 material.previous_fingerprint)
+                 "both within seconds. Then run `meshd ca rotate --finish`: it asks every host "
+                 "to renew onto the new root now and retires the previous one once they have",
+                 material.fingerprint, material.previous_fingerprint)
     print(material.fingerprint)
     return 0
+
+
+def wait_for_renewals(directory: Path, *, timeout: timedelta, spread: timedelta) -> None:
+    """``--finish``'s first half: ask the nodes still on the previous root to renew now (the
+    CA's running API tells each at its next deny-list poll) and wait, logging progress, until
+    none is left. Raises CAError naming the nodes left when ``timeout`` passes."""
+    now = datetime.now(UTC)
+    progress = operations.rotation_progress(directory, now=now)
+    if not progress.waiting:
+        return
+    material = store.load_ca(directory)
+    operations.ask_renewal(directory, now=now, root=material.previous_fingerprint,
+                           spread=spread)
+    log.info("asked %d node(s) still on the previous root to renew now (each within %s); "
+             "waiting up to %s: %s", len(progress.waiting), _short(spread), _short(timeout),
+             progress.summary())
+    deadline = time.monotonic() + timeout.total_seconds()
+    shown = progress
+    while progress.waiting and time.monotonic() < deadline:
+        time.sleep(min(FINISH_POLL, max(deadline - time.monotonic(), 0.0)))
+        progress = operations.rotation_progress(directory, now=datetime.now(UTC))
+        if progress != shown:
+            log.info("%s", progress.summary())
+            shown = progress
+    if progress.waiting:
+        raise CAError(
+            f"{len(progress.waiting)} of {len(progress.nodes)} node(s) have not renewed onto the "
+            f"new root within {_short(timeout)}: {', '.join(progress.waiting)}. Is `meshd ca "
+            "serve` running, and can those hosts reach it? The request stays in force: a host "
+            "that comes back renews within seconds; run `meshd ca rotate --finish` again then, "
+            "or remove a host for good with `meshd ca revoke --node NAME`")
+    log.info("every node renewed onto the new root: %s", progress.summary())
+
+
+def _short(duration: timedelta) -> str:
+    return f"{duration.total_seconds():g}s"
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ before). Private keys are generated here and never sent.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import ssl
@@ -38,6 +39,7 @@ __all__ = [
     "DenyList",
     "Identity",
     "JoinResult",
+    "RenewAsked",
     "TrustBundle",
     "fetch_roots",
     "join",
@@ -147,6 +149,17 @@ class DenyList:
     version: int
     serials: frozenset[str]
     roots: frozenset[str] = frozenset()
+    renew: RenewAsked | None = None
+
+
+@dataclass(frozen=True)
+class RenewAsked:
+    """The operator asked the holder of node certificate ``serial`` (issued before ``before``)
+    to renew now, at a random point within ``spread_seconds`` (``meshd ca rotate --finish``)."""
+
+    serial: str
+    before: str
+    spread_seconds: float
 
 
 class CAConnection:
@@ -216,7 +229,23 @@ class CAConnection:
         serials, roots = _strings(body.get("serials")), _strings(body.get("roots", []))
         if not isinstance(version, int) or serials is None or roots is None:
             raise CAError(f"malformed deny list from the CA at {self.base}")
-        return DenyList(version, frozenset(s.lower() for s in serials), frozenset(roots))
+        return DenyList(version, frozenset(s.lower() for s in serials), frozenset(roots),
+                        _renew_asked(body.get("renew"), self.base))
+
+
+def _renew_asked(value: object, base: str) -> RenewAsked | None:
+    """The deny list's ``renew`` member (None when absent); CAError when malformed."""
+    if value is None:
+        return None
+    malformed = CAError(f"malformed renewal request in the deny list from the CA at {base}")
+    if not isinstance(value, dict):
+        raise malformed
+    serial, before, spread = value.get("serial"), value.get("before"), value.get("spread_seconds")
+    if (not isinstance(serial, str) or not isinstance(before, str)
+            or isinstance(spread, bool) or not isinstance(spread, int | float)
+            or not math.isfinite(spread) or spread < 0):
+        raise malformed
+    return RenewAsked(serial.lower(), before, float(spread))
 
 
 def _strings(value: object) -> list[str] | None:

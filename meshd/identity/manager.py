@@ -14,7 +14,11 @@
       └─ trust loop            poll the CA's deny list every couple of seconds (its answer
                                names the roots, fetched only when they change): apply
                                revocations (open connections with a revoked peer are cut),
-                               follow a root rotation
+                               follow a root rotation; when the answer asks the holder of our
+                               node certificate to renew now (``meshd ca rotate --finish``),
+                               bring the renewal forward to a random point within the spread
+                               it names. The request only ever causes an ordinary renewal: it
+                               changes nothing that is trusted
 
 Files (``<state_dir>/certs``, 0700, written atomically, keys 0600): the bundle first, then each
 service's key and certificate, the node's last. Then ``TLSState.reload()``: new connections use
@@ -47,7 +51,7 @@ from meshd.errors import CAError, ConfigError, IdentityError
 from meshd.identity import files as ca_files
 from meshd.identity import keys, schedule
 from meshd.identity.ca_access import HTTPCA, CAAccess
-from meshd.identity.ca_client import CARefusedError, DenyList
+from meshd.identity.ca_client import CARefusedError, DenyList, RenewAsked
 from meshd.identity.certs import Identity, JoinResult, TrustBundle
 from meshd.identity.tls import TLSState
 from meshd.metrics import Metrics
@@ -83,6 +87,9 @@ class IdentityStatus:
     failures: int = 0
     denylist_version: int = -1
     denied: int = 0
+    asked_at: datetime | None = None  # the CA asked to renew now: renewing at this time
+    asked_before: str = ""            # ... because the node certificate predates this
+    last_renewal_reason: str = ""
 
     def to_json(self, now: datetime) -> dict[str, Any]:
         def cert(i: Identity) -> dict[str, Any]:
@@ -101,6 +108,9 @@ class IdentityStatus:
             "last_error": self.last_error,
             "failures": self.failures,
             "denylist": {"version": self.denylist_version, "serials": self.denied},
+            "renewal_asked": None if self.asked_at is None else {
+                "renew_at": format_time(self.asked_at), "issued_before": self.asked_before},
+            "last_renewal_reason": self.last_renewal_reason,
         }
 
 
@@ -141,6 +151,7 @@ class IdentityManager:
         self._run_blocking = run_blocking
         self._warned: set[str] = set()  # serials already warned about (expiring / expired)
         self.renewed = trio.Event()      # set (and replaced) after each successful renewal
+        self._wake = trio.Event()        # wakes the renewal loop when the CA asks to renew now
         self.denylist_read = trio.Event()  # set once the CA's deny list was first read
         self.denylist_tried = trio.Event()  # set once the first deny-list poll ended, either way
         # called with the serials newly revoked, after they are in force in the TLS state
@@ -303,10 +314,15 @@ class IdentityManager:
                 wake = schedule.next_wakeup(
                     now=now, renewal=self.status.renew_at,
                     warn=schedule.warn_at(anchor.not_before, anchor.not_after),
-                    expiry=anchor.not_after, retry_at=self.status.retry_at)
+                    expiry=anchor.not_after, retry_at=self.status.retry_at,
+                    asked=self.status.asked_at)
             delay = (wake.at - now).total_seconds()
             if delay > 0:
-                await trio.sleep(min(delay, MAX_SLEEP))
+                with trio.move_on_after(min(delay, MAX_SLEEP)):
+                    await self._wake.wait()
+                if self._wake.is_set():  # the CA asked for a renewal: plan again
+                    self._wake = trio.Event()
+                    continue
                 if delay > MAX_SLEEP:
                     continue  # look at the wall clock again
             now = self._clock()
@@ -331,10 +347,14 @@ class IdentityManager:
             self._failed(exc, now)
             return
         self.ca.files_changed()
+        reason = ("asked by the CA (node certificate issued before "
+                  f"{self.status.asked_before})" if self.status.asked_at is not None
+                  else "scheduled")
         self._succeeded(result, now)
-        log.info("renewed %s and %d service certificate(s) until %s (next renewal around %s)",
+        self.status.last_renewal_reason = reason
+        log.info("renewed %s and %d service certificate(s) until %s, %s (next renewal around %s)",
                  result.node.spiffe_id, len(result.identities), format_time(result.node.not_after),
-                 format_time(self.status.renew_at) if self.status.renew_at else "?")
+                 reason, format_time(self.status.renew_at) if self.status.renew_at else "?")
         renewed, self.renewed = self.renewed, trio.Event()
         renewed.set()
 
@@ -370,8 +390,11 @@ class IdentityManager:
         failing = False
         while True:
             try:
+                node = self.status.node
                 deny = await self.ca.denylist()
                 self._apply_denylist(tls, deny)
+                if deny.renew is not None and node is self.status.node:
+                    self._renewal_asked(deny.renew)
                 self.denylist_read.set()
                 current = self.status.bundle
                 if not deny.roots or current is None or deny.roots != set(current.fingerprints()):
@@ -388,6 +411,21 @@ class IdentityManager:
             self.denylist_tried.set()
             # +-20%: hosts started together do not poll the CA in lockstep
             await trio.sleep(self._poll_interval * (0.8 + 0.4 * self._rand()))
+
+    def _renewal_asked(self, asked: RenewAsked) -> None:
+        """The CA asked the holder of node certificate ``asked.serial`` to renew now: bring the
+        renewal forward (once per certificate; the renewal itself is the ordinary one)."""
+        node = self.status.node
+        if node is None or node.serial != asked.serial or self.status.asked_at is not None:
+            return
+        now = self._clock()
+        self.status.asked_at = schedule.asked_renewal_at(
+            now, timedelta(seconds=asked.spread_seconds), self._rand())
+        self.status.asked_before = asked.before
+        log.warning("the CA asks this host to renew now (node certificate %s was issued before "
+                    "%s): renewing in %.1fs", node.serial, asked.before,
+                    (self.status.asked_at - now).total_seconds())
+        self._wake.set()
 
     def _apply_denylist(self, tls: TLSState, deny: DenyList) -> None:
         if deny.version == self.status.denylist_version and deny.serials == tls.denied:
@@ -444,6 +482,7 @@ class IdentityManager:
         self.status.renew_at = schedule.renew_at(result.node.not_before, result.node.not_after,
                                                  self._jitter)
         self.status.retry_at, self.status.failures, self.status.last_error = None, 0, ""
+        self.status.asked_at, self.status.asked_before = None, ""
         self.status.last_renewal = now
         self._warned.clear()  # (keyed by serials that are gone now)
         if self.metrics is not None:

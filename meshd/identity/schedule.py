@@ -6,7 +6,9 @@ once per certificate so restarts do not move it much. A failed renewal is retrie
 exponential backoff until the certificate expires; the delays scale with the lifetime (a 24 h
 certificate retries after 1 s, 2 s, 4 s ... up to 5 min; a 60 s test certificate after
 0.6 s ... up to 3 s) and never run past the expiry. With 20% of the lifetime left the host warns.
-An expired certificate is never presented.
+An expired certificate is never presented. When the CA asks a host to renew now (the operator
+finishing a root rotation), it renews at a random point within the spread the CA names (at most
+``MAX_ASKED_SPREAD``), so a fleet asked at once reaches the CA spread out.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ RENEW_TO = 0.7
 WARN_LEFT = 0.2
 FIRST_RETRY = timedelta(seconds=1)
 MAX_RETRY = timedelta(minutes=5)
+MAX_ASKED_SPREAD = timedelta(hours=1)
 
 
 class CertState(StrEnum):
@@ -71,6 +74,13 @@ def retry_delay(attempt: int, rand: float, *, not_before: datetime, not_after: d
     return max(delay, timedelta(milliseconds=10))
 
 
+def asked_renewal_at(now: datetime, spread: timedelta, rand: float) -> datetime:
+    """When to renew after the CA asked for it: ``now`` plus ``rand`` of the spread (capped at
+    ``MAX_ASKED_SPREAD``; a negative spread counts as none)."""
+    bounded = min(max(spread, timedelta(0)), MAX_ASKED_SPREAD)
+    return now + bounded * _unit(rand)
+
+
 @dataclass(frozen=True)
 class Wakeup:
     """What the renewal loop does next, and when."""
@@ -80,10 +90,12 @@ class Wakeup:
 
 
 def next_wakeup(*, now: datetime, renewal: datetime, warn: datetime, expiry: datetime,
-                retry_at: datetime | None) -> Wakeup:
-    """The earliest event ahead: the renewal (or the retry after a failure), the warning, the
-    expiry. A renewal due in the past happens now."""
-    renew_time = retry_at if retry_at is not None else renewal
+                retry_at: datetime | None, asked: datetime | None = None) -> Wakeup:
+    """The earliest event ahead: the renewal (brought forward to ``asked`` when the CA asked
+    for one; after a failure, the retry), the warning, the expiry. A renewal due in the past
+    happens now."""
+    planned = renewal if asked is None else min(renewal, asked)
+    renew_time = retry_at if retry_at is not None else planned
     if renew_time <= now:
         return Wakeup(now, True)
     later = [t for t in (warn, expiry) if t > now]

@@ -133,3 +133,26 @@ def test_json_round_trip() -> None:
     lines = [ledger.issued_from_json(ledger.issued_to_json(r)) for r in state.issued.values()]
     again = ledger.from_json(ledger.to_json(state), lines)
     assert again == state
+
+
+def test_a_renewal_request_applies_to_node_certificates_issued_before_it_by_its_root() -> None:
+    state = Ledger()
+    first = joined(state, "n1", root=OLD)
+    second = joined(state, "n2", root=NEW, at=NOW + timedelta(minutes=1))
+    assert ledger.renewal_asked(state, first["node/n1"]) is None  # nothing asked yet
+    state.renewal = ledger.RenewalRequest(before=NOW + timedelta(minutes=5), root=OLD,
+                                          spread_seconds=30.0, requested_at=NOW, who="test")
+    assert ledger.renewal_asked(state, first["node/n1"]) == state.renewal
+    assert ledger.renewal_asked(state, first["svc/web"]) is None   # a service certificate
+    assert ledger.renewal_asked(state, second["node/n2"]) is None  # the new root already
+    assert ledger.renewal_asked(state, "ffff") is None             # unknown serial
+    # renewed after the request (from the new root): not asked again
+    third = issue_batch(state, "n1", ("web", "cart"), NEW, NOW + timedelta(minutes=6))
+    assert ledger.renewal_asked(state, third["node/n1"]) is None
+    # a request naming no root: everything issued before it
+    state.renewal = ledger.RenewalRequest(before=NOW + timedelta(minutes=2), root=None,
+                                          spread_seconds=0.0, requested_at=NOW)
+    assert ledger.renewal_asked(state, second["node/n2"]) is not None
+    assert ledger.renewal_asked(state, third["node/n1"]) is None
+    lines = [ledger.issued_from_json(ledger.issued_to_json(r)) for r in state.issued.values()]
+    assert ledger.from_json(ledger.to_json(state), lines) == state

@@ -17,7 +17,7 @@ from identity_testing import TD, FakeCA, inline, virtual_clock
 
 from meshd.errors import CAError, IdentityError
 from meshd.identity import files
-from meshd.identity.ca_client import CARefusedError
+from meshd.identity.ca_client import CARefusedError, DenyList, RenewAsked
 from meshd.identity.manager import IdentityManager
 from meshd.identity.tls import TLSState
 from meshd.metrics import Metrics
@@ -163,3 +163,35 @@ async def test_a_restart_with_the_ca_down_serves_valid_certificates_from_disk(
     ca.up = False
     with pytest.raises(CAError, match="cannot reach"):
         await manager(tmp_path / "empty", ca).obtain()
+
+
+async def test_a_renewal_asked_by_the_ca_comes_within_the_spread_once(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    ca = FakeCA(virtual_clock())
+    m = manager(tmp_path, ca, rand=0.5)
+    await m.obtain()
+    await nursery.start(m.run, tls_for(tmp_path, ca))
+    await trio.sleep(60)
+    assert ca.renewals() == []
+    node = m.status.node
+    assert node is not None
+    # asked for another certificate (an answer to a poll made with the previous one): ignored
+    ca.deny = DenyList(0, frozenset(), renew=RenewAsked("abc", "2026-01-01T00:00:00Z", 60.0))
+    await trio.sleep(10)
+    assert ca.renewals() == [] and m.status.asked_at is None
+    asked_at = ca.clock()
+    ca.deny = DenyList(0, frozenset(), renew=RenewAsked(node.serial, "2026-01-01T00:00:00Z",
+                                                        60.0))
+    with trio.fail_after(120):
+        await m.renewed.wait()
+    (renewed_at,) = ca.renewals()
+    # rand 0.5: half the 60 s spread after the poll that carried the request (polls every ~2 s),
+    # not at 60% of the hour
+    assert 30 <= (renewed_at - asked_at).total_seconds() <= 33
+    status = m.status.to_json(ca.clock())
+    assert status["renewal_asked"] is None
+    assert status["last_renewal_reason"].startswith("asked by the CA")
+    # the answer still names the old serial: no second renewal
+    await trio.sleep(120)
+    assert len(ca.renewals()) == 1

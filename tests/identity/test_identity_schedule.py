@@ -84,3 +84,23 @@ def test_next_wakeup_orders_renewal_warning_and_expiry() -> None:
     assert wake(renewal, retry=T0 + DAY * 0.85) == Wakeup(warn, False)
     assert wake(T0 + DAY * 0.9, retry=T0 + DAY * 1.1) == Wakeup(expiry, False)
     assert wake(T0 + DAY * 1.05, retry=T0 + DAY * 1.1) == Wakeup(T0 + DAY * 1.1, True)
+
+
+def test_a_renewal_asked_by_the_ca_is_spread_and_bounded() -> None:
+    now = datetime(2030, 1, 1, tzinfo=UTC)
+    spread = timedelta(seconds=30)
+    assert schedule.asked_renewal_at(now, spread, 0.0) == now
+    assert schedule.asked_renewal_at(now, spread, 0.5) == now + timedelta(seconds=15)
+    assert schedule.asked_renewal_at(now, spread, 1.5) == now + spread
+    assert schedule.asked_renewal_at(now, timedelta(days=3), 1.0) == now + timedelta(hours=1)
+    assert schedule.asked_renewal_at(now, -spread, 0.7) == now
+    # it brings the renewal forward, never later, and a retry after a failure still rules
+    renewal, warn, expiry = (now + timedelta(hours=h) for h in (12, 19, 24))
+    asked = now + timedelta(seconds=20)
+    assert schedule.next_wakeup(now=now, renewal=renewal, warn=warn, expiry=expiry,
+                                retry_at=None, asked=asked) == schedule.Wakeup(asked, True)
+    assert schedule.next_wakeup(now=now, renewal=asked, warn=warn, expiry=expiry, retry_at=None,
+                                asked=renewal) == schedule.Wakeup(asked, True)
+    retry = now + timedelta(minutes=2)
+    assert schedule.next_wakeup(now=now, renewal=renewal, warn=warn, expiry=expiry,
+                                retry_at=retry, asked=asked) == schedule.Wakeup(retry, True)
