@@ -60,7 +60,9 @@ def meshd(*args: str) -> list[str]:
 class Walk:
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.topo = Topology({f"vg-{m}": octet for m, octet in MACHINES.items()}, root / "logs")
+        # tagged: the fault suite's own topology may exist in this process at the same time
+        self.topo = Topology({f"vg-{m}": octet for m, octet in MACHINES.items()}, root / "logs",
+                             tag="guide")
         self.ip = {m: self.topo.hosts[f"vg-{m}"].ip for m in MACHINES}
         self.ca_dir = root / "var-lib-meshd-ca"
         self.secrets = root / "root"          # the registry host's /root
