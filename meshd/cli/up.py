@@ -48,7 +48,10 @@ names them: `meshd routes` and `meshd tui` use that token for this registry with
 `meshd context --token` prints it (curl -H "X-Consul-Token: $(meshd context --token)" ...).
 
 The run dir holds the generated hosts/<name>/meshd.toml, the CA, the registry's data, the tokens
-and one log per process (logs/). With --tui the console opens in the terminal once the mesh is ready
+and one log per process (logs/), the meshds' access logs apart (logs/access-<host>.log). The
+terminal shows what happens (started, ready, restarted, exited and why, warnings and errors once
+ready, a summary of each new route table) and, on a terminal, a live status line; --verbose shows
+every process's output instead. With --tui the console opens in the terminal once the mesh is ready
 (the processes' output then goes only to the logs); quitting it stops the mesh. Ctrl-C or SIGTERM
 stops the meshds, then the apps, the CA and the registry;
 a second Ctrl-C kills what is left at once. `meshd validate mesh.toml` checks a file.
@@ -74,6 +77,9 @@ def register(sub: Any) -> None:
                    help="once the mesh is ready, open the console (`meshd tui`) in this "
                    "terminal; the processes' output then goes only to their logs, and quitting "
                    "the console stops the mesh")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show every line of every process behind its [label] (access logs "
+                   "still go only to their files) instead of events and a status line")
     p.set_defaults(func=run)
 
 
@@ -90,4 +96,5 @@ def run(args: argparse.Namespace) -> int:
     from meshd.dev.runner import main
 
     return main(args.file or default_mesh_file(), keep=args.keep, run_dir=args.run_dir,
-                log_level=getattr(args, "log_level", "info"), tui=getattr(args, "tui", False))
+                log_level=getattr(args, "log_level", "info"), tui=getattr(args, "tui", False),
+                verbose=getattr(args, "verbose", False))

@@ -4,10 +4,12 @@ Start order: registry (ACLs on) -> ready -> registry tokens -> CA init, join tok
 operator certificate -> CA serve -> ready -> routes into the registry's KV (with the operator
 token) -> the operator context -> the apps -> one meshd per simulated host -> every ``/readyz``
 answers 200. Then the runner prints what runs where and ``meshd up: ready``, and waits for SIGINT
-or SIGTERM. The first signal cancels whatever step is under way and the supervisor stops
-everything in order; a second one kills what is left at once. Either way the exit path is the
-same, including after a failed start: nothing this runner started outlives it, and the operator
-context is removed.
+or SIGTERM. Meanwhile the terminal shows events, not the children's every line (``console.py``):
+their logs are in ``<run dir>/logs/``, the meshds' access logs in ``logs/access-<host>.log``.
+The first signal cancels whatever step is under way and the supervisor stops everything in
+order; a second one kills what is left at once. Either way the exit path is the same, including
+after a failed start: nothing this runner started outlives it, and the operator context is
+removed.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import signal
 import socket
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
@@ -33,8 +36,9 @@ from meshd.config.load import load_host_config, load_routes, read_toml
 from meshd.config.mesh import parse_mesh
 from meshd.config.mesh_schema import MeshConfig, MeshHost, MeshService, port_claims
 from meshd.config.parse import FINGERPRINT_RE
+from meshd.config.routes import routes_to_data
 from meshd.config.schema import RouteTable
-from meshd.dev import access, probes
+from meshd.dev import access, childlog, probes, statusline
 from meshd.dev.console import Console
 from meshd.dev.generate import expand_command, host_config_data, render_toml
 from meshd.dev.ports import ports_in_use
@@ -83,6 +87,10 @@ class RunDir:
 
     def log(self, label: str) -> Path:
         return self.root / "logs" / (re.sub(r"[^A-Za-z0-9_.-]+", "-", label) + ".log")
+
+    def access_log(self, host: str) -> Path:
+        """The access log lines of a host's meshd (``meshd.access``)."""
+        return self.log(f"access {host}")
 
 
 def prepare_run_dir(path: Path | None) -> tuple[RunDir, bool]:
@@ -154,8 +162,9 @@ def app_labels(mesh: MeshConfig) -> dict[tuple[str, str], str]:
 
 
 def main(file: Path, *, keep: bool = False, run_dir: Path | None = None,
-         log_level: str = "info", stream: TextIO | None = None, tui: bool = False) -> int:
-    console = Console(stream or sys.stdout)
+         log_level: str = "info", stream: TextIO | None = None, tui: bool = False,
+         verbose: bool = False) -> int:
+    console = Console(stream or sys.stdout, verbose=verbose)
     if tui and not (sys.stdin.isatty() and sys.stdout.isatty()):
         console.error("--tui needs a terminal (stdin and stdout); nothing was started")
         return 1
@@ -208,16 +217,32 @@ async def supervise_until_signal(
                     try:
                         await bring_up(supervisor)
                     except MeshError as exc:
+                        console.start_failed()
                         console.error(str(exc))
                         console.error("stopping everything")
                         code = 1
                     else:
                         if foreground is None:
-                            await trio.sleep_forever()
-                        code = await foreground()
+                            await show_status(console, supervisor)
+                        else:
+                            code = await foreground()
+                console.clear_status()
             nursery.cancel_scope.cancel()
     console.say("stopped")
     return code
+
+
+async def show_status(console: Console, supervisor: Supervisor) -> None:
+    """Redraw the status line (on a terminal) until cancelled."""
+    if not console.live:
+        await trio.sleep_forever()
+    before = statusline.Counts(time.monotonic(), console.requests, console.failed)
+    while True:
+        await trio.sleep(statusline.INTERVAL)
+        now = statusline.Counts(time.monotonic(), console.requests, console.failed)
+        console.status(statusline.status_text(
+            [(c.label, c.state.value) for c in supervisor.children], before, now))
+        before = now
 
 
 async def run_console(launch: Launch, console: Console) -> int:
@@ -316,7 +341,8 @@ async def bring_up(launch: Launch, console: Console, supervisor: Supervisor,
             await probes.write_routes(registry_http, launch.routes, signer,
                                       token=tokens.operator)
             console.say(f"routes from {mesh.routes} written to {ROUTES_KEY}, signed by "
-                        f"operator {operator.name}")
+                        f"operator {operator.name}: "
+                        + childlog.summarise_routes(routes_to_data(launch.routes)["destinations"]))
         _write_context(launch, console, OperatorContext(
             registry=registry_http, token_file=operator_token,
             admin=tuple(str(h.admin) for h in mesh.hosts), operator=operator,
@@ -335,7 +361,7 @@ async def bring_up(launch: Launch, console: Console, supervisor: Supervisor,
                 f"meshd {host.name}", launch.meshd_argv("run", "--config",
                                                          str(configs[host.name])),
                 rd.log(f"meshd {host.name}"), MESHD_GROUP, cwd=rd.host(host.name),
-                env=launch.env, listen_fds=sockets))
+                env=launch.env, listen_fds=sockets, access_log=rd.access_log(host.name)))
         await probes.wait_meshds_ready(client, mesh, meshds, give_up_after=MESHD_TIMEOUT)
 
     rows = [Row("registry", registry.pid, f"http://{mesh.registry}"),
@@ -360,9 +386,10 @@ async def bring_up(launch: Launch, console: Console, supervisor: Supervisor,
     found = (f" (meshd routes and meshd tui find it through {launch.context_file})"
              if launch.context_file is not None else "")
     console.plain(f"registry ACLs: on; operator token: {rd.operator / access.TOKEN_FILE}{found}")
-    console.plain(f"logs: {rd.root / 'logs'}"
-                  + ("" if launch.keep else " (the run dir is removed on exit; --keep keeps it)"))
-    console.say("ready")
+    console.plain(f"logs: {rd.root / 'logs'} (one per process; the meshds' access logs: "
+                  "access-<host>.log)"
+                  + ("" if launch.keep else "; the run dir is removed on exit, --keep keeps it"))
+    console.ready()
 
 
 def hold_listeners(config_file: Path, held: list[socket.socket]) -> tuple[tuple[str, int], ...]:

@@ -2,8 +2,10 @@
 
 Every child runs in a session of its own, so a Ctrl-C typed in the terminal reaches only the runner,
 which then stops the children in the right order instead of all of them dying at once. A child's
-stdout and stderr share one pipe; a pump task copies it line by line to the console (behind the
-child's prefix) and to the child's log file, and keeps the last lines for error messages.
+stdout and stderr share one pipe; a pump task copies it line by line to the child's log file and
+to the console (which decides what the terminal shows), and keeps the last lines for error
+messages. A child given an access log file (``ChildSpec.access_log``) has its access log lines
+written there instead, and only counted on the console.
 
 A child that exits while nobody asked it to is restarted after an exponential backoff, which
 resets once a run has lasted ``stable_after`` seconds. A child given listening sockets
@@ -36,6 +38,7 @@ from typing import BinaryIO
 import psutil
 import trio
 
+from meshd.dev import childlog
 from meshd.dev.console import Console
 from meshd.errors import MeshError
 
@@ -56,6 +59,7 @@ class ChildSpec:
     env: Mapping[str, str] = field(default_factory=dict)   # added to the runner's environment
     # (name, descriptor) of listening sockets the runner holds: passed with LISTEN_FDS
     listen_fds: tuple[tuple[str, int], ...] = ()
+    access_log: Path | None = None  # where its access log lines go (a meshd's), if anywhere
 
     def command(self) -> list[str]:
         """The argv to start: ``argv`` itself, or through the ``LISTEN_FDS`` shim."""
@@ -101,6 +105,8 @@ class Child:
         self.finished = trio.Event()
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log: BinaryIO | None = spec.log_path.open("ab", buffering=0)
+        self._access: BinaryIO | None = (spec.access_log.open("ab", buffering=0)
+                                         if spec.access_log is not None else None)
 
     @property
     def label(self) -> str:
@@ -117,10 +123,19 @@ class Child:
         if self._log is not None:
             self._log.write(raw + b"\n")
 
+    def access_line(self, raw: bytes) -> None:
+        if self._access is not None:
+            self._access.write(raw + b"\n")
+
+    @property
+    def keeps_access_log(self) -> bool:
+        return self._access is not None
+
     def close_log(self) -> None:
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        for log in (self._log, self._access):
+            if log is not None:
+                log.close()
+        self._log = self._access = None
 
 
 class Supervisor:
@@ -183,6 +198,7 @@ class Supervisor:
             child.finished.set()
             raise
         self._nursery.start_soon(self._supervise, child, process)
+        self.console.say(f"started {spec.label} (pid {process.pid})")
         return child
 
     def hurry(self) -> None:
@@ -251,7 +267,8 @@ class Supervisor:
                 failures += 1
                 base = LISTENING_RESTART_BASE if child.spec.listen_fds else self.backoff_base
                 delay = restart_delay(failures, base, self.backoff_cap)
-                self.console.error(f"{what}; restarting it in {delay:g}s")
+                self.console.child_exited(child.label, f"{what}; restarting it in {delay:g}s",
+                                          child.tail if process is not None else ())
                 child.state = ChildState.BACKOFF
                 with trio.move_on_after(delay):
                     await child.stop_requested.wait()
@@ -308,10 +325,17 @@ class Supervisor:
             drained.set()
 
     def _emit(self, child: Child, raw: bytes) -> None:
-        child.log_line(raw)
         text = raw.decode("utf-8", errors="replace").rstrip("\r")
+        line = childlog.parse(text)
+        if line is not None and line.is_access and child.keeps_access_log:
+            child.access_line(raw)
+            request = childlog.access_request(line.message)
+            if request is not None:
+                self.console.request(request)
+            return
+        child.log_line(raw)
         child.tail.append(text)
-        self.console.child_line(child.label, text)
+        self.console.child_line(child.label, text, line)
 
     def _signal(self, child: Child, sig: signal.Signals) -> None:
         process = child.process

@@ -146,6 +146,26 @@ def test_checkouts_reach_payments_split_90_10(mesh: Mesh) -> None:
     mesh.record_tree()
 
 
+def test_the_terminal_shows_events_and_the_access_logs_are_in_files(mesh: Mesh) -> None:
+    # after the checkouts above: every one is in host-a's access log (outbound) and in host-b's
+    # or host-c's (inbound), and none on the terminal, which a pipe gets without a status line
+    logs = mesh.run_dir / "logs"
+    outbound = (logs / "access-host-a.log").read_text().count(" INFO meshd.access: outbound ")
+    inbound = sum((logs / f"access-{h}.log").read_text().count(" INFO meshd.access: inbound ")
+                  for h in ("host-b", "host-c"))
+    assert outbound >= REQUESTS and inbound >= REQUESTS, (outbound, inbound)
+    assert "meshd.access" not in (logs / "meshd-host-a.log").read_text()
+    text = mesh.output.text()
+    assert "meshd.access" not in text and "req/s" not in text and "\r" not in text
+    assert "logs/access-" not in text and "access-<host>.log" in text
+    assert "meshd up: started registry (pid " in text
+    # the route table in one line; the whole of it only in the meshd's own log
+    assert "signed by operator dev: payments: v1 90% / v2 10% (+1 match route)" in text
+    assert "outlier_detection" not in text
+    assert "'outlier_detection'" in (logs / "meshd-host-a.log").read_text()
+    assert " INFO " not in text, [line for line in text.splitlines() if " INFO " in line][:3]
+
+
 # --------------------------------------------------------------------------------------------
 # 2. the inbound listener refuses strangers
 

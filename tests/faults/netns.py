@@ -173,9 +173,10 @@ class Host:
 
 
 class Topology:
-    def __init__(self, hosts: Mapping[str, int], log_dir: Path) -> None:
-        """``hosts``: name -> last octet of its address in ``SUBNET``."""
-        self.prefix = f"{NAME_ROOT}{os.getpid()}"
+    def __init__(self, hosts: Mapping[str, int], log_dir: Path, tag: str = "") -> None:
+        """``hosts``: name -> last octet of its address in ``SUBNET``; ``tag`` tells this
+        topology's namespaces from another one's of the same test process."""
+        self.prefix = f"{NAME_ROOT}{os.getpid()}" + (f"-{tag}" if tag else "")
         self.bridge_ns = f"{self.prefix}-{BRIDGE}"
         self.log_dir = log_dir
         self.hosts = {name: Host(name, f"{self.prefix}-{name}", f"{SUBNET}.{octet}",

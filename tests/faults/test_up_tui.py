@@ -149,6 +149,33 @@ def test_up_tui_opens_the_console_and_q_stops_the_mesh(tmux: Tmux, tmp_path: Pat
     assert (logs / "registry.log").read_text().strip(), "the children's output went to the logs"
 
 
+def test_up_in_a_terminal_keeps_a_status_line_and_no_access_lines(
+    tmux: Tmux, tmp_path: Path
+) -> None:
+    mesh = _mesh_toml(tmp_path)
+    web = next(line for line in mesh.read_text().splitlines() if line.startswith("port = "))
+    front_door = ("127.0.0.2", int(web.split("=")[1]))   # web on host-a's address
+    up = shlex.join([sys.executable, "-m", "meshd", "up", str(mesh),
+                     "--run-dir", str(tmp_path / "run")])
+    tmux("new-session", "-d", "-s", "up", "-x", "160", "-y", "40",
+         f"cd {shlex.quote(str(REPO))} && NO_COLOR=1 {up}; echo \"up exited $?\"; sleep 120")
+    tmux.wait_for("meshd up: ready", 120)
+    for _ in range(5):
+        with socket.create_connection(front_door, timeout=10) as conn:
+            conn.sendall(b"GET /checkout HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            # answered by web (whether payments answered it too is not the point here)
+            assert conn.makefile("rb").readline().startswith(b"HTTP/1.")
+    screen = tmux.wait_for("5 requests, ", 20)
+    assert "· 6/6 processes running" in screen, screen   # registry, ca, 2 apps, 2 meshds
+    assert "meshd.access" not in screen, screen
+    access = (tmp_path / "run" / "logs" / "access-host-a.log").read_text()
+    assert access.count("meshd.access: outbound web -> payments") == 5, access
+    tmux("send-keys", "-t", "up", "C-c")
+    screen = tmux.wait_for("up exited", 60)
+    assert "up exited 0" in screen and "meshd up: stopped" in screen, screen
+    assert "req/s" not in screen.split("meshd up: SIGINT")[1], screen
+
+
 def test_muted_console_drops_child_lines_and_holds_its_own() -> None:
     import io
 
