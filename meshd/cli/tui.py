@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 import logging
 import ssl
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from meshd.admin.client import DEFAULT_ADMIN_PORT, admin_ssl_context
 from meshd.cli.routes import add_operator_options
 from meshd.errors import MeshError
 from meshd.registry.consul import DEFAULT_REGISTRY, operator_token, registry_url
 from meshd.registry.operator_key import operator_key
+
+if TYPE_CHECKING:
+    from tui.source import RegistrySource
 
 
 def register(sub: Any) -> None:
@@ -55,20 +58,26 @@ def admin_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
     return admin_ssl_context(args.admin_ca, args.admin_cert, args.admin_key, ADMIN_TLS_OPTIONS)
 
 
+def console_source(args: argparse.Namespace) -> RegistrySource:
+    """The console's data source as the ``meshd tui`` options ``args`` describe it."""
+    from tui.source import RegistrySource
+
+    url = registry_url(args.registry)
+    return RegistrySource(url, args.admin_port, token=operator_token(args.token, url),
+                          timeout=min(0.8, args.interval * 0.8), admin_tls=admin_tls(args),
+                          admin_client_cert=bool(args.admin_cert),
+                          signer=operator_key(getattr(args, "operator_cert", None),
+                                              getattr(args, "operator_key", None), url))
+
+
 def run(args: argparse.Namespace) -> int:
     if not 1 <= args.admin_port <= 65535:
         raise MeshError(f"--admin-port {args.admin_port} out of range (1-65535)")
     if args.interval <= 0 or args.interval > 60:
         raise MeshError("--interval must be between 0 and 60 seconds")
     from tui.app import MeshConsole
-    from tui.source import RegistrySource
 
-    url = registry_url(args.registry)
-    source = RegistrySource(url, args.admin_port, token=operator_token(args.token, url),
-                            timeout=min(0.8, args.interval * 0.8), admin_tls=admin_tls(args),
-                            admin_client_cert=bool(args.admin_cert),
-                            signer=operator_key(getattr(args, "operator_cert", None),
-                                                getattr(args, "operator_key", None), url))
+    source = console_source(args)
     # log lines written to the terminal would tear the screen: the console reports what
     # matters in its events pane instead
     logging.disable(logging.CRITICAL)

@@ -4,7 +4,10 @@ and the operator's machine. systemd cannot run here, so each unit is replaced by
 line (the guide's env file values filled in); everything else is the guide's own text: its shell
 blocks (bootstrap, the policy/token functions, the operator's and each host's policy) run in
 bash on the machine the guide names, and each host's meshd.toml is the guide's example with the
-addresses and names of this walk. A test that fails here means the guide is wrong.
+addresses and names of this walk. Each host serves its admin API on its address over mutual TLS
+("The console across VMs"), and the operator's console, built from that section's `meshd tui`
+command, reads every host from the operator's machine. A test that fails here means the guide
+is wrong.
 
 Runs under the fixed-ports lock with the fault suite (root, ``ip netns``), in ~10 s.
 """
@@ -15,11 +18,13 @@ import json
 import os
 import re
 import shlex
+import subprocess
 import sys
 import time
 import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from netns import Topology, sweep_stale
@@ -34,6 +39,23 @@ GUIDE = REPO / "docs" / "vm-install.md"
 SHOP = REPO / "examples" / "shop"
 PYTHON = sys.executable
 # the guide's machines (its example addresses) -> this walk's namespaces (last octet)
+CONSOLE = """# the console's data source from the meshd tui options in argv, polled once: JSON.
+import asyncio, json, sys
+from meshd.cli.main import build_parser
+from meshd.cli.tui import console_source
+
+async def main():
+    source = console_source(build_parser().parse_args(sys.argv[1:]))
+    try:
+        obs = await source.poll()
+    finally:
+        await source.aclose()
+    return {h.node: {"ok": h.ok, "error": h.error, "admin": h.admin,
+                     "services": sorted(s["name"] for s in (h.state or {}).get("services", []))}
+            for h in obs.hosts}
+
+print(json.dumps(asyncio.run(main())))
+"""
 MACHINES = {"reg": 4, "ca": 5, "web-1": 11, "pay-1": 12, "pay-2": 13, "ops": 30}
 APPS = {"web-1": ("web", "v1"), "pay-1": ("payments", "v1"), "pay-2": ("payments", "v2")}
 
@@ -94,6 +116,22 @@ class Walk:
             time.sleep(0.2)
         logs = "\n".join(f"--- {p.label}\n{p.log_tail(15)}" for p in self.topo.procs)
         raise AssertionError(f"not within {within:g}s: {what}\n{logs}")
+
+    def status(self, host: str, *extra: str) -> subprocess.CompletedProcess[str]:
+        """The guide's `meshd status --admin https://...` on ``host`` (in the operator
+        certificate's directory: its ca.crt, alice.crt, alice.key)."""
+        [line] = re.findall(r"`(meshd status --admin https://10\.0\.0\.11:15000 [^`]*)`",
+                            GUIDE.read_text())
+        argv = shlex.split(line.replace("10.0.0.11", self.ip[host]))[1:]
+        return subprocess.run(self.topo.hosts[f"vg-{host}"].argv(*meshd(*argv, *extra)),
+                              cwd=self.ca_dir / "operators" / "alice", capture_output=True,
+                              text=True, timeout=30, env={**os.environ, **env()}, check=False)
+
+    def console(self, argv: list[str], operator_env: dict[str, str]) -> dict[str, Any]:
+        """``meshd tui ARGV``'s view of the hosts, polled once on the operator's machine."""
+        result = self.topo.exec("vg-ops", [PYTHON, "-c", CONSOLE, *argv],
+                                env={**env(), **operator_env})
+        return dict(json.loads(result.stdout))
 
     def answers(self, machine: str, url: str) -> bool:
         result = self.topo.exec(f"vg-{machine}", ["curl", "-sf", "-o", "/dev/null", "-m", "2",
@@ -160,6 +198,7 @@ def test_the_vm_guide_walked_end_to_end(walk: Walk) -> None:
     [host_policy] = guide_blocks("### Create the host's registry token (on the registry host)",
                                  "sh")
     [example] = guide_blocks("### Write /etc/meshd/meshd.toml", "toml")
+    [admin_tls] = guide_blocks("## The console across VMs", "toml")
     for host, (service, version) in APPS.items():
         etc = w.root / "hosts" / host
         etc.mkdir(parents=True, mode=0o700)
@@ -174,6 +213,8 @@ def test_the_vm_guide_walked_end_to_end(walk: Walk) -> None:
                              .replace("/run/credentials/meshd.service", str(etc))
                              .replace("/var/lib/meshd", str(etc / "state")))
         data["node"] = host
+        data["admin"].update(tomllib.loads(w.subst(admin_tls.replace("10.0.0.11", ip[host])))
+                             ["admin"])
         data["ca"]["fingerprint"] = fingerprint
         [svc] = data["services"]
         svc.update(name=service, version=version, port=8080 if service == "web" else 9001)
@@ -194,13 +235,11 @@ def test_the_vm_guide_walked_end_to_end(walk: Walk) -> None:
         w.topo.spawn(f"meshd {host}", f"vg-{host}", meshd("run", "--config", str(config)),
                      env=env())
 
-    # Start and verify: `meshd status` on a host, then a checkout across hosts
-    def ready(host: str) -> bool:
-        return w.topo.exec(f"vg-{host}", meshd("status"), check=False, env=env()).returncode == 0
-
+    # Start and verify: `meshd status` on a host (its admin API over TLS, with the operator
+    # certificate), then a checkout across hosts
     for host in APPS:
-        w.wait(f"meshd status on {host} exits 0", lambda h=host: ready(h), 60)
-    status = w.topo.exec("vg-web-1", meshd("status"), env=env()).stdout
+        w.wait(f"meshd status on {host} exits 0", lambda h=host: w.status(h).returncode == 0, 60)
+    status = w.status("web-1").stdout
     assert "meshd web-1" in status and "READY" in status and "web -> payments" in status, status
 
     def checkout() -> dict[str, str]:
@@ -208,13 +247,31 @@ def test_the_vm_guide_walked_end_to_end(walk: Walk) -> None:
         return dict(json.loads(out))
 
     def payments_hosts() -> set[str]:
-        state = json.loads(w.sh("web-1", "curl -sf -m 2 http://127.0.0.1:15000/v1/state"))
+        state = json.loads(w.status("web-1", "-o", "json").stdout)["state"]
         endpoints = state["destinations"].get("payments", {}).get("endpoints", [])
         return {str(e.get("node")) for e in endpoints if e.get("healthy")}
 
     w.wait("web-1 sees both payments hosts", lambda: payments_hosts() == {"pay-1", "pay-2"})
     answer = checkout()
     assert answer["service"] == "payments" and answer["host"] in ("pay-1", "pay-2"), answer
+
+    # The console across VMs: the section's `meshd tui` on the operator's machine reads each
+    # host's admin API at the address it publishes, with the operator certificate
+    [tui] = guide_blocks("## The console across VMs", "sh")
+    tui_argv = shlex.split(w.subst(tui).replace("\\\n", " ").replace(
+        "~/.config/meshd/", f"{w.ca_dir / 'operators' / 'alice'}/"))
+    assert tui_argv[:2] == ["meshd", "tui"], tui_argv
+    want = {host: {"ok": True, "error": "", "admin": f"{ip[host]}:15000", "services": [svc]}
+            for host, (svc, _) in APPS.items()}
+    w.wait("the console reads every host", lambda: w.console(tui_argv[1:], operator_env) == want)
+    # without the --admin-* files, each host says what is missing
+    plain = [a for a, prev in zip(tui_argv, ["", *tui_argv], strict=False) if not (
+        a.startswith("--admin-") or prev.startswith("--admin-"))]
+    missing = ("admin API over TLS: an operator certificate is required (--admin-ca, "
+               "--admin-cert, --admin-key)")
+    assert w.console(plain[1:], operator_env) == {
+        host: {**seen, "ok": False, "error": missing, "services": []}
+        for host, seen in want.items()}
 
     # Removing a host: its subset's share moved away first (the section's set-split line),
     # then stopped (`systemctl disable --now meshd`: SIGTERM, it deregisters), revoked at the CA
