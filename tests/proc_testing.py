@@ -8,6 +8,8 @@ import queue
 import threading
 import time
 
+import trio
+
 
 class Output:
     """Lines of a child's stdout, read by a thread, waited for with a deadline."""
@@ -48,3 +50,15 @@ class Output:
         """The last ``n`` lines of what has arrived, without waiting."""
         self.wait_for("\0never", 0.0)
         return "\n".join(self.lines[-n:])
+
+
+async def stop_process(proc: trio.Process, within: float = 20) -> None:
+    """SIGTERM, then SIGKILL if it is still there after ``within`` seconds (shielded: also on
+    the way out of a failing or cancelled test)."""
+    with trio.CancelScope(shield=True):
+        proc.terminate()
+        with trio.move_on_after(within):
+            await proc.wait()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

@@ -37,6 +37,7 @@ from flood_testing import (
 )
 from mesh_testing import Mesh, wait_for
 from net_testing import free_port
+from proc_testing import stop_process
 
 from meshd.ca.server_tls import roots_pem
 from meshd.ca.store import TokenStore, init_ca, load_ca
@@ -75,16 +76,6 @@ async def _payments(port: int, *, task_status: trio.TaskStatus[object]) -> None:
         return Response.json({"service": "payments", "path": request.path})
 
     await serve_http(handle, HOST, port, task_status=task_status)
-
-
-async def _stop(proc: trio.Process) -> None:
-    with trio.CancelScope(shield=True):
-        proc.terminate()
-        with trio.move_on_after(20):
-            await proc.wait()
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
 
 
 async def _start(argv: list[str], log: Path) -> trio.Process:
@@ -163,7 +154,7 @@ async def daemons(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[Daemon
                       f"http://{HOST}:{admin}")
     finally:
         for proc in procs:
-            await _stop(proc)
+            await stop_process(proc)
 
 
 async def _metric(admin: str, name: str, labels: str) -> float:

@@ -27,6 +27,7 @@ from cryptography import x509
 from daemon_testing import app, single_route
 from mesh_testing import Mesh, wait_for
 from net_testing import free_port
+from proc_testing import stop_process
 
 from meshd.ca import audit
 from meshd.ca.store import TokenStore, init_ca, load_ca
@@ -75,16 +76,6 @@ async def _start(argv: list[str], log: Path) -> trio.Process:
         return await trio.lowlevel.open_process(
             [sys.executable, "-m", "meshd", *argv], stdout=out, stderr=subprocess.STDOUT,
             env=_env())
-
-
-async def _stop(proc: trio.Process) -> None:
-    with trio.CancelScope(shield=True):
-        proc.terminate()
-        with trio.move_on_after(20):
-            await proc.wait()
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
 
 
 async def _ca_command(*args: str) -> subprocess.CompletedProcess[bytes]:
@@ -161,7 +152,7 @@ async def fleet(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[Fleet]:
         yield Fleet(ca_dir, hosts, outbound, registry, operator_serial, tmp_path)
     finally:
         for proc in procs:
-            await _stop(proc)
+            await stop_process(proc)
 
 
 async def _identity(http: httpx.AsyncClient, host: Host) -> dict[str, Any]:
