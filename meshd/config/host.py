@@ -232,6 +232,7 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+PROTOCOLS = ["http", "http2", "grpc", "tcp"]
 SERVICE_KEYS = {"name", "port", "protocol", "version", "address", "health", "upstreams", "mtls"}
 
 
@@ -240,7 +241,7 @@ def _parse_local_service(r: Reader, raw: Mapping[str, Any], path: str) -> LocalS
     r.unknown_keys(raw, path, SERVICE_KEYS)
     name = r.name(raw, "name", path)
     port = r.port(raw, "port", path)
-    protocol = r.choice(raw, "protocol", path, Protocol, ["http", "tcp"], Protocol.HTTP)
+    protocol = r.choice(raw, "protocol", path, Protocol, PROTOCOLS, Protocol.HTTP)
     mtls = r.choice(raw, "mtls", path, MTLSMode, ["strict", "permissive"], MTLSMode.STRICT)
     version = r.name(raw, "version", path, "v1")
     address = r.ip(raw, "address", path, "127.0.0.1")
@@ -254,7 +255,7 @@ def _parse_local_service(r: Reader, raw: Mapping[str, Any], path: str) -> LocalS
         r.unknown_keys(up, upath, {"name", "local_port", "protocol"})
         uname = r.name(up, "name", upath)
         uport = r.port(up, "local_port", upath)
-        uproto = r.choice(up, "protocol", upath, Protocol, ["http", "tcp"], Protocol.HTTP)
+        uproto = r.choice(up, "protocol", upath, Protocol, PROTOCOLS, Protocol.HTTP)
         if uname is not None and uport is not None and uproto is not None:
             upstreams.append(Upstream(uname, uport, uproto))
     if len(r.problems) != before:

@@ -15,8 +15,23 @@ from meshd.patterns import Pattern, compile_pattern
 
 
 class Protocol(StrEnum):
+    """What a service's app speaks, and what an upstream's callers send: ``http`` (HTTP/1.1
+    to the app), ``http2`` and ``grpc`` (h2c to the app), ``tcp`` (opaque bytes). The outbound
+    listener of any HTTP kind takes HTTP/1.1 and h2c (prior knowledge) on the same port."""
+
     HTTP = "http"
+    HTTP2 = "http2"
+    GRPC = "grpc"
     TCP = "tcp"
+
+    @property
+    def is_http(self) -> bool:
+        return self is not Protocol.TCP
+
+    @property
+    def app_h2(self) -> bool:
+        """Whether meshd speaks h2c (prior knowledge) to an app declared so."""
+        return self is Protocol.HTTP2 or self is Protocol.GRPC
 
 
 @dataclass(frozen=True)
