@@ -136,8 +136,9 @@ class _Connection:
             state.waiter = trio.Event()
             await state.waiter.wait()
         event = state.inbox.take()
-        if isinstance(event, core.Body):
+        if isinstance(event, core.Body) and event.flow:
             self.session.consumed(stream_id, event.flow)
+            await self.flush()  # a window update, when half a window was used
         return event
 
     async def send_data(self, stream_id: int, state: _Stream, data: bytes) -> None:

@@ -179,13 +179,18 @@ class Session:
     def start(self) -> None:
         """Queue our preface: settings (and the client's magic) and the connection window."""
         limits = self.limits
-        settings = self._h2.local_settings
-        settings.max_concurrent_streams = limits.max_concurrent_streams
-        settings.max_header_list_size = limits.max_header_list_size
-        settings.initial_window_size = limits.stream_window
-        settings.max_frame_size = limits.max_frame_size
+        codes = h2.settings.SettingCodes
+        values = {codes.MAX_CONCURRENT_STREAMS: limits.max_concurrent_streams,
+                  codes.MAX_HEADER_LIST_SIZE: limits.max_header_list_size,
+                  codes.INITIAL_WINDOW_SIZE: limits.stream_window,
+                  codes.MAX_FRAME_SIZE: limits.max_frame_size}
         if self.client_side:
-            settings.enable_push = 0
+            values[codes.ENABLE_PUSH] = 0
+        # as initial values (not changes): the first SETTINGS frame carries them, and the
+        # library's flow control counts with them from the start
+        self._h2.local_settings = h2.settings.Settings(client=self.client_side,
+                                                       initial_values=values)
+        self._h2.max_inbound_frame_size = limits.max_frame_size
         self._h2.initiate_connection()
         # the h2 library applies its own limits once the peer acknowledges them; these hold
         # from the first frame
