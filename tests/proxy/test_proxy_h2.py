@@ -1,13 +1,32 @@
 """HTTP/2 through the in-process mesh: h2c clients on an outbound listener, h2 between meshds
-(ALPN), HTTP/1.1 apps behind (translated at the callee's meshd)."""
+(ALPN), apps speaking HTTP/1.1 (translated at the callee's meshd) or h2c (an ``H2App`` of
+the ``h2`` library, and real grpcio servers), gRPC statuses for what meshd answers itself."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+from collections.abc import AsyncIterator, Iterator
+from concurrent import futures
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
 
+import grpc
+import h2.config
+import h2.connection
+import h2.events
+import httpx
+import pytest
 import trio
-from proxy_mesh_testing import Mesh
+from proxy_mesh_testing import OPEN, Host, Mesh, make_host
+from proxy_testing import MiniCA
+
+from meshd.config.routes import parse_routes
+from meshd.config.schema import LocalService, Protocol, Upstream
+from meshd.proxy.core.view import MeshView, ViewCell
+from meshd.registry.model import Endpoint, EndpointSet
 
 
 async def _curl(*args: str) -> subprocess.CompletedProcess[bytes]:
@@ -21,31 +40,12 @@ async def test_h2c_prior_knowledge_reaches_an_http1_app_over_h2_between_meshds(
                        f"{mesh.url()}/version")
     assert done.returncode == 0, done.stderr
     body, version = done.stdout.rsplit(b"\n", 1)
-    print(done.stdout, done.stderr)
     assert version == b"2"
     seen = json.loads(body)
     assert seen["headers"]["x-meshd-source"] == "web"
 
 
 # -- gRPC ---------------------------------------------------------------------------------------
-
-import random  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
-from concurrent import futures  # noqa: E402
-from pathlib import Path  # noqa: E402
-from types import MappingProxyType  # noqa: E402
-
-import grpc  # noqa: E402
-import pytest  # noqa: E402
-from proxy_mesh_testing import OPEN, Host, make_host  # noqa: E402
-from proxy_testing import MiniCA  # noqa: E402
-
-from meshd.config.routes import parse_routes  # noqa: E402
-from meshd.config.schema import LocalService, Protocol, Upstream  # noqa: E402
-from meshd.proxy.core.view import MeshView, ViewCell  # noqa: E402
-from meshd.registry.model import Endpoint, EndpointSet  # noqa: E402
-
-_RAW = {"request_deserializer": None, "response_serializer": None}
 
 
 class Greeter:
@@ -75,19 +75,16 @@ class Greeter:
             yield os.urandom(size)
 
 
-import os  # noqa: E402
-
-
 @pytest.fixture
 async def grpc_mesh(tmp_path: Path, nursery: trio.Nursery) -> tuple[Host, ViewCell, list[Greeter]]:
     ca = MiniCA.create()
     greeters = [Greeter("v1"), Greeter("v2")]
     for g in greeters:
         g.server.start()
+    view = ViewCell(MeshView(routes=OPEN, endpoints=MappingProxyType({})))  # every host's
     hosts = [make_host(ca, tmp_path, f"g{i}", [LocalService(
-        "greeter", g.port, protocol=Protocol.GRPC, version=g.version)])
+        "greeter", g.port, protocol=Protocol.GRPC, version=g.version)], view)
         for i, g in enumerate(greeters)]
-    view = ViewCell(MeshView(routes=OPEN, endpoints=MappingProxyType({})))
     a = make_host(ca, tmp_path, "a", [LocalService("client", 1, upstreams=(
         Upstream("greeter", 0, Protocol.GRPC),))], view)
     for host in (*hosts, a):
@@ -147,3 +144,114 @@ async def test_grpc_errors_and_deadlines_reach_the_client_as_grpc_statuses(grpc_
     assert await trio.to_thread.run_sync(call) == grpc.StatusCode.FAILED_PRECONDITION
     view.set_endpoints(EndpointSet("greeter", (), 2, 0.0))
     assert await trio.to_thread.run_sync(call) == grpc.StatusCode.UNAVAILABLE
+
+
+# -- an h2c app, and HTTP versions translated at the callee's meshd ------------------------------
+
+
+class H2App:
+    """A small h2c server (the ``h2`` library): every request is answered 200 with a JSON body
+    naming its method, path, headers and the length of the body it read."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.requests = 0
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                    ) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started()
+        await trio.serve_listeners(self._connection, listeners)
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        conn.initiate_connection()
+        await stream.send_all(conn.data_to_send())
+        seen: dict[int, dict[str, Any]] = {}
+        while True:
+            try:
+                data = await stream.receive_some(65536)
+            except trio.BrokenResourceError:
+                return
+            if not data:
+                return
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.RequestReceived):
+                    headers = {k.decode() if isinstance(k, bytes) else k:
+                               v.decode() if isinstance(v, bytes) else v
+                               for k, v in event.headers}
+                    seen[event.stream_id] = {"headers": headers, "length": 0}
+                elif isinstance(event, h2.events.DataReceived):
+                    seen[event.stream_id]["length"] += len(event.data)
+                    conn.acknowledge_received_data(event.flow_controlled_length,
+                                                   event.stream_id)
+                elif isinstance(event, h2.events.StreamEnded):
+                    self.requests += 1
+                    body = json.dumps(seen.pop(event.stream_id)).encode()
+                    conn.send_headers(event.stream_id, [
+                        (":status", "200"), ("content-type", "application/json"),
+                        ("content-length", str(len(body)))])
+                    conn.send_data(event.stream_id, body, end_stream=True)
+            await stream.send_all(conn.data_to_send())
+
+
+@pytest.fixture
+async def h2_mesh(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[tuple[Host, H2App]]:
+    """host a: web -> api (http); host b: api, an h2c app (``protocol = "http2"``)."""
+    ca = MiniCA.create()
+    app = H2App()
+    await nursery.start(app.serve)
+    b = make_host(ca, tmp_path, "b", [LocalService("api", app.port, protocol=Protocol.HTTP2)])
+    view = ViewCell(MeshView(routes=OPEN, endpoints=MappingProxyType({})))
+    a = make_host(ca, tmp_path, "a", [LocalService("web", 1, upstreams=(Upstream("api", 0),))],
+                  view)
+    for host in (b, a):
+        await nursery.start(host.proxy.run)
+    view.set_endpoints(EndpointSet("api", (
+        Endpoint("api", "api-1", "b", "127.0.0.1", b.port, "v1"),), 1, 0.0))
+    yield a, app
+
+
+async def test_http1_and_h2c_clients_share_a_port_and_reach_an_h2c_app(h2_mesh) -> None:
+    a, app = h2_mesh
+    host, port = a.proxy.outbound_address("web", "api")
+    url = f"http://{host}:{port}/things?x=1"
+    # HTTP/1.1 caller: HTTP/1.1 between the meshds, h2c from b's meshd to the app
+    async with httpx.AsyncClient() as client:
+        response = await client.post(url, content=b"z" * 100_000)
+    assert response.status_code == 200
+    seen = response.json()
+    assert seen["length"] == 100_000
+    assert seen["headers"][":method"] == "POST"
+    assert seen["headers"][":path"] == "/things?x=1"
+    assert seen["headers"]["x-meshd-source"] == "web"
+    # h2c caller on the same port: HTTP/2 all the way
+    done = await _curl("--http2-prior-knowledge", "-w", "\n%{http_version}", "--data-binary",
+                       "@-", url)
+    assert done.returncode == 0, done.stderr
+    body, version = done.stdout.rsplit(b"\n", 1)
+    assert version == b"2"
+    assert json.loads(body)["headers"][":authority"] == f"{host}:{port}"
+    assert app.requests == 2
+
+
+async def test_grpc_call_denied_by_authorization_gets_permission_denied(grpc_mesh) -> None:
+    a, view, _ = grpc_mesh
+    view.set_routes(parse_routes({"default_policy": "allow", "destinations": {"greeter": {
+        "subsets": {"v1": {"version": "v1"}, "v2": {"version": "v2"}},
+        "split": {"v1": 50, "v2": 50},
+        "authorization": {"rules": [{"name": "nobody", "action": "deny", "from": ["*"]}]}}}}))
+    host, port = a.proxy.outbound_address("client", "greeter")
+
+    def call() -> tuple[grpc.StatusCode, str]:
+        with grpc.insecure_channel(f"{host}:{port}") as channel:
+            try:
+                channel.unary_unary("/test.Greeter/SayHello")(b"x", timeout=5)
+            except grpc.RpcError as exc:
+                return exc.code(), exc.details()
+            return grpc.StatusCode.OK, ""
+
+    code, details = await trio.to_thread.run_sync(call)
+    assert code == grpc.StatusCode.PERMISSION_DENIED, details
+    assert "denied" in details
