@@ -24,9 +24,10 @@ from proxy_mesh_testing import OPEN, Host, Mesh, make_host
 from proxy_testing import MiniCA
 
 from meshd.config.routes import parse_routes
-from meshd.config.schema import LocalService, Protocol, Upstream
+from meshd.config.schema import HealthCheck, LocalService, Protocol, Upstream
+from meshd.daemon.health import probe, probe_client
 from meshd.proxy.core.view import MeshView, ViewCell
-from meshd.registry.model import Endpoint, EndpointSet
+from meshd.registry.model import CRITICAL, PASSING, Endpoint, EndpointSet
 
 
 async def _curl(*args: str) -> subprocess.CompletedProcess[bytes]:
@@ -59,10 +60,18 @@ class Greeter:
             "SayHello": grpc.unary_unary_rpc_method_handler(self.hello),
             "Stream": grpc.unary_stream_rpc_method_handler(self.stream),
         }
+        health = {"Check": grpc.unary_unary_rpc_method_handler(self.check)}
         self.server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler("test.Greeter", handlers),))
+            (grpc.method_handlers_generic_handler("test.Greeter", handlers),
+             grpc.method_handlers_generic_handler("grpc.health.v1.Health", health)))
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         self.fail_with: grpc.StatusCode | None = None
+        self.serving = True
+
+    def check(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        if request not in (b"", b"\x0a\x07greeter"):
+            context.abort(grpc.StatusCode.NOT_FOUND, "unknown service")
+        return b"\x08\x01" if self.serving else b"\x08\x02"  # SERVING / NOT_SERVING
 
     def hello(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         if self.fail_with is not None:
@@ -255,3 +264,35 @@ async def test_grpc_call_denied_by_authorization_gets_permission_denied(grpc_mes
     code, details = await trio.to_thread.run_sync(call)
     assert code == grpc.StatusCode.PERMISSION_DENIED, details
     assert "denied" in details
+
+
+# -- health checks of apps that speak HTTP/2 ------------------------------------------------------
+
+
+async def test_grpc_and_h2c_health_checks(nursery: trio.Nursery) -> None:
+    greeter = Greeter("v1")
+    greeter.server.start()
+    app = H2App()
+    await nursery.start(app.serve)
+    try:
+        async with probe_client() as http:
+            for name, expected in (("", PASSING), ("greeter", PASSING), ("nope", CRITICAL)):
+                svc = LocalService("greeter", greeter.port, protocol=Protocol.GRPC,
+                                   health=HealthCheck("grpc", name, 1.0, 2.0))
+                result = await probe(svc, http)
+                assert result.status == expected, result.output
+            greeter.serving = False
+            result = await probe(svc_named(greeter.port, ""), http)
+            assert (result.status, result.output.endswith("not SERVING")) == (CRITICAL, True)
+            h2_app = LocalService("api", app.port, protocol=Protocol.HTTP2,
+                                  health=HealthCheck("http", "/healthz", 1.0, 2.0))
+            result = await probe(h2_app, http)
+            assert result.status == PASSING, result.output
+            assert "HTTP/2 GET" in result.output
+    finally:
+        greeter.server.stop(0)
+
+
+def svc_named(port: int, name: str) -> LocalService:
+    return LocalService("greeter", port, protocol=Protocol.GRPC,
+                        health=HealthCheck("grpc", name, 1.0, 2.0))
