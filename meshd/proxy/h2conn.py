@@ -21,7 +21,6 @@ import math
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
-import h2.exceptions
 import trio
 
 from meshd.proxy.core import h2 as core
@@ -159,7 +158,10 @@ class _Connection:
                                      f"{STALL_TIMEOUT:g}s")
                 continue
             chunk = view[:window]
-            self.session.send_data(stream_id, bytes(chunk))
+            try:
+                self.session.send_data(stream_id, bytes(chunk))
+            except core.SendRefused as exc:
+                raise StreamGone(f"stream closed: {exc}") from exc
             view = view[len(chunk):]
             await self.flush()
 
@@ -266,9 +268,8 @@ class H2Request:
     async def send_head(self, status: int, headers: Sequence[Header], *, end: bool = False,
                         length: int | None = None) -> None:
         self._check()
-        self.conn.session.send_headers(self.stream_id,
-                                       core.response_fields(status, headers, length=length),
-                                       end=end)
+        self._send(lambda: self.conn.session.send_headers(
+            self.stream_id, core.response_fields(status, headers, length=length), end=end))
         self.response_started = True
         self.finished = end
         await self.conn.flush()
@@ -279,13 +280,14 @@ class H2Request:
 
     async def send_trailers(self, headers: Sequence[Header]) -> None:
         self._check()
-        self.conn.session.send_headers(self.stream_id, core.trailer_fields(headers), end=True)
+        self._send(lambda: self.conn.session.send_headers(
+            self.stream_id, core.trailer_fields(headers), end=True))
         self.finished = True
         await self.conn.flush()
 
     async def end(self) -> None:
         self._check()
-        self.conn.session.end_stream(self.stream_id)
+        self._send(lambda: self.conn.session.end_stream(self.stream_id))
         self.finished = True
         await self.conn.flush()
 
@@ -298,7 +300,9 @@ class H2Request:
             if self.grpc:
                 grpc_status = status_for_meshd_error(status, code)
                 fields = trailers_only(int(grpc_status), text, headers)
-                self.conn.session.send_headers(self.stream_id, fields, end=True)
+                self._check()
+                self._send(lambda: self.conn.session.send_headers(self.stream_id, fields,
+                                                                  end=True))
                 self.response_started = self.finished = True
                 await self.conn.flush()
             else:
@@ -307,9 +311,15 @@ class H2Request:
                                               *headers], length=len(body))
                 await self.send_data(body)
                 await self.end()
-        except (StreamGone, h2.exceptions.ProtocolError):
+        except StreamGone:
             pass  # the client is gone or reset the stream: nobody to answer
         return True
+
+    def _send(self, send: Callable[[], None]) -> None:
+        try:
+            send()
+        except core.SendRefused as exc:
+            raise StreamGone(f"stream closed: {exc}") from exc
 
     def _check(self) -> None:
         if self.conn.closed or self.state.reset_code is not None:
@@ -369,7 +379,7 @@ async def serve_h2(transport: trio.abc.Stream, handle: RequestHandler, idle_time
     def drain() -> None:
         nonlocal stopping
         stopping = True
-        session.goaway(core.NO_ERROR)
+        session.goaway()
         nursery.start_soon(conn.flush)
         if active == 0:
             idle.cancel()
@@ -414,7 +424,7 @@ async def serve_h2(transport: trio.abc.Stream, handle: RequestHandler, idle_time
                 with idle:
                     await conn.read(on_event)
                 if idle.cancelled_caught and not conn.closed:
-                    session.goaway(core.NO_ERROR)
+                    session.goaway()
                     await conn.flush()
                     conn._lost("idle")
                 # the reader is done: streams in flight finish or fail on their own
@@ -481,12 +491,17 @@ class H2Client:
         stream_id = session.next_stream_id()
         state = _Stream()
         self.conn.streams[stream_id] = state
-        session.send_headers(stream_id, fields, end=end)
-        return H2Upstream(self, stream_id, state, reused)
+        upstream = H2Upstream(self, stream_id, state, reused)
+        try:
+            session.send_headers(stream_id, fields, end=end)
+        except core.SendRefused as exc:
+            self.conn.streams.pop(stream_id, None)
+            raise upstream._failed(f"upstream connection refused a stream: {exc}") from exc
+        return upstream
 
     async def close(self) -> None:
         if not self.conn.closed:
-            self.conn.session.goaway(core.NO_ERROR)
+            self.conn.session.goaway()
             await self.conn.flush()
             self.conn._lost("closed by meshd")
         await trio.aclose_forcefully(self.conn.transport)
@@ -525,10 +540,14 @@ class H2Upstream:
         conn = self.client.conn
         if conn.closed or self.state.reset_code is not None:
             raise self._failed(f"upstream stream failed: {conn._gone_reason(self.state)}")
-        if trailers:
-            conn.session.send_headers(self.stream_id, core.trailer_fields(trailers), end=True)
-        else:
-            conn.session.end_stream(self.stream_id)
+        try:
+            if trailers:
+                conn.session.send_headers(self.stream_id, core.trailer_fields(trailers),
+                                          end=True)
+            else:
+                conn.session.end_stream(self.stream_id)
+        except core.SendRefused as exc:
+            raise self._failed(f"upstream stream failed: {exc}") from exc
         await conn.flush()
 
     async def next_event(self) -> core.StreamEvent:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent import futures
 from pathlib import Path
@@ -59,6 +60,7 @@ class Greeter:
         handlers = {
             "SayHello": grpc.unary_unary_rpc_method_handler(self.hello),
             "Stream": grpc.unary_stream_rpc_method_handler(self.stream),
+            "Slow": grpc.unary_stream_rpc_method_handler(self.slow),
         }
         health = {"Check": grpc.unary_unary_rpc_method_handler(self.check)}
         self.server.add_generic_rpc_handlers(
@@ -77,6 +79,11 @@ class Greeter:
         if self.fail_with is not None:
             context.abort(self.fail_with, f"{self.version} refuses")
         return b"hello " + request + b" from " + self.version.encode()
+
+    def slow(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        for i in range(int(request)):
+            time.sleep(0.1)
+            yield b"%d" % i
 
     def stream(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
         count, size = (int(x) for x in request.split(b","))
@@ -296,3 +303,30 @@ async def test_grpc_and_h2c_health_checks(nursery: trio.Nursery) -> None:
 def svc_named(port: int, name: str) -> LocalService:
     return LocalService("greeter", port, protocol=Protocol.GRPC,
                         health=HealthCheck("grpc", name, 1.0, 2.0))
+
+
+async def test_a_drain_lets_grpc_streams_in_flight_finish(grpc_mesh) -> None:
+    a, _, _ = grpc_mesh
+    host, port = a.proxy.outbound_address("client", "greeter")
+    started = trio.Event()
+    token = trio.lowlevel.current_trio_token()
+
+    def stream() -> list[bytes]:
+        with grpc.insecure_channel(f"{host}:{port}") as channel:
+            got = []
+            for message in channel.unary_stream("/test.Greeter/Slow")(b"10", timeout=10):
+                got.append(message)
+                if len(got) == 1:
+                    trio.from_thread.run_sync(started.set, trio_token=token)
+            return got
+
+    async with trio.open_nursery() as nursery:
+        result: list[list[bytes]] = []
+
+        async def run() -> None:
+            result.append(await trio.to_thread.run_sync(stream))
+
+        nursery.start_soon(run)
+        await started.wait()
+        await a.proxy.drain(trio.current_time() + 10)
+    assert result == [[b"%d" % i for i in range(10)]]

@@ -35,6 +35,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import hyperframe.frame
 
 from meshd.proxy.core.http1 import Framing, Header, RequestHead, ResponseHead
 
@@ -139,6 +140,10 @@ StreamEvent = Opened | Body | Trailers | Ended | Reset
 Event = StreamEvent | Window | GoingAway | Failed
 
 
+class SendRefused(Exception):
+    """The stream (or the connection) no longer takes what was to be sent on it."""
+
+
 class _Rate:
     """How many things happened in the last ``window`` seconds (a fixed-window count)."""
 
@@ -172,6 +177,7 @@ class Session:
         self._resets = _Rate(limits.flood_window, limits.max_resets)
         self._control = _Rate(limits.flood_window, limits.max_control)
         self.failed: Failed | None = None
+        self._extra: list[bytes] = []  # frames written by hand (a graceful GOAWAY)
         self.going_away = False  # we sent GOAWAY: no new streams
         self.peer_going_away: GoingAway | None = None
         self.last_peer_stream = 0  # highest stream the peer opened (server side)
@@ -281,14 +287,21 @@ class Session:
     # -- output --------------------------------------------------------------------------------
 
     def outgoing(self) -> bytes:
-        return self._h2.data_to_send()
+        data = self._h2.data_to_send()
+        if self._extra:
+            data, self._extra = data + b"".join(self._extra), []
+        return data
 
     def next_stream_id(self) -> int:
         return self._h2.get_next_available_stream_id()
 
     def send_headers(self, stream_id: int, headers: Sequence[Header], *,
                      end: bool = False) -> None:
-        self._h2.send_headers(stream_id, list(headers), end_stream=end)
+        """Raises ``SendRefused`` when the stream or the connection is closed."""
+        try:
+            self._h2.send_headers(stream_id, list(headers), end_stream=end)
+        except h2.exceptions.ProtocolError as exc:
+            raise SendRefused(str(exc) or type(exc).__name__) from exc
 
     def send_window(self, stream_id: int) -> int:
         """How many body bytes may be sent on ``stream_id`` now (one frame at most)."""
@@ -299,11 +312,18 @@ class Session:
         return min(window, self._h2.max_outbound_frame_size)
 
     def send_data(self, stream_id: int, data: bytes, *, end: bool = False) -> None:
-        """Send ``data`` (at most ``send_window`` bytes)."""
-        self._h2.send_data(stream_id, data, end_stream=end)
+        """Send ``data`` (at most ``send_window`` bytes); raises ``SendRefused``."""
+        try:
+            self._h2.send_data(stream_id, data, end_stream=end)
+        except h2.exceptions.ProtocolError as exc:
+            raise SendRefused(str(exc) or type(exc).__name__) from exc
 
     def end_stream(self, stream_id: int) -> None:
-        self._h2.end_stream(stream_id)
+        """Raises ``SendRefused``."""
+        try:
+            self._h2.end_stream(stream_id)
+        except h2.exceptions.ProtocolError as exc:
+            raise SendRefused(str(exc) or type(exc).__name__) from exc
 
     def reset(self, stream_id: int, code: int = CANCEL) -> None:
         try:
@@ -312,16 +332,17 @@ class Session:
                 h2.exceptions.ProtocolError):
             pass  # closed already: nothing to reset
 
-    def goaway(self, code: int = NO_ERROR) -> None:
-        """Say no new stream will be taken (streams up to the last one opened still are)."""
+    def goaway(self) -> None:
+        """Say, gracefully, that no new stream will be taken: the streams up to the last one
+        the peer opened go on (the frame is written by hand: the library's GOAWAY would end
+        them all)."""
         if self.going_away:
             return
         self.going_away = True
-        try:
-            self._h2.close_connection(error_code=code,
-                                      last_stream_id=self.last_peer_stream or None)
-        except h2.exceptions.ProtocolError:
-            pass
+        frame = hyperframe.frame.GoAwayFrame(0)
+        frame.last_stream_id = self.last_peer_stream
+        frame.error_code = NO_ERROR
+        self._extra.append(frame.serialize())
 
     def stream_open(self, stream_id: int) -> bool:
         stream = self._h2.streams.get(stream_id)
