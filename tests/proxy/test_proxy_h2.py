@@ -21,8 +21,8 @@ import h2.events
 import httpx
 import pytest
 import trio
-from proxy_mesh_testing import OPEN, Host, Mesh, make_host
-from proxy_testing import MiniCA
+from proxy_mesh_testing import OPEN, Farm, Host, Mesh, make_host
+from proxy_testing import MiniCA, eventually
 
 from meshd.config.routes import parse_routes
 from meshd.config.schema import HealthCheck, LocalService, Protocol, Upstream
@@ -330,3 +330,17 @@ async def test_a_drain_lets_grpc_streams_in_flight_finish(grpc_mesh) -> None:
         await started.wait()
         await a.proxy.drain(trio.current_time() + 10)
     assert result == [[b"%d" % i for i in range(10)]]
+
+
+async def test_h2_requests_are_mirrored_and_split_like_http1(farm: Farm, tmp_path: Path) -> None:
+    farm.set_routes({"split": {"v1": 100}, "mirror": {"subset": "v2", "percent": 100}})
+    body = tmp_path / "body"
+    body.write_bytes(os.urandom(10_000))
+    done = await _curl("--http2-prior-knowledge", "--data-binary", f"@{body}",
+                       f"{farm.url()}/sha")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["version"] == "v1"
+    await eventually(lambda: bool(farm.apps["b3"].seen))
+    copy = farm.apps["b3"].seen[0]
+    assert copy["headers"]["x-meshd-mirror"] == "1"
+    assert copy["size"] == 10_000 and copy["method"] == "POST"
