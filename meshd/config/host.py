@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from meshd.config.gateway import parse_gateways
 from meshd.config.reader import Reader
 from meshd.config.schema import (
     DEFAULT_ADMIN_LIMITS,
@@ -35,7 +36,7 @@ _HOST_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9]
 
 HOST_KEYS = {"node", "address", "trust_domain", "registry", "registry_token",
              "registry_token_file", "ca", "inbound", "admin", "outbound", "state_dir",
-             "services", "drain_timeout", "labels"}
+             "services", "drain_timeout", "labels", "gateways"}
 
 
 def parse_host_config(data: Mapping[str, Any], file: str = "meshd.toml",
@@ -111,9 +112,16 @@ def parse_host_config(data: Mapping[str, Any], file: str = "meshd.toml",
         svc = _parse_local_service(r, raw, path)
         if svc is not None:
             services.append(svc)
+    gateways = parse_gateways(r, data, base)
     listeners = [(address or "", inbound_port, "inbound.port")] if inbound_port else []
     if admin_port:
         listeners.append((admin_host, admin_port, "admin.address"))
+    listeners += [(x.address, x.port, f"gateways[{i}].listeners[{j}].port")
+                  for i, g in enumerate(gateways) for j, x in enumerate(g.listeners)]
+    for i, gateway in enumerate(gateways):
+        if any(s.name == gateway.name for s in services):
+            r.problem(f"gateways[{i}].name", f"{gateway.name!r} is also a local service: a "
+                      "gateway has an identity of its own")
     _check_local_uniqueness(r, services, listeners)
     _check_permissive(r, services)
 
@@ -129,7 +137,7 @@ def parse_host_config(data: Mapping[str, Any], file: str = "meshd.toml",
         drain_timeout=drain_timeout or DEFAULT_DRAIN_TIMEOUT,
         inbound_limits=inbound_limits, outbound_limits=outbound_limits,
         admin_limits=admin_limits, inbound_handshake_timeout=handshake_timeout,
-        labels=labels,
+        labels=labels, gateways=gateways,
     )
 
 

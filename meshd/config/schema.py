@@ -11,6 +11,7 @@ from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
 
+from meshd.config.gateway import Gateway
 from meshd.patterns import Pattern, compile_pattern
 
 
@@ -149,9 +150,16 @@ class HostConfig:
     # the host's labels (``labels = { zone = "eu-1" }``), registered with its services: what
     # a destination's ``locality`` priority compares between caller and endpoint
     labels: tuple[tuple[str, str], ...] = ()
+    gateways: tuple[Gateway, ...] = ()  # ingress gateways this meshd runs
 
     def service(self, name: str) -> LocalService | None:
         return next((s for s in self.services if s.name == name), None)
+
+    @property
+    def identities(self) -> tuple[str, ...]:
+        """The service identities this host holds certificates for: its local services' and
+        its gateways'."""
+        return (*(s.name for s in self.services), *(g.name for g in self.gateways))
 
     @property
     def upstreams(self) -> tuple[tuple[LocalService, Upstream], ...]:

@@ -246,7 +246,7 @@ class Daemon:
         systemd.notify(status=f"getting certificates from the CA at {config.ca.url}")
         bundle, identities = await self._join_with_retry()
         self.state.bundle, self.state.identities = bundle, identities
-        tls = TLSState(cert_dir(config), config.trust_domain, [s.name for s in config.services],
+        tls = TLSState(cert_dir(config), config.trust_domain, config.identities,
                        admin=config.admin_tls)
         self._tls = tls
         await n.start(self.identity.run, tls)  # renewals, deny list, roots
@@ -443,7 +443,7 @@ class Daemon:
                 self.state.health.pop(name, None)
         if plan.services_added:
             try:
-                await self.identity.claim([s.name for s in config.services], tls)
+                await self.identity.claim(list(config.identities), tls)
             except (CAError, IdentityError) as exc:
                 for name in plan.services_added:
                     failed.append(_failed_change(

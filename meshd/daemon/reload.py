@@ -131,6 +131,7 @@ _RESTART_REASONS = (
     ("inbound", "the inbound mTLS listener is bound at start"),
     ("outbound", "outbound listeners are bound with these settings"),
     ("admin", "the admin API is bound at start"),
+    ("gateways", "a gateway's listeners, identity and registration are set up at start"),
 )
 _PERMISSIVE_REASON = ("a service in permissive mTLS mode sets how the inbound listener tells "
                       "plaintext from TLS, which is fixed at start")

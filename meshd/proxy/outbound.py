@@ -127,19 +127,19 @@ class Outbound:
         elif await starts_h2(stream):  # h2c with prior knowledge (gRPC clients' http://)
 
             async def handle(head: RequestHead, request: H2Request) -> None:
-                await self._handle_request(head, request, conn)
+                await self.handle_request(head, request, conn)
 
             await serve_h2(stream, handle, CLIENT_IDLE_TIMEOUT,
                            on_bad_request=self._count_bad_request,
                            draining=lambda: conn.draining,
                            set_drain_hook=conn.set_drain_hook, peer=conn.peer)
         else:
-            await serve_requests(stream, conn, self._handle_request, CLIENT_IDLE_TIMEOUT,
+            await serve_requests(stream, conn, self.handle_request, CLIENT_IDLE_TIMEOUT,
                                  on_bad_request=self._count_bad_request)
 
     # -- HTTP ----------------------------------------------------------------------------------
 
-    async def _handle_request(self, request: RequestHead, source: RequestSource | H2Request,
+    async def handle_request(self, request: RequestHead, source: RequestSource | H2Request,
                               conn: ClientConnection) -> bool:
         ctx = self.ctx
         started = trio.current_time()

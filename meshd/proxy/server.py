@@ -35,6 +35,7 @@ from meshd.metrics import Metrics
 from meshd.proxy.access import AccessLog
 from meshd.proxy.core.view import ViewCell
 from meshd.proxy.forward import FIRST_REQUEST_GRACE, ClientConnection
+from meshd.proxy.gateway import GatewayHandler
 from meshd.proxy.h2conn import H2Pool
 from meshd.proxy.inbound import APP_IDLE_TIMEOUT, Inbound, InboundContext
 from meshd.proxy.outbound import Outbound, OutboundContext
@@ -50,7 +51,7 @@ ConnectionHandler = Callable[[SocketConnection, ClientConnection], Awaitable[Non
 
 @dataclass
 class _Listener:
-    direction: str  # "inbound" / "outbound"
+    direction: str  # "inbound" / "outbound" / "gateway"
     name: str  # what it serves, for logs
     host: str
     port: int
@@ -92,9 +93,17 @@ class Proxy:
         self._inbound = inbound
         self._listeners += [self._outbound_listener(service, upstream)
                             for service, upstream in config.upstreams]
+        # ingress gateways: outside clients, capped like the inbound listener
+        self._listeners += [
+            _Listener("gateway", f"{gateway.name}:{listener.port}", listener.address,
+                      listener.port, GatewayHandler(gateway, listener, outbound_ctx).handle, [],
+                      self.guard.listener(f"gateway:{gateway.name}:{listener.port}",
+                                          config.inbound_limits))
+            for gateway in config.gateways for listener in gateway.listeners]
         self._permissive = inbound.permissive is not None
         self._connections: set[ClientConnection] = set()
-        self._open = {"inbound": 0, "outbound": 0}  # accepted connections open, by listener
+        # accepted connections open, by listener kind
+        self._open = {"inbound": 0, "outbound": 0, "gateway": 0}
         self._accepting = trio.CancelScope()
         self._everything = trio.CancelScope()
         self._draining = False
@@ -123,6 +132,14 @@ class Proxy:
             raise KeyError(f"no outbound listener for {name}")
         return self._bound(listener)
 
+    def gateway_address(self, gateway: str, index: int = 0) -> tuple[str, int]:
+        """Where gateway ``gateway``'s ``index``-th listener listens."""
+        found = [x for x in self._listeners
+                 if x.direction == "gateway" and x.name.split(":", 1)[0] == gateway]
+        if index >= len(found):
+            raise KeyError(f"no listener {index} for gateway {gateway}")
+        return self._bound(found[index])
+
     @staticmethod
     def _bound(listener: _Listener) -> tuple[str, int]:
         if not listener.sockets:
@@ -139,7 +156,8 @@ class Proxy:
 
     def open_connections(self) -> dict[str, int]:
         """Accepted connections open now: ``inbound`` (from peers' meshds, or plaintext in
-        permissive mode) and ``outbound`` (from local apps to upstream listeners)."""
+        permissive mode), ``outbound`` (from local apps to upstream listeners) and ``gateway``
+        (outside clients of this host's ingress gateways)."""
         return dict(self._open)
 
     def endpoint_states(self) -> dict[str, list[dict[str, Any]]]:
@@ -308,13 +326,13 @@ class Proxy:
         # without a task. (Not outbound listeners, where a TCP upstream's server may speak
         # first, nor a permissive inbound one, which may carry such a protocol in plaintext.)
         timeout = self.config.inbound_handshake_timeout
-        first_byte = timeout if listener.direction == "inbound" and not self._permissive \
-            else None
+        first_byte = timeout if (listener.direction == "inbound" and not self._permissive) \
+            or listener.direction == "gateway" else None
 
         def silent(peer: str) -> None:
-            log.debug("inbound connection from %s sent nothing within %gs: closed", peer,
-                      timeout)
-            self.metrics.connection_errors.labels("inbound", "handshake_timeout").inc()
+            log.debug("%s connection from %s sent nothing within %gs: closed",
+                      listener.direction, peer, timeout)
+            self.metrics.connection_errors.labels(listener.direction, "handshake_timeout").inc()
 
         with listener.accepting:
             await accept_loop(sock, listener.guard, serve, connections, accept_failed,
