@@ -179,9 +179,8 @@ async def test_https_terminated_with_the_certificate_sni_picks(edge: Edge) -> No
 
 async def test_h2_over_https_and_the_redirect_to_https(edge: Edge) -> None:
     host, port = edge.https
-    cafile = edge.outside_ca.pem
-    ca_path = Path(edge.gateway.cert_dir.parent / "outside.pem")
-    ca_path.write_bytes(cafile)
+    ca_path = trio.Path(edge.gateway.cert_dir.parent / "outside.pem")
+    await ca_path.write_bytes(edge.outside_ca.pem)
     done = await trio.run_process(
         ["curl", "-sS", "--max-time", "10", "--http2", "--cacert", str(ca_path), "--resolve",
          f"shop.test:{port}:{host}", "-w", "\n%{http_version}", f"https://shop.test:{port}/x"],
