@@ -156,6 +156,13 @@ class HostConfig:
         return next((s for s in self.services if s.name == name), None)
 
     @property
+    def destinations(self) -> tuple[str, ...]:
+        """Every service this host calls: its upstreams and its gateways' routes."""
+        names = {u.name for _, u in self.upstreams}
+        names.update(r.service for g in self.gateways for r in g.routes)
+        return tuple(sorted(names))
+
+    @property
     def identities(self) -> tuple[str, ...]:
         """The service identities this host holds certificates for: its local services' and
         its gateways'."""

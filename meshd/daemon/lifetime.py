@@ -256,7 +256,7 @@ class Daemon:
             log.info("admin API on https://%s:%d (operator certificates only)",
                      config.admin_host, config.admin_port)
 
-        destinations = sorted({u.name for _, u in config.upstreams})
+        destinations = list(config.destinations)
         now = trio.current_time()
         for name in ["routes", *(f"endpoints/{d}" for d in destinations)]:
             self.state.watches.setdefault(name, WatchStatus(name, created=now))
@@ -403,7 +403,7 @@ class Daemon:
     def _follow_destinations(self, config: HostConfig, consul: ConsulClient,
                              n: trio.Nursery) -> None:
         """Watch the destinations of the upstreams in force, and only those."""
-        wanted = {u.name for _, u in config.upstreams}
+        wanted = set(config.destinations)
         for dest in sorted(wanted - self._endpoint_scopes.keys()):
             status = self.state.watches.setdefault(
                 f"endpoints/{dest}", WatchStatus(f"endpoints/{dest}",
