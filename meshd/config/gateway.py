@@ -73,14 +73,22 @@ LISTENER_KEYS = {"port", "protocol", "address", "certificates", "redirect_https"
 ROUTE_KEYS = {"service", "hosts", "path_prefix"}
 
 
-def parse_gateways(r: Reader, data: Mapping[str, Any], base: Path) -> tuple[Gateway, ...]:
+# where ``meshd up`` puts the certificate it makes for an https listener of a mesh.toml that
+# says ``certificates = "generate"`` (replaced by the real files before meshd.toml is written)
+GENERATED = Path("{generated}")
+
+
+def parse_gateways(r: Reader, data: Mapping[str, Any], base: Path, *,
+                   generated: bool = False) -> tuple[Gateway, ...]:
+    """``generated``: certificate files under ``GENERATED`` are taken on trust (``meshd up``
+    makes them before any meshd reads them)."""
     gateways: list[Gateway] = []
     for i, raw in enumerate(r.get(data, "gateways", "", list, []) or []):
         path = f"gateways[{i}]"
         if not isinstance(raw, dict):
             r.problem(path, "expected a table ([[gateways]])")
             continue
-        gateway = _gateway(r, raw, path, base)
+        gateway = _gateway(r, raw, path, base, generated)
         if gateway is not None:
             gateways.append(gateway)
     seen: dict[str, str] = {}
@@ -92,7 +100,8 @@ def parse_gateways(r: Reader, data: Mapping[str, Any], base: Path) -> tuple[Gate
     return tuple(gateways)
 
 
-def _gateway(r: Reader, raw: Mapping[str, Any], path: str, base: Path) -> Gateway | None:
+def _gateway(r: Reader, raw: Mapping[str, Any], path: str, base: Path,
+             generated: bool) -> Gateway | None:
     before = len(r.problems)
     r.unknown_keys(raw, path, GATEWAY_KEYS)
     name = r.name(raw, "name", path)
@@ -100,7 +109,8 @@ def _gateway(r: Reader, raw: Mapping[str, Any], path: str, base: Path) -> Gatewa
     for j, item in enumerate(r.get(raw, "listeners", path, list, []) or []):
         if not isinstance(item, dict):
             r.problem(f"{path}.listeners[{j}]", "expected a table ([[gateways.listeners]])")
-        elif (listener := _listener(r, item, f"{path}.listeners[{j}]", base)) is not None:
+        elif (listener := _listener(r, item, f"{path}.listeners[{j}]", base,
+                                    generated)) is not None:
             listeners.append(listener)
     if not r.get(raw, "listeners", path, list, []):
         r.problem(f"{path}.listeners", "a gateway needs at least one listener")
@@ -119,8 +129,8 @@ def _gateway(r: Reader, raw: Mapping[str, Any], path: str, base: Path) -> Gatewa
     return Gateway(name, kept, route_list)
 
 
-def _listener(r: Reader, raw: Mapping[str, Any], path: str,
-              base: Path) -> GatewayListener | None:
+def _listener(r: Reader, raw: Mapping[str, Any], path: str, base: Path,
+              generated: bool) -> GatewayListener | None:
     r.unknown_keys(raw, path, LISTENER_KEYS)
     port = r.port(raw, "port", path)
     protocol = r.get(raw, "protocol", path, str, "http")
@@ -140,7 +150,7 @@ def _listener(r: Reader, raw: Mapping[str, Any], path: str,
         if not isinstance(cert, dict):
             r.problem(cpath, "expected a table { cert = ..., key = ..., hosts = [...] }")
             continue
-        certificates.append(_certificate(r, cert, cpath, base))
+        certificates.append(_certificate(r, cert, cpath, base, generated))
     if protocol == "https" and not certificates and "certificates" not in raw:
         r.problem(f"{path}.certificates",
                   "an https listener needs the certificate and key it terminates TLS with")
@@ -151,14 +161,15 @@ def _listener(r: Reader, raw: Mapping[str, Any], path: str,
     return GatewayListener(port, protocol, address, tuple(certificates), redirect)
 
 
-def _certificate(r: Reader, raw: Mapping[str, Any], path: str,
-                 base: Path) -> GatewayCertificate:
+def _certificate(r: Reader, raw: Mapping[str, Any], path: str, base: Path,
+                 generated: bool) -> GatewayCertificate:
     r.unknown_keys(raw, path, {"cert", "key", "hosts"})
     files = []
     for key in ("cert", "key"):
         value = r.get(raw, key, path, str)
         file = base / value if isinstance(value, str) else Path()
-        if isinstance(value, str) and not file.is_file():
+        if isinstance(value, str) and not file.is_file() and not (
+                generated and file.is_relative_to(base / GENERATED)):
             r.problem(f"{path}.{key}", f"no such file: {file}")
         files.append(file)
     return GatewayCertificate(files[0], files[1], _hosts(r, raw, path, default=()))

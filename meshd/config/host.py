@@ -40,9 +40,10 @@ HOST_KEYS = {"node", "address", "trust_domain", "registry", "registry_token",
 
 
 def parse_host_config(data: Mapping[str, Any], file: str = "meshd.toml",
-                      base_dir: Path | None = None) -> HostConfig:
+                      base_dir: Path | None = None, *, generated: bool = False) -> HostConfig:
     """Build a ``HostConfig`` from a parsed ``meshd.toml``. Relative paths in it are resolved
-    against ``base_dir`` (the file's directory)."""
+    against ``base_dir`` (the file's directory). ``generated``: gateway certificates that
+    ``meshd up`` will make are not looked for (``config.gateway.GENERATED``)."""
     r = Reader(file)
     base = base_dir or Path(".")
     r.unknown_keys(data, "", HOST_KEYS)
@@ -112,7 +113,7 @@ def parse_host_config(data: Mapping[str, Any], file: str = "meshd.toml",
         svc = _parse_local_service(r, raw, path)
         if svc is not None:
             services.append(svc)
-    gateways = parse_gateways(r, data, base)
+    gateways = parse_gateways(r, data, base, generated=generated)
     listeners = [(address or "", inbound_port, "inbound.port")] if inbound_port else []
     if admin_port:
         listeners.append((admin_host, admin_port, "admin.address"))
