@@ -225,3 +225,18 @@ async def test_the_callee_authorization_refuses_callers_other_than_the_gateway(
 
 def _unused(_: subprocess.CompletedProcess[bytes]) -> None:
     """(keeps the subprocess import for run_process's type)"""
+
+
+def test_explain_picks_the_service_a_gateway_routes_to() -> None:
+    from meshd.cli.explain import gateway_route  # noqa: PLC0415
+    from meshd.proxy.core.matcher import RequestFacts  # noqa: PLC0415
+
+    state = {"gateways": [{"name": "edge", "routes": [
+        {"hosts": ["api.test"], "path_prefix": "/v2", "service": "api-v2"},
+        {"hosts": ["*"], "path_prefix": "/", "service": "web"}]}]}
+    facts = RequestFacts("GET", "/v2/x", [("Host", "API.test:8443")])
+    assert gateway_route(state, "edge", facts)[0] == "api-v2"
+    assert gateway_route(state, "edge", RequestFacts("GET", "/", [("host", "a")]))[0] == "web"
+    assert "no gateway 'side'" in gateway_route(state, "side", facts)
+    state["gateways"][0]["routes"].pop()
+    assert "answers 404" in gateway_route(state, "edge", RequestFacts("GET", "/", []))
