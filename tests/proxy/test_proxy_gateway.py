@@ -20,7 +20,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from proxy_mesh_testing import Host, make_host
-from proxy_testing import TD, Backend, MiniCA, host_config, sample
+from proxy_testing import TD, Backend, MiniCA, host_config, read_until_eof, sample
+from test_proxy_http_limits import SMUGGLING
 
 from meshd.config.gateway import Gateway, GatewayCertificate, GatewayListener, GatewayRoute
 from meshd.config.routes import parse_routes
@@ -28,6 +29,7 @@ from meshd.config.schema import LocalService, Protocol
 from meshd.identity.tls import TLSState
 from meshd.metrics import Metrics
 from meshd.proxy.core.view import MeshView, ViewCell
+from meshd.proxy.forward import HEAD_TIMEOUT
 from meshd.proxy.server import Proxy
 from meshd.registry.model import Endpoint, EndpointSet
 
@@ -228,8 +230,8 @@ def _unused(_: subprocess.CompletedProcess[bytes]) -> None:
 
 
 def test_explain_picks_the_service_a_gateway_routes_to() -> None:
-    from meshd.cli.explain import gateway_route  # noqa: PLC0415
-    from meshd.proxy.core.matcher import RequestFacts  # noqa: PLC0415
+    from meshd.cli.explain import gateway_route
+    from meshd.proxy.core.matcher import RequestFacts
 
     state = {"gateways": [{"name": "edge", "routes": [
         {"hosts": ["api.test"], "path_prefix": "/v2", "service": "api-v2"},
@@ -240,3 +242,51 @@ def test_explain_picks_the_service_a_gateway_routes_to() -> None:
     assert "no gateway 'side'" in gateway_route(state, "side", facts)
     state["gateways"][0]["routes"].pop()
     assert "answers 404" in gateway_route(state, "edge", RequestFacts("GET", "/", []))
+
+
+# -- hostile HTTP at the outside listeners: the outbound listener's answers --------------------
+
+async def _raw(edge: Edge, data: bytes, *, tls: bool = False) -> bytes:
+    host, port = edge.https if tls else edge.http
+    stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+    if tls:
+        ctx = edge.client_context()
+        ctx.set_alpn_protocols(["http/1.1"])
+        stream = trio.SSLStream(stream, ctx, server_hostname="shop.test")
+    await stream.send_all(data)
+    return await read_until_eof(stream)
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["http", "https"])
+@pytest.mark.parametrize("case", list(SMUGGLING))
+async def test_smuggling_at_the_gateway_is_refused_with_400(edge: Edge, case: str,
+                                                            tls: bool) -> None:
+    answer = await _raw(edge, SMUGGLING[case].replace(b"Host: a", b"Host: shop.test"), tls=tls)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:80]
+    assert answer.count(b"HTTP/1.1 ") == 1  # nothing smuggled got its own answer
+    assert all(s["path"] != "/admin" for s in edge.web.seen)
+
+
+async def test_header_limits_and_slow_heads_at_the_gateway(edge: Edge) -> None:
+    many = b"".join(b"X-H%d: v\r\n" % i for i in range(200))
+    answer = await _raw(edge, b"GET / HTTP/1.1\r\nHost: shop.test\r\n" + many + b"\r\n")
+    assert answer.startswith(b"HTTP/1.1 431 ")
+    big = b"X-Big: " + b"a" * 70_000 + b"\r\n"
+    answer = await _raw(edge, b"GET / HTTP/1.1\r\nHost: shop.test\r\n" + big + b"\r\n",
+                        tls=True)
+    assert answer.startswith(b"HTTP/1.1 431 ")
+    # slowloris: a head trickling in byte by byte is answered 408 HEAD_TIMEOUT after its start
+    host, port = edge.http
+    stream = await trio.open_tcp_stream(host, port)
+    started = trio.current_time()
+    with trio.fail_after(HEAD_TIMEOUT + 5):
+        async with trio.open_nursery() as nursery:
+            async def trickle() -> None:
+                for byte in b"GET / HTTP/1.1\r\nHost: shop.test\r\nX-Slow: " + b"a" * 100:
+                    await stream.send_all(bytes([byte]))
+                    await trio.sleep(0.5)
+            nursery.start_soon(trickle)
+            answer = await read_until_eof(stream, HEAD_TIMEOUT + 4)
+            nursery.cancel_scope.cancel()
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert HEAD_TIMEOUT - 1 <= trio.current_time() - started <= HEAD_TIMEOUT + 2
