@@ -11,6 +11,7 @@ from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
 
+from meshd.config.gateway import Gateway
 from meshd.patterns import Pattern, compile_pattern
 
 
@@ -36,8 +37,10 @@ class Protocol(StrEnum):
 
 @dataclass(frozen=True)
 class HealthCheck:
-    """How meshd checks its local app. ``kind`` is ``http`` (GET ``path``, 2xx passes), ``tcp``
-    (a connect passes) or ``none`` (always passing: for apps with nothing to check)."""
+    """How meshd checks its local app. ``kind`` is ``http`` (GET ``path``, 2xx passes; over
+    h2c for an app declared ``http2``/``grpc``), ``grpc`` (the gRPC health protocol's
+    ``Check`` for the service named in ``path``, "" for the whole server: SERVING passes),
+    ``tcp`` (a connect passes) or ``none`` (always passing: for apps with nothing to check)."""
 
     kind: str = "tcp"
     path: str = "/"
@@ -147,9 +150,23 @@ class HostConfig:
     # the host's labels (``labels = { zone = "eu-1" }``), registered with its services: what
     # a destination's ``locality`` priority compares between caller and endpoint
     labels: tuple[tuple[str, str], ...] = ()
+    gateways: tuple[Gateway, ...] = ()  # ingress gateways this meshd runs
 
     def service(self, name: str) -> LocalService | None:
         return next((s for s in self.services if s.name == name), None)
+
+    @property
+    def destinations(self) -> tuple[str, ...]:
+        """Every service this host calls: its upstreams and its gateways' routes."""
+        names = {u.name for _, u in self.upstreams}
+        names.update(r.service for g in self.gateways for r in g.routes)
+        return tuple(sorted(names))
+
+    @property
+    def identities(self) -> tuple[str, ...]:
+        """The service identities this host holds certificates for: its local services' and
+        its gateways'."""
+        return (*(s.name for s in self.services), *(g.name for g in self.gateways))
 
     @property
     def upstreams(self) -> tuple[tuple[LocalService, Upstream], ...]:

@@ -38,7 +38,7 @@ from meshd.config.mesh_schema import MeshConfig, MeshHost, MeshService, port_cla
 from meshd.config.parse import FINGERPRINT_RE
 from meshd.config.routes import routes_to_data
 from meshd.config.schema import RouteTable
-from meshd.dev import access, childlog, probes, statusline
+from meshd.dev import access, childlog, gateway_certs, probes, statusline
 from meshd.dev.console import Console
 from meshd.dev.generate import expand_command, host_config_data, render_toml
 from meshd.dev.ports import ports_in_use
@@ -319,9 +319,15 @@ async def bring_up(launch: Launch, console: Console, supervisor: Supervisor,
             what="meshd ca init", env=launch.env))
         configs: dict[str, Path] = {}
         for host in mesh.hosts:
+            if gateway_certs.needs_certificate(host):
+                ca_file, cert_file, key_file = gateway_certs.make_certificate(rd.root / "gateway")
+                host = gateway_certs.with_certificate(host, cert_file, key_file)
+                console.plain(f"gateway certificate (localhost, 127.0.0.1): {cert_file}; "
+                              f"clients trust it with --cacert {ca_file}")
+            claims = [*(s.service.name for s in host.services), *(g.name for g in host.gateways)]
             token = await probes.run_command(
                 launch.meshd_argv("ca", "token", "--dir", str(rd.ca), "--node", host.name,
-                                  "--services", ",".join(s.service.name for s in host.services),
+                                  "--services", ",".join(claims),
                                   "--ttl", TOKEN_TTL),
                 what=f"meshd ca token for {host.name}", env=launch.env)
             configs[host.name] = write_host_files(rd, launch, host, fingerprint,
@@ -382,7 +388,7 @@ async def bring_up(launch: Launch, console: Console, supervisor: Supervisor,
     console.plain(format_table(rows))
     console.plain("try:")
     for hint in (*mesh.hints, f"curl -s http://{mesh.hosts[0].admin}/v1/state"):
-        console.plain(f"  {hint}")
+        console.plain(f"  {hint.replace('{run_dir}', str(rd.root))}")
     found = (f" (meshd routes and meshd tui find it through {launch.context_file})"
              if launch.context_file is not None else "")
     console.plain(f"registry ACLs: on; operator token: {rd.operator / access.TOKEN_FILE}{found}")

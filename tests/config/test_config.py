@@ -114,6 +114,10 @@ HOST_CASES = [
     ("services[1].name", "web", "services[1].name", "duplicate service 'web' (also services[0])"),
     ("services[0].health.interval", "soon", "services[0].health.interval",
      "invalid duration 'soon' (use e.g. 500ms, 10s, 1m30s, 24h)"),
+    ("services[0].health", {"grpc": "greeter v1"}, "services[0].health.grpc",
+     "expected a gRPC service name, got 'greeter v1'"),
+    ("services[0].health", {"grpc": "", "tcp": True}, "services[0].health",
+     "choose one check kind, got grpc and tcp"),
     ("node", _DELETE, "node", "required key is missing"),
     ("ca", _DELETE, "ca", "required table is missing (url, fingerprint, token_file)"),
     ("ca.url", "http://127.0.0.1:8443", "ca.url",
@@ -126,7 +130,7 @@ HOST_CASES = [
      "expected HOST:PORT with a port in 1-65535, got 'localhost'"),
     ("address", "host-a.local", "address", "'host-a.local' is not an IP address"),
     ("colour", "blue", "colour", "unknown key (expected one of: address, admin, ca, "
-     "drain_timeout, inbound, labels, node, outbound, registry, registry_token, "
+     "drain_timeout, gateways, inbound, labels, node, outbound, registry, registry_token, "
      "registry_token_file, services, state_dir, trust_domain)"),
     ("drain_timeout", "soon", "drain_timeout",
      "invalid duration 'soon' (use e.g. 500ms, 10s, 1m30s, 24h)"),
