@@ -120,6 +120,8 @@ class Result:
     keep: bool
     detail: str = ""
     code: str = ""  # the ``x-meshd-error`` of meshd's own answer
+    request_bytes: int = 0  # request body bytes that went upstream (the last try's)
+    response_bytes: int = 0  # response body bytes relayed to the client
 
 
 @dataclass(slots=True, kw_only=True, eq=False)
@@ -243,7 +245,10 @@ class Attempts:
                      timed_out=whole.cancelled_caught)
         if how is _RELAYED:
             assert self.exchange is not None
-            return Result(self.exchange.status, self.exchange.client_reusable)
+            exchange = self.exchange
+            return Result(exchange.status, exchange.client_reusable,
+                          request_bytes=exchange.request_bytes,
+                          response_bytes=exchange.response_bytes)
         return await self._answer(how)
 
     def _again(self, end: TryEnd) -> bool:
@@ -398,9 +403,9 @@ class Attempts:
     async def _cut(self, how: Finish, exchange: Exchange) -> Result:
         """The ends that close the client's connection."""
         if how is Finish.CUT_OFF:
-            return Result(exchange.status, False, "timed out while relaying the response")
+            return _cut_result(exchange, "timed out while relaying the response")
         if how is Finish.BROKE_OFF:
-            return Result(exchange.status, False, str(exchange.upstream_error))
+            return _cut_result(exchange, str(exchange.upstream_error))
         error = exchange.client_error
         if how is Finish.BAD_REQUEST and isinstance(error, ProtocolError):
             try:
@@ -409,4 +414,10 @@ class Attempts:
             except STREAM_ERRORS:
                 pass
             return Result(error.status, False, str(error))
-        return Result(exchange.status, False, str(error))  # CLIENT_GONE
+        return _cut_result(exchange, str(error))  # CLIENT_GONE
+
+
+def _cut_result(exchange: Exchange, detail: str) -> Result:
+    """A request whose client connection closes, with the body bytes that went each way."""
+    return Result(exchange.status, False, detail, request_bytes=exchange.request_bytes,
+                  response_bytes=exchange.response_bytes)

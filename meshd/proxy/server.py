@@ -31,7 +31,7 @@ from meshd.errors import ProxyError
 from meshd.identity.tls import TLSState
 from meshd.listen_fds import InheritedSockets
 from meshd.metrics import Metrics
-from meshd.proxy.access import AccessLog
+from meshd.proxy.access import AccessLog, format_from_env
 from meshd.proxy.core.view import ViewCell
 from meshd.proxy.forward import FIRST_REQUEST_GRACE, ClientConnection
 from meshd.proxy.inbound import APP_IDLE_TIMEOUT, Inbound, InboundContext
@@ -75,7 +75,7 @@ class Proxy:
         outbound_ctx = OutboundContext(view=view, tls=tls, metrics=metrics, pool=self.pool,
                                        rand=rand, here=config.labels)
         self._outbound = outbound_ctx
-        access = AccessLog()
+        access = AccessLog(format_from_env(default=config.access_log))
         outbound_ctx.access = access
         inbound = Inbound(InboundContext(config, tls, metrics, self.app_pool, view, access))
         # caps at accept; the process's cap is what its open file limit leaves room for
