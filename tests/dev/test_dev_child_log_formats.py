@@ -1,6 +1,7 @@
 """``meshd up``'s supervisor with a real child writing as a meshd does with ``--log-format json``
 and JSON or Envoy access lines: the access lines go to the host's access log file (and JSON ones
-are counted on the status line), the daemon's own lines to its process log and the terminal."""
+are counted on the status line), the daemon's own lines to its process log and the terminal;
+the child has the runner's ``MESHD_ACCESS_LOG``."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import trio
 
 from meshd.dev.console import Console
@@ -27,9 +29,11 @@ LINES = [json.dumps(DAEMON), json.dumps(OUTBOUND), json.dumps(INBOUND), ENVOY, "
 
 
 async def test_json_and_envoy_access_lines_of_a_child_go_to_its_access_log(
-        tmp_path: Path) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MESHD_ACCESS_LOG", "envoy")  # what `meshd up` was started with
     code = textwrap.dedent(f"""
-        import time
+        import os, time
+        print("access log format " + os.environ["MESHD_ACCESS_LOG"], flush=True)
         for line in {LINES!r}:
             print(line, flush=True)
         time.sleep(60)
@@ -48,6 +52,7 @@ async def test_json_and_envoy_access_lines_of_a_child_go_to_its_access_log(
     assert access.read_text().splitlines() == LINES[1:4]
     own = (tmp_path / "logs" / "meshd-host-a.log").read_text().splitlines()
     assert json.dumps(DAEMON) in own and "done" in own
+    assert "access log format envoy" in own  # the child has the runner's variable
     assert not set(LINES[1:4]) & set(own)
     assert "no healthy endpoint" in out.getvalue()  # a warning reaches the terminal
     assert (console.requests, console.failed) == (1, 1)  # the outbound line, a 503
