@@ -33,8 +33,8 @@ from meshd.cli.admin_api import (
     signer_line,
 )
 from meshd.cli.output import add_output_option, print_json, wants_json
-from meshd.errors import ConfigError, MeshError
 from meshd.config.gateway import GatewayRoute, request_host, route_for
+from meshd.errors import ConfigError, MeshError
 from meshd.explain.authz import AuthzCheck
 from meshd.explain.route import Candidate, Explanation, SubsetView, explain, render
 from meshd.names import NAME_RULE, is_valid_name

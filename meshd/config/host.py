@@ -19,6 +19,7 @@ from meshd.config.schema import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_INBOUND_LIMITS,
     DEFAULT_OUTBOUND_LIMITS,
+    AccessLogFormat,
     CASettings,
     HealthCheck,
     HostConfig,
@@ -36,7 +37,7 @@ _HOST_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9]
 
 HOST_KEYS = {"node", "address", "trust_domain", "registry", "registry_token",
              "registry_token_file", "ca", "inbound", "admin", "outbound", "state_dir",
-             "services", "drain_timeout", "labels", "gateways"}
+             "services", "drain_timeout", "labels", "access_log", "gateways"}
 
 
 def parse_host_config(data: Mapping[str, Any], file: str = "meshd.toml",
@@ -99,6 +100,10 @@ def parse_host_config(data: Mapping[str, Any], file: str = "meshd.toml",
                   "(e.g. a firewall admits only the local containers)")
 
     drain_timeout = r.duration(data, "drain_timeout", "", DEFAULT_DRAIN_TIMEOUT)
+    access_log = r.get(data, "access_log", "", dict, {}) or {}
+    r.unknown_keys(access_log, "access_log", {"format"})
+    access_format = r.choice(access_log, "format", "access_log", AccessLogFormat,
+                             [f.value for f in AccessLogFormat], AccessLogFormat.TEXT)
     labels = _labels(r, data)
     state_dir_raw = r.get(data, "state_dir", "", str, "/var/lib/meshd")
     state_dir = (base / state_dir_raw) if isinstance(state_dir_raw, str) else Path(".")
@@ -138,7 +143,7 @@ def parse_host_config(data: Mapping[str, Any], file: str = "meshd.toml",
         drain_timeout=drain_timeout or DEFAULT_DRAIN_TIMEOUT,
         inbound_limits=inbound_limits, outbound_limits=outbound_limits,
         admin_limits=admin_limits, inbound_handshake_timeout=handshake_timeout,
-        labels=labels, gateways=gateways,
+        labels=labels, access_log=access_format or AccessLogFormat.TEXT, gateways=gateways,
     )
 
 

@@ -60,6 +60,17 @@ class Upstream:
     protocol: Protocol = Protocol.HTTP
 
 
+class AccessLogFormat(StrEnum):
+    """How access log lines are written (``[access_log] format``, ``MESHD_ACCESS_LOG``): ``text``
+    (a readable line), ``json`` (one JSON object per line), ``envoy`` (Envoy's default access
+    log format), ``off``."""
+
+    TEXT = "text"
+    JSON = "json"
+    ENVOY = "envoy"
+    OFF = "off"
+
+
 class MTLSMode(StrEnum):
     """What the inbound listener accepts for a service: ``strict``, mutual TLS only (the
     default); ``permissive``, plaintext too (for migrating a service into the mesh)."""
@@ -151,6 +162,8 @@ class HostConfig:
     # a destination's ``locality`` priority compares between caller and endpoint
     labels: tuple[tuple[str, str], ...] = ()
     gateways: tuple[Gateway, ...] = ()  # ingress gateways this meshd runs
+    # ``[access_log] format``; ``MESHD_ACCESS_LOG``, when set, wins over it
+    access_log: AccessLogFormat = AccessLogFormat.TEXT
 
     def service(self, name: str) -> LocalService | None:
         return next((s for s in self.services if s.name == name), None)

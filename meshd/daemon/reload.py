@@ -112,7 +112,8 @@ _HOST_KEYS = {"registry_url": "registry", "inbound_port": "inbound.port",
               "admin_host": "admin.address", "admin_port": "admin.address",
               "admin_tls": "admin.tls", "admin_allowed_hosts": "admin.allowed_hosts",
               "outbound_address": "outbound.address",
-              "inbound_handshake_timeout": "inbound.handshake_timeout"}
+              "inbound_handshake_timeout": "inbound.handshake_timeout",
+              "access_log": "access_log.format"}
 # connection caps (``ListenerLimits``): the table they are written in, and their keys' names
 _LIMIT_TABLES = {"inbound_limits": "inbound", "outbound_limits": "outbound",
                  "admin_limits": "admin"}

@@ -133,10 +133,12 @@ class Launch:
     keep: bool
     # where the operator context goes (removed on exit); None: no context (the benchmarks)
     context_file: Path | None = None
+    log_format: str = "text"  # the children's (``--log-format``); ``childlog`` reads both
 
     def meshd_argv(self, *args: str) -> tuple[str, ...]:
         # `python -m meshd`, so a venv without the console script on PATH works too
-        return (self.python, "-m", "meshd", "--log-level", self.log_level, *args)
+        return (self.python, "-m", "meshd", "--log-level", self.log_level,
+                "--log-format", self.log_format, *args)
 
     @property
     def env(self) -> dict[str, str]:
@@ -163,7 +165,7 @@ def app_labels(mesh: MeshConfig) -> dict[tuple[str, str], str]:
 
 def main(file: Path, *, keep: bool = False, run_dir: Path | None = None,
          log_level: str = "info", stream: TextIO | None = None, tui: bool = False,
-         verbose: bool = False) -> int:
+         verbose: bool = False, log_format: str = "text") -> int:
     console = Console(stream or sys.stdout, verbose=verbose)
     if tui and not (sys.stdin.isatty() and sys.stdout.isatty()):
         console.error("--tui needs a terminal (stdin and stdout); nothing was started")
@@ -182,7 +184,7 @@ def main(file: Path, *, keep: bool = False, run_dir: Path | None = None,
     rd, temporary = prepare_run_dir(run_dir or mesh.run_dir)
     launch = Launch(mesh=mesh, mesh_file=file.resolve(), routes=routes, run_dir=rd,
                     python=sys.executable, log_level=log_level, keep=keep or not temporary,
-                    context_file=context_path())
+                    context_file=context_path(), log_format=log_format)
     supervisor = Supervisor(console, sweep_all_descendants=True)
     foreground = partial(run_console, launch, console) if tui else None
     held: list[socket.socket] = []  # every meshd's listening sockets, for the whole run

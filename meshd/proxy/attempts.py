@@ -125,6 +125,8 @@ class Result:
     detail: str = ""
     code: str = ""  # the ``x-meshd-error`` of meshd's own answer
     grpc_status: int | None = None  # a gRPC call's outcome, when it got one
+    request_bytes: int = 0  # request body bytes that went upstream (the last try's)
+    response_bytes: int = 0  # response body bytes relayed to the client
 
 
 @dataclass(slots=True, kw_only=True, eq=False)
@@ -254,7 +256,9 @@ class Attempts:
             assert self.exchange is not None
             exchange = self.exchange
             grpc = exchange.grpc_status if isinstance(exchange, MessageExchange) else None
-            return Result(exchange.status, exchange.client_reusable, grpc_status=grpc)
+            return Result(exchange.status, exchange.client_reusable, grpc_status=grpc,
+                          request_bytes=exchange.request_bytes,
+                          response_bytes=exchange.response_bytes)
         return await self._answer(how)
 
     def _again(self, end: TryEnd) -> bool:
@@ -474,9 +478,9 @@ class Attempts:
     async def _cut(self, how: Finish, exchange: Exchange | MessageExchange) -> Result:
         """The ends that close the client's connection."""
         if how is Finish.CUT_OFF:
-            return Result(exchange.status, False, "timed out while relaying the response")
+            return _cut_result(exchange, "timed out while relaying the response")
         if how is Finish.BROKE_OFF:
-            return Result(exchange.status, False, str(exchange.upstream_error))
+            return _cut_result(exchange, str(exchange.upstream_error))
         error = exchange.client_error
         if how is Finish.BAD_REQUEST and isinstance(error, ProtocolError):
             if isinstance(self.source, H2Request):
@@ -488,4 +492,10 @@ class Attempts:
             except STREAM_ERRORS:
                 pass
             return Result(error.status, False, str(error))
-        return Result(exchange.status, False, str(error))  # CLIENT_GONE
+        return _cut_result(exchange, str(error))  # CLIENT_GONE
+
+
+def _cut_result(exchange: Exchange | MessageExchange, detail: str) -> Result:
+    """A request whose client connection closes, with the body bytes that went each way."""
+    return Result(exchange.status, False, detail, request_bytes=exchange.request_bytes,
+                  response_bytes=exchange.response_bytes)

@@ -193,6 +193,8 @@ class Exchange:
         self.switched = False  # a 101 went to the client: the connections became a tunnel
         self.reused_upstream = reused_upstream
         self.status = 0  # the status sent to the client, 0 until a response head went out
+        self.request_bytes = 0  # request body bytes sent upstream
+        self.response_bytes = 0  # response body bytes relayed to the client
         self.response_started = False
         self.request_done = False  # the whole request went upstream
         self.response_done = False  # the whole response went to the client
@@ -251,6 +253,7 @@ class Exchange:
             while not self.source.message_done:
                 event = await self.source.next_event()
                 if isinstance(event, Data):
+                    self.request_bytes += len(event.data)
                     await self._write_upstream(encode_data(self.request.framing, event.data))
                 elif isinstance(event, RequestTrailers):
                     continue  # an HTTP/1.1 request head announced no trailers: none go on
@@ -304,6 +307,7 @@ class Exchange:
                 self.status = event.status
                 self.response_started = True
             elif isinstance(event, Data):
+                self.response_bytes += len(event.data)
                 chunk = encode_data(framing, event.data)
             else:
                 out.append(encode_end(framing))

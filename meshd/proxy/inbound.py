@@ -44,7 +44,7 @@ from meshd.proxy.core.grpc import grpc_request
 from meshd.proxy.core.h2 import request_fields, wants_trailers
 from meshd.proxy.core.http1 import ProtocolError, RequestHead
 from meshd.proxy.core.http1_write import upstream_request_fields, upstream_request_head
-from meshd.proxy.core.trace import identify
+from meshd.proxy.core.trace import RequestIdentity, identify
 from meshd.proxy.core.view import MeshView, ViewCell
 from meshd.proxy.exchange import RequestSource
 from meshd.proxy.forward import (
@@ -248,13 +248,13 @@ class _HTTPService:
         if not ctx.authorize(view, self.service.name, self.caller, request).allowed:
             text = f"access to {self.service.name} denied"
             keep = await answer_locally(source, request, conn, 403, text)
-            self._record(request, started, ids.request_id, status=403, detail=text)
+            self._record(request, started, ids, status=403, detail=text)
             return keep
         dest = view.routes.get(self.service.name)
         limit = dest.policy.max_request_bytes if dest is not None else None
         refused = await refuse_large_body(source, request, conn, limit)
         if refused is not None:
-            self._record(request, started, ids.request_id, status=413,
+            self._record(request, started, ids, status=413,
                          detail="request body too large")
             return refused
         # a route without retries, to the local app; meshd's own headers are meshd's: an app
@@ -282,12 +282,14 @@ class _HTTPService:
         if result.detail and result.status >= 500:
             log.warning("%s -> %s (local app): %d %s", self.source, self.service.name,
                         result.status, result.detail)
-        self._record(request, started, ids.request_id, status=result.status,
-                     detail=result.detail)
+        self._record(request, started, ids, status=result.status, detail=result.detail,
+                     error=result.code, request_bytes=result.request_bytes,
+                     response_bytes=result.response_bytes)
         return result.keep
 
-    def _record(self, request: RequestHead, started: float, request_id: str, *, status: int,
-                detail: str) -> None:
+    def _record(self, request: RequestHead, started: float, ids: RequestIdentity, *,
+                status: int, detail: str, error: str = "", request_bytes: int = 0,
+                response_bytes: int = 0) -> None:
         m = self.ctx.metrics
         elapsed = trio.current_time() - started
         m.request_done("inbound", self.source, self.service.name, "", status, elapsed)
@@ -296,8 +298,11 @@ class _HTTPService:
             access.record(AccessEntry(
                 direction="inbound", source=self.source, destination=self.service.name,
                 method=request.method, target=request.target, status=status, duration=elapsed,
-                request_id=request_id, endpoint=f"{self.service.address}:{self.service.port}",
-                detail=detail))
+                request_id=ids.request_id, subset=self.service.version,
+                endpoint=f"{self.service.address}:{self.service.port}", detail=detail,
+                error=error, protocol=f"HTTP/{request.version}", bytes_received=request_bytes,
+                bytes_sent=response_bytes, headers=request.headers,
+                traceparent=ids.traceparent))
 
     def count_bad_request(self, exc: ProtocolError) -> None:
         self.ctx.metrics.requests.labels("inbound", self.source, self.service.name, "",

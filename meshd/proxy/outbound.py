@@ -207,7 +207,9 @@ class Outbound:
                                          tier.subset or "").inc()
         self._record(request, routed, started, ids, status=result.status, detail=result.detail,
                      endpoint=endpoint, tries=attempts.tries, error=result.code,
-                     served_by=tier.subset if tier is not None else None)
+                     served_by=tier.subset if tier is not None else None,
+                     request_bytes=result.request_bytes, response_bytes=result.response_bytes,
+                     delayed=fault.delay is not None)
         if result.detail and result.status >= 500:
             log.warning("%s -> %s (%s): %d %s", self.source, self.destination,
                         endpoint.key if endpoint else "-", result.status, result.detail)
@@ -253,7 +255,7 @@ class Outbound:
                                     [(ERROR_HEADER, FAULT_CODE.encode("ascii")),
                                      (REASON_HEADER, text.encode("ascii", "replace"))])
         self._record(request, routed, started, ids, status=abort, detail=text,
-                     error=FAULT_CODE)
+                     error=FAULT_CODE, delayed=delay is not None)
         return keep
 
     def _hash_key(self, state: DestinationState, facts: RequestFacts,
@@ -305,7 +307,8 @@ class Outbound:
     def _record(self, request: RequestHead, routed: RoutePlan, started: float,
                 ids: RequestIdentity, *, status: int, detail: str,
                 endpoint: Endpoint | None = None, tries: int = 0, error: str = "",
-                served_by: str | None = None) -> None:
+                served_by: str | None = None, request_bytes: int = 0, response_bytes: int = 0,
+                delayed: bool = False) -> None:
         """Metrics and the access log line of one request; ``served_by``: the subset of the
         tier the last try went to (a failover subset, or the one drawn)."""
         m = self.ctx.metrics
@@ -320,7 +323,10 @@ class Outbound:
                 method=request.method, target=request.target, status=status, duration=elapsed,
                 request_id=ids.request_id, route=routed.route_name, subset=subset,
                 endpoint=endpoint.key if endpoint is not None else "", detail=detail,
-                tries=tries, error=error, failover_from=drawn if subset != drawn else ""))
+                tries=tries, error=error, failover_from=drawn if subset != drawn else "",
+                protocol=f"HTTP/{request.version}", bytes_received=request_bytes,
+                bytes_sent=response_bytes, fault_delayed=delayed, headers=request.headers,
+                traceparent=ids.traceparent))
 
     def _count_bad_request(self, exc: ProtocolError) -> None:
         self.ctx.metrics.requests.labels("outbound", self.source, self.destination, "",

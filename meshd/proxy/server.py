@@ -32,7 +32,7 @@ from meshd.errors import ProxyError
 from meshd.identity.tls import TLSState
 from meshd.listen_fds import InheritedSockets
 from meshd.metrics import Metrics
-from meshd.proxy.access import AccessLog
+from meshd.proxy.access import AccessLog, format_from_env
 from meshd.proxy.core.view import ViewCell
 from meshd.proxy.forward import FIRST_REQUEST_GRACE, ClientConnection
 from meshd.proxy.gateway import GatewayHandler
@@ -81,7 +81,7 @@ class Proxy:
         outbound_ctx = OutboundContext(view=view, tls=tls, metrics=metrics, pool=self.pool,
                                        h2_pool=self.h2_pool, rand=rand, here=config.labels)
         self._outbound = outbound_ctx
-        access = AccessLog()
+        access = AccessLog(format_from_env(default=config.access_log))
         outbound_ctx.access = access
         inbound = Inbound(InboundContext(config, tls, metrics, self.app_pool, view, access,
                                          app_h2_pool=self.app_h2_pool))
