@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Awaitable, Callable, Hashable
-from dataclasses import KW_ONLY, dataclass, field
+from dataclasses import KW_ONLY, dataclass, field, replace
 
 import trio
 
@@ -114,12 +114,16 @@ UNBOUNDED = Unbounded()
 @dataclass(frozen=True)
 class Result:
     """How a proxied request ended: the status the client got (0: none, connection cut), whether
-    its connection may carry another request, and why meshd answered itself, if it did."""
+    its connection may carry another request, why meshd answered itself, if it did, and the
+    body bytes of the last try: sent upstream, and relayed to the client (meshd's own answers
+    count none)."""
 
     status: int
     keep: bool
     detail: str = ""
     code: str = ""  # the ``x-meshd-error`` of meshd's own answer
+    request_bytes: int = 0
+    response_bytes: int = 0
 
 
 @dataclass(slots=True, kw_only=True, eq=False)
@@ -241,10 +245,17 @@ class Attempts:
                         dest.state.release()
         how = finish(self.end, self.exchange, rejected=rejected,
                      timed_out=whole.cancelled_caught)
+        exchange = self.exchange
         if how is _RELAYED:
-            assert self.exchange is not None
-            return Result(self.exchange.status, self.exchange.client_reusable)
-        return await self._answer(how)
+            assert exchange is not None
+            return Result(exchange.status, exchange.client_reusable,
+                          request_bytes=exchange.request_bytes,
+                          response_bytes=exchange.response_bytes)
+        result = await self._answer(how)
+        if exchange is None:
+            return result
+        return replace(result, request_bytes=exchange.request_bytes,
+                       response_bytes=exchange.response_bytes)
 
     def _again(self, end: TryEnd) -> bool:
         """After a try: its outcome to the outlier detector, and whether to try again (a

@@ -195,6 +195,8 @@ class Exchange:
         self.response_started = False
         self.request_done = False  # the whole request went upstream
         self.response_done = False  # the whole response went to the client
+        self.request_bytes = 0  # request body bytes sent upstream (before chunked framing)
+        self.response_bytes = 0  # response body bytes relayed to the client (likewise)
         self.upstream_reusable = False
         self.hold = hold
         self.held_status = 0  # the status of a response held back, 0 if none was
@@ -251,6 +253,7 @@ class Exchange:
                 event = await self.source.next_event()
                 if isinstance(event, Data):
                     await self._write_upstream(encode_data(self.request.framing, event.data))
+                    self.request_bytes += len(event.data)
                 elif event is not END:
                     raise ProtocolError("connection closed in the middle of a request")
             await self._write_upstream(encode_end(self.request.framing))
@@ -302,6 +305,7 @@ class Exchange:
                 self.response_started = True
             elif isinstance(event, Data):
                 chunk = encode_data(framing, event.data)
+                self.response_bytes += len(event.data)
             else:
                 out.append(encode_end(framing))
                 await self._write_client(b"".join(out))

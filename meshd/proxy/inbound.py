@@ -186,7 +186,7 @@ class Inbound:
             log.warning("%s -> %s (tcp): %s; closing", source, service.name, exc)
             m.connection_errors.labels("inbound", exc.reason).inc()
             return
-        m.tcp_connections.labels("inbound", source, service.name, "").inc()
+        m.tcp_connections.labels("inbound", source, service.name, service.version).inc()
         sent = m.tcp_bytes.labels("inbound", service.name, "sent")
         received = m.tcp_bytes.labels("inbound", service.name, "received")
         with trio.CancelScope() as connection:
@@ -250,14 +250,17 @@ class _HTTPService:
             log.warning("%s -> %s (local app): %d %s", self.source, self.service.name,
                         result.status, result.detail)
         self._record(request, started, ids.request_id, status=result.status,
-                     detail=result.detail)
+                     detail=result.detail, request_bytes=result.request_bytes,
+                     response_bytes=result.response_bytes)
         return result.keep
 
     def _record(self, request: RequestHead, started: float, request_id: str, *, status: int,
-                detail: str) -> None:
+                detail: str, request_bytes: int = 0, response_bytes: int = 0) -> None:
         m = self.ctx.metrics
         elapsed = trio.current_time() - started
-        m.request_done("inbound", self.source, self.service.name, "", status, elapsed)
+        m.request_done("inbound", self.source, self.service.name, self.service.version, status,
+                       elapsed, mtls=self.caller.authenticated, request_bytes=request_bytes,
+                       response_bytes=response_bytes)
         access = self.ctx.access
         if access.enabled:
             access.record(AccessEntry(
@@ -267,8 +270,8 @@ class _HTTPService:
                 detail=detail))
 
     def count_bad_request(self, exc: ProtocolError) -> None:
-        self.ctx.metrics.requests.labels("inbound", self.source, self.service.name, "",
-                                         str(exc.status)).inc()
+        self.ctx.metrics.bad_request("inbound", self.source, self.service.name, exc.status,
+                                     mtls=self.caller.authenticated)
 
     async def _connect(self) -> SocketConnection:
         try:

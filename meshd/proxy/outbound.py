@@ -177,6 +177,7 @@ class Outbound:
                                          tier.subset or "").inc()
         self._record(request, routed, started, ids, status=result.status, detail=result.detail,
                      endpoint=endpoint, tries=attempts.tries, error=result.code,
+                     request_bytes=result.request_bytes, response_bytes=result.response_bytes,
                      served_by=tier.subset if tier is not None else None)
         if result.detail and result.status >= 500:
             log.warning("%s -> %s (%s): %d %s", self.source, self.destination,
@@ -254,14 +255,16 @@ class Outbound:
     def _record(self, request: RequestHead, routed: RoutePlan, started: float,
                 ids: RequestIdentity, *, status: int, detail: str,
                 endpoint: Endpoint | None = None, tries: int = 0, error: str = "",
-                served_by: str | None = None) -> None:
+                served_by: str | None = None, request_bytes: int = 0,
+                response_bytes: int = 0) -> None:
         """Metrics and the access log line of one request; ``served_by``: the subset of the
         tier the last try went to (a failover subset, or the one drawn)."""
         m = self.ctx.metrics
         drawn = routed.subset or ""
         subset = served_by if served_by is not None else drawn
         elapsed = trio.current_time() - started
-        m.request_done("outbound", self.source, self.destination, subset, status, elapsed)
+        m.request_done("outbound", self.source, self.destination, subset, status, elapsed,
+                       request_bytes=request_bytes, response_bytes=response_bytes)
         access = self.ctx.access
         if access.enabled:
             access.record(AccessEntry(
@@ -272,8 +275,7 @@ class Outbound:
                 tries=tries, error=error, failover_from=drawn if subset != drawn else ""))
 
     def _count_bad_request(self, exc: ProtocolError) -> None:
-        self.ctx.metrics.requests.labels("outbound", self.source, self.destination, "",
-                                         str(exc.status)).inc()
+        self.ctx.metrics.bad_request("outbound", self.source, self.destination, exc.status)
 
     def _connector(self, state: DestinationState) -> Callable[[Endpoint],
                                                                Awaitable[TLSStream]]:
