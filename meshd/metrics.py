@@ -155,6 +155,12 @@ class Metrics:
             "authorization rules; rule=\"default deny\" when no rule applied",
             ["destination", "source", "rule"], registry=r)
 
+        # the outcomes a dashboard plots exist from the start, at 0 (not only once they happen)
+        for result in ("ok", "failed"):
+            self.cert_renewals.labels(result)
+        for result in ("applied", "rejected"):
+            self.config_reloads.labels(result)
+
     def request_done(self, direction: str, source: str, destination: str, subset: str,
                      status: int, seconds: float, *, mtls: bool = True, grpc_status: str = "",
                      request_bytes: int = 0, response_bytes: int = 0) -> None:

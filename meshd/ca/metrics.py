@@ -54,6 +54,9 @@ class CAMetrics:
         self.tokens_redeemed = Counter(
             "meshd_ca_join_tokens_redeemed", "join tokens used by a successful join",
             registry=r)
+        for kind in ("node", "service"):  # at 0 from the start, for dashboards
+            for request in ("join", "renew"):
+                self.issued.labels(kind, request)
         r.register(_CAStateCollector(self))
 
     def answered(self, request: str, result: dict[str, Any] | Refusal) -> None:

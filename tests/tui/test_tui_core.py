@@ -39,7 +39,7 @@ def test_parse_metrics_reads_what_meshd_exports() -> None:
     assert sample.requests[("outbound", "web", "payments", "v1", "200")] == 7
     buckets = sample.latency[("outbound", "payments", "v1")]
     assert buckets[-1] == (float("inf"), 8)  # the latency series of both codes, summed
-    assert sample.reloads == {"applied": 1.0}
+    assert sample.reloads == {"applied": 1.0, "rejected": 0.0}
 
 
 @pytest.mark.parametrize(("q", "buckets", "expected"), [
