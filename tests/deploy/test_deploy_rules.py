@@ -13,7 +13,9 @@ from deploy_testing import (
     DASHBOARD,
     METRICS_DOC,
     PROMETHEUS_DIR,
+    ROOT,
     RULES,
+    SCRAPE_CONFIG,
     binary,
     dashboard_queries,
     family,
@@ -75,3 +77,21 @@ def test_dashboard_names_only_documented_series_and_existing_rules() -> None:
                 f"the dashboard reads {name}, which docs/metrics.md does not describe")
     for name in recorded:
         assert f"`{family(name)}`" in doc, f"recording rule {name} is not in docs/metrics.md"
+
+
+def test_the_vm_guides_scrape_jobs_are_the_shipped_example() -> None:
+    """Each scrape job docs/vm-install.md shows is in deploy/prometheus/prometheus.yml as it
+    is (comments aside), which the Prometheus test runs against a real mesh."""
+    guide = (ROOT / "docs" / "vm-install.md").read_text()
+    section = guide[guide.index("\n## Prometheus\n"):]
+    section = section[:section.index("\n## ", 1)]
+    jobs = re.findall(r"```yaml\n(.*?)```", section, flags=re.S)
+    assert len(jobs) >= 4
+
+    def bare(text: str) -> str:
+        return "\n".join(line.partition("#")[0].rstrip() for line in text.splitlines()
+                         if line.partition("#")[0].strip())
+
+    example = bare(SCRAPE_CONFIG.read_text())
+    for job in jobs:
+        assert bare(job) in example, job
