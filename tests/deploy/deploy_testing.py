@@ -4,6 +4,7 @@ names they use, the recording rules' names. (Plain text and JSON: no YAML parser
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -27,9 +28,12 @@ HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 
 
 def binary(name: str) -> str:
-    """The path of a Prometheus binary (Debian's package), or skip."""
+    """The path of a Prometheus binary (Debian's package); skip without it (fail in CI, which
+    installs it)."""
     found = shutil.which(name)
     if found is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is not installed (.ci/run installs Debian's prometheus)")
         pytest.skip(f"{name} is not installed: apt-get install prometheus")
     return found
 

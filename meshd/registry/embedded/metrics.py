@@ -19,9 +19,10 @@ from meshd.registry.embedded.store.records import Mutation
 # fsync takes well under a millisecond on a fast disk, tens of milliseconds on a slow one
 LOG_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                0.5, 1.0, 2.5)
-# the route label of requests no endpoint matched (404s: never the raw path, whose values are
-# unbounded)
+# Label values from what clients send are bounded: the route of requests no endpoint matched
+# is "unmatched" (never the raw path), a method not in this list "other".
 UNMATCHED = "unmatched"
+KNOWN_METHODS = frozenset({"GET", "HEAD", "PUT", "POST", "DELETE", "OPTIONS"})
 
 
 class RegistryMetrics:

@@ -41,7 +41,7 @@ from meshd.registry.embedded.http import (
     query_options,
     with_common_headers,
 )
-from meshd.registry.embedded.metrics import UNMATCHED, RegistryMetrics
+from meshd.registry.embedded.metrics import KNOWN_METHODS, UNMATCHED, RegistryMetrics
 from meshd.registry.embedded.persist import DEFAULT_COMPACT_BYTES, DataDir
 from meshd.registry.embedded.routes import KV_MAX_VALUE, Api, ApiSettings
 from meshd.registry.embedded.routes_metrics import METRICS_PATHS, MetricsApi
@@ -166,7 +166,8 @@ class RegistryServer:
         except RegistryError as exc:
             log.error("%s %s failed: %s", request.method, request.path, exc)
             response = Response.text(str(exc), 500)
-        self.metrics.http_requests.labels(request.method, self._route_label(request.path),
+        method = request.method if request.method in KNOWN_METHODS else "other"
+        self.metrics.http_requests.labels(method, self._route_label(request.path),
                                           str(response.status)).inc()
         return with_common_headers(response, self.default_policy)
 

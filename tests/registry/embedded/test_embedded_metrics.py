@@ -38,6 +38,8 @@ async def test_metrics_count_requests_writes_blocking_queries_and_catalog(
         for i in range(3):
             assert (await client.put(f"/v1/kv/app/{i}", content=b"x")).status_code == 200
         assert (await client.get("/v1/kv/nowhere")).status_code == 404
+        assert (await client.get("/no/such/path/1")).status_code == 404
+        assert (await client.request("PROPFIND", "/v1/kv/app/0")).status_code == 405
         index = int((await client.get("/v1/kv/app/0")).headers["X-Consul-Index"])
 
         seen: list[float | None] = []
@@ -58,6 +60,11 @@ async def test_metrics_count_requests_writes_blocking_queries_and_catalog(
                  code="200") == 4
     assert value(text, "meshd_registry_http_requests_total", method="GET", route="/v1/kv/",
                  code="404") == 1  # by route: never the raw path
+    # client-chosen values never become label values
+    assert value(text, "meshd_registry_http_requests_total", method="GET", route="unmatched",
+                 code="404") == 1
+    assert value(text, "meshd_registry_http_requests_total", method="other", route="/v1/kv/",
+                 code="405") == 1
     assert value(text, "meshd_registry_writes_total", table="kv") == 4
     assert value(text, "meshd_registry_catalog_services") == 2  # consul and web
     assert value(text, "meshd_registry_catalog_checks", status="critical") == 1  # TTL, new
