@@ -115,8 +115,8 @@ UNBOUNDED = Unbounded()
 class Result:
     """How a proxied request ended: the status the client got (0: none, connection cut), whether
     its connection may carry another request, why meshd answered itself, if it did, and the
-    body bytes of the last try: sent upstream, and relayed to the client (meshd's own answers
-    count none)."""
+    body bytes of the last exchange with an upstream: sent to it, and relayed to the client
+    (meshd's own answers count none). Metrics and access logs read the bytes here."""
 
     status: int
     keep: bool
