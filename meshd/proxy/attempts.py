@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Awaitable, Callable, Hashable
-from dataclasses import KW_ONLY, dataclass, field
+from dataclasses import KW_ONLY, dataclass, field, replace
 
 import trio
 
@@ -118,7 +118,9 @@ UNBOUNDED = Unbounded()
 @dataclass(frozen=True)
 class Result:
     """How a proxied request ended: the status the client got (0: none, connection cut), whether
-    its connection may carry another request, and why meshd answered itself, if it did."""
+    its connection may carry another request, why meshd answered itself, if it did, and the
+    body bytes of the last exchange with an upstream: sent to it, and relayed to the client
+    (meshd's own answers count none). Metrics and access logs read the bytes here."""
 
     status: int
     keep: bool
@@ -252,14 +254,18 @@ class Attempts:
                         dest.state.release()
         how = finish(self.end, self.exchange, rejected=rejected,
                      timed_out=whole.cancelled_caught)
+        exchange = self.exchange
         if how is _RELAYED:
-            assert self.exchange is not None
-            exchange = self.exchange
+            assert exchange is not None
             grpc = exchange.grpc_status if isinstance(exchange, MessageExchange) else None
             return Result(exchange.status, exchange.client_reusable, grpc_status=grpc,
                           request_bytes=exchange.request_bytes,
                           response_bytes=exchange.response_bytes)
-        return await self._answer(how)
+        result = await self._answer(how)
+        if exchange is None:
+            return result
+        return replace(result, request_bytes=exchange.request_bytes,
+                       response_bytes=exchange.response_bytes)
 
     def _again(self, end: TryEnd) -> bool:
         """After a try: its outcome to the outlier detector, and whether to try again (a

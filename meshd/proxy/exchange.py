@@ -193,11 +193,11 @@ class Exchange:
         self.switched = False  # a 101 went to the client: the connections became a tunnel
         self.reused_upstream = reused_upstream
         self.status = 0  # the status sent to the client, 0 until a response head went out
-        self.request_bytes = 0  # request body bytes sent upstream
-        self.response_bytes = 0  # response body bytes relayed to the client
         self.response_started = False
         self.request_done = False  # the whole request went upstream
         self.response_done = False  # the whole response went to the client
+        self.request_bytes = 0  # request body bytes sent upstream (before chunked framing)
+        self.response_bytes = 0  # response body bytes relayed to the client (likewise)
         self.upstream_reusable = False
         self.hold = hold
         self.held_status = 0  # the status of a response held back, 0 if none was

@@ -152,8 +152,7 @@ class GatewayHandler:
         route = route_for(self.gateway.routes, host, path)
         if route is None:
             text = f"gateway {self.gateway.name}: no route for host {host!r} and path {path!r}"
-            self.ctx.metrics.requests.labels("gateway", self.gateway.name, "", "",
-                                             "404").inc()
+            self.ctx.metrics.bad_request("gateway", self.gateway.name, "", 404, mtls=False)
             await discard_body(source, request)
             return await answer_locally(source, request, conn, 404, text,
                                         [(ERROR_HEADER, NO_ROUTE.encode("ascii")),
@@ -169,13 +168,12 @@ class GatewayHandler:
         location = b"https://" + where.encode("idna") + request.target
         await discard_body(source, request)
         text = f"moved to https: {location.decode('ascii', 'replace')}"
-        self.ctx.metrics.requests.labels("gateway", self.gateway.name, "", "", "308").inc()
+        self.ctx.metrics.bad_request("gateway", self.gateway.name, "", 308, mtls=False)
         return await answer_locally(source, request, conn, 308, text,
                                     [(b"location", location)])
 
     def _count_bad_request(self, exc: ProtocolError) -> None:
-        self.ctx.metrics.requests.labels("gateway", self.gateway.name, "", "",
-                                         str(exc.status)).inc()
+        self.ctx.metrics.bad_request("gateway", self.gateway.name, "", exc.status, mtls=False)
 
     # -- TLS passthrough -----------------------------------------------------------------------
 

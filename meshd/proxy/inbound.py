@@ -40,7 +40,7 @@ from meshd.metrics import Metrics
 from meshd.proxy.access import AccessEntry, AccessLog
 from meshd.proxy.attempts import OWN_HEADERS, Attempts
 from meshd.proxy.core.authz import DEFAULT_DENY, Caller, Verdict, authorize, normalize_path
-from meshd.proxy.core.grpc import grpc_request
+from meshd.proxy.core.grpc import grpc_request, status_for_meshd_error
 from meshd.proxy.core.h2 import request_fields, wants_trailers
 from meshd.proxy.core.http1 import ProtocolError, RequestHead
 from meshd.proxy.core.http1_write import upstream_request_fields, upstream_request_head
@@ -189,7 +189,7 @@ class Inbound:
             log.warning("%s -> %s (tcp): %s; closing", source, service.name, exc)
             m.connection_errors.labels("inbound", exc.reason).inc()
             return
-        m.tcp_connections.labels("inbound", source, service.name, "").inc()
+        m.tcp_connections.labels("inbound", source, service.name, service.version).inc()
         sent = m.tcp_bytes.labels("inbound", service.name, "sent")
         received = m.tcp_bytes.labels("inbound", service.name, "received")
         with trio.CancelScope() as connection:
@@ -284,15 +284,20 @@ class _HTTPService:
                         result.status, result.detail)
         self._record(request, started, ids, status=result.status, detail=result.detail,
                      error=result.code, request_bytes=result.request_bytes,
-                     response_bytes=result.response_bytes)
+                     response_bytes=result.response_bytes, grpc_status=result.grpc_status)
         return result.keep
 
     def _record(self, request: RequestHead, started: float, ids: RequestIdentity, *,
                 status: int, detail: str, error: str = "", request_bytes: int = 0,
-                response_bytes: int = 0) -> None:
+                response_bytes: int = 0, grpc_status: int | None = None) -> None:
         m = self.ctx.metrics
         elapsed = trio.current_time() - started
-        m.request_done("inbound", self.source, self.service.name, "", status, elapsed)
+        if grpc_status is None and status != 200 and grpc_request(request.headers):
+            grpc_status = int(status_for_meshd_error(status, error))  # meshd's own answer
+        grpc = "" if grpc_status is None else str(grpc_status)
+        m.request_done("inbound", self.source, self.service.name, self.service.version, status,
+                       elapsed, mtls=self.caller.authenticated, request_bytes=request_bytes,
+                       response_bytes=response_bytes, grpc_status=grpc)
         access = self.ctx.access
         if access.enabled:
             access.record(AccessEntry(
@@ -302,11 +307,11 @@ class _HTTPService:
                 endpoint=f"{self.service.address}:{self.service.port}", detail=detail,
                 error=error, protocol=f"HTTP/{request.version}", bytes_received=request_bytes,
                 bytes_sent=response_bytes, headers=request.headers,
-                traceparent=ids.traceparent))
+                traceparent=ids.traceparent, grpc_status=grpc))
 
     def count_bad_request(self, exc: ProtocolError) -> None:
-        self.ctx.metrics.requests.labels("inbound", self.source, self.service.name, "",
-                                         str(exc.status)).inc()
+        self.ctx.metrics.bad_request("inbound", self.source, self.service.name, exc.status,
+                                     mtls=self.caller.authenticated)
 
     async def _connect(self) -> SocketConnection:
         try:

@@ -33,7 +33,9 @@ from meshd.proxy.core.grpc import (
     GRPC_TIMEOUT,
     effective_timeout,
     format_grpc_timeout,
+    grpc_request,
     parse_grpc_timeout,
+    status_for_meshd_error,
 )
 from meshd.proxy.core.h2 import request_fields, wants_trailers
 from meshd.proxy.core.http1 import Header, ProtocolError, RequestHead
@@ -209,7 +211,7 @@ class Outbound:
                      endpoint=endpoint, tries=attempts.tries, error=result.code,
                      served_by=tier.subset if tier is not None else None,
                      request_bytes=result.request_bytes, response_bytes=result.response_bytes,
-                     delayed=fault.delay is not None)
+                     delayed=fault.delay is not None, grpc_status=result.grpc_status)
         if result.detail and result.status >= 500:
             log.warning("%s -> %s (%s): %d %s", self.source, self.destination,
                         endpoint.key if endpoint else "-", result.status, result.detail)
@@ -308,14 +310,20 @@ class Outbound:
                 ids: RequestIdentity, *, status: int, detail: str,
                 endpoint: Endpoint | None = None, tries: int = 0, error: str = "",
                 served_by: str | None = None, request_bytes: int = 0, response_bytes: int = 0,
-                delayed: bool = False) -> None:
+                delayed: bool = False, grpc_status: int | None = None) -> None:
         """Metrics and the access log line of one request; ``served_by``: the subset of the
-        tier the last try went to (a failover subset, or the one drawn)."""
+        tier the last try went to (a failover subset, or the one drawn); ``grpc_status``: a
+        gRPC call's outcome (meshd's own answer to one is a gRPC status too)."""
+        if grpc_status is None and error and grpc_request(request.headers):
+            grpc_status = int(status_for_meshd_error(status, error))
+        grpc = "" if grpc_status is None else str(grpc_status)
         m = self.ctx.metrics
         drawn = routed.subset or ""
         subset = served_by if served_by is not None else drawn
         elapsed = trio.current_time() - started
-        m.request_done("outbound", self.source, self.destination, subset, status, elapsed)
+        m.request_done("outbound", self.source, self.destination, subset, status, elapsed,
+                       request_bytes=request_bytes, response_bytes=response_bytes,
+                       grpc_status=grpc)
         access = self.ctx.access
         if access.enabled:
             access.record(AccessEntry(
@@ -326,11 +334,10 @@ class Outbound:
                 tries=tries, error=error, failover_from=drawn if subset != drawn else "",
                 protocol=f"HTTP/{request.version}", bytes_received=request_bytes,
                 bytes_sent=response_bytes, fault_delayed=delayed, headers=request.headers,
-                traceparent=ids.traceparent))
+                traceparent=ids.traceparent, grpc_status=grpc))
 
     def _count_bad_request(self, exc: ProtocolError) -> None:
-        self.ctx.metrics.requests.labels("outbound", self.source, self.destination, "",
-                                         str(exc.status)).inc()
+        self.ctx.metrics.bad_request("outbound", self.source, self.destination, exc.status)
 
     def _connector(self, state: DestinationState, *, h2: bool = False
                    ) -> Callable[[Endpoint], Awaitable[TLSStream]]:

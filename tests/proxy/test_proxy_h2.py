@@ -22,7 +22,7 @@ import httpx
 import pytest
 import trio
 from proxy_mesh_testing import OPEN, Farm, Host, Mesh, make_host
-from proxy_testing import MiniCA, eventually
+from proxy_testing import MiniCA, eventually, sample
 
 from meshd.config.routes import parse_routes
 from meshd.config.schema import HealthCheck, LocalService, Protocol, Upstream
@@ -160,6 +160,11 @@ async def test_grpc_errors_and_deadlines_reach_the_client_as_grpc_statuses(grpc_
     assert await trio.to_thread.run_sync(call) == grpc.StatusCode.FAILED_PRECONDITION
     view.set_endpoints(EndpointSet("greeter", (), 2, 0.0))
     assert await trio.to_thread.run_sync(call) == grpc.StatusCode.UNAVAILABLE
+    # counted with the gRPC status: the app's (9) and meshd's own answer (14, no endpoint)
+    assert sample(a.metrics, "meshd_requests_total", direction="outbound", source="client",
+                  destination="greeter", code="200", grpc_status="9") == 1
+    assert sample(a.metrics, "meshd_requests_total", direction="outbound", source="client",
+                  destination="greeter", code="503", grpc_status="14") == 1
 
 
 # -- an h2c app, and HTTP versions translated at the callee's meshd ------------------------------
