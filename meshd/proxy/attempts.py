@@ -55,7 +55,7 @@ from meshd.proxy.core.attempt import (
     outlier_outcome,
     peer_failure,
 )
-from meshd.proxy.core.http1 import Framing, ProtocolError, RequestHead, ResponseHead
+from meshd.proxy.core.http1 import Framing, Header, ProtocolError, RequestHead, ResponseHead
 from meshd.proxy.core.http1_write import simple_response
 from meshd.proxy.core.outlier import Failure, Outcome
 from meshd.proxy.core.retry import Body, retry_backoff, route_retries
@@ -167,7 +167,8 @@ class Attempts:
     """One request forwarded (the module doc). Inbound gives the local app's pool ``key`` and
     ``connect``; outbound its ``destination``. ``connect`` raises ``ConnectFailed``. ``body``
     keeps the request body for retries (None: streamed only). ``drop_response``: header names
-    removed from the upstream's responses. After ``run``: ``tries`` made, the last
+    removed from the upstream's responses; ``edit_response``: the route's edits of their
+    headers. After ``run``: ``tries`` made, the last
     ``endpoint`` tried and its ``tier`` (outbound)."""
 
     request: RequestHead
@@ -182,6 +183,7 @@ class Attempts:
     destination: Destination | None = None
     body: ReplayBody | None = None
     drop_response: tuple[bytes, ...] = ()
+    edit_response: Callable[[list[Header]], list[Header]] | None = None  # route's header edits
     # what the tries came to, so far
     tries: int = field(default=0, init=False)
     retries_done: int = field(default=0, init=False)
@@ -308,7 +310,7 @@ class Attempts:
                     keep_client=request.keep_alive and not self.conn.draining,
                     reused_upstream=lease.reused,
                     hold=self._hold if retries is not None else None, requests=source,
-                    drop_response=self.drop_response,
+                    drop_response=self.drop_response, edit_response=self.edit_response,
                     on_switch=(self._tunnelling if self.timeout is not None or per_try is not None
                                else None))
                 try:

@@ -28,11 +28,13 @@ from meshd.metrics import Metrics
 from meshd.proxy.access import AccessEntry, AccessLog
 from meshd.proxy.attempts import ERROR_HEADER, REASON_HEADER, Attempts, Destination
 from meshd.proxy.core.attempt import FAULT_CODE, LOCAL_CONNECT_FAILURES, NO_ENDPOINT_CODE
+from meshd.proxy.core.edge import RATE_LIMITED_CODE, LocalAnswer, apply_route_edits
 from meshd.proxy.core.fault import decide_fault, mirrored
 from meshd.proxy.core.http1 import ProtocolError, RequestHead
 from meshd.proxy.core.http1_write import upstream_request_head
 from meshd.proxy.core.matcher import RequestFacts
 from meshd.proxy.core.outlier import CONNECTED, Failure
+from meshd.proxy.core.ratelimit import RateLimits
 from meshd.proxy.core.retry import REPLAY_LIMIT, Body, retry_verdict, route_retries
 from meshd.proxy.core.router import RoutePlan, Tier, candidates, no_endpoint_reason, plan
 from meshd.proxy.core.trace import RequestIdentity, identify
@@ -75,6 +77,7 @@ class OutboundContext:
     connect_timeout: float = CONNECT_TIMEOUT
     here: tuple[tuple[str, str], ...] = ()  # this host's labels, for locality priority
     access: AccessLog = field(default_factory=AccessLog)
+    rate_limits: RateLimits = field(default_factory=RateLimits)  # the routes' token buckets
     destinations: Destinations = field(init=False)
     mirror: Mirror = field(init=False)
 
@@ -132,6 +135,15 @@ class Outbound:
         ids = identify(request.headers)
         routed = plan(view, self.destination, facts, ctx.rand(), ctx.here)
         route = routed.route
+        # the route's edge features: rate limit, redirect (answered here), header edits, rewrite
+        edge = apply_route_edits(route, request, limits=ctx.rate_limits,
+                                 destination=self.destination, source=self.source,
+                                 now=trio.current_time(), default_host=self.destination)
+        if edge is not None:
+            if edge.answer is not None:
+                return await self._answer_edge(edge.answer, request, source, conn, routed,
+                                               started, ids)
+            request = edge.request
         fault = decide_fault(route.fault if route is not None else None, ctx.rand)
         if not fault.none:
             answered = await self._inject(fault.delay, fault.abort_status, request, source,
@@ -168,7 +180,8 @@ class Outbound:
             pool_key=self._pool_key, connect=self._connector(state), rand=ctx.rand,
             metrics=ctx.metrics, hash_key=self._hash_key(state, facts, conn))
         attempts = Attempts(request, source, conn, pool=ctx.pool, upstream_head=head,
-                            timeout=routed.timeout, destination=destination, body=body)
+                            timeout=routed.timeout, destination=destination, body=body,
+                            edit_response=edge.response if edge is not None else None)
         result = await attempts.run()
         endpoint = attempts.endpoint
         tier = attempts.tier
@@ -203,6 +216,20 @@ class Outbound:
                                      (REASON_HEADER, text.encode("ascii", "replace"))])
         self._record(request, routed, started, ids, status=abort, detail=text,
                      error=FAULT_CODE)
+        return keep
+
+    async def _answer_edge(self, answer: LocalAnswer, request: RequestHead,
+                           source: RequestSource, conn: ClientConnection, routed: RoutePlan,
+                           started: float, ids: RequestIdentity) -> bool:
+        """Answer what a route's edge features answer themselves (a 429 over its rate limit,
+        a redirect); returns whether the connection may stay open."""
+        if answer.code == RATE_LIMITED_CODE:
+            self.ctx.metrics.rate_limited.labels(self.destination, routed.route_name).inc()
+        await discard_body(source, request)
+        keep = await answer_locally(source, request, conn, answer.status, answer.text,
+                                    list(answer.headers))
+        self._record(request, routed, started, ids, status=answer.status, detail=answer.text,
+                     error=answer.code)
         return keep
 
     def _hash_key(self, state: DestinationState, facts: RequestFacts,
