@@ -138,7 +138,7 @@ class Outbound:
         # the route's edge features: rate limit, redirect (answered here), header edits, rewrite
         edge = apply_route_edits(route, request, limits=ctx.rate_limits,
                                  destination=self.destination, source=self.source,
-                                 now=trio.current_time(), default_host=self.destination)
+                                 now=started, default_host=self.destination)
         if edge is not None:
             if edge.answer is not None:
                 return await self._answer_edge(edge.answer, request, source, conn, routed,
