@@ -1,7 +1,8 @@
 """Outbound: what a local app's call to ``outbound_address:local_port`` goes through.
 
 One handler per declared upstream. HTTP: each request is routed on its own — the first
-matching route of the destination, fault injection, a subset by weighted split, an endpoint by
+matching route of the destination, its edge features (rate limit, redirect, header edits,
+rewrites: ``core.edge``), fault injection, a subset by weighted split, an endpoint by
 the destination's balancer among those not ejected — and sent over a pooled mTLS connection to
 that endpoint's meshd, with the route's timeouts and retries (``meshd.proxy.attempts``, the
 forwarding path inbound takes too); a copy may go to a mirror subset afterwards. TCP: the
