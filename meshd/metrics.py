@@ -145,6 +145,9 @@ class Metrics:
         self.faults_injected = Counter(
             "meshd_faults_injected", "requests delayed or aborted by fault injection",
             ["destination", "route", "kind"], registry=r)
+        self.rate_limited = Counter(
+            "meshd_rate_limited", "requests answered 429 by a route's local rate limit",
+            ["destination", "route"], registry=r)
         self.mirrored = Counter(
             "meshd_mirror_requests", "copies of requests sent to a mirror subset",
             ["destination", "subset", "result"], registry=r)

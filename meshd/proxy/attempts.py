@@ -176,7 +176,8 @@ class Attempts:
     """One request forwarded (the module doc). Inbound gives the local app's pool ``key`` and
     ``connect``; outbound its ``destination``. ``connect`` raises ``ConnectFailed``. ``body``
     keeps the request body for retries (None: streamed only). ``drop_response``: header names
-    removed from the upstream's responses. After ``run``: ``tries`` made, the last
+    removed from the upstream's responses; ``edit_response``: the route's edits of their
+    headers. After ``run``: ``tries`` made, the last
     ``endpoint`` tried and its ``tier`` (outbound)."""
 
     request: RequestHead
@@ -195,6 +196,7 @@ class Attempts:
     destination: Destination | None = None
     body: ReplayBody | None = None
     drop_response: tuple[bytes, ...] = ()
+    edit_response: Callable[[list[Header]], list[Header]] | None = None  # route's header edits
     # what the tries came to, so far
     tries: int = field(default=0, init=False)
     retries_done: int = field(default=0, init=False)
@@ -331,7 +333,7 @@ class Attempts:
                     exchange = self.exchange = MessageExchange(
                         request, messages, source,
                         H1Upstream(lease.stream, self.upstream_head, request, lease.reused),
-                        drop_response=self.drop_response)
+                        drop_response=self.drop_response, edit_response=self.edit_response)
                 else:
                     body: BodySource = (self.body.for_try() if self.body is not None
                                         else source)
@@ -340,7 +342,7 @@ class Attempts:
                         keep_client=request.keep_alive and not self.conn.draining,
                         reused_upstream=lease.reused,
                         hold=self._hold if retries is not None else None, requests=source,
-                        drop_response=self.drop_response,
+                        drop_response=self.drop_response, edit_response=self.edit_response,
                         on_switch=(self._tunnelling
                                    if self.timeout is not None or per_try is not None
                                    else None))
@@ -390,7 +392,7 @@ class Attempts:
                     request, messages, sink, upstream,
                     keep_client=request.keep_alive and not self.conn.draining,
                     hold=self._hold if retries is not None else None,
-                    drop_response=self.drop_response)
+                    drop_response=self.drop_response, edit_response=self.edit_response)
                 try:
                     await exchange.run()
                 finally:

@@ -27,6 +27,7 @@ from meshd.proxy.core.http1 import (
     Data,
     Event,
     Framing,
+    Header,
     NoResponse,
     ProtocolError,
     RequestHead,
@@ -169,7 +170,8 @@ class Exchange:
     ``requests`` is the client connection's ``RequestSource`` when ``source`` is not (it holds
     the bytes a client sent after an upgrade request); ``on_switch`` is called when a 101 went
     to the client, before the tunnel starts (request timeouts no longer apply).
-    ``drop_response`` names headers removed from the response (inbound: meshd's own)."""
+    ``drop_response`` names headers removed from the response (inbound: meshd's own);
+    ``edit_response`` then edits its headers (a route's ``response_headers``)."""
 
     def __init__(self, request: RequestHead, source: BodySource, client: trio.abc.Stream,
                  upstream: trio.abc.Stream, upstream_head: bytes, *, keep_client: bool,
@@ -177,7 +179,8 @@ class Exchange:
                  hold: Callable[[ResponseHead], bool] | None = None,
                  requests: RequestSource | None = None,
                  on_switch: Callable[[], None] | None = None,
-                 drop_response: tuple[bytes, ...] = ()) -> None:
+                 drop_response: tuple[bytes, ...] = (),
+                 edit_response: Callable[[list[Header]], list[Header]] | None = None) -> None:
         self.request = request
         self.source = source
         self.client = client
@@ -190,6 +193,7 @@ class Exchange:
             source if isinstance(source, RequestSource) else None)
         self.on_switch = on_switch
         self.drop_response = drop_response  # header names (lower case) the client never sees
+        self.edit_response = edit_response  # the route's response header edits, if any
         self.switched = False  # a 101 went to the client: the connections became a tunnel
         self.reused_upstream = reused_upstream
         self.status = 0  # the status sent to the client, 0 until a response head went out
@@ -361,6 +365,8 @@ class Exchange:
         # A response without a body (HEAD, 204, 304) keeps the length the upstream announced.
         headers = end_to_end(head.headers, keep_length=framing is Framing.NONE,
                              drop=self.drop_response)
+        if self.edit_response is not None:
+            headers = self.edit_response(headers)
         return serialize_response(head.status, head.reason, headers, framing,
                                   head.content_length, connection)
 

@@ -1,7 +1,8 @@
 """Outbound: what a local app's call to ``outbound_address:local_port`` goes through.
 
 One handler per declared upstream. HTTP: each request is routed on its own — the first
-matching route of the destination, fault injection, a subset by weighted split, an endpoint by
+matching route of the destination, its edge features (rate limit, redirect, header edits,
+rewrites: ``core.edge``), fault injection, a subset by weighted split, an endpoint by
 the destination's balancer among those not ejected — and sent over a pooled mTLS connection to
 that endpoint's meshd, with the route's timeouts and retries (``meshd.proxy.attempts``, the
 forwarding path inbound takes too); a copy may go to a mirror subset afterwards. TCP: the
@@ -28,6 +29,7 @@ from meshd.metrics import Metrics
 from meshd.proxy.access import AccessEntry, AccessLog
 from meshd.proxy.attempts import ERROR_HEADER, REASON_HEADER, Attempts, Destination
 from meshd.proxy.core.attempt import FAULT_CODE, LOCAL_CONNECT_FAILURES, NO_ENDPOINT_CODE
+from meshd.proxy.core.edge import RATE_LIMITED_CODE, LocalAnswer, apply_route_edits
 from meshd.proxy.core.fault import decide_fault, mirrored
 from meshd.proxy.core.grpc import (
     GRPC_TIMEOUT,
@@ -42,6 +44,7 @@ from meshd.proxy.core.http1 import Header, ProtocolError, RequestHead
 from meshd.proxy.core.http1_write import upstream_request_fields, upstream_request_head
 from meshd.proxy.core.matcher import RequestFacts
 from meshd.proxy.core.outlier import CONNECTED, Failure
+from meshd.proxy.core.ratelimit import RateLimits
 from meshd.proxy.core.retry import REPLAY_LIMIT, Body, retry_verdict, route_retries
 from meshd.proxy.core.router import RoutePlan, Tier, candidates, no_endpoint_reason, plan
 from meshd.proxy.core.trace import RequestIdentity, identify
@@ -86,6 +89,7 @@ class OutboundContext:
     connect_timeout: float = CONNECT_TIMEOUT
     here: tuple[tuple[str, str], ...] = ()  # this host's labels, for locality priority
     access: AccessLog = field(default_factory=AccessLog)
+    rate_limits: RateLimits = field(default_factory=RateLimits)  # the routes' token buckets
     destinations: Destinations = field(init=False)
     mirror: Mirror = field(init=False)
 
@@ -152,6 +156,15 @@ class Outbound:
         ids = identify(request.headers)
         routed = plan(view, self.destination, facts, ctx.rand(), ctx.here)
         route = routed.route
+        # the route's edge features: rate limit, redirect (answered here), header edits, rewrite
+        edge = apply_route_edits(route, request, limits=ctx.rate_limits,
+                                 destination=self.destination, source=self.source,
+                                 now=started, default_host=self.destination)
+        if edge is not None:
+            if edge.answer is not None:
+                return await self._answer_edge(edge.answer, request, source, conn, routed,
+                                               started, ids)
+            request = edge.request
         fault = decide_fault(route.fault if route is not None else None, ctx.rand)
         if not fault.none:
             answered = await self._inject(fault.delay, fault.abort_status, request, source,
@@ -200,7 +213,8 @@ class Outbound:
         attempts = Attempts(request, source, conn, pool=ctx.pool, upstream_head=head,
                             timeout=timeout, destination=destination, body=body,
                             h2_pool=ctx.h2_pool if h2 else None, upstream_fields=fields,
-                            grpc=grpc)
+                            grpc=grpc,
+                            edit_response=edge.response if edge is not None else None)
         result = await attempts.run()
         endpoint = attempts.endpoint
         tier = attempts.tier
@@ -258,6 +272,20 @@ class Outbound:
                                      (REASON_HEADER, text.encode("ascii", "replace"))])
         self._record(request, routed, started, ids, status=abort, detail=text,
                      error=FAULT_CODE, delayed=delay is not None)
+        return keep
+
+    async def _answer_edge(self, answer: LocalAnswer, request: RequestHead,
+                           source: RequestSource | H2Request, conn: ClientConnection,
+                           routed: RoutePlan, started: float, ids: RequestIdentity) -> bool:
+        """Answer what a route's edge features answer themselves (a 429 over its rate limit,
+        a redirect); returns whether the connection may stay open."""
+        if answer.code == RATE_LIMITED_CODE:
+            self.ctx.metrics.rate_limited.labels(self.destination, routed.route_name).inc()
+        await discard_body(source, request)
+        keep = await answer_locally(source, request, conn, answer.status, answer.text,
+                                    list(answer.headers))
+        self._record(request, routed, started, ids, status=answer.status, detail=answer.text,
+                     error=answer.code)
         return keep
 
     def _hash_key(self, state: DestinationState, facts: RequestFacts,

@@ -173,12 +173,13 @@ Upstream = H1Upstream | H2Upstream
 
 class MessageExchange:
     """Forward one request to ``upstream`` and its response to ``sink`` (the module doc).
-    ``hold`` and ``drop_response`` as for ``Exchange``."""
+    ``hold``, ``drop_response`` and ``edit_response`` as for ``Exchange``."""
 
     def __init__(self, request: RequestHead, source: BodySource, sink: Sink,
                  upstream: Upstream, *, keep_client: bool = True,
                  hold: Callable[[ResponseHead], bool] | None = None,
-                 drop_response: tuple[bytes, ...] = ()) -> None:
+                 drop_response: tuple[bytes, ...] = (),
+                 edit_response: Callable[[list[Header]], list[Header]] | None = None) -> None:
         self.request = request
         self.source = source
         self.sink = sink
@@ -186,6 +187,7 @@ class MessageExchange:
         self.keep_client = keep_client
         self.hold = hold
         self.drop_response = drop_response
+        self.edit_response = edit_response  # the route's response header edits, if any
         self.switched = False
         self.status = 0
         self.grpc_status: int | None = None
@@ -277,6 +279,8 @@ class MessageExchange:
                 self.status = head.status
                 self.response_started = True
                 headers = self._headers(head.headers)
+                if self.edit_response is not None:
+                    headers = self.edit_response(headers)
                 await sink.send_head(head.status, headers, end=ended,
                                      length=head.content_length)
                 if ended:  # its END is not waited for

@@ -253,8 +253,8 @@ ROUTE_CASES = [
     ("destinations.payments.subsets.v2", "v2", "destinations.payments.subsets.v2",
      'expected a table like { version = "v1" }'),
     ("destinations.payments.retry", 3, "destinations.payments.retry",
-     "unknown key (expected one of: authorization, fault, mirror, policy, retries, routes, "
-     "split, subsets, timeout)"),
+     "unknown key (expected one of: authorization, fault, mirror, policy, rate_limit, "
+     "request_headers, response_headers, retries, routes, split, subsets, timeout)"),
     ("destinations.payments.retries", 3, "destinations.payments.retries",
      "expected a table, got int"),
 ]

@@ -349,3 +349,16 @@ async def test_h2_requests_are_mirrored_and_split_like_http1(farm: Farm, tmp_pat
     copy = farm.apps["b3"].seen[0]
     assert copy["headers"]["x-meshd-mirror"] == "1"
     assert copy["size"] == 10_000 and copy["method"] == "POST"
+
+
+async def test_route_edge_features_apply_to_h2_requests(farm: Farm) -> None:
+    farm.set_routes({"split": {"v1": 100},
+                     "response_headers": {"set": {"x-edge": "h2"}},
+                     "rate_limit": {"requests_per_second": 0.1, "burst": 1}})
+    url = f"{farm.url()}/version"
+    first = await _curl("--http2-prior-knowledge", "-i", url)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith(b"HTTP/2 200") and b"x-edge: h2" in first.stdout
+    second = await _curl("--http2-prior-knowledge", "-i", url)
+    assert second.stdout.startswith(b"HTTP/2 429")
+    assert b"x-meshd-error: rate-limited" in second.stdout
