@@ -43,6 +43,7 @@ from meshd.registry.model import Endpoint
 
 EXIT_ROUTED, EXIT_NOT_ROUTED, EXIT_UNREACHABLE = exits.OK, exits.FAILED, exits.UNREACHABLE
 EXPLAIN_FORMAT = "meshd.explain/1"
+USAGE = "meshd explain [SERVICE | --gateway NAME] [--method M] [--path P] [--header K=V] ..."
 
 
 def register(sub: Any) -> None:
@@ -84,6 +85,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"meshd explain: --header {item!r}: expected NAME=VALUE", file=sys.stderr)
             return exits.USAGE
         headers.append((name.strip(), value))
+    if args.service is None and args.gateway is None:
+        print("meshd explain: name the destination SERVICE (or --gateway NAME)\n"
+              f"usage: {USAGE}", file=sys.stderr)
+        return exits.USAGE
     if args.source is not None and not is_valid_name(args.source):
         print(f"meshd explain: --source {args.source!r}: not a service name ({NAME_RULE})",
               file=sys.stderr)
@@ -114,10 +119,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"meshd explain: gateway {args.gateway} routes this request to {service}, "
                   f"not {args.service}", file=sys.stderr)
             return EXIT_NOT_ROUTED
-    if service is None:
-        print("meshd explain: name the destination SERVICE (or --gateway NAME)",
-              file=sys.stderr)
-        return exits.USAGE
+    assert service is not None  # checked before asking
     try:
         found = explain(state, service, facts, source)
     except ConfigError as exc:
