@@ -377,9 +377,13 @@ async def bring_up(launch: Launch, console: Console, supervisor: Supervisor,
     for host in mesh.hosts:
         ups = [f"{u.name} -> {host.outbound_address}:{u.local_port}"
                for ms in host.services for u in ms.service.upstreams]
+        gateways = [f"gateway {g.name} " + " ".join(f"{x.protocol}://{x.address}:{x.port}"
+                                                    for x in g.listeners)
+                    for g in host.gateways]
         rows.append(Row(f"meshd {host.name}", meshds[host.name].pid,
                         f"inbound {host.inbound}, admin http://{host.admin}"
-                        + "".join(f", upstream {u}" for u in ups)))
+                        + "".join(f", upstream {u}" for u in ups)
+                        + "".join(f", {g}" for g in gateways)))
         for ms in host.services:
             app = apps.get((host.name, ms.service.name))
             where = f"{ms.service.protocol.value}://{ms.service.address}:{ms.service.port}"
