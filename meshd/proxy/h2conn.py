@@ -349,6 +349,8 @@ async def serve_h2(transport: trio.abc.Stream, handle: RequestHandler, idle_time
         try:
             with trio.CancelScope() as scope:
                 state.scope = scope
+                if state.reset_code is not None:
+                    return  # reset before its handler ran (rapid reset): no work for it
                 await handle(head, request)
                 if not request.finished and not conn.closed:
                     session.reset(stream_id, core.INTERNAL_ERROR)
