@@ -435,7 +435,7 @@ class H2Client:
     nursery (``run``)."""
 
     def __init__(self, transport: trio.abc.Stream, key: Hashable,
-                 limits: core.Limits = core.DEFAULT_LIMITS) -> None:
+                 limits: core.Limits = core.POOL_LIMITS) -> None:
         self.key = key
         self.conn = _Connection(transport, core.Session(client_side=True, limits=limits))
         self.limits = limits
@@ -560,7 +560,7 @@ class H2Pool:
     room, or on a new one (concurrent requests wait for a connection being opened rather
     than each opening their own). Idle connections close after ``idle_timeout``."""
 
-    def __init__(self, idle_timeout: float, limits: core.Limits = core.DEFAULT_LIMITS) -> None:
+    def __init__(self, idle_timeout: float, limits: core.Limits = core.POOL_LIMITS) -> None:
         self.idle_timeout = idle_timeout
         self.limits = limits
         self._clients: dict[Hashable, list[H2Client]] = {}

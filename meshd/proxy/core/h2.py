@@ -14,7 +14,8 @@ work with little input):
   frames per header block (the ``h2`` library's bound);
 * memory: a stream's receive window is ``stream_window``, the connection's ``connection_window``;
   credit goes back to the peer only as the proxy consumes the bytes (``consumed``), so a peer
-  can never have more than the connection window in flight, whatever its stream count;
+  can never have more than the connection window in flight, whatever its stream count
+  (``POOL_LIMITS``, for the connections meshd opens, has room for every stream's window);
 * streams: ``max_concurrent_streams`` open at once;
 * floods: more than ``max_resets`` streams reset by the peer (rapid reset), or more than
   ``max_control`` PING/SETTINGS/empty DATA frames, within ``flood_window`` seconds, ends the
@@ -66,6 +67,12 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+# Connections meshd opens (pools) carry streams of unrelated callers. Their connection window
+# is all their streams' windows together, so that a caller that stops reading, whose stream
+# then holds its whole window unconsumed, cannot starve the others sharing the connection;
+# memory stays bounded by streams x stream window.
+POOL_LIMITS = Limits(connection_window=DEFAULT_LIMITS.max_concurrent_streams
+                     * DEFAULT_LIMITS.stream_window)
 
 
 # -- events ------------------------------------------------------------------------------------
