@@ -418,8 +418,11 @@ async def serve_h2(transport: trio.abc.Stream, handle: RequestHandler, idle_time
                 if idle.cancelled_caught and not conn.closed:
                     session.goaway(core.NO_ERROR)
                     await conn.flush()
-                    conn._lost("idle")
-                # the reader is done: streams in flight finish or fail on their own
+                    conn._lost("idle")  # no stream was open
+                else:
+                    # a connection error (GOAWAY sent: the connection must close now) or the
+                    # client gone: nobody to answer the streams in flight, stop their work
+                    nursery.cancel_scope.cancel()
 
             nursery.start_soon(reader)
     finally:
