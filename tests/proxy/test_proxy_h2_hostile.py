@@ -298,6 +298,20 @@ async def test_invalid_frames_end_the_connection(connect: Connect, case: str) ->
     await still_serves(connect)
 
 
+async def test_a_connection_error_closes_the_connection_with_requests_in_flight(
+        connect: Connect) -> None:
+    # 5.4.1: after the GOAWAY of a connection error the connection is closed, at once: not
+    # when the requests in flight (here one the app answers in 30 s) are done
+    peer = await connect()
+    await peer.preface()
+    await peer.send(peer.headers(1, [*GET[:2], (b":path", b"/slow?delay=30"), GET[3]]))
+    await trio.sleep(0.2)  # the request is on its way to the app
+    await peer.send(frame_bytes(0x0, 0x1, 0, b"hello"))
+    goaway = await expect_goaway(peer, PROTOCOL_ERROR)  # closed within READ_LIMIT
+    assert goaway.last_stream_id == 1
+    await still_serves(connect)
+
+
 async def test_unknown_frame_types_are_ignored(connect: Connect) -> None:
     peer = await connect()
     await peer.preface()
