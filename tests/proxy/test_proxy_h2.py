@@ -29,7 +29,6 @@ async def test_h2c_prior_knowledge_reaches_an_http1_app_over_h2_between_meshds(
 
 # -- gRPC ---------------------------------------------------------------------------------------
 
-import random  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 from concurrent import futures  # noqa: E402
 from pathlib import Path  # noqa: E402
