@@ -49,6 +49,11 @@ REFUSED_STREAM = h2.errors.ErrorCodes.REFUSED_STREAM
 CANCEL = h2.errors.ErrorCodes.CANCEL
 ENHANCE_YOUR_CALM = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
 
+# the HPACK table our encoder keeps, however large a table the peer allows (its
+# SETTINGS_HEADER_TABLE_SIZE): a larger one would hold every distinct field sent on a
+# long-lived connection
+ENCODER_TABLE_SIZE = 4096
+
 # connection-specific fields HTTP/2 forbids (RFC 9113 8.2.2); ``te`` passes only as "trailers"
 CONNECTION_SPECIFIC = frozenset({b"connection", b"keep-alive", b"proxy-connection",
                                  b"transfer-encoding", b"upgrade", b"host"})
@@ -308,6 +313,9 @@ class Session:
             elif isinstance(ev, h2.events.RemoteSettingsChanged):
                 if self._control.over(now):
                     return [self._fail(ENHANCE_YOUR_CALM, "flood of SETTINGS frames")]
+                encoder = self._h2.encoder
+                if encoder.header_table_size > ENCODER_TABLE_SIZE:
+                    encoder.header_table_size = ENCODER_TABLE_SIZE
                 out.append(Window(0))  # the initial window may have grown
             elif isinstance(ev, h2.events.PingReceived):
                 if self._control.over(now):
