@@ -16,6 +16,7 @@ import ssl
 import struct
 import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import hpack
@@ -141,7 +142,15 @@ class Peer:
                 return status, bytes(body)
 
 
-Connect = Callable[[], Awaitable[Peer]]
+@dataclass(frozen=True)
+class Connect:
+    """Opens a connection to the listener under test (``kind``: outbound or inbound)."""
+
+    kind: str
+    open: Callable[[], Awaitable[Peer]]
+
+    async def __call__(self) -> Peer:
+        return await self.open()
 
 
 @pytest.fixture(params=["outbound", "inbound"])
@@ -171,9 +180,8 @@ async def connect(request: pytest.FixtureRequest, mesh: Mesh, tmp_path: Path
         peers.append(Peer(stream))
         return peers[-1]
 
-    open_peer.listener = request.param  # type: ignore[attr-defined]
     try:
-        yield open_peer
+        yield Connect(request.param, open_peer)
     finally:
         for peer in peers:
             await trio.aclose_forcefully(peer.stream)
@@ -227,7 +235,7 @@ async def expect_goaway(peer: Peer, code: int) -> GoAwayFrame:
 async def test_garbage_instead_of_the_preface(connect: Connect, mesh: Mesh) -> None:
     peer = await connect()
     await peer.send(b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n" + b"garbage " * 8)
-    if connect.listener == "outbound":  # type: ignore[attr-defined]
+    if connect.kind == "outbound":
         # not the preface: taken for HTTP/1.1, whose parser refuses it and closes
         answer = await read_until_eof(peer.stream)
         assert answer.startswith(b"HTTP/1.1 4") or answer.startswith(b"HTTP/1.1 505"), answer
@@ -240,7 +248,7 @@ async def test_garbage_instead_of_the_preface(connect: Connect, mesh: Mesh) -> N
     else:  # ALPN said h2: the preface is checked by the HTTP/2 session
         await expect_goaway(peer, PROTOCOL_ERROR)
     await still_serves(connect)
-    assert requests_seen(mesh) == (2 if connect.listener == "outbound" else 1)  # type: ignore[attr-defined]
+    assert requests_seen(mesh) == (2 if connect.kind == "outbound" else 1)
 
 
 async def test_preface_then_garbage(connect: Connect, mesh: Mesh) -> None:
@@ -439,6 +447,20 @@ async def test_a_client_that_never_reads_is_reset_and_costs_bounded_memory(
 
 
 # -- header lists ---------------------------------------------------------------------------------
+
+async def test_a_huge_header_table_allowance_is_not_taken(connect: Connect) -> None:
+    # a client may allow a 2 GiB HPACK table (SETTINGS_HEADER_TABLE_SIZE); meshd's encoder
+    # would then keep every distinct response field it ever sent on the connection: it keeps
+    # to 4 KiB (RFC 7541 4.2 lets an encoder use less than allowed)
+    peer = await connect()
+    peer.decoder.max_allowed_table_size = 2**31 - 1
+    await peer.preface(header_table_size=2**31 - 1)
+    for i in range(3):  # responses of distinct lengths: distinct content-length fields
+        await peer.send(peer.headers(1 + 2 * i, [*GET, (b"x-pad", b"p" * 100 * i)]))
+        status, _ = await peer.response(1 + 2 * i)
+        assert status == 200
+    assert peer.decoder.header_table.maxsize <= 4096
+
 
 async def test_hpack_bomb_is_refused_with_bounded_memory(connect: Connect, mesh: Mesh) -> None:
     # one 4 KiB field put in the dynamic table, then referenced 4000 times (one octet each):
