@@ -1,6 +1,7 @@
 """The HTTP/2 session's checks at frame headers, before the ``h2`` library buffers a frame:
 the client's preface, SETTINGS first, and announced lengths over SETTINGS_MAX_FRAME_SIZE.
-Each input fed whole and one byte at a time."""
+Each input fed whole and one byte at a time. And its flow control: credit comes back only
+as bodies are consumed."""
 
 from __future__ import annotations
 
@@ -56,3 +57,30 @@ def test_frame_heads(case: str, step: int) -> None:
         assert failed is None
     else:
         assert failed is not None and failed.code == code, failed
+
+
+def test_data_beyond_the_stream_window_is_a_flow_control_error() -> None:
+    session = core.Session(client_side=False)
+    session.start()
+    window = core.DEFAULT_LIMITS.stream_window
+    headers = frame(0x1, 0x4, 1, bytes([0x83, 0x86, 0x84, 0x41, 0x01, 0x61]))  # POST http / a
+    chunk = frame(0x0, 0x0, 1, b"x" * 16384)
+    events = session.feed(core.PREFACE + SETTINGS + headers, 0.0)
+    assert isinstance(events[-1], core.Opened)
+    for _ in range(window // 16384):  # the whole window: allowed
+        assert not any(isinstance(e, core.Failed) for e in session.feed(chunk, 0.0))
+    (failed,) = session.feed(chunk, 0.0)  # one frame more, with no credit given back
+    assert isinstance(failed, core.Failed) and failed.code == 3  # FLOW_CONTROL_ERROR
+
+
+def test_consumed_bodies_give_credit_back() -> None:
+    session = core.Session(client_side=False)
+    session.start()
+    window = core.DEFAULT_LIMITS.stream_window
+    headers = frame(0x1, 0x4, 1, bytes([0x83, 0x86, 0x84, 0x41, 0x01, 0x61]))
+    chunk = frame(0x0, 0x0, 1, b"x" * 16384)
+    session.feed(core.PREFACE + SETTINGS + headers, 0.0)
+    for _ in range(4 * window // 16384):  # four windows' worth, each body consumed
+        for event in session.feed(chunk, 0.0):
+            assert isinstance(event, core.Body), event
+            session.consumed(event.stream_id, event.flow)
