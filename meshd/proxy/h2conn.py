@@ -546,13 +546,14 @@ class H2Upstream:
         return event
 
     async def release(self) -> None:
-        """The exchange is over: a stream still open is reset, the slot freed."""
+        """The exchange is over: the slot freed, a stream still open reset. (The slot first:
+        this runs in ``finally`` blocks of cancelled tasks, whose flush may be cut short.)"""
         client = self.client
+        client.conn.streams.pop(self.stream_id, None)
+        client.idle_since = trio.current_time()
         if client.conn.session.stream_open(self.stream_id):
             client.conn.session.reset(self.stream_id, core.CANCEL)
             await client.conn.flush()
-        client.conn.streams.pop(self.stream_id, None)
-        client.idle_since = trio.current_time()
 
 
 Connector = Callable[[], Awaitable[trio.abc.HalfCloseableStream]]
