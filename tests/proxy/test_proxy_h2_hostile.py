@@ -35,7 +35,7 @@ from hyperframe.frame import (
     WindowUpdateFrame,
 )
 from proxy_mesh_testing import Mesh
-from proxy_testing import client_context, read_until_eof
+from proxy_testing import client_context, eventually, read_until_eof
 
 from meshd.config.routes import parse_routes
 from meshd.proxy import h2conn
@@ -455,6 +455,25 @@ async def test_a_client_that_never_reads_is_reset_and_costs_bounded_memory(
     await peer.send(WindowUpdateFrame(41, 65535))
     status, _ = await peer.response(41)
     assert status == 200
+
+
+@pytest.mark.parametrize("connect", ["outbound"], indirect=True)
+async def test_calls_cancelled_in_flight_leave_no_stream_on_the_pooled_connection(
+        connect: Connect, mesh: Mesh) -> None:
+    # a client resetting its calls while the app works on them (gRPC cancellations and
+    # deadlines): each upstream stream on meshd's pooled connection to the peer is freed, or
+    # the connection would fill up with dead slots and never idle out
+    peer = await connect()
+    await peer.preface()
+    ids = [1 + 2 * i for i in range(20)]
+    await peer.send(*(peer.headers(s, [*GET[:2], (b":path", b"/slow?delay=1"), GET[3]])
+                      for s in ids))
+    await eventually(lambda: mesh.v1.requests == len(ids))
+    await peer.send(*(RstStreamFrame(s, error_code=CANCEL) for s in ids))
+    clients = [c for each in mesh.a.proxy.h2_pool._clients.values() for c in each]
+    await eventually(lambda: all(not c.conn.streams and not c.conn.session.open_streams
+                                 for c in clients))
+    await still_serves(connect)
 
 
 # -- header lists ---------------------------------------------------------------------------------
