@@ -415,10 +415,12 @@ async def serve_h2(transport: trio.abc.Stream, handle: RequestHandler, idle_time
             async def reader() -> None:
                 with idle:
                     await conn.read(on_event)
-                if idle.cancelled_caught and not conn.closed:
+                if idle.cancelled_caught:
+                    # idle with no stream open, or drained: the read's end marked the
+                    # connection closed; the client is told so (GOAWAY) before it closes
                     session.goaway(core.NO_ERROR)
-                    await conn.flush()
-                    conn._lost("idle")  # no stream was open
+                    with trio.move_on_after(STALL_TIMEOUT):
+                        await conn.flush()
                 else:
                     # a connection error (GOAWAY sent: the connection must close now) or the
                     # client gone: nobody to answer the streams in flight, stop their work
