@@ -612,7 +612,5 @@ async def test_a_silent_client_is_closed_after_the_first_request_timeout(
     if sent == "half-a-frame":
         await peer.send(peer.headers(1, GET).serialize()[:12])
     with trio.fail_after(3):  # 1 s and a margin: not the 10 s default
-        goaway = await peer.until(GoAwayFrame)
-        if goaway is not None:
-            await peer.closed()
+        await expect_goaway(peer, NO_ERROR)
     await still_serves(connect)
