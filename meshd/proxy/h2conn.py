@@ -359,6 +359,8 @@ async def serve_h2(transport: trio.abc.Stream, handle: RequestHandler, idle_time
         try:
             with trio.CancelScope() as scope:
                 state.scope = scope
+                if state.reset_code is not None:
+                    return  # reset before its handler ran (rapid reset): no work for it
                 await handle(head, request)
                 if not request.finished and not conn.closed:
                     session.reset(stream_id, core.INTERNAL_ERROR)
@@ -423,11 +425,16 @@ async def serve_h2(transport: trio.abc.Stream, handle: RequestHandler, idle_time
             async def reader() -> None:
                 with idle:
                     await conn.read(on_event)
-                if idle.cancelled_caught and not conn.closed:
+                if idle.cancelled_caught:
+                    # idle with no stream open, or drained: the read's end marked the
+                    # connection closed; the client is told so (GOAWAY) before it closes
                     session.goaway()
-                    await conn.flush()
-                    conn._lost("idle")
-                # the reader is done: streams in flight finish or fail on their own
+                    with trio.move_on_after(STALL_TIMEOUT):
+                        await conn.flush()
+                else:
+                    # a connection error (GOAWAY sent: the connection must close now) or the
+                    # client gone: nobody to answer the streams in flight, stop their work
+                    nursery.cancel_scope.cancel()
 
             nursery.start_soon(reader)
     finally:
@@ -443,7 +450,7 @@ class H2Client:
     nursery (``run``)."""
 
     def __init__(self, transport: trio.abc.Stream, key: Hashable,
-                 limits: core.Limits = core.DEFAULT_LIMITS) -> None:
+                 limits: core.Limits = core.POOL_LIMITS) -> None:
         self.key = key
         self.conn = _Connection(transport, core.Session(client_side=True, limits=limits))
         self.limits = limits
@@ -560,13 +567,14 @@ class H2Upstream:
         return event
 
     async def release(self) -> None:
-        """The exchange is over: a stream still open is reset, the slot freed."""
+        """The exchange is over: the slot freed, a stream still open reset. (The slot first:
+        this runs in ``finally`` blocks of cancelled tasks, whose flush may be cut short.)"""
         client = self.client
+        client.conn.streams.pop(self.stream_id, None)
+        client.idle_since = trio.current_time()
         if client.conn.session.stream_open(self.stream_id):
             client.conn.session.reset(self.stream_id, core.CANCEL)
             await client.conn.flush()
-        client.conn.streams.pop(self.stream_id, None)
-        client.idle_since = trio.current_time()
 
 
 Connector = Callable[[], Awaitable[trio.abc.HalfCloseableStream]]
@@ -577,7 +585,7 @@ class H2Pool:
     room, or on a new one (concurrent requests wait for a connection being opened rather
     than each opening their own). Idle connections close after ``idle_timeout``."""
 
-    def __init__(self, idle_timeout: float, limits: core.Limits = core.DEFAULT_LIMITS) -> None:
+    def __init__(self, idle_timeout: float, limits: core.Limits = core.POOL_LIMITS) -> None:
         self.idle_timeout = idle_timeout
         self.limits = limits
         self._clients: dict[Hashable, list[H2Client]] = {}

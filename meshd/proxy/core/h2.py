@@ -14,7 +14,8 @@ work with little input):
   frames per header block (the ``h2`` library's bound);
 * memory: a stream's receive window is ``stream_window``, the connection's ``connection_window``;
   credit goes back to the peer only as the proxy consumes the bytes (``consumed``), so a peer
-  can never have more than the connection window in flight, whatever its stream count;
+  can never have more than the connection window in flight, whatever its stream count
+  (``POOL_LIMITS``, for the connections meshd opens, has room for every stream's window);
 * streams: ``max_concurrent_streams`` open at once;
 * floods: more than ``max_resets`` streams reset by the peer (rapid reset), or more than
   ``max_control`` PING/SETTINGS/empty DATA frames, within ``flood_window`` seconds, ends the
@@ -49,6 +50,11 @@ REFUSED_STREAM = h2.errors.ErrorCodes.REFUSED_STREAM
 CANCEL = h2.errors.ErrorCodes.CANCEL
 ENHANCE_YOUR_CALM = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
 
+# the HPACK table our encoder keeps, however large a table the peer allows (its
+# SETTINGS_HEADER_TABLE_SIZE): a larger one would hold every distinct field sent on a
+# long-lived connection
+ENCODER_TABLE_SIZE = 4096
+
 # connection-specific fields HTTP/2 forbids (RFC 9113 8.2.2); ``te`` passes only as "trailers"
 CONNECTION_SPECIFIC = frozenset({b"connection", b"keep-alive", b"proxy-connection",
                                  b"transfer-encoding", b"upgrade", b"host"})
@@ -67,6 +73,12 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+# Connections meshd opens (pools) carry streams of unrelated callers. Their connection window
+# is all their streams' windows together, so that a caller that stops reading, whose stream
+# then holds its whole window unconsumed, cannot starve the others sharing the connection;
+# memory stays bounded by streams x stream window.
+POOL_LIMITS = Limits(connection_window=DEFAULT_LIMITS.max_concurrent_streams
+                     * DEFAULT_LIMITS.stream_window)
 
 
 # -- events ------------------------------------------------------------------------------------
@@ -162,6 +174,56 @@ class _Rate:
         return self._count > self.limit
 
 
+class _FrameHeads:
+    """Frame headers read as the bytes come. The ``h2`` library looks at a frame's length only
+    once the whole frame is in: a header announcing 16 MiB would be buffered to its end before
+    being refused. This refuses it at its header, and a connection whose first frame is not
+    SETTINGS (RFC 9113 3.4: an invalid preface), at that frame's header."""
+
+    __slots__ = ("_first", "_head", "_magic", "_skip", "max_frame_size")
+
+    def __init__(self, magic: bytes, max_frame_size: int) -> None:
+        self._magic = magic  # what is still to come of the client's magic
+        self._skip = 0  # octets of a frame's payload still to come
+        self._head = bytearray()
+        self._first = True
+        self.max_frame_size = max_frame_size
+
+    def check(self, data: bytes | bytearray) -> tuple[int, str] | None:
+        """The connection error (code, reason) ``data`` shows, if any."""
+        view = memoryview(data)
+        while view:
+            if self._magic:
+                step = min(len(self._magic), len(view))
+                if view[:step] != self._magic[:step]:
+                    return PROTOCOL_ERROR, "invalid connection preface"
+                self._magic = self._magic[step:]
+                view = view[step:]
+                continue
+            if self._skip:
+                step = min(self._skip, len(view))
+                self._skip -= step
+                view = view[step:]
+                continue
+            need = 9 - len(self._head)
+            self._head += view[:need]
+            view = view[need:]
+            if len(self._head) < 9:
+                return None
+            length = int.from_bytes(self._head[:3], "big")
+            kind, flags = self._head[3], self._head[4]
+            self._head.clear()
+            if self._first:
+                self._first = False
+                if kind != 0x4 or flags & 0x1:  # SETTINGS, not an ACK
+                    return PROTOCOL_ERROR, "invalid connection preface: no SETTINGS first"
+            if length > self.max_frame_size:
+                return (h2.errors.ErrorCodes.FRAME_SIZE_ERROR,
+                        f"frame of {length} octets, more than {self.max_frame_size}")
+            self._skip = length
+        return None
+
+
 class Session:
     """One HTTP/2 connection's state (``client_side``: we opened it). Call ``start`` first."""
 
@@ -181,6 +243,7 @@ class Session:
         self.going_away = False  # we sent GOAWAY: no new streams
         self.peer_going_away: GoingAway | None = None
         self.last_peer_stream = 0  # highest stream the peer opened (server side)
+        self._heads = _FrameHeads(b"" if client_side else PREFACE, limits.max_frame_size)
 
     def start(self) -> None:
         """Queue our preface: settings (and the client's magic) and the connection window."""
@@ -211,6 +274,9 @@ class Session:
         """Take bytes from the peer; the events they make (after a ``Failed``, nothing more)."""
         if self.failed is not None:
             return []
+        bad = self._heads.check(data)
+        if bad is not None:
+            return [self._fail(*bad)]
         try:
             raw = self._h2.receive_data(data)
         except h2.exceptions.DenialOfServiceError as exc:
@@ -253,6 +319,9 @@ class Session:
             elif isinstance(ev, h2.events.RemoteSettingsChanged):
                 if self._control.over(now):
                     return [self._fail(ENHANCE_YOUR_CALM, "flood of SETTINGS frames")]
+                encoder = self._h2.encoder
+                if encoder.header_table_size > ENCODER_TABLE_SIZE:
+                    encoder.header_table_size = ENCODER_TABLE_SIZE
                 out.append(Window(0))  # the initial window may have grown
             elif isinstance(ev, h2.events.PingReceived):
                 if self._control.over(now):

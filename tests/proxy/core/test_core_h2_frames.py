@@ -1,0 +1,86 @@
+"""The HTTP/2 session's checks at frame headers, before the ``h2`` library buffers a frame:
+the client's preface, SETTINGS first, and announced lengths over SETTINGS_MAX_FRAME_SIZE.
+Each input fed whole and one byte at a time. And its flow control: credit comes back only
+as bodies are consumed."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from meshd.proxy.core import h2 as core
+
+
+def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"",
+          length: int | None = None) -> bytes:
+    size = len(payload) if length is None else length
+    return struct.pack(">I", size)[1:] + bytes([kind, flags]) + struct.pack(">I", stream_id) \
+        + payload
+
+
+SETTINGS = frame(0x4, 0x0, 0)
+PING = frame(0x6, 0x0, 0, b"12345678")
+
+CASES = {
+    # name: (bytes from the client, the connection error's code or None)
+    "good-preface": (core.PREFACE + SETTINGS + PING, None),
+    "largest-frame-allowed": (core.PREFACE + SETTINGS + frame(0xFA, 0, 0, b"x" * 16384), None),
+    "wrong-magic": (b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n" + SETTINGS, core.PROTOCOL_ERROR),
+    "http1-request": (b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", core.PROTOCOL_ERROR),
+    "ping-first": (core.PREFACE + PING, core.PROTOCOL_ERROR),
+    "settings-ack-first": (core.PREFACE + frame(0x4, 0x1, 0), core.PROTOCOL_ERROR),
+    "garbage-after-magic": (core.PREFACE + b"not a frame at all", core.PROTOCOL_ERROR),
+    "announced-16-mib": (core.PREFACE + SETTINGS + frame(0x0, 0, 1, b"x", length=2**24 - 1),
+                         6),  # FRAME_SIZE_ERROR, without the 16 MiB
+    "one-over-the-limit": (core.PREFACE + SETTINGS + frame(0x0, 0, 1, length=16385), 6),
+}
+
+
+def feed(data: bytes, step: int) -> core.Failed | None:
+    session = core.Session(client_side=False)
+    session.start()
+    for i in range(0, len(data), step):
+        for event in session.feed(data[i:i + step], 0.0):
+            if isinstance(event, core.Failed):
+                assert b"\x00\x00\x08\x07" in session.outgoing()  # a GOAWAY frame queued
+                return event
+    return None
+
+
+@pytest.mark.parametrize("step", [1 << 20, 1], ids=["whole", "byte-at-a-time"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_frame_heads(case: str, step: int) -> None:
+    data, code = CASES[case]
+    failed = feed(data, step)
+    if code is None:
+        assert failed is None
+    else:
+        assert failed is not None and failed.code == code, failed
+
+
+def test_data_beyond_the_stream_window_is_a_flow_control_error() -> None:
+    session = core.Session(client_side=False)
+    session.start()
+    window = core.DEFAULT_LIMITS.stream_window
+    headers = frame(0x1, 0x4, 1, bytes([0x83, 0x86, 0x84, 0x41, 0x01, 0x61]))  # POST http / a
+    chunk = frame(0x0, 0x0, 1, b"x" * 16384)
+    events = session.feed(core.PREFACE + SETTINGS + headers, 0.0)
+    assert isinstance(events[-1], core.Opened)
+    for _ in range(window // 16384):  # the whole window: allowed
+        assert not any(isinstance(e, core.Failed) for e in session.feed(chunk, 0.0))
+    (failed,) = session.feed(chunk, 0.0)  # one frame more, with no credit given back
+    assert isinstance(failed, core.Failed) and failed.code == 3  # FLOW_CONTROL_ERROR
+
+
+def test_consumed_bodies_give_credit_back() -> None:
+    session = core.Session(client_side=False)
+    session.start()
+    window = core.DEFAULT_LIMITS.stream_window
+    headers = frame(0x1, 0x4, 1, bytes([0x83, 0x86, 0x84, 0x41, 0x01, 0x61]))
+    chunk = frame(0x0, 0x0, 1, b"x" * 16384)
+    session.feed(core.PREFACE + SETTINGS + headers, 0.0)
+    for _ in range(4 * window // 16384):  # four windows' worth, each body consumed
+        for event in session.feed(chunk, 0.0):
+            assert isinstance(event, core.Body), event
+            session.consumed(event.stream_id, event.flow)
