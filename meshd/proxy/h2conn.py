@@ -76,16 +76,29 @@ class _Connection:
 
     async def flush(self) -> None:
         """Write what the session has queued. When another task is writing, it writes ours
-        too: return at once."""
+        too: return at once.
+
+        Bytes taken from the session are written whole even when the calling task is
+        cancelled meanwhile (a stream reset, a timeout): they may hold other streams' frames,
+        and half a frame would break the connection for all of them. So the write is shielded,
+        bounded by ``STALL_TIMEOUT`` (then the connection is given up), and a task already
+        cancelled takes nothing."""
         if self._writing:
             return
+        await trio.lowlevel.checkpoint_if_cancelled()
         self._writing = True
         try:
             while True:
                 data = self.session.outgoing()
                 if not data:
                     return
-                await self.transport.send_all(data)
+                with trio.CancelScope(shield=True):
+                    with trio.move_on_after(STALL_TIMEOUT) as stalled:
+                        await self.transport.send_all(data)
+                if stalled.cancelled_caught:
+                    self._lost(f"the peer read nothing for {STALL_TIMEOUT:g}s")
+                    await trio.aclose_forcefully(self.transport)
+                    return
         except STREAM_ERRORS as exc:
             self._lost(f"connection failed: {exc}")
         finally:
