@@ -60,6 +60,7 @@ class Measurement:
     tool: str = "wrk"      # the load generator: wrk (HTTP/1.1) or h2load (HTTP/2)
     errored: int = 0       # h2load: failed because the stream or connection failed, all runs
     unfinished: int = 0    # h2load: in flight when the throughput runs ended (at most c x m)
+    stalled: int = 0       # h2load: runs (throughput or c=1) that started requests, finished none
 
     @property
     def proxy_cpu_us(self) -> float | None:
@@ -87,6 +88,8 @@ class Measurement:
                         if isinstance(r, H2loadReport)),
             unfinished=sum(s.load.started - s.load.requests for s in samples
                            if isinstance(s.load, H2loadReport)),
+            stalled=sum(r.stalled for s in samples for r in (s.load, s.latency)
+                        if isinstance(r, H2loadReport)),
         )
 
 

@@ -217,7 +217,8 @@ def _h2_table(measurements: Sequence[Measurement], settings: LoadSettings) -> st
     rows = [header] + [
         (m.name, f"{m.requests_per_second:,.0f}", _number(m.proxy_cpu_us, "{:.0f}"),
          _number(m.load_p50_ms, "{:.3f} ms"), _number(m.load_p99_ms, "{:.3f} ms"),
-         _number(m.p50_ms, "{:.3f} ms"), _number(m.p99_ms, "{:.3f} ms"), str(m.failures))
+         _number(m.p50_ms, "{:.3f} ms"), _number(m.p99_ms, "{:.3f} ms"),
+         f"{m.failures}" + (f" +{m.stalled} stalled run(s)" if m.stalled else ""))
         for m in measurements
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -234,7 +235,9 @@ def _h2_table(measurements: Sequence[Measurement], settings: LoadSettings) -> st
 
 
 def _h2load_line(m: Measurement) -> str:
-    verdict = "none failed" if m.failures == 0 else "FAILED REQUESTS"
+    verdict = ", ".join([*(["FAILED REQUESTS"] if m.failures else []),
+                         *([f"STALLED: {m.stalled} run(s) finished no request"]
+                           if m.stalled else [])]) or "none failed"
     return (f"  {m.name}: {m.failures} failed ({m.errored} by stream or connection errors) of "
             f"{m.requests} requests of the throughput runs (+ the c=1 runs), {m.unfinished} in "
             f"flight when the throughput runs ended: {verdict}")
@@ -257,6 +260,7 @@ def _path_json(m: Measurement) -> dict[str, Any]:
         "name": m.name, "description": m.description, "tool": m.tool, "rounds": m.rounds,
         "requests_per_second": round(m.requests_per_second), "requests": m.requests,
         "failures": m.failures, "errored": m.errored, "unfinished": m.unfinished,
+        "stalled_runs": m.stalled,
         "p50_ms": _round(m.p50_ms, 3), "p99_ms": _round(m.p99_ms, 3),
         "load_p50_ms": _round(m.load_p50_ms, 3), "load_p99_ms": _round(m.load_p99_ms, 3),
         "proxy_cpu_us_per_request": _round(m.proxy_cpu_us, 1),
