@@ -177,13 +177,15 @@ default_policy = "allow"
 """
 
 
-def nginx_conf(layout: Layout, work_dir: Path) -> str:
-    """nginx in the foreground, one worker, no access log, a 2-byte body on every path, on two
-    ports: HTTP/1.1 and h2c (HTTP/2 with prior knowledge; nginx then takes no HTTP/1.1 there).
+def nginx_conf(layout: Layout, work_dir: Path, h2c: bool = False) -> str:
+    """nginx in the foreground, one worker, no access log, a 2-byte body on every path; with
+    ``h2c`` on a second port too, h2c (HTTP/2 with prior knowledge only: nginx then takes no
+    HTTP/1.1 there) for the HTTP/2 paths when nghttpd does not serve them.
     keepalive_requests (for HTTP/2 too: requests per connection) is raised so that no client
     (wrk, h2load, a proxy's pool) is made to reconnect every 1000 requests."""
     temp_paths = "".join(f"    {kind}_temp_path {work_dir / kind};\n"
                          for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    h2c_listen = f"        listen {layout.backend_h2} http2;\n" if h2c else ""
     return f"""\
 daemon off;
 worker_processes 1;
@@ -197,8 +199,7 @@ http {{
     default_type text/plain;
     server {{
         listen {layout.backend};
-        listen {layout.backend_h2} http2;
-        location / {{ return 200 "{BODY}"; }}
+{h2c_listen}        location / {{ return 200 "{BODY}"; }}
     }}
 }}
 """
@@ -264,6 +265,13 @@ def _verify_peer(tls: TLSFiles) -> str:
     """Both sides present a certificate and check the other's against the mesh CA, TLS 1.3 only
     (as meshd). Unlike meshd, haproxy does not check the peer's SPIFFE identity."""
     return f"ca-file {tls.ca_bundle} verify required ssl-min-ver TLSv1.3"
+
+
+def nghttpd_argv(program: str, layout: Layout, docroot: Path) -> tuple[str, ...]:
+    """nghttpd (Debian ``nghttp2-server``) on the h2c port: one worker, no TLS, serving
+    ``docroot`` (whose index.html is the 2-byte body: ``/`` answers it)."""
+    return (program, "--no-tls", f"--address={layout.backend_h2.host}", "-n", "1",
+            "-d", str(docroot), str(layout.backend_h2.port))
 
 
 def haproxy_h2_conf(layout: Layout) -> str:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 from bench_configs import (
+    BODY,
     ROUTES_FILE,
     Layout,
     TLSFiles,
@@ -30,6 +31,7 @@ from bench_configs import (
     haproxy_hop_b_conf,
     haproxy_l7_conf,
     mesh_toml,
+    nghttpd_argv,
     nginx_conf,
     routes_toml,
 )
@@ -54,7 +56,9 @@ READY_TIMEOUT = 20.0
 HOP_A, HOP_B = "hop-a", "hop-b"
 # program -> the Debian package that provides it
 PACKAGES = {"haproxy": "haproxy", "wrk": "wrk", "nginx": "nginx-light",
-            "h2load": "nghttp2-client"}
+            "h2load": "nghttp2-client", "nghttpd": "nghttp2-server"}
+# what serves h2c to the HTTP/2 paths (``--h2-backend``)
+NGHTTPD, NGINX = "nghttpd", "nginx"
 WRK, H2LOAD = "wrk", "h2load"   # the load generators: HTTP/1.1 and HTTP/2 (h2c)
 # nginx and haproxy live in /usr/sbin, which a user's PATH may lack
 SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin",
@@ -69,6 +73,7 @@ class Tools:
     haproxy: str
     wrk: str
     h2load: str
+    nghttpd: str
 
 
 def find_tools(needed: tuple[str, ...]) -> tuple[Tools | None, list[str]]:
@@ -78,7 +83,8 @@ def find_tools(needed: tuple[str, ...]) -> tuple[Tools | None, list[str]]:
     if missing:
         return None, missing
     return Tools(nginx=found["nginx"] or "nginx", haproxy=found["haproxy"] or "haproxy",
-                 wrk=found["wrk"] or "wrk", h2load=found["h2load"] or "h2load"), []
+                 wrk=found["wrk"] or "wrk", h2load=found["h2load"] or "h2load",
+                 nghttpd=found["nghttpd"] or "nghttpd"), []
 
 
 @dataclass(frozen=True)
@@ -118,12 +124,14 @@ class Stack:
 
     def __init__(self, tools: Tools, layout: Layout, run_dir: RunDir, mesh_file: Path,
                  mesh: MeshConfig, supervisor: Supervisor, console: Console,
-                 meshd_log_level: str) -> None:
+                 meshd_log_level: str, h2_backend: str = NGHTTPD) -> None:
         self.tools = tools
         self.layout = layout
         self.run_dir = run_dir
         self.supervisor = supervisor
         self.console = console
+        self.h2_backend = h2_backend
+        self.h2c = f"{h2_backend} (h2c)"   # in the HTTP/2 paths' descriptions
         self.work = run_dir.root / "bench"
         self.work.mkdir(parents=True, exist_ok=True)
         self._tls: TLSFiles | None = None
@@ -133,17 +141,25 @@ class Stack:
                              python=sys.executable, log_level=meshd_log_level, keep=True)
 
     async def start_backend(self, client: httpx.AsyncClient) -> tuple[Target, Target]:
-        """nginx, one process with an HTTP/1.1 and an h2c port: the two direct paths."""
+        """nginx (HTTP/1.1) and the h2c backend: nghttpd, or a second port of the same
+        nginx (``h2_backend``). The two direct paths."""
         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
             (self.work / kind).mkdir(exist_ok=True)
-        conf = self._write("nginx.conf", nginx_conf(self.layout, self.work))
+        conf = self._write("nginx.conf", nginx_conf(self.layout, self.work,
+                                                    h2c=self.h2_backend == NGINX))
         url = f"http://{self.layout.backend}/"
         argv = (self.tools.nginx, "-e", "stderr", "-p", str(self.work), "-c", str(conf))
-        nginx = await self._start_ready(client, "nginx", argv, url, APP_GROUP)
+        server = await self._start_ready(client, "nginx", argv, url, APP_GROUP)
+        if self.h2_backend == NGHTTPD:
+            docroot = self.work / "htdocs"
+            docroot.mkdir(exist_ok=True)
+            (docroot / "index.html").write_text(BODY)
+            server = await self.supervisor.start(self._spec(
+                "nghttpd", nghttpd_argv(self.tools.nghttpd, self.layout, docroot), APP_GROUP))
         h2_url = f"http://{self.layout.backend_h2}/"
-        await self._wait_h2(h2_url, "nginx (h2c)", nginx)
+        await self._wait_h2(h2_url, self.h2c, server)
         return (Target("direct", url, "wrk -> nginx"),
-                Target("h2-direct", h2_url, "h2load -> nginx (h2c)", tool=H2LOAD))
+                Target("h2-direct", h2_url, f"h2load -> {self.h2c}", tool=H2LOAD))
 
     async def start_haproxy(self, client: httpx.AsyncClient) -> Target:
         conf = self._write("haproxy.cfg", haproxy_l7_conf(self.layout))
@@ -158,7 +174,7 @@ class Stack:
                                                        MESHD_GROUP))
         url = f"http://{self.layout.h2_haproxy}/"
         await self._wait_h2(url, "haproxy h2", child)
-        return Target("h2-haproxy", url, "h2load -> haproxy (proto h2) -> nginx (h2c)",
+        return Target("h2-haproxy", url, f"h2load -> haproxy (proto h2) -> {self.h2c}",
                       (child,), H2LOAD)
 
     async def start_mesh(self, client: httpx.AsyncClient) -> tuple[Target, Target, Target]:
@@ -183,7 +199,7 @@ class Stack:
         await self._wait_h2(h2_url, "meshd host-a's outbound listener (h2c)", meshd_a)
         h2 = Target("h2-meshd-2hop", h2_url,
                     "h2load -> meshd A outbound (h2c) -> h2 over mTLS -> meshd B inbound -> "
-                    "nginx (h2c)", (meshd_a, meshd_b), H2LOAD)
+                    f"{self.h2c}", (meshd_a, meshd_b), H2LOAD)
         return single, two, h2
 
     def mesh_host(self, name: str) -> MeshHost:
@@ -221,7 +237,7 @@ class Stack:
         await self._wait_h2(url, "haproxy h2 hop A", hop_a)
         return Target("h2-haproxy-2hop", url,
                       "h2load -> haproxy A (h2c) -> h2 over TLS 1.3, client certs -> haproxy B "
-                      "-> nginx (h2c)", (hop_a, hop_b), H2LOAD)
+                      f"-> {self.h2c}", (hop_a, hop_b), H2LOAD)
 
     def child(self, label: str) -> Child:
         for child in self.supervisor.children:

@@ -62,6 +62,8 @@ from bench_report import (
     to_json,
 )
 from bench_stack import (
+    NGHTTPD,
+    NGINX,
     PACKAGES,
     Stack,
     Target,
@@ -121,6 +123,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="h2load connections of the HTTP/2 throughput run (default 8)")
     p.add_argument("--h2-streams", type=_positive, default=16, metavar="N",
                    help="h2load concurrent streams per connection (default 16)")
+    p.add_argument("--h2-backend", choices=[NGHTTPD, NGINX], default=NGHTTPD,
+                   help="what serves h2c to the HTTP/2 paths: nghttpd (default; the faster "
+                   "here) or a second, HTTP/2-only port of the nginx backend")
     p.add_argument("--paths", type=_paths, default=PATHS, metavar="LIST",
                    help=f"comma-separated subset of {','.join(PATHS)} (default: all; "
                    "'meshd' means both HTTP/1.1 meshd paths, 'http1' the HTTP/1.1 paths, 'h2' "
@@ -165,11 +170,12 @@ def _paths(text: str) -> tuple[str, ...]:
     return tuple(p for p in PATHS if p in expanded)
 
 
-def needed_tools(paths: tuple[str, ...]) -> tuple[str, ...]:
+def needed_tools(paths: tuple[str, ...], h2_backend: str = NGHTTPD) -> tuple[str, ...]:
     uses_haproxy = any("haproxy" in p for p in paths)
     uses_h2 = any(p in H2_PATHS for p in paths)
     return ("nginx", "wrk", *(("haproxy",) if uses_haproxy else ()),
-            *(("h2load",) if uses_h2 else ()))
+            *(("h2load",) if uses_h2 else ()),
+            *((NGHTTPD,) if uses_h2 and h2_backend == NGHTTPD else ()))
 
 
 def say(text: str) -> None:
@@ -423,7 +429,7 @@ def print_results(outcome: Outcome, settings: LoadSettings, as_json: bool,
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    tools, missing = find_tools(needed_tools(args.paths))
+    tools, missing = find_tools(needed_tools(args.paths, args.h2_backend))
     if tools is None:
         packages = " ".join(sorted({PACKAGES[m] for m in missing}))
         say(f"missing: {', '.join(missing)}; install with: apt-get install -y {packages}")
@@ -470,7 +476,7 @@ def run(args: argparse.Namespace, tools: Tools, layout: Layout, run_dir: RunDir,
         console = Console(console_stream, color=False)
         supervisor = Supervisor(console, stop_timeout=5.0, sweep_all_descendants=True)
         stack = Stack(tools, layout, run_dir, mesh_file, mesh, supervisor, console,
-                      args.meshd_log_level)
+                      args.meshd_log_level, args.h2_backend)
         settings = replace(settings, scratch=stack.work)   # h2load's per-request logs
         timeout = args.timeout or default_timeout(settings, args.paths)
         load_before = psutil.getloadavg()[0]
