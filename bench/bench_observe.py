@@ -128,6 +128,25 @@ def _counter_notes(before: dict[SampleKey, float], after: dict[SampleKey, float]
     return lines
 
 
+def hop_gaps(counters: dict[SampleKey, float], outer: str, inner: str,
+             source: str) -> dict[str, tuple[float, float]]:
+    """Per destination, the requests the ``outer`` meshd finished outbound (any code) and
+    those the ``inner`` meshd answered inbound from ``source``, where they differ. Every request
+    of a two-hop path is counted by both once it is over: a gap that stays means requests the
+    inner hop answered and the outer one never finished (or never sent)."""
+    totals: dict[str, list[float]] = {}
+    for (label, name, labels), value in counters.items():
+        if name != "meshd_requests_total":
+            continue
+        fields = dict(labels)
+        if label == outer and fields.get("direction") == "outbound":
+            totals.setdefault(fields.get("destination", "?"), [0.0, 0.0])[0] += value
+        elif (label == inner and fields.get("direction") == "inbound"
+              and fields.get("source") == source):
+            totals.setdefault(fields.get("destination", "?"), [0.0, 0.0])[1] += value
+    return {dest: (a, b) for dest, (a, b) in sorted(totals.items()) if a != b}
+
+
 def _log_notes(child: Child, offset: int) -> list[str]:
     lines = _read_from(child, offset)
     notable = [line for line in lines if NOTABLE_LOG.search(line)]

@@ -8,11 +8,13 @@ from typing import Any
 
 from bench_idle import IDLE_CONNECTIONS, MB, IdleResult
 from bench_measure import LoadSettings, Measurement
+from bench_stack import H2LOAD
 
-MESH_1HOP, MESH_2HOP = "meshd-1hop", "meshd-2hop"
+MESH_1HOP, MESH_2HOP, H2_MESH_2HOP = "meshd-1hop", "meshd-2hop", "h2-meshd-2hop"
 # each meshd path -> the baselines it is compared with
 BASELINES = {MESH_1HOP: ("direct", "haproxy"),
-             MESH_2HOP: ("direct", "haproxy", "haproxy-2hop")}
+             MESH_2HOP: ("direct", "haproxy", "haproxy-2hop"),
+             H2_MESH_2HOP: ("h2-direct", "h2-haproxy", "h2-haproxy-2hop")}
 TARGETS_TITLE = "issue 5 targets (measured, target, verdict):"
 
 
@@ -115,13 +117,23 @@ def format_details(measurements: Sequence[Measurement], notes: Sequence[str]) ->
     if split:
         lines += ["proxy CPU per process (µs/req):", *split, ""]
     if any(m.name in BASELINES for m in measurements):
-        lines += ["meshd under load:", *(f"  {n}" for n in notes or ["nothing notable"])]
+        lines += ["meshd under load:", *(f"  {n}" for n in notes or ["nothing notable"]), ""]
+    h2 = [m for m in measurements if m.tool == H2LOAD]
+    if h2:
+        lines += ["h2load's counts (all runs of each path):", *(_h2load_line(m) for m in h2)]
     return "\n".join(lines).rstrip("\n")
 
 
 def format_summary(measurements: Sequence[Measurement], settings: LoadSettings) -> str:
-    """The table (req/s, CPU, p50, p99 per path) and meshd's ratios to each baseline."""
-    lines = [_results_table(measurements, settings), ""]
+    """The tables (req/s, CPU, p50, p99 per path; HTTP/1.1 by wrk, HTTP/2 by h2load) and
+    meshd's ratios to each baseline."""
+    http1 = [m for m in measurements if m.tool != H2LOAD]
+    h2 = [m for m in measurements if m.tool == H2LOAD]
+    lines = []
+    if http1:
+        lines += [_results_table(http1, settings), ""]
+    if h2:
+        lines += [_h2_table(h2, settings), ""]
     found = ratios(measurements)
     if found:
         lines += ["meshd relative to each baseline (req/s as a fraction; latency and CPU as "
@@ -157,6 +169,8 @@ def to_json(measurements: Sequence[Measurement], settings: LoadSettings,
             notes: Sequence[str], idle: IdleResult | None = None) -> dict[str, Any]:
     return {
         "settings": {"connections": settings.connections, "threads": settings.threads,
+                     "h2_connections": settings.h2_connections,
+                     "h2_streams": settings.h2_streams,
                      "seconds": settings.seconds, "latency_seconds": settings.latency_seconds,
                      "warmup_seconds": settings.warmup_seconds, "rounds": settings.rounds},
         "paths": [_path_json(m) for m in measurements],
@@ -194,9 +208,44 @@ def _results_table(measurements: Sequence[Measurement], settings: LoadSettings) 
     return "\n".join(out)
 
 
+def _h2_table(measurements: Sequence[Measurement], settings: LoadSettings) -> str:
+    """The HTTP/2 paths: req/s and latency under load (``h2load -c C -m M``), CPU per request,
+    latency at one connection with one stream, failed requests."""
+    load = f"c={settings.h2_connections} m={settings.h2_streams}"
+    header = ("HTTP/2 path", f"req/s {load}", "proxy CPU µs/req", "p50 load", "p99 load",
+              "p50 c=1", "p99 c=1", "failed")
+    rows = [header] + [
+        (m.name, f"{m.requests_per_second:,.0f}", _number(m.proxy_cpu_us, "{:.0f}"),
+         _number(m.load_p50_ms, "{:.3f} ms"), _number(m.load_p99_ms, "{:.3f} ms"),
+         _number(m.p50_ms, "{:.3f} ms"), _number(m.p99_ms, "{:.3f} ms"),
+         f"{m.failures}" + (f" +{m.stalled} stalled run(s)" if m.stalled else ""))
+        for m in measurements
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    out = ["  ".join([row[0].ljust(widths[0]),
+                      *(c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True))])
+           for row in rows]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    out += ["", *(f"  {m.name}: {m.description}" for m in measurements),
+            f"  h2load -t1 -c{settings.h2_connections} -m{settings.h2_streams} (p50/p99 load: "
+            "from its per-request log), then -c1 -m1 (p50/p99 c=1); medians of "
+            f"{settings.rounds} round(s) per path, interleaved; failed: requests h2load counted "
+            "as failed (status not 2xx/3xx, stream or connection errors), all runs"]
+    return "\n".join(out)
+
+
+def _h2load_line(m: Measurement) -> str:
+    verdict = ", ".join([*(["FAILED REQUESTS"] if m.failures else []),
+                         *([f"STALLED: {m.stalled} run(s) finished no request"]
+                           if m.stalled else [])]) or "none failed"
+    return (f"  {m.name}: {m.failures} failed ({m.errored} by stream or connection errors) of "
+            f"{m.requests} requests of the throughput runs (+ the c=1 runs), {m.unfinished} in "
+            f"flight when the throughput runs ended: {verdict}")
+
+
 def _ratio_line(r: Ratio) -> str:
     pair = f"{r.mesh} / {r.baseline}"
-    return (f"  {pair:<25} req/s {_number(r.requests_per_second, '{:.2f}'):>5}   "
+    return (f"  {pair:<32} req/s {_number(r.requests_per_second, '{:.2f}'):>5}   "
             f"p50 {_number(r.p50, '{:.1f}x'):>5}   p99 {_number(r.p99, '{:.1f}x'):>5}   "
             f"CPU/req {_number(r.cpu, '{:.1f}x'):>5}")
 
@@ -208,9 +257,12 @@ def _cpu_split(m: Measurement) -> str:
 
 def _path_json(m: Measurement) -> dict[str, Any]:
     return {
-        "name": m.name, "description": m.description, "rounds": m.rounds,
+        "name": m.name, "description": m.description, "tool": m.tool, "rounds": m.rounds,
         "requests_per_second": round(m.requests_per_second), "requests": m.requests,
-        "failures": m.failures, "p50_ms": _round(m.p50_ms, 3), "p99_ms": _round(m.p99_ms, 3),
+        "failures": m.failures, "errored": m.errored, "unfinished": m.unfinished,
+        "stalled_runs": m.stalled,
+        "p50_ms": _round(m.p50_ms, 3), "p99_ms": _round(m.p99_ms, 3),
+        "load_p50_ms": _round(m.load_p50_ms, 3), "load_p99_ms": _round(m.load_p99_ms, 3),
         "proxy_cpu_us_per_request": _round(m.proxy_cpu_us, 1),
         "cpu_us_per_request_by_process": {k: round(v, 1)
                                           for k, v in m.cpu_us_per_request.items()},

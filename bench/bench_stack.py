@@ -20,16 +20,23 @@ from pathlib import Path
 
 import httpx
 from bench_configs import (
+    BODY,
+    ROUTES_FILE,
     Layout,
     TLSFiles,
+    haproxy_h2_conf,
+    haproxy_h2_hop_a_conf,
+    haproxy_h2_hop_b_conf,
     haproxy_hop_a_conf,
     haproxy_hop_b_conf,
     haproxy_l7_conf,
     mesh_toml,
+    nghttpd_argv,
     nginx_conf,
+    routes_toml,
 )
 
-from meshd.config.load import load_host_config
+from meshd.config.load import load_host_config, load_routes
 from meshd.config.mesh_schema import MeshConfig, MeshHost, PortClaim, port_claims
 from meshd.config.schema import MTLSMode
 from meshd.dev import probes
@@ -48,7 +55,11 @@ from meshd.errors import MeshError
 READY_TIMEOUT = 20.0
 HOP_A, HOP_B = "hop-a", "hop-b"
 # program -> the Debian package that provides it
-PACKAGES = {"haproxy": "haproxy", "wrk": "wrk", "nginx": "nginx-light"}
+PACKAGES = {"haproxy": "haproxy", "wrk": "wrk", "nginx": "nginx-light",
+            "h2load": "nghttp2-client", "nghttpd": "nghttp2-server"}
+# what serves h2c to the HTTP/2 paths (``--h2-backend``)
+NGHTTPD, NGINX = "nghttpd", "nginx"
+WRK, H2LOAD = "wrk", "h2load"   # the load generators: HTTP/1.1 and HTTP/2 (h2c)
 # nginx and haproxy live in /usr/sbin, which a user's PATH may lack
 SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin",
                                "/sbin"])
@@ -61,6 +72,8 @@ class Tools:
     nginx: str
     haproxy: str
     wrk: str
+    h2load: str
+    nghttpd: str
 
 
 def find_tools(needed: tuple[str, ...]) -> tuple[Tools | None, list[str]]:
@@ -70,21 +83,26 @@ def find_tools(needed: tuple[str, ...]) -> tuple[Tools | None, list[str]]:
     if missing:
         return None, missing
     return Tools(nginx=found["nginx"] or "nginx", haproxy=found["haproxy"] or "haproxy",
-                 wrk=found["wrk"] or "wrk"), []
+                 wrk=found["wrk"] or "wrk", h2load=found["h2load"] or "h2load",
+                 nghttpd=found["nghttpd"] or "nghttpd"), []
 
 
 @dataclass(frozen=True)
 class Target:
-    """One path under test: where wrk sends its requests, and whose CPU is the proxy's."""
+    """One path under test: where the load generator (``tool``: wrk for HTTP/1.1, h2load for
+    h2c) sends its requests, and whose CPU is the proxy's."""
 
     name: str
     url: str
     description: str
     proxies: tuple[Child, ...] = ()
+    tool: str = WRK
 
 
 def write_mesh_file(layout: Layout, run_dir: RunDir) -> tuple[Path, MeshConfig]:
-    """Write the benchmark's mesh.toml into the run dir and parse it as ``meshd up`` does."""
+    """Write the benchmark's mesh.toml (and its route table) into the run dir and parse it as
+    ``meshd up`` does."""
+    (run_dir.root / ROUTES_FILE).write_text(routes_toml())
     path = run_dir.root / "mesh.toml"
     path.write_text(mesh_toml(layout))
     return path, load_mesh(path)
@@ -106,25 +124,42 @@ class Stack:
 
     def __init__(self, tools: Tools, layout: Layout, run_dir: RunDir, mesh_file: Path,
                  mesh: MeshConfig, supervisor: Supervisor, console: Console,
-                 meshd_log_level: str) -> None:
+                 meshd_log_level: str, h2_backend: str = NGHTTPD) -> None:
         self.tools = tools
         self.layout = layout
         self.run_dir = run_dir
         self.supervisor = supervisor
         self.console = console
+        self.h2_backend = h2_backend
+        self.h2c = f"{h2_backend} (h2c)"   # in the HTTP/2 paths' descriptions
         self.work = run_dir.root / "bench"
         self.work.mkdir(parents=True, exist_ok=True)
-        self.launch = Launch(mesh=mesh, mesh_file=mesh_file, routes=None, run_dir=run_dir,
+        self._tls: TLSFiles | None = None
+        # the route table bring_up writes to the registry (default_policy = "allow")
+        routes = load_routes(mesh.routes) if mesh.routes is not None else None
+        self.launch = Launch(mesh=mesh, mesh_file=mesh_file, routes=routes, run_dir=run_dir,
                              python=sys.executable, log_level=meshd_log_level, keep=True)
 
-    async def start_backend(self, client: httpx.AsyncClient) -> Target:
+    async def start_backend(self, client: httpx.AsyncClient) -> tuple[Target, Target]:
+        """nginx (HTTP/1.1) and the h2c backend: nghttpd, or a second port of the same
+        nginx (``h2_backend``). The two direct paths."""
         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
             (self.work / kind).mkdir(exist_ok=True)
-        conf = self._write("nginx.conf", nginx_conf(self.layout, self.work))
+        conf = self._write("nginx.conf", nginx_conf(self.layout, self.work,
+                                                    h2c=self.h2_backend == NGINX))
         url = f"http://{self.layout.backend}/"
         argv = (self.tools.nginx, "-e", "stderr", "-p", str(self.work), "-c", str(conf))
-        await self._start_ready(client, "nginx", argv, url, APP_GROUP)
-        return Target("direct", url, "wrk -> nginx")
+        server = await self._start_ready(client, "nginx", argv, url, APP_GROUP)
+        if self.h2_backend == NGHTTPD:
+            docroot = self.work / "htdocs"
+            docroot.mkdir(exist_ok=True)
+            (docroot / "index.html").write_text(BODY)
+            server = await self.supervisor.start(self._spec(
+                "nghttpd", nghttpd_argv(self.tools.nghttpd, self.layout, docroot), APP_GROUP))
+        h2_url = f"http://{self.layout.backend_h2}/"
+        await self._wait_h2(h2_url, self.h2c, server)
+        return (Target("direct", url, "wrk -> nginx"),
+                Target("h2-direct", h2_url, f"h2load -> {self.h2c}", tool=H2LOAD))
 
     async def start_haproxy(self, client: httpx.AsyncClient) -> Target:
         conf = self._write("haproxy.cfg", haproxy_l7_conf(self.layout))
@@ -133,10 +168,19 @@ class Stack:
                                         MESHD_GROUP)
         return Target("haproxy", url, "wrk -> haproxy (HTTP, keep-alive) -> nginx", (child,))
 
-    async def start_mesh(self, client: httpx.AsyncClient) -> tuple[Target, Target]:
-        """``meshd up``'s bring_up: registry, CA, two ``meshd run``; ready when host A sees B
-        and host B's inbound listener answers plaintext HTTP. The single-hop and the two-hop
-        path."""
+    async def start_haproxy_h2(self) -> Target:
+        conf = self._write("haproxy-h2.cfg", haproxy_h2_conf(self.layout))
+        child = await self.supervisor.start(self._spec("haproxy h2", self._haproxy_argv(conf),
+                                                       MESHD_GROUP))
+        url = f"http://{self.layout.h2_haproxy}/"
+        await self._wait_h2(url, "haproxy h2", child)
+        return Target("h2-haproxy", url, f"h2load -> haproxy (proto h2) -> {self.h2c}",
+                      (child,), H2LOAD)
+
+    async def start_mesh(self, client: httpx.AsyncClient) -> tuple[Target, Target, Target]:
+        """``meshd up``'s bring_up: registry, CA, two ``meshd run``; ready when host A sees B,
+        host B's inbound listener answers plaintext HTTP and host A's h2 outbound port answers
+        h2c. The single-hop, the two-hop and the HTTP/2 two-hop path."""
         await bring_up(self.launch, self.console, self.supervisor)
         host_a, host_b = self.mesh_host("host-a"), self.mesh_host("host-b")
         self._check_permissive(host_b)
@@ -151,7 +195,12 @@ class Stack:
         two = Target("meshd-2hop", f"http://{self.layout.mesh_outbound}/",
                      "wrk -> meshd A outbound -> mTLS -> meshd B inbound -> nginx",
                      (meshd_a, meshd_b))
-        return single, two
+        h2_url = f"http://{self.layout.mesh_outbound_h2}/"
+        await self._wait_h2(h2_url, "meshd host-a's outbound listener (h2c)", meshd_a)
+        h2 = Target("h2-meshd-2hop", h2_url,
+                    "h2load -> meshd A outbound (h2c) -> h2 over mTLS -> meshd B inbound -> "
+                    f"{self.h2c}", (meshd_a, meshd_b), H2LOAD)
+        return single, two, h2
 
     def mesh_host(self, name: str) -> MeshHost:
         for host in self.launch.mesh.hosts:
@@ -162,7 +211,7 @@ class Stack:
     async def start_haproxy_two_hop(self, client: httpx.AsyncClient) -> Target:
         """Two haproxy processes with TLS between them, certificates from ``meshd ca issue``
         (needs the mesh's CA: call after ``start_mesh``)."""
-        tls = await self._issue_certificates()
+        tls = await self._certificates()
         conf_b = self._write("haproxy-hop-b.cfg", haproxy_hop_b_conf(self.layout, tls))
         conf_a = self._write("haproxy-hop-a.cfg", haproxy_hop_a_conf(self.layout, tls))
         hop_b = await self.supervisor.start(self._spec("haproxy hop B",
@@ -173,6 +222,22 @@ class Stack:
         return Target("haproxy-2hop", url,
                       "wrk -> haproxy A -> TLS 1.3, client certs -> haproxy B -> nginx",
                       (hop_a, hop_b))
+
+    async def start_haproxy_h2_two_hop(self) -> Target:
+        """The HTTP/2 pair: h2c into hop A, h2 over TLS 1.3 (ALPN h2, client certificates)
+        between the hops, h2c to nginx (needs the mesh's CA: call after ``start_mesh``)."""
+        tls = await self._certificates()
+        conf_b = self._write("haproxy-h2-hop-b.cfg", haproxy_h2_hop_b_conf(self.layout, tls))
+        conf_a = self._write("haproxy-h2-hop-a.cfg", haproxy_h2_hop_a_conf(self.layout, tls))
+        hop_b = await self.supervisor.start(self._spec("haproxy h2 hop B",
+                                                       self._haproxy_argv(conf_b), MESHD_GROUP))
+        hop_a = await self.supervisor.start(self._spec("haproxy h2 hop A",
+                                                       self._haproxy_argv(conf_a), MESHD_GROUP))
+        url = f"http://{self.layout.h2_hop_a}/"
+        await self._wait_h2(url, "haproxy h2 hop A", hop_a)
+        return Target("h2-haproxy-2hop", url,
+                      "h2load -> haproxy A (h2c) -> h2 over TLS 1.3, client certs -> haproxy B "
+                      f"-> {self.h2c}", (hop_a, hop_b), H2LOAD)
 
     def child(self, label: str) -> Child:
         for child in self.supervisor.children:
@@ -188,6 +253,12 @@ class Stack:
         if not any(s.mtls is MTLSMode.PERMISSIVE for s in config.services):
             raise MeshError(f"{path} has no permissive service: the single-hop path needs "
                             f"mtls = \"permissive\" on {host.name}'s backend")
+
+    async def _certificates(self) -> TLSFiles:
+        """The haproxy pairs' certificates, issued once per run."""
+        if self._tls is None:
+            self._tls = await self._issue_certificates()
+        return self._tls
 
     async def _issue_certificates(self) -> TLSFiles:
         out = self.work / "certs"
@@ -208,6 +279,14 @@ class Stack:
         await probes.wait_ready(probes.http_ok(client, url), what=label, how=f"GET {url}",
                                 give_up_after=READY_TIMEOUT, child=child)
         return child
+
+    async def _wait_h2(self, url: str, what: str, child: Child) -> None:
+        """Until ``url`` answers 200 to a GET over h2c with prior knowledge."""
+        async with httpx.AsyncClient(http1=False, http2=True, trust_env=False,
+                                     timeout=probes.PROBE_TIMEOUT) as h2:
+            await probes.wait_ready(probes.http_ok(h2, url), what=what,
+                                    how=f"GET {url} over h2c (prior knowledge)",
+                                    give_up_after=READY_TIMEOUT, child=child)
 
     def _haproxy_argv(self, conf: Path) -> tuple[str, ...]:
         return (self.tools.haproxy, "-db", "-f", str(conf))   # -db: in the foreground

@@ -39,6 +39,10 @@ class WrkReport:
     socket_errors: int             # connect + read + write + timeout
     percentiles_ms: dict[float, float]   # 50.0 -> p50 in ms (only with --latency)
 
+    @property
+    def failures(self) -> int:
+        return self.non_2xx + self.socket_errors
+
     def percentile(self, p: float) -> float | None:
         return self.percentiles_ms.get(p)
 

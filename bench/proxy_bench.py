@@ -6,6 +6,13 @@
   haproxy-2hop  wrk -> haproxy A -> TLS 1.3 with client certificates -> haproxy B -> nginx
   meshd-2hop    wrk -> meshd host A outbound -> mTLS -> meshd host B inbound -> nginx
 
+and the same over HTTP/2, loaded by h2load (several connections, concurrent streams on each):
+
+  h2-direct        h2load -> nginx (h2c)
+  h2-haproxy       h2load -> haproxy (proto h2 in and out) -> nginx (h2c)
+  h2-haproxy-2hop  h2load -> haproxy A -> h2 over TLS 1.3, client certs -> haproxy B -> nginx
+  h2-meshd-2hop    h2load -> meshd A outbound (h2c) -> h2 over mTLS -> meshd B inbound -> nginx
+
 For each path: req/s at a fixed concurrency, latency p50/p99 at concurrency 1, and the proxies'
 CPU time per request; then the meshd paths' ratios to each baseline. After the rounds, 1000 idle
 client connections are held open to host A's outbound listener and each meshd's RSS is read.
@@ -24,14 +31,15 @@ import shutil
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TextIO
 
 import httpx
 import psutil
 import trio
-from bench_configs import Layout
+from bench_configs import LOADGEN_SERVICE, Layout
+from bench_h2load import H2LOAD_GRACE, H2loadError
 from bench_idle import (
     IDLE_CONNECTIONS,
     IDLE_TIME_LIMIT,
@@ -41,8 +49,9 @@ from bench_idle import (
     raise_fd_limit,
 )
 from bench_measure import LoadSettings, Measurement, Sample, measure_round, warm_up
-from bench_observe import MeshObserver
+from bench_observe import MeshObserver, MeshSnapshot, hop_gaps
 from bench_report import (
+    H2_MESH_2HOP,
     MESH_1HOP,
     MESH_2HOP,
     checks,
@@ -52,7 +61,17 @@ from bench_report import (
     format_summary,
     to_json,
 )
-from bench_stack import PACKAGES, Stack, Target, Tools, all_claims, find_tools, write_mesh_file
+from bench_stack import (
+    NGHTTPD,
+    NGINX,
+    PACKAGES,
+    Stack,
+    Target,
+    Tools,
+    all_claims,
+    find_tools,
+    write_mesh_file,
+)
 from bench_wrk import WRK_GRACE, WrkError
 
 from meshd.dev import probes
@@ -62,14 +81,21 @@ from meshd.dev.runner import RunDir, prepare_run_dir
 from meshd.dev.supervisor import Supervisor
 from meshd.errors import MeshError
 
-# issue 5's order; the rounds are interleaved in this order
-PATHS = ("direct", "haproxy", MESH_1HOP, "haproxy-2hop", MESH_2HOP)
-# --paths shorthands: the names of earlier versions
-PATH_ALIASES = {"meshd": (MESH_1HOP, MESH_2HOP)}
-MESH_PATHS = (MESH_1HOP, MESH_2HOP, "haproxy-2hop")   # need the mesh (haproxy-2hop: its CA)
+# issue 5's order, then the HTTP/2 paths (issue 15); the rounds are interleaved in this order
+HTTP1_PATHS = ("direct", "haproxy", MESH_1HOP, "haproxy-2hop", MESH_2HOP)
+H2_PATHS = ("h2-direct", "h2-haproxy", "h2-haproxy-2hop", H2_MESH_2HOP)
+PATHS = (*HTTP1_PATHS, *H2_PATHS)
+# --paths shorthands: the names of earlier versions, and each protocol's paths
+PATH_ALIASES = {"meshd": (MESH_1HOP, MESH_2HOP), "http1": HTTP1_PATHS, "h2": H2_PATHS}
+# need the mesh (the haproxy pairs: its CA)
+MESH_PATHS = (MESH_1HOP, MESH_2HOP, "haproxy-2hop", "h2-haproxy-2hop", H2_MESH_2HOP)
 EXIT_OK, EXIT_FAILED, EXIT_MISSING_TOOLS, EXIT_INTERRUPTED = 0, 1, 2, 130
 # lines of the supervisor (in the console log) that say a child misbehaved
 SUPERVISOR_TROUBLE = ("exited", "did not stop", "left behind", "restart", "could not be started")
+
+HOST_A, HOST_B = "meshd host-a", "meshd host-b"
+# seconds without load before the counts of the two meshds are compared again
+SETTLE_UNFINISHED = 5.0
 
 ProcessId = tuple[int, float]   # (pid, create time): a pid alone may be reused
 
@@ -77,8 +103,9 @@ ProcessId = tuple[int, float]   # (pid, create time): a pid alone may be reused
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="direct vs haproxy vs meshd single hop vs haproxy two-hop TLS vs meshd "
-        "two hops (mTLS), measured with wrk against an nginx backend on loopback; then meshd's "
-        "RSS with idle connections, and issue 5's targets on the last lines.")
+        "two hops (mTLS), measured with wrk against an nginx backend on loopback, and the same "
+        "over HTTP/2 (h2c in, h2 between the hops) with h2load; then meshd's RSS with idle "
+        "connections, and issue 5's targets on the last lines.")
     p.add_argument("--duration", type=_positive, default=5, metavar="S",
                    help="seconds of each throughput run (default 5)")
     p.add_argument("--latency-duration", type=_positive, default=None, metavar="S",
@@ -92,9 +119,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="wrk connections of the throughput run (default 16)")
     p.add_argument("--threads", "-t", type=_positive, default=1,
                    help="wrk threads (default 1)")
+    p.add_argument("--h2-connections", type=_positive, default=8, metavar="N",
+                   help="h2load connections of the HTTP/2 throughput run (default 8)")
+    p.add_argument("--h2-streams", type=_positive, default=16, metavar="N",
+                   help="h2load concurrent streams per connection (default 16)")
+    p.add_argument("--h2-backend", choices=[NGHTTPD, NGINX], default=NGHTTPD,
+                   help="what serves h2c to the HTTP/2 paths: nghttpd (default; the faster "
+                   "here) or a second, HTTP/2-only port of the nginx backend")
     p.add_argument("--paths", type=_paths, default=PATHS, metavar="LIST",
                    help=f"comma-separated subset of {','.join(PATHS)} (default: all; "
-                   "'meshd' means both meshd paths)")
+                   "'meshd' means both HTTP/1.1 meshd paths, 'http1' the HTTP/1.1 paths, 'h2' "
+                   "the HTTP/2 paths)")
     p.add_argument("--idle-connections", type=_natural, default=IDLE_CONNECTIONS, metavar="N",
                    help="idle client connections held open to host A's outbound listener "
                    f"while each meshd's RSS is read, after the rounds (default {IDLE_CONNECTIONS}"
@@ -135,9 +170,12 @@ def _paths(text: str) -> tuple[str, ...]:
     return tuple(p for p in PATHS if p in expanded)
 
 
-def needed_tools(paths: tuple[str, ...]) -> tuple[str, ...]:
-    uses_haproxy = "haproxy" in paths or "haproxy-2hop" in paths
-    return ("nginx", "wrk", *(("haproxy",) if uses_haproxy else ()))
+def needed_tools(paths: tuple[str, ...], h2_backend: str = NGHTTPD) -> tuple[str, ...]:
+    uses_haproxy = any("haproxy" in p for p in paths)
+    uses_h2 = any(p in H2_PATHS for p in paths)
+    return ("nginx", "wrk", *(("haproxy",) if uses_haproxy else ()),
+            *(("h2load",) if uses_h2 else ()),
+            *((NGHTTPD,) if uses_h2 and h2_backend == NGHTTPD else ()))
 
 
 def say(text: str) -> None:
@@ -179,7 +217,7 @@ async def run_guarded(stack: Stack, settings: LoadSettings, paths: tuple[str, ..
                     try:
                         await bring_up_and_measure(stack, settings, paths, idle_connections,
                                                    outcome)
-                    except (MeshError, WrkError, OSError) as exc:
+                    except (MeshError, WrkError, H2loadError, OSError) as exc:
                         outcome.error = str(exc)
                 # whatever runs now, before the supervisor stops it, must be gone afterwards
                 outcome.started |= process_trees(c.pid for c in stack.supervisor.children)
@@ -223,11 +261,12 @@ async def bring_up_and_measure(stack: Stack, settings: LoadSettings, paths: tupl
                     + (f"{p50:.3f} ms" if p50 is not None else "?"))
             outcome.measurements = [Measurement.of(targets[name], samples[name])
                                     for name in paths]
-        if MESH_1HOP in paths or MESH_2HOP in paths:
+        if any(p in paths for p in (MESH_1HOP, MESH_2HOP, H2_MESH_2HOP)):
             single_hop_runs = ((settings.warmup_seconds > 0) + 2 * settings.rounds
                                if MESH_1HOP in paths else 0)
-            outcome.notes += observer.notes(before, await observer.snapshot(client),
-                                            single_hop_runs)
+            after = await observer.snapshot(client)
+            outcome.notes += observer.notes(before, after, single_hop_runs)
+            outcome.notes += await unfinished_requests(observer, client, after)
         if MESH_2HOP in paths and idle_connections > 0:
             meshds = [c for c in stack.supervisor.children if c.label.startswith("meshd ")]
             say(f"holding {idle_connections} idle connections to "
@@ -237,6 +276,25 @@ async def bring_up_and_measure(stack: Stack, settings: LoadSettings, paths: tupl
             say("  " + format_idle(outcome.idle).splitlines()[-1])
 
 
+async def unfinished_requests(observer: MeshObserver, client: httpx.AsyncClient,
+                              after: MeshSnapshot) -> list[str]:
+    """Requests host B answered (from loadgen, over mTLS) that host A did not count, looked at
+    again ``SETTLE_UNFINISHED`` seconds after the load. A load generator stops at its deadline
+    with requests in flight (h2load up to -c x -m, wrk up to -c); host A counts none of those
+    whose client left before the answer, host B answered them: a gap up to about that many per
+    run is expected, more means requests lost or stuck between the hops."""
+    gaps = hop_gaps(after.counters, HOST_A, HOST_B, LOADGEN_SERVICE)
+    if not gaps:
+        return []
+    await trio.sleep(SETTLE_UNFINISHED)
+    gaps = hop_gaps((await observer.snapshot(client)).counters, HOST_A, HOST_B, LOADGEN_SERVICE)
+    return [f"{HOST_B} answered {inner:.0f} requests for {dest} from {LOADGEN_SERVICE}, "
+            f"{HOST_A} counted {outer:.0f} ({inner - outer:+.0f}, {SETTLE_UNFINISHED:g} s "
+            "after the load): host A does not count requests whose client left before the "
+            "answer (each load run ends with some in flight)"
+            for dest, (outer, inner) in gaps.items()]
+
+
 async def start_targets(stack: Stack, client: httpx.AsyncClient,
                         paths: tuple[str, ...]) -> dict[str, Target]:
     """Start what the chosen paths need (the two-hop haproxy needs the mesh's CA; the mesh
@@ -244,10 +302,12 @@ async def start_targets(stack: Stack, client: httpx.AsyncClient,
     steps: list[tuple[str, bool, Callable[[], Awaitable[Target | tuple[Target, ...]]]]] = [
         ("nginx", True, lambda: stack.start_backend(client)),
         ("haproxy", "haproxy" in paths, lambda: stack.start_haproxy(client)),
+        ("haproxy h2", "h2-haproxy" in paths, stack.start_haproxy_h2),
         ("the mesh (registry, CA, 2 x meshd run)",
          any(p in paths for p in MESH_PATHS), lambda: stack.start_mesh(client)),
         ("haproxy two-hop", "haproxy-2hop" in paths,
          lambda: stack.start_haproxy_two_hop(client)),
+        ("haproxy h2 two-hop", "h2-haproxy-2hop" in paths, stack.start_haproxy_h2_two_hop),
     ]
     targets: dict[str, Target] = {}
     for what, wanted, start in steps:
@@ -332,12 +392,14 @@ def settings_of(args: argparse.Namespace, tools: Tools) -> LoadSettings:
     return LoadSettings(wrk=tools.wrk, connections=args.connections, threads=args.threads,
                         seconds=args.duration,
                         latency_seconds=args.latency_duration or max(1, args.duration // 2),
-                        warmup_seconds=args.warmup, rounds=args.rounds)
+                        warmup_seconds=args.warmup, rounds=args.rounds, h2load=tools.h2load,
+                        h2_connections=args.h2_connections, h2_streams=args.h2_streams)
 
 
 def default_timeout(settings: LoadSettings, paths: tuple[str, ...]) -> float:
-    per_round = settings.seconds + settings.latency_seconds + 2 * WRK_GRACE
-    per_path = settings.warmup_seconds + WRK_GRACE + per_round * settings.rounds
+    grace = max(WRK_GRACE, H2LOAD_GRACE)
+    per_round = settings.seconds + settings.latency_seconds + 2 * grace
+    per_path = settings.warmup_seconds + grace + per_round * settings.rounds
     idle = IDLE_TIME_LIMIT + SETTLE_SECONDS + 30.0 if MESH_2HOP in paths else 0.0
     return 180.0 + per_path * len(paths) + idle
 
@@ -367,7 +429,7 @@ def print_results(outcome: Outcome, settings: LoadSettings, as_json: bool,
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    tools, missing = find_tools(needed_tools(args.paths))
+    tools, missing = find_tools(needed_tools(args.paths, args.h2_backend))
     if tools is None:
         packages = " ".join(sorted({PACKAGES[m] for m in missing}))
         say(f"missing: {', '.join(missing)}; install with: apt-get install -y {packages}")
@@ -414,7 +476,8 @@ def run(args: argparse.Namespace, tools: Tools, layout: Layout, run_dir: RunDir,
         console = Console(console_stream, color=False)
         supervisor = Supervisor(console, stop_timeout=5.0, sweep_all_descendants=True)
         stack = Stack(tools, layout, run_dir, mesh_file, mesh, supervisor, console,
-                      args.meshd_log_level)
+                      args.meshd_log_level, args.h2_backend)
+        settings = replace(settings, scratch=stack.work)   # h2load's per-request logs
         timeout = args.timeout or default_timeout(settings, args.paths)
         load_before = psutil.getloadavg()[0]
         outcome = trio.run(run_guarded, stack, settings, args.paths, args.idle_connections,
