@@ -63,7 +63,13 @@ from meshd.proxy.core.outlier import Failure, Outcome
 from meshd.proxy.core.retry import Body, retry_backoff, route_retries
 from meshd.proxy.core.router import RoutePlan, Tier
 from meshd.proxy.destinations import DestinationState
-from meshd.proxy.exchange import STREAM_ERRORS, BodySource, Exchange, RequestSource
+from meshd.proxy.exchange import (
+    STREAM_ERRORS,
+    BodySource,
+    Exchange,
+    RequestSource,
+    UpstreamFailed,
+)
 from meshd.proxy.forward import ClientConnection, answer_locally, discard_body
 from meshd.proxy.h2conn import H2Pool, H2Request
 from meshd.proxy.pool import ConnectFailed, ConnectionPool, Connector
@@ -384,6 +390,14 @@ class Attempts:
                 except ConnectFailed as exc:
                     self.failure = exc
                     end = connect_failed(exc.reason)
+                    break
+                except UpstreamFailed as exc:  # the pooled connection died under the stream
+                    pool.forget_dead(key)
+                    if first:  # nothing was sent: once more, on another connection
+                        first = False
+                        continue
+                    self.failure = ConnectFailed("connect_failed", str(exc))
+                    end = connect_failed("connect_failed")
                     break
                 messages = self.body.for_try() if self.body is not None else source
                 sink = source if isinstance(source, H2Request) else H1Sink(
