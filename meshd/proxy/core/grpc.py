@@ -193,6 +193,25 @@ def status_for_meshd_error(status: int, code: str) -> GrpcStatus:
     return status_for_http(status)
 
 
+_TO_HTTP: dict[int, int] = {GrpcStatus.OK: 200, GrpcStatus.CANCELLED: 499, GrpcStatus.UNKNOWN: 500,
+            GrpcStatus.INVALID_ARGUMENT: 400, GrpcStatus.DEADLINE_EXCEEDED: 504,
+            GrpcStatus.NOT_FOUND: 404, GrpcStatus.ALREADY_EXISTS: 409,
+            GrpcStatus.PERMISSION_DENIED: 403, GrpcStatus.RESOURCE_EXHAUSTED: 429,
+            GrpcStatus.FAILED_PRECONDITION: 400, GrpcStatus.ABORTED: 409,
+            GrpcStatus.OUT_OF_RANGE: 400, GrpcStatus.UNIMPLEMENTED: 501,
+            GrpcStatus.INTERNAL: 500, GrpcStatus.UNAVAILABLE: 503, GrpcStatus.DATA_LOSS: 500,
+            GrpcStatus.UNAUTHENTICATED: 401}
+
+
+def http_status_for_grpc(grpc_status: int) -> int:
+    """The HTTP status a call's outcome counts as where meshd judges by HTTP status (outlier
+    detection's consecutive 5xx, a ``retry_on`` status): each code's usual HTTP equivalent
+    (UNAVAILABLE 503, DEADLINE_EXCEEDED 504, INTERNAL, UNKNOWN and DATA_LOSS 500, CANCELLED
+    499, ...); a code outside 0-16 counts as UNKNOWN's 500. The reverse of
+    ``status_for_http`` only where both are defined: HTTP has more statuses than gRPC codes."""
+    return _TO_HTTP.get(grpc_status, 500)
+
+
 def grpc_status_of(headers: Iterable[Header]) -> int | None:
     """The ``grpc-status`` in a header or trailer list; None when there is none, or it is not
     a decimal number (a malformed one says nothing)."""

@@ -18,6 +18,7 @@ from meshd.proxy.core.grpc import (
     encode_grpc_message,
     format_grpc_timeout,
     grpc_status_of,
+    http_status_for_grpc,
     is_grpc,
     meshd_error,
     parse_grpc_timeout,
@@ -79,6 +80,20 @@ def test_status_for_http_follows_the_grpc_mapping(http: int, expected: GrpcStatu
 _CONNECT = [error_code(Finish.CONNECT_FAILED, r) for r in
             ("connect_failed", "connect_timeout", "wrong_identity", "no_identity",
              "app_connect_failed", "app_connect_timeout")]
+
+
+@pytest.mark.parametrize(("grpc_status", "http"), [
+    (0, 200), (1, 499), (2, 500), (3, 400), (4, 504), (5, 404), (6, 409), (7, 403), (8, 429),
+    (9, 400), (10, 409), (11, 400), (12, 501), (13, 500), (14, 503), (15, 500), (16, 401),
+    (17, 500), (999, 500),
+])
+def test_http_status_for_grpc(grpc_status: int, http: int) -> None:
+    assert http_status_for_grpc(grpc_status) == http
+
+
+def test_http_and_grpc_statuses_agree_where_both_map() -> None:
+    for http in (401, 403, 503):  # 404 is UNIMPLEMENTED, which is 501
+        assert http_status_for_grpc(status_for_http(http)) == http
 
 
 @pytest.mark.parametrize(("status", "code", "expected"), [
