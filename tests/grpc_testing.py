@@ -91,7 +91,7 @@ class GreeterApp:
         self.fail: grpc.StatusCode | None = None
         self.delay = 0.0
         self.calls = 0
-        self.cancelled = 0  # delayed calls that saw their cancellation
+        self.cancelled = threading.Event()  # set when a delayed call saw its cancellation
         self.timeouts: list[float | None] = []  # time_remaining() of each call as it arrived
         self._lock = threading.Lock()
         self.server = grpc.server(ThreadPoolExecutor(max_workers=workers),
@@ -121,8 +121,7 @@ class GreeterApp:
             until = time.monotonic() + self.delay
             while time.monotonic() < until:
                 if not context.is_active():
-                    with self._lock:
-                        self.cancelled += 1
+                    self.cancelled.set()
                     context.abort(grpc.StatusCode.CANCELLED, "cancelled")
                 time.sleep(0.01)
         if self.fail is not None:
