@@ -16,7 +16,8 @@ What meshd decides here:
   from what meshd would have answered over HTTP/1.1 (``status_for_meshd_error``, table there).
 - **retries** on gRPC status codes: ``retry_on`` takes the kebab-case names of the codes worth
   retrying (``RETRY_NAMES``: cancelled, deadline-exceeded, internal, resource-exhausted,
-  unavailable), beside the HTTP conditions (``retries_on_grpc``).
+  unavailable), beside the HTTP conditions (``retries_on``); outlier detection and the
+  retry conditions that judge by HTTP status see a call's ``http_equivalent``.
 
 An app's response without ``grpc-status`` (a proxy or web server in the way answered instead
 of a gRPC server) gets the code the gRPC HTTP/2 protocol assigns to its HTTP status
@@ -30,12 +31,10 @@ from collections.abc import Iterable
 from enum import IntEnum
 
 from meshd.config.schema import GRPC_RETRY_CONDITIONS
-from meshd.proxy.core.attempt import ERROR_HEADER, REASON_HEADER
-
-Header = tuple[bytes, bytes]
+from meshd.proxy.core.http1 import Header
 
 
-class GrpcStatus(IntEnum):
+class Status(IntEnum):
     """The canonical gRPC status codes (``name``: the canonical name, as clients print it)."""
 
     OK = 0
@@ -64,13 +63,13 @@ class GrpcStatus(IntEnum):
 
 # What ``retry_on`` accepts besides the HTTP conditions (``meshd.config.schema`` lists the names,
 # so the config stays free of the proxy): the codes a call may succeed on when tried again.
-RETRY_NAMES: dict[str, GrpcStatus] = {name: GrpcStatus[name.upper().replace("-", "_")]
+RETRY_NAMES: dict[str, Status] = {name: Status[name.upper().replace("-", "_")]
                                       for name in GRPC_RETRY_CONDITIONS}
 
 CONTENT_TYPE = b"application/grpc"
-STATUS_HEADER = b"grpc-status"
-MESSAGE_HEADER = b"grpc-message"
-TIMEOUT_HEADER = b"grpc-timeout"
+GRPC_STATUS = b"grpc-status"
+GRPC_MESSAGE = b"grpc-message"
+GRPC_TIMEOUT = b"grpc-timeout"
 
 
 def is_grpc(content_type: bytes | None) -> bool:
@@ -87,6 +86,14 @@ def is_grpc(content_type: bytes | None) -> bool:
     return rest == b"" or rest[:1] in (b"+", b";")
 
 
+def grpc_request(headers: Iterable[Header]) -> bool:
+    """Whether a request with these headers is a gRPC call (``is_grpc`` of its content-type)."""
+    for name, value in headers:
+        if name.lower() == b"content-type":
+            return is_grpc(value)
+    return False
+
+
 # -- deadlines -----------------------------------------------------------------------------------
 
 # grpc-timeout's units, in seconds, from the most precise
@@ -95,11 +102,13 @@ _UNIT_SECONDS = dict(_UNITS)
 MAX_TIMEOUT_DIGITS = 8
 
 
-def parse_grpc_timeout(value: bytes) -> float | None:
+def parse_grpc_timeout(value: bytes | None) -> float | None:
     """The seconds a ``grpc-timeout`` value (1 to 8 ASCII digits and a unit: ``H`` hours, ``M``
     minutes, ``S`` seconds, ``m`` milliseconds, ``u`` microseconds, ``n`` nanoseconds) stands
-    for; None for anything else (the call then has no deadline of its own: the route's
-    applies). Never raises."""
+    for; None for anything else, or no value (the call then has no deadline of its own: the
+    route's applies). Never raises."""
+    if value is None:
+        return None
     digits, unit = value[:-1], value[-1:]
     seconds = _UNIT_SECONDS.get(unit)
     if (seconds is None or not 1 <= len(digits) <= MAX_TIMEOUT_DIGITS
@@ -134,29 +143,29 @@ def effective_timeout(route_timeout: float | None, grpc_timeout: float | None) -
 
 # -- status codes --------------------------------------------------------------------------------
 
-_FROM_HTTP = {400: GrpcStatus.INTERNAL, 401: GrpcStatus.UNAUTHENTICATED,
-              403: GrpcStatus.PERMISSION_DENIED, 404: GrpcStatus.UNIMPLEMENTED,
-              429: GrpcStatus.UNAVAILABLE, 502: GrpcStatus.UNAVAILABLE,
-              503: GrpcStatus.UNAVAILABLE, 504: GrpcStatus.UNAVAILABLE}
+_FROM_HTTP = {400: Status.INTERNAL, 401: Status.UNAUTHENTICATED,
+              403: Status.PERMISSION_DENIED, 404: Status.UNIMPLEMENTED,
+              429: Status.UNAVAILABLE, 502: Status.UNAVAILABLE,
+              503: Status.UNAVAILABLE, 504: Status.UNAVAILABLE}
 
 
-def status_for_http(status: int) -> GrpcStatus:
+def status_for_http(status: int) -> Status:
     """The gRPC code of a response without ``grpc-status`` (something other than a gRPC server
     answered), by its HTTP status, as the gRPC HTTP/2 protocol maps it: 400 INTERNAL, 401
     UNAUTHENTICATED, 403 PERMISSION_DENIED, 404 UNIMPLEMENTED, 429/502/503/504 UNAVAILABLE,
     any other UNKNOWN."""
-    return _FROM_HTTP.get(status, GrpcStatus.UNKNOWN)
+    return _FROM_HTTP.get(status, Status.UNKNOWN)
 
 
 # meshd's own codes (``x-meshd-error``, ``meshd.proxy.core.attempt``) whose gRPC code is not the
 # one of their HTTP status
 _FROM_MESHD_CODE = {
-    "timeout": GrpcStatus.DEADLINE_EXCEEDED,  # the route's (or the call's) deadline
-    "per-try-timeout": GrpcStatus.DEADLINE_EXCEEDED,
+    "timeout": Status.DEADLINE_EXCEEDED,  # the route's (or the call's) deadline
+    "per-try-timeout": Status.DEADLINE_EXCEEDED,
 }
 
 
-def status_for_meshd_error(status: int, code: str) -> GrpcStatus:
+def status_for_meshd_error(status: int, code: str = "") -> Status:
     """The gRPC code of an answer meshd makes itself, the HTTP ``status`` it would give over
     HTTP/1.1 with ``x-meshd-error: code``:
 
@@ -185,25 +194,25 @@ def status_for_meshd_error(status: int, code: str) -> GrpcStatus:
     if found is not None:
         return found
     if status == 504:
-        return GrpcStatus.DEADLINE_EXCEEDED
+        return Status.DEADLINE_EXCEEDED
     if status in (413, 429):
-        return GrpcStatus.RESOURCE_EXHAUSTED
+        return Status.RESOURCE_EXHAUSTED
     if status == 500:
-        return GrpcStatus.INTERNAL
+        return Status.INTERNAL
     return status_for_http(status)
 
 
-_TO_HTTP: dict[int, int] = {GrpcStatus.OK: 200, GrpcStatus.CANCELLED: 499, GrpcStatus.UNKNOWN: 500,
-            GrpcStatus.INVALID_ARGUMENT: 400, GrpcStatus.DEADLINE_EXCEEDED: 504,
-            GrpcStatus.NOT_FOUND: 404, GrpcStatus.ALREADY_EXISTS: 409,
-            GrpcStatus.PERMISSION_DENIED: 403, GrpcStatus.RESOURCE_EXHAUSTED: 429,
-            GrpcStatus.FAILED_PRECONDITION: 400, GrpcStatus.ABORTED: 409,
-            GrpcStatus.OUT_OF_RANGE: 400, GrpcStatus.UNIMPLEMENTED: 501,
-            GrpcStatus.INTERNAL: 500, GrpcStatus.UNAVAILABLE: 503, GrpcStatus.DATA_LOSS: 500,
-            GrpcStatus.UNAUTHENTICATED: 401}
+_TO_HTTP: dict[int, int] = {Status.OK: 200, Status.CANCELLED: 499, Status.UNKNOWN: 500,
+            Status.INVALID_ARGUMENT: 400, Status.DEADLINE_EXCEEDED: 504,
+            Status.NOT_FOUND: 404, Status.ALREADY_EXISTS: 409,
+            Status.PERMISSION_DENIED: 403, Status.RESOURCE_EXHAUSTED: 429,
+            Status.FAILED_PRECONDITION: 400, Status.ABORTED: 409,
+            Status.OUT_OF_RANGE: 400, Status.UNIMPLEMENTED: 501,
+            Status.INTERNAL: 500, Status.UNAVAILABLE: 503, Status.DATA_LOSS: 500,
+            Status.UNAUTHENTICATED: 401}
 
 
-def http_status_for_grpc(grpc_status: int) -> int:
+def http_equivalent(grpc_status: int) -> int:
     """The HTTP status a call's outcome counts as where meshd judges by HTTP status (outlier
     detection's consecutive 5xx, a ``retry_on`` status): each code's usual HTTP equivalent
     (UNAVAILABLE 503, DEADLINE_EXCEEDED 504, INTERNAL, UNKNOWN and DATA_LOSS 500, CANCELLED
@@ -216,7 +225,7 @@ def grpc_status_of(headers: Iterable[Header]) -> int | None:
     """The ``grpc-status`` in a header or trailer list; None when there is none, or it is not
     a decimal number (a malformed one says nothing)."""
     for name, value in headers:
-        if name.lower() == STATUS_HEADER:
+        if name.lower() == GRPC_STATUS:
             text = value.strip()
             if text.isdigit() and len(text) <= 4:
                 return int(text)
@@ -224,7 +233,7 @@ def grpc_status_of(headers: Iterable[Header]) -> int | None:
     return None
 
 
-def retries_on_grpc(retry_on: Iterable[str], grpc_status: int) -> bool:
+def retries_on(retry_on: Iterable[str], grpc_status: int) -> bool:
     """Whether a call that ended in ``grpc_status`` is one a route's ``retry_on`` retries."""
     return any(RETRY_NAMES.get(condition) == grpc_status for condition in retry_on)
 
@@ -271,18 +280,9 @@ def trailers_only(grpc_status: int, message: str, extra: Iterable[Header] = ()) 
     ``grpc-status``, ``grpc-message`` when there is one, then ``extra`` (``x-meshd-error``,
     ``x-meshd-reason``)."""
     headers = [(b":status", b"200"), (b"content-type", CONTENT_TYPE),
-               (STATUS_HEADER, str(int(grpc_status)).encode("ascii"))]
+               (GRPC_STATUS, str(int(grpc_status)).encode("ascii"))]
     if message:
-        headers.append((MESSAGE_HEADER, encode_grpc_message(message)))
+        headers.append((GRPC_MESSAGE, encode_grpc_message(message)))
     headers.extend(extra)
     return headers
 
-
-def meshd_error(status: int, code: str, reason: str) -> list[Header]:
-    """meshd's own answer as a gRPC error: what it would answer over HTTP/1.1 (``status`` with
-    ``x-meshd-error: code`` and ``x-meshd-reason: reason``) as a Trailers-Only response, the
-    reason also in ``grpc-message`` (what a client's error shows)."""
-    extra = [(ERROR_HEADER, code.encode("ascii"))] if code else []
-    if reason:
-        extra.append((REASON_HEADER, encode_grpc_message(reason)))
-    return trailers_only(status_for_meshd_error(status, code), reason, extra)

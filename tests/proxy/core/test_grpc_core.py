@@ -12,17 +12,17 @@ from meshd.config.schema import GRPC_RETRY_CONDITIONS
 from meshd.proxy.core.attempt import FAULT_CODE, NO_ENDPOINT_CODE, Finish, error_code
 from meshd.proxy.core.grpc import (
     RETRY_NAMES,
-    GrpcStatus,
+    Status,
     decode_grpc_message,
     effective_timeout,
     encode_grpc_message,
     format_grpc_timeout,
+    grpc_request,
     grpc_status_of,
-    http_status_for_grpc,
+    http_equivalent,
     is_grpc,
-    meshd_error,
     parse_grpc_timeout,
-    retries_on_grpc,
+    retries_on,
     status_for_http,
     status_for_meshd_error,
     trailers_only,
@@ -34,22 +34,22 @@ from meshd.proxy.core.grpc import (
 def test_codes_and_names_are_grpcs_own() -> None:
     # grpcio's StatusCode enum holds (number, "lower case name") for each canonical code
     assert {code.value[0]: code.name for code in grpc.StatusCode} == {
-        s.value: s.name for s in GrpcStatus}
-    assert [s.value for s in GrpcStatus] == list(range(17))
+        s.value: s.name for s in Status}
+    assert [s.value for s in Status] == list(range(17))
 
 
 def test_retry_names_are_the_kebab_case_names_of_their_codes() -> None:
     assert RETRY_NAMES == {
-        "cancelled": GrpcStatus.CANCELLED, "deadline-exceeded": GrpcStatus.DEADLINE_EXCEEDED,
-        "internal": GrpcStatus.INTERNAL, "resource-exhausted": GrpcStatus.RESOURCE_EXHAUSTED,
-        "unavailable": GrpcStatus.UNAVAILABLE}
+        "cancelled": Status.CANCELLED, "deadline-exceeded": Status.DEADLINE_EXCEEDED,
+        "internal": Status.INTERNAL, "resource-exhausted": Status.RESOURCE_EXHAUSTED,
+        "unavailable": Status.UNAVAILABLE}
     assert tuple(RETRY_NAMES) == GRPC_RETRY_CONDITIONS
     assert all(code.retry_name == name for name, code in RETRY_NAMES.items())
 
 
 @pytest.mark.parametrize(("retry_on", "status", "expected"), [
     (("unavailable",), 14, True),
-    (("unavailable",), GrpcStatus.UNAVAILABLE, True),
+    (("unavailable",), Status.UNAVAILABLE, True),
     (("unavailable",), 13, False),
     (("connect-failure", "reset", "internal"), 13, True),
     (frozenset({"resource-exhausted", "cancelled"}), 8, True),
@@ -59,20 +59,20 @@ def test_retry_names_are_the_kebab_case_names_of_their_codes() -> None:
     (("unavailable",), 0, False),  # OK is never retried
     ((), 14, False),
 ])
-def test_retries_on_grpc(retry_on: tuple[str, ...] | frozenset[str], status: int,
+def test_retries_on(retry_on: tuple[str, ...] | frozenset[str], status: int,
                          expected: bool) -> None:
-    assert retries_on_grpc(retry_on, status) is expected
+    assert retries_on(retry_on, status) is expected
 
 
 @pytest.mark.parametrize(("http", "expected"), [
-    (400, GrpcStatus.INTERNAL), (401, GrpcStatus.UNAUTHENTICATED),
-    (403, GrpcStatus.PERMISSION_DENIED), (404, GrpcStatus.UNIMPLEMENTED),
-    (429, GrpcStatus.UNAVAILABLE), (502, GrpcStatus.UNAVAILABLE),
-    (503, GrpcStatus.UNAVAILABLE), (504, GrpcStatus.UNAVAILABLE),
-    (200, GrpcStatus.UNKNOWN), (301, GrpcStatus.UNKNOWN), (405, GrpcStatus.UNKNOWN),
-    (413, GrpcStatus.UNKNOWN), (500, GrpcStatus.UNKNOWN),
+    (400, Status.INTERNAL), (401, Status.UNAUTHENTICATED),
+    (403, Status.PERMISSION_DENIED), (404, Status.UNIMPLEMENTED),
+    (429, Status.UNAVAILABLE), (502, Status.UNAVAILABLE),
+    (503, Status.UNAVAILABLE), (504, Status.UNAVAILABLE),
+    (200, Status.UNKNOWN), (301, Status.UNKNOWN), (405, Status.UNKNOWN),
+    (413, Status.UNKNOWN), (500, Status.UNKNOWN),
 ])
-def test_status_for_http_follows_the_grpc_mapping(http: int, expected: GrpcStatus) -> None:
+def test_status_for_http_follows_the_grpc_mapping(http: int, expected: Status) -> None:
     assert status_for_http(http) is expected
 
 
@@ -87,37 +87,37 @@ _CONNECT = [error_code(Finish.CONNECT_FAILED, r) for r in
     (9, 400), (10, 409), (11, 400), (12, 501), (13, 500), (14, 503), (15, 500), (16, 401),
     (17, 500), (999, 500),
 ])
-def test_http_status_for_grpc(grpc_status: int, http: int) -> None:
-    assert http_status_for_grpc(grpc_status) == http
+def test_http_equivalent(grpc_status: int, http: int) -> None:
+    assert http_equivalent(grpc_status) == http
 
 
 def test_http_and_grpc_statuses_agree_where_both_map() -> None:
     for http in (401, 403, 503):  # 404 is UNIMPLEMENTED, which is 501
-        assert http_status_for_grpc(status_for_http(http)) == http
+        assert http_equivalent(status_for_http(http)) == http
 
 
 @pytest.mark.parametrize(("status", "code", "expected"), [
-    (504, error_code(Finish.GATEWAY_TIMEOUT), GrpcStatus.DEADLINE_EXCEEDED),
-    (504, error_code(Finish.TRY_TIMEOUT), GrpcStatus.DEADLINE_EXCEEDED),
-    (503, error_code(Finish.REJECTED), GrpcStatus.UNAVAILABLE),
-    (503, NO_ENDPOINT_CODE, GrpcStatus.UNAVAILABLE),
-    *[(503, code, GrpcStatus.UNAVAILABLE) for code in _CONNECT],
-    (502, error_code(Finish.BAD_GATEWAY), GrpcStatus.UNAVAILABLE),
-    (502, error_code(Finish.BAD_GATEWAY, app=True), GrpcStatus.UNAVAILABLE),
-    (502, error_code(Finish.BAD_GATEWAY, malformed=True), GrpcStatus.UNAVAILABLE),
-    (403, "", GrpcStatus.PERMISSION_DENIED),  # authorization deny
-    (413, "", GrpcStatus.RESOURCE_EXHAUSTED),  # max_request_bytes
-    (429, "", GrpcStatus.RESOURCE_EXHAUSTED),  # meshd's own limit: not retried by clients
-    (500, "", GrpcStatus.INTERNAL),
-    (400, "", GrpcStatus.INTERNAL),
+    (504, error_code(Finish.GATEWAY_TIMEOUT), Status.DEADLINE_EXCEEDED),
+    (504, error_code(Finish.TRY_TIMEOUT), Status.DEADLINE_EXCEEDED),
+    (503, error_code(Finish.REJECTED), Status.UNAVAILABLE),
+    (503, NO_ENDPOINT_CODE, Status.UNAVAILABLE),
+    *[(503, code, Status.UNAVAILABLE) for code in _CONNECT],
+    (502, error_code(Finish.BAD_GATEWAY), Status.UNAVAILABLE),
+    (502, error_code(Finish.BAD_GATEWAY, app=True), Status.UNAVAILABLE),
+    (502, error_code(Finish.BAD_GATEWAY, malformed=True), Status.UNAVAILABLE),
+    (403, "", Status.PERMISSION_DENIED),  # authorization deny
+    (413, "", Status.RESOURCE_EXHAUSTED),  # max_request_bytes
+    (429, "", Status.RESOURCE_EXHAUSTED),  # meshd's own limit: not retried by clients
+    (500, "", Status.INTERNAL),
+    (400, "", Status.INTERNAL),
     # a fault abort answers what its status would mean from an app
-    (503, FAULT_CODE, GrpcStatus.UNAVAILABLE),
-    (504, FAULT_CODE, GrpcStatus.UNAVAILABLE),
-    (429, FAULT_CODE, GrpcStatus.UNAVAILABLE),
-    (404, FAULT_CODE, GrpcStatus.UNIMPLEMENTED),
-    (500, FAULT_CODE, GrpcStatus.UNKNOWN),
+    (503, FAULT_CODE, Status.UNAVAILABLE),
+    (504, FAULT_CODE, Status.UNAVAILABLE),
+    (429, FAULT_CODE, Status.UNAVAILABLE),
+    (404, FAULT_CODE, Status.UNIMPLEMENTED),
+    (500, FAULT_CODE, Status.UNKNOWN),
 ])
-def test_status_for_meshd_error(status: int, code: str, expected: GrpcStatus) -> None:
+def test_status_for_meshd_error(status: int, code: str, expected: Status) -> None:
     assert error_code(Finish.CONNECT_FAILED, "") == "connect-failed"
     assert status_for_meshd_error(status, code) is expected
 
@@ -156,6 +156,10 @@ def test_grpc_status_of(headers: list[tuple[bytes, bytes]], expected: int | None
 ])
 def test_is_grpc(content_type: bytes | None, expected: bool) -> None:
     assert is_grpc(content_type) is expected
+    headers = [(b":path", b"/x.Y/Z")]
+    if content_type is not None:
+        headers.append((b"content-type", content_type))
+    assert grpc_request(headers) is expected
 
 
 # -- deadlines -----------------------------------------------------------------------------------
@@ -179,6 +183,10 @@ def test_parse_grpc_timeout(value: bytes, seconds: float) -> None:
 ])
 def test_parse_grpc_timeout_refuses_anything_else(value: bytes) -> None:
     assert parse_grpc_timeout(value) is None
+
+
+def test_no_grpc_timeout_is_no_deadline() -> None:
+    assert parse_grpc_timeout(None) is None
 
 
 @given(st.binary(max_size=12))
@@ -255,7 +263,7 @@ def test_grpc_message_round_trips_in_printable_ascii(text: str) -> None:
 
 def test_trailers_only_answer() -> None:
     extra = [(b"x-meshd-error", b"no-healthy-endpoint")]
-    assert trailers_only(GrpcStatus.UNAVAILABLE, "no healthy endpoint: 0 of 2", extra) == [
+    assert trailers_only(Status.UNAVAILABLE, "no healthy endpoint: 0 of 2", extra) == [
         (b":status", b"200"), (b"content-type", b"application/grpc"),
         (b"grpc-status", b"14"), (b"grpc-message", b"no healthy endpoint: 0 of 2"),
         (b"x-meshd-error", b"no-healthy-endpoint")]
@@ -263,13 +271,13 @@ def test_trailers_only_answer() -> None:
                                      (b"grpc-status", b"0")]
 
 
-def test_meshd_error_is_a_trailers_only_grpc_error() -> None:
-    headers = meshd_error(504, "timeout", "no response within 1.5s")
+def test_meshd_answers_a_call_with_a_trailers_only_grpc_error() -> None:
+    # what the shells send for meshd's own 504 (x-meshd-error: timeout) to a gRPC call
+    extra = [(b"x-meshd-error", b"timeout"), (b"x-meshd-reason", b"no response within 1.5s")]
+    headers = trailers_only(status_for_meshd_error(504, "timeout"), "no response within 1.5s",
+                            extra)
     assert headers == [
         (b":status", b"200"), (b"content-type", b"application/grpc"),
-        (b"grpc-status", b"4"), (b"grpc-message", b"no response within 1.5s"),
-        (b"x-meshd-error", b"timeout"), (b"x-meshd-reason", b"no response within 1.5s")]
-    assert grpc_status_of(headers) == GrpcStatus.DEADLINE_EXCEEDED
-    denied = meshd_error(403, "", "access to greeter denied")
-    assert grpc_status_of(denied) == GrpcStatus.PERMISSION_DENIED
-    assert not any(name == b"x-meshd-error" for name, _ in denied)
+        (b"grpc-status", b"4"), (b"grpc-message", b"no response within 1.5s"), *extra]
+    assert grpc_status_of(headers) == Status.DEADLINE_EXCEEDED
+    assert grpc_status_of(trailers_only(status_for_meshd_error(403), "denied")) == 7
