@@ -266,10 +266,10 @@ def _parse_local_service(r: Reader, raw: Mapping[str, Any], path: str) -> LocalS
 
 
 def _parse_health(r: Reader, raw: Mapping[str, Any], path: str) -> HealthCheck:
-    r.unknown_keys(raw, path, {"http", "tcp", "none", "interval", "timeout"})
+    r.unknown_keys(raw, path, {"http", "grpc", "tcp", "none", "interval", "timeout"})
     interval = r.duration(raw, "interval", path, 5.0)
     timeout = r.duration(raw, "timeout", path, 2.0)
-    kinds = [k for k in ("http", "tcp", "none") if k in raw]
+    kinds = [k for k in ("http", "grpc", "tcp", "none") if k in raw]
     if len(kinds) > 1:
         r.problem(path, f"choose one check kind, got {' and '.join(kinds)}")
         return HealthCheck()
@@ -278,6 +278,11 @@ def _parse_health(r: Reader, raw: Mapping[str, Any], path: str) -> HealthCheck:
         if isinstance(hpath, str) and not hpath.startswith("/"):
             r.problem(f"{path}.http", f"expected a path starting with '/', got {hpath!r}")
         return HealthCheck("http", hpath or "/", interval or 5.0, timeout or 2.0)
+    if "grpc" in raw:  # the gRPC service to ask about ("": the server as a whole)
+        name = r.get(raw, "grpc", path, str)
+        if isinstance(name, str) and not all(c.isalnum() or c in "._-" for c in name):
+            r.problem(f"{path}.grpc", f"expected a gRPC service name, got {name!r}")
+        return HealthCheck("grpc", name or "", interval or 5.0, timeout or 2.0)
     if "none" in raw:
         r.get(raw, "none", path, bool)
         return HealthCheck("none", "/", interval or 5.0, timeout or 2.0)

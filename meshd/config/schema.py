@@ -36,8 +36,10 @@ class Protocol(StrEnum):
 
 @dataclass(frozen=True)
 class HealthCheck:
-    """How meshd checks its local app. ``kind`` is ``http`` (GET ``path``, 2xx passes), ``tcp``
-    (a connect passes) or ``none`` (always passing: for apps with nothing to check)."""
+    """How meshd checks its local app. ``kind`` is ``http`` (GET ``path``, 2xx passes; over
+    h2c for an app declared ``http2``/``grpc``), ``grpc`` (the gRPC health protocol's
+    ``Check`` for the service named in ``path``, "" for the whole server: SERVING passes),
+    ``tcp`` (a connect passes) or ``none`` (always passing: for apps with nothing to check)."""
 
     kind: str = "tcp"
     path: str = "/"

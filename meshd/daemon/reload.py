@@ -102,7 +102,9 @@ def _seconds(value: float) -> str:
 
 
 def _check(health: HealthCheck) -> str:
-    return f"http {health.path}" if health.kind == "http" else health.kind
+    if health.kind in ("http", "grpc"):
+        return f"{health.kind} {health.path or '(server)'}"
+    return health.kind
 
 
 # How HostConfig fields are spelled in meshd.toml, where that differs from the field name.

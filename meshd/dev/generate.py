@@ -31,6 +31,8 @@ def service_data(svc: LocalService) -> dict[str, Any]:
     health: dict[str, Any] = {}
     if svc.health.kind == "http":
         health["http"] = svc.health.path
+    elif svc.health.kind == "grpc":
+        health["grpc"] = svc.health.path
     else:
         health[svc.health.kind] = True
     health["interval"] = format_duration(svc.health.interval)

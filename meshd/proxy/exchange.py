@@ -21,6 +21,7 @@ import trio
 
 from meshd.errors import ProxyError
 from meshd.proxy.core.attempt import pooled_dead, reusable, stale
+from meshd.proxy.core.h2 import RequestTrailers
 from meshd.proxy.core.http1 import (
     END,
     Data,
@@ -147,7 +148,7 @@ class BodySource(Protocol):
     @property
     def message_done(self) -> bool: ...
 
-    async def next_event(self) -> Event | None: ...
+    async def next_event(self) -> Event | RequestTrailers | None: ...
 
 
 # How much of a response held back for a retry is read (and thrown away) to keep its
@@ -251,6 +252,8 @@ class Exchange:
                 event = await self.source.next_event()
                 if isinstance(event, Data):
                     await self._write_upstream(encode_data(self.request.framing, event.data))
+                elif isinstance(event, RequestTrailers):
+                    continue  # an HTTP/1.1 request head announced no trailers: none go on
                 elif event is not END:
                     raise ProtocolError("connection closed in the middle of a request")
             await self._write_upstream(encode_end(self.request.framing))

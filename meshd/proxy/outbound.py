@@ -29,8 +29,15 @@ from meshd.proxy.access import AccessEntry, AccessLog
 from meshd.proxy.attempts import ERROR_HEADER, REASON_HEADER, Attempts, Destination
 from meshd.proxy.core.attempt import FAULT_CODE, LOCAL_CONNECT_FAILURES, NO_ENDPOINT_CODE
 from meshd.proxy.core.fault import decide_fault, mirrored
-from meshd.proxy.core.http1 import ProtocolError, RequestHead
-from meshd.proxy.core.http1_write import upstream_request_head
+from meshd.proxy.core.grpc import (
+    GRPC_TIMEOUT,
+    effective_timeout,
+    format_grpc_timeout,
+    parse_grpc_timeout,
+)
+from meshd.proxy.core.h2 import request_fields, wants_trailers
+from meshd.proxy.core.http1 import Header, ProtocolError, RequestHead
+from meshd.proxy.core.http1_write import upstream_request_fields, upstream_request_head
 from meshd.proxy.core.matcher import RequestFacts
 from meshd.proxy.core.outlier import CONNECTED, Failure
 from meshd.proxy.core.retry import REPLAY_LIMIT, Body, retry_verdict, route_retries
@@ -46,6 +53,7 @@ from meshd.proxy.forward import (
     refuse_large_body,
     serve_requests,
 )
+from meshd.proxy.h2conn import H2Pool, H2Request, serve_h2, starts_h2
 from meshd.proxy.mirror import MIRROR_HEADER, MIRROR_TIMEOUT, Mirror, MirrorJob
 from meshd.proxy.pool import ConnectFailed, ConnectionPool
 from meshd.proxy.pump import pump
@@ -71,6 +79,7 @@ class OutboundContext:
     tls: TLSState
     metrics: Metrics
     pool: ConnectionPool
+    h2_pool: H2Pool
     rand: Callable[[], float] = random.random
     connect_timeout: float = CONNECT_TIMEOUT
     here: tuple[tuple[str, str], ...] = ()  # this host's labels, for locality priority
@@ -115,13 +124,22 @@ class Outbound:
     async def handle(self, stream: SocketConnection, conn: ClientConnection) -> None:
         if self.upstream.protocol is Protocol.TCP:
             await self._handle_tcp(stream, conn)
+        elif await starts_h2(stream):  # h2c with prior knowledge (gRPC clients' http://)
+
+            async def handle(head: RequestHead, request: H2Request) -> None:
+                await self._handle_request(head, request, conn)
+
+            await serve_h2(stream, handle, CLIENT_IDLE_TIMEOUT,
+                           on_bad_request=self._count_bad_request,
+                           draining=lambda: conn.draining,
+                           set_drain_hook=conn.set_drain_hook, peer=conn.peer)
         else:
             await serve_requests(stream, conn, self._handle_request, CLIENT_IDLE_TIMEOUT,
                                  on_bad_request=self._count_bad_request)
 
     # -- HTTP ----------------------------------------------------------------------------------
 
-    async def _handle_request(self, request: RequestHead, source: RequestSource,
+    async def _handle_request(self, request: RequestHead, source: RequestSource | H2Request,
                               conn: ClientConnection) -> bool:
         ctx = self.ctx
         started = trio.current_time()
@@ -161,14 +179,26 @@ class Outbound:
         retries = route_retries(route.retries if route is not None else None)
         keep_body = retries.attempts > 0 or mirror is not None
         body = ReplayBody(source, request, REPLAY_LIMIT) if keep_body else None
-        head = upstream_request_head(request, forwarded_for=conn.peer,
-                                     default_host=self.destination, ids=ids)
+        h2 = isinstance(source, H2Request)
+        grpc = h2 and source.grpc  # type: ignore[union-attr]
+        timeout = routed.timeout
+        fields: list[Header] | None = None
+        if h2:  # the mesh hop speaks what the app spoke: HTTP/2 (ALPN h2)
+            head = b""
+            fields = self._h2_fields(request, conn, ids)
+            if grpc:
+                timeout = self._grpc_deadline(request, fields, timeout)
+        else:
+            head = upstream_request_head(request, forwarded_for=conn.peer,
+                                         default_host=self.destination, ids=ids)
         destination = Destination(
             plan=routed, state=state, endpoints=view.endpoint_set(self.destination),
-            pool_key=self._pool_key, connect=self._connector(state), rand=ctx.rand,
+            pool_key=self._pool_key, connect=self._connector(state, h2=h2), rand=ctx.rand,
             metrics=ctx.metrics, hash_key=self._hash_key(state, facts, conn))
         attempts = Attempts(request, source, conn, pool=ctx.pool, upstream_head=head,
-                            timeout=routed.timeout, destination=destination, body=body)
+                            timeout=timeout, destination=destination, body=body,
+                            h2_pool=ctx.h2_pool if h2 else None, upstream_fields=fields,
+                            grpc=grpc)
         result = await attempts.run()
         endpoint = attempts.endpoint
         tier = attempts.tier
@@ -185,8 +215,29 @@ class Outbound:
             self._send_mirror(view, state, mirror, route, request, conn, body, facts, ids)
         return result.keep
 
+    def _h2_fields(self, request: RequestHead, conn: ClientConnection,
+                   ids: RequestIdentity) -> list[Header]:
+        fields = upstream_request_fields(request, forwarded_for=conn.peer,
+                                         default_host=self.destination, ids=ids)
+        return request_fields(request.method, request.target, fields,
+                              trailers=wants_trailers(request.headers),
+                              length=request.content_length)
+
+    @staticmethod
+    def _grpc_deadline(request: RequestHead, fields: list[Header],
+                       route_timeout: float | None) -> float | None:
+        """A gRPC call's deadline: its ``grpc-timeout``, capped by the route's timeout (then
+        the server is told the capped one)."""
+        asked = parse_grpc_timeout(next((v for n, v in request.headers if n == GRPC_TIMEOUT),
+                                        None))
+        deadline = effective_timeout(route_timeout, asked)
+        if deadline is not None and deadline != asked:
+            fields[:] = [f for f in fields if f[0] != GRPC_TIMEOUT]
+            fields.append((GRPC_TIMEOUT, format_grpc_timeout(deadline)))
+        return deadline
+
     async def _inject(self, delay: float | None, abort: int | None, request: RequestHead,
-                      source: RequestSource, conn: ClientConnection, routed: RoutePlan,
+                      source: RequestSource | H2Request, conn: ClientConnection, routed: RoutePlan,
                       started: float, ids: RequestIdentity) -> bool | None:
         """Apply an injected fault; returns whether the connection may stay open when the
         request was answered (aborted), None when it goes on to the destination."""
@@ -275,20 +326,20 @@ class Outbound:
         self.ctx.metrics.requests.labels("outbound", self.source, self.destination, "",
                                          str(exc.status)).inc()
 
-    def _connector(self, state: DestinationState) -> Callable[[Endpoint],
-                                                               Awaitable[TLSStream]]:
+    def _connector(self, state: DestinationState, *, h2: bool = False
+                   ) -> Callable[[Endpoint], Awaitable[TLSStream]]:
         """Connecting with the destination policy's ``connect_timeout`` (as read by the
-        request at its start), else the host's."""
+        request at its start), else the host's; ``h2``: speaking HTTP/2."""
         limit = state.policy.connect_timeout or self.ctx.connect_timeout
-        return lambda endpoint: self._connect(endpoint, limit)
+        return lambda endpoint: self._connect(endpoint, limit, h2)
 
-    async def _connect(self, endpoint: Endpoint, limit: float) -> TLSStream:
+    async def _connect(self, endpoint: Endpoint, limit: float, h2: bool = False) -> TLSStream:
         """A new mTLS connection to ``endpoint`` as our service; raises ``ConnectFailed``."""
         where = f"{endpoint.address}:{endpoint.port}"
         try:
             with trio.fail_after(limit):
                 return await open_mtls(endpoint.address, endpoint.port, self.ctx.tls,
-                                       self.source, self.destination)
+                                       self.source, self.destination, h2=h2)
         except trio.TooSlowError:
             failure = ConnectFailed("connect_timeout", f"connecting to {where} timed out")
         except OSError as exc:

@@ -2,6 +2,7 @@
 
     Proxy.run
       ├─ pool reapers            (mesh connections: 30 s idle; app connections: 4 s)
+      ├─ HTTP/2 pools            (their connections' readers, and the same idle reaping)
       ├─ mirror workers          (copies of mirrored requests, from a bounded queue)
       └─ connections nursery     (one task per accepted connection)
            └─ accept loops       (inbound mTLS listener; one outbound listener per upstream)
@@ -34,6 +35,7 @@ from meshd.metrics import Metrics
 from meshd.proxy.access import AccessLog
 from meshd.proxy.core.view import ViewCell
 from meshd.proxy.forward import FIRST_REQUEST_GRACE, ClientConnection
+from meshd.proxy.h2conn import H2Pool
 from meshd.proxy.inbound import APP_IDLE_TIMEOUT, Inbound, InboundContext
 from meshd.proxy.outbound import Outbound, OutboundContext
 from meshd.proxy.pool import DEFAULT_IDLE_TIMEOUT, ConnectionPool
@@ -72,12 +74,16 @@ class Proxy:
         self.metrics = metrics
         self.pool = ConnectionPool(idle_timeout=DEFAULT_IDLE_TIMEOUT)
         self.app_pool = ConnectionPool(idle_timeout=APP_IDLE_TIMEOUT)
+        # HTTP/2: multiplexed connections to peer meshds, and to apps that speak h2c
+        self.h2_pool = H2Pool(DEFAULT_IDLE_TIMEOUT)
+        self.app_h2_pool = H2Pool(APP_IDLE_TIMEOUT)
         outbound_ctx = OutboundContext(view=view, tls=tls, metrics=metrics, pool=self.pool,
-                                       rand=rand, here=config.labels)
+                                       h2_pool=self.h2_pool, rand=rand, here=config.labels)
         self._outbound = outbound_ctx
         access = AccessLog()
         outbound_ctx.access = access
-        inbound = Inbound(InboundContext(config, tls, metrics, self.app_pool, view, access))
+        inbound = Inbound(InboundContext(config, tls, metrics, self.app_pool, view, access,
+                                         app_h2_pool=self.app_h2_pool))
         # caps at accept; the process's cap is what its open file limit leaves room for
         self.guard = ConnectionGuard(metrics=metrics)
         self._listeners = [_Listener("inbound", "mesh", config.address, config.inbound_port,
@@ -152,6 +158,8 @@ class Proxy:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self.pool.run)
                     await nursery.start(self.app_pool.run)
+                    await nursery.start(self.h2_pool.run)
+                    await nursery.start(self.app_h2_pool.run)
                     await nursery.start(self._outbound.mirror.run)
                     await nursery.start(self.guard.run)
                     async with trio.open_nursery() as connections:
@@ -340,6 +348,9 @@ def _drain_connection(conn: ClientConnection) -> None:
     """Mark ``conn`` draining: closed now if idle between requests, after its current response
     otherwise; one just accepted gets a moment for its first request."""
     conn.draining = True
+    if conn.drain_hook is not None:
+        conn.drain_hook()
+        return
     if conn.idle_scope is None:
         return
     if conn.served:  # idle between requests: closed now
