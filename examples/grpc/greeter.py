@@ -4,8 +4,9 @@
                                                                 on host-b"}
 
 It speaks plaintext HTTP/2 (h2c) on its own address and knows nothing about the mesh: meshd's
-inbound listener on its host terminates mTLS and forwards each call to it. Needs grpcio and
-protobuf (``pip install grpcio protobuf``, or meshd's ``grpc-example`` extra).
+inbound listener on its host terminates mTLS and forwards each call to it. It also answers the
+standard health protocol (``grpc.health.v1.Health/Check``), which meshd's health check asks.
+Needs grpcio and protobuf (``pip install grpcio protobuf``, or meshd's ``grpc-example`` extra).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from typing import Any
 import grpc
 
 # helloworld.py is beside this file: Python puts a script's folder first on sys.path
-from helloworld import HelloReply, add_greeter
+from health import SERVICE_UNKNOWN, SERVING, add_health
+from helloworld import SERVICE, HelloReply, add_greeter
 
 
 def greeting(name: str, version: str, node: str) -> str:
@@ -45,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     server = grpc.server(ThreadPoolExecutor(max_workers=args.workers),
                          options=[("grpc.so_reuseport", 0)])
     add_greeter(server, say_hello)
+    # the standard health protocol, for meshd's health = { grpc = "helloworld.Greeter" }
+    add_health(server, lambda name: SERVING if name in ("", SERVICE) else SERVICE_UNKNOWN)
     where = f"{args.address}:{args.port}"
     if server.add_insecure_port(where) == 0:
         print(f"greeter: cannot listen on {where}", file=sys.stderr, flush=True)

@@ -1,6 +1,6 @@
 """The gRPC example's apps on their own (no mesh): the greeter answers stubs generated from
-helloworld.proto by grpcio-tools (what any grpcio user has), the example's client calls a
-server built from those stubs, and both stop cleanly on SIGTERM."""
+helloworld.proto by grpcio-tools (what any grpcio user has) and the standard health protocol,
+the example's client calls a server built from those stubs, and both stop cleanly on SIGTERM."""
 
 from __future__ import annotations
 
@@ -65,6 +65,14 @@ def test_greeter_answers_stock_generated_stubs(
         with pytest.raises(grpc.RpcError) as caught:
             channel.unary_unary("/helloworld.Greeter/SayGoodbye")(b"", timeout=10)
         assert caught.value.code() is grpc.StatusCode.UNIMPLEMENTED
+        # the standard health protocol, in its wire format: HealthCheckRequest{service = 1},
+        # HealthCheckResponse{status = 1}: SERVING is 1
+        check = channel.unary_unary("/grpc.health.v1.Health/Check")
+        for service in (b"", b"helloworld.Greeter"):
+            assert check(b"\n" + bytes([len(service)]) + service, timeout=10) == b"\x08\x01"
+        with pytest.raises(grpc.RpcError) as caught:
+            check(b"\n\x05other", timeout=10)
+        assert caught.value.code() is grpc.StatusCode.NOT_FOUND
     code, out = stop(proc)
     assert code == 0 and "greeter v2 on host-c: listening on" in out and "stopped" in out
 
