@@ -144,14 +144,27 @@ class GreeterApp:
         yield from requests
 
 
-def download(channel: grpc.Channel, total: int, chunk: int, timeout: float = 60) -> int:
-    """Bytes received by a server-streaming ``Download`` of ``total`` bytes."""
+def _read(messages: Iterator[bytes], pause: float) -> int:
+    received = 0
+    for message in messages:
+        received += len(message)
+        if pause:
+            time.sleep(pause)
+    return received
+
+
+def download(channel: grpc.Channel, total: int, chunk: int, timeout: float = 60,
+             pause: float = 0.0) -> int:
+    """Bytes received by a server-streaming ``Download`` of ``total`` bytes (``pause``: seconds
+    the reader waits after each message, a reader slower than the writer)."""
     call = channel.unary_stream(DOWNLOAD)
-    return sum(len(m) for m in call(b"%d,%d" % (total, chunk), timeout=timeout))
+    return _read(call(b"%d,%d" % (total, chunk), timeout=timeout), pause)
 
 
-def echo(channel: grpc.Channel, total: int, chunk: int, timeout: float = 60) -> int:
-    """Bytes echoed back by a bidirectional ``Echo`` sent ``total`` bytes in ``chunk``s."""
+def echo(channel: grpc.Channel, total: int, chunk: int, timeout: float = 60,
+         pause: float = 0.0) -> int:
+    """Bytes echoed back by a bidirectional ``Echo`` sent ``total`` bytes in ``chunk``s, as
+    fast as they go (``pause``: as ``download``'s, for the echoes)."""
     block = bytes(range(256)) * (chunk // 256 + 1)
 
     def send() -> Iterator[bytes]:
@@ -162,4 +175,4 @@ def echo(channel: grpc.Channel, total: int, chunk: int, timeout: float = 60) -> 
             sent += size
 
     call = channel.stream_stream(ECHO)
-    return sum(len(m) for m in call(send(), timeout=timeout))
+    return _read(call(send(), timeout=timeout), pause)

@@ -14,9 +14,10 @@ shares one channel (one HTTP/2 connection to meshd a). What a test shows:
   client deadline: DEADLINE_EXCEEDED from meshd (``x-meshd-error: timeout``);
 - an authorization deny reaches the client as PERMISSION_DENIED, the app never called;
 - HTTP/1.1 (httpx) works on the same outbound port, between gRPC calls;
-- a server-streaming and a bidirectional call pass 10 MB each with bounded memory: the peak
-  of Python allocations (tracemalloc, the three meshds run in this process; grpcio's C core
-  is not traced, the Python objects of both grpcio ends are) while the stream runs.
+- a server-streaming and a bidirectional call pass 10 MB each to a reader slower than the
+  writer with bounded memory: the peak of Python allocations (tracemalloc, the three meshds
+  run in this process; grpcio's C core is not traced, the Python objects of both grpcio ends
+  are) while the stream runs.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ CHUNK = 64 * 1024
 # what a 10 MB stream may add to the Python heap at its peak: a few flow-control windows and
 # frames in flight, not the stream
 MEMORY_BOUND = 4 * 1024 * 1024
+SLOW_READER = 0.003  # seconds after each 64 KiB message: about 20 MB/s at most
 # no proxy from the environment for loopback channels
 CHANNEL_OPTIONS = [("grpc.enable_http_proxy", 0)]
 
@@ -343,7 +345,9 @@ async def test_10_mb_stream_passes_with_bounded_memory(grpc_mesh: GrpcMesh, kind
     call = download if kind == "server-streaming" else echo
     with grpc.insecure_channel(grpc_mesh.target, CHANNEL_OPTIONS) as channel:
         assert await in_thread(lambda: call(channel, CHUNK, CHUNK)) == CHUNK  # warmed up
-        received, peak = await _peak_during(lambda: call(channel, TEN_MB, CHUNK))
+        # a reader slower than the writer: without backpressure the stream piles up in meshd
+        received, peak = await _peak_during(
+            lambda: call(channel, TEN_MB, CHUNK, pause=SLOW_READER))
     assert received == TEN_MB
     print(f"{kind}: 10 MB through the mesh, Python heap peak +{peak / 1e6:.2f} MB")
     assert peak < MEMORY_BOUND, f"{kind}: the heap grew by {peak / 1e6:.1f} MB for 10 MB"
