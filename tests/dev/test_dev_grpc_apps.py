@@ -13,10 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 import pytest
 from grpc_testing import EXAMPLE, generated_stubs, helloworld
 from net_testing import free_port
 from test_dev_shop_apps import wait_listening
+
+from meshd.config.schema import HealthCheck, LocalService, Protocol
+from meshd.daemon.health import probe
+from meshd.registry.model import CRITICAL, PASSING
 
 
 def start(script: str, *args: str) -> subprocess.Popen[bytes]:
@@ -101,3 +106,16 @@ def test_client_counts_versions_on_one_channel_against_a_generated_server(
     assert proc.returncode == 0, text
     assert "client: 4 calls: v7 4" in text and "client: 12 calls: v7 12" in text, text
     assert len(peers) == 1, peers  # one channel: every call on one connection
+
+
+async def test_greeter_passes_meshds_grpc_health_check(
+        greeter: tuple[int, subprocess.Popen[bytes]]) -> None:
+    # what the example's mesh.toml declares: health = { grpc = "helloworld.Greeter" }
+    port, _ = greeter
+    async with httpx.AsyncClient() as http:
+        for name, expected in (("helloworld.Greeter", PASSING), ("", PASSING),
+                               ("nobody.Else", CRITICAL)):
+            service = LocalService("greeter", port, protocol=Protocol.GRPC,
+                                   health=HealthCheck("grpc", name, 1.0, 5.0))
+            result = await probe(service, http)
+            assert result.status == expected, (name, result)
