@@ -44,6 +44,7 @@ from meshd.config.route_parts import (
     policy_data,
 )
 from meshd.config.schema import (
+    GRPC_RETRY_CONDITIONS,
     RETRY_CONDITIONS,
     DefaultPolicy,
     DestinationPolicy,
@@ -283,10 +284,12 @@ def _retries(r: Reader, raw: Mapping[str, Any], path: str) -> RetryPolicy | None
         for item in listed or []:
             text = str(item) if isinstance(item, int) and not isinstance(item, bool) else item
             if not isinstance(text, str) or not (text in RETRY_CONDITIONS
+                                                 or text in GRPC_RETRY_CONDITIONS
                                                  or _STATUS_RE.match(text)):
                 r.problem(f"{rpath}.retry_on",
                           f"unknown condition {item!r} (expected one of: "
-                          f"{', '.join(RETRY_CONDITIONS)}, or a status such as \"503\")")
+                          f"{', '.join(RETRY_CONDITIONS)}, a status such as \"503\", or a "
+                          f"gRPC status: {', '.join(GRPC_RETRY_CONDITIONS)})")
             elif text not in retry_on:
                 retry_on.append(text)
     if attempts is None:

@@ -255,12 +255,17 @@ class RouteMatch:
 # -- what a route does ---------------------------------------------------------------------------
 
 RETRY_CONDITIONS = ("connect-failure", "reset", "timeout", "5xx", "gateway-error")
+# gRPC status codes a call may be retried on, by their kebab-case names (``grpc-status`` in the
+# response's trailers; ``meshd.proxy.core.grpc`` maps them to the codes)
+GRPC_RETRY_CONDITIONS = ("cancelled", "deadline-exceeded", "internal", "resource-exhausted",
+                         "unavailable")
 
 
 @dataclass(frozen=True)
 class RetryPolicy:
     """``attempts`` retries at most after the first try (Istio's meaning); ``retry_on`` holds
-    condition names (``RETRY_CONDITIONS``) and status codes as strings (``"503"``)."""
+    condition names (``RETRY_CONDITIONS``), status codes as strings (``"503"``) and gRPC
+    status names (``GRPC_RETRY_CONDITIONS``, for gRPC calls)."""
 
     attempts: int
     per_try_timeout: float | None = None

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from meshd.config.routes import parse_routes, routes_to_data
 from meshd.config.schema import (
+    GRPC_RETRY_CONDITIONS,
     RETRY_CONDITIONS,
     DestinationPolicy,
     DestinationRoutes,
@@ -97,6 +98,21 @@ def test_first_format_still_parses_to_the_same_table() -> None:
     assert routes_to_data(parse_routes(old)) == old
 
 
+def test_retry_on_takes_grpc_status_names_beside_the_http_conditions() -> None:
+    data = {"destinations": {"greeter": {
+        "subsets": {"v1": {"version": "v1"}}, "split": {"v1": 100},
+        "retries": {"attempts": 2, "retry_on": ["unavailable", "resource-exhausted", "reset",
+                                                "deadline-exceeded", "503"]}}}}
+    dest = parse_routes(data).get("greeter")
+    assert dest is not None
+    assert dest.retries == RetryPolicy(2, None, ("unavailable", "resource-exhausted", "reset",
+                                                 "deadline-exceeded", "503"))
+    for name in GRPC_RETRY_CONDITIONS:
+        one = copy.deepcopy(data)
+        one["destinations"]["greeter"]["retries"]["retry_on"] = [name]
+        assert parse_routes(one).get("greeter") is not None
+
+
 def test_shop_example_keeps_its_canary_split() -> None:
     path = Path(__file__).parents[2] / "examples" / "shop" / "routes.toml"
     table = parse_routes(tomllib.loads(path.read_text()), str(path))
@@ -158,7 +174,13 @@ CASES = [
      "required key is missing"),
     (f"{R0}.retries", {"attempts": 1, "retry_on": ["5xx", "sometimes"]}, f"{R0}.retries.retry_on",
      "unknown condition 'sometimes' (expected one of: connect-failure, reset, timeout, 5xx, "
-     'gateway-error, or a status such as "503")'),
+     'gateway-error, a status such as "503", or a gRPC status: cancelled, deadline-exceeded, '
+     "internal, resource-exhausted, unavailable)"),
+    # gRPC names are kebab-case, as Envoy's retry_on spells them: not the canonical upper case
+    (f"{R0}.retries", {"attempts": 1, "retry_on": ["UNAVAILABLE"]}, f"{R0}.retries.retry_on",
+     "unknown condition 'UNAVAILABLE' (expected one of: connect-failure, reset, timeout, 5xx, "
+     'gateway-error, a status such as "503", or a gRPC status: cancelled, deadline-exceeded, '
+     "internal, resource-exhausted, unavailable)"),
     (f"{R0}.retries", {"attempts": 1, "retry_on": []}, f"{R0}.retries.retry_on",
      "empty: nothing would be retried"),
     (f"{R0}.fault", {"delay_percent": 5}, f"{R0}.fault",
@@ -249,8 +271,8 @@ MATCHES = st.builds(
     _fields(HEADER), _fields(st.from_regex(r"[a-z_]{1,8}", fullmatch=True)))
 RETRIES = st.none() | st.builds(
     RetryPolicy, st.integers(0, 10), st.none() | DURATIONS,
-    st.lists(st.sampled_from([*RETRY_CONDITIONS, "503", "429"]), unique=True,
-             min_size=1, max_size=4).map(tuple))
+    st.lists(st.sampled_from([*RETRY_CONDITIONS, *GRPC_RETRY_CONDITIONS, "503", "429"]),
+             unique=True, min_size=1, max_size=4).map(tuple))
 FAULTS = st.none() | st.one_of(
     st.builds(FaultPolicy, DURATIONS, PERCENT, st.none(), st.just(0.0)),
     st.builds(FaultPolicy, st.none(), st.just(0.0), st.integers(200, 599), PERCENT),
