@@ -51,7 +51,9 @@ def parse_metrics(text: str) -> MetricSample:
                 lkey = (labels.get("direction", ""), labels.get("destination", ""),
                         labels.get("subset", ""))
                 le = float(labels.get("le", "+Inf"))
-                buckets.setdefault(lkey, {})[le] = value
+                # summed over any other label (a source, a code): one histogram per subset
+                series = buckets.setdefault(lkey, {})
+                series[le] = series.get(le, 0.0) + value
             elif name == "meshd_tcp_connections_opened_total":
                 tkey = (labels.get("direction", ""), labels.get("source", ""),
                         labels.get("destination", ""), labels.get("subset", ""))
