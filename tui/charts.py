@@ -16,8 +16,9 @@ from rich.text import Text
 
 from tui import fmt
 from tui.fmt import BLOCKS, STYLE, Status
-from tui.series import SPAN, Point, Reading, columns, latest
-from tui.views import SUCCESS_FAIL, SUCCESS_WARN
+from tui.model import MeshModel
+from tui.series import SPAN, Point, Reading, by_subset, columns, latest
+from tui.views import SUCCESS_FAIL, SUCCESS_WARN, subset_views
 
 AXIS = 6  # columns of a chart's axis labels
 GAP = 2  # between charts abreast
@@ -150,7 +151,7 @@ def chart_lines(chart: SubsetChart, metric: Metric, width: int, now: float, wind
         line = Text()
         for v, cells in zip(values, grid, strict=True):
             cell = cells[row]
-            line.append(cell, style="dim" if v is None or cell == BLOCKS[0] and not v
+            line.append(cell, style="dim" if v is None or (cell == BLOCKS[0] and not v)
                         else metric.style(v))
         axis = metric.axis(top) if row == 0 else (
             metric.axis(bottom) if row == rows - 1 else "")
@@ -190,9 +191,9 @@ class SubsetCharts:
         abreast = width >= len(METRICS) * MIN_CHART + GAP * (len(METRICS) - 1)
         chart_width = (width - GAP * (len(METRICS) - 1)) // len(METRICS) if abreast else width
         bars = max(1, chart_width - AXIS - 1)
-        out = [Text(f"last {seconds_text(self.span)}, one column ≈ "
-                    f"{seconds_text(self.span / bars)}; values now: the last "
-                    f"{seconds_text(self.window)}", style="dim")]
+        out = [line_fit(Text(f"last {seconds_text(self.span)}, a column ≈ "
+                             f"{seconds_text(self.span / bars)}; values now: last "
+                             f"{seconds_text(self.window)}", style="dim"), width)]
         for chart in self.charts:
             blocks = [chart_lines(chart, m, chart_width, self.now, self.window, self.rows,
                                   self.span) for m in METRICS]
@@ -259,13 +260,20 @@ def _joined(lines: Sequence[Text]) -> Iterator[Text]:
     yield text
 
 
-def subset_charts(series: dict[str, Sequence[Point]], weights: dict[str, int | None]
-                  ) -> list[SubsetChart]:
-    """A chart per subset: those of ``weights`` (the split, in its order; None: no weight)
-    first, then any other subset callers sent requests to."""
+def destination_charts(model: MeshModel, destination: str, titled: bool = True
+                       ) -> list[SubsetChart]:
+    """A chart per subset of ``destination``: those its route declares, in order, then any
+    other subset its callers sent requests to (no split: one, "all"). ``titled``: the title
+    carries the subset's weight."""
+    found = model.series.of(destination)
+    if not found:
+        return []
+    declared = [s for s in subset_views(model, destination) if s.name]
+    weights = {s.name: s.weight for s in declared}
+    series = by_subset(found, weights or [""])
     out = []
     for name, points in series.items():
-        weight = weights.get(name)
+        weight = weights.get(name) if titled else None
         title = (name or "all") + ("" if weight is None else f" {weight}%")
         out.append(SubsetChart(name, title, tuple(points)))
     return out
