@@ -1,7 +1,7 @@
 """Service detail: request rate, success rate and p99 per subset over the last minutes (charts),
-instances per subset (host, health, ejection by each calling host and for how
-long, requests in flight to it from every caller, request rate and its recent history), the
-routes in force, each host's config generation and the service's certificates per host."""
+instances per subset (host, health, ejection by each calling host and for how long, requests in
+flight to it from every caller, request rate and its recent history), the routes in force, each
+host's config generation and the service's certificates per host."""
 
 from __future__ import annotations
 
