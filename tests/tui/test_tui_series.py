@@ -1,5 +1,5 @@
 """The charts' series math by tables: rate and success from counter increases (a restarted meshd's
-reset included), no traffic shown as "–" and not 100 %, p99 from bucket increases (+Inf too),
+reset included), no traffic shown as a dash and not as 100 %, p99 from bucket increases (+Inf too),
 hosts summed and a host back from a gap averaged, columns over time, bounded ring buffers; and
 the charts' scale and bars."""
 
@@ -100,7 +100,7 @@ def test_increase_of_latency_buckets(old: Buckets, new: Buckets, delta: Buckets)
 @pytest.mark.parametrize(("points", "rate", "success", "p99"), [
     ([Point(1, 1.0, 20, 0, ((0.1, 20), (INF, 20)))], 20.0, 1.0, pytest.approx(0.099)),
     ([Point(1, 1.0, 20, 1)], 20.0, 0.95, None),
-    ([Point(1, 1.0, 0, 0)], 0.0, None, None),  # no traffic: "–", not 100 %
+    ([Point(1, 1.0, 0, 0)], 0.0, None, None),  # no traffic: a dash, not 100 %
     ([Point(1, 1.0, 10, 10)], 10.0, 0.0, None),
     # two intervals: counts summed, then divided (not an average of ratios)
     ([Point(1, 1.0, 90, 0), Point(2, 1.0, 10, 10)], 50.0, 0.9, None),
@@ -282,7 +282,7 @@ def test_a_chart_is_labelled_with_subset_metric_value_and_axis() -> None:
     assert success[0].startswith("v2 10% success 98.0%")  # 2 of 100 failed in the last 5 s
     assert success[1].endswith("100%  ") and success[3].endswith("90%   ")
     p99 = [line.plain for line in chart_lines(chart, P99, 24, T0 + 10, 5.0, span=10.0)]
-    assert p99[0] == "v2 10% p99 –".ljust(24)  # no histogram: no p99
+    assert p99[0] == f"v2 10% p99 {fmt.DASH}".ljust(24)  # no histogram: no p99
 
 
 def render(renderable: object, width: int) -> list[str]:
