@@ -51,9 +51,8 @@ def parse_metrics(text: str) -> MetricSample:
                 lkey = (labels.get("direction", ""), labels.get("destination", ""),
                         labels.get("subset", ""))
                 le = float(labels.get("le", "+Inf"))
-                # summed over any other label (a source, a code): one histogram per subset
-                series = buckets.setdefault(lkey, {})
-                series[le] = series.get(le, 0.0) + value
+                per_le = buckets.setdefault(lkey, {})  # summed over source and code
+                per_le[le] = per_le.get(le, 0.0) + value
             elif name == "meshd_tcp_connections_opened_total":
                 tkey = (labels.get("direction", ""), labels.get("source", ""),
                         labels.get("destination", ""), labels.get("subset", ""))
