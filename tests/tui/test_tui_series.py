@@ -38,7 +38,7 @@ from tui.series import (
 )
 
 INF = float("inf")
-OK, FAIL = "200", "503"
+OK = "200"
 
 
 def sample(requests: dict[str, float], buckets: Buckets = ()) -> MetricSample:
@@ -220,9 +220,8 @@ def test_series_from_meshd_own_metrics() -> None:
     m = Metrics()
     before = parse_metrics(m.render().decode())
     for i in range(10):
-        m.requests.labels("outbound", "web", "payments", "v2", FAIL if i == 0 else OK).inc()
-        m.request_duration.labels("outbound", "payments", "v2").observe(
-            0.004 if i else 2.0)
+        m.request_done("outbound", "web", "payments", "v2", 503 if i == 0 else 200,
+                       0.004 if i else 2.0)
     after = parse_metrics(m.render().decode())
     point = points_at(T0, 2.0, [HostIncrease(2.0, after, before)])[("payments", "v2")]
     got = reading([point])
