@@ -1,6 +1,7 @@
-"""Service detail: instances per subset (host, health, ejection by each calling host and for how
-long, requests in flight to it from every caller, request rate and its recent history), the
-routes in force, each host's config generation and the service's certificates per host."""
+"""Service detail: request rate, success rate and p99 per subset over the last minutes (charts),
+instances per subset (host, health, ejection by each calling host and for how long, requests in
+flight to it from every caller, request rate and its recent history), the routes in force, each
+host's config generation and the service's certificates per host."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
 from tui import fmt
+from tui.charts import SubsetCharts, destination_charts
 from tui.events import config_reason
 from tui.fmt import STYLE, SYMBOL, Status
 from tui.model import MeshModel
@@ -43,6 +45,9 @@ class ServiceScreen(Screen[None]):
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="detail"):
             yield Static(id="detail-title")
+            yield Static(f"Requests to {self.service} by subset (its callers' view)",
+                         classes="section")
+            yield Static(id="charts")
             yield Static("Instances", classes="section")
             yield ColumnsTable("subset", "version", "host", "address", "health", "ejected",
                                "active", "rate", f"last {SPARK}s", id="instances")
@@ -61,6 +66,9 @@ class ServiceScreen(Screen[None]):
     def model_updated(self) -> None:
         detail = service_detail(self.model, self.service, self.clock())
         self.query_one("#detail-title", Static).update(title_text(detail))
+        self.query_one("#charts", Static).update(SubsetCharts(
+            destination_charts(self.model, self.service), self.model.last_at, self.model.window,
+            empty=f"no caller has sent requests to {self.service} yet"))
         self.query_one("#routes", Static).update(routes_text(detail))
         fill_table(self.query_one("#instances", DataTable), instance_rows(detail))
         fill_table(self.query_one("#generations", DataTable), generation_rows(detail))

@@ -1,6 +1,7 @@
 """The split editor: one destination's weights, validated as they change, written with
 check-and-set on the stored table's ModifyIndex, then watched as it propagates (hosts on the new
-table, measured traffic share per subset)."""
+table, measured traffic share per subset). Under the weights, each subset's rate, success rate
+and p99 over the last minutes, so a canary is watched from here."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from textual.widgets import Button, Footer, Static
 from meshd.errors import ConfigError, MeshError
 from meshd.registry.config_store import ConfigConflict, RouteConfigStore, StoredRoutes
 from tui import fmt
+from tui.charts import SubsetSparks, destination_charts
 from tui.events import split_text
 from tui.fmt import STYLE, SYMBOL, Status
 from tui.model import MeshModel
@@ -124,6 +126,7 @@ class SplitEditorScreen(Screen[None]):
         with VerticalScroll(id="editor"):
             yield Static(id="editor-title")
             yield Static("reading the stored route table…", id="editor-body")
+            yield Static(id="editor-charts")
             with Horizontal(id="editor-buttons"):
                 yield Button("Apply", id="apply", compact=True, variant="primary")
                 yield Button("Canary step", id="step", compact=True)
@@ -172,6 +175,9 @@ class SplitEditorScreen(Screen[None]):
         if self.draft is not None:
             self.query_one("#editor-body", Static).update(
                 render_body(self.draft, self.validation(), self.health()))
+        self.query_one("#editor-charts", Static).update(SubsetSparks(
+            destination_charts(self.model, self.destination, titled=False),
+            self.model.last_at, self.model.window))
         self.query_one("#editor-result", Static).update(self.result)
         self.query_one("#editor-propagation", Static).update(self.propagation_text())
 

@@ -24,6 +24,8 @@ SYMBOL = {Status.OK: "✔", Status.WARN: "▲", Status.FAIL: "✘", Status.IDLE:
           Status.STALE: "?"}
 STYLE = {Status.OK: "green", Status.WARN: "yellow", Status.FAIL: "bold red",
          Status.IDLE: "dim", Status.STALE: "magenta"}
+RATE_STYLE = "cyan"  # rate charts (the colour of the sparklines and share bars)
+LATENCY_STYLE = "blue"  # latency charts
 EJECTED = "⊘"
 HEALTHY_DOT = "●"
 ORDER = [Status.OK, Status.IDLE, Status.STALE, Status.WARN, Status.FAIL]

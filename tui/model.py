@@ -12,6 +12,7 @@ from typing import Any
 from tui.events import Event, host_events, registry_events
 from tui.observe import HostPoll, Instance, Observation, RegistryPoll
 from tui.prom import Buckets, MetricSample, bucket_delta, delta_map, merge_buckets, quantile
+from tui.series import MAX_POINTS, HostIncrease, SubsetSeries, is_error
 
 WINDOW = 5.0  # seconds over which rates, success and p99 are measured
 HISTORY = 60  # rate samples kept per instance (sparklines)
@@ -38,10 +39,6 @@ class Traffic:
     def __add__(self, other: Traffic) -> Traffic:
         return Traffic(self.rate + other.rate, self.requests + other.requests,
                        self.errors + other.errors, merge_buckets([self.latency, other.latency]))
-
-
-def is_error(code: str) -> bool:
-    return not code.isdigit() or int(code) >= 500
 
 
 @dataclass
@@ -81,9 +78,11 @@ class HostRecord:
 
 
 class MeshModel:
-    def __init__(self, *, window: float = WINDOW, history: int = HISTORY) -> None:
+    def __init__(self, *, window: float = WINDOW, history: int = HISTORY,
+                 chart_points: int = MAX_POINTS) -> None:
         self.window = window
         self.history = history
+        self.series = SubsetSeries(chart_points)  # per destination subset, for the charts
         self.registry: RegistryPoll | None = None  # the last successful answer
         self.registry_error = ""
         self.registry_polled_at = 0.0
@@ -105,13 +104,17 @@ class MeshModel:
         events = registry_events(self.registry, not self.registry_error,
                                  self.registry_outage_since, obs.registry)
         self._take_registry(obs.registry)
+        increases: list[HostIncrease] = []
         for poll in obs.hosts:
             record = self.hosts.get(poll.admin)
             was = None if record is None else record.reachable
-            last = record.samples[-1][1] if record is not None and record.samples else None
+            last = record.samples[-1] if record is not None and record.samples else None
             events.extend(host_events(None if record is None else record.state, was, poll,
-                                      last))
+                                      None if last is None else last[1]))
+            if poll.ok and poll.metrics is not None and last is not None:
+                increases.append(HostIncrease(poll.at - last[0], poll.metrics, last[1]))
             self._take_host(record or self._new_host(poll), poll)
+        self.series.add(obs.at, increases)
         self.events.extend(events)
         return events
 

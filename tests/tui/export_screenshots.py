@@ -18,6 +18,9 @@ NAMES = {
     "test_events.svg": "tui-events.svg",
     "test_service_detail.svg": "tui-service-detail.svg",
     "test_split_editor.svg": "tui-split-editor.svg",
+    "test_service_detail_charts.svg": "tui-service-charts.svg",
+    "test_service_detail_charts_at_80x24.svg": "tui-service-charts-80x24.svg",
+    "test_split_editor_charts.svg": "tui-split-editor-charts.svg",
     "test_filter.svg": "tui-filter.svg",
     "test_help.svg": "tui-help.svg",
 }

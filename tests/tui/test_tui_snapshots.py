@@ -82,3 +82,27 @@ def test_service_detail_at_80x24(snap_compare: Compare) -> None:
 def test_split_editor_at_80x24_an_empty_0_percent_subset_is_idle(snap_compare: Compare
                                                                  ) -> None:
     assert snap_compare(fixed_app(routes=V3_READY), press=["w", "_"], terminal_size=SMALL)
+
+
+# -- charts: the same mesh after five minutes of history (tests/tui/tui_data.py) ------------------
+
+TO_PAYMENTS = ["2", "down", "down", "enter"]
+
+
+def test_service_detail_charts(snap_compare: Compare) -> None:
+    """payments: v1 steady; v2's burst of 503s two minutes ago and its failure now, on its
+    success chart; rate and p99 per subset beside it."""
+    assert snap_compare(fixed_app(history=True), press=TO_PAYMENTS, terminal_size=(120, 40))
+
+
+def test_service_detail_charts_at_80x24(snap_compare: Compare) -> None:
+    assert snap_compare(fixed_app(history=True), press=TO_PAYMENTS, terminal_size=SMALL)
+
+
+def test_split_editor_charts(snap_compare: Compare) -> None:
+    """The canary's rate, success and p99 under the weights, one line per subset."""
+    assert snap_compare(fixed_app(history=True), press=["w"], terminal_size=(120, 30))
+
+
+def test_split_editor_charts_at_80x24(snap_compare: Compare) -> None:
+    assert snap_compare(fixed_app(history=True), press=["w"], terminal_size=SMALL)

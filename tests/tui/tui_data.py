@@ -153,7 +153,7 @@ def _state(node: str, step: int, routes: dict[str, Any]) -> dict[str, Any]:
         "destinations": _destinations(node, step),
         "routes": OLD_ROUTES if refused else routes,
         "registry": {"url": "http://10.0.0.2:8500",
-                     "staleness_seconds": 0.0 if node != "host-d" else 12.0 + step,
+                     "staleness_seconds": 0.0 if node != "host-d" else 12.0 + max(0, step),
                      "watches": [{"name": "routes", "index": ROUTES_INDEX,
                                   "staleness_seconds": 0.0, "error": ""}]},
         "certificates": [{"service": name, "spiffe_id": f"spiffe://shop.mesh/svc/{name}",
@@ -179,10 +179,91 @@ def _instances(step: int) -> tuple[Instance, ...]:
     return tuple(out)
 
 
-def observations(admin_port: int = 15000, routes: dict[str, Any] = ROUTES
-                 ) -> list[Observation]:
+# -- the minutes before: the canary at 10 % for a while, with a burst of 503s from v2 ------------
+
+HISTORY = 300  # seconds of history before T0 the charts' fixed data has (one scrape a second)
+Counts = dict[Any, float]
+
+
+def _shares(spread: float) -> list[float]:
+    return [0.30, 0.55, 0.80, 0.93, 0.985 - 0.01 * spread, 0.997, 1.0]
+
+
+def _history_second(node: str, s: int) -> tuple[Counts, dict[Any, list[float]]]:
+    """What ``node``'s counters and latency buckets gain in second ``s`` of the history."""
+    wave = 1 + 0.3 * math.sin(2 * math.pi * s / 120)
+    requests: Counts = {}
+    latency: dict[Any, list[float]] = {}
+    if node == "host-a":
+        burst = HISTORY * 0.4 <= s < HISTORY * 0.5  # v2 answers 503 to 15 % of requests
+        v2 = 2.0 * wave
+        requests |= {
+            ("outbound", "web", "payments", "v1", "200"): 18.0 * wave,
+            ("outbound", "web", "payments", "v2", "200"): v2 * (0.85 if burst else 1.0),
+            ("outbound", "web", "payments", "v2", "503"): v2 * 0.15 if burst else 0.0,
+            ("outbound", "web", "cart", "", "200"): 10.0,
+        }
+        latency |= {
+            ("outbound", "payments", "v1"): [18.0 * wave * x for x in _shares(wave - 0.7)],
+            ("outbound", "payments", "v2"): [v2 * x for x in _shares(4.0 if burst else 1.5)],
+            ("outbound", "cart", ""): [10.0 * x for x in _shares(1)],
+        }
+    elif node == "host-d":
+        requests |= {
+            ("outbound", "cart", "inventory", "", "200"): 3.6,
+            ("outbound", "cart", "inventory", "", "502"): 0.4,
+            ("inbound", "web", "cart", "", "200"): 10.0,
+        }
+        latency[("outbound", "inventory", "")] = [4.0 * x for x in _shares(2)]
+    inbound = {"host-b": ("payments", 18.0), "host-c": ("payments", 2.0),
+               "host-e": ("inventory", 4.0)}
+    if node in inbound:
+        service, rate = inbound[node]
+        requests[("inbound", "web" if service == "payments" else "cart", service, "",
+                  "200")] = rate * wave
+    return requests, latency
+
+
+def _history_metrics(node: str) -> list[MetricSample]:
+    """``node``'s scrapes over the history, then the fixed steps shifted to follow on: each
+    counter goes on from where the history left it, one second of step 0's rates later."""
+    requests: Counts = {}
+    buckets: dict[Any, list[float]] = {}
     out = []
+    for s in range(HISTORY):
+        gained, latency = _history_second(node, s)
+        for key, n in gained.items():
+            requests[key] = requests.get(key, 0.0) + n
+        for key, counts in latency.items():
+            have = buckets.setdefault(key, [0.0] * len(BOUNDS))
+            buckets[key] = [a + b for a, b in zip(have, counts, strict=True)]
+        out.append(MetricSample(dict(requests), {k: tuple(zip(BOUNDS, v, strict=True))
+                                                 for k, v in buckets.items()}, {},
+                                {"applied": 2.0}))
+    first, second = _metrics(node, 0), _metrics(node, 1)
+    shift = {k: requests.get(k, 0.0) + second.requests[k] - 2 * v
+             for k, v in first.requests.items()}
+    shift_le = {k: [have + dict(second.latency[k])[le] - 2 * count for have, (le, count)
+                    in zip(buckets.get(k, [0.0] * len(BOUNDS)), v, strict=True)]
+                for k, v in first.latency.items()}
     for step in range(STEPS):
+        m = _metrics(node, step)
+        out.append(MetricSample(
+            {k: v + shift[k] for k, v in m.requests.items()},
+            {k: tuple((le, c + d) for (le, c), d in zip(v, shift_le[k], strict=True))
+             for k, v in m.latency.items()}, {}, {"applied": 2.0}))
+    return out
+
+
+def observations(admin_port: int = 15000, routes: dict[str, Any] = ROUTES,
+                 history: bool = False) -> list[Observation]:
+    """The fixed steps, one second apart (``history``: after ``HISTORY`` seconds more)."""
+    before = HISTORY if history else 0
+    metrics = {node: _history_metrics(node) if history else
+               [_metrics(node, step) for step in range(STEPS)] for node in HOSTS}
+    out = []
+    for i in range(before + STEPS):
+        step = i - before
         at = T0 + step
         hosts = []
         for node, (address, _, _) in HOSTS.items():
@@ -191,25 +272,26 @@ def observations(admin_port: int = 15000, routes: dict[str, Any] = ROUTES
                 hosts.append(HostPoll(admin, node, at, error="timed out"))
             else:
                 hosts.append(HostPoll(admin, node, at, _state(node, step, routes),
-                                      _metrics(node, step)))
+                                      metrics[node][i]))
         registry = RegistryPoll(at, "", _instances(step), routes, ROUTES_INDEX)
         out.append(Observation(at, registry, tuple(hosts)))
     return out
 
 
-def fixed_model(routes: dict[str, Any] = ROUTES) -> MeshModel:
+def fixed_model(routes: dict[str, Any] = ROUTES, history: bool = False) -> MeshModel:
     model = MeshModel()
-    for obs in observations(routes=routes):
+    for obs in observations(routes=routes, history=history):
         model.ingest(obs)
     return model
 
 
 def fixed_app(store: RouteConfigStore | None = None,
               clock: Callable[[], float] = lambda: NOW, routes: dict[str, Any] = ROUTES,
-              interval: float = 1.0) -> MeshConsole:
-    """The console on the fixed data, at a fixed time, in UTC: the same pixels every run."""
+              interval: float = 1.0, history: bool = False) -> MeshConsole:
+    """The console on the fixed data, at a fixed time, in UTC: the same pixels every run
+    (``history``: with the five minutes before, for the charts)."""
     obs = observations(routes=routes)
     store = store or MemoryRouteStore(routes, ROUTES_INDEX, signer=throwaway_operator())
     source = FixedSource([obs[-1]], store, description="registry http://10.0.0.2:8500")
-    return MeshConsole(source, clock=clock, clock_format=utc_clock, model=fixed_model(routes),
-                       interval=interval)
+    return MeshConsole(source, clock=clock, clock_format=utc_clock,
+                       model=fixed_model(routes, history), interval=interval)
