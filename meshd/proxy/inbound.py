@@ -42,7 +42,7 @@ from meshd.proxy.attempts import OWN_HEADERS, Attempts
 from meshd.proxy.core.authz import DEFAULT_DENY, Caller, Verdict, authorize, normalize_path
 from meshd.proxy.core.http1 import ProtocolError, RequestHead
 from meshd.proxy.core.http1_write import upstream_request_head
-from meshd.proxy.core.trace import identify
+from meshd.proxy.core.trace import RequestIdentity, identify
 from meshd.proxy.core.view import MeshView, ViewCell
 from meshd.proxy.exchange import RequestSource
 from meshd.proxy.forward import (
@@ -55,6 +55,8 @@ from meshd.proxy.pool import ConnectFailed, ConnectionPool
 from meshd.proxy.pump import pump
 from meshd.proxy.sockio import SocketConnection, connect_tcp
 from meshd.proxy.streams import accept_mtls
+from meshd.tracing.spans import SERVER
+from meshd.tracing.tracer import Tracer
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,7 @@ class InboundContext:
     app_pool: ConnectionPool
     view: ViewCell = field(default_factory=ViewCell)  # read per request: authorization, limits
     access: AccessLog = field(default_factory=AccessLog)
+    tracer: Tracer = field(default_factory=Tracer.off)
 
     def authorize(self, view: MeshView, service: str, caller: Caller,
                   request: RequestHead | None = None) -> Verdict:
@@ -225,17 +228,17 @@ class _HTTPService:
         ctx = self.ctx
         started = trio.current_time()
         view = ctx.view.current  # read once per request: a rule change applies to the next
-        ids = identify(request.headers)
+        ids = identify(request.headers, sample=ctx.tracer.sample)
         if not ctx.authorize(view, self.service.name, self.caller, request).allowed:
             text = f"access to {self.service.name} denied"
             keep = await answer_locally(source, request, conn, 403, text)
-            self._record(request, started, ids.request_id, status=403, detail=text)
+            self._record(request, started, ids, status=403, detail=text)
             return keep
         dest = view.routes.get(self.service.name)
         limit = dest.policy.max_request_bytes if dest is not None else None
         refused = await refuse_large_body(source, request, conn, limit)
         if refused is not None:
-            self._record(request, started, ids.request_id, status=413,
+            self._record(request, started, ids, status=413,
                          detail="request body too large")
             return refused
         head = upstream_request_head(
@@ -249,12 +252,12 @@ class _HTTPService:
         if result.detail and result.status >= 500:
             log.warning("%s -> %s (local app): %d %s", self.source, self.service.name,
                         result.status, result.detail)
-        self._record(request, started, ids.request_id, status=result.status,
+        self._record(request, started, ids, status=result.status,
                      detail=result.detail)
         return result.keep
 
-    def _record(self, request: RequestHead, started: float, request_id: str, *, status: int,
-                detail: str) -> None:
+    def _record(self, request: RequestHead, started: float, ids: RequestIdentity, *,
+                status: int, detail: str) -> None:
         m = self.ctx.metrics
         elapsed = trio.current_time() - started
         m.request_done("inbound", self.source, self.service.name, "", status, elapsed)
@@ -263,8 +266,13 @@ class _HTTPService:
             access.record(AccessEntry(
                 direction="inbound", source=self.source, destination=self.service.name,
                 method=request.method, target=request.target, status=status, duration=elapsed,
-                request_id=request_id, endpoint=f"{self.service.address}:{self.service.port}",
-                detail=detail))
+                request_id=ids.request_id,
+                endpoint=f"{self.service.address}:{self.service.port}", detail=detail))
+        self.ctx.tracer.finish(
+            SERVER, ids, elapsed, service=self.service.name, peer=self.source,
+            destination=self.service.name, method=request.method, target=request.target,
+            status=status, subset=self.service.version,
+            endpoint=f"{self.service.address}:{self.service.port}", detail=detail)
 
     def count_bad_request(self, exc: ProtocolError) -> None:
         self.ctx.metrics.requests.labels("inbound", self.source, self.service.name, "",

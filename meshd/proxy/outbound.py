@@ -53,6 +53,8 @@ from meshd.proxy.replay import ReplayBody
 from meshd.proxy.sockio import SocketConnection
 from meshd.proxy.streams import TLSStream, open_mtls
 from meshd.registry.model import Endpoint
+from meshd.tracing.spans import CLIENT
+from meshd.tracing.tracer import Tracer
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,7 @@ class OutboundContext:
     connect_timeout: float = CONNECT_TIMEOUT
     here: tuple[tuple[str, str], ...] = ()  # this host's labels, for locality priority
     access: AccessLog = field(default_factory=AccessLog)
+    tracer: Tracer = field(default_factory=Tracer.off)
     destinations: Destinations = field(init=False)
     mirror: Mirror = field(init=False)
 
@@ -129,7 +132,7 @@ class Outbound:
         dest = view.routes.get(self.destination)
         facts = RequestFacts.from_head(request.method, request.target, request.headers,
                                        conn.peer)
-        ids = identify(request.headers)
+        ids = identify(request.headers, sample=ctx.tracer.sample)
         routed = plan(view, self.destination, facts, ctx.rand(), ctx.here)
         route = routed.route
         fault = decide_fault(route.fault if route is not None else None, ctx.rand)
@@ -270,6 +273,12 @@ class Outbound:
                 request_id=ids.request_id, route=routed.route_name, subset=subset,
                 endpoint=endpoint.key if endpoint is not None else "", detail=detail,
                 tries=tries, error=error, failover_from=drawn if subset != drawn else ""))
+        self.ctx.tracer.finish(
+            CLIENT, ids, elapsed, service=self.source, peer=self.destination,
+            destination=self.destination, method=request.method, target=request.target,
+            status=status, subset=subset, route=routed.route_name,
+            endpoint=endpoint.key if endpoint is not None else "", tries=tries, error=error,
+            detail=detail)
 
     def _count_bad_request(self, exc: ProtocolError) -> None:
         self.ctx.metrics.requests.labels("outbound", self.source, self.destination, "",

@@ -38,6 +38,7 @@ from meshd.proxy.inbound import APP_IDLE_TIMEOUT, Inbound, InboundContext
 from meshd.proxy.outbound import Outbound, OutboundContext
 from meshd.proxy.pool import DEFAULT_IDLE_TIMEOUT, ConnectionPool
 from meshd.proxy.sockio import SocketConnection
+from meshd.tracing.tracer import Tracer
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ class _Listener:
 class Proxy:
     def __init__(self, config: HostConfig, view: ViewCell, tls: TLSState, metrics: Metrics, *,
                  rand: Callable[[], float] = random.random,
-                 inherited: InheritedSockets | None = None) -> None:
+                 inherited: InheritedSockets | None = None, tracer: Tracer | None = None) -> None:
         self.config = config
         self._inherited = inherited
         self.view = view
@@ -72,12 +73,14 @@ class Proxy:
         self.metrics = metrics
         self.pool = ConnectionPool(idle_timeout=DEFAULT_IDLE_TIMEOUT)
         self.app_pool = ConnectionPool(idle_timeout=APP_IDLE_TIMEOUT)
+        tracer = tracer or Tracer.off()
         outbound_ctx = OutboundContext(view=view, tls=tls, metrics=metrics, pool=self.pool,
-                                       rand=rand, here=config.labels)
+                                       rand=rand, here=config.labels, tracer=tracer)
         self._outbound = outbound_ctx
         access = AccessLog()
         outbound_ctx.access = access
-        inbound = Inbound(InboundContext(config, tls, metrics, self.app_pool, view, access))
+        inbound = Inbound(InboundContext(config, tls, metrics, self.app_pool, view, access,
+                                         tracer))
         # caps at accept; the process's cap is what its open file limit leaves room for
         self.guard = ConnectionGuard(metrics=metrics)
         self._listeners = [_Listener("inbound", "mesh", config.address, config.inbound_port,
