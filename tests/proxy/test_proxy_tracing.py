@@ -60,11 +60,11 @@ TracedMeshFactory = Callable[..., Awaitable[TracedMesh]]
 async def traced_mesh(tmp_path: Path, nursery: trio.Nursery) -> TracedMeshFactory:
     async def build(endpoint: str, sampler: str = "parentbased_always_on", *,
                     queue_limit: int = 2048, interval: float = EXPORT_INTERVAL,
-                    timeout: float = 5.0) -> TracedMesh:
+                    export_timeout: float = 5.0) -> TracedMesh:
         ca = MiniCA.create()
         app = Backend("payments", "v1")
         await nursery.start(app.serve)
-        settings = TracingSettings(endpoint=endpoint, sampler=sampler, timeout=timeout)
+        settings = TracingSettings(endpoint=endpoint, sampler=sampler, timeout=export_timeout)
         hosts, tracers = {}, {}
         view = ViewCell(MeshView(routes=OPEN, endpoints=MappingProxyType({})))
         for node, services in (
@@ -201,7 +201,7 @@ async def test_a_collector_down_costs_requests_nothing(
     else:
         receiver.hang, receiver.answer = collector == "silent", 503
         endpoint = receiver.endpoint
-    mesh = await traced_mesh(endpoint, "always_on", timeout=0.2)
+    mesh = await traced_mesh(endpoint, "always_on", export_timeout=0.2)
     async with httpx.AsyncClient(base_url=mesh.url) as client:
         for _ in range(20):
             assert (await client.get("/version")).status_code == 200
