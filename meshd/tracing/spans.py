@@ -18,9 +18,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
+from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
-from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
+from opentelemetry.proto.trace.v1.trace_pb2 import ScopeSpans, Span, Status
 
 import meshd
 
@@ -69,58 +69,82 @@ def spiffe_id(trust_domain: str, service: str) -> str:
 
 
 def encode(records: Sequence[SpanRecord], host: HostResource) -> bytes:
-    """``records`` as the body of an OTLP/HTTP export (``application/x-protobuf``)."""
-    by_service: dict[str, list[Span]] = {}
-    for record in records:
-        name = host.service_name or record.service
-        by_service.setdefault(name, []).append(_span(record, host))
-    request = ExportTraceServiceRequest(resource_spans=[
-        ResourceSpans(resource=Resource(attributes=_attributes((
-            ("service.name", name), ("host.name", host.node), ("meshd.node", host.node),
-            ("service.instance.id", f"{host.node}/{name}")))),
-            scope_spans=[ScopeSpans(scope=SCOPE, spans=spans)])
-        for name, spans in by_service.items()])
+    """``records`` as the body of an OTLP/HTTP export (``application/x-protobuf``).
+
+    Most of a span is the same for every request of one hop (its kind, services, subset,
+    route, endpoint, method): that part is built once per batch and serialized, and each span
+    starts as a copy of it (``MergeFromString``) before its own fields are set in place. Building
+    every attribute message anew costs several times as much."""
+    request = ExportTraceServiceRequest()
+    scopes: dict[str, ScopeSpans] = {}
+    shared: dict[tuple[object, ...], bytes] = {}
+    for r in records:
+        name = host.service_name or r.service
+        scope = scopes.get(name)
+        if scope is None:
+            resource_spans = request.resource_spans.add()
+            _add_attributes(resource_spans.resource, (
+                ("service.name", name), ("host.name", host.node), ("meshd.node", host.node),
+                ("service.instance.id", f"{host.node}/{name}")))
+            scope = scopes[name] = resource_spans.scope_spans.add()
+            scope.scope.CopyFrom(SCOPE)
+        key = (r.kind, r.service, r.peer, r.destination, r.subset, r.route, r.endpoint,
+               r.method)
+        common = shared.get(key)
+        if common is None:
+            common = shared[key] = _common(r, host).SerializeToString()
+        span = scope.spans.add()
+        span.MergeFromString(common)
+        _fill(span, r)
     body: bytes = request.SerializeToString()
     return body
 
 
-def _span(r: SpanRecord, host: HostResource) -> Span:
-    tp = r.traceparent
+def _common(r: SpanRecord, host: HostResource) -> Span:
+    """What every span of ``r``'s hop, destination and method has."""
     method = r.method.decode("ascii", "replace")
-    path = r.target.split(b"?", 1)[0][:MAX_TEXT].decode("ascii", "backslashreplace")
-    start_ns = r.end_ns - int(r.duration * 1e9)
     peer = r.peer if r.peer == "unknown" else spiffe_id(host.trust_domain, r.peer)
-    attributes: list[tuple[str, str | int]] = [
-        ("http.request.method", method), ("url.path", path),
-        ("http.response.status_code", r.status),
+    span = Span(name=f"{method} {r.destination}", kind=r.kind)  # type: ignore[arg-type]
+    _add_attributes(span, (
+        ("http.request.method", method),
         # the calling service: ours on the outbound side, the peer's on the inbound side
         ("meshd.source", r.peer if r.kind == SERVER else r.service),
         ("meshd.destination", r.destination), ("meshd.peer.identity", peer),
-        ("meshd.request_id", r.request_id)]
-    for key, value in (("meshd.subset", r.subset), ("meshd.route", r.route),
-                       ("meshd.endpoint", r.endpoint), ("meshd.error", r.error)):
-        if value:
-            attributes.append((key, value))
+        *((key, value) for key, value in (("meshd.subset", r.subset), ("meshd.route", r.route),
+                                          ("meshd.endpoint", r.endpoint)) if value)))
+    return span
+
+
+def _fill(span: Span, r: SpanRecord) -> None:
+    """The fields of one request's span."""
+    tp = r.traceparent
+    span.trace_id = bytes.fromhex(tp[3:35].decode("ascii"))
+    span.span_id = bytes.fromhex(tp[36:52].decode("ascii"))
+    if r.parent_span_id:
+        span.parent_span_id = bytes.fromhex(r.parent_span_id.decode("ascii"))
+    # the W3C trace flags, and whether the parent is remote (it is, when there is one)
+    span.flags = (_REMOTE_PARENT if r.parent_span_id else _LOCAL_ROOT) | int(tp[53:55], 16)
+    span.start_time_unix_nano = r.end_ns - int(r.duration * 1e9)
+    span.end_time_unix_nano = r.end_ns
+    path = r.target.split(b"?", 1)[0][:MAX_TEXT].decode("ascii", "backslashreplace")
+    _add_attributes(span, (("url.path", path), ("http.response.status_code", r.status),
+                           ("meshd.request_id", r.request_id)))
     if r.tries:
-        attributes.append(("meshd.tries", r.tries))
+        _add_attributes(span, (("meshd.tries", r.tries),))
+    if r.error:
+        _add_attributes(span, (("meshd.error", r.error),))
     if r.grpc_status is not None:
-        attributes.append(("rpc.grpc.status_code", r.grpc_status))
-    failed = r.status >= 500
-    return Span(
-        trace_id=bytes.fromhex(tp[3:35].decode("ascii")),
-        span_id=bytes.fromhex(tp[36:52].decode("ascii")),
-        parent_span_id=bytes.fromhex(r.parent_span_id.decode("ascii"))
-        if r.parent_span_id else b"",
-        # the W3C trace flags, and whether the parent is remote (it is, when there is one)
-        flags=(_REMOTE_PARENT if r.parent_span_id else _LOCAL_ROOT) | int(tp[53:55], 16),
-        name=f"{method} {r.destination}", kind=r.kind,  # type: ignore[arg-type]
-        start_time_unix_nano=start_ns, end_time_unix_nano=r.end_ns,
-        attributes=_attributes(attributes),
-        status=Status(code=Status.STATUS_CODE_ERROR,
-                      message=(r.error or r.detail or str(r.status))[:MAX_TEXT])
-        if failed else Status())
+        _add_attributes(span, (("rpc.grpc.status_code", r.grpc_status),))
+    if r.status >= 500:
+        span.status.code = Status.STATUS_CODE_ERROR
+        span.status.message = (r.error or r.detail or str(r.status))[:MAX_TEXT]
 
 
-def _attributes(pairs: Iterable[tuple[str, str | int]]) -> list[KeyValue]:
-    return [KeyValue(key=k, value=AnyValue(int_value=v) if isinstance(v, int)
-                     else AnyValue(string_value=v)) for k, v in pairs]
+def _add_attributes(message: Span | Resource, pairs: Iterable[tuple[str, str | int]]) -> None:
+    for key, value in pairs:
+        attribute = message.attributes.add()
+        attribute.key = key
+        if isinstance(value, int):
+            attribute.value.int_value = value
+        else:
+            attribute.value.string_value = value
