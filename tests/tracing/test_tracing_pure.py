@@ -17,6 +17,7 @@ from meshd.proxy.core.trace import continue_trace, identify
 from meshd.tracing.sampling import make_sampler
 from meshd.tracing.settings import DEFAULT_ENDPOINT, TracingSettings, resolve
 from meshd.tracing.spans import CLIENT, SERVER, HostResource, SpanRecord, encode
+from meshd.tracing.tracer import Tracer
 
 HOST: dict[str, Any] = {
     "node": "host-a", "trust_domain": "shop.mesh",
@@ -229,3 +230,18 @@ def test_one_service_name_for_the_host() -> None:
     server = rs.scope_spans[0].spans[1]
     assert {kv.key: kv.value.string_value for kv in server.attributes}[
         "meshd.peer.identity"] == "unknown"
+
+
+# -- the daemon's tracer ------------------------------------------------------------------------
+
+def test_the_hosts_tracer_follows_its_file_and_environment() -> None:
+    config = parse_host_config({**HOST, "tracing": {"sampler": "always_off", "enabled": True}})
+    tracer = Tracer.for_host(config, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318",
+                                      "OTEL_SERVICE_NAME": "edge"})
+    assert tracer.enabled and tracer.settings is not None
+    assert tracer.settings.endpoint == "http://c:4318/v1/traces"
+    assert tracer.host == HostResource("host-a", "shop.mesh", "edge")
+    assert tracer.sample is not None and tracer.sample(TRACE, True) is False  # always_off
+    assert not Tracer.for_host(parse_host_config(HOST), {}).enabled
+    with pytest.raises(ConfigError, match="OTEL_TRACES_SAMPLER"):
+        Tracer.for_host(config, {"OTEL_TRACES_SAMPLER": "sometimes"})
