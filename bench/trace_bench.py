@@ -12,8 +12,10 @@ spans exported and dropped (from meshd's /metrics), and each traced mode's ratio
 
     .venv/bin/python bench/trace_bench.py [--duration 5] [--rounds 2] [--two-hop] [--json]
 
-The modes run one after the other (a mode needs its own meshd processes), their rounds back to
-back; run it on a quiet machine. Needs wrk and nginx (``apt-get install -y wrk nginx-light``).
+A mode needs its own meshd processes, so each round brings the mesh up once per mode, the
+modes in turn (off, 100 %, 1 %, then again), so that a slow spell of the machine touches every
+mode alike; the medians of the rounds are reported. Run it on a quiet machine. Needs wrk and
+nginx (``apt-get install -y wrk nginx-light``).
 Everything listens in one loopback /24 (``--prefix``, default 127.79.0) and every process
 started is stopped at the end, which is checked.
 """
@@ -72,9 +74,15 @@ MODES = (Mode("off", None), Mode("on, 100%", 1.0), Mode("on, 1%", 0.01))
 @dataclass
 class ModeResult:
     mode: str
-    paths: dict[str, Measurement] = field(default_factory=dict)
-    spans_exported: float = 0.0
+    targets: dict[str, Target] = field(default_factory=dict)
+    samples: dict[str, list[Sample]] = field(default_factory=dict)  # per path, one per round
+    spans_exported: float = 0.0  # all rounds
     spans_dropped: float = 0.0
+
+    @property
+    def paths(self) -> dict[str, Measurement]:
+        return {name: Measurement.of(self.targets[name], rows)
+                for name, rows in self.samples.items()}
 
 
 @dataclass
@@ -127,13 +135,13 @@ def say(text: str) -> None:
 
 
 async def measure_mode(mode: Mode, args: argparse.Namespace, layout: Layout, sink: Sink,
-                       settings: LoadSettings, started: set[ProcessId]) -> ModeResult:
-    """Bring the mesh up with ``mode``'s variables, measure, stop it."""
+                       settings: LoadSettings, started: set[ProcessId],
+                       result: ModeResult, round_number: int) -> None:
+    """Bring the mesh up with ``mode``'s variables, warm up, measure one round, stop it."""
     for name in OTEL_VARIABLES:
         os.environ.pop(name, None)
     os.environ.update(mode.environment(sink.url))  # the meshds inherit it
     run_dir, _ = prepare_run_dir(None)
-    result = ModeResult(mode.name)
     try:
         mesh_file, mesh = write_mesh_file(layout, run_dir)
         busy = ports_in_use(all_claims(layout, mesh))
@@ -150,33 +158,30 @@ async def measure_mode(mode: Mode, args: argparse.Namespace, layout: Layout, sin
             stack.launch = dataclasses.replace(stack.launch, routes=ALLOW_ALL)
             async with supervisor.running():
                 try:
-                    await _measure(stack, mode, args, settings, result)
+                    await _measure(stack, mode, args, settings, result, round_number)
                 finally:
                     started |= process_trees(c.pid for c in supervisor.children)
     finally:
         if not args.keep:
             shutil.rmtree(run_dir.root, ignore_errors=True)
-    return result
 
 
 async def _measure(stack: Stack, mode: Mode, args: argparse.Namespace,
-                   settings: LoadSettings, result: ModeResult) -> None:
+                   settings: LoadSettings, result: ModeResult, n: int) -> None:
     async with probes.http_client() as client:
-        say(f"{mode.name}: starting nginx and the mesh")
+        say(f"round {n}, {mode.name}: starting nginx and the mesh")
         await stack.start_backend(client)
         single, two = await stack.start_mesh(client)
         targets: list[Target] = [single, *((two,) if args.two_hop else ())]
-        samples: dict[str, list[Sample]] = {t.name: [] for t in targets}
         for target in targets:
             await warm_up(target, settings)
-        for n in range(1, settings.rounds + 1):
-            for target in targets:
-                sample = await measure_round(target, settings)
-                samples[target.name].append(sample)
-                say(f"  {mode.name}, {target.name}, round {n}: "
-                    f"{sample.load.requests_per_second:,.0f} req/s, "
-                    f"{sum(sample.cpu_us_per_request.values()):.0f} µs meshd CPU/request")
-        result.paths = {t.name: Measurement.of(t, samples[t.name]) for t in targets}
+        for target in targets:
+            sample = await measure_round(target, settings)
+            result.targets[target.name] = target
+            result.samples.setdefault(target.name, []).append(sample)
+            say(f"  round {n}, {mode.name}, {target.name}: "
+                f"{sample.load.requests_per_second:,.0f} req/s, "
+                f"{sum(sample.cpu_us_per_request.values()):.0f} µs meshd CPU/request")
         for host in ("host-a", "host-b"):
             text = (await client.get(f"http://{stack.mesh_host(host).admin}/metrics")).text
             result.spans_exported += _metric(text, "meshd_trace_spans_exported_total")
@@ -192,11 +197,12 @@ def _metric(text: str, name: str) -> float:
 async def run_all(args: argparse.Namespace, layout: Layout, settings: LoadSettings,
                   started: set[ProcessId]) -> list[ModeResult]:
     sink = Sink(layout.ip(30), SINK_PORT)
-    results: list[ModeResult] = []
+    results = [ModeResult(mode.name) for mode in MODES]
     async with trio.open_nursery() as nursery:
         await nursery.start(sink.serve)
-        for mode in MODES:
-            results.append(await measure_mode(mode, args, layout, sink, settings, started))
+        for n in range(1, settings.rounds + 1):
+            for mode, result in zip(MODES, results, strict=True):
+                await measure_mode(mode, args, layout, sink, settings, started, result, n)
         say(f"the OTLP sink got {sink.posts} export request(s), {sink.bytes:,} bytes")
         nursery.cancel_scope.cancel()
     return results
@@ -204,17 +210,19 @@ async def run_all(args: argparse.Namespace, layout: Layout, settings: LoadSettin
 
 def report(results: list[ModeResult], settings: LoadSettings) -> str:
     lines = [f"tracing cost: wrk -c{settings.connections} -d{settings.seconds}s, "
-             f"{settings.rounds} round(s) per mode, medians; CPU = meshd processes on the path",
+             f"{settings.rounds} round(s) per mode, modes in turn, medians; "
+             "CPU = meshd processes on the path",
              f"machine: {psutil.cpu_count()} CPUs, 1-min load average "
              f"{psutil.getloadavg()[0]:.1f} at the end", ""]
     paths = list(results[0].paths)
     header = (f"{'mode':10} {'path':11} {'req/s':>8} {'CPU µs/req':>11} {'p50 ms':>7} "
               f"{'p99 ms':>7} {'req/s vs off':>13} {'CPU vs off':>11}")
     lines.append(header)
-    off = results[0]
+    off = results[0].paths
     for r in results:
+        measured = r.paths
         for path in paths:
-            m, base = r.paths[path], off.paths[path]
+            m, base = measured[path], off[path]
             cpu, base_cpu = m.proxy_cpu_us or 0.0, base.proxy_cpu_us or 0.0
             lines.append(
                 f"{r.mode:10} {path:11} {m.requests_per_second:8,.0f} {cpu:11.1f} "
