@@ -1,31 +1,67 @@
 """Prometheus collectors for one meshd, on an explicit registry (never the global one).
 
-Names follow Istio's where they have an equivalent, with the ``meshd_`` prefix."""
+Names follow Istio's where they have an equivalent, with the ``meshd_`` prefix; docs/metrics.md
+lists every series and maps them to Istio's. No ``_created`` series (they double the series
+count and no dashboard reads them); the registry carries the process collector (``process_*``)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+# A process-wide switch of prometheus_client: every registry of ours (meshd's, the registry's,
+# the CA's) leaves the ``_created`` series out.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                    5.0, 10.0, 30.0)
+
+
+def new_registry() -> CollectorRegistry:
+    """An explicit registry with this process's ``process_*`` series (CPU, memory, open files,
+    start time: read from /proc, so empty elsewhere)."""
+    registry = CollectorRegistry(auto_describe=True)
+    ProcessCollector(registry=registry)
+    return registry
+
+
+# request_done's cache key: direction, source, destination, subset, status, mtls, grpc_status
+_RequestKey = tuple[str, str, str, str, int, bool, str]
 
 
 class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        self._request_children: dict[tuple[str, str, str, str, int], tuple[Any, Any]] = {}
+        self.registry = new_registry()
+        self._request_children: dict[_RequestKey, tuple[Any, Any, Any, Any]] = {}
         r = self.registry
         self.requests = Counter(
-            "meshd_requests", "HTTP requests proxied",
-            ["direction", "source", "destination", "subset", "code"], registry=r)
+            "meshd_requests", "HTTP requests proxied; mtls: whether the caller was "
+            "authenticated by mutual TLS (outbound: always, the mesh hop is mTLS); grpc_status: "
+            "the gRPC status of a gRPC call (\"\" otherwise)",
+            ["direction", "source", "destination", "subset", "code", "mtls", "grpc_status"],
+            registry=r)
         self.request_duration = Histogram(
             "meshd_request_duration_seconds", "HTTP request duration, head to end of response",
-            ["direction", "destination", "subset"], buckets=LATENCY_BUCKETS, registry=r)
+            ["direction", "source", "destination", "subset", "code"], buckets=LATENCY_BUCKETS,
+            registry=r)
+        self.request_bytes = Counter(
+            "meshd_request_bytes", "HTTP request body bytes sent upstream (the last try's)",
+            ["direction", "source", "destination", "subset"], registry=r)
+        self.response_bytes = Counter(
+            "meshd_response_bytes", "HTTP response body bytes sent to the client",
+            ["direction", "source", "destination", "subset"], registry=r)
         self.tcp_connections = Counter(
             "meshd_tcp_connections_opened", "TCP connections proxied",
             ["direction", "source", "destination", "subset"], registry=r)
@@ -109,6 +145,9 @@ class Metrics:
         self.faults_injected = Counter(
             "meshd_faults_injected", "requests delayed or aborted by fault injection",
             ["destination", "route", "kind"], registry=r)
+        self.rate_limited = Counter(
+            "meshd_rate_limited", "requests answered 429 by a route's local rate limit",
+            ["destination", "route"], registry=r)
         self.mirrored = Counter(
             "meshd_mirror_requests", "copies of requests sent to a mirror subset",
             ["destination", "subset", "result"], registry=r)
@@ -118,6 +157,12 @@ class Metrics:
             "meshd_authz_denied", "requests (and TCP connections) refused by a destination's "
             "authorization rules; rule=\"default deny\" when no rule applied",
             ["destination", "source", "rule"], registry=r)
+
+        # the outcomes a dashboard plots exist from the start, at 0 (not only once they happen)
+        for result in ("ok", "failed"):
+            self.cert_renewals.labels(result)
+        for result in ("applied", "rejected"):
+            self.config_reloads.labels(result)
 
         # tracing (meshd.tracing): spans exported over OTLP, or dropped rather than waited for
         self.trace_spans_exported = Counter(
@@ -133,18 +178,35 @@ class Metrics:
             self.trace_spans_dropped.labels(reason)
 
     def request_done(self, direction: str, source: str, destination: str, subset: str,
-                     status: int, seconds: float) -> None:
-        """Count one proxied HTTP request and observe its duration. The labelled children
-        are kept per label set: ``labels()`` costs more than the count itself."""
-        key = (direction, source, destination, subset, status)
+                     status: int, seconds: float, *, mtls: bool = True, grpc_status: str = "",
+                     request_bytes: int = 0, response_bytes: int = 0) -> None:
+        """Count one proxied HTTP request, observe its duration and add its body bytes. The
+        labelled children are kept per label set: ``labels()`` costs more than the count
+        itself (this is on every request's path)."""
+        key = (direction, source, destination, subset, status, mtls, grpc_status)
         children = self._request_children.get(key)
         if children is None:
-            children = (self.requests.labels(direction, source, destination, subset,
-                                             str(status)),
-                        self.request_duration.labels(direction, destination, subset))
+            code = str(status)
+            children = (
+                self.requests.labels(direction, source, destination, subset, code,
+                                     "true" if mtls else "false", grpc_status),
+                self.request_duration.labels(direction, source, destination, subset, code),
+                self.request_bytes.labels(direction, source, destination, subset),
+                self.response_bytes.labels(direction, source, destination, subset))
             self._request_children[key] = children
         children[0].inc()
         children[1].observe(seconds)
+        if request_bytes:
+            children[2].inc(request_bytes)
+        if response_bytes:
+            children[3].inc(response_bytes)
+
+    def bad_request(self, direction: str, source: str, destination: str, status: int, *,
+                    mtls: bool = True) -> None:
+        """Count a request refused before it could be routed (malformed: no subset, no
+        duration)."""
+        self.requests.labels(direction, source, destination, "", str(status),
+                             "true" if mtls else "false", "").inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -211,7 +211,13 @@ class MeshModel:
             state = host.state or {}
             names.update(str(s.get("name")) for s in state.get("services") or [])
             names.update(str(u.get("destination")) for u in state.get("upstreams") or [])
+            names.update(self.gateways())
         return sorted(n for n in names if n and n != "None")
+
+    def gateways(self) -> set[str]:
+        """The names of the ingress gateways the meshds run (the mesh's entry nodes)."""
+        return {str(g.get("name")) for host in self.hosts.values()
+                for g in (host.state or {}).get("gateways") or []}
 
     def calls(self) -> set[tuple[str, str]]:
         """(source, destination) pairs declared as upstreams or seen in traffic."""
@@ -220,6 +226,9 @@ class MeshModel:
             state = host.state or {}
             for up in state.get("upstreams") or []:
                 pairs.add((str(up.get("service")), str(up.get("destination"))))
+            for gateway in state.get("gateways") or []:
+                for route in gateway.get("routes") or []:
+                    pairs.add((str(gateway.get("name")), str(route.get("service"))))
             if host.samples:
                 for (direction, src, dest, _s, _c) in host.samples[-1][1].requests:
                     if direction == "outbound":

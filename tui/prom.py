@@ -51,7 +51,8 @@ def parse_metrics(text: str) -> MetricSample:
                 lkey = (labels.get("direction", ""), labels.get("destination", ""),
                         labels.get("subset", ""))
                 le = float(labels.get("le", "+Inf"))
-                buckets.setdefault(lkey, {})[le] = value
+                per_le = buckets.setdefault(lkey, {})  # summed over source and code
+                per_le[le] = per_le.get(le, 0.0) + value
             elif name == "meshd_tcp_connections_opened_total":
                 tkey = (labels.get("direction", ""), labels.get("source", ""),
                         labels.get("destination", ""), labels.get("subset", ""))

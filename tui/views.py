@@ -57,6 +57,7 @@ class NodeView:
     ejected: int
     subsets: tuple[SubsetView, ...]
     stale: bool = False  # every meshd running it is unreachable: last known data
+    gateway: bool = False  # an ingress gateway: where outside traffic enters the mesh
 
     @property
     def status(self) -> Status:
@@ -172,6 +173,7 @@ def build_graph(model: MeshModel, filter_text: str = "") -> tuple[list[NodeView]
     traffic = model.traffic()
     names = set(model.services()) | {s for pair in calls for s in pair}
     nodes: dict[str, NodeView] = {}
+    gateways = model.gateways()
     for name in sorted(names):
         instances = model.instances(name)
         hosts = service_hosts(model, name)
@@ -179,7 +181,8 @@ def build_graph(model: MeshModel, filter_text: str = "") -> tuple[list[NodeView]
             name, sum(i.healthy for i in instances), len(instances),
             sum(i.healthy and (name, i.instance_id) in ejected for i in instances),
             subset_views(model, name),
-            stale=bool(hosts) and not any(h.reachable for h in hosts))
+            stale=bool(hosts) and not any(h.reachable for h in hosts),
+            gateway=name in gateways)
     edges = []
     for source, dest in sorted(calls):
         stale = nodes[source].stale if source in nodes else False

@@ -14,6 +14,9 @@ Shape (stable keys; a later console issue may add, never rename):
                     running value stays)
     services[]      {name, version, protocol, address, port, health, health_output, mtls}
     upstreams[]     {service, destination, local_address, local_port}
+    gateways[]      {name, spiffe_id, listeners[] {address, port, protocol, redirect_https,
+                    hosts[]}, routes[] {hosts[], path_prefix, service}, health}: the host's
+                    ingress gateways (the console draws them as the mesh's entry nodes)
     destinations{}  name -> {index, age_seconds, endpoints[] {node, instance_id, address, port,
                              version, healthy, labels{}, and from this host's proxy: ejected,
                              ejection_remaining_seconds, ejections, ejection_reason,
@@ -165,6 +168,18 @@ def build_state(
             {"service": s.name, "destination": u.name,
              "local_address": config.outbound_address, "local_port": u.local_port}
             for s, u in config.upstreams
+        ],
+        "gateways": [
+            {"name": g.name, "spiffe_id": f"spiffe://{config.trust_domain}/svc/{g.name}",
+             "listeners": [{"address": x.address, "port": x.port, "protocol": x.protocol,
+                            "redirect_https": x.redirect_https,
+                            "hosts": sorted({h for c in x.certificates for h in c.hosts})}
+                           for x in g.listeners],
+             "routes": [{"hosts": list(r.hosts), "path_prefix": r.path_prefix,
+                         "service": r.service} for r in g.routes],
+             "health": (state.health[g.name].status if g.name in state.health
+                        else "unknown")}
+            for g in config.gateways
         ],
         "destinations": destinations,
         "routes": routes_to_data(view.routes),

@@ -11,6 +11,7 @@
                           and the fingerprints of the roots in the bundle (what pollers
                           watch; a node certificate presented here confirms its batch, and
                           hears whether the operator asked it to renew now: ``renew``)
+    GET  /metrics         Prometheus text, for an operator certificate only (``metrics``)
 
 Every refusal is JSON ``{"error": code, "reason": sentence}``, logged with the reason and appended
 to the audit log with who asked (the token's id, never its secret; never a key). The API speaks
@@ -43,6 +44,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from meshd import timestamps
 from meshd.ca import audit, issuer, ledger, store
 from meshd.ca.ledger import IssuedRecord, NodeRecord
+from meshd.ca.metrics import CAMetrics
 from meshd.ca.requests import (
     CertRequest,
     JoinRequest,
@@ -118,6 +120,7 @@ class CAService:
         self._db = db or CADatabase(self._materials.current.directory)
         self._clock = clock
         self._throttle = JoinThrottle()
+        self.metrics = CAMetrics(self._materials, self._db, clock)
 
     async def handle(self, request: Request) -> Response:
         routes = {
@@ -125,6 +128,7 @@ class CAService:
             "/v1/ca/join": ("POST", self._join),
             "/v1/ca/renew": ("POST", self._renew),
             "/v1/ca/denylist": ("GET", self._denylist),
+            "/metrics": ("GET", self._metrics),
         }
         route = routes.get(request.path)
         if route is None:
@@ -143,6 +147,17 @@ class CAService:
         return Response.json({"trust_domain": material.trust_domain,
                               "roots": roots_pem(material),
                               "signing_root": material.fingerprint})
+
+    async def _metrics(self, request: Request) -> Response:
+        try:
+            body = await trio.to_thread.run_sync(self.metrics.render, request.peer_cert_der)
+        except CAError as exc:
+            log.error("metrics unavailable: %s", exc)
+            return _refuse(Refusal(500, "internal", "the CA cannot read its state"))
+        if isinstance(body, Refusal):
+            _log_refusal(body, "metrics", f"request from {_peer_address(request)}")
+            return _refuse(body)
+        return Response(200, body, [("Content-Type", self.metrics.content_type)])
 
     async def _denylist(self, request: Request) -> Response:
         def read() -> tuple[int, list[str], dict[str, Any] | None]:
@@ -189,6 +204,7 @@ class CAService:
         wait = self._throttle.retry_after(source, trio.current_time())
         if wait > 0:  # answered without the CA's lock, state or audit log
             seconds = math.ceil(wait)
+            self.metrics.refused.labels("join", "too_many_attempts").inc()
             response = _refuse(Refusal(429, "too_many_attempts",
                                        f"too many failed joins from {source}: try again in "
                                        f"{seconds} s"))
@@ -200,7 +216,8 @@ class CAService:
             if closed_for > 0:
                 await self._refused(Refusal(429, "too_many_attempts",
                                             f"{source} is closed to joins for {closed_for:g} s "
-                                            "after repeated failures"), "join", who)
+                                            "after repeated failures"), "join", who,
+                                    count=False)  # (the failed join was counted)
         elif response.status == 200:
             self._throttle.succeeded(source)
         return response
@@ -236,6 +253,7 @@ class CAService:
         except CAError as exc:
             log.error("join from %s failed: %s", who, exc)
             return _refuse(Refusal(500, "internal", "the CA cannot read or write its state"))
+        self.metrics.answered("join", result)
         if isinstance(result, Refusal):
             _log_refusal(result, "join", f"node {parsed.node!r} from {who} "
                          f"(token {token_id or '-'})")
@@ -284,6 +302,7 @@ class CAService:
         except CAError as exc:
             log.error("renewal from %s failed: %s", who, exc)
             return _refuse(Refusal(500, "internal", "the CA cannot read or write its state"))
+        self.metrics.answered("renew", result)
         if isinstance(result, Refusal):
             ids = ", ".join(peer.spiffe_ids) if peer else "no client certificate"
             _log_refusal(result, "renewal", f"{ids} from {who}")
@@ -334,9 +353,13 @@ class CAService:
             "certificates": {k.removeprefix("svc/"): v for k, v in answers.items()},
         }
 
-    async def _refused(self, refusal: Refusal, action: str, who: str) -> Response:
-        """A refusal decided before any transaction (malformed request): log, audit, answer."""
+    async def _refused(self, refusal: Refusal, action: str, who: str, *,
+                       count: bool = True) -> Response:
+        """A refusal decided before any transaction (malformed request): log, count, audit,
+        answer."""
         _log_refusal(refusal, action, f"request from {who}")
+        if count:
+            self.metrics.refused.labels(action, refusal.code).inc()
         record = _refusal_event(refusal, action, self._clock(), "", who)
         try:
             await trio.to_thread.run_sync(audit.append, self._db.directory, [record])

@@ -33,6 +33,7 @@ from meshd.cli.admin_api import (
     signer_line,
 )
 from meshd.cli.output import add_output_option, print_json, wants_json
+from meshd.config.gateway import GatewayRoute, request_host, route_for
 from meshd.errors import ConfigError, MeshError
 from meshd.explain.authz import AuthzCheck
 from meshd.explain.route import Candidate, Explanation, SubsetView, explain, render
@@ -42,6 +43,7 @@ from meshd.registry.model import Endpoint
 
 EXIT_ROUTED, EXIT_NOT_ROUTED, EXIT_UNREACHABLE = exits.OK, exits.FAILED, exits.UNREACHABLE
 EXPLAIN_FORMAT = "meshd.explain/1"
+USAGE = "meshd explain [SERVICE | --gateway NAME] [--method M] [--path P] [--header K=V] ..."
 
 
 def register(sub: Any) -> None:
@@ -55,7 +57,12 @@ def register(sub: Any) -> None:
         "the admin API is unreachable. -o json prints the same as one object: {format, "
         "admin, service, request, generation, routes, route, policy, notes, subsets, "
         "authorization, routable, reaches_app, routes_signed, exit_code}.")
-    p.add_argument("service", metavar="SERVICE", help="the destination service")
+    p.add_argument("service", metavar="SERVICE", nargs="?",
+                   help="the destination service (with --gateway: the one its routes pick)")
+    p.add_argument("--gateway", metavar="NAME",
+                   help="explain a request arriving at the asked host's ingress gateway NAME: "
+                   "its routes pick SERVICE by the request's host (--header host=...) and "
+                   "path, and the gateway is the calling service")
     p.add_argument("--method", default="GET", help="request method (default: GET)")
     p.add_argument("--path", default="/", help="request path, may carry ?query (default: /)")
     p.add_argument("--header", action="append", default=[], metavar="K=V",
@@ -78,6 +85,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"meshd explain: --header {item!r}: expected NAME=VALUE", file=sys.stderr)
             return exits.USAGE
         headers.append((name.strip(), value))
+    if args.service is None and args.gateway is None:
+        print("meshd explain: name the destination SERVICE (or --gateway NAME)\n"
+              f"usage: {USAGE}", file=sys.stderr)
+        return exits.USAGE
     if args.source is not None and not is_valid_name(args.source):
         print(f"meshd explain: --source {args.source!r}: not a service name ({NAME_RULE})",
               file=sys.stderr)
@@ -96,19 +107,56 @@ def run(args: argparse.Namespace) -> int:
         return exits.USAGE
     path = args.path if args.path.startswith("/") else "/" + args.path
     facts = RequestFacts(args.method.upper(), path, headers)
+    source, service, entry = args.source, args.service, ""
+    if args.gateway is not None:
+        picked = gateway_route(state, args.gateway, facts)
+        if isinstance(picked, str):
+            print(f"meshd explain: {picked}", file=sys.stderr)
+            return EXIT_NOT_ROUTED
+        service, entry = picked
+        source = args.gateway
+        if args.service is not None and args.service != service:
+            print(f"meshd explain: gateway {args.gateway} routes this request to {service}, "
+                  f"not {args.service}", file=sys.stderr)
+            return EXIT_NOT_ROUTED
+    assert service is not None  # checked before asking
     try:
-        found = explain(state, args.service, facts, args.source)
+        found = explain(state, service, facts, source)
     except ConfigError as exc:
         print(f"meshd explain: the daemon's route table does not parse: {exc}",
               file=sys.stderr)
         return EXIT_UNREACHABLE
     code = EXIT_ROUTED if found.reaches_app else EXIT_NOT_ROUTED
     if wants_json(args):
-        print_json(explanation_document(found, base, state, code), sys.stdout)
+        document = explanation_document(found, base, state, code)
+        if entry:
+            document["gateway"] = {"name": args.gateway, "route": entry}
+        print_json(document, sys.stdout)
     else:
+        if entry:
+            print(f"gateway {args.gateway}: {entry}")
         print(render(found), end="")
         print(signer_line(state))
     return code
+
+
+def gateway_route(state: Mapping[str, Any], name: str,
+                  facts: RequestFacts) -> tuple[str, str] | str:
+    """The service the host's gateway ``name`` sends a request to, and the route in words;
+    or why there is none. Pure."""
+    gateway = next((g for g in state.get("gateways") or () if g.get("name") == name), None)
+    if gateway is None:
+        known = ", ".join(g.get("name", "?") for g in state.get("gateways") or ()) or "none"
+        return f"this host runs no gateway {name!r} (its gateways: {known})"
+    routes = tuple(GatewayRoute(r["service"], tuple(r["hosts"]), r["path_prefix"])
+                   for r in gateway.get("routes", ()))
+    host = request_host(facts.header("host") or "")
+    route = route_for(routes, host, facts.path.split("?", 1)[0])
+    if route is None:
+        return (f"gateway {name} has no route for host {host!r} and path {facts.path!r}: "
+                "it answers 404")
+    return route.service, (f"route hosts={list(route.hosts)} path_prefix={route.path_prefix} "
+                           f"-> {route.service} (called as {name})")
 
 
 # -- -o json (pure) -----------------------------------------------------------------------------

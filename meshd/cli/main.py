@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from meshd.cli import exits
 from meshd.cli.version import meshd_version
 from meshd.errors import MeshError, RegistryError, only_mesh_error
+from meshd.logformat import LogFormat, configure, format_from_env
 
 # module path -> registers one or more top-level subcommands
 COMMAND_MODULES = (
@@ -47,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level", default=os.environ.get("MESHD_LOG_LEVEL", "info"),
         choices=["debug", "info", "warning", "error"], help="log verbosity (default: info)",
+    )
+    parser.add_argument(
+        "--log-format", default=format_from_env().value, choices=[f.value for f in LogFormat],
+        help="log lines as text, or one JSON object per line (default: text; "
+             "env MESHD_LOG_FORMAT)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
@@ -88,11 +94,7 @@ def _add_exit_codes(parser: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure(getattr(logging, args.log_level.upper()), LogFormat(args.log_format), sys.stderr)
     # httpx logs every request at INFO: meshd's own lines say what matters
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.root.level))

@@ -199,6 +199,15 @@ def render(state: Mapping[str, Any]) -> str:
                    f"{u.get('local_address')}:{u.get('local_port')}")
         out += [f"      {line}" for line in _subset_lines(u["destination"], state)]
 
+    for g in state.get("gateways") or []:  # only hosts that run one get these lines
+        listeners = ", ".join(f"{x.get('protocol')}://{x.get('address')}:{x.get('port')}"
+                              for x in g.get("listeners", []))
+        out.append(f"gateway {g.get('name')} ({g.get('health', 'unknown')}) on {listeners}")
+        for r in g.get("routes", []):
+            hosts = ",".join(r.get("hosts", [])) or "*"
+            out.append(f"  {hosts}{r.get('path_prefix', '/')} -> {r.get('service')}")
+            out += [f"      {line}" for line in _subset_lines(r.get("service", ""), state)]
+
     registry = state.get("registry", {})
     stale = float(registry.get("staleness_seconds", 0.0))
     watches = registry.get("watches", [])

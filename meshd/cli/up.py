@@ -97,4 +97,5 @@ def run(args: argparse.Namespace) -> int:
 
     return main(args.file or default_mesh_file(), keep=args.keep, run_dir=args.run_dir,
                 log_level=getattr(args, "log_level", "info"), tui=getattr(args, "tui", False),
-                verbose=getattr(args, "verbose", False))
+                verbose=getattr(args, "verbose", False),
+                log_format=getattr(args, "log_format", "text"))

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from meshd.config.gateway import parse_gateways
 from meshd.config.reader import Reader
 from meshd.config.schema import (
     DEFAULT_ADMIN_LIMITS,
@@ -19,6 +20,7 @@ from meshd.config.schema import (
     DEFAULT_INBOUND_LIMITS,
     DEFAULT_OUTBOUND_LIMITS,
     TRACE_SAMPLERS,
+    AccessLogFormat,
     CASettings,
     HealthCheck,
     HostConfig,
@@ -37,13 +39,15 @@ _HOST_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9]
 
 HOST_KEYS = {"node", "address", "trust_domain", "registry", "registry_token",
              "registry_token_file", "ca", "inbound", "admin", "outbound", "state_dir",
-             "services", "drain_timeout", "labels", "tracing"}
+             "services", "drain_timeout", "labels", "access_log", "gateways",
+             "tracing"}
 
 
 def parse_host_config(data: Mapping[str, Any], file: str = "meshd.toml",
-                      base_dir: Path | None = None) -> HostConfig:
+                      base_dir: Path | None = None, *, generated: bool = False) -> HostConfig:
     """Build a ``HostConfig`` from a parsed ``meshd.toml``. Relative paths in it are resolved
-    against ``base_dir`` (the file's directory)."""
+    against ``base_dir`` (the file's directory). ``generated``: gateway certificates that
+    ``meshd up`` will make are not looked for (``config.gateway.GENERATED``)."""
     r = Reader(file)
     base = base_dir or Path(".")
     r.unknown_keys(data, "", HOST_KEYS)
@@ -99,6 +103,10 @@ def parse_host_config(data: Mapping[str, Any], file: str = "meshd.toml",
                   "(e.g. a firewall admits only the local containers)")
 
     drain_timeout = r.duration(data, "drain_timeout", "", DEFAULT_DRAIN_TIMEOUT)
+    access_log = r.get(data, "access_log", "", dict, {}) or {}
+    r.unknown_keys(access_log, "access_log", {"format"})
+    access_format = r.choice(access_log, "format", "access_log", AccessLogFormat,
+                             [f.value for f in AccessLogFormat], AccessLogFormat.TEXT)
     labels = _labels(r, data)
     tracing = _parse_tracing(r, r.get(data, "tracing", "", dict, {}) or {})
     state_dir_raw = r.get(data, "state_dir", "", str, "/var/lib/meshd")
@@ -114,9 +122,16 @@ def parse_host_config(data: Mapping[str, Any], file: str = "meshd.toml",
         svc = _parse_local_service(r, raw, path)
         if svc is not None:
             services.append(svc)
+    gateways = parse_gateways(r, data, base, generated=generated)
     listeners = [(address or "", inbound_port, "inbound.port")] if inbound_port else []
     if admin_port:
         listeners.append((admin_host, admin_port, "admin.address"))
+    listeners += [(x.address, x.port, f"gateways[{i}].listeners[{j}].port")
+                  for i, g in enumerate(gateways) for j, x in enumerate(g.listeners)]
+    for i, gateway in enumerate(gateways):
+        if any(s.name == gateway.name for s in services):
+            r.problem(f"gateways[{i}].name", f"{gateway.name!r} is also a local service: a "
+                      "gateway has an identity of its own")
     _check_local_uniqueness(r, services, listeners)
     _check_permissive(r, services)
 
@@ -132,7 +147,8 @@ def parse_host_config(data: Mapping[str, Any], file: str = "meshd.toml",
         drain_timeout=drain_timeout or DEFAULT_DRAIN_TIMEOUT,
         inbound_limits=inbound_limits, outbound_limits=outbound_limits,
         admin_limits=admin_limits, inbound_handshake_timeout=handshake_timeout,
-        labels=labels, tracing=tracing,
+        labels=labels, access_log=access_format or AccessLogFormat.TEXT, gateways=gateways,
+        tracing=tracing,
     )
 
 
@@ -297,10 +313,10 @@ def _parse_local_service(r: Reader, raw: Mapping[str, Any], path: str) -> LocalS
 
 
 def _parse_health(r: Reader, raw: Mapping[str, Any], path: str) -> HealthCheck:
-    r.unknown_keys(raw, path, {"http", "tcp", "none", "interval", "timeout"})
+    r.unknown_keys(raw, path, {"http", "grpc", "tcp", "none", "interval", "timeout"})
     interval = r.duration(raw, "interval", path, 5.0)
     timeout = r.duration(raw, "timeout", path, 2.0)
-    kinds = [k for k in ("http", "tcp", "none") if k in raw]
+    kinds = [k for k in ("http", "grpc", "tcp", "none") if k in raw]
     if len(kinds) > 1:
         r.problem(path, f"choose one check kind, got {' and '.join(kinds)}")
         return HealthCheck()
@@ -309,6 +325,11 @@ def _parse_health(r: Reader, raw: Mapping[str, Any], path: str) -> HealthCheck:
         if isinstance(hpath, str) and not hpath.startswith("/"):
             r.problem(f"{path}.http", f"expected a path starting with '/', got {hpath!r}")
         return HealthCheck("http", hpath or "/", interval or 5.0, timeout or 2.0)
+    if "grpc" in raw:  # the gRPC service to ask about ("": the server as a whole)
+        name = r.get(raw, "grpc", path, str)
+        if isinstance(name, str) and not all(c.isalnum() or c in "._-" for c in name):
+            r.problem(f"{path}.grpc", f"expected a gRPC service name, got {name!r}")
+        return HealthCheck("grpc", name or "", interval or 5.0, timeout or 2.0)
     if "none" in raw:
         r.get(raw, "none", path, bool)
         return HealthCheck("none", "/", interval or 5.0, timeout or 2.0)

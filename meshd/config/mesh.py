@@ -29,6 +29,11 @@ The format (also in ``meshd up --help`` and ``examples/shop/README.md``)::
     port = 8080
     address = "127.0.0.1"               # default: the host's address
     command = ["{python}", "{here}/web.py", "--port", "{port}"]
+
+    [[hosts.gateways]]                  # meshd.toml's [[gateways]]; an https listener may say
+    name = "edge"                       # certificates = "generate" (made by `meshd up`)
+    listeners = [{ port = 8000, address = "127.0.0.1" }]
+    routes = [{ service = "web" }]
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from meshd.config.gateway import GENERATED
 from meshd.config.host import SERVICE_KEYS, parse_host_config
 from meshd.config.mesh_schema import (
     DEFAULT_ADMIN_PORT,
@@ -59,7 +65,8 @@ from meshd.config.reader import Reader
 from meshd.errors import ConfigError
 
 MESH_KEYS = {"trust_domain", "registry", "ca", "routes", "run_dir", "try", "hosts"}
-HOST_KEYS = {"name", "address", "inbound_port", "admin_port", "outbound_address", "services"}
+HOST_KEYS = {"name", "address", "inbound_port", "admin_port", "outbound_address", "services",
+             "gateways"}
 MESH_SERVICE_KEYS = SERVICE_KEYS | {"command"}
 PLACEHOLDERS = frozenset({"python", "port", "address", "version", "name", "host", "here"})
 
@@ -163,15 +170,40 @@ def _parse_host(r: Reader, raw: Any, path: str, ctx: _HostContext) -> MeshHost |
                     admin_port=admin_port, outbound_address=outbound)
     data = host_data(host, ctx.trust_domain, ctx.registry, ctx.ca, _PLACEHOLDER_FINGERPRINT)
     data["services"] = service_tables
+    if "gateways" in raw:
+        data["gateways"] = _gateway_tables(raw["gateways"])
     try:
-        parsed = parse_host_config(data, ctx.file, ctx.base)
+        parsed = parse_host_config(data, ctx.file, ctx.base, generated=True)
     except ConfigError as exc:
         for p in exc.problems:
             r.problem(_host_path(p.path, path, index_of), p.reason)
         return None
     services = tuple(MeshService(s, c) for s, c in zip(parsed.services, commands, strict=True))
     return MeshHost(name=name, address=address, inbound_port=inbound_port,
-                    admin_port=admin_port, outbound_address=outbound, services=services)
+                    admin_port=admin_port, outbound_address=outbound, services=services,
+                    gateways=parsed.gateways)
+
+
+def _gateway_tables(raw: Any) -> Any:
+    """``[[hosts.gateways]]`` as meshd.toml's ``[[gateways]]``: an https listener saying
+    ``certificates = "generate"`` gets a certificate ``meshd up`` makes (for ``localhost``,
+    ``127.0.0.1`` and ``::1``, signed by a CA of the run, whose file it prints)."""
+    if not isinstance(raw, list):
+        return raw
+    out = []
+    for gateway in raw:
+        if isinstance(gateway, dict) and isinstance(gateway.get("listeners"), list):
+            listeners = []
+            for listener in gateway["listeners"]:
+                if isinstance(listener, dict) and listener.get("certificates") == "generate":
+                    listener = {**listener, "certificates": [{
+                        "cert": str(GENERATED / "gateway.crt"),
+                        "key": str(GENERATED / "gateway.key"),
+                        "hosts": ["localhost"]}]}
+                listeners.append(listener)
+            gateway = {**gateway, "listeners": listeners}
+        out.append(gateway)
+    return out
 
 
 _HOST_KEY_PATHS = {"node": "name", "address": "address", "inbound.port": "inbound_port",

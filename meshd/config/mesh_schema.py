@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from meshd.config.gateway import Gateway
 from meshd.config.schema import LocalService
 
 DEFAULT_REGISTRY = "127.0.0.1:8500"
@@ -44,6 +45,7 @@ class MeshHost:
     admin_port: int = DEFAULT_ADMIN_PORT
     outbound_address: str = DEFAULT_OUTBOUND_ADDRESS
     services: tuple[MeshService, ...] = ()
+    gateways: tuple[Gateway, ...] = ()
 
     @property
     def admin(self) -> HostPort:
@@ -123,6 +125,12 @@ def port_claims_of(hosts: list[MeshHost], registry: HostPort | None,
                     host.outbound_address, up.local_port,
                     f"meshd {host.name} upstream {up.name}",
                     f"{hp}.services[{j}].upstreams[{k}].local_port"))
+        for j, gateway in enumerate(host.gateways):
+            for k, listener in enumerate(gateway.listeners):
+                claims.append(PortClaim(
+                    listener.address, listener.port,
+                    f"meshd {host.name} gateway {gateway.name} ({listener.protocol})",
+                    f"{hp}.gateways[{j}].listeners[{k}].port"))
     return claims
 
 

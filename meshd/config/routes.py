@@ -3,9 +3,11 @@ kept in the registry's KV) in, a frozen ``RouteTable`` out, or a ``ConfigError``
 problem with its key path; and back (``routes_to_data``). Pure.
 
 Per destination: ``subsets``; ordered ``[[routes]]`` (``match`` on path, method, headers, query;
-``split``, ``timeout``, ``retries``, ``fault``, ``mirror``), first match wins; the
-destination-level ``split``/``timeout``/``retries``/``fault``/``mirror`` form the default route
-that serves what no route matches; ``policy`` (load balancer, connection limits, outlier
+``split``, ``timeout``, ``retries``, ``fault``, ``mirror``; and at the edge ``rate_limit``,
+``request_headers``, ``response_headers``, ``rewrite``, ``redirect``: ``route_edge``), first
+match wins; the destination-level ``split``/``timeout``/``retries``/``fault``/``mirror`` (and
+``rate_limit``/``request_headers``/``response_headers``) form the default route that serves
+what no route matches; ``policy`` (load balancer, connection limits, outlier
 detection, retry budget, request body limit); and ``authorization`` (ordered allow/deny rules
 on the caller's identity, path and method, checked by the destination's inbound side). A
 file with only ``subsets``/``split``/``timeout`` (the first format) means what it always
@@ -20,6 +22,16 @@ from collections.abc import Mapping
 from typing import Any
 
 from meshd.config.reader import Reader
+from meshd.config.route_edge import (
+    header_edits_data,
+    parse_header_edits,
+    parse_rate_limit,
+    parse_redirect,
+    parse_rewrite,
+    rate_limit_data,
+    redirect_data,
+    rewrite_data,
+)
 from meshd.config.route_parts import (
     authorization_data,
     get_integer,
@@ -37,7 +49,9 @@ from meshd.config.schema import (
     DestinationPolicy,
     DestinationRoutes,
     FaultPolicy,
+    HeaderEdits,
     MirrorPolicy,
+    RateLimit,
     RetryPolicy,
     Route,
     RouteMatch,
@@ -47,9 +61,13 @@ from meshd.config.schema import (
 )
 from meshd.names import is_valid_name
 
+# the edge features a destination's default route may have too (``rewrite`` and ``redirect``
+# need a route's own match)
+EDGE_KEYS = {"rate_limit", "request_headers", "response_headers"}
 DESTINATION_KEYS = {"subsets", "split", "timeout", "retries", "fault", "mirror", "routes",
-                    "policy", "authorization"}
-ROUTE_KEYS = {"name", "match", "split", "timeout", "retries", "fault", "mirror"}
+                    "policy", "authorization", *EDGE_KEYS}
+ROUTE_KEYS = {"name", "match", "split", "timeout", "retries", "fault", "mirror", *EDGE_KEYS,
+              "rewrite", "redirect"}
 RETRY_KEYS = {"attempts", "per_try_timeout", "retry_on"}
 FAULT_KEYS = {"delay", "delay_percent", "abort_status", "abort_percent"}
 MIRROR_KEYS = {"subset", "percent"}
@@ -129,11 +147,19 @@ def _parse_destination(
         routes.append(route)
     policy = parse_policy(r, raw, path)
     authorization = parse_authorization(r, raw, path)
+    rate_limit, request_headers, response_headers = _edge(r, raw, path)
     if len(r.problems) != before:
         return None
     return DestinationRoutes(service, tuple(subsets), split or (), timeout, tuple(routes),
                              retries, fault, mirror, policy or DestinationPolicy(),
-                             authorization)
+                             authorization, rate_limit, request_headers, response_headers)
+
+
+def _edge(r: Reader, raw: Mapping[str, Any], path: str
+          ) -> tuple[RateLimit | None, HeaderEdits | None, HeaderEdits | None]:
+    return (parse_rate_limit(r, raw, path),
+            parse_header_edits(r, raw, "request_headers", path),
+            parse_header_edits(r, raw, "response_headers", path))
 
 
 def _failover_names(r: Reader, raw: Mapping[str, Any], path: str,
@@ -224,9 +250,13 @@ def _parse_route(r: Reader, raw: Mapping[str, Any], path: str, index: int,
     retries = _retries(r, raw, path)
     fault = _fault(r, raw, path)
     mirror = _mirror(r, raw, path, known)
+    rate_limit, request_headers, response_headers = _edge(r, raw, path)
+    rewrite = parse_rewrite(r, raw, path, match)
+    redirect = parse_redirect(r, raw, path, match)
     if len(r.problems) != before:
         return None
-    return Route(name, match, split, timeout, retries, fault, mirror)
+    return Route(name, match, split, timeout, retries, fault, mirror, rate_limit,
+                 request_headers, response_headers, rewrite, redirect)
 
 
 def _generated_name(index: int) -> str:
@@ -326,6 +356,7 @@ def routes_to_data(table: RouteTable) -> dict[str, Any]:
             entry["policy"] = policy
         if d.authorization is not None:
             entry["authorization"] = authorization_data(d.authorization)
+        _edge_data(entry, d.rate_limit, d.request_headers, d.response_headers)
         out[d.service] = entry
     data: dict[str, Any] = {"destinations": out}
     if table.default_policy is not DefaultPolicy.DENY:
@@ -379,4 +410,20 @@ def _route_data(index: int, route: Route) -> dict[str, Any]:
     if route.timeout is not None:
         entry["timeout"] = route.timeout
     _actions_data(entry, route.retries, route.fault, route.mirror)
+    _edge_data(entry, route.rate_limit, route.request_headers, route.response_headers)
+    if route.rewrite is not None:
+        entry["rewrite"] = rewrite_data(route.rewrite)
+    if route.redirect is not None:
+        entry["redirect"] = redirect_data(route.redirect)
     return entry
+
+
+def _edge_data(entry: dict[str, Any], rate_limit: RateLimit | None,
+               request_headers: HeaderEdits | None,
+               response_headers: HeaderEdits | None) -> None:
+    if rate_limit is not None:
+        entry["rate_limit"] = rate_limit_data(rate_limit)
+    if request_headers is not None:
+        entry["request_headers"] = header_edits_data(request_headers)
+    if response_headers is not None:
+        entry["response_headers"] = header_edits_data(response_headers)

@@ -11,6 +11,7 @@ from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
 
+from meshd.config.gateway import Gateway
 from meshd.patterns import Pattern, compile_pattern
 
 
@@ -36,8 +37,10 @@ class Protocol(StrEnum):
 
 @dataclass(frozen=True)
 class HealthCheck:
-    """How meshd checks its local app. ``kind`` is ``http`` (GET ``path``, 2xx passes), ``tcp``
-    (a connect passes) or ``none`` (always passing: for apps with nothing to check)."""
+    """How meshd checks its local app. ``kind`` is ``http`` (GET ``path``, 2xx passes; over
+    h2c for an app declared ``http2``/``grpc``), ``grpc`` (the gRPC health protocol's
+    ``Check`` for the service named in ``path``, "" for the whole server: SERVING passes),
+    ``tcp`` (a connect passes) or ``none`` (always passing: for apps with nothing to check)."""
 
     kind: str = "tcp"
     path: str = "/"
@@ -55,6 +58,17 @@ class Upstream:
     name: str
     local_port: int
     protocol: Protocol = Protocol.HTTP
+
+
+class AccessLogFormat(StrEnum):
+    """How access log lines are written (``[access_log] format``, ``MESHD_ACCESS_LOG``): ``text``
+    (a readable line), ``json`` (one JSON object per line), ``envoy`` (Envoy's default access
+    log format), ``off``."""
+
+    TEXT = "text"
+    JSON = "json"
+    ENVOY = "envoy"
+    OFF = "off"
 
 
 class MTLSMode(StrEnum):
@@ -163,10 +177,26 @@ class HostConfig:
     # the host's labels (``labels = { zone = "eu-1" }``), registered with its services: what
     # a destination's ``locality`` priority compares between caller and endpoint
     labels: tuple[tuple[str, str], ...] = ()
+    gateways: tuple[Gateway, ...] = ()  # ingress gateways this meshd runs
+    # ``[access_log] format``; ``MESHD_ACCESS_LOG``, when set, wins over it
+    access_log: AccessLogFormat = AccessLogFormat.TEXT
     tracing: TracingConfig = TracingConfig()
 
     def service(self, name: str) -> LocalService | None:
         return next((s for s in self.services if s.name == name), None)
+
+    @property
+    def destinations(self) -> tuple[str, ...]:
+        """Every service this host calls: its upstreams and its gateways' routes."""
+        names = {u.name for _, u in self.upstreams}
+        names.update(r.service for g in self.gateways for r in g.routes)
+        return tuple(sorted(names))
+
+    @property
+    def identities(self) -> tuple[str, ...]:
+        """The service identities this host holds certificates for: its local services' and
+        its gateways'."""
+        return (*(s.name for s in self.services), *(g.name for g in self.gateways))
 
     @property
     def upstreams(self) -> tuple[tuple[LocalService, Upstream], ...]:
@@ -273,11 +303,75 @@ class MirrorPolicy:
     percent: float = 100.0
 
 
+# -- what a route does at the edge: rate limit, header edits, rewrite, redirect -----------------
+
+RATE_LIMIT_SOURCE = "source"  # ``key = "source"``: a bucket per calling service
+RATE_LIMIT_HEADER = "header:"  # ``key = "header:x-api-key"``: a bucket per value of that header
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """A local token bucket per route per meshd: ``requests_per_second`` tokens come back per
+    second, at most ``burst`` are held (a new bucket starts full); a request takes one, or is
+    answered 429. ``key``: ``""`` one bucket for the route, ``"source"`` one per calling
+    service, ``"header:NAME"`` one per value of header NAME (lower case; requests without it
+    share one bucket)."""
+
+    requests_per_second: float
+    burst: int
+    key: str = ""
+
+    @property
+    def header(self) -> str | None:
+        """The header whose value keys the buckets, if any."""
+        if self.key.startswith(RATE_LIMIT_HEADER):
+            return self.key[len(RATE_LIMIT_HEADER):]
+        return None
+
+
+@dataclass(frozen=True)
+class HeaderEdits:
+    """Header edits on a request or a response, applied in this order: ``remove`` drops every
+    header of those names, ``set`` replaces every header of its name with its value, ``add``
+    appends one more. Names are lower case."""
+
+    add: tuple[tuple[str, str], ...] = ()
+    set: tuple[tuple[str, str], ...] = ()
+    remove: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    """What a route changes before forwarding: ``prefix`` replaces the part of the path its
+    ``match.path.prefix`` matched; ``host`` replaces ``Host``."""
+
+    prefix: str | None = None
+    host: str | None = None
+
+
+REDIRECT_STATUSES = (301, 302, 303, 307, 308)
+
+
+@dataclass(frozen=True)
+class Redirect:
+    """An answer meshd gives itself, with a ``location`` built from the request's URL with the
+    given parts replaced: ``scheme``, ``host``, ``port``, the whole ``path`` or (a prefix
+    route) the matched ``prefix``. The query string is kept."""
+
+    status: int = 301
+    scheme: str | None = None
+    host: str | None = None
+    port: int | None = None
+    path: str | None = None
+    prefix: str | None = None
+
+
 @dataclass(frozen=True)
 class Route:
     """One HTTP route of a destination. ``split``, ``timeout`` and ``retries`` left out of a
-    route come from the destination level (the default route); ``fault`` and ``mirror`` never
-    do. ``name`` is what logs and ``meshd explain`` call it."""
+    route come from the destination level (the default route); ``fault``, ``mirror`` and the
+    edge features (``rate_limit``, ``request_headers``, ``response_headers``, ``rewrite``,
+    ``redirect``) never do. ``name`` is what logs and ``meshd explain`` call it."""
 
     name: str
     match: RouteMatch = field(default_factory=RouteMatch)
@@ -286,6 +380,11 @@ class Route:
     retries: RetryPolicy | None = None
     fault: FaultPolicy | None = None
     mirror: MirrorPolicy | None = None
+    rate_limit: RateLimit | None = None
+    request_headers: HeaderEdits | None = None
+    response_headers: HeaderEdits | None = None
+    rewrite: Rewrite | None = None
+    redirect: Redirect | None = None
 
 
 # -- destination policy ---------------------------------------------------------------------------
@@ -398,9 +497,10 @@ DEFAULT_ROUTE = "default"
 @dataclass(frozen=True)
 class DestinationRoutes:
     """Routing for one destination service: ordered ``routes`` (first match wins), then the
-    default route made of the destination-level ``split``, ``timeout``, ``retries``, ``fault``
-    and ``mirror``; the destination's ``policy``; and its ``authorization`` (who may call it,
-    checked by its inbound side).
+    default route made of the destination-level ``split``, ``timeout``, ``retries``, ``fault``,
+    ``mirror``, ``rate_limit``, ``request_headers`` and ``response_headers``; the
+    destination's ``policy``; and its ``authorization`` (who may call it, checked by its
+    inbound side).
 
     An empty ``split`` means "every healthy instance, no subset preference"."""
 
@@ -414,6 +514,10 @@ class DestinationRoutes:
     mirror: MirrorPolicy | None = None
     policy: DestinationPolicy = field(default_factory=DestinationPolicy)
     authorization: Authorization | None = None
+    # the default route's own edge features (never inherited by the routes)
+    rate_limit: RateLimit | None = None
+    request_headers: HeaderEdits | None = None
+    response_headers: HeaderEdits | None = None
 
     def subset(self, name: str) -> Subset | None:
         return next((s for s in self.subsets if s.name == name), None)
@@ -421,7 +525,9 @@ class DestinationRoutes:
     @cached_property
     def default_route(self) -> Route:
         return Route(DEFAULT_ROUTE, RouteMatch(), self.split, self.timeout, self.retries,
-                     self.fault, self.mirror)
+                     self.fault, self.mirror, rate_limit=self.rate_limit,
+                     request_headers=self.request_headers,
+                     response_headers=self.response_headers)
 
 
 class DefaultPolicy(StrEnum):

@@ -248,7 +248,7 @@ class Daemon:
         systemd.notify(status=f"getting certificates from the CA at {config.ca.url}")
         bundle, identities = await self._join_with_retry()
         self.state.bundle, self.state.identities = bundle, identities
-        tls = TLSState(cert_dir(config), config.trust_domain, [s.name for s in config.services],
+        tls = TLSState(cert_dir(config), config.trust_domain, config.identities,
                        admin=config.admin_tls)
         self._tls = tls
         await n.start(self.identity.run, tls)  # renewals, deny list, roots
@@ -258,7 +258,7 @@ class Daemon:
             log.info("admin API on https://%s:%d (operator certificates only)",
                      config.admin_host, config.admin_port)
 
-        destinations = sorted({u.name for _, u in config.upstreams})
+        destinations = list(config.destinations)
         now = trio.current_time()
         for name in ["routes", *(f"endpoints/{d}" for d in destinations)]:
             self.state.watches.setdefault(name, WatchStatus(name, created=now))
@@ -407,7 +407,7 @@ class Daemon:
     def _follow_destinations(self, config: HostConfig, consul: ConsulClient,
                              n: trio.Nursery) -> None:
         """Watch the destinations of the upstreams in force, and only those."""
-        wanted = {u.name for _, u in config.upstreams}
+        wanted = set(config.destinations)
         for dest in sorted(wanted - self._endpoint_scopes.keys()):
             status = self.state.watches.setdefault(
                 f"endpoints/{dest}", WatchStatus(f"endpoints/{dest}",
@@ -447,7 +447,7 @@ class Daemon:
                 self.state.health.pop(name, None)
         if plan.services_added:
             try:
-                await self.identity.claim([s.name for s in config.services], tls)
+                await self.identity.claim(list(config.identities), tls)
             except (CAError, IdentityError) as exc:
                 for name in plan.services_added:
                     failed.append(_failed_change(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import trio
 
@@ -82,6 +83,12 @@ class Registrar:
                 first.at = trio.current_time()
                 self._record_health(svc.name, first)
                 await self.register(consul, svc, first)
+            for gateway in self._config().gateways:
+                first = await probe(registration.gateway_probe_target(gateway), http)
+                await self._register_definition(
+                    consul, registration.gateway_registration(self._config(), gateway,
+                                                              first.status),
+                    first, lambda: True)
 
     async def register(self, consul: ConsulClient, svc: LocalService,
                        health: ProbeResult) -> None:
@@ -91,27 +98,36 @@ class Registrar:
         config = self._config()
         for definition in (registration.app_registration(config, svc, health.status),
                            registration.proxy_registration(config, svc, health.status)):
-            attempt = 0
-            while True:
-                async with self._lock:
-                    if self._stopping() or self._config().service(svc.name) is None:
-                        return  # (stopping, or removed by a reload)
-                    try:
-                        await consul.register_service(definition)
-                    except RegistryError as exc:
-                        error = exc
-                    else:
-                        if definition["ID"] not in self._registered:
-                            self._registered.append(definition["ID"])
-                        log.info("registered %s in %s (%s)", definition["ID"],
-                                 config.registry_url, health.status)
-                        break
-                attempt += 1
-                log.warning("registering %s failed (attempt %d): %s", definition["ID"],
-                            attempt, error)
-                # the backoff ends early when the heartbeat sees the registry come back
-                with trio.move_on_after(backoff_delay(attempt, random.random())):
-                    await self._contact.changed().wait()
+            await self._register_definition(
+                consul, definition, health,
+                lambda: self._config().service(svc.name) is not None)
+
+    async def _register_definition(self, consul: ConsulClient, definition: dict[str, Any],
+                                   health: ProbeResult, wanted: Callable[[], bool]) -> None:
+        """Register one entry, retrying with backoff while ``wanted`` (a reload may remove
+        it) and not stopping."""
+        config = self._config()
+        attempt = 0
+        while True:
+            async with self._lock:
+                if self._stopping() or not wanted():
+                    return  # (stopping, or removed by a reload)
+                try:
+                    await consul.register_service(definition)
+                except RegistryError as exc:
+                    error = exc
+                else:
+                    if definition["ID"] not in self._registered:
+                        self._registered.append(definition["ID"])
+                    log.info("registered %s in %s (%s)", definition["ID"],
+                             config.registry_url, health.status)
+                    break
+            attempt += 1
+            log.warning("registering %s failed (attempt %d): %s", definition["ID"],
+                        attempt, error)
+            # the backoff ends early when the heartbeat sees the registry come back
+            with trio.move_on_after(backoff_delay(attempt, random.random())):
+                await self._contact.changed().wait()
 
     async def register_added(self, consul: ConsulClient, svc: LocalService) -> None:
         """A service a reload added: probed, registered, then reported like the others."""
@@ -135,6 +151,22 @@ class Registrar:
                 self._round = trio.CancelScope()
                 with self._round:
                     async with trio.open_nursery() as nursery:
+                        for gateway in config.gateways:
+                            target = registration.gateway_probe_target(gateway)
+                            definition = registration.gateway_registration(config, gateway)
+
+                            async def again(result: ProbeResult,
+                                            definition: dict[str, Any] = definition) -> None:
+                                await self._register_definition(
+                                    consul, {**definition, "Check": {
+                                        **definition["Check"], "Status": result.status}},
+                                    result, lambda: True)
+
+                            await nursery.start(
+                                report_health, target, consul,
+                                (registration.check_id(definition["ID"]),),
+                                lambda r, name=gateway.name: self._record_health(name, r),
+                                again)
                         for svc in config.services:
                             sid = registration.service_id(config, svc)
                             checks = (registration.check_id(sid),

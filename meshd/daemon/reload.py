@@ -102,7 +102,9 @@ def _seconds(value: float) -> str:
 
 
 def _check(health: HealthCheck) -> str:
-    return f"http {health.path}" if health.kind == "http" else health.kind
+    if health.kind in ("http", "grpc"):
+        return f"{health.kind} {health.path or '(server)'}"
+    return health.kind
 
 
 # How HostConfig fields are spelled in meshd.toml, where that differs from the field name.
@@ -110,7 +112,8 @@ _HOST_KEYS = {"registry_url": "registry", "inbound_port": "inbound.port",
               "admin_host": "admin.address", "admin_port": "admin.address",
               "admin_tls": "admin.tls", "admin_allowed_hosts": "admin.allowed_hosts",
               "outbound_address": "outbound.address",
-              "inbound_handshake_timeout": "inbound.handshake_timeout"}
+              "inbound_handshake_timeout": "inbound.handshake_timeout",
+              "access_log": "access_log.format"}
 # connection caps (``ListenerLimits``): the table they are written in, and their keys' names
 _LIMIT_TABLES = {"inbound_limits": "inbound", "outbound_limits": "outbound",
                  "admin_limits": "admin"}
@@ -129,6 +132,7 @@ _RESTART_REASONS = (
     ("inbound", "the inbound mTLS listener is bound at start"),
     ("outbound", "outbound listeners are bound with these settings"),
     ("admin", "the admin API is bound at start"),
+    ("gateways", "a gateway's listeners, identity and registration are set up at start"),
 )
 _PERMISSIVE_REASON = ("a service in permissive mTLS mode sets how the inbound listener tells "
                       "plaintext from TLS, which is fixed at start")

@@ -61,7 +61,8 @@ async def create_tokens(registry: str, management: str, mesh: MeshConfig) -> Mes
         for host in mesh.hosts:
             policy = host_policy_name(host.name)
             await admin.acl_create_policy(
-                policy, host_rules(ms.service.name for ms in host.services),
+                policy, host_rules([*(ms.service.name for ms in host.services),
+                                    *(g.name for g in host.gateways)]),
                 f"meshd on {host.name}: registers its own services, reads the mesh")
             hosts[host.name] = await admin.acl_create_token(f"meshd up: meshd on {host.name}",
                                                             [policy])

@@ -1,9 +1,12 @@
 """What ``meshd up`` reads in its children's output lines, so that the terminal shows events and
 the files keep the detail. Pure: text in, facts out.
 
-A meshd child logs ``<date> <time>,<ms> LEVEL logger: message`` (``meshd.cli.main``); an app
-prints whatever it likes (``parse`` returns None for such a line). Access log lines (the
-``meshd.access`` logger, text or JSON) are counted for the status line and go to a per-host file.
+A meshd child logs ``<date> <time>,<ms> LEVEL logger: message`` (``--log-format text``) or one
+JSON object per line with ``level``, ``logger`` and ``message`` (``--log-format json``,
+``meshd.logformat``); an app prints whatever it likes (``parse`` returns None for such a line).
+Access log lines (the ``meshd.access`` logger: text lines, JSON objects with ``direction`` and
+``status``, or lines in Envoy's format) go to a per-host file; text and JSON ones are counted for
+the status line (an Envoy line does not say its direction).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ LOUD = frozenset({"WARNING", "ERROR", "CRITICAL"})
 
 _LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (?P<level>[A-Z]+) "
                    r"(?P<logger>[\w.]+): (?P<message>.*)$")
+# Envoy's default access log format starts ``[<start time>] "<method> <path> <protocol>"``
+_ENVOY = re.compile(r'^\[\d{4}-\d\d-\d\dT[\d:.]+Z\] "')
 _TEXT_STATUS = re.compile(r" (?P<status>\d{3}) [\d.]+ms id=")
 _APPLIED = re.compile(r"^route table generation \d+ applied from the (?P<source>[\w -]+?) "
                       r"\(version (?P<version>\d+) signed by (?P<signer>\S+) at [^)]*\): "
@@ -44,11 +49,31 @@ class LogLine:
 
 
 def parse(text: str) -> LogLine | None:
-    """The level, logger and message of a meshd log line; None for anything else."""
+    """The level, logger and message of a meshd log line; None for anything else. An access
+    log line written as JSON or in Envoy's format is its own message."""
+    if text.startswith("{"):
+        return _parse_json(text)
+    if _ENVOY.match(text):
+        return LogLine("INFO", ACCESS_LOGGER, text)
     match = _LINE.match(text)
     if match is None or match["level"] not in LEVELS:
         return None
     return LogLine(match["level"], match["logger"], match["message"])
+
+
+def _parse_json(text: str) -> LogLine | None:
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    if "direction" in data and "status" in data and "logger" not in data:
+        return LogLine("INFO", ACCESS_LOGGER, text)
+    level, logger, message = data.get("level"), data.get("logger"), data.get("message")
+    if level not in LEVELS or not isinstance(logger, str) or not isinstance(message, str):
+        return None
+    return LogLine(level, logger, message)
 
 
 @dataclass(frozen=True)
@@ -58,7 +83,10 @@ class Request:
 
 
 def access_request(message: str) -> Request | None:
-    """The direction and outcome of one access log line (text or JSON); None if unreadable."""
+    """The direction and outcome of one access log line (text or JSON); None if unreadable
+    (an Envoy line, which has no direction)."""
+    if message.startswith("["):
+        return None
     if message.startswith("{"):
         try:
             data = json.loads(message)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from meshd.config.durations import format_duration
+from meshd.config.gateway import Gateway
 from meshd.config.mesh_schema import MeshConfig, MeshHost, host_data
 from meshd.config.schema import LocalService, MTLSMode
 
@@ -23,7 +24,26 @@ def host_config_data(mesh: MeshConfig, host: MeshHost, *, fingerprint: str,
     if registry_token_file is not None:
         data["registry_token_file"] = registry_token_file
     data["services"] = [service_data(ms.service) for ms in host.services]
+    if host.gateways:
+        data["gateways"] = [gateway_data(g) for g in host.gateways]
     return data
+
+
+def gateway_data(gateway: Gateway) -> dict[str, Any]:
+    """The ``[[gateways]]`` mapping of a gateway; ``parse_host_config`` reads it back equal."""
+    listeners = []
+    for x in gateway.listeners:
+        listener: dict[str, Any] = {"port": x.port, "address": x.address,
+                                    "protocol": x.protocol}
+        if x.redirect_https is not None:
+            listener["redirect_https"] = x.redirect_https
+        if x.certificates:
+            listener["certificates"] = [{"cert": str(c.cert), "key": str(c.key),
+                                         "hosts": list(c.hosts)} for c in x.certificates]
+        listeners.append(listener)
+    return {"name": gateway.name, "listeners": listeners,
+            "routes": [{"service": r.service, "hosts": list(r.hosts),
+                        "path_prefix": r.path_prefix} for r in gateway.routes]}
 
 
 def service_data(svc: LocalService) -> dict[str, Any]:
@@ -31,6 +51,8 @@ def service_data(svc: LocalService) -> dict[str, Any]:
     health: dict[str, Any] = {}
     if svc.health.kind == "http":
         health["http"] = svc.health.path
+    elif svc.health.kind == "grpc":
+        health["grpc"] = svc.health.path
     else:
         health[svc.health.kind] = True
     health["interval"] = format_duration(svc.health.interval)

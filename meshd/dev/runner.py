@@ -38,7 +38,7 @@ from meshd.config.mesh_schema import MeshConfig, MeshHost, MeshService, port_cla
 from meshd.config.parse import FINGERPRINT_RE
 from meshd.config.routes import routes_to_data
 from meshd.config.schema import RouteTable
-from meshd.dev import access, childlog, probes, statusline
+from meshd.dev import access, childlog, gateway_certs, probes, statusline
 from meshd.dev.console import Console
 from meshd.dev.generate import expand_command, host_config_data, render_toml
 from meshd.dev.ports import ports_in_use
@@ -133,10 +133,12 @@ class Launch:
     keep: bool
     # where the operator context goes (removed on exit); None: no context (the benchmarks)
     context_file: Path | None = None
+    log_format: str = "text"  # the children's (``--log-format``); ``childlog`` reads both
 
     def meshd_argv(self, *args: str) -> tuple[str, ...]:
         # `python -m meshd`, so a venv without the console script on PATH works too
-        return (self.python, "-m", "meshd", "--log-level", self.log_level, *args)
+        return (self.python, "-m", "meshd", "--log-level", self.log_level,
+                "--log-format", self.log_format, *args)
 
     @property
     def env(self) -> dict[str, str]:
@@ -163,7 +165,7 @@ def app_labels(mesh: MeshConfig) -> dict[tuple[str, str], str]:
 
 def main(file: Path, *, keep: bool = False, run_dir: Path | None = None,
          log_level: str = "info", stream: TextIO | None = None, tui: bool = False,
-         verbose: bool = False) -> int:
+         verbose: bool = False, log_format: str = "text") -> int:
     console = Console(stream or sys.stdout, verbose=verbose)
     if tui and not (sys.stdin.isatty() and sys.stdout.isatty()):
         console.error("--tui needs a terminal (stdin and stdout); nothing was started")
@@ -182,7 +184,7 @@ def main(file: Path, *, keep: bool = False, run_dir: Path | None = None,
     rd, temporary = prepare_run_dir(run_dir or mesh.run_dir)
     launch = Launch(mesh=mesh, mesh_file=file.resolve(), routes=routes, run_dir=rd,
                     python=sys.executable, log_level=log_level, keep=keep or not temporary,
-                    context_file=context_path())
+                    context_file=context_path(), log_format=log_format)
     supervisor = Supervisor(console, sweep_all_descendants=True)
     foreground = partial(run_console, launch, console) if tui else None
     held: list[socket.socket] = []  # every meshd's listening sockets, for the whole run
@@ -319,9 +321,15 @@ async def bring_up(launch: Launch, console: Console, supervisor: Supervisor,
             what="meshd ca init", env=launch.env))
         configs: dict[str, Path] = {}
         for host in mesh.hosts:
+            if gateway_certs.needs_certificate(host):
+                ca_file, cert_file, key_file = gateway_certs.make_certificate(rd.root / "gateway")
+                host = gateway_certs.with_certificate(host, cert_file, key_file)
+                console.plain(f"gateway certificate (localhost, 127.0.0.1): {cert_file}; "
+                              f"clients trust it with --cacert {ca_file}")
+            claims = [*(s.service.name for s in host.services), *(g.name for g in host.gateways)]
             token = await probes.run_command(
                 launch.meshd_argv("ca", "token", "--dir", str(rd.ca), "--node", host.name,
-                                  "--services", ",".join(s.service.name for s in host.services),
+                                  "--services", ",".join(claims),
                                   "--ttl", TOKEN_TTL),
                 what=f"meshd ca token for {host.name}", env=launch.env)
             configs[host.name] = write_host_files(rd, launch, host, fingerprint,
@@ -369,9 +377,13 @@ async def bring_up(launch: Launch, console: Console, supervisor: Supervisor,
     for host in mesh.hosts:
         ups = [f"{u.name} -> {host.outbound_address}:{u.local_port}"
                for ms in host.services for u in ms.service.upstreams]
+        gateways = [f"gateway {g.name} " + " ".join(f"{x.protocol}://{x.address}:{x.port}"
+                                                    for x in g.listeners)
+                    for g in host.gateways]
         rows.append(Row(f"meshd {host.name}", meshds[host.name].pid,
                         f"inbound {host.inbound}, admin http://{host.admin}"
-                        + "".join(f", upstream {u}" for u in ups)))
+                        + "".join(f", upstream {u}" for u in ups)
+                        + "".join(f", {g}" for g in gateways)))
         for ms in host.services:
             app = apps.get((host.name, ms.service.name))
             where = f"{ms.service.protocol.value}://{ms.service.address}:{ms.service.port}"
@@ -382,7 +394,7 @@ async def bring_up(launch: Launch, console: Console, supervisor: Supervisor,
     console.plain(format_table(rows))
     console.plain("try:")
     for hint in (*mesh.hints, f"curl -s http://{mesh.hosts[0].admin}/v1/state"):
-        console.plain(f"  {hint}")
+        console.plain(f"  {hint.replace('{run_dir}', str(rd.root))}")
     found = (f" (meshd routes and meshd tui find it through {launch.context_file})"
              if launch.context_file is not None else "")
     console.plain(f"registry ACLs: on; operator token: {rd.operator / access.TOKEN_FILE}{found}")

@@ -5,6 +5,7 @@ out (``explain``), and its text (``render``).
 The route table and endpoints in force are run through the proxy's own pure decision functions
 (``matcher.explain_route`` / ``select_route``, ``router.tiers`` / ``usable``, the ring hash), so
 what is explained is what the proxy does: which route matched (each condition, passed or not),
+the route's edge features (rate limit, redirect, header edits, rewrites: ``edge_lines``),
 the split, and per subset the candidate endpoints with health, ejection and requests in flight;
 where a subset has no healthy, admitted endpoint, the failover subset that takes its requests;
 and, under a locality policy, which endpoints are near this host and preferred. Ejection and
@@ -21,11 +22,19 @@ from types import MappingProxyType
 from typing import Any
 
 from meshd.config.routes import parse_routes
-from meshd.config.schema import DEFAULT_MAX_PENDING, DestinationRoutes, LoadBalancer, Route
+from meshd.config.schema import (
+    DEFAULT_MAX_PENDING,
+    DestinationRoutes,
+    HeaderEdits,
+    LoadBalancer,
+    MatchKind,
+    Route,
+)
 from meshd.explain.authz import AuthzCheck, check_authorization, choose_source, render_authz
 from meshd.proxy.core.balancer import PickInputs, RingHash
 from meshd.proxy.core.matcher import RequestFacts, RouteReport, explain_route, select_route
 from meshd.proxy.core.retry import IMPLICIT_RETRIES
+from meshd.proxy.core.rewrite import redirect_location, rewrite_path
 from meshd.proxy.core.router import Labels, Tier, no_endpoint_reason, tiers, usable
 from meshd.proxy.core.view import MeshView
 from meshd.registry.model import Endpoint, EndpointSet
@@ -75,6 +84,8 @@ class Explanation:
         fault = self.route.fault if self.route is not None else None
         if fault is not None and fault.abort_status is not None and fault.abort_percent >= 100:
             return False
+        if self.route is not None and self.route.redirect is not None:
+            return False  # answered by meshd itself
         return any(s.usable for s in self.subsets if s.weight > 0)
 
     @property
@@ -223,6 +234,47 @@ def _route_summary(route: Route) -> list[str]:
     return out
 
 
+def _edits_text(edits: HeaderEdits) -> str:
+    parts = [*(f"add {n}: {v}" for n, v in edits.add), *(f"set {n}: {v}" for n, v in edits.set),
+             *(f"remove {n}" for n in edits.remove)]
+    return ", ".join(parts)
+
+
+def edge_lines(route: Route, facts: RequestFacts, service: str) -> list[str]:
+    """What the route's edge features do to this request (``meshd.proxy.core.edge``): its rate
+    limit, a redirect (with the ``location`` this request gets), header edits and rewrites
+    (with the path and host the app gets)."""
+    out = []
+    limit = route.rate_limit
+    if limit is not None:
+        key = ("one bucket for the route" if not limit.key else "a bucket per calling service"
+               if limit.header is None else f"a bucket per value of header {limit.header}")
+        out.append(f"rate limit: {limit.requests_per_second:g} requests/s, burst "
+                   f"{limit.burst}, {key}, on each calling meshd; over it: 429 with "
+                   "retry-after (how full the buckets are now is not known here)")
+    matched = (route.match.path.value if route.match.path is not None
+               and route.match.path.kind is MatchKind.PREFIX else None)
+    host = facts.header("host") or service
+    if route.redirect is not None:
+        location = redirect_location(route.redirect, facts.target, host, matched)
+        out.append(f"redirect: meshd answers {route.redirect.status} with location "
+                   f"{location}; nothing is forwarded")
+    if route.request_headers is not None:
+        out.append(f"request headers: {_edits_text(route.request_headers)}")
+    rewrite = route.rewrite
+    if rewrite is not None:
+        parts = []
+        if rewrite.prefix is not None and matched is not None:
+            parts.append(f"path {facts.path} -> {rewrite_path(facts.path, matched, rewrite.prefix)}"
+                         f" (prefix {matched} -> {rewrite.prefix})")
+        if rewrite.host is not None:
+            parts.append(f"host {host} -> {rewrite.host}")
+        out.append(f"rewrite: {', '.join(parts)}")
+    if route.response_headers is not None:
+        out.append(f"response headers: {_edits_text(route.response_headers)}")
+    return out
+
+
 def _policy_summary(dest: DestinationRoutes) -> str:
     p = dest.policy
     parts = [p.load_balancer.value]
@@ -294,6 +346,7 @@ def render(found: Explanation) -> str:
         out.append(f"policy: {_policy_summary(found.dest)}")
     if found.route is not None:
         out.append(f"route {found.route.name}: {'; '.join(_route_summary(found.route))}")
+        out += [f"  {line}" for line in edge_lines(found.route, f, found.service)]
     out += [f"note: {n}" for n in found.notes]
     for s in found.subsets:
         title = "any healthy instance (no split)" if s.name is None else \

@@ -163,7 +163,7 @@ class IdentityManager:
                    ) -> IdentityManager:
         directory = cert_dir(config)
         return cls(directory=directory, trust_domain=config.trust_domain,
-                   services=[s.name for s in config.services],
+                   services=list(config.identities),
                    ca=HTTPCA(config, directory, token), metrics=metrics, on_change=on_change)
 
     # -- start ---------------------------------------------------------------------------------

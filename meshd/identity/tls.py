@@ -56,6 +56,7 @@ from meshd.identity.spiffe import (
 log = logging.getLogger(__name__)
 
 BUNDLE_FILE = "ca.crt"
+ALPN_H2 = "h2"  # the ALPN name of HTTP/2 over TLS
 
 
 class HandshakeRefused(IdentityError):
@@ -87,6 +88,7 @@ class _Contexts:
     server: ssl.SSLContext
     by_service: dict[str, ssl.SSLContext]  # server side, selected by SNI
     clients: dict[str, ssl.SSLContext]
+    clients_h2: dict[str, ssl.SSLContext]  # the same, offering only ``h2`` by ALPN
     not_after: dict[str, float]            # per loaded service: its certificate's expiry
     unusable: dict[str, str]               # services left out, and why
     admin: ssl.SSLContext | None = None    # the admin API's, with the node certificate
@@ -143,12 +145,14 @@ class TLSState:
     def server_context(self) -> ssl.SSLContext:
         return self._contexts.server
 
-    def client_context(self, service: str) -> ssl.SSLContext:
+    def client_context(self, service: str, *, h2: bool = False) -> ssl.SSLContext:
+        """``service``'s client context; ``h2``: the one offering HTTP/2 by ALPN (the other
+        offers nothing: HTTP/1.1 and opaque TCP)."""
         reason = self.unusable_reason(service)
         if reason is not None:
             raise IdentityError(reason)
         try:
-            return self._contexts.clients[service]
+            return (self._contexts.clients_h2 if h2 else self._contexts.clients)[service]
         except KeyError:
             raise IdentityError(f"no identity loaded for local service {service!r}") from None
 
@@ -275,6 +279,7 @@ class TLSState:
         bundle = self.directory / BUNDLE_FILE
         by_service: dict[str, ssl.SSLContext] = {}
         clients: dict[str, ssl.SSLContext] = {}
+        clients_h2: dict[str, ssl.SSLContext] = {}
         not_after: dict[str, float] = {}
         unusable: dict[str, str] = {}
         now = self._clock()
@@ -290,6 +295,9 @@ class TLSState:
                                                self.directory, service)
                 clients[service] = _context(ssl.PROTOCOL_TLS_CLIENT, bundle,
                                             self.directory, service)
+                clients_h2[service] = _context(ssl.PROTOCOL_TLS_CLIENT, bundle,
+                                               self.directory, service)
+                clients_h2[service].set_alpn_protocols([ALPN_H2])
                 not_after[service] = cert.not_valid_after_utc.timestamp()
             server = _context(ssl.PROTOCOL_TLS_SERVER, bundle, self.directory, None)
             admin, admin_not_after = self._admin_build(bundle, now) if self.admin else (None, 0.0)
@@ -298,7 +306,8 @@ class TLSState:
                 from exc
         server.sslobject_class = MeshSSLObject
         server.sni_callback = self._select_by_sni
-        return _Contexts(server, by_service, clients, not_after, unusable, admin, admin_not_after)
+        return _Contexts(server, by_service, clients, clients_h2, not_after, unusable, admin,
+                         admin_not_after)
 
     def _admin_build(self, bundle: Path, now: float) -> tuple[ssl.SSLContext | None, float]:
         cert_file, key_file = node_files(self.directory)
@@ -363,6 +372,8 @@ def _context(protocol: ssl._SSLMethod, bundle: Path, directory: Path,
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.load_verify_locations(cafile=str(bundle))
     if protocol == ssl.PROTOCOL_TLS_SERVER:
+        # HTTP/2 for callers that offer it (ALPN); the others speak HTTP/1.1 or opaque TCP
+        ctx.set_alpn_protocols([ALPN_H2, "http/1.1"])
         # No session tickets: meshd does not resume sessions, and a server that sends nothing
         # after the handshake keeps idle pooled connections quiet.
         ctx.num_tickets = 0

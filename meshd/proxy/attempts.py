@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Awaitable, Callable, Hashable
-from dataclasses import KW_ONLY, dataclass, field
+from dataclasses import KW_ONLY, dataclass, field, replace
 
 import trio
 
@@ -51,11 +51,13 @@ from meshd.proxy.core.attempt import (
     error_code,
     finish,
     holds,
+    holds_grpc,
     next_step,
     outlier_outcome,
     peer_failure,
 )
-from meshd.proxy.core.http1 import Framing, ProtocolError, RequestHead, ResponseHead
+from meshd.proxy.core.grpc import grpc_status_of, http_equivalent
+from meshd.proxy.core.http1 import Framing, Header, ProtocolError, RequestHead, ResponseHead
 from meshd.proxy.core.http1_write import simple_response
 from meshd.proxy.core.outlier import Failure, Outcome
 from meshd.proxy.core.retry import Body, retry_backoff, route_retries
@@ -63,7 +65,9 @@ from meshd.proxy.core.router import RoutePlan, Tier
 from meshd.proxy.destinations import DestinationState
 from meshd.proxy.exchange import STREAM_ERRORS, BodySource, Exchange, RequestSource
 from meshd.proxy.forward import ClientConnection, answer_locally, discard_body
+from meshd.proxy.h2conn import H2Pool, H2Request
 from meshd.proxy.pool import ConnectFailed, ConnectionPool, Connector
+from meshd.proxy.relay import H1Sink, H1Upstream, MessageExchange
 from meshd.proxy.replay import ReplayBody
 from meshd.registry.model import Endpoint, EndpointSet
 
@@ -114,12 +118,17 @@ UNBOUNDED = Unbounded()
 @dataclass(frozen=True)
 class Result:
     """How a proxied request ended: the status the client got (0: none, connection cut), whether
-    its connection may carry another request, and why meshd answered itself, if it did."""
+    its connection may carry another request, why meshd answered itself, if it did, and the
+    body bytes of the last exchange with an upstream: sent to it, and relayed to the client
+    (meshd's own answers count none). Metrics and access logs read the bytes here."""
 
     status: int
     keep: bool
     detail: str = ""
     code: str = ""  # the ``x-meshd-error`` of meshd's own answer
+    grpc_status: int | None = None  # a gRPC call's outcome, when it got one
+    request_bytes: int = 0  # request body bytes that went upstream (the last try's)
+    response_bytes: int = 0  # response body bytes relayed to the client
 
 
 @dataclass(slots=True, kw_only=True, eq=False)
@@ -167,21 +176,27 @@ class Attempts:
     """One request forwarded (the module doc). Inbound gives the local app's pool ``key`` and
     ``connect``; outbound its ``destination``. ``connect`` raises ``ConnectFailed``. ``body``
     keeps the request body for retries (None: streamed only). ``drop_response``: header names
-    removed from the upstream's responses. After ``run``: ``tries`` made, the last
+    removed from the upstream's responses; ``edit_response``: the route's edits of their
+    headers. After ``run``: ``tries`` made, the last
     ``endpoint`` tried and its ``tier`` (outbound)."""
 
     request: RequestHead
-    source: RequestSource
+    source: RequestSource | H2Request
     conn: ClientConnection
     _: KW_ONLY
     pool: ConnectionPool
-    upstream_head: bytes
+    upstream_head: bytes  # HTTP/1.1 upstreams: the request head to send
     timeout: float | None  # the whole request's
+    # HTTP/2 upstreams: the pool of multiplexed connections and the request's header list
+    h2_pool: H2Pool | None = None
+    upstream_fields: list[Header] | None = None
+    grpc: bool = False  # a gRPC call: its status decides retries and outlier outcomes
     key: Hashable = None
     connect: Connector | None = None
     destination: Destination | None = None
     body: ReplayBody | None = None
     drop_response: tuple[bytes, ...] = ()
+    edit_response: Callable[[list[Header]], list[Header]] | None = None  # route's header edits
     # what the tries came to, so far
     tries: int = field(default=0, init=False)
     retries_done: int = field(default=0, init=False)
@@ -190,7 +205,7 @@ class Attempts:
     # latest try: what the peer meshd's answer says happened to its app (code, failure)
     peer: tuple[str, Failure] | None = field(default=None, init=False)
     tried: tuple[str, ...] = field(default=(), init=False)  # failed: avoided by the next try
-    exchange: Exchange | None = field(default=None, init=False)  # the latest one
+    exchange: Exchange | MessageExchange | None = field(default=None, init=False)  # latest
     failure: ConnectFailed | None = field(default=None, init=False)  # the latest one
     end: TryEnd | None = field(default=None, init=False)  # of the latest try
     retries: RetryPolicy | None = field(init=False)  # the route's
@@ -241,18 +256,27 @@ class Attempts:
                         dest.state.release()
         how = finish(self.end, self.exchange, rejected=rejected,
                      timed_out=whole.cancelled_caught)
+        exchange = self.exchange
         if how is _RELAYED:
-            assert self.exchange is not None
-            return Result(self.exchange.status, self.exchange.client_reusable)
-        return await self._answer(how)
+            assert exchange is not None
+            grpc = exchange.grpc_status if isinstance(exchange, MessageExchange) else None
+            return Result(exchange.status, exchange.client_reusable, grpc_status=grpc,
+                          request_bytes=exchange.request_bytes,
+                          response_bytes=exchange.response_bytes)
+        result = await self._answer(how)
+        if exchange is None:
+            return result
+        return replace(result, request_bytes=exchange.request_bytes,
+                       response_bytes=exchange.response_bytes)
 
     def _again(self, end: TryEnd) -> bool:
         """After a try: its outcome to the outlier detector, and whether to try again (a
         retry counted and, unless paid for already, taken from the budget)."""
         dest, endpoint, exchange = self.destination, self.endpoint, self.exchange
-        outcome = outlier_outcome(
-            end, (exchange.held_status or exchange.status) if exchange is not None else 0,
-            self.peer[1] if self.peer is not None else None)
+        status = (exchange.held_status or exchange.status) if exchange is not None else 0
+        if isinstance(exchange, MessageExchange) and exchange.grpc_status is not None:
+            status = http_equivalent(exchange.grpc_status)  # a failed call is still a 200
+        outcome = outlier_outcome(end, status, self.peer[1] if self.peer is not None else None)
         if dest is not None and outcome is not None and endpoint is not None:
             dest.state.record(endpoint, outcome, trio.current_time(), dest.endpoints)
         step = next_step(end, outcome, self.retries, self.retries_done, self.method,
@@ -285,12 +309,14 @@ class Attempts:
     async def _connections(self, key: Hashable, connect: Connector) -> TryEnd:
         """One try: a pooled connection and the exchange on it, once more on a new connection
         if the pooled one turns out stale."""
+        if self.h2_pool is not None:
+            return await self._streams(key, connect)
         retries = self.retries
         per_try = retries.per_try_timeout if retries is not None else None
         request, source, pool = self.request, self.source, self.pool
         dest = self.destination
         idle_timeout = dest.state.policy.idle_timeout if dest is not None else None
-        exchange: Exchange | None = None
+        exchange: Exchange | MessageExchange | None = None
         end: TryEnd | None = None
         first = True
         with bounded(per_try) as scope:
@@ -302,15 +328,24 @@ class Attempts:
                     self.failure = exc
                     end = connect_failed(exc.reason)
                     break
-                body: BodySource = self.body.for_try() if self.body is not None else source
-                exchange = self.exchange = Exchange(
-                    request, body, source.stream, lease.stream, self.upstream_head,
-                    keep_client=request.keep_alive and not self.conn.draining,
-                    reused_upstream=lease.reused,
-                    hold=self._hold if retries is not None else None, requests=source,
-                    drop_response=self.drop_response,
-                    on_switch=(self._tunnelling if self.timeout is not None or per_try is not None
-                               else None))
+                if isinstance(source, H2Request):  # an HTTP/2 caller, an HTTP/1.1 app
+                    messages = self.body.for_try() if self.body is not None else source
+                    exchange = self.exchange = MessageExchange(
+                        request, messages, source,
+                        H1Upstream(lease.stream, self.upstream_head, request, lease.reused),
+                        drop_response=self.drop_response, edit_response=self.edit_response)
+                else:
+                    body: BodySource = (self.body.for_try() if self.body is not None
+                                        else source)
+                    exchange = self.exchange = Exchange(
+                        request, body, source.stream, lease.stream, self.upstream_head,
+                        keep_client=request.keep_alive and not self.conn.draining,
+                        reused_upstream=lease.reused,
+                        hold=self._hold if retries is not None else None, requests=source,
+                        drop_response=self.drop_response, edit_response=self.edit_response,
+                        on_switch=(self._tunnelling
+                                   if self.timeout is not None or per_try is not None
+                                   else None))
                 try:
                     await exchange.run()
                 finally:
@@ -330,6 +365,52 @@ class Attempts:
                            body=self.body_state())
         return end
 
+    async def _streams(self, key: Hashable, connect: Connector) -> TryEnd:
+        """One try over HTTP/2: a stream on a pooled connection (``H2Pool``) and the exchange
+        on it, once more on a new connection if the pooled one turns out gone."""
+        pool, request, source = self.h2_pool, self.request, self.source
+        assert pool is not None and self.upstream_fields is not None
+        retries = self.retries
+        per_try = retries.per_try_timeout if retries is not None else None
+        exchange: MessageExchange | None = None
+        end: TryEnd | None = None
+        first = True
+        with bounded(per_try) as scope:
+            self._per_try = scope
+            while True:
+                try:
+                    upstream = await pool.open_stream(key, connect, self.upstream_fields,
+                                                      end=request.framing is _NO_FRAMING)
+                except ConnectFailed as exc:
+                    self.failure = exc
+                    end = connect_failed(exc.reason)
+                    break
+                messages = self.body.for_try() if self.body is not None else source
+                sink = source if isinstance(source, H2Request) else H1Sink(
+                    source.stream, request, request.keep_alive and not self.conn.draining)
+                exchange = self.exchange = MessageExchange(
+                    request, messages, sink, upstream,
+                    keep_client=request.keep_alive and not self.conn.draining,
+                    hold=self._hold if retries is not None else None,
+                    drop_response=self.drop_response, edit_response=self.edit_response)
+                try:
+                    await exchange.run()
+                finally:
+                    await upstream.release()
+                error = exchange.upstream_error
+                if error is not None and error.pooled_dead:
+                    pool.forget_dead(key)
+                end = classify(exchange, timed_out=False, first_connection=first,
+                               body=self.body_state())
+                if end is not _STALE:
+                    break
+                log.debug("HTTP/2 connection for %s was gone, retrying on a new one", key)
+                end, first = None, False
+        if end is None:  # the per-try timeout stopped the try
+            end = classify(exchange, timed_out=True, first_connection=first,
+                           body=self.body_state())
+        return end
+
     def _fresh(self) -> bool:
         """Whether an endpoint neither tried by this request nor ejected is left (what the
         retries of a request that never reached an app go to)."""
@@ -343,6 +424,13 @@ class Attempts:
         once held, the response is gone). A peer meshd's "never reached its app" 503 is
         noted (``peer``) for outlier detection either way."""
         status = head.status
+        if self.grpc and status == 200:
+            grpc_status = grpc_status_of(head.headers)  # a Trailers-Only answer
+            if grpc_status and holds_grpc(self.retries, self.retries_done, grpc_status,
+                                          self.method, self.body_state()):
+                assert self.destination is not None
+                if self.destination.spend():
+                    return True
         if status == 503 or status == 502:
             self.peer = peer_failure(status, head.headers)
         if status >= 400 and holds(self.retries, self.retries_done, status, self.method,
@@ -395,18 +483,27 @@ class Attempts:
                                     headers)
         return Result(how.status, keep, text, code)
 
-    async def _cut(self, how: Finish, exchange: Exchange) -> Result:
+    async def _cut(self, how: Finish, exchange: Exchange | MessageExchange) -> Result:
         """The ends that close the client's connection."""
         if how is Finish.CUT_OFF:
-            return Result(exchange.status, False, "timed out while relaying the response")
+            return _cut_result(exchange, "timed out while relaying the response")
         if how is Finish.BROKE_OFF:
-            return Result(exchange.status, False, str(exchange.upstream_error))
+            return _cut_result(exchange, str(exchange.upstream_error))
         error = exchange.client_error
         if how is Finish.BAD_REQUEST and isinstance(error, ProtocolError):
+            if isinstance(self.source, H2Request):
+                await self.source.answer(error.status, str(error))
+                return Result(error.status, False, str(error))
             try:
                 await self.source.stream.send_all(simple_response(error.status, str(error),
                                                                   close=True))
             except STREAM_ERRORS:
                 pass
             return Result(error.status, False, str(error))
-        return Result(exchange.status, False, str(error))  # CLIENT_GONE
+        return _cut_result(exchange, str(error))  # CLIENT_GONE
+
+
+def _cut_result(exchange: Exchange | MessageExchange, detail: str) -> Result:
+    """A request whose client connection closes, with the body bytes that went each way."""
+    return Result(exchange.status, False, detail, request_bytes=exchange.request_bytes,
+                  response_bytes=exchange.response_bytes)

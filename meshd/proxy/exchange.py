@@ -21,11 +21,13 @@ import trio
 
 from meshd.errors import ProxyError
 from meshd.proxy.core.attempt import pooled_dead, reusable, stale
+from meshd.proxy.core.h2 import RequestTrailers
 from meshd.proxy.core.http1 import (
     END,
     Data,
     Event,
     Framing,
+    Header,
     NoResponse,
     ProtocolError,
     RequestHead,
@@ -147,7 +149,7 @@ class BodySource(Protocol):
     @property
     def message_done(self) -> bool: ...
 
-    async def next_event(self) -> Event | None: ...
+    async def next_event(self) -> Event | RequestTrailers | None: ...
 
 
 # How much of a response held back for a retry is read (and thrown away) to keep its
@@ -168,7 +170,8 @@ class Exchange:
     ``requests`` is the client connection's ``RequestSource`` when ``source`` is not (it holds
     the bytes a client sent after an upgrade request); ``on_switch`` is called when a 101 went
     to the client, before the tunnel starts (request timeouts no longer apply).
-    ``drop_response`` names headers removed from the response (inbound: meshd's own)."""
+    ``drop_response`` names headers removed from the response (inbound: meshd's own);
+    ``edit_response`` then edits its headers (a route's ``response_headers``)."""
 
     def __init__(self, request: RequestHead, source: BodySource, client: trio.abc.Stream,
                  upstream: trio.abc.Stream, upstream_head: bytes, *, keep_client: bool,
@@ -176,7 +179,8 @@ class Exchange:
                  hold: Callable[[ResponseHead], bool] | None = None,
                  requests: RequestSource | None = None,
                  on_switch: Callable[[], None] | None = None,
-                 drop_response: tuple[bytes, ...] = ()) -> None:
+                 drop_response: tuple[bytes, ...] = (),
+                 edit_response: Callable[[list[Header]], list[Header]] | None = None) -> None:
         self.request = request
         self.source = source
         self.client = client
@@ -189,12 +193,15 @@ class Exchange:
             source if isinstance(source, RequestSource) else None)
         self.on_switch = on_switch
         self.drop_response = drop_response  # header names (lower case) the client never sees
+        self.edit_response = edit_response  # the route's response header edits, if any
         self.switched = False  # a 101 went to the client: the connections became a tunnel
         self.reused_upstream = reused_upstream
         self.status = 0  # the status sent to the client, 0 until a response head went out
         self.response_started = False
         self.request_done = False  # the whole request went upstream
         self.response_done = False  # the whole response went to the client
+        self.request_bytes = 0  # request body bytes sent upstream (before chunked framing)
+        self.response_bytes = 0  # response body bytes relayed to the client (likewise)
         self.upstream_reusable = False
         self.hold = hold
         self.held_status = 0  # the status of a response held back, 0 if none was
@@ -250,7 +257,10 @@ class Exchange:
             while not self.source.message_done:
                 event = await self.source.next_event()
                 if isinstance(event, Data):
+                    self.request_bytes += len(event.data)
                     await self._write_upstream(encode_data(self.request.framing, event.data))
+                elif isinstance(event, RequestTrailers):
+                    continue  # an HTTP/1.1 request head announced no trailers: none go on
                 elif event is not END:
                     raise ProtocolError("connection closed in the middle of a request")
             await self._write_upstream(encode_end(self.request.framing))
@@ -301,6 +311,7 @@ class Exchange:
                 self.status = event.status
                 self.response_started = True
             elif isinstance(event, Data):
+                self.response_bytes += len(event.data)
                 chunk = encode_data(framing, event.data)
             else:
                 out.append(encode_end(framing))
@@ -354,6 +365,8 @@ class Exchange:
         # A response without a body (HEAD, 204, 304) keeps the length the upstream announced.
         headers = end_to_end(head.headers, keep_length=framing is Framing.NONE,
                              drop=self.drop_response)
+        if self.edit_response is not None:
+            headers = self.edit_response(headers)
         return serialize_response(head.status, head.reason, headers, framing,
                                   head.content_length, connection)
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import trio
 
+from meshd.proxy.core.attempt import ERROR_HEADER
 from meshd.proxy.core.http1 import (
     Data,
     Header,
@@ -32,6 +33,7 @@ from meshd.proxy.exchange import (
     ClientGone,
     RequestSource,
 )
+from meshd.proxy.h2conn import H2Request
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +52,24 @@ class ClientConnection:
     draining: bool = False
     idle_scope: trio.CancelScope | None = None
     served: bool = False  # a request was read on it (a drain closes it when idle again)
+    # what a drain calls instead (HTTP/2: GOAWAY, then the streams in flight finish)
+    drain_hook: Callable[[], None] | None = None
+
+    def set_drain_hook(self, hook: Callable[[], None] | None) -> None:
+        self.drain_hook = hook
 
 
-async def answer_locally(source: RequestSource, request: RequestHead, conn: ClientConnection,
-                         status: int, text: str, headers: list[Header] | None = None) -> bool:
+async def answer_locally(source: RequestSource | H2Request, request: RequestHead,
+                         conn: ClientConnection, status: int, text: str,
+                         headers: list[Header] | None = None) -> bool:
     """Answer the request ourselves, on ``source``'s connection. The connection stays open
     only if the request had no body (an unread body would be taken for the next request).
-    False if it must close."""
+    False if it must close. An HTTP/2 stream is answered on its own (a gRPC call with its
+    gRPC status: ``h2conn.H2Request.answer``)."""
+    if isinstance(source, H2Request):
+        code = next((v.decode("ascii", "replace") for n, v in headers or ()
+                     if n == ERROR_HEADER), "")
+        return await source.answer(status, text, headers or [], code=code)
     source.take_empty_body()
     close = not (request.keep_alive and source.message_done and not conn.draining)
     try:
@@ -72,12 +85,15 @@ DISCARD_LIMIT = 64 * 1024
 DISCARD_TIMEOUT = 2.0
 
 
-async def discard_body(source: RequestSource, request: RequestHead,
+async def discard_body(source: RequestSource | H2Request, request: RequestHead,
                        limit: int = DISCARD_LIMIT) -> None:
     """Read what is left of ``request``'s body and throw it away, up to ``limit`` bytes and
     ``DISCARD_TIMEOUT`` seconds, before meshd answers a request it could not forward: the connection
     then stays usable, and the answer is not lost to a reset caused by unread bytes. A longer
-    or slower body is left (the answer then closes the connection)."""
+    or slower body is left (the answer then closes the connection). An HTTP/2 stream needs
+    none of this: its body is refused with a reset after the answer."""
+    if isinstance(source, H2Request):
+        return
     source.take_empty_body()
     if source.message_done or request.upgrade:
         return
@@ -96,8 +112,8 @@ async def discard_body(source: RequestSource, request: RequestHead,
             return
 
 
-async def refuse_large_body(source: RequestSource, request: RequestHead, conn: ClientConnection,
-                            limit: int | None) -> bool | None:
+async def refuse_large_body(source: RequestSource | H2Request, request: RequestHead,
+                            conn: ClientConnection, limit: int | None) -> bool | None:
     """Apply a body size limit to ``request``: a Content-Length over it is answered 413 at once
     (returns whether the connection stays open); otherwise a chunked body is cut at the limit
     as it streams (``RequestSource.body_limit``) and this returns None."""

@@ -40,8 +40,10 @@ from meshd.metrics import Metrics
 from meshd.proxy.access import AccessEntry, AccessLog
 from meshd.proxy.attempts import OWN_HEADERS, Attempts
 from meshd.proxy.core.authz import DEFAULT_DENY, Caller, Verdict, authorize, normalize_path
+from meshd.proxy.core.grpc import grpc_request, status_for_meshd_error
+from meshd.proxy.core.h2 import request_fields, wants_trailers
 from meshd.proxy.core.http1 import ProtocolError, RequestHead
-from meshd.proxy.core.http1_write import upstream_request_head
+from meshd.proxy.core.http1_write import upstream_request_fields, upstream_request_head
 from meshd.proxy.core.trace import RequestIdentity, identify
 from meshd.proxy.core.view import MeshView, ViewCell
 from meshd.proxy.exchange import RequestSource
@@ -51,10 +53,11 @@ from meshd.proxy.forward import (
     refuse_large_body,
     serve_requests,
 )
+from meshd.proxy.h2conn import H2Pool, H2Request, serve_h2, starts_h2
 from meshd.proxy.pool import ConnectFailed, ConnectionPool
 from meshd.proxy.pump import pump
 from meshd.proxy.sockio import SocketConnection, connect_tcp
-from meshd.proxy.streams import accept_mtls
+from meshd.proxy.streams import accept_mtls, negotiated_h2
 from meshd.tracing.spans import SERVER
 from meshd.tracing.tracer import Tracer
 
@@ -82,6 +85,8 @@ class InboundContext:
     app_pool: ConnectionPool
     view: ViewCell = field(default_factory=ViewCell)  # read per request: authorization, limits
     access: AccessLog = field(default_factory=AccessLog)
+    # connections to apps that speak h2c (``protocol = "http2"`` or ``"grpc"``)
+    app_h2_pool: H2Pool = field(default_factory=lambda: H2Pool(APP_IDLE_TIMEOUT))
     tracer: Tracer = field(default_factory=Tracer.off)
 
     def authorize(self, view: MeshView, service: str, caller: Caller,
@@ -154,8 +159,7 @@ class Inbound:
                 await self._handle_tcp(stream, service, Caller(source))
             else:
                 handler = _HTTPService(ctx, service, source)
-                await serve_requests(stream, conn, handler.handle, PEER_IDLE_TIMEOUT,
-                                     on_bad_request=handler.count_bad_request)
+                await handler.serve(stream, conn, h2=negotiated_h2(stream))
         finally:
             await trio.aclose_forcefully(stream)
 
@@ -168,8 +172,7 @@ class Inbound:
             await self._handle_tcp(transport, service, Caller(UNKNOWN_SOURCE, False))
             return
         handler = _HTTPService(self.ctx, service, UNKNOWN_SOURCE, authenticated=False)
-        await serve_requests(transport, conn, handler.handle, PEER_IDLE_TIMEOUT,
-                             on_bad_request=handler.count_bad_request)
+        await handler.serve(transport, conn, h2=await starts_h2(transport))
 
     def _refuse(self, conn: ClientConnection, reason: str, text: str) -> None:
         level = logging.INFO if reason in _QUIET_REFUSALS else logging.WARNING
@@ -189,7 +192,7 @@ class Inbound:
             log.warning("%s -> %s (tcp): %s; closing", source, service.name, exc)
             m.connection_errors.labels("inbound", exc.reason).inc()
             return
-        m.tcp_connections.labels("inbound", source, service.name, "").inc()
+        m.tcp_connections.labels("inbound", source, service.name, service.version).inc()
         sent = m.tcp_bytes.labels("inbound", service.name, "sent")
         received = m.tcp_bytes.labels("inbound", service.name, "received")
         with trio.CancelScope() as connection:
@@ -219,11 +222,27 @@ class _HTTPService:
         self.source = source
         self.caller = Caller(source, authenticated)
         self.key = ("app", service.address, service.port)
+        self.h2_key = ("app-h2", service.address, service.port)
         self.connect = self._connect  # bound once, not per request
         # the caller's identity, for the app; a plaintext caller's is unknown: no header at all
         self.extra = ((SOURCE_HEADER, source.encode("ascii")),) if authenticated else ()
 
-    async def handle(self, request: RequestHead, source: RequestSource,
+    async def serve(self, stream: trio.abc.Stream, conn: ClientConnection, *, h2: bool) -> None:
+        """Serve a caller's connection: HTTP/2 (ALPN ``h2``, or h2c in plaintext) or
+        HTTP/1.1."""
+        if not h2:
+            await serve_requests(stream, conn, self.handle, PEER_IDLE_TIMEOUT,
+                                 on_bad_request=self.count_bad_request)
+            return
+
+        async def handle(head: RequestHead, request: H2Request) -> None:
+            await self.handle(head, request, conn)
+
+        await serve_h2(stream, handle, PEER_IDLE_TIMEOUT, on_bad_request=self.count_bad_request,
+                       draining=lambda: conn.draining, set_drain_hook=conn.set_drain_hook,
+                       peer=conn.peer)
+
+    async def handle(self, request: RequestHead, source: RequestSource | H2Request,
                      conn: ClientConnection) -> bool:
         ctx = self.ctx
         started = trio.current_time()
@@ -241,42 +260,67 @@ class _HTTPService:
             self._record(request, started, ids, status=413,
                          detail="request body too large")
             return refused
-        head = upstream_request_head(
-            request, forwarded_for=conn.peer, default_host=self.service.name,
-            drop=(SOURCE_HEADER,), extra=self.extra, ids=ids)
         # a route without retries, to the local app; meshd's own headers are meshd's: an app
         # cannot claim it never saw a request (x-meshd-error: app-connect-*)
-        result = await Attempts(request, source, conn, pool=ctx.app_pool, key=self.key,
+        if self.service.protocol.app_h2:  # h2c to the app, whatever the caller spoke
+            fields = upstream_request_fields(
+                request, forwarded_for=conn.peer, default_host=self.service.name,
+                drop=(SOURCE_HEADER,), extra=self.extra, ids=ids)
+            h2_fields = request_fields(request.method, request.target, fields,
+                                       trailers=wants_trailers(request.headers)
+                                       or grpc_request(request.headers),
+                                       length=request.content_length)
+            attempts = Attempts(request, source, conn, pool=ctx.app_pool, key=self.h2_key,
+                                connect=self.connect, upstream_head=b"", timeout=None,
+                                drop_response=OWN_HEADERS, h2_pool=ctx.app_h2_pool,
+                                upstream_fields=h2_fields)
+        else:
+            head = upstream_request_head(
+                request, forwarded_for=conn.peer, default_host=self.service.name,
+                drop=(SOURCE_HEADER,), extra=self.extra, ids=ids)
+            attempts = Attempts(request, source, conn, pool=ctx.app_pool, key=self.key,
                                 connect=self.connect, upstream_head=head, timeout=None,
-                                drop_response=OWN_HEADERS).run()
+                                drop_response=OWN_HEADERS)
+        result = await attempts.run()
         if result.detail and result.status >= 500:
             log.warning("%s -> %s (local app): %d %s", self.source, self.service.name,
                         result.status, result.detail)
-        self._record(request, started, ids, status=result.status,
-                     detail=result.detail)
+        self._record(request, started, ids, status=result.status, detail=result.detail,
+                     error=result.code, request_bytes=result.request_bytes,
+                     response_bytes=result.response_bytes, grpc_status=result.grpc_status)
         return result.keep
 
     def _record(self, request: RequestHead, started: float, ids: RequestIdentity, *,
-                status: int, detail: str) -> None:
+                status: int, detail: str, error: str = "", request_bytes: int = 0,
+                response_bytes: int = 0, grpc_status: int | None = None) -> None:
         m = self.ctx.metrics
         elapsed = trio.current_time() - started
-        m.request_done("inbound", self.source, self.service.name, "", status, elapsed)
+        if grpc_status is None and status != 200 and grpc_request(request.headers):
+            grpc_status = int(status_for_meshd_error(status, error))  # meshd's own answer
+        grpc = "" if grpc_status is None else str(grpc_status)
+        m.request_done("inbound", self.source, self.service.name, self.service.version, status,
+                       elapsed, mtls=self.caller.authenticated, request_bytes=request_bytes,
+                       response_bytes=response_bytes, grpc_status=grpc)
         access = self.ctx.access
         if access.enabled:
             access.record(AccessEntry(
                 direction="inbound", source=self.source, destination=self.service.name,
                 method=request.method, target=request.target, status=status, duration=elapsed,
-                request_id=ids.request_id,
-                endpoint=f"{self.service.address}:{self.service.port}", detail=detail))
+                request_id=ids.request_id, subset=self.service.version,
+                endpoint=f"{self.service.address}:{self.service.port}", detail=detail,
+                error=error, protocol=f"HTTP/{request.version}", bytes_received=request_bytes,
+                bytes_sent=response_bytes, headers=request.headers,
+                traceparent=ids.traceparent, grpc_status=grpc))
         self.ctx.tracer.finish(
             SERVER, ids, elapsed, service=self.service.name, peer=self.source,
             destination=self.service.name, method=request.method, target=request.target,
             status=status, subset=self.service.version,
-            endpoint=f"{self.service.address}:{self.service.port}", detail=detail)
+            endpoint=f"{self.service.address}:{self.service.port}", error=error, detail=detail,
+            grpc_status=grpc_status)
 
     def count_bad_request(self, exc: ProtocolError) -> None:
-        self.ctx.metrics.requests.labels("inbound", self.source, self.service.name, "",
-                                         str(exc.status)).inc()
+        self.ctx.metrics.bad_request("inbound", self.source, self.service.name, exc.status,
+                                     mtls=self.caller.authenticated)
 
     async def _connect(self) -> SocketConnection:
         try:

@@ -1,7 +1,8 @@
 """Outbound: what a local app's call to ``outbound_address:local_port`` goes through.
 
 One handler per declared upstream. HTTP: each request is routed on its own — the first
-matching route of the destination, fault injection, a subset by weighted split, an endpoint by
+matching route of the destination, its edge features (rate limit, redirect, header edits,
+rewrites: ``core.edge``), fault injection, a subset by weighted split, an endpoint by
 the destination's balancer among those not ejected — and sent over a pooled mTLS connection to
 that endpoint's meshd, with the route's timeouts and retries (``meshd.proxy.attempts``, the
 forwarding path inbound takes too); a copy may go to a mirror subset afterwards. TCP: the
@@ -28,11 +29,22 @@ from meshd.metrics import Metrics
 from meshd.proxy.access import AccessEntry, AccessLog
 from meshd.proxy.attempts import ERROR_HEADER, REASON_HEADER, Attempts, Destination
 from meshd.proxy.core.attempt import FAULT_CODE, LOCAL_CONNECT_FAILURES, NO_ENDPOINT_CODE
+from meshd.proxy.core.edge import RATE_LIMITED_CODE, LocalAnswer, apply_route_edits
 from meshd.proxy.core.fault import decide_fault, mirrored
-from meshd.proxy.core.http1 import ProtocolError, RequestHead
-from meshd.proxy.core.http1_write import upstream_request_head
+from meshd.proxy.core.grpc import (
+    GRPC_TIMEOUT,
+    effective_timeout,
+    format_grpc_timeout,
+    grpc_request,
+    parse_grpc_timeout,
+    status_for_meshd_error,
+)
+from meshd.proxy.core.h2 import request_fields, wants_trailers
+from meshd.proxy.core.http1 import Header, ProtocolError, RequestHead
+from meshd.proxy.core.http1_write import upstream_request_fields, upstream_request_head
 from meshd.proxy.core.matcher import RequestFacts
 from meshd.proxy.core.outlier import CONNECTED, Failure
+from meshd.proxy.core.ratelimit import RateLimits
 from meshd.proxy.core.retry import REPLAY_LIMIT, Body, retry_verdict, route_retries
 from meshd.proxy.core.router import RoutePlan, Tier, candidates, no_endpoint_reason, plan
 from meshd.proxy.core.trace import RequestIdentity, identify
@@ -46,6 +58,7 @@ from meshd.proxy.forward import (
     refuse_large_body,
     serve_requests,
 )
+from meshd.proxy.h2conn import H2Pool, H2Request, serve_h2, starts_h2
 from meshd.proxy.mirror import MIRROR_HEADER, MIRROR_TIMEOUT, Mirror, MirrorJob
 from meshd.proxy.pool import ConnectFailed, ConnectionPool
 from meshd.proxy.pump import pump
@@ -73,10 +86,12 @@ class OutboundContext:
     tls: TLSState
     metrics: Metrics
     pool: ConnectionPool
+    h2_pool: H2Pool
     rand: Callable[[], float] = random.random
     connect_timeout: float = CONNECT_TIMEOUT
     here: tuple[tuple[str, str], ...] = ()  # this host's labels, for locality priority
     access: AccessLog = field(default_factory=AccessLog)
+    rate_limits: RateLimits = field(default_factory=RateLimits)  # the routes' token buckets
     tracer: Tracer = field(default_factory=Tracer.off)
     destinations: Destinations = field(init=False)
     mirror: Mirror = field(init=False)
@@ -118,13 +133,22 @@ class Outbound:
     async def handle(self, stream: SocketConnection, conn: ClientConnection) -> None:
         if self.upstream.protocol is Protocol.TCP:
             await self._handle_tcp(stream, conn)
+        elif await starts_h2(stream):  # h2c with prior knowledge (gRPC clients' http://)
+
+            async def handle(head: RequestHead, request: H2Request) -> None:
+                await self.handle_request(head, request, conn)
+
+            await serve_h2(stream, handle, CLIENT_IDLE_TIMEOUT,
+                           on_bad_request=self._count_bad_request,
+                           draining=lambda: conn.draining,
+                           set_drain_hook=conn.set_drain_hook, peer=conn.peer)
         else:
-            await serve_requests(stream, conn, self._handle_request, CLIENT_IDLE_TIMEOUT,
+            await serve_requests(stream, conn, self.handle_request, CLIENT_IDLE_TIMEOUT,
                                  on_bad_request=self._count_bad_request)
 
     # -- HTTP ----------------------------------------------------------------------------------
 
-    async def _handle_request(self, request: RequestHead, source: RequestSource,
+    async def handle_request(self, request: RequestHead, source: RequestSource | H2Request,
                               conn: ClientConnection) -> bool:
         ctx = self.ctx
         started = trio.current_time()
@@ -135,6 +159,15 @@ class Outbound:
         ids = identify(request.headers, sample=ctx.tracer.sample)
         routed = plan(view, self.destination, facts, ctx.rand(), ctx.here)
         route = routed.route
+        # the route's edge features: rate limit, redirect (answered here), header edits, rewrite
+        edge = apply_route_edits(route, request, limits=ctx.rate_limits,
+                                 destination=self.destination, source=self.source,
+                                 now=started, default_host=self.destination)
+        if edge is not None:
+            if edge.answer is not None:
+                return await self._answer_edge(edge.answer, request, source, conn, routed,
+                                               started, ids)
+            request = edge.request
         fault = decide_fault(route.fault if route is not None else None, ctx.rand)
         if not fault.none:
             answered = await self._inject(fault.delay, fault.abort_status, request, source,
@@ -164,14 +197,27 @@ class Outbound:
         retries = route_retries(route.retries if route is not None else None)
         keep_body = retries.attempts > 0 or mirror is not None
         body = ReplayBody(source, request, REPLAY_LIMIT) if keep_body else None
-        head = upstream_request_head(request, forwarded_for=conn.peer,
-                                     default_host=self.destination, ids=ids)
+        h2 = isinstance(source, H2Request)
+        grpc = h2 and source.grpc  # type: ignore[union-attr]
+        timeout = routed.timeout
+        fields: list[Header] | None = None
+        if h2:  # the mesh hop speaks what the app spoke: HTTP/2 (ALPN h2)
+            head = b""
+            fields = self._h2_fields(request, conn, ids)
+            if grpc:
+                timeout = self._grpc_deadline(request, fields, timeout)
+        else:
+            head = upstream_request_head(request, forwarded_for=conn.peer,
+                                         default_host=self.destination, ids=ids)
         destination = Destination(
             plan=routed, state=state, endpoints=view.endpoint_set(self.destination),
-            pool_key=self._pool_key, connect=self._connector(state), rand=ctx.rand,
+            pool_key=self._pool_key, connect=self._connector(state, h2=h2), rand=ctx.rand,
             metrics=ctx.metrics, hash_key=self._hash_key(state, facts, conn))
         attempts = Attempts(request, source, conn, pool=ctx.pool, upstream_head=head,
-                            timeout=routed.timeout, destination=destination, body=body)
+                            timeout=timeout, destination=destination, body=body,
+                            h2_pool=ctx.h2_pool if h2 else None, upstream_fields=fields,
+                            grpc=grpc,
+                            edit_response=edge.response if edge is not None else None)
         result = await attempts.run()
         endpoint = attempts.endpoint
         tier = attempts.tier
@@ -180,7 +226,9 @@ class Outbound:
                                          tier.subset or "").inc()
         self._record(request, routed, started, ids, status=result.status, detail=result.detail,
                      endpoint=endpoint, tries=attempts.tries, error=result.code,
-                     served_by=tier.subset if tier is not None else None)
+                     served_by=tier.subset if tier is not None else None,
+                     request_bytes=result.request_bytes, response_bytes=result.response_bytes,
+                     delayed=fault.delay is not None, grpc_status=result.grpc_status)
         if result.detail and result.status >= 500:
             log.warning("%s -> %s (%s): %d %s", self.source, self.destination,
                         endpoint.key if endpoint else "-", result.status, result.detail)
@@ -188,8 +236,29 @@ class Outbound:
             self._send_mirror(view, state, mirror, route, request, conn, body, facts, ids)
         return result.keep
 
+    def _h2_fields(self, request: RequestHead, conn: ClientConnection,
+                   ids: RequestIdentity) -> list[Header]:
+        fields = upstream_request_fields(request, forwarded_for=conn.peer,
+                                         default_host=self.destination, ids=ids)
+        return request_fields(request.method, request.target, fields,
+                              trailers=wants_trailers(request.headers),
+                              length=request.content_length)
+
+    @staticmethod
+    def _grpc_deadline(request: RequestHead, fields: list[Header],
+                       route_timeout: float | None) -> float | None:
+        """A gRPC call's deadline: its ``grpc-timeout``, capped by the route's timeout (then
+        the server is told the capped one)."""
+        asked = parse_grpc_timeout(next((v for n, v in request.headers if n == GRPC_TIMEOUT),
+                                        None))
+        deadline = effective_timeout(route_timeout, asked)
+        if deadline is not None and deadline != asked:
+            fields[:] = [f for f in fields if f[0] != GRPC_TIMEOUT]
+            fields.append((GRPC_TIMEOUT, format_grpc_timeout(deadline)))
+        return deadline
+
     async def _inject(self, delay: float | None, abort: int | None, request: RequestHead,
-                      source: RequestSource, conn: ClientConnection, routed: RoutePlan,
+                      source: RequestSource | H2Request, conn: ClientConnection, routed: RoutePlan,
                       started: float, ids: RequestIdentity) -> bool | None:
         """Apply an injected fault; returns whether the connection may stay open when the
         request was answered (aborted), None when it goes on to the destination."""
@@ -205,7 +274,21 @@ class Outbound:
                                     [(ERROR_HEADER, FAULT_CODE.encode("ascii")),
                                      (REASON_HEADER, text.encode("ascii", "replace"))])
         self._record(request, routed, started, ids, status=abort, detail=text,
-                     error=FAULT_CODE)
+                     error=FAULT_CODE, delayed=delay is not None)
+        return keep
+
+    async def _answer_edge(self, answer: LocalAnswer, request: RequestHead,
+                           source: RequestSource | H2Request, conn: ClientConnection,
+                           routed: RoutePlan, started: float, ids: RequestIdentity) -> bool:
+        """Answer what a route's edge features answer themselves (a 429 over its rate limit,
+        a redirect); returns whether the connection may stay open."""
+        if answer.code == RATE_LIMITED_CODE:
+            self.ctx.metrics.rate_limited.labels(self.destination, routed.route_name).inc()
+        await discard_body(source, request)
+        keep = await answer_locally(source, request, conn, answer.status, answer.text,
+                                    list(answer.headers))
+        self._record(request, routed, started, ids, status=answer.status, detail=answer.text,
+                     error=answer.code)
         return keep
 
     def _hash_key(self, state: DestinationState, facts: RequestFacts,
@@ -257,14 +340,21 @@ class Outbound:
     def _record(self, request: RequestHead, routed: RoutePlan, started: float,
                 ids: RequestIdentity, *, status: int, detail: str,
                 endpoint: Endpoint | None = None, tries: int = 0, error: str = "",
-                served_by: str | None = None) -> None:
+                served_by: str | None = None, request_bytes: int = 0, response_bytes: int = 0,
+                delayed: bool = False, grpc_status: int | None = None) -> None:
         """Metrics and the access log line of one request; ``served_by``: the subset of the
-        tier the last try went to (a failover subset, or the one drawn)."""
+        tier the last try went to (a failover subset, or the one drawn); ``grpc_status``: a
+        gRPC call's outcome (meshd's own answer to one is a gRPC status too)."""
+        if grpc_status is None and error and grpc_request(request.headers):
+            grpc_status = int(status_for_meshd_error(status, error))
+        grpc = "" if grpc_status is None else str(grpc_status)
         m = self.ctx.metrics
         drawn = routed.subset or ""
         subset = served_by if served_by is not None else drawn
         elapsed = trio.current_time() - started
-        m.request_done("outbound", self.source, self.destination, subset, status, elapsed)
+        m.request_done("outbound", self.source, self.destination, subset, status, elapsed,
+                       request_bytes=request_bytes, response_bytes=response_bytes,
+                       grpc_status=grpc)
         access = self.ctx.access
         if access.enabled:
             access.record(AccessEntry(
@@ -272,32 +362,34 @@ class Outbound:
                 method=request.method, target=request.target, status=status, duration=elapsed,
                 request_id=ids.request_id, route=routed.route_name, subset=subset,
                 endpoint=endpoint.key if endpoint is not None else "", detail=detail,
-                tries=tries, error=error, failover_from=drawn if subset != drawn else ""))
+                tries=tries, error=error, failover_from=drawn if subset != drawn else "",
+                protocol=f"HTTP/{request.version}", bytes_received=request_bytes,
+                bytes_sent=response_bytes, fault_delayed=delayed, headers=request.headers,
+                traceparent=ids.traceparent, grpc_status=grpc))
         self.ctx.tracer.finish(
             CLIENT, ids, elapsed, service=self.source, peer=self.destination,
             destination=self.destination, method=request.method, target=request.target,
             status=status, subset=subset, route=routed.route_name,
             endpoint=endpoint.key if endpoint is not None else "", tries=tries, error=error,
-            detail=detail)
+            detail=detail, grpc_status=grpc_status)
 
     def _count_bad_request(self, exc: ProtocolError) -> None:
-        self.ctx.metrics.requests.labels("outbound", self.source, self.destination, "",
-                                         str(exc.status)).inc()
+        self.ctx.metrics.bad_request("outbound", self.source, self.destination, exc.status)
 
-    def _connector(self, state: DestinationState) -> Callable[[Endpoint],
-                                                               Awaitable[TLSStream]]:
+    def _connector(self, state: DestinationState, *, h2: bool = False
+                   ) -> Callable[[Endpoint], Awaitable[TLSStream]]:
         """Connecting with the destination policy's ``connect_timeout`` (as read by the
-        request at its start), else the host's."""
+        request at its start), else the host's; ``h2``: speaking HTTP/2."""
         limit = state.policy.connect_timeout or self.ctx.connect_timeout
-        return lambda endpoint: self._connect(endpoint, limit)
+        return lambda endpoint: self._connect(endpoint, limit, h2)
 
-    async def _connect(self, endpoint: Endpoint, limit: float) -> TLSStream:
+    async def _connect(self, endpoint: Endpoint, limit: float, h2: bool = False) -> TLSStream:
         """A new mTLS connection to ``endpoint`` as our service; raises ``ConnectFailed``."""
         where = f"{endpoint.address}:{endpoint.port}"
         try:
             with trio.fail_after(limit):
                 return await open_mtls(endpoint.address, endpoint.port, self.ctx.tls,
-                                       self.source, self.destination)
+                                       self.source, self.destination, h2=h2)
         except trio.TooSlowError:
             failure = ConnectFailed("connect_timeout", f"connecting to {where} timed out")
         except OSError as exc:

@@ -10,16 +10,26 @@ buffered at all, so a large upload never sits in memory.
 
 from __future__ import annotations
 
+from typing import Protocol
+
+from meshd.proxy.core.h2 import RequestTrailers
 from meshd.proxy.core.http1 import END, Data, Event, Framing, RequestHead
 from meshd.proxy.core.retry import Body
-from meshd.proxy.exchange import RequestSource
+
+Message = Event | RequestTrailers
+
+
+class Source(Protocol):
+    """A request's body events: an HTTP/1.1 ``RequestSource`` or an HTTP/2 ``H2Request``."""
+
+    async def next_event(self) -> Message | None: ...
 
 
 class ReplayBody:
-    def __init__(self, source: RequestSource, request: RequestHead, limit: int) -> None:
+    def __init__(self, source: Source, request: RequestHead, limit: int) -> None:
         self.source = source
         self.limit = limit
-        self._events: list[Event] = []
+        self._events: list[Message] = []
         self._size = 0
         self._ended = False  # the END is in the buffer
         self._has_body = request.framing is not Framing.NONE and request.content_length != 0
@@ -45,7 +55,7 @@ class ReplayBody:
             raise AssertionError("a body that was not kept cannot be sent again")
         return TryBody(self)
 
-    async def _pull(self) -> Event | None:
+    async def _pull(self) -> Message | None:
         event = await self.source.next_event()
         if event is None:
             return None
@@ -71,9 +81,9 @@ class TryBody:
         self._position = 0
         self.message_done = False
 
-    async def next_event(self) -> Event | None:
+    async def next_event(self) -> Message | None:
         body = self._body
-        event: Event | None
+        event: Message | None
         if self._position < len(body._events):
             event = body._events[self._position]
             self._position += 1

@@ -2,6 +2,7 @@
 
     Proxy.run
       ├─ pool reapers            (mesh connections: 30 s idle; app connections: 4 s)
+      ├─ HTTP/2 pools            (their connections' readers, and the same idle reaping)
       ├─ mirror workers          (copies of mirrored requests, from a bounded queue)
       └─ connections nursery     (one task per accepted connection)
            └─ accept loops       (inbound mTLS listener; one outbound listener per upstream)
@@ -31,9 +32,11 @@ from meshd.errors import ProxyError
 from meshd.identity.tls import TLSState
 from meshd.listen_fds import InheritedSockets
 from meshd.metrics import Metrics
-from meshd.proxy.access import AccessLog
+from meshd.proxy.access import AccessLog, format_from_env
 from meshd.proxy.core.view import ViewCell
 from meshd.proxy.forward import FIRST_REQUEST_GRACE, ClientConnection
+from meshd.proxy.gateway import GatewayHandler
+from meshd.proxy.h2conn import H2Pool
 from meshd.proxy.inbound import APP_IDLE_TIMEOUT, Inbound, InboundContext
 from meshd.proxy.outbound import Outbound, OutboundContext
 from meshd.proxy.pool import DEFAULT_IDLE_TIMEOUT, ConnectionPool
@@ -49,7 +52,7 @@ ConnectionHandler = Callable[[SocketConnection, ClientConnection], Awaitable[Non
 
 @dataclass
 class _Listener:
-    direction: str  # "inbound" / "outbound"
+    direction: str  # "inbound" / "outbound" / "gateway"
     name: str  # what it serves, for logs
     host: str
     port: int
@@ -74,13 +77,17 @@ class Proxy:
         self.pool = ConnectionPool(idle_timeout=DEFAULT_IDLE_TIMEOUT)
         self.app_pool = ConnectionPool(idle_timeout=APP_IDLE_TIMEOUT)
         tracer = tracer or Tracer.off()
+        # HTTP/2: multiplexed connections to peer meshds, and to apps that speak h2c
+        self.h2_pool = H2Pool(DEFAULT_IDLE_TIMEOUT)
+        self.app_h2_pool = H2Pool(APP_IDLE_TIMEOUT)
         outbound_ctx = OutboundContext(view=view, tls=tls, metrics=metrics, pool=self.pool,
-                                       rand=rand, here=config.labels, tracer=tracer)
+                                       h2_pool=self.h2_pool, rand=rand, here=config.labels,
+                                       tracer=tracer)
         self._outbound = outbound_ctx
-        access = AccessLog()
+        access = AccessLog(format_from_env(default=config.access_log))
         outbound_ctx.access = access
         inbound = Inbound(InboundContext(config, tls, metrics, self.app_pool, view, access,
-                                         tracer))
+                                         app_h2_pool=self.app_h2_pool, tracer=tracer))
         # caps at accept; the process's cap is what its open file limit leaves room for
         self.guard = ConnectionGuard(metrics=metrics)
         self._listeners = [_Listener("inbound", "mesh", config.address, config.inbound_port,
@@ -89,9 +96,17 @@ class Proxy:
         self._inbound = inbound
         self._listeners += [self._outbound_listener(service, upstream)
                             for service, upstream in config.upstreams]
+        # ingress gateways: outside clients, capped like the inbound listener
+        self._listeners += [
+            _Listener("gateway", f"{gateway.name}:{listener.port}", listener.address,
+                      listener.port, GatewayHandler(gateway, listener, outbound_ctx).handle, [],
+                      self.guard.listener(f"gateway:{gateway.name}:{listener.port}",
+                                          config.inbound_limits))
+            for gateway in config.gateways for listener in gateway.listeners]
         self._permissive = inbound.permissive is not None
         self._connections: set[ClientConnection] = set()
-        self._open = {"inbound": 0, "outbound": 0}  # accepted connections open, by listener
+        # accepted connections open, by listener kind
+        self._open = {"inbound": 0, "outbound": 0, "gateway": 0}
         self._accepting = trio.CancelScope()
         self._everything = trio.CancelScope()
         self._draining = False
@@ -120,6 +135,14 @@ class Proxy:
             raise KeyError(f"no outbound listener for {name}")
         return self._bound(listener)
 
+    def gateway_address(self, gateway: str, index: int = 0) -> tuple[str, int]:
+        """Where gateway ``gateway``'s ``index``-th listener listens."""
+        found = [x for x in self._listeners
+                 if x.direction == "gateway" and x.name.split(":", 1)[0] == gateway]
+        if index >= len(found):
+            raise KeyError(f"no listener {index} for gateway {gateway}")
+        return self._bound(found[index])
+
     @staticmethod
     def _bound(listener: _Listener) -> tuple[str, int]:
         if not listener.sockets:
@@ -136,7 +159,8 @@ class Proxy:
 
     def open_connections(self) -> dict[str, int]:
         """Accepted connections open now: ``inbound`` (from peers' meshds, or plaintext in
-        permissive mode) and ``outbound`` (from local apps to upstream listeners)."""
+        permissive mode), ``outbound`` (from local apps to upstream listeners) and ``gateway``
+        (outside clients of this host's ingress gateways)."""
         return dict(self._open)
 
     def endpoint_states(self) -> dict[str, list[dict[str, Any]]]:
@@ -155,6 +179,8 @@ class Proxy:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self.pool.run)
                     await nursery.start(self.app_pool.run)
+                    await nursery.start(self.h2_pool.run)
+                    await nursery.start(self.app_h2_pool.run)
                     await nursery.start(self._outbound.mirror.run)
                     await nursery.start(self.guard.run)
                     async with trio.open_nursery() as connections:
@@ -303,13 +329,13 @@ class Proxy:
         # without a task. (Not outbound listeners, where a TCP upstream's server may speak
         # first, nor a permissive inbound one, which may carry such a protocol in plaintext.)
         timeout = self.config.inbound_handshake_timeout
-        first_byte = timeout if listener.direction == "inbound" and not self._permissive \
-            else None
+        first_byte = timeout if (listener.direction == "inbound" and not self._permissive) \
+            or listener.direction == "gateway" else None
 
         def silent(peer: str) -> None:
-            log.debug("inbound connection from %s sent nothing within %gs: closed", peer,
-                      timeout)
-            self.metrics.connection_errors.labels("inbound", "handshake_timeout").inc()
+            log.debug("%s connection from %s sent nothing within %gs: closed",
+                      listener.direction, peer, timeout)
+            self.metrics.connection_errors.labels(listener.direction, "handshake_timeout").inc()
 
         with listener.accepting:
             await accept_loop(sock, listener.guard, serve, connections, accept_failed,
@@ -343,6 +369,9 @@ def _drain_connection(conn: ClientConnection) -> None:
     """Mark ``conn`` draining: closed now if idle between requests, after its current response
     otherwise; one just accepted gets a moment for its first request."""
     conn.draining = True
+    if conn.drain_hook is not None:
+        conn.drain_hook()
+        return
     if conn.idle_scope is None:
         return
     if conn.served:  # idle between requests: closed now

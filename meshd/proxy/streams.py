@@ -22,7 +22,13 @@ import ssl
 
 import trio
 
-from meshd.identity.tls import HandshakeRefused, MeshSSLObject, TLSState, classify_tls_failure
+from meshd.identity.tls import (
+    ALPN_H2,
+    HandshakeRefused,
+    MeshSSLObject,
+    TLSState,
+    classify_tls_failure,
+)
 from meshd.proxy.sockio import SocketConnection, connect_tcp
 
 RECEIVE_SIZE = 64 * 1024
@@ -281,12 +287,14 @@ class TLSStream(trio.abc.HalfCloseableStream):
 
 
 async def open_mtls(address: str, port: int, tls: TLSState, source: str,
-                    destination: str) -> TLSStream:
-    """Connect to a meshd inbound listener as ``source`` and check it serves ``destination``.
+                    destination: str, *, h2: bool = False) -> TLSStream:
+    """Connect to a meshd inbound listener as ``source`` and check it serves ``destination``
+    (``h2``: and that it speaks HTTP/2, negotiated by ALPN).
 
     The caller bounds the time with ``fail_after``. Raises ``OSError`` when the connection
     cannot be made and ``HandshakeRefused`` when TLS or the identity check fails."""
-    context = tls.client_context(source)  # before connecting: a failure here leaks no socket
+    # before connecting: a failure here leaks no socket
+    context = tls.client_context(source, h2=h2)
     transport = await connect_tcp(address, port)
     stream = TLSStream(transport, context, server_side=False, server_hostname=destination)
     try:
@@ -296,6 +304,9 @@ async def open_mtls(address: str, port: int, tls: TLSState, source: str,
             label, text = classify_tls_failure(exc)
             raise HandshakeRefused(label, f"{address}:{port} ({destination}): {text}") from exc
         stream.peer_serial = tls.check_server(stream.peer_certificate(), destination)
+        if h2 and stream.ssl_object.selected_alpn_protocol() != ALPN_H2:
+            raise HandshakeRefused("no_h2", f"{address}:{port} ({destination}) does not speak "
+                                   "HTTP/2 (ALPN h2 not accepted: a meshd too old?)")
         tls.track(stream)
     except BaseException:
         await trio.aclose_forcefully(stream)
@@ -331,3 +342,8 @@ async def accept_mtls(transport: trio.abc.Stream, tls: TLSState) -> tuple[TLSStr
     if not service:
         raise HandshakeRefused("unknown_service", "client sent no SNI")
     return stream, service, source
+
+
+def negotiated_h2(stream: TLSStream) -> bool:
+    """Whether the client chose HTTP/2 by ALPN."""
+    return stream.ssl_object.selected_alpn_protocol() == ALPN_H2

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from meshd.config.schema import HostConfig, LocalService
+from meshd.config.gateway import Gateway
+from meshd.config.schema import HealthCheck, HostConfig, LocalService, Protocol
 from meshd.registry.model import (
     ADMIN_META,
     ADMIN_TLS_META,
@@ -106,6 +107,48 @@ def proxy_registration(
             "CheckID": check_id(pid),
             "Name": f"meshd inbound for {svc.name}",
             "TTL": _ttl(svc),
+            "Status": status,
+            "DeregisterCriticalServiceAfter": DEREGISTER_CRITICAL_AFTER,
+        },
+    }
+
+
+# -- ingress gateways ------------------------------------------------------------------------------
+
+GATEWAY_CHECK = HealthCheck("tcp", "/", 5.0, 2.0)
+
+
+def gateway_probe_target(gateway: Gateway) -> LocalService:
+    """What meshd probes for a gateway's health: a TCP connect to its first listener (its own
+    socket: passing while the gateway accepts)."""
+    listener = gateway.listeners[0]
+    address = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(listener.address, listener.address)
+    return LocalService(gateway.name, listener.port, Protocol.TCP, address=address,
+                        health=GATEWAY_CHECK)
+
+
+def gateway_registration(config: HostConfig, gateway: Gateway,
+                         status: str = "critical") -> dict[str, Any]:
+    """A gateway as Consul registers an ingress gateway: ``Kind = "ingress-gateway"``, its
+    first listener's port, every listener in ``Meta`` (``gateway-listeners``: PROTOCOL:PORT,
+    comma-separated) and the services it routes to (``gateway-routes``)."""
+    sid = f"{gateway.name}-{config.node}"
+    target = gateway_probe_target(gateway)
+    listeners = ",".join(f"{x.protocol}:{x.port}" for x in gateway.listeners)
+    routes = ",".join(sorted({r.service for r in gateway.routes}))
+    return {
+        "ID": sid,
+        "Name": gateway.name,
+        "Kind": "ingress-gateway",
+        "Tags": ["meshd", "gateway"],
+        "Address": config.address,
+        "Port": gateway.listeners[0].port,
+        "Meta": {NODE_META: config.node, "gateway-listeners": listeners,
+                 "gateway-routes": routes, **admin_meta(config)},
+        "Check": {
+            "CheckID": check_id(sid),
+            "Name": f"meshd gateway {gateway.name} listening",
+            "TTL": _ttl(target),
             "Status": status,
             "DeregisterCriticalServiceAfter": DEREGISTER_CRITICAL_AFTER,
         },

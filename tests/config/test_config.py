@@ -14,7 +14,7 @@ import pytest
 from meshd.config.durations import format_duration, parse_duration
 from meshd.config.load import load_host_config, validate_file
 from meshd.config.parse import parse_host_config, parse_routes, routes_to_data
-from meshd.config.schema import Protocol
+from meshd.config.schema import AccessLogFormat, Protocol
 from meshd.errors import ConfigError
 
 FP = "sha256:" + "ab" * 32
@@ -114,6 +114,10 @@ HOST_CASES = [
     ("services[1].name", "web", "services[1].name", "duplicate service 'web' (also services[0])"),
     ("services[0].health.interval", "soon", "services[0].health.interval",
      "invalid duration 'soon' (use e.g. 500ms, 10s, 1m30s, 24h)"),
+    ("services[0].health", {"grpc": "greeter v1"}, "services[0].health.grpc",
+     "expected a gRPC service name, got 'greeter v1'"),
+    ("services[0].health", {"grpc": "", "tcp": True}, "services[0].health",
+     "choose one check kind, got grpc and tcp"),
     ("node", _DELETE, "node", "required key is missing"),
     ("ca", _DELETE, "ca", "required table is missing (url, fingerprint, token_file)"),
     ("ca.url", "http://127.0.0.1:8443", "ca.url",
@@ -125,13 +129,25 @@ HOST_CASES = [
     ("admin.address", "localhost", "admin.address",
      "expected HOST:PORT with a port in 1-65535, got 'localhost'"),
     ("address", "host-a.local", "address", "'host-a.local' is not an IP address"),
-    ("colour", "blue", "colour", "unknown key (expected one of: address, admin, ca, "
-     "drain_timeout, inbound, labels, node, outbound, registry, registry_token, "
+    ("access_log", {"format": "xml"}, "access_log.format",
+     "must be one of text, json, envoy, off, got 'xml'"),
+    ("access_log", {"format": "json", "file": "/var/log/x"}, "access_log.file",
+     "unknown key (expected one of: format)"),
+    ("access_log", "json", "access_log", "expected a table, got str"),
+    ("colour", "blue", "colour", "unknown key (expected one of: access_log, address, admin, ca, "
+     "drain_timeout, gateways, inbound, labels, node, outbound, registry, registry_token, "
      "registry_token_file, services, state_dir, tracing, trust_domain)"),
     ("drain_timeout", "soon", "drain_timeout",
      "invalid duration 'soon' (use e.g. 500ms, 10s, 1m30s, 24h)"),
     ("drain_timeout", 0, "drain_timeout", "duration must be greater than zero"),
 ]
+
+
+def test_access_log_format_defaults_to_text_and_takes_each_format() -> None:
+    assert parse_host_config(HOST, "a.toml").access_log is AccessLogFormat.TEXT
+    for fmt in AccessLogFormat:
+        config = parse_host_config(HOST | {"access_log": {"format": fmt.value}}, "a.toml")
+        assert config.access_log is fmt
 
 
 def test_drain_timeout_defaults_to_ten_seconds_and_takes_a_duration() -> None:
@@ -237,8 +253,8 @@ ROUTE_CASES = [
     ("destinations.payments.subsets.v2", "v2", "destinations.payments.subsets.v2",
      'expected a table like { version = "v1" }'),
     ("destinations.payments.retry", 3, "destinations.payments.retry",
-     "unknown key (expected one of: authorization, fault, mirror, policy, retries, routes, "
-     "split, subsets, timeout)"),
+     "unknown key (expected one of: authorization, fault, mirror, policy, rate_limit, "
+     "request_headers, response_headers, retries, routes, split, subsets, timeout)"),
     ("destinations.payments.retries", 3, "destinations.payments.retries",
      "expected a table, got int"),
 ]

@@ -14,6 +14,7 @@ from meshd.config.mesh import parse_mesh
 from meshd.config.mesh_schema import HostPort, port_claims
 from meshd.config.parse import parse_host_config
 from meshd.config.schema import HealthCheck, MTLSMode, Protocol, Upstream
+from meshd.dev import gateway_certs
 from meshd.dev.generate import expand_command, host_config_data, render_toml
 from meshd.errors import ConfigError
 
@@ -220,13 +221,18 @@ def test_a_permissive_service_stays_permissive_in_the_generated_meshd_toml(
     assert config.services[0].mtls is MTLSMode.PERMISSIVE
 
 
-def test_every_host_of_the_shop_generates_a_valid_meshd_toml() -> None:
+def test_every_host_of_the_shop_generates_a_valid_meshd_toml(tmp_path: Path) -> None:
     path = SHOP / "mesh.toml"
     mesh = parse_mesh(tomllib.loads(path.read_text()), str(path), path.parent)
+    assert [g.name for h in mesh.hosts for g in h.gateways] == ["edge"]
     for host in mesh.hosts:
+        if gateway_certs.needs_certificate(host):  # as `meshd up` does before writing
+            _, cert, key = gateway_certs.make_certificate(tmp_path / "gateway")
+            host = gateway_certs.with_certificate(host, cert, key)
         text = render_toml(host_config_data(mesh, host, fingerprint=FINGERPRINT))
         config = parse_host_config(tomllib.loads(text))
         assert config.services == tuple(ms.service for ms in host.services)
+        assert config.gateways == host.gateways
 
 
 def test_render_toml_escapes_strings_and_quotes_odd_keys() -> None:

@@ -99,7 +99,7 @@ async def test_two_hosts_route_register_report_and_deregister(
     assert state["routes"]["destinations"]["payments"]["split"] == {"v2": 100}
     metrics = (await mesh.http.get(f"{admin_a}/metrics")).text
     assert ('meshd_requests_total{code="200",destination="payments",direction="outbound",'
-            'source="web",subset="v2"}') in metrics
+            'grpc_status="",mtls="true",source="web",subset="v2"}') in metrics
     assert (await mesh.http.get(f"{admin_a}/readyz")).status_code == 200
 
     # an invalid route table is refused with its reason; the one in force stays, traffic flows

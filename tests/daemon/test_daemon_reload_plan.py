@@ -63,3 +63,8 @@ def test_drain_timeout_applies_live(tmp_path: Path) -> None:
                        parse_host_config(new, "m.toml", tmp_path))
     assert [str(c) for c in plan.applied] == ["drain_timeout: 10s -> 45s"]
     assert plan.needs_restart == () and plan.config.drain_timeout == 45
+
+
+def test_an_access_log_format_change_is_reported_as_needing_a_restart(tmp_path: Path) -> None:
+    _, restart, text = _plan({"access_log": {"format": "json"}}, tmp_path)
+    assert restart == ["access_log.format"] and text == "access_log.format: text -> json"

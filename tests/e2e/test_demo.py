@@ -146,6 +146,27 @@ def test_checkouts_reach_payments_split_90_10(mesh: Mesh) -> None:
     mesh.record_tree()
 
 
+def test_outside_clients_come_in_through_the_gateway_over_http_and_https(mesh: Mesh) -> None:
+    """gateway edge (host-a) -> mTLS as edge -> web -> payments, on the demo's front doors."""
+    conn = http.client.HTTPConnection("127.0.0.1", 8000, timeout=10)
+    try:
+        conn.request("GET", "/checkout")
+        response = conn.getresponse()
+        assert response.status == 200 and json.loads(response.read())["service"] == "payments"
+    finally:
+        conn.close()
+    ca_file = mesh.run_dir / "gateway" / "ca.crt"
+    assert str(ca_file) in mesh.output.text()  # meshd up says where the CA to trust is
+    context = ssl.create_default_context(cafile=str(ca_file))
+    secure = http.client.HTTPSConnection("localhost", 8001, timeout=10, context=context)
+    try:
+        secure.request("GET", "/checkout")
+        response = secure.getresponse()
+        assert response.status == 200 and json.loads(response.read())["service"] == "payments"
+    finally:
+        secure.close()
+
+
 def test_the_terminal_shows_events_and_the_access_logs_are_in_files(mesh: Mesh) -> None:
     # after the checkouts above: every one is in host-a's access log (outbound) and in host-b's
     # or host-c's (inbound), and none on the terminal, which a pipe gets without a status line

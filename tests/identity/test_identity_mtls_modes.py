@@ -78,7 +78,9 @@ async def start_proxy(nursery: trio.Nursery, tmp_path: Path,
 
 
 def count(metrics: Metrics, name: str, **labels: str) -> float:
-    return metrics.registry.get_sample_value(name, labels) or 0.0
+    """The sum of ``name``'s samples whose labels include ``labels``."""
+    return sum(s.value for family in metrics.registry.collect() for s in family.samples
+               if s.name == name and labels.items() <= s.labels.items())
 
 
 async def test_permissive_accepts_plaintext_and_mtls_side_by_side(
@@ -100,8 +102,8 @@ async def test_permissive_accepts_plaintext_and_mtls_side_by_side(
     # (counted once the response is on its way: the client may read it first)
     with trio.fail_after(5):
         await until(lambda: count(metrics, "meshd_requests_total", direction="inbound",
-                                  source="unknown", destination="payments", subset="",
-                                  code="200") == 1, every=0.01)
+                                  source="unknown", destination="payments", subset="v1",
+                                  code="200", mtls="false") == 1, every=0.01)
 
     # mutual TLS still works on the same port, with the caller's identity
     stream = await open_mtls(host, port, tls, "web", "payments")
@@ -113,6 +115,10 @@ async def test_permissive_accepts_plaintext_and_mtls_side_by_side(
     assert body["headers"]["x-meshd-source"] == "web"
     assert count(metrics, "meshd_inbound_connections_total", destination="payments",
                  mtls="true") == 1
+    with trio.fail_after(5):
+        await until(lambda: count(metrics, "meshd_requests_total", direction="inbound",
+                                  source="web", destination="payments", code="200",
+                                  mtls="true") == 1, every=0.01)
 
 
 async def test_permissive_tcp_where_the_server_speaks_first(

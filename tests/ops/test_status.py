@@ -109,6 +109,18 @@ def test_render_endpoints_by_version_without_a_route() -> None:
     assert "      v1: 1/1 healthy (host-b)\n      v2: 0/1 healthy\n" in text
 
 
+def test_render_a_gateway_and_where_it_routes() -> None:
+    gateway = {"name": "edge", "health": "passing",
+               "listeners": [{"protocol": "http", "address": "0.0.0.0", "port": 80},
+                             {"protocol": "https", "address": "0.0.0.0", "port": 443}],
+               "routes": [{"hosts": ["shop.example.com"], "path_prefix": "/",
+                           "service": "payments"}]}
+    text = render(STATE | {"gateways": [gateway]})
+    assert ("gateway edge (passing) on http://0.0.0.0:80, https://0.0.0.0:443\n"
+            "  shop.example.com/ -> payments\n      v1") in text
+    assert "gateway" not in render(STATE)
+
+
 @pytest.mark.parametrize(("seconds", "text"), [
     (0, "0s"), (59.9, "59s"), (61, "1m01s"), (3600, "1h00m"), (90000, "1d01h"), (-3, "0s")])
 def test_duration(seconds: float, text: str) -> None:

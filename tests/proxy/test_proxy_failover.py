@@ -61,7 +61,7 @@ async def test_an_app_that_refuses_is_retried_elsewhere_for_any_method(
                      reason="app_connect_failed")
     assert refused == 3 and _retries(farm, "app-connect-failed") == 3
     assert sample(dead.metrics, "meshd_requests_total", direction="inbound", source="web",
-                  destination="payments", subset="", code="503") == 3
+                  destination="payments", subset="v1", code="503") == 3
 
 
 async def test_an_answer_from_a_dead_app_host_ejects_it_as_a_connect_failure(

@@ -1,12 +1,10 @@
 """HTTP/1.1 correctness and limits on the listeners: request smuggling (one test per case),
 head limits (431) and deadline (408), body limit (413), hop-by-hop headers, request identity
-(X-Request-Id, traceparent), Expect: 100-continue, Upgrade, and access log lines."""
+(X-Request-Id, traceparent), Expect: 100-continue, Upgrade (access log lines:
+``test_access_log``)."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +19,6 @@ from proxy_testing import MiniCA, eventually, read_until_eof, sample
 
 from meshd.config.routes import parse_routes
 from meshd.config.schema import LocalService, Upstream
-from meshd.proxy import access
-from meshd.proxy.access import AccessEntry, AccessLog, AccessLogFormat, format_from_env
 from meshd.proxy.core.http1 import RequestHead
 from meshd.proxy.core.trace import identify, next_traceparent
 from meshd.proxy.core.view import ViewCell
@@ -397,64 +393,3 @@ async def test_websocket_upgrade_tunnels_bytes_through_both_hops(pair: Pair) -> 
     await eventually(lambda: sample(  # counted once the tunnel ended
         pair.a.metrics, "meshd_requests_total", direction="outbound", source="web",
         destination="app", subset="", code="101") == 1)
-
-
-# -- access log -----------------------------------------------------------------------------------
-
-ENTRY = AccessEntry(direction="outbound", source="web", destination="payments", method=b"GET",
-                    target=b"/x?y=1", status=200, duration=0.0123, request_id="id-1",
-                    route="default", subset="v1", endpoint="b:1", detail="", tries=1)
-
-
-def test_access_log_formats(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, "meshd.access")
-    AccessLog(AccessLogFormat.TEXT).record(ENTRY)
-    AccessLog(AccessLogFormat.JSON).record(ENTRY)
-    text, line = (r.getMessage() for r in caplog.records)
-    assert text == ("outbound web -> payments route=default subset=v1 endpoint=b:1 GET /x?y=1 "
-                    "200 12.3ms id=id-1")
-    assert json.loads(line) == {
-        "direction": "outbound", "source": "web", "destination": "payments", "method": "GET",
-        "target": "/x?y=1", "status": 200, "duration_ms": 12.3, "request_id": "id-1",
-        "route": "default", "subset": "v1", "endpoint": "b:1", "tries": 1, "detail": "",
-        "error": "", "failover_from": ""}
-    failed_over = dataclasses.replace(ENTRY, subset="v2", status=503, tries=3,
-                                      error="app-connect-failed", failover_from="v1")
-    AccessLog(AccessLogFormat.TEXT).record(failed_over)
-    assert caplog.records[-1].getMessage() == (
-        "outbound web -> payments route=default subset=v2 endpoint=b:1 GET /x?y=1 503 12.3ms "
-        "id=id-1 tries=3 error=app-connect-failed failover_from=v1")
-    assert format_from_env({"MESHD_ACCESS_LOG": "JSON"}) is AccessLogFormat.JSON
-    assert format_from_env({}) is AccessLogFormat.TEXT
-    assert format_from_env({"MESHD_ACCESS_LOG": "off"}) is AccessLogFormat.OFF
-
-
-def test_access_log_off_formats_nothing(monkeypatch: pytest.MonkeyPatch,
-                                        caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, "meshd.access")
-
-    def boom(entry: AccessEntry) -> str:
-        raise AssertionError("formatted")
-
-    monkeypatch.setattr(access, "as_text", boom)
-    monkeypatch.setattr(access, "as_json", boom)
-    log = AccessLog(AccessLogFormat.OFF)
-    assert not log.enabled
-    log.record(ENTRY)
-    assert not caplog.records
-
-
-async def test_access_log_lines_from_both_sides(mesh: Mesh,
-                                                caplog: pytest.LogCaptureFixture) -> None:
-    mesh.set_payments((("v1", 100), ("v2", 0)))
-    mesh.a.proxy._outbound.access.format = AccessLogFormat.JSON
-    caplog.set_level(logging.INFO, "meshd.access")
-    async with httpx.AsyncClient(base_url=mesh.url()) as client:
-        await client.get("/version", headers={"x-request-id": "trace-me"})
-    lines = [r.getMessage() for r in caplog.records if "trace-me" in r.getMessage()]
-    outbound = json.loads(next(line for line in lines if line.startswith("{")))
-    assert outbound["route"] == "default" and outbound["subset"] == "v1"
-    assert outbound["endpoint"] and outbound["status"] == 200
-    inbound = next(line for line in lines if line.startswith("inbound"))
-    assert inbound.startswith("inbound web -> payments ")
-    assert "id=trace-me" in inbound

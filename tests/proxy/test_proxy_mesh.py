@@ -33,7 +33,8 @@ async def test_split_reaches_both_versions_with_identity(mesh: Mesh) -> None:
         assert sample(m, "meshd_requests_total", direction="outbound", source="web",
                       destination="payments", subset=version, code="200") == versions[version]
     assert sample(mesh.b.metrics, "meshd_requests_total", direction="inbound", source="web",
-                  destination="payments", subset="", code="200") == versions["v1"]
+                  destination="payments", subset="v1", code="200",
+                  mtls="true") == versions["v1"]
 
 
 async def test_source_header_cannot_be_forged(mesh: Mesh) -> None:
@@ -195,7 +196,7 @@ async def test_malformed_response_from_app_is_502(mesh: Mesh) -> None:
     assert response.status_code == 502
     assert response.headers["x-meshd-error"] == "app-bad-response"  # from b's meshd
     assert sample(mesh.b.metrics, "meshd_requests_total", direction="inbound", source="web",
-                  destination="broken", subset="", code="502") == 1
+                  destination="broken", subset="v1", code="502") == 1
 
 
 async def test_malformed_request_is_400_and_closed(mesh: Mesh) -> None:

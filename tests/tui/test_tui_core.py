@@ -23,10 +23,11 @@ from tui.views import build_graph, host_rows, propagation, service_detail
 
 def test_parse_metrics_reads_what_meshd_exports() -> None:
     m = Metrics()
-    m.requests.labels("outbound", "web", "payments", "v2", "503").inc(3)
-    m.requests.labels("outbound", "web", "payments", "v1", "200").inc(7)
-    for seconds in (0.003, 0.004, 0.2):
-        m.request_duration.labels("outbound", "payments", "v1").observe(seconds)
+    for _ in range(3):
+        m.request_done("outbound", "web", "payments", "v2", 503, 0.01)
+    for seconds in (0.003, 0.004, 0.2, 0.003, 0.003, 0.003, 0.003):
+        m.request_done("outbound", "web", "payments", "v1", 200, seconds)
+    m.request_done("outbound", "web", "payments", "v1", 500, 0.2)  # another code, another series
     m.config_reloads.labels("applied").inc()
     sample = parse_metrics(m.render().decode())
     ejections = getattr(m, "ejections", None)  # outlier detection's counter, when present
@@ -37,8 +38,8 @@ def test_parse_metrics_reads_what_meshd_exports() -> None:
     assert sample.requests[("outbound", "web", "payments", "v2", "503")] == 3
     assert sample.requests[("outbound", "web", "payments", "v1", "200")] == 7
     buckets = sample.latency[("outbound", "payments", "v1")]
-    assert buckets[-1] == (float("inf"), 3)
-    assert sample.reloads == {"applied": 1.0}
+    assert buckets[-1] == (float("inf"), 8)  # the latency series of both codes, summed
+    assert sample.reloads == {"applied": 1.0, "rejected": 0.0}
 
 
 @pytest.mark.parametrize(("q", "buckets", "expected"), [

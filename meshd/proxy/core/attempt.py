@@ -51,9 +51,11 @@ from enum import Enum
 from typing import Protocol
 
 from meshd.config.schema import RetryPolicy
+from meshd.proxy.core.grpc import http_equivalent
+from meshd.proxy.core.grpc import retries_on as grpc_retries_on
 from meshd.proxy.core.http1 import ProtocolError
 from meshd.proxy.core.outlier import Failure, Outcome
-from meshd.proxy.core.retry import Body, condition_met, retry_verdict
+from meshd.proxy.core.retry import Body, condition_met, retry_verdict, safe_to_repeat
 
 # Failed connects that are our own doing (no certificate yet): not the endpoint's fault.
 LOCAL_CONNECT_FAILURES = frozenset({"no_identity"})
@@ -270,6 +272,17 @@ def holds(policy: RetryPolicy | None, retries_done: int, status: int, method: st
     outcome = failure if failure is not None else status
     return retry_verdict(policy, retries_done, outcome, method, body, status=status,
                          fresh=fresh).retry
+
+
+def holds_grpc(policy: RetryPolicy | None, retries_done: int, grpc_status: int, method: str,
+               body: Body) -> bool:
+    """Whether to hold back a gRPC call's Trailers-Only answer with ``grpc_status`` and retry
+    (``retry_on`` names the status: ``core.grpc.RETRY_NAMES``), budget aside."""
+    if policy is None or grpc_status == 0 or retries_done >= policy.attempts:
+        return False
+    if not grpc_retries_on(policy.retry_on, grpc_status):
+        return False
+    return safe_to_repeat(method, body, http_equivalent(grpc_status))
 
 
 def next_step(end: TryEnd, outcome: Outcome | None, policy: RetryPolicy | None,

@@ -72,10 +72,25 @@ def serialize_request(method: bytes, target: bytes, headers: Iterable[Header],
 def upstream_request_head(request: RequestHead, *, forwarded_for: str, default_host: str,
                           drop: tuple[bytes, ...] = (), extra: tuple[Header, ...] = (),
                           ids: RequestIdentity | None = None) -> bytes:
-    """The head sent upstream: end-to-end headers only (minus ``drop``), the client appended
-    to ``X-Forwarded-For``, this hop's ``X-Request-Id`` and ``traceparent`` (``ids``), ``extra``
-    added, the same body framing, always HTTP/1.1 (upstream connections are kept alive
-    whatever the client wants for its own). An upgrade request keeps its ``Upgrade``."""
+    """The head sent upstream (``upstream_request_fields``), always HTTP/1.1 (upstream
+    connections are kept alive whatever the client wants for its own), with the same body
+    framing. An upgrade request keeps its ``Upgrade``."""
+    headers = upstream_request_fields(request, forwarded_for=forwarded_for,
+                                      default_host=default_host, drop=drop, extra=extra, ids=ids)
+    if request.upgrade:
+        upgrade = b", ".join(v for n, v in request.headers if n.lower() == b"upgrade")
+        headers += [(b"connection", b"upgrade"), (b"upgrade", upgrade)]
+    return serialize_request(request.method, request.target, headers, request.framing,
+                             request.content_length)
+
+
+def upstream_request_fields(request: RequestHead, *, forwarded_for: str, default_host: str,
+                            drop: tuple[bytes, ...] = (), extra: tuple[Header, ...] = (),
+                            ids: RequestIdentity | None = None) -> list[Header]:
+    """The fields of the request sent upstream: end-to-end headers only (minus ``drop``), a
+    ``Host`` (``default_host`` when the client sent none), the client appended to
+    ``X-Forwarded-For``, this hop's ``X-Request-Id`` and ``traceparent`` (``ids``), ``extra``
+    added."""
     if ids is not None:
         drop = (*drop, REQUEST_ID, TRACEPARENT)
     headers = end_to_end(request.headers, drop=drop)
@@ -85,11 +100,7 @@ def upstream_request_head(request: RequestHead, *, forwarded_for: str, default_h
     if ids is not None:
         headers.extend(ids.headers)
     headers.extend(extra)
-    if request.upgrade:
-        upgrade = b", ".join(v for n, v in request.headers if n.lower() == b"upgrade")
-        headers += [(b"connection", b"upgrade"), (b"upgrade", upgrade)]
-    return serialize_request(request.method, request.target, headers, request.framing,
-                             request.content_length)
+    return headers
 
 
 def serialize_response(status: int, reason: bytes, headers: Iterable[Header],

@@ -159,11 +159,13 @@ def resolve(dest: DestinationRoutes, route: Route) -> Route:
     """``route`` with its ``split``/``timeout``/``retries`` inherited where it has none."""
     if route.split is not None and route.timeout is not None and route.retries is not None:
         return route
+    # the constructor, not ``dataclasses.replace``: this runs per request, at under half the cost
     return Route(route.name, route.match,
                  route.split if route.split is not None else dest.split,
                  route.timeout if route.timeout is not None else dest.timeout,
                  route.retries if route.retries is not None else dest.retries,
-                 route.fault, route.mirror)
+                 route.fault, route.mirror, route.rate_limit, route.request_headers,
+                 route.response_headers, route.rewrite, route.redirect)
 
 
 @dataclass(frozen=True)

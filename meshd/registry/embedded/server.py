@@ -15,6 +15,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import random
+import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -40,8 +41,10 @@ from meshd.registry.embedded.http import (
     query_options,
     with_common_headers,
 )
+from meshd.registry.embedded.metrics import KNOWN_METHODS, UNMATCHED, RegistryMetrics
 from meshd.registry.embedded.persist import DEFAULT_COMPACT_BYTES, DataDir
 from meshd.registry.embedded.routes import KV_MAX_VALUE, Api, ApiSettings
+from meshd.registry.embedded.routes_metrics import METRICS_PATHS, MetricsApi
 from meshd.registry.embedded.state import REAP_MINIMUM, RegistryState, Wake
 from meshd.registry.embedded.store.records import ApiError, Mutation
 from meshd.registry.embedded.store.sessions import SESSION_TTL_MIN
@@ -147,6 +150,8 @@ class RegistryServer:
                                      session_ttl_min=config.session_ttl_min))
         self.default_policy = api.acl.default_policy
         self.router = Router(api.routes())
+        self.metrics = RegistryMetrics(state)
+        self.metrics_api = MetricsApi(api.acl, lambda: api.node.name, self.metrics.registry)
         self.checks = CheckRunner(state, self.commit, min_interval=config.check_min_interval)
         self._write_lock = trio.Lock()
         self._timers_changed = trio.Event()
@@ -161,7 +166,16 @@ class RegistryServer:
         except RegistryError as exc:
             log.error("%s %s failed: %s", request.method, request.path, exc)
             response = Response.text(str(exc), 500)
+        method = request.method if request.method in KNOWN_METHODS else "other"
+        self.metrics.http_requests.labels(method, self._route_label(request.path),
+                                          str(response.status)).inc()
         return with_common_headers(response, self.default_policy)
+
+    def _route_label(self, path: str) -> str:
+        if path in METRICS_PATHS or path in ("/", ""):
+            return path or "/"
+        found = self.router.match(path)
+        return found[0].path if found is not None else UNMATCHED
 
     async def _handle(self, request: Request) -> Response:
         if request.path in ("/", ""):
@@ -169,6 +183,9 @@ class RegistryServer:
                 return Response.text(f"method {request.method} not allowed", 405,
                                      [("Allow", "OPTIONS,GET,HEAD")])
             return Response.text("meshd embedded registry: Consul HTTP API subset under /v1/\n")
+        if request.path in METRICS_PATHS:
+            self.metrics_api.authorize(request)
+            return await trio.to_thread.run_sync(self.metrics_api.render, request)
         routed = self.router.dispatch(request)
         if isinstance(routed, Response):
             return routed
@@ -185,13 +202,14 @@ class RegistryServer:
         if options is None or not must_block(read, options):
             return finish(read, options)
         deadline = trio.current_time() + options.wait + random.uniform(0, options.wait / 16)
-        while True:
-            await self.notifier.wait(read, deadline)
-            again = endpoint(request, tail)  # re-run: the answer is current even on timeout
-            assert isinstance(again, Read)
-            read = again
-            if not must_block(read, options) or trio.current_time() >= deadline:
-                return finish(read, options)
+        with self.metrics.blocking_queries.track_inprogress():
+            while True:
+                await self.notifier.wait(read, deadline)
+                again = endpoint(request, tail)  # re-run: the answer is current even on timeout
+                assert isinstance(again, Read)
+                read = again
+                if not must_block(read, options) or trio.current_time() >= deadline:
+                    return finish(read, options)
 
     # --- writes ----------------------------------------------------------------------------------
 
@@ -206,8 +224,9 @@ class RegistryServer:
             mutation = plan(self.state, trio.current_time())
             with trio.CancelScope(shield=True):
                 if mutation.ops and self.data is not None:
-                    await trio.to_thread.run_sync(self.data.append, mutation)
+                    await trio.to_thread.run_sync(self._append, self.data, mutation)
                 wake = self.state.apply(mutation, trio.current_time())
+                self.metrics.wrote(mutation)
                 self.notifier.wake(wake)
                 self._timers_changed.set()
                 self.checks.checks_changed(mutation.ops)
@@ -215,12 +234,24 @@ class RegistryServer:
                     snapshot = self.data.snapshot_bytes(self.state)
                     try:
                         await trio.to_thread.run_sync(self.data.compact, snapshot)
+                        self.metrics.compactions.inc()
                     except RegistryError as exc:
+                        self.metrics.log_errors.labels("compact").inc()
                         # this write is durable and applied: answer it; the log keeps growing
                         # and the next write tries again (or is refused, if durability of the
                         # directory is now in doubt)
                         log.error("%s", exc)
         return mutation
+
+    def _append(self, data: DataDir, mutation: Mutation) -> None:
+        """Append and fsync one write (in a worker thread), timed and counted."""
+        started = time.perf_counter()
+        try:
+            data.append(mutation)
+        except RegistryError:
+            self.metrics.log_errors.labels("append").inc()
+            raise
+        self.metrics.log_append.observe(time.perf_counter() - started)
 
     # --- timers ----------------------------------------------------------------------------------
 

@@ -145,7 +145,7 @@ async def test_denied_request_is_403_logged_with_the_rule_and_counted(
     assert sample(m, "meshd_authz_denied_total", destination="payments", source="web",
                   rule=DEFAULT_DENY) == 1
     assert sample(m, "meshd_requests_total", direction="inbound", source="web",
-                  destination="payments", subset="", code="403") == 2
+                  destination="payments", subset="v1", code="403") == 2
 
 
 async def test_changed_rule_applies_to_an_open_keep_alive_connection(mesh: Mesh) -> None:
