@@ -164,6 +164,19 @@ class Metrics:
         for result in ("applied", "rejected"):
             self.config_reloads.labels(result)
 
+        # tracing (meshd.tracing): spans exported over OTLP, or dropped rather than waited for
+        self.trace_spans_exported = Counter(
+            "meshd_trace_spans_exported", "spans accepted by the OTLP endpoint", registry=r)
+        self.trace_spans_dropped = Counter(
+            "meshd_trace_spans_dropped", "sampled spans not exported: queue_full (the export "
+            "queue was at its bound), export_failed (their batch's export failed)",
+            ["reason"], registry=r)
+        self.trace_export_failures = Counter(
+            "meshd_trace_export_failures", "OTLP export requests that failed (no answer in "
+            "time, refused, or not 2xx)", registry=r)
+        for reason in ("queue_full", "export_failed"):
+            self.trace_spans_dropped.labels(reason)
+
     def request_done(self, direction: str, source: str, destination: str, subset: str,
                      status: int, seconds: float, *, mtls: bool = True, grpc_status: str = "",
                      request_bytes: int = 0, response_bytes: int = 0) -> None:

@@ -19,6 +19,7 @@ from meshd.config.schema import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_INBOUND_LIMITS,
     DEFAULT_OUTBOUND_LIMITS,
+    TRACE_SAMPLERS,
     AccessLogFormat,
     CASettings,
     HealthCheck,
@@ -27,6 +28,7 @@ from meshd.config.schema import (
     LocalService,
     MTLSMode,
     Protocol,
+    TracingConfig,
     Upstream,
 )
 from meshd.names import NAME_RULE, is_valid_name
@@ -37,7 +39,8 @@ _HOST_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9]
 
 HOST_KEYS = {"node", "address", "trust_domain", "registry", "registry_token",
              "registry_token_file", "ca", "inbound", "admin", "outbound", "state_dir",
-             "services", "drain_timeout", "labels", "access_log", "gateways"}
+             "services", "drain_timeout", "labels", "access_log", "gateways",
+             "tracing"}
 
 
 def parse_host_config(data: Mapping[str, Any], file: str = "meshd.toml",
@@ -105,6 +108,7 @@ def parse_host_config(data: Mapping[str, Any], file: str = "meshd.toml",
     access_format = r.choice(access_log, "format", "access_log", AccessLogFormat,
                              [f.value for f in AccessLogFormat], AccessLogFormat.TEXT)
     labels = _labels(r, data)
+    tracing = _parse_tracing(r, r.get(data, "tracing", "", dict, {}) or {})
     state_dir_raw = r.get(data, "state_dir", "", str, "/var/lib/meshd")
     state_dir = (base / state_dir_raw) if isinstance(state_dir_raw, str) else Path(".")
 
@@ -144,10 +148,39 @@ def parse_host_config(data: Mapping[str, Any], file: str = "meshd.toml",
         inbound_limits=inbound_limits, outbound_limits=outbound_limits,
         admin_limits=admin_limits, inbound_handshake_timeout=handshake_timeout,
         labels=labels, access_log=access_format or AccessLogFormat.TEXT, gateways=gateways,
+        tracing=tracing,
     )
 
 
 LIMIT_KEYS = ("max_connections", "max_connections_per_source")
+
+
+def _parse_tracing(r: Reader, raw: Mapping[str, Any]) -> TracingConfig:
+    r.unknown_keys(raw, "tracing", {"enabled", "endpoint", "sampler", "ratio", "service_name"})
+    enabled = r.get(raw, "enabled", "tracing", bool, None)
+    endpoint = r.get(raw, "endpoint", "tracing", str, "") or ""
+    if endpoint and not _is_http_url(endpoint):
+        r.problem("tracing.endpoint", f"expected an http:// or https:// URL (the OTLP/HTTP "
+                  f"traces endpoint, e.g. http://127.0.0.1:4318/v1/traces), got {endpoint!r}")
+    sampler = r.get(raw, "sampler", "tracing", str, "") or ""
+    if sampler and sampler not in TRACE_SAMPLERS:
+        r.problem("tracing.sampler", f"must be one of {', '.join(TRACE_SAMPLERS)}, "
+                  f"got {sampler!r}")
+    ratio = r.get(raw, "ratio", "tracing", (int, float), None)
+    if ratio is not None and not 0.0 <= ratio <= 1.0:
+        r.problem("tracing.ratio", f"a sampling ratio is between 0 and 1, got {ratio}")
+    service_name = r.get(raw, "service_name", "tracing", str, "") or ""
+    return TracingConfig(enabled=enabled, endpoint=endpoint, sampler=sampler,
+                         ratio=float(ratio) if ratio is not None else None,
+                         service_name=service_name)
+
+
+def _is_http_url(raw: str) -> bool:
+    try:
+        parts = urlsplit(raw)
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
 def _limits(r: Reader, table: Mapping[str, Any], path: str,

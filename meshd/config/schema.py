@@ -126,6 +126,22 @@ class CASettings:
 # how long a stopping meshd lets requests in flight finish before it cuts them (``drain_timeout``)
 DEFAULT_DRAIN_TIMEOUT = 10.0
 
+# OTEL_TRACES_SAMPLER's values (the OpenTelemetry names), also [tracing] sampler's
+TRACE_SAMPLERS = ("always_on", "always_off", "traceidratio", "parentbased_always_on",
+                  "parentbased_always_off", "parentbased_traceidratio")
+
+
+@dataclass(frozen=True)
+class TracingConfig:
+    """``[tracing]``: spans of each proxied request, exported over OTLP/HTTP. The standard
+    ``OTEL_*`` variables override the keys they stand for (``meshd.tracing.settings``)."""
+
+    enabled: bool | None = None  # None: on once an endpoint is given (here or in the environment)
+    endpoint: str = ""  # the traces URL as is (``http://collector:4318/v1/traces``)
+    sampler: str = ""  # one of TRACE_SAMPLERS; "": parentbased_always_on
+    ratio: float | None = None  # the *traceidratio samplers' argument (default 1.0)
+    service_name: str = ""  # "": each span is named after its local service
+
 
 @dataclass(frozen=True)
 class HostConfig:
@@ -164,6 +180,7 @@ class HostConfig:
     gateways: tuple[Gateway, ...] = ()  # ingress gateways this meshd runs
     # ``[access_log] format``; ``MESHD_ACCESS_LOG``, when set, wins over it
     access_log: AccessLogFormat = AccessLogFormat.TEXT
+    tracing: TracingConfig = TracingConfig()
 
     def service(self, name: str) -> LocalService | None:
         return next((s for s in self.services if s.name == name), None)

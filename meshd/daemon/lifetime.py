@@ -89,6 +89,7 @@ from meshd.registry.watch import (
     watch_endpoints,
     watch_routes,
 )
+from meshd.tracing.tracer import Tracer
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,7 @@ class Daemon:
         self._admin_sockets: list[trio.SocketListener] = []
         self._admin_scope = trio.CancelScope()
         self.metrics = Metrics()
+        self.tracer = Tracer.for_host(config, os.environ, self.metrics)  # OTLP spans, or off
         self.view = ViewCell()
         self.state = DaemonState()
         self.proxy: Proxy | None = None
@@ -279,7 +281,9 @@ class Daemon:
             else:
                 await n.start(self._wait_for_registry, what, watcher, *args, self.contact)
 
-        self.proxy = Proxy(config, self.view, tls, self.metrics, inherited=self.inherited)
+        await n.start(self.tracer.run)  # the span exporter
+        self.proxy = Proxy(config, self.view, tls, self.metrics, inherited=self.inherited,
+                           tracer=self.tracer)
         await n.start(self.proxy.run)
         listeners.settle(self.inherited, self.listening_sockets())
 

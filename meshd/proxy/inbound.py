@@ -58,6 +58,8 @@ from meshd.proxy.pool import ConnectFailed, ConnectionPool
 from meshd.proxy.pump import pump
 from meshd.proxy.sockio import SocketConnection, connect_tcp
 from meshd.proxy.streams import accept_mtls, negotiated_h2
+from meshd.tracing.spans import SERVER
+from meshd.tracing.tracer import Tracer
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +87,7 @@ class InboundContext:
     access: AccessLog = field(default_factory=AccessLog)
     # connections to apps that speak h2c (``protocol = "http2"`` or ``"grpc"``)
     app_h2_pool: H2Pool = field(default_factory=lambda: H2Pool(APP_IDLE_TIMEOUT))
+    tracer: Tracer = field(default_factory=Tracer.off)
 
     def authorize(self, view: MeshView, service: str, caller: Caller,
                   request: RequestHead | None = None) -> Verdict:
@@ -244,7 +247,7 @@ class _HTTPService:
         ctx = self.ctx
         started = trio.current_time()
         view = ctx.view.current  # read once per request: a rule change applies to the next
-        ids = identify(request.headers)
+        ids = identify(request.headers, sample=ctx.tracer.sample)
         if not ctx.authorize(view, self.service.name, self.caller, request).allowed:
             text = f"access to {self.service.name} denied"
             keep = await answer_locally(source, request, conn, 403, text)
@@ -308,6 +311,12 @@ class _HTTPService:
                 error=error, protocol=f"HTTP/{request.version}", bytes_received=request_bytes,
                 bytes_sent=response_bytes, headers=request.headers,
                 traceparent=ids.traceparent, grpc_status=grpc))
+        self.ctx.tracer.finish(
+            SERVER, ids, elapsed, service=self.service.name, peer=self.source,
+            destination=self.service.name, method=request.method, target=request.target,
+            status=status, subset=self.service.version,
+            endpoint=f"{self.service.address}:{self.service.port}", error=error, detail=detail,
+            grpc_status=grpc_status)
 
     def count_bad_request(self, exc: ProtocolError) -> None:
         self.ctx.metrics.bad_request("inbound", self.source, self.service.name, exc.status,

@@ -66,6 +66,8 @@ from meshd.proxy.replay import ReplayBody
 from meshd.proxy.sockio import SocketConnection
 from meshd.proxy.streams import TLSStream, open_mtls
 from meshd.registry.model import Endpoint
+from meshd.tracing.spans import CLIENT
+from meshd.tracing.tracer import Tracer
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +92,7 @@ class OutboundContext:
     here: tuple[tuple[str, str], ...] = ()  # this host's labels, for locality priority
     access: AccessLog = field(default_factory=AccessLog)
     rate_limits: RateLimits = field(default_factory=RateLimits)  # the routes' token buckets
+    tracer: Tracer = field(default_factory=Tracer.off)
     destinations: Destinations = field(init=False)
     mirror: Mirror = field(init=False)
 
@@ -153,7 +156,7 @@ class Outbound:
         dest = view.routes.get(self.destination)
         facts = RequestFacts.from_head(request.method, request.target, request.headers,
                                        conn.peer)
-        ids = identify(request.headers)
+        ids = identify(request.headers, sample=ctx.tracer.sample)
         routed = plan(view, self.destination, facts, ctx.rand(), ctx.here)
         route = routed.route
         # the route's edge features: rate limit, redirect (answered here), header edits, rewrite
@@ -363,6 +366,12 @@ class Outbound:
                 protocol=f"HTTP/{request.version}", bytes_received=request_bytes,
                 bytes_sent=response_bytes, fault_delayed=delayed, headers=request.headers,
                 traceparent=ids.traceparent, grpc_status=grpc))
+        self.ctx.tracer.finish(
+            CLIENT, ids, elapsed, service=self.source, peer=self.destination,
+            destination=self.destination, method=request.method, target=request.target,
+            status=status, subset=subset, route=routed.route_name,
+            endpoint=endpoint.key if endpoint is not None else "", tries=tries, error=error,
+            detail=detail, grpc_status=grpc_status)
 
     def _count_bad_request(self, exc: ProtocolError) -> None:
         self.ctx.metrics.bad_request("outbound", self.source, self.destination, exc.status)

@@ -41,6 +41,7 @@ from meshd.proxy.inbound import APP_IDLE_TIMEOUT, Inbound, InboundContext
 from meshd.proxy.outbound import Outbound, OutboundContext
 from meshd.proxy.pool import DEFAULT_IDLE_TIMEOUT, ConnectionPool
 from meshd.proxy.sockio import SocketConnection
+from meshd.tracing.tracer import Tracer
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ class _Listener:
 class Proxy:
     def __init__(self, config: HostConfig, view: ViewCell, tls: TLSState, metrics: Metrics, *,
                  rand: Callable[[], float] = random.random,
-                 inherited: InheritedSockets | None = None) -> None:
+                 inherited: InheritedSockets | None = None, tracer: Tracer | None = None) -> None:
         self.config = config
         self._inherited = inherited
         self.view = view
@@ -75,16 +76,18 @@ class Proxy:
         self.metrics = metrics
         self.pool = ConnectionPool(idle_timeout=DEFAULT_IDLE_TIMEOUT)
         self.app_pool = ConnectionPool(idle_timeout=APP_IDLE_TIMEOUT)
+        tracer = tracer or Tracer.off()
         # HTTP/2: multiplexed connections to peer meshds, and to apps that speak h2c
         self.h2_pool = H2Pool(DEFAULT_IDLE_TIMEOUT)
         self.app_h2_pool = H2Pool(APP_IDLE_TIMEOUT)
         outbound_ctx = OutboundContext(view=view, tls=tls, metrics=metrics, pool=self.pool,
-                                       h2_pool=self.h2_pool, rand=rand, here=config.labels)
+                                       h2_pool=self.h2_pool, rand=rand, here=config.labels,
+                                       tracer=tracer)
         self._outbound = outbound_ctx
         access = AccessLog(format_from_env(default=config.access_log))
         outbound_ctx.access = access
         inbound = Inbound(InboundContext(config, tls, metrics, self.app_pool, view, access,
-                                         app_h2_pool=self.app_h2_pool))
+                                         app_h2_pool=self.app_h2_pool, tracer=tracer))
         # caps at accept; the process's cap is what its open file limit leaves room for
         self.guard = ConnectionGuard(metrics=metrics)
         self._listeners = [_Listener("inbound", "mesh", config.address, config.inbound_port,

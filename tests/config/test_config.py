@@ -136,7 +136,7 @@ HOST_CASES = [
     ("access_log", "json", "access_log", "expected a table, got str"),
     ("colour", "blue", "colour", "unknown key (expected one of: access_log, address, admin, ca, "
      "drain_timeout, gateways, inbound, labels, node, outbound, registry, registry_token, "
-     "registry_token_file, services, state_dir, trust_domain)"),
+     "registry_token_file, services, state_dir, tracing, trust_domain)"),
     ("drain_timeout", "soon", "drain_timeout",
      "invalid duration 'soon' (use e.g. 500ms, 10s, 1m30s, 24h)"),
     ("drain_timeout", 0, "drain_timeout", "duration must be greater than zero"),

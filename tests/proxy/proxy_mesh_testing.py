@@ -31,6 +31,7 @@ from meshd.metrics import Metrics
 from meshd.proxy.core.view import MeshView, ViewCell
 from meshd.proxy.server import Proxy
 from meshd.registry.model import Endpoint, EndpointSet
+from meshd.tracing.tracer import Tracer
 
 # the route table of meshes whose subject is not authorization: no rules, every caller let in
 OPEN = RouteTable(default_policy=DefaultPolicy.ALLOW)
@@ -80,15 +81,17 @@ class Mesh:
 
 
 def make_host(ca: MiniCA, root: Path, node: str, services: list[LocalService],
-          view: ViewCell | None = None, labels: tuple[tuple[str, str], ...] = ()) -> Host:
+              view: ViewCell | None = None, labels: tuple[tuple[str, str], ...] = (),
+              tracer: Tracer | None = None, metrics: Metrics | None = None) -> Host:
     rand = random.Random(node).random  # replayable splits
     cert_dir = root / node / "certs"
     for svc in services:
         ca.write_identity(cert_dir, svc.name)
     config = dataclasses.replace(host_config(node, root / node, services), labels=labels)
     tls = TLSState(cert_dir, TD, [s.name for s in services])
-    metrics = Metrics()
-    return Host(Proxy(config, view or ViewCell(MeshView(routes=OPEN)), tls, metrics, rand=rand),
+    metrics = metrics or Metrics()
+    return Host(Proxy(config, view or ViewCell(MeshView(routes=OPEN)), tls, metrics, rand=rand,
+                      tracer=tracer),
                 metrics, tls,
                 cert_dir)
 

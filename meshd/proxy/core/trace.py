@@ -6,6 +6,11 @@ Every hop (each meshd, outbound and inbound) keeps the request id it received, o
 flags and puts a new span id of its own as the parent, so the next hop (and the app) see this
 hop as their parent. A missing or malformed ``traceparent`` starts a new trace, sampled flag
 off. ``tracestate`` is end to end and passes untouched.
+
+This hop's span (``meshd.tracing``) is the one whose id is sent on: its parent is the span id
+received (None for a trace this hop started). With a ``Sampler`` (tracing on), the sampled flag
+sent on is this hop's decision: the sampler sees the trace id and the received flag (None for a
+new trace), and only bit 0 of the flags changes. Without one, the flags pass unchanged.
 """
 
 from __future__ import annotations
@@ -26,6 +31,10 @@ _REQUEST_ID_RE = re.compile(rb"^[\x21-\x7e]{1,%d}$" % MAX_REQUEST_ID)
 _ZERO_TRACE = b"0" * 32
 _ZERO_SPAN = b"0" * 16
 _RANDOM_BATCH = 4096
+SAMPLED = 0x01  # the sampled bit of the trace flags
+
+# (trace id as 32 hex digits, the received sampled flag or None for a new trace) -> sampled
+Sampler = Callable[[bytes, bool | None], bool]
 
 
 class _RandomBytes:
@@ -54,7 +63,20 @@ random_bytes_batched = _RandomBytes()
 @dataclass(frozen=True, slots=True)
 class RequestIdentity:
     request_id: str
-    traceparent: bytes  # this hop's value, as sent on
+    traceparent: bytes  # this hop's value, as sent on: 00-<trace id>-<this hop's span>-<flags>
+    parent_span_id: bytes | None = None  # the span id received (hex); None: a new trace
+
+    @property
+    def trace_id(self) -> bytes:
+        return self.traceparent[3:35]
+
+    @property
+    def span_id(self) -> bytes:
+        return self.traceparent[36:52]
+
+    @property
+    def sampled(self) -> bool:
+        return bool(int(self.traceparent[53:55], 16) & SAMPLED)
 
     @property
     def headers(self) -> tuple[Header, Header]:
@@ -62,8 +84,10 @@ class RequestIdentity:
 
 
 def identify(headers: Iterable[Header],
-             random_bytes: Callable[[int], bytes] = random_bytes_batched) -> RequestIdentity:
-    """The request id and this hop's ``traceparent`` for a request with ``headers``."""
+             random_bytes: Callable[[int], bytes] = random_bytes_batched, *,
+             sample: Sampler | None = None) -> RequestIdentity:
+    """The request id and this hop's ``traceparent`` for a request with ``headers``; with
+    ``sample``, its sampled flag is the sampler's decision."""
     request_id: bytes | None = None
     parent: bytes | None = None
     for name, value in headers:
@@ -75,18 +99,34 @@ def identify(headers: Iterable[Header],
     if request_id is None or not _REQUEST_ID_RE.match(request_id):
         raw = random_bytes(16).hex()
         request_id = f"{raw[:8]}-{raw[8:12]}-{raw[12:16]}-{raw[16:20]}-{raw[20:]}".encode()
-    return RequestIdentity(request_id.decode("ascii"), next_traceparent(parent, random_bytes))
+    traceparent, parent_span = continue_trace(parent, random_bytes, sample)
+    return RequestIdentity(request_id.decode("ascii"), traceparent, parent_span)
 
 
 def next_traceparent(received: bytes | None,
                      random_bytes: Callable[[int], bytes] = random_bytes_batched) -> bytes:
+    return continue_trace(received, random_bytes)[0]
+
+
+def continue_trace(received: bytes | None,
+                   random_bytes: Callable[[int], bytes] = random_bytes_batched,
+                   sample: Sampler | None = None) -> tuple[bytes, bytes | None]:
+    """This hop's ``traceparent`` for the one ``received`` (None: none), and the span id
+    received (None when this hop starts a new trace)."""
     span = _nonzero(random_bytes, 8)
     m = _TRACEPARENT_RE.match(received) if received else None
     if m is not None and m.group(1) != b"ff" and m.group(2) != _ZERO_TRACE \
             and m.group(3) != _ZERO_SPAN:
         # a version we do not know (not 00, not ff) is read as version 00 and sent on as such
-        return b"00-%s-%s-%s" % (m.group(2), span, m.group(4))
-    return b"00-%s-%s-00" % (_nonzero(random_bytes, 16), span)
+        trace, flags = m.group(2), m.group(4)
+        if sample is not None:
+            bits = int(flags, 16)
+            decided = sample(trace, bool(bits & SAMPLED))
+            flags = b"%02x" % (bits | SAMPLED if decided else bits & ~SAMPLED)
+        return b"00-%s-%s-%s" % (trace, span, flags), m.group(3)
+    trace = _nonzero(random_bytes, 16)
+    flags = b"01" if sample is not None and sample(trace, None) else b"00"
+    return b"00-%s-%s-%s" % (trace, span, flags), None
 
 
 def _nonzero(random_bytes: Callable[[int], bytes], size: int) -> bytes:
