@@ -16,6 +16,7 @@ by host-b on every request, as in a real mesh.
 from __future__ import annotations
 
 import dataclasses
+import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,8 @@ from meshd.errors import MeshError
 GATEWAY = "edge"                  # the gateway's name, its SPIFFE identity and routes' source
 GATEWAY_HOST, BACKEND_HOST = "host-g", "host-b"
 PLACEHOLDER_SERVICE = "gatehouse"
-DEFAULT_PREFIX = "127.79.0"       # proxy_bench.py's is 127.77.0: both may be started at once
+# proxy_bench.py uses 127.77.0 and trace_bench.py 127.79.0: any of them may run at the same time
+DEFAULT_PREFIX = "127.81.0"
 HANDSHAKE_TIMEOUT = 10.0
 
 
@@ -208,6 +210,14 @@ class GatewayStack(Stack):
         mesh = self.launch.mesh
         routes = load_routes(mesh.routes) if mesh.routes is not None else None
         self.launch = dataclasses.replace(self.launch, routes=routes)
+        # the meshds' listening sockets, bound here and passed to them as ``meshd up`` does;
+        # open until the caller closes them once every process has stopped
+        self.held: list[socket.socket] = []
+
+    def close_held(self) -> None:
+        for sock in self.held:
+            sock.close()
+        self.held.clear()
 
     async def start_haproxy_tls(self, client: httpx.AsyncClient) -> Target:
         conf = self._write("haproxy-tls.cfg",
@@ -222,7 +232,7 @@ class GatewayStack(Stack):
         """``meshd up``'s bring_up (registry, CA, meshd host-g with the gateway, meshd host-b);
         ready when both gateway listeners answer 200 through the mesh. The https and the http
         path."""
-        await bring_up(self.launch, self.console, self.supervisor)
+        await bring_up(self.launch, self.console, self.supervisor, held=self.held)
         self._check_strict(self.mesh_host(BACKEND_HOST).name)
         meshd_g = self.child(f"meshd {GATEWAY_HOST}")
         meshd_b = self.child(f"meshd {BACKEND_HOST}")

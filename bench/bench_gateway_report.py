@@ -88,7 +88,7 @@ def format_details(results: Sequence[PathResult], notes: Sequence[str],
         lines += [share, ""] if share else [""]
     if tls:
         same = len({t.fingerprint for t in tls}) == 1
-        lines += ["TLS as a client was served it (one handshake each, before the rounds):",
+        lines += ["TLS served to a client (one handshake with each, before the rounds):",
                   *(f"  {t.path}: {t.version} {t.cipher}, certificate sha256 "
                     f"{t.fingerprint[:16]}..." for t in tls),
                   *(["  the same certificate (ECDSA P-256, made by the bench) on both"]

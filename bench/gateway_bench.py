@@ -61,9 +61,10 @@ from proxy_bench import (
     EXIT_MISSING_TOOLS,
     EXIT_OK,
     Outcome,
+    ProcessId,
     process_trees,
     supervisor_trouble,
-    verify_cleanup,
+    survivors,
 )
 
 from meshd.config.mesh_schema import MeshConfig, PortClaim, port_claims
@@ -338,7 +339,10 @@ def run(args: argparse.Namespace, tools: Tools, layout: GatewayLayout, run_dir: 
                              args.meshd_log_level, certificate)
         timeout = args.timeout or default_timeout(settings, args.paths)
         load_before = psutil.getloadavg()[0]
-        outcome = trio.run(run_guarded, stack, settings, args.paths, timeout)
+        try:
+            outcome = trio.run(run_guarded, stack, settings, args.paths, timeout)
+        finally:
+            stack.close_held()
         outcome.load_before, outcome.load_after = load_before, psutil.getloadavg()[0]
     outcome.process_notes = supervisor_trouble(console_log)
     clean = verify_cleanup(outcome.started)
@@ -351,6 +355,20 @@ def run(args: argparse.Namespace, tools: Tools, layout: GatewayLayout, run_dir: 
         say(f"logs: {run_dir.root / 'logs'}")
         return EXIT_FAILED, True
     return (EXIT_OK if clean else EXIT_FAILED), not clean
+
+
+def verify_cleanup(started: set[ProcessId]) -> bool:
+    left = survivors(started)
+    if not left:
+        say(f"cleanup: all {len(started)} processes started are gone")
+        return True
+    for proc in left:
+        say(f"cleanup: pid {proc.pid} ({proc.name()}) outlived the run; killing it")
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    return False
 
 
 def _claims(layout: GatewayLayout, mesh: MeshConfig) -> list[PortClaim]:
