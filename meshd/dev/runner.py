@@ -293,7 +293,8 @@ async def _watch_signals(signals: AsyncIterator[int], startup: trio.CancelScope,
 async def bring_up(launch: Launch, console: Console, supervisor: Supervisor,
                    held: list[socket.socket] | None = None) -> None:
     """Start everything, in order (the module's header). ``held`` receives the listening
-    sockets bound for the meshds, which the caller closes once everything has stopped."""
+    sockets bound for the meshds, which the caller closes once everything has stopped (None:
+    the meshds bind their own, and a restart of one refuses connections meanwhile)."""
     mesh, rd = launch.mesh, launch.run_dir
     labels = app_labels(mesh)
     console.say(f"starting {launch.mesh_file} (run dir {rd.root})")
@@ -364,7 +365,9 @@ async def bring_up(launch: Launch, console: Console, supervisor: Supervisor,
                         app_spec(launch, host, ms, labels[(host.name, ms.service.name)]))
         meshds: dict[str, Child] = {}
         for host in mesh.hosts:
-            sockets = hold_listeners(configs[host.name], [] if held is None else held)
+            # held for the whole run by the caller; without a list to keep them in (they
+            # would be closed when it is dropped) each meshd binds its own
+            sockets = hold_listeners(configs[host.name], held) if held is not None else ()
             meshds[host.name] = await supervisor.start(ChildSpec(
                 f"meshd {host.name}", launch.meshd_argv("run", "--config",
                                                          str(configs[host.name])),
