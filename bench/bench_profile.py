@@ -62,7 +62,7 @@ def summarise(folded: Iterable[str]) -> tuple[int, list[FunctionShare]]:
         if not stack or not count_text.isdigit():
             continue
         count = int(count_text)
-        frames = stack.split(";")
+        frames = [_function(frame) for frame in stack.split(";")]
         samples += count
         own[frames[-1]] += count
         for frame in set(frames):
@@ -71,6 +71,14 @@ def summarise(folded: Iterable[str]) -> tuple[int, list[FunctionShare]]:
         return 0, []
     shares = [FunctionShare(f, own[f] / samples, under[f] / samples) for f in under]
     return samples, shares
+
+
+def _function(frame: str) -> str:
+    """``name (file:line)`` as ``name (file)``: the samples of a function's lines together."""
+    head, colon, line = frame.rpartition(":")
+    if colon and line.endswith(")") and line[:-1].isdigit():
+        return head + ")"
+    return frame
 
 
 def format_report(label: str, samples: int, shares: Sequence[FunctionShare]) -> str:
