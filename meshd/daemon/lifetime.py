@@ -541,7 +541,7 @@ def settle_heap() -> None:
     """Once ready: what start-up built and the process keeps to its end (modules, config,
     listeners, the first identities and tables) is moved out of the garbage collector's view,
     after start-up's garbage is collected, so a full collection under load walks only what was
-    made since (docs/performance.md: a full collection of the daemon's start-up heap)."""
+    made since: shorter full collections (docs/performance.md, "A smaller process")."""
     gc.collect()
     gc.freeze()
 
