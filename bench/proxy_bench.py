@@ -50,6 +50,7 @@ from bench_idle import (
 )
 from bench_measure import LoadSettings, Measurement, Sample, measure_round, warm_up
 from bench_observe import MeshObserver, MeshSnapshot, hop_gaps
+from bench_profile import ProfilerMissing, find_py_spy, profiled
 from bench_report import (
     H2_MESH_2HOP,
     MESH_1HOP,
@@ -143,6 +144,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--timeout", type=_positive, default=None, metavar="S",
                    help="give up after S seconds in all (default: from the durations)")
     p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    p.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                   help="record each meshd with py-spy (pip install py-spy) during each round "
+                   "and write DIR/<path>-round<N>-<meshd>.folded (collapsed stacks) and .txt "
+                   "(top functions by self and total share)")
     p.add_argument("--keep", action="store_true",
                    help="keep the run dir (configs, certificates, logs) after exit")
     return p.parse_args(argv)
@@ -202,7 +207,8 @@ class Outcome:
 # -- the run, inside trio ------------------------------------------------------------------------
 
 async def run_guarded(stack: Stack, settings: LoadSettings, paths: tuple[str, ...],
-                      idle_connections: int, time_limit: float) -> Outcome:
+                      idle_connections: int, time_limit: float,
+                      profile: Path | None = None) -> Outcome:
     """Start, measure and stop everything; the first SIGINT/SIGTERM (or ``time_limit``) cancels
     the run and stops the children in order, a second one kills them at once."""
     outcome = Outcome()
@@ -216,7 +222,7 @@ async def run_guarded(stack: Stack, settings: LoadSettings, paths: tuple[str, ..
                 with work:
                     try:
                         await bring_up_and_measure(stack, settings, paths, idle_connections,
-                                                   outcome)
+                                                   outcome, profile)
                     except (MeshError, WrkError, H2loadError, OSError) as exc:
                         outcome.error = str(exc)
                 # whatever runs now, before the supervisor stops it, must be gone afterwards
@@ -239,10 +245,12 @@ async def _watch_signals(signals: AsyncIterator[int], work: trio.CancelScope,
 
 
 async def bring_up_and_measure(stack: Stack, settings: LoadSettings, paths: tuple[str, ...],
-                               idle_connections: int, outcome: Outcome) -> None:
+                               idle_connections: int, outcome: Outcome,
+                               profile: Path | None = None) -> None:
     """Start the paths, then measure them round by round, interleaved; the summary in
     ``outcome`` is brought up to date after each round, so an interrupted run still reports.
-    Then, with the two-hop meshd path, the RSS of each meshd with idle connections open."""
+    Then, with the two-hop meshd path, the RSS of each meshd with idle connections open.
+    With ``profile``, each proxy of a path is recorded by py-spy during its rounds."""
     async with probes.http_client() as client:
         targets = await start_targets(stack, client, paths)
         observer = mesh_observer(stack)
@@ -254,7 +262,8 @@ async def bring_up_and_measure(stack: Stack, settings: LoadSettings, paths: tupl
                 if n == 1:
                     await warm_up(target, settings)
                 say(f"round {n}/{settings.rounds}, {name}: {target.description}")
-                sample = await measure_round(target, settings)
+                async with profiled(profile, target.proxies, f"{name}-round{n}"):
+                    sample = await measure_round(target, settings)
                 samples[name].append(sample)
                 p50 = sample.latency.percentile(50.0)
                 say(f"  {sample.load.requests_per_second:,.0f} req/s; at c=1 p50 "
@@ -440,6 +449,12 @@ def main(argv: list[str] | None = None) -> int:
         say(str(exc))
         return EXIT_FAILED
     settings = settings_of(args, tools)
+    if args.profile is not None:
+        try:
+            find_py_spy()
+        except ProfilerMissing as exc:
+            say(str(exc))
+            return EXIT_MISSING_TOOLS
     if MESH_2HOP in args.paths and args.idle_connections > 0:
         # before anything starts: the meshds inherit the limit and hold as many sockets
         fitting = raise_fd_limit(args.idle_connections)
@@ -481,7 +496,7 @@ def run(args: argparse.Namespace, tools: Tools, layout: Layout, run_dir: RunDir,
         timeout = args.timeout or default_timeout(settings, args.paths)
         load_before = psutil.getloadavg()[0]
         outcome = trio.run(run_guarded, stack, settings, args.paths, args.idle_connections,
-                           timeout)
+                           timeout, args.profile)
         outcome.load_before, outcome.load_after = load_before, psutil.getloadavg()[0]
     outcome.process_notes = supervisor_trouble(console_log)
     clean = verify_cleanup(outcome.started)

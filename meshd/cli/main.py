@@ -16,34 +16,39 @@ from meshd.cli.version import meshd_version
 from meshd.errors import MeshError, RegistryError, only_mesh_error
 from meshd.logformat import LogFormat, configure, format_from_env
 
-# module path -> registers one or more top-level subcommands
-COMMAND_MODULES = (
-    "meshd.cli.validate",     # validate
-    "meshd.cli.run",     # run
-    "meshd.cli.registry",   # registry serve
-    "meshd.cli.ca",         # ca init|token|issue|serve
-    "meshd.cli.up",        # up
-    "meshd.cli.tui",        # tui
-    "meshd.cli.status",     # status
-    "meshd.cli.routes",     # routes apply|show|set-split
-    "meshd.cli.explain",    # explain
-    "meshd.cli.context",    # context
-    "meshd.cli.version",    # version
-    "meshd.cli.completion",  # completion bash|zsh|fish|tcsh
-    "meshd.cli.systemd_units",  # systemd-units
-)
+# module path -> the top-level subcommands it registers
+COMMAND_MODULES: dict[str, tuple[str, ...]] = {
+    "meshd.cli.validate": ("validate",),
+    "meshd.cli.run": ("run",),
+    "meshd.cli.registry": ("registry",),
+    "meshd.cli.ca": ("ca",),
+    "meshd.cli.up": ("up",),
+    "meshd.cli.tui": ("tui",),
+    "meshd.cli.status": ("status",),
+    "meshd.cli.routes": ("routes",),
+    "meshd.cli.explain": ("explain",),
+    "meshd.cli.context": ("context",),
+    "meshd.cli.version": ("version",),
+    "meshd.cli.completion": ("completion",),
+    "meshd.cli.systemd_units": ("systemd-units",),
+}
+# top-level options that take a value (the value is not a command name)
+_VALUED_OPTIONS = ("--log-level", "--log-format")
 
 EPILOG = """\
 `meshd COMMAND --help` describes each command; README.md lists them all.
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command tree; with ``command``, one of the top-level commands, only the module
+    that registers it is imported (``meshd run``, the daemon, then carries neither the CA, nor
+    the embedded registry, nor the console's modules: a smaller process that starts sooner)."""
     parser = argparse.ArgumentParser(
         prog="meshd", description="A service mesh for VMs, bare metal and laptops.",
         epilog=EPILOG,
     )
-    parser.add_argument("--version", action="version", version=f"meshd {meshd_version()}",
+    parser.add_argument("--version", action=VersionAction, nargs=0,
                         help="print meshd's version and exit (`meshd version` says more)")
     parser.add_argument(
         "--log-level", default=os.environ.get("MESHD_LOG_LEVEL", "info"),
@@ -55,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
              "env MESHD_LOG_FORMAT)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
+    for name, commands in COMMAND_MODULES.items():
+        if command is not None and command not in commands:
+            continue
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
@@ -65,6 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
         module.register(sub)
     _add_exit_codes(parser)
     return parser
+
+
+class VersionAction(argparse.Action):
+    """``--version``: the version is read (from the package metadata) only when asked for."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        print(f"meshd {meshd_version()}")
+        parser.exit()
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -91,9 +107,25 @@ def _add_exit_codes(parser: argparse.ArgumentParser) -> None:
                 _add_exit_codes(child)
 
 
+def command_named(argv: Sequence[str]) -> str | None:
+    """The top-level command ``argv`` names, if it names a known one (else None: the whole tree
+    parses it and says what is wrong)."""
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in _VALUED_OPTIONS:
+            skip = True
+        elif not arg.startswith("-"):
+            known = any(arg in commands for commands in COMMAND_MODULES.values())
+            return arg if known else None
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(command_named(arguments))
+    args = parser.parse_args(arguments)
     configure(getattr(logging, args.log_level.upper()), LogFormat(args.log_format), sys.stderr)
     # httpx logs every request at INFO: meshd's own lines say what matters
     for noisy in ("httpx", "httpcore"):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
-from importlib import metadata
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -19,6 +18,8 @@ DISTRIBUTION = "meshd"
 
 
 def meshd_version() -> str:
+    from importlib import metadata  # only when asked: it is a large import for one string
+
     try:
         return metadata.version(DISTRIBUTION)
     except metadata.PackageNotFoundError:

@@ -100,9 +100,12 @@ class IdleConnections(Generic[C]):
         stack = self._idle.get(key)
         if not stack:
             return []
-        keep = [entry for entry in stack if entry.until > now]
-        if len(keep) == len(stack):
+        for entry in stack:  # on every checkout: nothing is built when none has expired
+            if entry.until <= now:
+                break
+        else:
             return []
+        keep = [entry for entry in stack if entry.until > now]
         expired = [entry.conn for entry in stack if entry.until <= now]
         if keep:
             self._idle[key] = keep
@@ -154,7 +157,8 @@ class ConnectionPool:
         propagate)."""
         while True:
             conn, expired = self._idle.checkout(key, trio.current_time())
-            await _close_all(expired)
+            if expired:
+                await _close_all(expired)
             if conn is None:
                 break
             if not _closed_by_peer(conn):
@@ -182,7 +186,8 @@ class ConnectionPool:
         if until < self._reaper_deadline:
             self._reaper_deadline = until
             self._changed.set()  # the reaper sleeps past this one's expiry: wake it
-        await _close_all(evicted)
+        if evicted:
+            await _close_all(evicted)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Close connections as they pass their idle timeout; on cancellation close them all."""

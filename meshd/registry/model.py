@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 VERSION_META = "version"
@@ -41,8 +42,11 @@ class Endpoint:
     healthy: bool = True
     labels: tuple[tuple[str, str], ...] = ()  # its host's labels, sorted by name
 
-    @property
+    @cached_property
     def key(self) -> str:
+        # read several times for every request (ejections, tries, balancers): made once per
+        # endpoint, that is once per registry update (cached_property writes the instance's
+        # __dict__ directly, which a frozen dataclass allows; eq, hash and order stay on fields)
         return f"{self.node}/{self.instance_id}"
 
     def label(self, name: str) -> str | None:

@@ -20,7 +20,7 @@ import pytest
 import meshd
 from meshd.admin.client import AdminError, Failure
 from meshd.cli import exits
-from meshd.cli.main import build_parser
+from meshd.cli.main import build_parser, command_named
 from meshd.errors import ConfigError, MeshError, Problem, RegistryError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -59,6 +59,41 @@ def test_usage_errors_exit_2(argv: list[str]) -> None:
     assert result.returncode == exits.USAGE, result.stderr
     assert result.stdout == ""
     assert "usage: meshd" in result.stderr
+
+
+# what `meshd run` (the daemon) must not carry: other commands' parts, the test extra's client
+NOT_IN_THE_DAEMON = ("meshd.ca.server", "meshd.registry.embedded", "meshd.dev", "tui",
+                     "textual", "tomlkit", "consul", "requests", "importlib.metadata")
+
+
+def test_a_command_loads_only_what_it_needs() -> None:
+    """``meshd run`` parses its arguments with its own module only: the daemon's process holds
+    neither the CA, nor the embedded registry, nor the console, nor a second HTTP client (the
+    whole tree still parses every command: ``--help`` lists them all)."""
+    probe = subprocess.run([sys.executable, "-c", (
+        "import sys; from meshd.cli.main import build_parser; "
+        "args = build_parser('run').parse_args(['run', '--config', 'meshd.toml']); "
+        "import meshd.daemon.lifetime; print(args.command); print('\\n'.join(sys.modules))")],
+        capture_output=True, text=True, timeout=60, check=True)
+    command, *modules = probe.stdout.splitlines()
+    assert command == "run"
+    assert "meshd.daemon.lifetime" in modules
+    assert [m for m in modules if m.startswith(NOT_IN_THE_DAEMON)] == []
+    full = meshd_cli("--help")
+    for name in ("run", "ca", "registry", "up", "tui", "routes", "systemd-units"):
+        assert f"    {name} " in full.stdout or f"    {name}\n" in full.stdout, name
+
+
+@pytest.mark.parametrize(("argv", "command"), [
+    (["run", "--config", "meshd.toml"], "run"),
+    (["--log-level", "debug", "ca", "init"], "ca"),
+    (["--log-format=json", "systemd-units"], "systemd-units"),
+    (["--log-level", "run"], None),  # the value of an option, not a command: argparse says so
+    (["--help"], None),
+    (["no-such-command"], None),
+])
+def test_the_command_is_found_before_parsing(argv: list[str], command: str | None) -> None:
+    assert command_named(argv) == command
 
 
 def test_explain_usage_errors_exit_2_before_asking_anything() -> None:

@@ -133,6 +133,37 @@ def test_the_installed_meshd_reports_its_version_and_units(installed: Installed)
         assert path.read_text() == (REPO / "systemd" / path.name).read_text()
 
 
+# py-consul (and requests, which it brings) are the test extra's: the compatibility oracle
+SECOND_CLIENT = ("py-consul", "requests")
+IMPORT_EVERYTHING = """
+import importlib, pkgutil, sys
+import meshd, tui
+for package in (meshd, tui):
+    for found in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+        if not found.name.endswith(".__main__"):
+            importlib.import_module(found.name)
+print(sorted(m for m in sys.modules if m.split(".")[0] in ("consul", "requests")))
+"""
+
+
+def test_the_wheel_needs_no_second_http_client(installed: Installed) -> None:
+    with zipfile.ZipFile(installed.wheel) as wheel:
+        metadata = wheel.read(next(n for n in wheel.namelist()
+                                   if n.endswith(".dist-info/METADATA"))).decode()
+    requires = [line.removeprefix("Requires-Dist: ") for line in metadata.splitlines()
+                if line.startswith("Requires-Dist: ")]
+    for name in SECOND_CLIENT:
+        mentions = [r for r in requires if r.startswith(name)]
+        assert all('extra == "test"' in r for r in mentions), mentions
+    assert any(r.startswith("py-consul") for r in requires)  # still there, for the tests
+    # every module of the installed meshd and tui imports, and none of them pulls them in
+    # (this environment can reach them: the suite's dependencies are on its path)
+    probe = subprocess.run([installed.bin("python"), "-c", IMPORT_EVERYTHING],
+                           capture_output=True, text=True, timeout=120, cwd=installed.home,
+                           env=installed.env)
+    assert (probe.returncode, probe.stdout) == (0, "[]\n"), probe.stderr
+
+
 @dataclass
 class Up:
     process: subprocess.Popen[bytes]

@@ -147,6 +147,10 @@ class FramingFields:
 def _content_length(values: Sequence[bytes]) -> int | None:
     if not values:
         return None
+    if len(values) == 1:  # the usual case: one plain number
+        raw = values[0]
+        if raw.isdigit() and len(raw) <= 18:
+            return int(raw)
     parsed = {v.strip() for value in values for v in value.split(b",")}
     if len(parsed) != 1:
         raise ProtocolError("conflicting Content-Length values")
@@ -249,13 +253,25 @@ class _Reader:
         self._in_message = True
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._grow_head(len(name) + len(value) + 4)
+        # _grow_head and FramingFields.add written out: llhttp calls this for every field
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > MAX_HEAD_BYTES:
+            raise ProtocolError("message head too large", self.too_large_status)
         if not self._in_head:
             return  # a chunked trailer: dropped (trailers are not forwarded yet)
-        if len(self._headers) >= MAX_HEADERS:
+        headers = self._headers
+        if len(headers) >= MAX_HEADERS:
             raise ProtocolError("too many header fields", self.too_large_status)
-        self._headers.append((name, value))
-        self._fields.add(name, value)
+        headers.append((name, value))
+        lower = name.lower()
+        if lower in _FRAMING_NAMES:
+            fields = self._fields
+            if lower == b"transfer-encoding":
+                fields.transfer_encoding.append(value)
+            elif lower == b"content-length":
+                fields.content_length.append(value)
+            else:
+                fields.hosts += 1
 
     def on_body(self, body: bytes) -> None:
         self._events.append(Data(body))

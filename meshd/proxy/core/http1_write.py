@@ -32,12 +32,22 @@ def end_to_end(headers: Iterable[Header], *, keep_length: bool = False,
     """``headers`` without hop-by-hop ones (including those named in ``Connection``), without
     ``Content-Length`` unless ``keep_length`` (the writer sets framing itself), and without the
     lower-case names in ``drop``."""
-    lowered = [(n.lower(), n, v) for n, v in headers]
+    # one pass (this runs on every request and every response head): the fixed set first, the
+    # names a Connection header lists (rare) in a second pass over what is left
     removed = HOP_BY_HOP if keep_length else _HOP_BY_HOP_AND_LENGTH
-    named = [v for lower, _, v in lowered if lower == b"connection"]
+    kept: list[Header] = []
+    named: list[bytes] = []
+    for header in headers:
+        lower = header[0].lower()
+        if lower in removed:
+            if lower == b"connection":
+                named.append(header[1])
+        else:
+            kept.append(header)
     if named or drop:
-        removed = removed | _tokens(named) | set(drop)
-    return [(n, v) for lower, n, v in lowered if lower not in removed]
+        more = _tokens(named) | set(drop)
+        kept = [h for h in kept if h[0].lower() not in more]
+    return kept
 
 
 def append_forwarded_for(headers: list[Header], client: str) -> list[Header]:
@@ -59,7 +69,7 @@ def _framing_headers(framing: Framing, length: int | None) -> list[Header]:
 
 
 def _header_lines(headers: Iterable[Header]) -> bytes:
-    return b"".join(b"%s: %s\r\n" % (n, v) for n, v in headers)
+    return b"".join([b"%s: %s\r\n" % header for header in headers])
 
 
 def serialize_request(method: bytes, target: bytes, headers: Iterable[Header],
@@ -94,9 +104,19 @@ def upstream_request_fields(request: RequestHead, *, forwarded_for: str, default
     if ids is not None:
         drop = (*drop, REQUEST_ID, TRACEPARENT)
     headers = end_to_end(request.headers, drop=drop)
-    if not any(n.lower() == b"host" for n, _ in headers):
+    has_host = forwarded = False
+    for name, _ in headers:
+        lower = name.lower()
+        if lower == b"host":
+            has_host = True
+        elif lower == b"x-forwarded-for":
+            forwarded = True
+    if not has_host:
         headers.insert(0, (b"host", default_host.encode("ascii")))
-    headers = append_forwarded_for(headers, forwarded_for)
+    if forwarded:
+        headers = append_forwarded_for(headers, forwarded_for)
+    else:  # the usual case, without a second scan
+        headers.append((b"x-forwarded-for", forwarded_for.encode("ascii")))
     if ids is not None:
         headers.extend(ids.headers)
     headers.extend(extra)

@@ -171,6 +171,10 @@ def usable(found: Sequence[Tier], ejected: Collection[Hashable], avoid: Collecti
     endpoint neither ejected nor tried; for a retry, the first with one not tried, ejected or
     not (an ejection is an older guess than the failure this request just met), then the
     first with one not ejected (tried again); else the first tier, ejection ignored."""
+    if not ejected and not avoid:  # a first try with nothing ejected: most requests
+        for tier in found:
+            if tier.endpoints:
+                return tier, tier.endpoints, False
     for tier in found:
         pool = tuple(e for e in tier.endpoints if e.key not in ejected and e.key not in avoid)
         if pool:
