@@ -84,7 +84,8 @@ def parse_host_config(data: Mapping[str, Any], file: str = "meshd.toml",
     outbound = r.get(data, "outbound", "", dict, {}) or {}
     # no cap per source on outbound listeners: every client is a local app on loopback, and
     # each listener serves one app's upstream, so its own cap is the cap per app
-    r.unknown_keys(outbound, "outbound", {"address", "beyond_loopback", "max_connections"})
+    r.unknown_keys(outbound, "outbound", {"address", "beyond_loopback", "max_connections",
+                                          "egress_port"})
     outbound_limits = _limits(r, outbound, "outbound", DEFAULT_OUTBOUND_LIMITS)
     outbound_address = r.ip(outbound, "address", "outbound", "127.0.0.1")
     beyond_loopback = (r.get(outbound, "beyond_loopback", "outbound", str, "") or "").strip()
@@ -114,6 +115,10 @@ def parse_host_config(data: Mapping[str, Any], file: str = "meshd.toml",
     listeners = [(address or "", inbound_port, "inbound.port")] if inbound_port else []
     if admin_port:
         listeners.append((admin_host, admin_port, "admin.address"))
+    # the egress proxy listener (HTTP_PROXY/HTTPS_PROXY for local apps), on the outbound address
+    egress_port = r.port(outbound, "egress_port", "outbound", None)
+    if egress_port:
+        listeners.append(("", egress_port, "outbound.egress_port"))
     _check_local_uniqueness(r, services, listeners)
     _check_permissive(r, services)
 
@@ -129,7 +134,7 @@ def parse_host_config(data: Mapping[str, Any], file: str = "meshd.toml",
         drain_timeout=drain_timeout or DEFAULT_DRAIN_TIMEOUT,
         inbound_limits=inbound_limits, outbound_limits=outbound_limits,
         admin_limits=admin_limits, inbound_handshake_timeout=handshake_timeout,
-        labels=labels,
+        labels=labels, egress_port=egress_port,
     )
 
 
