@@ -4,6 +4,7 @@
       ├─ pool reapers            (mesh connections: 30 s idle; app connections: 4 s)
       ├─ HTTP/2 pools            (their connections' readers, and the same idle reaping)
       ├─ mirror workers          (copies of mirrored requests, from a bounded queue)
+      ├─ external resolver       (external destinations' endpoints: their names looked up)
       └─ connections nursery     (one task per accepted connection)
            └─ accept loops       (inbound mTLS listener; one outbound listener per upstream)
 
@@ -34,6 +35,7 @@ from meshd.listen_fds import InheritedSockets
 from meshd.metrics import Metrics
 from meshd.proxy.access import AccessLog
 from meshd.proxy.core.view import ViewCell
+from meshd.proxy.external import ExternalResolver
 from meshd.proxy.forward import FIRST_REQUEST_GRACE, ClientConnection
 from meshd.proxy.h2conn import H2Pool
 from meshd.proxy.inbound import APP_IDLE_TIMEOUT, Inbound, InboundContext
@@ -80,6 +82,7 @@ class Proxy:
         outbound_ctx = OutboundContext(view=view, tls=tls, metrics=metrics, pool=self.pool,
                                        h2_pool=self.h2_pool, rand=rand, here=config.labels)
         self._outbound = outbound_ctx
+        self.resolver = ExternalResolver(view)  # external destinations' endpoints
         access = AccessLog()
         outbound_ctx.access = access
         inbound = Inbound(InboundContext(config, tls, metrics, self.app_pool, view, access,
@@ -162,6 +165,7 @@ class Proxy:
                     await nursery.start(self.app_h2_pool.run)
                     await nursery.start(self._outbound.mirror.run)
                     await nursery.start(self.guard.run)
+                    await nursery.start(self.resolver.run)
                     async with trio.open_nursery() as connections:
                         with self._accepting:
                             async with trio.open_nursery() as accepting:
