@@ -119,6 +119,13 @@ class Metrics:
             "authorization rules; rule=\"default deny\" when no rule applied",
             ["destination", "source", "rule"], registry=r)
 
+        # the egress proxy listener (HTTP_PROXY / HTTPS_PROXY for local apps)
+        self.egress_requests = Counter(
+            "meshd_egress_requests", "requests (kind=\"http\") and CONNECT tunnels "
+            "(kind=\"connect\") to the egress proxy listener, by verdict: external (a "
+            "declared external destination, named), passthrough (undeclared, egress = "
+            "\"allow-any\"), denied", ["kind", "verdict", "destination"], registry=r)
+
     def request_done(self, direction: str, source: str, destination: str, subset: str,
                      status: int, seconds: float) -> None:
         """Count one proxied HTTP request and observe its duration. The labelled children

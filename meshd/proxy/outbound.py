@@ -142,6 +142,12 @@ class Outbound:
 
     # -- HTTP ----------------------------------------------------------------------------------
 
+    async def handle_request(self, request: RequestHead, source: RequestSource | H2Request,
+                             conn: ClientConnection) -> bool:
+        """One HTTP request read elsewhere (the egress proxy's, to this destination);
+        returns whether the client connection may carry another."""
+        return await self._handle_request(request, source, conn)
+
     async def _handle_request(self, request: RequestHead, source: RequestSource | H2Request,
                               conn: ClientConnection) -> bool:
         ctx = self.ctx

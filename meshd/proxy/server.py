@@ -6,7 +6,8 @@
       ├─ mirror workers          (copies of mirrored requests, from a bounded queue)
       ├─ external resolver       (external destinations' endpoints: their names looked up)
       └─ connections nursery     (one task per accepted connection)
-           └─ accept loops       (inbound mTLS listener; one outbound listener per upstream)
+           └─ accept loops       (inbound mTLS listener; one outbound listener per upstream;
+                                  the egress proxy listener, ``meshd.proxy.egress``)
 
 ``run`` binds every listener first (a port in use is a ``ProxyError`` naming the address), or
 adopts the socket inherited for its address (``meshd.listen_fds``: a restart or an upgrade), and
@@ -35,6 +36,7 @@ from meshd.listen_fds import InheritedSockets
 from meshd.metrics import Metrics
 from meshd.proxy.access import AccessLog
 from meshd.proxy.core.view import ViewCell
+from meshd.proxy.egress import EgressProxy
 from meshd.proxy.external import ExternalResolver
 from meshd.proxy.forward import FIRST_REQUEST_GRACE, ClientConnection
 from meshd.proxy.h2conn import H2Pool
@@ -95,6 +97,11 @@ class Proxy:
         self._inbound = inbound
         self._listeners += [self._outbound_listener(service, upstream)
                             for service, upstream in config.upstreams]
+        if config.egress_port is not None:  # HTTP_PROXY / HTTPS_PROXY for local apps
+            self._listeners.append(_Listener(
+                "outbound", "egress", config.outbound_address, config.egress_port,
+                EgressProxy(outbound_ctx).handle, [],
+                self.guard.listener("outbound:egress", config.outbound_limits)))
         self._permissive = inbound.permissive is not None
         self._connections: set[ClientConnection] = set()
         self._open = {"inbound": 0, "outbound": 0}  # accepted connections open, by listener
@@ -118,6 +125,14 @@ class Proxy:
     @property
     def inbound_address(self) -> tuple[str, int]:
         return self._bound(self._listeners[0])
+
+    @property
+    def egress_address(self) -> tuple[str, int]:
+        """Where the egress proxy listener accepts (``[outbound] egress_port``)."""
+        listener = next((x for x in self._listeners if x.name == "egress"), None)
+        if listener is None:
+            raise KeyError("no egress listener (outbound.egress_port is not set)")
+        return self._bound(listener)
 
     def outbound_address(self, service: str, upstream: str) -> tuple[str, int]:
         name = f"{service}->{upstream}"
