@@ -126,15 +126,15 @@ class EgressProxy:
                             key=(PASSTHROUGH, host, port), connect=connect, upstream_head=head,
                             timeout=None)
         result = await attempts.run()
-        self._record(request, f"{host}:{port}", started, result.status, result.detail,
-                     result.code)
+        self._record(request, PASSTHROUGH, f"{host}:{port}", started, result.status,
+                     result.detail, result.code)
         return result.keep
 
     async def _refuse(self, request: RequestHead, source: RequestSource,
                       conn: ClientConnection, status: int, reason: str, code: str) -> bool:
         started = trio.current_time()
         keep = await answer_locally(source, request, conn, status, reason, _own(code, reason))
-        self._record(request, "", started, status, reason, code)
+        self._record(request, "", "", started, status, reason, code)
         return keep
 
     # -- CONNECT ---------------------------------------------------------------------------
@@ -241,13 +241,14 @@ class EgressProxy:
     def _count_bad_request(self, exc: ProtocolError) -> None:
         self.ctx.metrics.requests.labels("egress", EGRESS_SOURCE, "", "", str(exc.status)).inc()
 
-    def _record(self, request: RequestHead, endpoint: str, started: float, status: int,
-                detail: str, error: str) -> None:
+    def _record(self, request: RequestHead, destination: str, endpoint: str, started: float,
+                status: int, detail: str, error: str) -> None:
+        """A request meshd answered itself or passed through (one to a declared destination
+        is counted and logged as that destination's, by ``Outbound``)."""
         elapsed = trio.current_time() - started
-        self.ctx.metrics.request_done("egress", EGRESS_SOURCE, PASSTHROUGH if endpoint else "",
-                                      "", status, elapsed)
+        self.ctx.metrics.request_done("egress", EGRESS_SOURCE, destination, "", status, elapsed)
         self._log(request.method, request.target, endpoint, status, elapsed, detail, error,
-                  PASSTHROUGH if endpoint else "")
+                  destination)
 
     def _record_tunnel(self, target: bytes, verdict: EgressVerdict, endpoint: str,
                        started: float, status: int, detail: str) -> None:
