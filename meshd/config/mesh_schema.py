@@ -55,6 +55,20 @@ class MeshHost:
 
 
 @dataclass(frozen=True)
+class MeshExternal:
+    """A stand-in for a service outside the mesh, started by ``meshd up`` on ``address:port``
+    (``[[external]]``). With ``tls_name``, ``meshd up`` makes a CA and a certificate for that
+    name (the command gets them as ``{cert}``, ``{key}``, ``{ca}``), and the route table's
+    external destination of the same ``name`` verifies the server against that CA."""
+
+    name: str
+    address: str
+    port: int
+    command: tuple[str, ...]
+    tls_name: str | None = None
+
+
+@dataclass(frozen=True)
 class MeshConfig:
     trust_domain: str
     hosts: tuple[MeshHost, ...]
@@ -64,6 +78,7 @@ class MeshConfig:
     run_dir: Path | None = None
     hints: tuple[str, ...] = ()
     source: str = "mesh.toml"
+    externals: tuple[MeshExternal, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -98,11 +113,12 @@ def host_data(host: MeshHost, trust_domain: str, registry: HostPort, ca: HostPor
 
 def port_claims(mesh: MeshConfig) -> list[PortClaim]:
     """Every ``address:port`` the mesh listens on, with who wants it."""
-    return port_claims_of(list(mesh.hosts), mesh.registry, mesh.ca)
+    return port_claims_of(list(mesh.hosts), mesh.registry, mesh.ca, mesh.externals)
 
 
 def port_claims_of(hosts: list[MeshHost], registry: HostPort | None,
-                   ca: HostPort | None) -> list[PortClaim]:
+                   ca: HostPort | None, externals: tuple[MeshExternal, ...] = ()
+                   ) -> list[PortClaim]:
     claims: list[PortClaim] = []
     if registry is not None:
         claims.append(PortClaim(registry.host, registry.port, "registry", "registry"))
@@ -123,6 +139,8 @@ def port_claims_of(hosts: list[MeshHost], registry: HostPort | None,
                     host.outbound_address, up.local_port,
                     f"meshd {host.name} upstream {up.name}",
                     f"{hp}.services[{j}].upstreams[{k}].local_port"))
+    claims += [PortClaim(ext.address, ext.port, f"external {ext.name}", f"external[{i}].port")
+               for i, ext in enumerate(externals)]
     return claims
 
 

@@ -99,7 +99,7 @@ class OutboundContext:
         (``node`` and ``instance_id`` identify it, as in ``/v1/state``)."""
         view = self.view.current
         out: dict[str, list[dict[str, Any]]] = {}
-        for name, endpoints in sorted(view.endpoints.items()):
+        for name, endpoints in sorted(view.all_endpoints().items()):
             state = self.destinations.known(name)
             rows = []
             for e in endpoints.endpoints:
