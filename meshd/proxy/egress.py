@@ -300,7 +300,7 @@ async def _connect_head(stream: SocketConnection) -> tuple[bytes, bytes]:
     ``HEAD_TIMEOUT`` and ``MAX_CONNECT_HEAD`` bytes, else ``ProtocolError``."""
     buffer = b""
     with trio.move_on_after(HEAD_TIMEOUT):
-        while b"\r\n\r\n" not in buffer:
+        while (end := buffer.find(b"\r\n\r\n")) < 0 or end > MAX_CONNECT_HEAD:
             if len(buffer) > MAX_CONNECT_HEAD:
                 raise ProtocolError("CONNECT head too large", 431)
             try:

@@ -164,3 +164,28 @@ async def test_plain_http_to_a_declared_host_with_a_wrong_certificate_is_refused
     assert response.status_code == 503
     assert response.headers["x-meshd-error"] == "upstream-tls-failed"
     assert edge.bank.requests == 0
+
+
+async def test_malformed_and_oversized_connect_heads_are_refused(edge: Edge) -> None:
+    edge.routes(egress="allow-any")
+    host, port = edge.proxy.egress_address
+    for head, status in ((b"CONNECT nowhere HTTP/1.1\r\n\r\n", b"400"),
+                         (b"CONNECT 127.0.0.1:1 HTTP/1.1\r\nx: " + b"y" * 9000 + b"\r\n\r\n",
+                          b"431")):
+        stream = await trio.open_tcp_stream(host, port)
+        async with stream:
+            await stream.send_all(head)
+            answer = await read_until_eof(stream)
+        assert answer.startswith(b"HTTP/1.1 " + status), answer[:100]
+    # an origin-form request names no destination; a smuggling-prone one is refused as on the
+    # outbound listener
+    async with httpx.AsyncClient(base_url=edge.proxy_url) as client:
+        response = await client.get("/version")
+        assert response.status_code == 400
+    stream = await trio.open_tcp_stream(host, port)
+    async with stream:
+        await stream.send_all(b"POST http://127.0.0.1:1/ HTTP/1.1\r\nHost: x\r\n"
+                              b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+        answer = await read_until_eof(stream)
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:100]
+    assert edge.plain.connections == 0 and edge.bank.connections == 0

@@ -5,7 +5,6 @@ Real loopback sockets, real TLS, a test CA of the external server's own."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,14 +135,3 @@ async def test_plain_external_by_host_name_resolved_off_the_request_path(
             assert response.status_code == 200
             assert response.json()["headers"]["host"] == f"localhost:{outside.plain.port}"
     assert outside.plain.requests == 3
-
-
-async def test_an_unresolvable_name_answers_503_saying_so(outside: Outside) -> None:
-    outside.route({"hosts": ["bank.invalid"], "port": 443})
-    resolver = outside.host.proxy.resolver
-    status: Callable[[], dict[str, Any]] = lambda: resolver.status().get("bank", {})  # noqa: E731
-    await eventually(lambda: bool(status() and status()["hosts"]["bank.invalid"]["error"]))
-    async with httpx.AsyncClient(base_url=outside.url()) as client:
-        response = await client.get("/version")
-    assert response.status_code == 503
-    assert response.headers["x-meshd-reason"] == "external bank: bank.invalid not resolved (yet)"
