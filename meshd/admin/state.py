@@ -20,8 +20,8 @@ Shape (stable keys; a later console issue may add, never rename):
                              active_requests}; an external destination's endpoints are
                              its resolved addresses (node: the host name, version
                              "external"), and it has external {hosts or addresses, port,
-                             tls, sni, ca_file, and per looked-up host: addresses, error,
-                             resolved_at}}
+                             tls, sni, ca_file, lookups{} per host name: {addresses[],
+                             error, resolved_at}}}
     egress          {mode (registered-only / allow-any), listener ("ADDRESS:PORT" of the
                     egress proxy listener, null when none)}
     routes          the route table in force (canonical form, as stored in the registry)

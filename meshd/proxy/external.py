@@ -90,7 +90,7 @@ class ExternalResolver:
                 found = self._names.get((host, ext.port), _Name())
                 names[host] = {"addresses": list(found.addresses), "error": found.error,
                                "resolved_at": found.resolved_at}
-            out[dest.service] = {"hosts": names}
+            out[dest.service] = {"lookups": names}
         return out
 
     def _routes_changed(self, view: MeshView) -> None:

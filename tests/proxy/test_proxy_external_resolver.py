@@ -56,7 +56,7 @@ async def test_names_are_resolved_refreshed_and_kept_through_failures(
         del names.table["api.bank.example"]
         await trio.sleep(30)
         assert addresses(view) == ["192.0.2.1", "192.0.2.2"]  # kept while it fails
-        status = resolver.status()["bank"]["hosts"]["api.bank.example"]  # type: ignore[index]
+        status = resolver.status()["bank"]["lookups"]["api.bank.example"]  # type: ignore[index]
         assert status["error"] == "Name or service not known"
         failed_at = names.asked[-1][1]
         await trio.sleep(5.5)
