@@ -5,12 +5,15 @@ process speaking verified TLS (free ports: no lock needed)."""
 from __future__ import annotations
 
 import copy
+import http.client
 import json
 import signal
 import ssl
 import subprocess
 import sys
 import time
+import tomllib
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -87,7 +90,8 @@ def test_the_shop_bank_serves_verified_tls_with_the_demo_certificate(tmp_path: P
     files = make_tls_files(tmp_path / "bank", "bank.shop.example")
     assert files.key.stat().st_mode & 0o777 == 0o600
     port = free_port()
-    (ext,) = parse_mesh(tomllib_load(SHOP / "mesh.toml"), "mesh.toml", SHOP).externals
+    shop = tomllib.loads((SHOP / "mesh.toml").read_text())
+    (ext,) = parse_mesh(shop, "mesh.toml", SHOP).externals
     argv = expand_external_command(MeshExternal(ext.name, "127.0.0.1", port, ext.command,
                                                 ext.tls_name),
                                    python=sys.executable, here=SHOP, files=files)
@@ -117,11 +121,6 @@ def test_the_shop_bank_serves_verified_tls_with_the_demo_certificate(tmp_path: P
     assert b"bank: stopped" in (proc.stdout.read() if proc.stdout else b"")
 
 
-def tomllib_load(path: Path) -> dict[str, Any]:
-    import tomllib
-    return tomllib.loads(path.read_text())
-
-
 class _SNIHandler(urllib.request.HTTPSHandler):
     """HTTPS to an IP address, with the certificate checked for ``name``."""
 
@@ -130,8 +129,6 @@ class _SNIHandler(urllib.request.HTTPSHandler):
         self.name = name
 
     def https_open(self, req: urllib.request.Request) -> Any:
-        import http.client
-
         name = self.name
         context = self._context  # type: ignore[attr-defined]
 
