@@ -24,6 +24,7 @@ from net_testing import free_port
 from meshd.config.mesh import parse_mesh
 from meshd.config.mesh_schema import MeshExternal, port_claims
 from meshd.config.routes import parse_routes, routes_to_data
+from meshd.dev import childlog
 from meshd.dev.external import expand_external_command, make_tls_files, with_ca_files
 from meshd.errors import ConfigError
 
@@ -150,3 +151,11 @@ def _wait_for(call: Any, proc: subprocess.Popen[bytes]) -> bytes:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
+
+
+def test_the_route_table_line_says_where_an_external_destination_is() -> None:
+    table = parse_routes({"destinations": {
+        "bank": {"external": {"addresses": ["127.0.0.1:9443"], "sni": "bank.shop.example"}},
+        "card": {"external": {"hosts": ["card.example", "card2.example"], "port": 443}}}})
+    assert childlog.summarise_routes(routes_to_data(table)["destinations"]) == \
+        "bank: external 127.0.0.1:9443; card: external card.example, card2.example"

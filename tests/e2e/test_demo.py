@@ -185,7 +185,8 @@ def test_the_terminal_shows_events_and_the_access_logs_are_in_files(mesh: Mesh) 
     assert "logs/access-" not in text and "access-<host>.log" in text
     assert "meshd up: started registry (pid " in text
     # the route table in one line; the whole of it only in the meshd's own log
-    assert "signed by operator dev: payments: v1 90% / v2 10% (+1 match route)" in text
+    assert ("signed by operator dev: bank: external 127.0.0.1:9443; payments: v1 90% / v2 10% "
+            "(+1 match route)") in text
     assert "outlier_detection" not in text
     assert "'outlier_detection'" in (logs / "meshd-host-a.log").read_text()
     assert " INFO " not in text, [line for line in text.splitlines() if " INFO " in line][:3]
