@@ -80,14 +80,19 @@ def fd_name(role: str, host: str, port: int) -> str:
 
 def host_listen_addresses(config: HostConfig) -> list[ListenAddress]:
     """Every listening socket ``meshd run`` opens for ``config``: the inbound listener, one
-    outbound listener per upstream and the admin API. (What ``meshd up`` binds for a child and
-    what a daemon offers the fd store: one list, so they cannot disagree.)"""
+    outbound listener per upstream, the egress proxy listener and the admin API. (What
+    ``meshd up`` binds for a child and what a daemon offers the fd store: one list, so they
+    cannot disagree.)"""
     found = [ListenAddress(fd_name("inbound", config.address, config.inbound_port),
                            config.address, config.inbound_port)]
     for _service, upstream in config.upstreams:
         found.append(ListenAddress(
             fd_name("outbound", config.outbound_address, upstream.local_port),
             config.outbound_address, upstream.local_port))
+    if config.egress_port:  # the egress proxy listener, beside the outbound ones
+        found.append(ListenAddress(
+            fd_name("outbound", config.outbound_address, config.egress_port),
+            config.outbound_address, config.egress_port))
     if config.admin_port:
         found.append(ListenAddress(fd_name("admin", config.admin_host, config.admin_port),
                                    config.admin_host, config.admin_port))

@@ -176,6 +176,12 @@ class Metrics:
             "time, refused, or not 2xx)", registry=r)
         for reason in ("queue_full", "export_failed"):
             self.trace_spans_dropped.labels(reason)
+        # the egress proxy listener (HTTP_PROXY / HTTPS_PROXY for local apps)
+        self.egress_requests = Counter(
+            "meshd_egress_requests", "requests (kind=\"http\") and CONNECT tunnels "
+            "(kind=\"connect\") to the egress proxy listener, by verdict: external (a "
+            "declared external destination, named), passthrough (undeclared, egress = "
+            "\"allow-any\"), denied", ["kind", "verdict", "destination"], registry=r)
 
     def request_done(self, direction: str, source: str, destination: str, subset: str,
                      status: int, seconds: float, *, mtls: bool = True, grpc_status: str = "",

@@ -5,13 +5,19 @@
     GET  /pay?amount=42       ->  the same
     GET  /healthz               ->  200 ok
 
+With --bank URL (the outbound listener its meshd opens for the upstream "bank", a service
+outside the mesh), each payment is first charged there (POST /charge) and the bank's answer is
+part of the reply: {..., "bank": {"charge": "ch-1", "approved": true, ...}}; a bank that cannot
+be reached makes the payment fail with a 502 that says why.
+
 It knows nothing about the mesh: meshd's inbound listener on its host terminates mTLS and forwards
-plain HTTP to it.
+plain HTTP to it, and its meshd speaks TLS to the bank for it.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import signal
 import socket
@@ -28,11 +34,12 @@ class PaymentsServer(ThreadingHTTPServer):
     request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], version: str, node: str,
-                 access_log: bool) -> None:
+                 access_log: bool, bank: tuple[str, int] | None = None) -> None:
         super().__init__(address, PaymentsHandler)
         self.version = version
         self.node = node
         self.access_log = access_log
+        self.bank = bank
 
 
 class PaymentsHandler(BaseHTTPRequestHandler):
@@ -65,9 +72,29 @@ class PaymentsHandler(BaseHTTPRequestHandler):
         self._pay(amount)
 
     def _pay(self, amount: object) -> None:
-        answer = {"service": "payments", "version": self.server.version,
-                  "host": self.server.node, "amount": amount}
-        self._send(200, json.dumps(answer).encode() + b"\n", "application/json")
+        answer: dict[str, object] = {"service": "payments", "version": self.server.version,
+                                     "host": self.server.node, "amount": amount}
+        status = 200
+        if self.server.bank is not None:
+            status, answer["bank"] = self._charge(self.server.bank, amount)
+        self._send(status, json.dumps(answer).encode() + b"\n", "application/json")
+
+    def _charge(self, bank: tuple[str, int], amount: object) -> tuple[int, object]:
+        """POST /charge to the bank; (200, its answer), or (502, why it failed)."""
+        conn = http.client.HTTPConnection(*bank, timeout=5)
+        try:
+            conn.request("POST", "/charge", json.dumps({"amount": amount}).encode(),
+                         {"Content-Type": "application/json"})
+            response = conn.getresponse()
+            body = response.read()
+            if response.status != 200:
+                reason = response.getheader("x-meshd-reason") or body.decode(errors="replace")
+                return 502, {"error": f"bank answered {response.status}: {reason.strip()}"}
+            return 200, json.loads(body)
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            return 502, {"error": f"bank unreachable: {exc}"}
+        finally:
+            conn.close()
 
     def _send(self, status: int, body: bytes, content_type: str) -> None:
         self.send_response(status)
@@ -88,13 +115,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", default="v1")
     parser.add_argument("--node", default=socket.gethostname(), help="host name to report")
     parser.add_argument("--access-log", action="store_true")
+    parser.add_argument("--bank", help="http://HOST:PORT of the bank (through meshd), if any")
     args = parser.parse_args(argv)
+    bank = None
+    if args.bank is not None:
+        bank_url = urlsplit(args.bank)
+        if bank_url.scheme != "http" or not bank_url.hostname:
+            parser.error(f"--bank must be http://HOST:PORT, got {args.bank!r}")
+        bank = (bank_url.hostname, bank_url.port or 80)
 
     def stop(signum: int, frame: FrameType | None) -> None:
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, stop)
-    server = PaymentsServer((args.address, args.port), args.version, args.node, args.access_log)
+    server = PaymentsServer((args.address, args.port), args.version, args.node, args.access_log,
+                            bank)
     print(f"payments {args.version} on {args.node}: listening on "
           f"http://{args.address}:{args.port}", flush=True)
     try:

@@ -20,7 +20,13 @@ Shape (stable keys; a later console issue may add, never rename):
     destinations{}  name -> {index, age_seconds, endpoints[] {node, instance_id, address, port,
                              version, healthy, labels{}, and from this host's proxy: ejected,
                              ejection_remaining_seconds, ejections, ejection_reason,
-                             active_requests}}
+                             active_requests}; an external destination's endpoints are
+                             its resolved addresses (node: the host name, version
+                             "external"), and it has external {hosts or addresses, port,
+                             tls, sni, ca_file, lookups{} per host name: {addresses[],
+                             error, resolved_at}}}
+    egress          {mode (registered-only / allow-any), listener ("ADDRESS:PORT" of the
+                    egress proxy listener, null when none)}
     routes          the route table in force (canonical form, as stored in the registry)
     registry        {url, stale, staleness_seconds, registered, last_contact_seconds_ago,
                      contact_error, watches[] {name, index, stale, staleness_seconds, source,
@@ -51,6 +57,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import meshd
+from meshd.config.external import external_data
 from meshd.config.parse import routes_to_data
 from meshd.config.schema import HostConfig
 from meshd.identity.certs import Identity, TrustBundle
@@ -104,9 +111,12 @@ def build_state(
     now_wall: float, process: Mapping[str, Any], registry_url: str,
     endpoint_states: Mapping[str, list[dict[str, Any]]] | None = None,
     connections: Mapping[str, int] | None = None,
+    external: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """``endpoint_states``: ``Proxy.endpoint_states()`` (ejection and load per endpoint),
-    merged into each destination's endpoints by (node, instance_id)."""
+    merged into each destination's endpoints by (node, instance_id). ``external``: the
+    external resolver's ``status()`` (names looked up, errors), merged into those
+    destinations' ``external``."""
     proxy_view = {
         (name, e.get("node"), e.get("instance_id")): e
         for name, entries in (endpoint_states or {}).items() for e in entries
@@ -141,8 +151,9 @@ def build_state(
                     if k not in ("node", "instance_id")}}
                 for e in eps.endpoints
             ],
+            **_external_entry(view, name, external),
         }
-        for name, eps in sorted(view.endpoints.items())
+        for name, eps in sorted(view.all_endpoints().items())
     }
     certificates = [
         {"service": i.service, "spiffe_id": i.spiffe_id, "serial": i.serial,
@@ -182,6 +193,9 @@ def build_state(
             for g in config.gateways
         ],
         "destinations": destinations,
+        "egress": {"mode": view.routes.egress.value,
+                   "listener": (f"{config.outbound_address}:{config.egress_port}"
+                                if config.egress_port is not None else None)},
         "routes": routes_to_data(view.routes),
         "registry": {
             "url": registry_url,
@@ -204,3 +218,13 @@ def build_state(
         "process": dict(process),
         **({"connections": dict(connections)} if connections is not None else {}),
     }
+
+
+def _external_entry(view: MeshView, name: str,
+                    status: Mapping[str, Mapping[str, Any]] | None) -> dict[str, Any]:
+    """``{"external": ...}`` for an external destination (its declaration, and how its names
+    resolved), else nothing."""
+    dest = view.routes.get(name)
+    if dest is None or dest.external is None:
+        return {}
+    return {"external": {**external_data(dest.external), **(status or {}).get(name, {})}}

@@ -33,6 +33,7 @@ from meshd.cli.admin_api import (
     signer_line,
 )
 from meshd.cli.output import add_output_option, print_json, wants_json
+from meshd.config.external import external_data
 from meshd.config.gateway import GatewayRoute, request_host, route_for
 from meshd.errors import ConfigError, MeshError
 from meshd.explain.authz import AuthzCheck
@@ -185,6 +186,9 @@ def explanation_document(found: Explanation, admin: str, state: Mapping[str, Any
         "notes": list(found.notes),
         "subsets": [_subset(s) for s in found.subsets],
         "authorization": _authorization(found.authz),
+        "external": (external_data(found.dest.external)
+                     if found.dest is not None and found.dest.external is not None else None),
+        "egress": found.egress_mode.value,
         "routable": found.routable,
         "reaches_app": found.reaches_app,
         "routes_signed": state.get("routes_signed"),

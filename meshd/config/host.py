@@ -90,7 +90,8 @@ def parse_host_config(data: Mapping[str, Any], file: str = "meshd.toml",
     outbound = r.get(data, "outbound", "", dict, {}) or {}
     # no cap per source on outbound listeners: every client is a local app on loopback, and
     # each listener serves one app's upstream, so its own cap is the cap per app
-    r.unknown_keys(outbound, "outbound", {"address", "beyond_loopback", "max_connections"})
+    r.unknown_keys(outbound, "outbound", {"address", "beyond_loopback", "max_connections",
+                                          "egress_port"})
     outbound_limits = _limits(r, outbound, "outbound", DEFAULT_OUTBOUND_LIMITS)
     outbound_address = r.ip(outbound, "address", "outbound", "127.0.0.1")
     beyond_loopback = (r.get(outbound, "beyond_loopback", "outbound", str, "") or "").strip()
@@ -132,6 +133,10 @@ def parse_host_config(data: Mapping[str, Any], file: str = "meshd.toml",
         if any(s.name == gateway.name for s in services):
             r.problem(f"gateways[{i}].name", f"{gateway.name!r} is also a local service: a "
                       "gateway has an identity of its own")
+    # the egress proxy listener (HTTP_PROXY/HTTPS_PROXY for local apps), on the outbound address
+    egress_port = r.port(outbound, "egress_port", "outbound", None)
+    if egress_port:
+        listeners.append(("", egress_port, "outbound.egress_port"))
     _check_local_uniqueness(r, services, listeners)
     _check_permissive(r, services)
 
@@ -148,7 +153,7 @@ def parse_host_config(data: Mapping[str, Any], file: str = "meshd.toml",
         inbound_limits=inbound_limits, outbound_limits=outbound_limits,
         admin_limits=admin_limits, inbound_handshake_timeout=handshake_timeout,
         labels=labels, access_log=access_format or AccessLogFormat.TEXT, gateways=gateways,
-        tracing=tracing,
+        tracing=tracing, egress_port=egress_port,
     )
 
 

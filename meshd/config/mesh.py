@@ -34,6 +34,14 @@ The format (also in ``meshd up --help`` and ``examples/shop/README.md``)::
     name = "edge"                       # certificates = "generate" (made by `meshd up`)
     listeners = [{ port = 8000, address = "127.0.0.1" }]
     routes = [{ service = "web" }]
+
+    [[external]]                        # a stand-in for a service outside the mesh
+    name = "bank"                       # routes.toml declares destinations.bank as external
+    address = "127.0.0.1"               # default
+    port = 9443
+    tls_name = "bank.shop.example"      # optional: meshd up makes a CA and a certificate
+    command = ["{python}", "{here}/bank.py", "--port", "{port}", "--cert", "{cert}",
+               "--key", "{key}"]        # also {address}, {name}, {ca}, {python}, {here}
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from meshd.config.external import is_hostname
 from meshd.config.gateway import GENERATED
 from meshd.config.host import SERVICE_KEYS, parse_host_config
 from meshd.config.mesh_schema import (
@@ -55,6 +64,7 @@ from meshd.config.mesh_schema import (
     DEFAULT_REGISTRY,
     HostPort,
     MeshConfig,
+    MeshExternal,
     MeshHost,
     MeshService,
     clashes,
@@ -64,7 +74,11 @@ from meshd.config.mesh_schema import (
 from meshd.config.reader import Reader
 from meshd.errors import ConfigError
 
-MESH_KEYS = {"trust_domain", "registry", "ca", "routes", "run_dir", "try", "hosts"}
+MESH_KEYS = {"trust_domain", "registry", "ca", "routes", "run_dir", "try", "hosts",
+             "external"}
+EXTERNAL_KEYS = {"name", "address", "port", "tls_name", "command"}
+EXTERNAL_PLACEHOLDERS = frozenset({"python", "here", "address", "port", "name", "cert", "key",
+                                   "ca"})
 HOST_KEYS = {"name", "address", "inbound_port", "admin_port", "outbound_address", "services",
              "gateways"}
 MESH_SERVICE_KEYS = SERVICE_KEYS | {"command"}
@@ -106,16 +120,18 @@ def parse_mesh(data: Mapping[str, Any], file: str = "mesh.toml",
                 hosts.append(host)
         _check_host_names(r, hosts_raw)
 
+    externals = _externals(r, data)
     if not r.problems:
-        _check_upstreams_exist(r, hosts)
-        claims = port_claims_of(hosts, registry, ca)
+        _check_upstreams_exist(r, hosts, externals)
+        claims = port_claims_of(hosts, registry, ca, externals)
         for claim, other in clashes(claims):
             r.problem(claim.key_path, f"{claim} is also used by {other.owner} ({other.key_path})")
 
     r.fail_if_problems()
     assert trust_domain is not None and registry is not None and ca is not None
     return MeshConfig(trust_domain=trust_domain, hosts=tuple(hosts), registry=registry, ca=ca,
-                      routes=routes, run_dir=run_dir, hints=hints, source=file)
+                      routes=routes, run_dir=run_dir, hints=hints, source=file,
+                      externals=externals)
 
 
 @dataclass(frozen=True)
@@ -226,7 +242,42 @@ def _host_path(host_path: str, prefix: str, index_of: list[int]) -> str:
     return prefix
 
 
-def _command(r: Reader, svc: Mapping[str, Any], path: str) -> tuple[str, ...]:
+def _externals(r: Reader, data: Mapping[str, Any]) -> tuple[MeshExternal, ...]:
+    """``[[external]]``: stand-ins for services outside the mesh (``MeshExternal``)."""
+    raw = data.get("external", [])
+    if not isinstance(raw, list):
+        r.problem("external", "expected an array of tables ([[external]])")
+        return ()
+    out: list[MeshExternal] = []
+    for i, item in enumerate(raw):
+        path = f"external[{i}]"
+        if not isinstance(item, dict):
+            r.problem(path, "expected a table ([[external]])")
+            continue
+        before = len(r.problems)
+        r.unknown_keys(item, path, EXTERNAL_KEYS)
+        name = r.name(item, "name", path)
+        address = r.ip(item, "address", path, "127.0.0.1")
+        port = r.port(item, "port", path)
+        tls_name = r.get(item, "tls_name", path, str, None)
+        if tls_name is not None and not is_hostname(tls_name):
+            r.problem(f"{path}.tls_name", f"expected a DNS name in lower case, got {tls_name!r}")
+        if "command" not in item:
+            r.problem(f"{path}.command", "required key is missing")
+        command = _command(r, item, path, EXTERNAL_PLACEHOLDERS)
+        if tls_name is None and any(f"{{{p}}}" in arg for arg in command
+                                    for p in ("cert", "key", "ca")):
+            r.problem(f"{path}.command", "{cert}, {key} and {ca} need tls_name (the name "
+                      "meshd up makes a certificate for)")
+        if name in {e.name for e in out}:
+            r.problem(f"{path}.name", f"external {name!r} declared twice")
+        if len(r.problems) == before:
+            out.append(MeshExternal(name, address, port, command, tls_name))
+    return tuple(out)
+
+
+def _command(r: Reader, svc: Mapping[str, Any], path: str,
+             placeholders: frozenset[str] = PLACEHOLDERS) -> tuple[str, ...]:
     raw = svc.get("command")
     if raw is None:
         return ()
@@ -241,9 +292,9 @@ def _command(r: Reader, svc: Mapping[str, Any], path: str) -> tuple[str, ...]:
             r.problem(f"{where}[{k}]", f"{exc} (write a literal brace as {{{{ or }}}})")
             continue
         for field in fields:
-            if field not in PLACEHOLDERS:
+            if field not in placeholders:
                 r.problem(f"{where}[{k}]", f"unknown placeholder {{{field}}} (known: "
-                          f"{', '.join('{' + p + '}' for p in sorted(PLACEHOLDERS))})")
+                          f"{', '.join('{' + p + '}' for p in sorted(placeholders))})")
     return tuple(raw)
 
 
@@ -282,8 +333,10 @@ def _check_host_names(r: Reader, hosts_raw: list[Any]) -> None:
             seen.setdefault(name, i)
 
 
-def _check_upstreams_exist(r: Reader, hosts: list[MeshHost]) -> None:
+def _check_upstreams_exist(r: Reader, hosts: list[MeshHost],
+                           externals: tuple[MeshExternal, ...] = ()) -> None:
     provided = {ms.service.name for h in hosts for ms in h.services}
+    provided |= {e.name for e in externals}
     for i, host in enumerate(hosts):
         for j, ms in enumerate(host.services):
             for k, up in enumerate(ms.service.upstreams):

@@ -57,6 +57,20 @@ class MeshHost:
 
 
 @dataclass(frozen=True)
+class MeshExternal:
+    """A stand-in for a service outside the mesh, started by ``meshd up`` on ``address:port``
+    (``[[external]]``). With ``tls_name``, ``meshd up`` makes a CA and a certificate for that
+    name (the command gets them as ``{cert}``, ``{key}``, ``{ca}``), and the route table's
+    external destination of the same ``name`` verifies the server against that CA."""
+
+    name: str
+    address: str
+    port: int
+    command: tuple[str, ...]
+    tls_name: str | None = None
+
+
+@dataclass(frozen=True)
 class MeshConfig:
     trust_domain: str
     hosts: tuple[MeshHost, ...]
@@ -66,6 +80,7 @@ class MeshConfig:
     run_dir: Path | None = None
     hints: tuple[str, ...] = ()
     source: str = "mesh.toml"
+    externals: tuple[MeshExternal, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -100,11 +115,12 @@ def host_data(host: MeshHost, trust_domain: str, registry: HostPort, ca: HostPor
 
 def port_claims(mesh: MeshConfig) -> list[PortClaim]:
     """Every ``address:port`` the mesh listens on, with who wants it."""
-    return port_claims_of(list(mesh.hosts), mesh.registry, mesh.ca)
+    return port_claims_of(list(mesh.hosts), mesh.registry, mesh.ca, mesh.externals)
 
 
 def port_claims_of(hosts: list[MeshHost], registry: HostPort | None,
-                   ca: HostPort | None) -> list[PortClaim]:
+                   ca: HostPort | None, externals: tuple[MeshExternal, ...] = ()
+                   ) -> list[PortClaim]:
     claims: list[PortClaim] = []
     if registry is not None:
         claims.append(PortClaim(registry.host, registry.port, "registry", "registry"))
@@ -131,6 +147,8 @@ def port_claims_of(hosts: list[MeshHost], registry: HostPort | None,
                     listener.address, listener.port,
                     f"meshd {host.name} gateway {gateway.name} ({listener.protocol})",
                     f"{hp}.gateways[{j}].listeners[{k}].port"))
+    claims += [PortClaim(ext.address, ext.port, f"external {ext.name}", f"external[{i}].port")
+               for i, ext in enumerate(externals)]
     return claims
 
 

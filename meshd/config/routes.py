@@ -21,6 +21,12 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from meshd.config.external import (
+    check_external_names,
+    external_data,
+    parse_egress,
+    parse_external,
+)
 from meshd.config.reader import Reader
 from meshd.config.route_edge import (
     header_edits_data,
@@ -49,6 +55,7 @@ from meshd.config.schema import (
     DefaultPolicy,
     DestinationPolicy,
     DestinationRoutes,
+    EgressMode,
     FaultPolicy,
     HeaderEdits,
     MirrorPolicy,
@@ -66,7 +73,7 @@ from meshd.names import is_valid_name
 # need a route's own match)
 EDGE_KEYS = {"rate_limit", "request_headers", "response_headers"}
 DESTINATION_KEYS = {"subsets", "split", "timeout", "retries", "fault", "mirror", "routes",
-                    "policy", "authorization", *EDGE_KEYS}
+                    "policy", "authorization", "external", *EDGE_KEYS}
 ROUTE_KEYS = {"name", "match", "split", "timeout", "retries", "fault", "mirror", *EDGE_KEYS,
               "rewrite", "redirect"}
 RETRY_KEYS = {"attempts", "per_try_timeout", "retry_on"}
@@ -80,7 +87,7 @@ _STATUS_RE = re.compile(r"^[45][0-9][0-9]$")
 def parse_routes(data: Mapping[str, Any], file: str = "routes.toml") -> RouteTable:
     """Build a ``RouteTable`` from a parsed ``routes.toml`` (or its canonical JSON form)."""
     r = Reader(file)
-    r.unknown_keys(data, "", {"destinations", "default_policy", "clear"})
+    r.unknown_keys(data, "", {"destinations", "default_policy", "clear", "egress"})
     cleared = r.get(data, "clear", "", bool, False) is True
     default_policy = r.choice(data, "default_policy", "", DefaultPolicy,
                               [p.value for p in DefaultPolicy], DefaultPolicy.DENY)
@@ -99,9 +106,11 @@ def parse_routes(data: Mapping[str, Any], file: str = "routes.toml") -> RouteTab
             dests.append(dest)
     if cleared and dests_raw:
         r.problem("clear", "clear = true empties the table: it takes no destinations")
+    egress = parse_egress(r, data)
+    check_external_names(r, dests)
     r.fail_if_problems()
     return RouteTable(tuple(sorted(dests, key=lambda d: d.service)),
-                      default_policy or DefaultPolicy.DENY, cleared)
+                      default_policy or DefaultPolicy.DENY, cleared, egress)
 
 
 def _parse_destination(
@@ -149,11 +158,13 @@ def _parse_destination(
     policy = parse_policy(r, raw, path)
     authorization = parse_authorization(r, raw, path)
     rate_limit, request_headers, response_headers = _edge(r, raw, path)
+    external = parse_external(r, raw, path)
     if len(r.problems) != before:
         return None
     return DestinationRoutes(service, tuple(subsets), split or (), timeout, tuple(routes),
                              retries, fault, mirror, policy or DestinationPolicy(),
-                             authorization, rate_limit, request_headers, response_headers)
+                             authorization, rate_limit, request_headers, response_headers,
+                             external)
 
 
 def _edge(r: Reader, raw: Mapping[str, Any], path: str
@@ -360,12 +371,16 @@ def routes_to_data(table: RouteTable) -> dict[str, Any]:
         if d.authorization is not None:
             entry["authorization"] = authorization_data(d.authorization)
         _edge_data(entry, d.rate_limit, d.request_headers, d.response_headers)
+        if d.external is not None:
+            entry["external"] = external_data(d.external)
         out[d.service] = entry
     data: dict[str, Any] = {"destinations": out}
     if table.default_policy is not DefaultPolicy.DENY:
         data["default_policy"] = table.default_policy.value
     if table.cleared:
         data["clear"] = True
+    if table.egress is not EgressMode.REGISTERED_ONLY:
+        data["egress"] = table.egress.value
     return data
 
 

@@ -181,6 +181,8 @@ class HostConfig:
     # ``[access_log] format``; ``MESHD_ACCESS_LOG``, when set, wins over it
     access_log: AccessLogFormat = AccessLogFormat.TEXT
     tracing: TracingConfig = TracingConfig()
+    # the egress proxy listener's port on ``outbound_address`` (None: no egress listener)
+    egress_port: int | None = None
 
     def service(self, name: str) -> LocalService | None:
         return next((s for s in self.services if s.name == name), None)
@@ -496,6 +498,59 @@ class Authorization:
     rules: tuple[AuthorizationRule, ...] = ()
 
 
+# -- external services (outside the mesh) --------------------------------------------------------
+
+class ExternalTLS(StrEnum):
+    """How meshd speaks to an external service: ``originate`` (TLS from meshd, the server's
+    certificate verified) or ``none`` (plain TCP)."""
+
+    ORIGINATE = "originate"
+    NONE = "none"
+
+
+@dataclass(frozen=True)
+class ExternalService:
+    """A destination outside the mesh (``meshd.config.external``): DNS ``hosts`` with
+    ``port``, or ``addresses`` as given; TLS origination verified against ``ca_file`` (else
+    the system roots) for the name ``sni`` (else the host's)."""
+
+    hosts: tuple[str, ...] = ()
+    addresses: tuple[tuple[str, int], ...] = ()
+    port: int | None = None
+    tls: ExternalTLS = ExternalTLS.ORIGINATE
+    sni: str | None = None
+    ca_file: str | None = None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The host names it answers to (what an egress proxy request names)."""
+        return self.hosts or ((self.sni,) if self.sni is not None else ())
+
+    @property
+    def ports(self) -> tuple[int, ...]:
+        if self.port is not None:
+            return (self.port,)
+        return tuple(sorted({port for _, port in self.addresses}))
+
+    @property
+    def authority(self) -> str:
+        """The ``Host`` its requests carry: its first name (the port when not the scheme's)."""
+        name = self.names[0] if self.names else self.addresses[0][0]
+        ports = self.ports
+        default = 443 if self.tls is ExternalTLS.ORIGINATE else 80
+        if len(ports) == 1 and ports[0] != default:
+            return f"{name}:{ports[0]}"
+        return name
+
+
+class EgressMode(StrEnum):
+    """What a host's egress proxy listener does with a destination no ``external`` declares:
+    ``registered-only`` refuses it (the default: fail closed), ``allow-any`` passes it."""
+
+    REGISTERED_ONLY = "registered-only"
+    ALLOW_ANY = "allow-any"
+
+
 DEFAULT_ROUTE = "default"
 
 
@@ -523,6 +578,7 @@ class DestinationRoutes:
     rate_limit: RateLimit | None = None
     request_headers: HeaderEdits | None = None
     response_headers: HeaderEdits | None = None
+    external: ExternalService | None = None  # outside the mesh: reached directly
 
     def subset(self, name: str) -> Subset | None:
         return next((s for s in self.subsets if s.name == name), None)
@@ -553,6 +609,7 @@ class RouteTable:
     # an operator emptied the table on purpose (`meshd routes clear`): without it, every meshd
     # refuses a table with no destinations and keeps the one in force
     cleared: bool = False
+    egress: EgressMode = EgressMode.REGISTERED_ONLY
 
     def get(self, service: str) -> DestinationRoutes | None:
         return next((d for d in self.destinations if d.service == service), None)
@@ -564,3 +621,8 @@ class RouteTable:
         if dest is not None and dest.authorization is not None:
             return dest.authorization
         return NO_RULES if self.default_policy is DefaultPolicy.DENY else None
+
+    def external_for(self, host: str) -> DestinationRoutes | None:
+        """The external destination that declares the host name ``host``, if any."""
+        return next((d for d in self.destinations
+                     if d.external is not None and host in d.external.names), None)

@@ -217,6 +217,7 @@ class Daemon:
             registry_url=self.config.registry_url,
             endpoint_states=self.proxy.endpoint_states() if self.proxy is not None else None,
             connections=self.proxy.open_connections() if self.proxy is not None else None,
+            external=self.proxy.resolver.status() if self.proxy is not None else None,
         )
 
     # -- lifetime ------------------------------------------------------------------------------

@@ -111,7 +111,7 @@ def _check(health: HealthCheck) -> str:
 _HOST_KEYS = {"registry_url": "registry", "inbound_port": "inbound.port",
               "admin_host": "admin.address", "admin_port": "admin.address",
               "admin_tls": "admin.tls", "admin_allowed_hosts": "admin.allowed_hosts",
-              "outbound_address": "outbound.address",
+              "outbound_address": "outbound.address", "egress_port": "outbound.egress_port",
               "inbound_handshake_timeout": "inbound.handshake_timeout",
               "access_log": "access_log.format"}
 # connection caps (``ListenerLimits``): the table they are written in, and their keys' names

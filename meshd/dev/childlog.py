@@ -133,14 +133,19 @@ def routes_applied(line: LogLine) -> RoutesApplied | None:
 
 def summarise_routes(destinations: Mapping[str, Any]) -> str:
     """One short line for a route table in its data form (``routes_to_data()["destinations"]``):
-    per destination its split (or subsets), and how many match routes it has."""
+    per destination its split (or subsets, or where an external one is), and how many match
+    routes it has."""
     if not destinations:
         return "no routes"
     parts = []
     for name in sorted(destinations):
         spec = destinations[name] if isinstance(destinations[name], Mapping) else {}
         split = spec.get("split")
-        if isinstance(split, Mapping) and split:
+        external = spec.get("external")
+        if isinstance(external, Mapping):
+            where = external.get("hosts") or external.get("addresses") or []
+            what = "external " + ", ".join(str(w) for w in where)
+        elif isinstance(split, Mapping) and split:
             what = " / ".join(f"{subset} {weight}%" for subset, weight in split.items())
         elif isinstance(spec.get("subsets"), Mapping) and spec["subsets"]:
             what = "subsets " + ", ".join(spec["subsets"])

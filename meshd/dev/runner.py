@@ -1,8 +1,9 @@
 """``meshd up``: a whole mesh as child processes of one runner, on one machine.
 
 Start order: registry (ACLs on) -> ready -> registry tokens -> CA init, join tokens and the
-operator certificate -> CA serve -> ready -> routes into the registry's KV (with the operator
-token) -> the operator context -> the apps -> one meshd per simulated host -> every ``/readyz``
+operator certificate -> CA serve -> ready -> the stand-ins for external services (their demo
+certificates made first) -> ready -> routes into the registry's KV (with the operator token)
+-> the operator context -> the apps -> one meshd per simulated host -> every ``/readyz``
 answers 200. Then the runner prints what runs where and ``meshd up: ready``, and waits for SIGINT
 or SIGTERM. Meanwhile the terminal shows events, not the children's every line (``console.py``):
 their logs are in ``<run dir>/logs/``, the meshds' access logs in ``logs/access-<host>.log``.
@@ -29,17 +30,19 @@ from functools import partial
 from pathlib import Path
 from typing import TextIO
 
+import httpx
 import trio
 
 import meshd
 from meshd.config.load import load_host_config, load_routes, read_toml
 from meshd.config.mesh import parse_mesh
-from meshd.config.mesh_schema import MeshConfig, MeshHost, MeshService, port_claims
+from meshd.config.mesh_schema import HostPort, MeshConfig, MeshHost, MeshService, port_claims
 from meshd.config.parse import FINGERPRINT_RE
 from meshd.config.routes import routes_to_data
 from meshd.config.schema import RouteTable
 from meshd.dev import access, childlog, gateway_certs, probes, statusline
 from meshd.dev.console import Console
+from meshd.dev.external import TLSFiles, expand_external_command, make_tls_files, with_ca_files
 from meshd.dev.generate import expand_command, host_config_data, render_toml
 from meshd.dev.ports import ports_in_use
 from meshd.dev.report import Row, format_table
@@ -55,6 +58,7 @@ MESHD_GROUP, APP_GROUP, CA_GROUP, REGISTRY_GROUP = range(4)
 REGISTRY_TIMEOUT = 30.0
 CA_TIMEOUT = 30.0
 MESHD_TIMEOUT = 60.0
+EXTERNAL_TIMEOUT = 30.0
 TOKEN_TTL = "24h"
 RUN_DIR_MARKER = ".meshd-up"
 
@@ -85,6 +89,10 @@ class RunDir:
         """The operator's registry token and certificate (a 0700 directory)."""
         return self.root / "operator"
 
+    def external(self, name: str) -> Path:
+        """The CA, certificate and key ``meshd up`` made for an external stand-in."""
+        return self.root / "external" / name
+
     def log(self, label: str) -> Path:
         return self.root / "logs" / (re.sub(r"[^A-Za-z0-9_.-]+", "-", label) + ".log")
 
@@ -110,7 +118,7 @@ def prepare_run_dir(path: Path | None) -> tuple[RunDir, bool]:
                                 "give an empty or new directory")
         run_dir = RunDir(root)
         for old in (run_dir.registry, run_dir.ca, root / "hosts", root / "logs",
-                    run_dir.operator):
+                    run_dir.operator, root / "external"):
             shutil.rmtree(old, ignore_errors=True)
         root.mkdir(parents=True, exist_ok=True)
         (root / RUN_DIR_MARKER).write_text("meshd up run directory\n")
@@ -345,10 +353,13 @@ async def bring_up(launch: Launch, console: Console, supervisor: Supervisor,
                                 what="the CA", how=f"GET https://{mesh.ca}/v1/ca/roots",
                                 give_up_after=CA_TIMEOUT, child=ca)
 
+        externals = await start_externals(launch, supervisor, client)
         if launch.routes is not None:
             signer = OperatorKey.from_files(operator.cert, operator.key)
-            await probes.write_routes(registry_http, launch.routes, signer,
-                                      token=tokens.operator)
+            table = with_ca_files(launch.routes, {name: files.ca
+                                                  for name, (_, files) in externals.items()
+                                                  if files is not None})
+            await probes.write_routes(registry_http, table, signer, token=tokens.operator)
             console.say(f"routes from {mesh.routes} written to {ROUTES_KEY}, signed by "
                         f"operator {operator.name}: "
                         + childlog.summarise_routes(routes_to_data(launch.routes)["destinations"]))
@@ -394,6 +405,11 @@ async def bring_up(launch: Launch, console: Console, supervisor: Supervisor,
                             app.pid if app is not None else None,
                             f"{where} on {host.name}"
                             + ("" if app is not None else " (not started by meshd up)")))
+    for ext in mesh.externals:
+        child, files = externals[ext.name]
+        where = f"{'https' if files else 'http'}://{HostPort(ext.address, ext.port)}"
+        rows.append(Row(f"external {ext.name}", child.pid, f"{where} outside the mesh"
+                        + (f", TLS name {ext.tls_name}, CA {files.ca}" if files else "")))
     console.plain(format_table(rows))
     console.plain("try:")
     for hint in (*mesh.hints, f"curl -s http://{mesh.hosts[0].admin}/v1/state"):
@@ -405,6 +421,32 @@ async def bring_up(launch: Launch, console: Console, supervisor: Supervisor,
                   "access-<host>.log)"
                   + ("" if launch.keep else "; the run dir is removed on exit, --keep keeps it"))
     console.ready()
+
+
+async def start_externals(launch: Launch, supervisor: Supervisor, client: httpx.AsyncClient
+                          ) -> dict[str, tuple[Child, TLSFiles | None]]:
+    """Start the stand-ins for services outside the mesh (``meshd.dev.external``), each with
+    the certificate made for its ``tls_name``, and wait until each answers ``GET /healthz``."""
+    out: dict[str, tuple[Child, TLSFiles | None]] = {}
+    here = launch.mesh_file.parent
+    for ext in launch.mesh.externals:
+        files = None
+        if ext.tls_name is not None:
+            try:
+                files = await trio.to_thread.run_sync(
+                    make_tls_files, launch.run_dir.external(ext.name), ext.tls_name)
+            except OSError as exc:
+                raise MeshError(f"cannot write the certificate of external {ext.name}: "
+                                f"{exc.strerror or exc}") from exc
+        argv = expand_external_command(ext, python=launch.python, here=here, files=files)
+        label = f"external {ext.name}"
+        child = await supervisor.start(ChildSpec(label, tuple(argv), launch.run_dir.log(label),
+                                                 APP_GROUP, cwd=here, env=launch.env))
+        url = f"{'https' if files else 'http'}://{HostPort(ext.address, ext.port)}/healthz"
+        await probes.wait_ready(probes.http_ok(client, url), what=label, how=f"GET {url}",
+                                give_up_after=EXTERNAL_TIMEOUT, child=child)
+        out[ext.name] = (child, files)
+    return out
 
 
 def hold_listeners(config_file: Path, held: list[socket.socket]) -> tuple[tuple[str, int], ...]:

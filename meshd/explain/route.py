@@ -25,12 +25,14 @@ from meshd.config.routes import parse_routes
 from meshd.config.schema import (
     DEFAULT_MAX_PENDING,
     DestinationRoutes,
+    EgressMode,
     HeaderEdits,
     LoadBalancer,
     MatchKind,
     Route,
 )
 from meshd.explain.authz import AuthzCheck, check_authorization, choose_source, render_authz
+from meshd.explain.external import egress_notes, render_external
 from meshd.proxy.core.balancer import PickInputs, RingHash
 from meshd.proxy.core.matcher import RequestFacts, RouteReport, explain_route, select_route
 from meshd.proxy.core.retry import IMPLICIT_RETRIES
@@ -78,6 +80,7 @@ class Explanation:
     subsets: tuple[SubsetView, ...]
     notes: tuple[str, ...]
     authz: AuthzCheck
+    egress_mode: EgressMode = EgressMode.REGISTERED_ONLY
 
     @property
     def routable(self) -> bool:
@@ -206,10 +209,16 @@ def explain(state: Mapping[str, Any], service: str, facts: RequestFacts,
     if extra and not any("ejected" in e for e in extra.values()):
         notes.append("this meshd does not report ejection state or load per endpoint")
     caller, caller_note = choose_source(state, service, source)
-    authz = check_authorization(table, service, facts, caller, caller_note,
-                                str(state.get("trust_domain") or ""))
+    if dest is not None and dest.external is not None:  # no inbound side: no rules to check
+        authz = AuthzCheck(service, caller, caller_note, "", facts.method, facts.target,
+                           facts.path, None, None)
+    else:
+        authz = check_authorization(table, service, facts, caller, caller_note,
+                                    str(state.get("trust_domain") or ""))
+    if dest is None:
+        notes += egress_notes(table, service, state)
     return Explanation(service, facts, int(state.get("generation", 0)), dest, reports, route,
-                       tuple(subsets), tuple(notes), authz)
+                       tuple(subsets), tuple(notes), authz, table.egress)
 
 
 # -- rendering (pure) ---------------------------------------------------------------------------
@@ -365,5 +374,8 @@ def render(found: Explanation) -> str:
             if s.locality:
                 out.append(f"  {s.locality}")
             out += _endpoint_lines(s, s.fallback)
-    out += render_authz(found.authz)
+    if found.dest is not None and found.dest.external is not None:
+        out += render_external(found.dest, found.egress_mode)
+    else:
+        out += render_authz(found.authz)
     return "\n".join(out) + "\n"

@@ -22,7 +22,7 @@ from typing import Any
 
 import trio
 
-from meshd.config.schema import LocalService, Protocol, Route, Upstream
+from meshd.config.schema import ExternalService, LocalService, Protocol, Route, Upstream
 from meshd.errors import IdentityError
 from meshd.identity.tls import HandshakeRefused, TLSState
 from meshd.metrics import Metrics
@@ -51,6 +51,7 @@ from meshd.proxy.core.trace import RequestIdentity, identify
 from meshd.proxy.core.view import MeshView, ViewCell
 from meshd.proxy.destinations import Destinations, DestinationState
 from meshd.proxy.exchange import RequestSource
+from meshd.proxy.external import ExternalConnector
 from meshd.proxy.forward import (
     ClientConnection,
     answer_locally,
@@ -95,9 +96,11 @@ class OutboundContext:
     tracer: Tracer = field(default_factory=Tracer.off)
     destinations: Destinations = field(init=False)
     mirror: Mirror = field(init=False)
+    external: ExternalConnector = field(init=False)
 
     def __post_init__(self) -> None:
         self.destinations = Destinations(self.metrics)
+        self.external = ExternalConnector(self.metrics)
         self.mirror = Mirror(self.metrics, self.pool)
 
     def endpoint_states(self, now: float) -> dict[str, list[dict[str, Any]]]:
@@ -105,7 +108,7 @@ class OutboundContext:
         (``node`` and ``instance_id`` identify it, as in ``/v1/state``)."""
         view = self.view.current
         out: dict[str, list[dict[str, Any]]] = {}
-        for name, endpoints in sorted(view.endpoints.items()):
+        for name, endpoints in sorted(view.all_endpoints().items()):
             state = self.destinations.known(name)
             rows = []
             for e in endpoints.endpoints:
@@ -197,22 +200,28 @@ class Outbound:
         retries = route_retries(route.retries if route is not None else None)
         keep_body = retries.attempts > 0 or mirror is not None
         body = ReplayBody(source, request, REPLAY_LIMIT) if keep_body else None
-        h2 = isinstance(source, H2Request)
+        external = dest.external if dest is not None else None
+        # the mesh hop speaks what the app spoke (HTTP/2: ALPN h2); an external one HTTP/1.1
+        h2 = isinstance(source, H2Request) and external is None
         grpc = h2 and source.grpc  # type: ignore[union-attr]
         timeout = routed.timeout
         fields: list[Header] | None = None
-        if h2:  # the mesh hop speaks what the app spoke: HTTP/2 (ALPN h2)
+        if h2:
             head = b""
             fields = self._h2_fields(request, conn, ids)
             if grpc:
                 timeout = self._grpc_deadline(request, fields, timeout)
+        elif external is not None:  # its own name in Host, not the listener's address
+            head = upstream_request_head(request, forwarded_for=conn.peer,
+                                         default_host=external.authority, drop=(b"host",),
+                                         ids=ids)
         else:
             head = upstream_request_head(request, forwarded_for=conn.peer,
                                          default_host=self.destination, ids=ids)
         destination = Destination(
             plan=routed, state=state, endpoints=view.endpoint_set(self.destination),
-            pool_key=self._pool_key, connect=self._connector(state, h2=h2), rand=ctx.rand,
-            metrics=ctx.metrics, hash_key=self._hash_key(state, facts, conn))
+            pool_key=self._pool_key, connect=self._connector(state, h2=h2, external=external),
+            rand=ctx.rand, metrics=ctx.metrics, hash_key=self._hash_key(state, facts, conn))
         attempts = Attempts(request, source, conn, pool=ctx.pool, upstream_head=head,
                             timeout=timeout, destination=destination, body=body,
                             h2_pool=ctx.h2_pool if h2 else None, upstream_fields=fields,
@@ -301,8 +310,9 @@ class Outbound:
         assert hash_on.header is not None
         return facts.header(hash_on.header)
 
-    def _pool_key(self, endpoint: Endpoint) -> tuple[str, str, str, int]:
-        return (self.source, endpoint.service, endpoint.address, endpoint.port)
+    def _pool_key(self, endpoint: Endpoint) -> tuple[str, str, str, str, int]:
+        # the node: an external endpoint's TLS name (one address may serve several names)
+        return (self.source, endpoint.service, endpoint.node, endpoint.address, endpoint.port)
 
     # -- mirroring -----------------------------------------------------------------------------
 
@@ -376,11 +386,16 @@ class Outbound:
     def _count_bad_request(self, exc: ProtocolError) -> None:
         self.ctx.metrics.bad_request("outbound", self.source, self.destination, exc.status)
 
-    def _connector(self, state: DestinationState, *, h2: bool = False
-                   ) -> Callable[[Endpoint], Awaitable[TLSStream]]:
+    def _connector(self, state: DestinationState, *, h2: bool = False,
+                   external: ExternalService | None = None
+                   ) -> Callable[[Endpoint], Awaitable[trio.abc.HalfCloseableStream]]:
         """Connecting with the destination policy's ``connect_timeout`` (as read by the
-        request at its start), else the host's; ``h2``: speaking HTTP/2."""
+        request at its start), else the host's; ``h2``: speaking HTTP/2; ``external``: to a
+        destination outside the mesh (``meshd.proxy.external``), not over mTLS."""
         limit = state.policy.connect_timeout or self.ctx.connect_timeout
+        if external is not None:
+            connector, name = self.ctx.external, self.destination
+            return lambda endpoint: connector.connect(name, external, endpoint, limit)
         return lambda endpoint: self._connect(endpoint, limit, h2)
 
     async def _connect(self, endpoint: Endpoint, limit: float, h2: bool = False) -> TLSStream:
@@ -447,12 +462,13 @@ class Outbound:
 
     async def _connect_tcp(self, routed: RoutePlan, state: DestinationState,
                            conn: ClientConnection, view: MeshView
-                           ) -> tuple[Endpoint, TLSStream] | None:
+                           ) -> tuple[Endpoint, trio.abc.HalfCloseableStream] | None:
         ctx = self.ctx
         retries = route_retries(routed.route.retries if routed.route is not None else None)
         hash_key = conn.peer if state.policy.hash_on is not None else None
         tried: list[str] = []
-        connect = self._connector(state)
+        dest = view.routes.get(self.destination)
+        connect = self._connector(state, external=dest.external if dest is not None else None)
         while True:
             now = trio.current_time()
             picked = state.pick(routed.tiers, now, ctx.rand, hash_key, tried)

@@ -4,8 +4,10 @@
       ├─ pool reapers            (mesh connections: 30 s idle; app connections: 4 s)
       ├─ HTTP/2 pools            (their connections' readers, and the same idle reaping)
       ├─ mirror workers          (copies of mirrored requests, from a bounded queue)
+      ├─ external resolver       (external destinations' endpoints: their names looked up)
       └─ connections nursery     (one task per accepted connection)
-           └─ accept loops       (inbound mTLS listener; one outbound listener per upstream)
+           └─ accept loops       (inbound mTLS listener; one outbound listener per upstream;
+                                  the egress proxy listener, ``meshd.proxy.egress``)
 
 ``run`` binds every listener first (a port in use is a ``ProxyError`` naming the address), or
 adopts the socket inherited for its address (``meshd.listen_fds``: a restart or an upgrade), and
@@ -34,6 +36,8 @@ from meshd.listen_fds import InheritedSockets
 from meshd.metrics import Metrics
 from meshd.proxy.access import AccessLog, format_from_env
 from meshd.proxy.core.view import ViewCell
+from meshd.proxy.egress import EgressProxy
+from meshd.proxy.external import ExternalResolver
 from meshd.proxy.forward import FIRST_REQUEST_GRACE, ClientConnection
 from meshd.proxy.gateway import GatewayHandler
 from meshd.proxy.h2conn import H2Pool
@@ -84,6 +88,7 @@ class Proxy:
                                        h2_pool=self.h2_pool, rand=rand, here=config.labels,
                                        tracer=tracer)
         self._outbound = outbound_ctx
+        self.resolver = ExternalResolver(view)  # external destinations' endpoints
         access = AccessLog(format_from_env(default=config.access_log))
         outbound_ctx.access = access
         inbound = Inbound(InboundContext(config, tls, metrics, self.app_pool, view, access,
@@ -103,6 +108,11 @@ class Proxy:
                       self.guard.listener(f"gateway:{gateway.name}:{listener.port}",
                                           config.inbound_limits))
             for gateway in config.gateways for listener in gateway.listeners]
+        if config.egress_port is not None:  # HTTP_PROXY / HTTPS_PROXY for local apps
+            self._listeners.append(_Listener(
+                "outbound", "egress", config.outbound_address, config.egress_port,
+                EgressProxy(outbound_ctx).handle, [],
+                self.guard.listener("outbound:egress", config.outbound_limits)))
         self._permissive = inbound.permissive is not None
         self._connections: set[ClientConnection] = set()
         # accepted connections open, by listener kind
@@ -127,6 +137,14 @@ class Proxy:
     @property
     def inbound_address(self) -> tuple[str, int]:
         return self._bound(self._listeners[0])
+
+    @property
+    def egress_address(self) -> tuple[str, int]:
+        """Where the egress proxy listener accepts (``[outbound] egress_port``)."""
+        listener = next((x for x in self._listeners if x.name == "egress"), None)
+        if listener is None:
+            raise KeyError("no egress listener (outbound.egress_port is not set)")
+        return self._bound(listener)
 
     def outbound_address(self, service: str, upstream: str) -> tuple[str, int]:
         name = f"{service}->{upstream}"
@@ -183,6 +201,7 @@ class Proxy:
                     await nursery.start(self.app_h2_pool.run)
                     await nursery.start(self._outbound.mirror.run)
                     await nursery.start(self.guard.run)
+                    await nursery.start(self.resolver.run)
                     async with trio.open_nursery() as connections:
                         with self._accepting:
                             async with trio.open_nursery() as accepting:

@@ -101,7 +101,7 @@ HOST_CASES = [
     ("outbound", {"address": "10.0.0.5", "beyond_loopback": "  "}, "outbound.address",
      "10.0.0.5" + OPEN_OUTBOUND),
     ("outbound", {"address": "127.0.0.1", "open": True}, "outbound.open",
-     "unknown key (expected one of: address, beyond_loopback, max_connections)"),
+     "unknown key (expected one of: address, beyond_loopback, egress_port, max_connections)"),
     ("admin", {"address": "127.0.0.1:15000", "allowed_hosts": ["ok.example", "bad name"]},
      "admin.allowed_hosts[1]",
      "expected a DNS name clients use to reach the admin API, got 'bad name'"),
@@ -253,8 +253,9 @@ ROUTE_CASES = [
     ("destinations.payments.subsets.v2", "v2", "destinations.payments.subsets.v2",
      'expected a table like { version = "v1" }'),
     ("destinations.payments.retry", 3, "destinations.payments.retry",
-     "unknown key (expected one of: authorization, fault, mirror, policy, rate_limit, "
-     "request_headers, response_headers, retries, routes, split, subsets, timeout)"),
+     "unknown key (expected one of: authorization, external, fault, mirror, policy, "
+     "rate_limit, request_headers, response_headers, retries, routes, split, subsets, "
+     "timeout)"),
     ("destinations.payments.retries", 3, "destinations.payments.retries",
      "expected a table, got int"),
 ]

@@ -153,7 +153,8 @@ CASES = [
      "a prefix redirect needs the route to match a path prefix "
      "(match = { path = { prefix = \"/...\" } })"),
     (None, "rewrite", {"host": "a"}, f"{P}.rewrite",
-     "unknown key (expected one of: authorization, fault, mirror, policy, rate_limit, "
+     "unknown key (expected one of: authorization, external, fault, mirror, policy, "
+     "rate_limit, "
      "request_headers, response_headers, retries, routes, split, subsets, timeout)"),
 ]
 

@@ -135,6 +135,9 @@ def test_checkouts_reach_payments_split_90_10(mesh: Mesh) -> None:
             if answer.get("service") != "payments":
                 failures.append(f"#{i}: not from payments: {answer}")
                 continue
+            if answer.get("bank", {}).get("approved") is not True:  # charged outside the mesh
+                failures.append(f"#{i}: no charge from the bank: {answer}")
+                continue
             versions[answer["version"]] += 1
             hosts.setdefault(answer["version"], set()).add(answer["host"])
     finally:
@@ -167,6 +170,28 @@ def test_outside_clients_come_in_through_the_gateway_over_http_and_https(mesh: M
         secure.close()
 
 
+def test_payments_charge_the_bank_outside_the_mesh_over_verified_tls(mesh: Mesh) -> None:
+    # host-b's meshd reaches the bank (an external destination) with the CA meshd up made
+    with socket.create_connection(("127.0.0.3", 15000), timeout=10) as sock:
+        sock.sendall(b"GET /v1/state HTTP/1.1\r\nHost: 127.0.0.3\r\nConnection: close\r\n\r\n")
+        raw = b""
+        while chunk := sock.recv(65536):
+            raw += chunk
+    state = json.loads(raw.partition(b"\r\n\r\n")[2])
+    bank = state["destinations"]["bank"]
+    assert [(e["address"], e["port"], e["node"]) for e in bank["endpoints"]] == [
+        ("127.0.0.1", 9443, "bank.shop.example")]
+    assert bank["external"]["ca_file"] == str(mesh.run_dir / "external" / "bank" / "ca.pem")
+    assert bank["external"]["tls"] == "originate"
+    explained = _meshd(mesh, "explain", "bank", "--admin", "127.0.0.3:15000")
+    assert explained.returncode == 0, explained.stderr
+    assert "TLS originated by meshd" in explained.stdout
+    assert "must name bank.shop.example" in explained.stdout
+    # (a certificate from another CA, or for another name, refused: tests/proxy)
+    access = (mesh.run_dir / "logs" / "access-host-b.log").read_text()
+    assert "outbound payments -> bank " in access
+
+
 def test_the_terminal_shows_events_and_the_access_logs_are_in_files(mesh: Mesh) -> None:
     # after the checkouts above: every one is in host-a's access log (outbound) and in host-b's
     # or host-c's (inbound), and none on the terminal, which a pipe gets without a status line
@@ -181,7 +206,8 @@ def test_the_terminal_shows_events_and_the_access_logs_are_in_files(mesh: Mesh) 
     assert "logs/access-" not in text and "access-<host>.log" in text
     assert "meshd up: started registry (pid " in text
     # the route table in one line; the whole of it only in the meshd's own log
-    assert "signed by operator dev: payments: v1 90% / v2 10% (+1 match route)" in text
+    assert ("signed by operator dev: bank: external 127.0.0.1:9443; payments: v1 90% / v2 10% "
+            "(+1 match route)") in text
     assert "outlier_detection" not in text
     assert "'outlier_detection'" in (logs / "meshd-host-a.log").read_text()
     assert " INFO " not in text, [line for line in text.splitlines() if " INFO " in line][:3]

@@ -61,7 +61,10 @@ def derive_shop_mesh(directory: Path) -> tuple[Path, ShopAddresses]:
     text = (SHOP / "mesh.toml").read_text().replace("127.0.0.", f"{prefix}.")
     text = text.replace("{here}", str(SHOP))
     doc = tomlkit.parse(text)
-    doc["routes"] = str(SHOP / "routes.toml")
+    # the routes too: the external bank's address moves to the block with the bank
+    routes = directory / "routes.toml"
+    routes.write_text((SHOP / "routes.toml").read_text().replace("127.0.0.", f"{prefix}."))
+    doc["routes"] = str(routes)
     for host in doc["hosts"]:  # type: ignore[union-attr]
         host["outbound_address"] = f"{prefix}.1"
     path = directory / "mesh.toml"

@@ -83,6 +83,11 @@ def candidates(view: MeshView, dest_name: str, subset: str | None) -> tuple[Endp
 def no_endpoint_reason(view: MeshView, dest_name: str, subset: str | None) -> str:
     """Why ``candidates`` (and every failover subset's) came back empty, in words an operator
     can act on."""
+    dest = view.routes.get(dest_name)
+    if dest is not None and dest.external is not None:
+        names = ", ".join(dest.external.hosts)
+        return f"external {dest_name}: {names} not resolved (yet)" if names else \
+            f"external {dest_name}: no address"
     if view.endpoint_set(dest_name) is None:
         return f"no endpoints known for {dest_name}"
     if subset is None:

@@ -20,9 +20,20 @@ class MeshView:
     routes: RouteTable = field(default_factory=RouteTable)
     endpoints: Mapping[str, EndpointSet] = field(default_factory=lambda: MappingProxyType({}))
     generation: int = 0  # bumped on every route table change
+    # external destinations' endpoints (resolved from their ``external`` declaration, never
+    # from the registry): they take the place of the registry's for the same name
+    external: Mapping[str, EndpointSet] = field(default_factory=lambda: MappingProxyType({}))
 
     def endpoint_set(self, service: str) -> EndpointSet | None:
+        if self.external:
+            found = self.external.get(service)
+            if found is not None:
+                return found
         return self.endpoints.get(service)
+
+    def all_endpoints(self) -> dict[str, EndpointSet]:
+        """Every destination's endpoints, external ones in place of the registry's."""
+        return {**self.endpoints, **self.external}
 
 
 RoutesListener = Callable[[MeshView], None]
@@ -48,6 +59,17 @@ class ViewCell:
         new route table; returns the function that stops it."""
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener)
+
+    def set_external(self, service: str, endpoints: EndpointSet | None) -> MeshView:
+        """The resolved endpoints of the external destination ``service`` (None: it is no
+        longer external)."""
+        merged = dict(self.current.external)
+        if endpoints is None:
+            merged.pop(service, None)
+        else:
+            merged[service] = endpoints
+        self.current = dataclasses.replace(self.current, external=MappingProxyType(merged))
+        return self.current
 
     def set_endpoints(self, endpoints: EndpointSet) -> MeshView:
         merged = dict(self.current.endpoints)
