@@ -217,6 +217,17 @@ class MeshModel:
             names.update(self.gateways())
         return sorted(n for n in names if n and n != "None")
 
+    def externals(self) -> dict[str, int]:
+        """External destinations (outside the mesh, reached directly) the meshds know, with
+        the most addresses any of them resolved."""
+        found: dict[str, int] = {}
+        for host in self.hosts.values():
+            for name, entry in ((host.state or {}).get("destinations") or {}).items():
+                if isinstance(entry, dict) and entry.get("external"):
+                    found[str(name)] = max(found.get(str(name), 0),
+                                           len(entry.get("endpoints") or []))
+        return found
+
     def gateways(self) -> set[str]:
         """The names of the ingress gateways the meshds run (the mesh's entry nodes)."""
         return {str(g.get("name")) for host in self.hosts.values()

@@ -50,9 +50,10 @@ class Drawing:
 def node_lines(node: NodeView) -> list[Text]:
     lines = [Text.assemble((SYMBOL[node.status], STYLE[node.status]), " ",
                            (node.service, "bold"))]
-    if node.gateway:  # the entry node: its instances are meshds, not apps
-        lines.append(Text.assemble(("gateway", "italic"), " ",
-                                   _health(node.healthy, node.total, node.ejected, True)))
+    if node.gateway or node.external:  # an edge: the entry node, or a service outside
+        lines.append(Text.assemble(("gateway" if node.gateway else "external", "italic"), " ",
+                                   _health(node.healthy, node.total, node.ejected, True,
+                                           "" if node.gateway else " addr")))
         return lines
     named = [s for s in node.subsets if s.name or s.version]
     if not named:

@@ -58,6 +58,7 @@ class NodeView:
     subsets: tuple[SubsetView, ...]
     stale: bool = False  # every meshd running it is unreachable: last known data
     gateway: bool = False  # an ingress gateway: where outside traffic enters the mesh
+    external: bool = False  # outside the mesh: its "instances" are the addresses resolved
 
     @property
     def status(self) -> Status:
@@ -174,7 +175,12 @@ def build_graph(model: MeshModel, filter_text: str = "") -> tuple[list[NodeView]
     names = set(model.services()) | {s for pair in calls for s in pair}
     nodes: dict[str, NodeView] = {}
     gateways = model.gateways()
+    externals = model.externals()
     for name in sorted(names):
+        if name in externals:
+            count = externals[name]
+            nodes[name] = NodeView(name, count, count, 0, (), external=True)
+            continue
         instances = model.instances(name)
         hosts = service_hosts(model, name)
         nodes[name] = NodeView(

@@ -133,8 +133,9 @@ async def test_one_request_is_one_trace_across_both_meshds(
     assert client.span.start_time_unix_nano <= server.span.start_time_unix_nano
     assert {path for path, _ in receiver.posts} == {"/v1/traces"}
     assert all(h["content-type"] == "application/x-protobuf" for _, h in receiver.posts)
-    assert sample(mesh.a.metrics, "meshd_trace_spans_exported_total") == 1
-    assert sample(mesh.b.metrics, "meshd_trace_spans_exported_total") == 1
+    # counted once the exporter has read the receiver's answer (just after the receiver saw it)
+    await eventually(lambda: all(sample(h.metrics, "meshd_trace_spans_exported_total") == 1
+                                 for h in (mesh.a, mesh.b)))
 
 
 async def test_a_5xx_is_an_error_span(traced_mesh: TracedMeshFactory,

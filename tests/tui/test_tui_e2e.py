@@ -108,7 +108,8 @@ def test_topology_appears_in_a_real_terminal(shop: Shop) -> None:
                f"{sys.executable} -m meshd tui --registry {shop.addresses.registry} "
                "--admin-port 15000")
     try:
-        started = tmux("new-session", "-d", "-s", "tui", "-x", "100", "-y", "30",
+        # wide enough for the shop's graph: gateway -> web -> payments -> bank
+        started = tmux("new-session", "-d", "-s", "tui", "-x", "150", "-y", "30",
                        "-c", str(REPO), command)
         assert started.returncode == 0, started.stderr
         screen = tmux.wait_for("payments")
