@@ -33,7 +33,7 @@ from meshd.proxy.exchange import (
     ClientGone,
     RequestSource,
 )
-from meshd.proxy.h2conn import H2Request
+from meshd.proxy.h2conn import H2Request, serve_h2
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,26 @@ async def refuse_large_body(source: RequestSource | H2Request, request: RequestH
 
 
 Handler = Callable[[RequestHead, RequestSource, ClientConnection], Awaitable[bool]]
+# a handler of both versions: an HTTP/2 request comes with its stream as the source
+AnyHandler = Callable[[RequestHead, RequestSource | H2Request, ClientConnection],
+                      Awaitable[bool]]
+
+
+async def serve_http(stream: trio.abc.Stream, conn: ClientConnection, handle: AnyHandler,
+                     idle_timeout: float, *, h2: bool,
+                     on_bad_request: Callable[[ProtocolError], None] | None = None) -> None:
+    """Serve one client connection, HTTP/2 (``h2``: chosen by ALPN, or the h2c preface) or
+    HTTP/1.1, each request to ``handle``; a drain of ``conn`` reaches either."""
+    if not h2:
+        await serve_requests(stream, conn, handle, idle_timeout, on_bad_request=on_bad_request)
+        return
+
+    async def each(head: RequestHead, request: H2Request) -> None:
+        await handle(head, request, conn)
+
+    await serve_h2(stream, each, idle_timeout, on_bad_request=on_bad_request,
+                   draining=lambda: conn.draining, set_drain_hook=conn.set_drain_hook,
+                   peer=conn.peer)
 
 
 async def serve_requests(client: trio.abc.Stream, conn: ClientConnection, handle: Handler,

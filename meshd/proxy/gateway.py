@@ -40,8 +40,8 @@ from meshd.proxy.core import sni
 from meshd.proxy.core.attempt import ERROR_HEADER, REASON_HEADER
 from meshd.proxy.core.http1 import Header, ProtocolError, RequestHead
 from meshd.proxy.exchange import RequestSource
-from meshd.proxy.forward import ClientConnection, answer_locally, discard_body, serve_requests
-from meshd.proxy.h2conn import H2Request, serve_h2, starts_h2
+from meshd.proxy.forward import ClientConnection, answer_locally, discard_body, serve_http
+from meshd.proxy.h2conn import H2Request, starts_h2
 from meshd.proxy.outbound import CLIENT_IDLE_TIMEOUT, Outbound, OutboundContext
 from meshd.proxy.sockio import SocketConnection
 from meshd.proxy.streams import TLSStream
@@ -105,7 +105,8 @@ class GatewayHandler:
         elif self._tls is not None:
             await self._terminate(stream, conn)
         else:
-            await self._serve_http(stream, conn, h2=await starts_h2(stream))
+            await serve_http(stream, conn, self.handle_request, CLIENT_IDLE_TIMEOUT,
+                             h2=await starts_h2(stream), on_bad_request=self._count_bad_request)
 
     # -- HTTP and HTTPS ------------------------------------------------------------------------
 
@@ -125,23 +126,10 @@ class GatewayHandler:
             return
         try:
             h2 = stream.ssl_object.selected_alpn_protocol() == ALPN_H2
-            await self._serve_http(stream, conn, h2=h2)
+            await serve_http(stream, conn, self.handle_request, CLIENT_IDLE_TIMEOUT, h2=h2,
+                             on_bad_request=self._count_bad_request)
         finally:
             await trio.aclose_forcefully(stream)
-
-    async def _serve_http(self, stream: trio.abc.Stream, conn: ClientConnection, *,
-                          h2: bool) -> None:
-        if not h2:
-            await serve_requests(stream, conn, self.handle_request, CLIENT_IDLE_TIMEOUT,
-                                 on_bad_request=self._count_bad_request)
-            return
-
-        async def handle(head: RequestHead, request: H2Request) -> None:
-            await self.handle_request(head, request, conn)
-
-        await serve_h2(stream, handle, CLIENT_IDLE_TIMEOUT, on_bad_request=self._count_bad_request,
-                       draining=lambda: conn.draining, set_drain_hook=conn.set_drain_hook,
-                       peer=conn.peer)
 
     async def handle_request(self, request: RequestHead, source: RequestSource | H2Request,
                              conn: ClientConnection) -> bool:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
@@ -45,10 +46,11 @@ class StreamGone(ClientGone):
 
 @dataclass(eq=False)
 class _Stream:
-    inbox: core.Inbox = field(default_factory=core.Inbox)
+    # events waiting for the stream's task; body bytes bounded by the stream window (the peer
+    # cannot send more before credit comes back)
+    inbox: deque[core.StreamEvent] = field(default_factory=deque)
     waiter: trio.Event | None = None
     window: trio.Event | None = None
-    done: bool = False  # ended or reset by the peer
     reset_code: int | None = None
     scope: trio.CancelScope | None = None  # the handler's (server side): cut on reset
 
@@ -129,25 +131,22 @@ class _Connection:
                 self.session.consumed(event.stream_id, event.flow)
             return
         if isinstance(event, core.Reset):
-            state.done = True
             state.reset_code = event.code
             if state.scope is not None:
                 state.scope.cancel()
-        elif isinstance(event, core.Ended):
-            state.done = True
-        state.inbox.put(event)
+        state.inbox.append(event)
         state.wake()
         if isinstance(event, core.Reset):
             state.wake_window()
 
     async def next_event(self, stream_id: int, state: _Stream) -> core.StreamEvent | None:
         """The stream's next event; None once the connection is gone."""
-        while not state.inbox.events:
+        while not state.inbox:
             if self.closed:
                 return None
             state.waiter = trio.Event()
             await state.waiter.wait()
-        event = state.inbox.take()
+        event = state.inbox.popleft()
         if isinstance(event, core.Body) and event.flow:
             self.session.consumed(stream_id, event.flow)
             await self.flush()  # a window update, when half a window was used
@@ -245,7 +244,6 @@ class H2Request:
         self.message_done = False  # until its END is taken (a bodiless request's comes next)
         self.body_limit: int | None = None
         self.grpc = grpc_request(head.headers)
-        self.response_started = False
         self.finished = False
         self._body_bytes = 0
 
@@ -253,7 +251,7 @@ class H2Request:
 
     @property
     def has_input(self) -> bool:
-        return bool(self.state.inbox.events)
+        return bool(self.state.inbox)
 
     def take_empty_body(self) -> None:
         """Nothing to do: an HTTP/2 request that has no body says so with its head."""
@@ -283,7 +281,6 @@ class H2Request:
         self._check()
         self._send(lambda: self.conn.session.send_headers(
             self.stream_id, core.response_fields(status, headers, length=length), end=end))
-        self.response_started = True
         self.finished = end
         await self.conn.flush()
 
@@ -316,7 +313,7 @@ class H2Request:
                 self._check()
                 self._send(lambda: self.conn.session.send_headers(self.stream_id, fields,
                                                                   end=True))
-                self.response_started = self.finished = True
+                self.finished = True
                 await self.conn.flush()
             else:
                 body = (text.rstrip("\n") + "\n").encode("utf-8", "replace")
@@ -415,8 +412,6 @@ async def serve_h2(transport: trio.abc.Stream, handle: RequestHandler, idle_time
                 return
             state = _Stream()
             conn.streams[event.stream_id] = state
-            if event.ended:
-                state.done = True
             active += 1
             idle.deadline = math.inf
             nursery.start_soon(run_stream, event.stream_id, state, head, event.ended)
@@ -499,7 +494,7 @@ class H2Client:
             for stream_id, state in list(self.conn.streams.items()):
                 if stream_id > event.last_stream_id:
                     state.reset_code = core.REFUSED_STREAM
-                    state.inbox.put(core.Reset(stream_id, core.REFUSED_STREAM, True))
+                    state.inbox.append(core.Reset(stream_id, core.REFUSED_STREAM, True))
                     state.wake()
                     state.wake_window()
             return

@@ -51,9 +51,9 @@ from meshd.proxy.forward import (
     ClientConnection,
     answer_locally,
     refuse_large_body,
-    serve_requests,
+    serve_http,
 )
-from meshd.proxy.h2conn import H2Pool, H2Request, serve_h2, starts_h2
+from meshd.proxy.h2conn import H2Pool, H2Request, starts_h2
 from meshd.proxy.pool import ConnectFailed, ConnectionPool
 from meshd.proxy.pump import pump
 from meshd.proxy.sockio import SocketConnection, connect_tcp
@@ -230,17 +230,8 @@ class _HTTPService:
     async def serve(self, stream: trio.abc.Stream, conn: ClientConnection, *, h2: bool) -> None:
         """Serve a caller's connection: HTTP/2 (ALPN ``h2``, or h2c in plaintext) or
         HTTP/1.1."""
-        if not h2:
-            await serve_requests(stream, conn, self.handle, PEER_IDLE_TIMEOUT,
-                                 on_bad_request=self.count_bad_request)
-            return
-
-        async def handle(head: RequestHead, request: H2Request) -> None:
-            await self.handle(head, request, conn)
-
-        await serve_h2(stream, handle, PEER_IDLE_TIMEOUT, on_bad_request=self.count_bad_request,
-                       draining=lambda: conn.draining, set_drain_hook=conn.set_drain_hook,
-                       peer=conn.peer)
+        await serve_http(stream, conn, self.handle, PEER_IDLE_TIMEOUT, h2=h2,
+                         on_bad_request=self.count_bad_request)
 
     async def handle(self, request: RequestHead, source: RequestSource | H2Request,
                      conn: ClientConnection) -> bool:

@@ -57,9 +57,9 @@ from meshd.proxy.forward import (
     answer_locally,
     discard_body,
     refuse_large_body,
-    serve_requests,
+    serve_http,
 )
-from meshd.proxy.h2conn import H2Pool, H2Request, serve_h2, starts_h2
+from meshd.proxy.h2conn import H2Pool, H2Request, starts_h2
 from meshd.proxy.mirror import MIRROR_HEADER, MIRROR_TIMEOUT, Mirror, MirrorJob
 from meshd.proxy.pool import ConnectFailed, ConnectionPool
 from meshd.proxy.pump import pump
@@ -136,18 +136,9 @@ class Outbound:
     async def handle(self, stream: SocketConnection, conn: ClientConnection) -> None:
         if self.upstream.protocol is Protocol.TCP:
             await self._handle_tcp(stream, conn)
-        elif await starts_h2(stream):  # h2c with prior knowledge (gRPC clients' http://)
-
-            async def handle(head: RequestHead, request: H2Request) -> None:
-                await self.handle_request(head, request, conn)
-
-            await serve_h2(stream, handle, CLIENT_IDLE_TIMEOUT,
-                           on_bad_request=self._count_bad_request,
-                           draining=lambda: conn.draining,
-                           set_drain_hook=conn.set_drain_hook, peer=conn.peer)
-        else:
-            await serve_requests(stream, conn, self.handle_request, CLIENT_IDLE_TIMEOUT,
-                                 on_bad_request=self._count_bad_request)
+        else:  # HTTP/1.1, or h2c with prior knowledge (gRPC clients' http://) on one port
+            await serve_http(stream, conn, self.handle_request, CLIENT_IDLE_TIMEOUT,
+                             h2=await starts_h2(stream), on_bad_request=self._count_bad_request)
 
     # -- HTTP ----------------------------------------------------------------------------------
 

@@ -26,7 +26,6 @@ A protocol violation is a connection error: ``Failed`` with the GOAWAY the peer 
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -536,25 +535,3 @@ def trailer_fields(headers: Iterable[Header]) -> list[Header]:
     """Trailer fields fit to send on: no pseudo-headers, nothing connection-specific."""
     return [(n.lower(), v) for n, v in headers
             if n[:1] != b":" and n.lower() not in CONNECTION_SPECIFIC]
-
-
-class Inbox:
-    """A stream's events waiting for the task that handles it, with the body bytes held
-    (bounded by the stream window: the peer cannot send more before credit comes back)."""
-
-    __slots__ = ("events", "held")
-
-    def __init__(self) -> None:
-        self.events: deque[StreamEvent] = deque()
-        self.held = 0
-
-    def put(self, event: StreamEvent) -> None:
-        if isinstance(event, Body):
-            self.held += len(event.data)
-        self.events.append(event)
-
-    def take(self) -> StreamEvent:
-        event = self.events.popleft()
-        if isinstance(event, Body):
-            self.held -= len(event.data)
-        return event
