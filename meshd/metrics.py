@@ -6,6 +6,7 @@ count and no dashboard reads them); the registry carries the process collector (
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import (
@@ -18,6 +19,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import Metric
 
 # A process-wide switch of prometheus_client: every registry of ours (meshd's, the registry's,
 # the CA's) leaves the ``_created`` series out.
@@ -177,6 +179,14 @@ class Metrics:
         for reason in ("queue_full", "export_failed"):
             self.trace_spans_dropped.labels(reason)
         # the egress proxy listener (HTTP_PROXY / HTTPS_PROXY for local apps)
+        # worker processes (``workers`` in meshd.toml; absent with one process)
+        self.workers = Gauge(
+            "meshd_workers", "data-plane worker processes this meshd runs (1: the one process "
+            "serves)", registry=r)
+        self.worker_restarts = Counter(
+            "meshd_worker_restarts", "worker processes started again after ending unbidden",
+            registry=r)
+        self.worker_families: Callable[[], list[list[Metric]]] | None = None
         self.egress_requests = Counter(
             "meshd_egress_requests", "requests (kind=\"http\") and CONNECT tunnels "
             "(kind=\"connect\") to the egress proxy listener, by verdict: external (a "
@@ -215,4 +225,25 @@ class Metrics:
                              "true" if mtls else "false", "").inc()
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """The exposition: this process's series, and with worker processes
+        (``worker_families``), theirs merged in (``meshd.workers.plan.merge_families``)."""
+        if self.worker_families is None:
+            return generate_latest(self.registry)
+        return generate_latest(_Merged(self.registry, self.worker_families()))
+
+
+# gauges the worker processes set, summed over them (the others are the supervisor's)
+WORKER_GAUGES = frozenset({"meshd_connections_open"})
+
+
+class _Merged:
+    """A registry-like view: the supervisor's families with its workers' merged in."""
+
+    def __init__(self, registry: CollectorRegistry, workers: list[list[Metric]]) -> None:
+        self._registry = registry
+        self._workers = workers
+
+    def collect(self) -> list[Metric]:
+        from meshd.workers.plan import merge_families
+
+        return merge_families(self._registry.collect(), self._workers, WORKER_GAUGES)

@@ -7,9 +7,14 @@ globally so that the Textual (asyncio) tests in ``tests/tui`` are never captured
 from __future__ import annotations
 
 import inspect
+import os
 from pathlib import Path
 
 import pytest
+
+# One process per meshd in the suite (``workers = "auto"`` would start a worker process per
+# core in every daemon a test starts): tests/workers sets MESHD_WORKERS itself.
+os.environ.setdefault("MESHD_WORKERS", "1")
 
 _TUI = Path(__file__).parent / "tui"
 

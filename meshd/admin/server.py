@@ -20,7 +20,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import trio
@@ -41,12 +41,15 @@ class AdminAPI:
         self, metrics: Metrics, ready: Callable[[], Sequence[str]],
         state: Callable[[], Mapping[str, Any]], refresh: Callable[[], None] = lambda: None,
         *, allowed_hosts: Iterable[str] = (), limits: ListenerLimits = DEFAULT_ADMIN_LIMITS,
+        gather: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._metrics = metrics
         self._limits = limits
         self._ready = ready
         self._state = state
         self._refresh = refresh  # updates gauges that are computed, not counted
+        # asks the worker processes for their metrics and state (bounded), when there are some
+        self._gather = gather
         self._tls: TLSState | None = None  # set when serving over mutual TLS
         self._allowed_hosts = frozenset({"localhost", *(h.lower() for h in allowed_hosts)})
 
@@ -84,6 +87,8 @@ class AdminAPI:
             if not reasons:
                 return Response.text("ready\n")
             return Response.text("not ready: " + "; ".join(reasons) + "\n", 503)
+        if self._gather is not None:
+            await self._gather()
         if request.path == "/metrics":
             self._refresh()
             body = await trio.to_thread.run_sync(self._metrics.render)

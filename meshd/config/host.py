@@ -40,7 +40,7 @@ _HOST_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9]
 HOST_KEYS = {"node", "address", "trust_domain", "registry", "registry_token",
              "registry_token_file", "ca", "inbound", "admin", "outbound", "state_dir",
              "services", "drain_timeout", "labels", "access_log", "gateways",
-             "tracing"}
+             "tracing", "workers"}
 
 
 def parse_host_config(data: Mapping[str, Any], file: str = "meshd.toml",
@@ -108,6 +108,7 @@ def parse_host_config(data: Mapping[str, Any], file: str = "meshd.toml",
     r.unknown_keys(access_log, "access_log", {"format"})
     access_format = r.choice(access_log, "format", "access_log", AccessLogFormat,
                              [f.value for f in AccessLogFormat], AccessLogFormat.TEXT)
+    workers = parse_workers(r, data.get("workers", "auto"), "workers")
     labels = _labels(r, data)
     tracing = _parse_tracing(r, r.get(data, "tracing", "", dict, {}) or {})
     state_dir_raw = r.get(data, "state_dir", "", str, "/var/lib/meshd")
@@ -153,8 +154,23 @@ def parse_host_config(data: Mapping[str, Any], file: str = "meshd.toml",
         inbound_limits=inbound_limits, outbound_limits=outbound_limits,
         admin_limits=admin_limits, inbound_handshake_timeout=handshake_timeout,
         labels=labels, access_log=access_format or AccessLogFormat.TEXT, gateways=gateways,
-        tracing=tracing, egress_port=egress_port,
+        tracing=tracing, egress_port=egress_port, workers=workers,
     )
+
+
+MAX_WORKERS = 64
+
+
+def parse_workers(r: Reader, raw: object, key: str) -> int | None:
+    """``workers``: a count of data-plane processes, 1 to ``MAX_WORKERS``, or ``"auto"``
+    (None: decided on the host from its usable cores)."""
+    if raw == "auto":
+        return None
+    if isinstance(raw, bool) or not isinstance(raw, int) or not 1 <= raw <= MAX_WORKERS:
+        r.problem(key, f"expected \"auto\" or a number of worker processes from 1 to "
+                  f"{MAX_WORKERS}, got {raw!r}")
+        return None
+    return raw
 
 
 LIMIT_KEYS = ("max_connections", "max_connections_per_source")

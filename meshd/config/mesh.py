@@ -23,6 +23,7 @@ The format (also in ``meshd up --help`` and ``examples/shop/README.md``)::
     inbound_port = 15001                # default 15001 (mTLS listener, on `address`)
     admin_port = 15000                  # default 15000 (admin API, on `address`)
     outbound_address = "127.0.0.1"      # default; where upstream listeners bind
+    workers = 1                         # default 1 here (meshd.toml's default: "auto")
 
     [[hosts.services]]                  # the keys of meshd.toml's [[services]], plus `command`
     name = "web"
@@ -55,7 +56,7 @@ from typing import Any
 
 from meshd.config.external import is_hostname
 from meshd.config.gateway import GENERATED
-from meshd.config.host import SERVICE_KEYS, parse_host_config
+from meshd.config.host import SERVICE_KEYS, parse_host_config, parse_workers
 from meshd.config.mesh_schema import (
     DEFAULT_ADMIN_PORT,
     DEFAULT_CA,
@@ -80,7 +81,7 @@ EXTERNAL_KEYS = {"name", "address", "port", "tls_name", "command"}
 EXTERNAL_PLACEHOLDERS = frozenset({"python", "here", "address", "port", "name", "cert", "key",
                                    "ca"})
 HOST_KEYS = {"name", "address", "inbound_port", "admin_port", "outbound_address", "services",
-             "gateways"}
+             "gateways", "workers"}
 MESH_SERVICE_KEYS = SERVICE_KEYS | {"command"}
 PLACEHOLDERS = frozenset({"python", "port", "address", "version", "name", "host", "here"})
 
@@ -154,6 +155,7 @@ def _parse_host(r: Reader, raw: Any, path: str, ctx: _HostContext) -> MeshHost |
     outbound = r.ip(raw, "outbound_address", path, DEFAULT_OUTBOUND_ADDRESS)
     inbound_port = r.port(raw, "inbound_port", path, DEFAULT_INBOUND_PORT)
     admin_port = r.port(raw, "admin_port", path, DEFAULT_ADMIN_PORT)
+    workers = parse_workers(r, raw.get("workers", 1), f"{path}.workers")
     if inbound_port is not None and inbound_port == admin_port:
         r.problem(f"{path}.admin_port", f"port {admin_port} is also the inbound port")
 
@@ -183,7 +185,7 @@ def _parse_host(r: Reader, raw: Any, path: str, ctx: _HostContext) -> MeshHost |
         return None
 
     host = MeshHost(name=name, address=address, inbound_port=inbound_port,
-                    admin_port=admin_port, outbound_address=outbound)
+                    admin_port=admin_port, outbound_address=outbound, workers=workers)
     data = host_data(host, ctx.trust_domain, ctx.registry, ctx.ca, _PLACEHOLDER_FINGERPRINT)
     data["services"] = service_tables
     if "gateways" in raw:
@@ -197,7 +199,7 @@ def _parse_host(r: Reader, raw: Any, path: str, ctx: _HostContext) -> MeshHost |
     services = tuple(MeshService(s, c) for s, c in zip(parsed.services, commands, strict=True))
     return MeshHost(name=name, address=address, inbound_port=inbound_port,
                     admin_port=admin_port, outbound_address=outbound, services=services,
-                    gateways=parsed.gateways)
+                    gateways=parsed.gateways, workers=workers)
 
 
 def _gateway_tables(raw: Any) -> Any:

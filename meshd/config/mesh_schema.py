@@ -46,6 +46,9 @@ class MeshHost:
     outbound_address: str = DEFAULT_OUTBOUND_ADDRESS
     services: tuple[MeshService, ...] = ()
     gateways: tuple[Gateway, ...] = ()
+    # its meshd's worker processes: one on a laptop, where many meshds share the cores
+    # (None: ``"auto"``, as meshd.toml's default)
+    workers: int | None = 1
 
     @property
     def admin(self) -> HostPort:
@@ -110,6 +113,7 @@ def host_data(host: MeshHost, trust_domain: str, registry: HostPort, ca: HostPor
         "inbound": {"port": host.inbound_port},
         "admin": {"address": str(host.admin)},
         "outbound": {"address": host.outbound_address},
+        "workers": "auto" if host.workers is None else host.workers,
     }
 
 

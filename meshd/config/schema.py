@@ -180,6 +180,9 @@ class HostConfig:
     gateways: tuple[Gateway, ...] = ()  # ingress gateways this meshd runs
     # ``[access_log] format``; ``MESHD_ACCESS_LOG``, when set, wins over it
     access_log: AccessLogFormat = AccessLogFormat.TEXT
+    # data-plane processes: None is ``workers = "auto"`` (the usable cores, capped:
+    # ``meshd.workers.plan.worker_count``); ``MESHD_WORKERS``, when set, wins over it
+    workers: int | None = None
     tracing: TracingConfig = TracingConfig()
     # the egress proxy listener's port on ``outbound_address`` (None: no egress listener)
     egress_port: int | None = None

@@ -91,6 +91,8 @@ from meshd.registry.watch import (
     watch_routes,
 )
 from meshd.tracing.tracer import Tracer
+from meshd.workers.plan import worker_count
+from meshd.workers.supervisor import WorkerSet, usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +130,10 @@ class Daemon:
         self.tracer = Tracer.for_host(config, os.environ, self.metrics)  # OTLP spans, or off
         self.view = ViewCell()
         self.state = DaemonState()
-        self.proxy: Proxy | None = None
+        self.proxy: Proxy | WorkerSet | None = None
+        # data-plane processes: 1, this one serves; more, a supervisor of worker processes
+        self.workers = worker_count(config.workers, os.environ, usable_cores())
+        self.metrics.workers.set(self.workers)
         self._tls: TLSState | None = None
         self._cancel = trio.CancelScope()
         self._consul: ConsulClient | None = None
@@ -211,6 +216,8 @@ class Daemon:
                 "rss_bytes": proc.memory_info().rss,
                 "open_fds": proc.num_fds(),
             }
+        if isinstance(self.proxy, WorkerSet):
+            process["workers"] = self.proxy.processes()
         return build_state(
             config=self.config, view=self.view.current, state=self.state,
             now_monotonic=trio.current_time(), now_wall=time.time(), process=process,
@@ -242,7 +249,7 @@ class Daemon:
         admin = AdminAPI(self.metrics, lambda: not_ready_reasons(self.config, self.state),
                          self.snapshot, self.refresh_gauges,
                          allowed_hosts=config.admin_allowed_hosts,
-                         limits=config.admin_limits)
+                         limits=config.admin_limits, gather=self._gather_workers)
         if not config.admin_tls:  # (over TLS it needs the node certificate: started below)
             await n.start(self._serve_admin, admin, None)
             log.info("admin API on http://%s:%d", config.admin_host, config.admin_port)
@@ -284,8 +291,14 @@ class Daemon:
                 await n.start(self._wait_for_registry, what, watcher, *args, self.contact)
 
         await n.start(self.tracer.run)  # the span exporter
-        self.proxy = Proxy(config, self.view, tls, self.metrics, inherited=self.inherited,
-                           tracer=self.tracer)
+        if self.workers > 1:
+            workers = WorkerSet(config, self.view, tls, self.metrics, self.workers,
+                                inherited=self.inherited)
+            self.metrics.worker_families = workers.worker_families
+            self.proxy = workers
+        else:
+            self.proxy = Proxy(config, self.view, tls, self.metrics, inherited=self.inherited,
+                               tracer=self.tracer)
         await n.start(self.proxy.run)
         listeners.settle(self.inherited, self.listening_sockets())
 
@@ -306,6 +319,11 @@ class Daemon:
                      len(config.services), len(config.upstreams),
                      " (from the last known state: stale until the registry answers)"
                      if self.registry_stale(trio.current_time()) else "")
+
+    async def _gather_workers(self) -> None:
+        """Before the admin API answers: the worker processes' metrics and state."""
+        if isinstance(self.proxy, WorkerSet):
+            await self.proxy.gather()
 
     async def _first_denylist(self) -> None:
         """The deny list before any route table is judged: a table signed by a certificate the

@@ -131,6 +131,8 @@ class TLSState:
         self._sweep_at = 1024
         self._contexts = self._build()
         self.generation = 1
+        # called after every change (reload, deny list): the worker processes follow
+        self.watchers: list[Callable[[], None]] = []
 
     def reload(self) -> None:
         """Re-read the identity directory. On any problem the contexts in force stay and
@@ -140,6 +142,8 @@ class TLSState:
         self.generation += 1
         log.info("TLS identities reloaded from %s (generation %d)", self.directory,
                  self.generation)
+        for watcher in list(self.watchers):
+            watcher()
 
     @property
     def server_context(self) -> ssl.SSLContext:
@@ -216,6 +220,8 @@ class TLSState:
             if cut:
                 log.warning("closed %d open connection(s) with a peer whose certificate was "
                             "revoked (%s)", cut, ", ".join(sorted(added)))
+        for watcher in list(self.watchers):
+            watcher()
         return added
 
     def track(self, stream: TrackedConnection) -> None:

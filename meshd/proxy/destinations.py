@@ -6,6 +6,10 @@ them), the circuit breaker with its line of waiting requests, the outlier detect
 retry budget. A request reads the route table once and hands its destination's policy to
 ``Destinations.get``; a changed policy is applied in place, so counts, ejections and waiting
 requests survive a reload.
+
+With ``workers`` processes (``meshd.workers.plan``), each worker's breaker and retry budget
+floor hold its share of the policy's limits, and an ejection this worker decides is announced
+(``on_ejection``) so that the others put it in force too (``impose``).
 """
 
 from __future__ import annotations
@@ -23,10 +27,11 @@ from meshd.config.schema import RetryBudget as RetryBudgetConfig
 from meshd.metrics import Metrics
 from meshd.proxy.core.balancer import Balancer, PickInputs, make_balancer
 from meshd.proxy.core.breaker import Admission, CircuitBreaker
-from meshd.proxy.core.outlier import Outcome, OutlierDetector
+from meshd.proxy.core.outlier import Ejection, Outcome, OutlierDetector
 from meshd.proxy.core.retry import RetryBudget
 from meshd.proxy.core.router import Tier, fresh_left, usable
 from meshd.registry.model import Endpoint, EndpointSet
+from meshd.workers.plan import share, share_rate
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +52,30 @@ def _pending_limit(policy: DestinationPolicy) -> int | None:
     return policy.max_pending_requests
 
 
+def _budget(policy: DestinationPolicy, workers: int) -> RetryBudgetConfig:
+    config = policy.retry_budget or RetryBudgetConfig()
+    if workers <= 1:
+        return config
+    return RetryBudgetConfig(ratio=config.ratio, min_retries_per_second=share_rate(
+        config.min_retries_per_second, workers))
+
+
+EjectionListener = Callable[[str, Ejection], None]
+
+
 class DestinationState:
-    def __init__(self, name: str, policy: DestinationPolicy, metrics: Metrics) -> None:
+    def __init__(self, name: str, policy: DestinationPolicy, metrics: Metrics, *,
+                 workers: int = 1, on_ejection: EjectionListener | None = None) -> None:
         self.name = name
         self.metrics = metrics
         self.policy = policy
+        self.workers = workers  # this process holds 1 / workers of the limits
+        self.on_ejection = on_ejection
         self.balancer: Balancer = make_balancer(policy.load_balancer)
-        self.breaker = CircuitBreaker(policy.max_connections, _pending_limit(policy))
+        self.breaker = CircuitBreaker(share(policy.max_connections, workers),
+                                      share(_pending_limit(policy), workers))
         self.outlier = OutlierDetector(policy.outlier_detection or OutlierDetection())
-        self.budget = RetryBudget(policy.retry_budget or RetryBudgetConfig())
+        self.budget = RetryBudget(_budget(policy, workers))
         self.in_flight: dict[str, int] = {}  # endpoint key -> tries in progress
         self._waiters: deque[_Waiter] = deque()
         self._endpoints: EndpointSet | None = None
@@ -68,11 +88,12 @@ class DestinationState:
         old, self.policy = self.policy, policy
         if policy.load_balancer is not old.load_balancer:
             self.balancer = make_balancer(policy.load_balancer)
-        promoted = self.breaker.configure(policy.max_connections, _pending_limit(policy))
+        promoted = self.breaker.configure(share(policy.max_connections, self.workers),
+                                          share(_pending_limit(policy), self.workers))
         for _ in range(promoted):
             self._wake_next()
         self.outlier.configure(policy.outlier_detection or OutlierDetection())
-        self.budget.configure(policy.retry_budget or RetryBudgetConfig())
+        self.budget.configure(_budget(policy, self.workers))
 
     # -- circuit breaking ----------------------------------------------------------------------
 
@@ -160,6 +181,8 @@ class DestinationState:
             log.warning("%s: endpoint %s ejected for %.1fs after consecutive %s (ejection %d)",
                         self.name, endpoint.key, ejection.duration, ejection.reason,
                         ejection.count)
+            if self.on_ejection is not None:
+                self.on_ejection(self.name, ejection)
 
     def endpoint_state(self, endpoint: Endpoint, now: float) -> dict[str, Any]:
         health = self.outlier.health(endpoint.key, now)
@@ -175,18 +198,34 @@ class DestinationState:
 class Destinations:
     """Every destination's state, created on first use."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, *, workers: int = 1,
+                 on_ejection: EjectionListener | None = None) -> None:
         self.metrics = metrics
+        self.workers = workers
+        self.on_ejection = on_ejection
         self._states: dict[str, DestinationState] = {}
 
     def get(self, name: str, policy: DestinationPolicy | None) -> DestinationState:
         state = self._states.get(name)
         if state is None:
-            state = self._states[name] = DestinationState(name, policy or DEFAULT_POLICY,
-                                                          self.metrics)
+            state = self._states[name] = DestinationState(
+                name, policy or DEFAULT_POLICY, self.metrics, workers=self.workers,
+                on_ejection=self.on_ejection)
         else:
             state.sync(policy or DEFAULT_POLICY)
         return state
+
+    def impose(self, name: str, ejection: Ejection, now: float) -> None:
+        """An ejection another worker decided, in force here too (the destination's policy is
+        applied on its next request, as ``get`` does; the ejection stays)."""
+        state = self._states.get(name)
+        if state is None:
+            state = self._states[name] = DestinationState(
+                name, DEFAULT_POLICY, self.metrics, workers=self.workers,
+                on_ejection=self.on_ejection)
+        state.outlier.impose(ejection, now)
+        log.info("%s: endpoint %s ejected for %.1fs by another worker (%s)", name,
+                 ejection.endpoint, ejection.duration, ejection.reason)
 
     def known(self, name: str) -> DestinationState | None:
         return self._states.get(name)

@@ -22,20 +22,25 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Awaitable, Callable
+import socket
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
-from meshd.config.schema import HostConfig, LocalService, Upstream
+from meshd.config.gateway import Gateway, GatewayListener
+from meshd.config.schema import HostConfig, ListenerLimits, LocalService, Upstream
 from meshd.conns.guard import ConnectionGuard, ListenerGuard, accept_loop
 from meshd.errors import ProxyError
 from meshd.identity.tls import TLSState
 from meshd.listen_fds import InheritedSockets
 from meshd.metrics import Metrics
 from meshd.proxy.access import AccessLog, format_from_env
+from meshd.proxy.core.outlier import Ejection
+from meshd.proxy.core.ratelimit import RateLimits
 from meshd.proxy.core.view import ViewCell
+from meshd.proxy.destinations import Destinations
 from meshd.proxy.egress import EgressProxy
 from meshd.proxy.external import ExternalResolver
 from meshd.proxy.forward import FIRST_REQUEST_GRACE, ClientConnection
@@ -46,6 +51,7 @@ from meshd.proxy.outbound import Outbound, OutboundContext
 from meshd.proxy.pool import DEFAULT_IDLE_TIMEOUT, ConnectionPool
 from meshd.proxy.sockio import SocketConnection
 from meshd.tracing.tracer import Tracer
+from meshd.workers.plan import share
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +60,73 @@ STOP_GRACE = 2.0
 ConnectionHandler = Callable[[SocketConnection, ClientConnection], Awaitable[None]]
 
 
-@dataclass
-class _Listener:
+@dataclass(frozen=True)
+class WorkerRole:
+    """A proxy run as one of ``count`` worker processes (``meshd.workers``): the listening
+    sockets handed to it by listener key, and where the ejections it decides are announced."""
+
+    count: int
+    sockets: Mapping[str, list[socket.socket]]
+    on_ejection: Callable[[str, Ejection], None] | None = None
+
+
+@dataclass(frozen=True)
+class ListenerSpec:
+    """One listener a host's config asks for: its kind, name and address, and what it serves.
+    ``key`` names it across processes (the worker processes get its socket by that name)."""
+
     direction: str  # "inbound" / "outbound" / "gateway"
     name: str  # what it serves, for logs
     host: str
     port: int
+    guard_name: str  # its connection caps' name
+    service: LocalService | None = None  # outbound: the calling service and its upstream
+    upstream: Upstream | None = None
+    gateway: Gateway | None = None  # gateway: which, and which of its listeners
+    gateway_listener: GatewayListener | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.direction}:{self.name}"
+
+
+def outbound_spec(config: HostConfig, service: LocalService, upstream: Upstream) -> ListenerSpec:
+    name = f"{service.name}->{upstream.name}"
+    return ListenerSpec("outbound", name, config.outbound_address, upstream.local_port,
+                        f"outbound:{name}", service=service, upstream=upstream)
+
+
+def listener_specs(config: HostConfig) -> list[ListenerSpec]:
+    """Every listener of ``config``, the inbound one first. Pure."""
+    specs = [ListenerSpec("inbound", "mesh", config.address, config.inbound_port, "inbound")]
+    specs += [outbound_spec(config, service, upstream) for service, upstream in config.upstreams]
+    specs += [ListenerSpec("gateway", f"{gateway.name}:{listener.port}", listener.address,
+                           listener.port, f"gateway:{gateway.name}:{listener.port}",
+                           gateway=gateway, gateway_listener=listener)
+              for gateway in config.gateways for listener in gateway.listeners]
+    if config.egress_port is not None:  # HTTP_PROXY / HTTPS_PROXY for local apps
+        specs.append(ListenerSpec("outbound", "egress", config.outbound_address,
+                                  config.egress_port, "outbound:egress"))
+    return specs
+
+
+async def bind_spec(spec: ListenerSpec, inherited: InheritedSockets | None
+                    ) -> list[trio.SocketListener]:
+    """Listen for ``spec``: on the socket inherited for its address if there is one. A port
+    that cannot be bound is a ``ProxyError`` naming it."""
+    adopted = inherited.take(spec.host, spec.port) if inherited is not None else None
+    if adopted is not None:
+        return [trio.SocketListener(trio.socket.from_stdlib_socket(adopted))]
+    try:
+        return await trio.open_tcp_listeners(spec.port, host=spec.host)
+    except OSError as exc:
+        raise ProxyError(f"cannot listen on {spec.host}:{spec.port} ({spec.direction} "
+                         f"{spec.name}): {exc.strerror or exc}") from exc
+
+
+@dataclass
+class _Listener:
+    spec: ListenerSpec
     handle: ConnectionHandler
     sockets: list[trio.SocketListener]
     guard: ListenerGuard  # its connection caps
@@ -68,13 +135,26 @@ class _Listener:
     connections: dict[ClientConnection, trio.CancelScope] = field(default_factory=dict)
     emptied: trio.Event | None = None  # set when a removed listener's last connection ends
 
+    @property
+    def direction(self) -> str:
+        return self.spec.direction
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
 
 class Proxy:
     def __init__(self, config: HostConfig, view: ViewCell, tls: TLSState, metrics: Metrics, *,
                  rand: Callable[[], float] = random.random,
-                 inherited: InheritedSockets | None = None, tracer: Tracer | None = None) -> None:
+                 inherited: InheritedSockets | None = None, tracer: Tracer | None = None,
+                 worker: WorkerRole | None = None) -> None:
         self.config = config
         self._inherited = inherited
+        # a worker process: its sockets are handed to it, by listener key; it never binds
+        self._given = dict(worker.sockets) if worker is not None else None
+        self._resolving = worker is None  # a worker's external endpoints come with the view
+        self._workers = worker.count if worker is not None else 1
         self.view = view
         self.tls = tls
         self.metrics = metrics
@@ -87,6 +167,10 @@ class Proxy:
         outbound_ctx = OutboundContext(view=view, tls=tls, metrics=metrics, pool=self.pool,
                                        h2_pool=self.h2_pool, rand=rand, here=config.labels,
                                        tracer=tracer)
+        if worker is not None:  # its share of the host's limits; ejections announced
+            outbound_ctx.destinations = Destinations(metrics, workers=worker.count,
+                                                     on_ejection=worker.on_ejection)
+            outbound_ctx.rate_limits = RateLimits(workers=worker.count)
         self._outbound = outbound_ctx
         self.resolver = ExternalResolver(view)  # external destinations' endpoints
         access = AccessLog(format_from_env(default=config.access_log))
@@ -95,24 +179,8 @@ class Proxy:
                                          app_h2_pool=self.app_h2_pool, tracer=tracer))
         # caps at accept; the process's cap is what its open file limit leaves room for
         self.guard = ConnectionGuard(metrics=metrics)
-        self._listeners = [_Listener("inbound", "mesh", config.address, config.inbound_port,
-                                     inbound.handle, [],
-                                     self.guard.listener("inbound", config.inbound_limits))]
         self._inbound = inbound
-        self._listeners += [self._outbound_listener(service, upstream)
-                            for service, upstream in config.upstreams]
-        # ingress gateways: outside clients, capped like the inbound listener
-        self._listeners += [
-            _Listener("gateway", f"{gateway.name}:{listener.port}", listener.address,
-                      listener.port, GatewayHandler(gateway, listener, outbound_ctx).handle, [],
-                      self.guard.listener(f"gateway:{gateway.name}:{listener.port}",
-                                          config.inbound_limits))
-            for gateway in config.gateways for listener in gateway.listeners]
-        if config.egress_port is not None:  # HTTP_PROXY / HTTPS_PROXY for local apps
-            self._listeners.append(_Listener(
-                "outbound", "egress", config.outbound_address, config.egress_port,
-                EgressProxy(outbound_ctx).handle, [],
-                self.guard.listener("outbound:egress", config.outbound_limits)))
+        self._listeners = [self._listener(spec) for spec in listener_specs(config)]
         self._permissive = inbound.permissive is not None
         self._connections: set[ClientConnection] = set()
         # accepted connections open, by listener kind
@@ -125,12 +193,24 @@ class Proxy:
         # where runtime listeners (``add_outbound``) accept, and their connections run
         self._nurseries: tuple[trio.Nursery, trio.Nursery] | None = None
 
-    def _outbound_listener(self, service: LocalService, upstream: Upstream) -> _Listener:
-        handler = Outbound(service, upstream, self._outbound)
-        name = f"{service.name}->{upstream.name}"
-        return _Listener("outbound", name, self.config.outbound_address, upstream.local_port,
-                         handler.handle, [],
-                         self.guard.listener(f"outbound:{name}", self.config.outbound_limits))
+    def _listener(self, spec: ListenerSpec) -> _Listener:
+        """``spec``'s listener, with its handler and caps (not bound yet)."""
+        handle: ConnectionHandler
+        limits = self.config.outbound_limits
+        if spec.direction == "inbound":
+            handle, limits = self._inbound.handle, self.config.inbound_limits
+        elif spec.gateway is not None and spec.gateway_listener is not None:
+            # ingress gateways: outside clients, capped like the inbound listener
+            handle = GatewayHandler(spec.gateway, spec.gateway_listener, self._outbound).handle
+            limits = self.config.inbound_limits
+        elif spec.service is not None and spec.upstream is not None:
+            handle = Outbound(spec.service, spec.upstream, self._outbound).handle
+        else:
+            handle = EgressProxy(self._outbound).handle
+        if self._workers > 1:  # each worker holds its share of the listener's caps
+            limits = ListenerLimits(share(limits.max_connections, self._workers) or 1,
+                                    share(limits.max_per_source, self._workers))
+        return _Listener(spec, handle, [], self.guard.listener(spec.guard_name, limits))
 
     # -- addresses (useful with port 0) ----------------------------------------------------------
 
@@ -181,6 +261,10 @@ class Proxy:
         (outside clients of this host's ingress gateways)."""
         return dict(self._open)
 
+    def impose_ejection(self, destination: str, ejection: Ejection) -> None:
+        """An ejection another worker process decided, in force here too."""
+        self._outbound.destinations.impose(destination, ejection, trio.current_time())
+
     def endpoint_states(self) -> dict[str, list[dict[str, Any]]]:
         """Read-only: per destination, each endpoint (``node``, ``instance_id``) with its
         outlier ejection state (``ejected``, ``ejection_remaining_seconds``, ``ejections``,
@@ -201,7 +285,8 @@ class Proxy:
                     await nursery.start(self.app_h2_pool.run)
                     await nursery.start(self._outbound.mirror.run)
                     await nursery.start(self.guard.run)
-                    await nursery.start(self.resolver.run)
+                    if self._resolving:
+                        await nursery.start(self.resolver.run)
                     async with trio.open_nursery() as connections:
                         with self._accepting:
                             async with trio.open_nursery() as accepting:
@@ -245,6 +330,13 @@ class Proxy:
         self.config = config
         self._inbound.ctx.config = config
 
+    def give_sockets(self, service: LocalService, upstream: Upstream,
+                     sockets: list[socket.socket]) -> None:
+        """A worker process: the listening sockets for ``add_outbound(service, upstream)``."""
+        if self._given is None:
+            raise ProxyError("only a worker process is given its sockets")
+        self._given[outbound_spec(self.config, service, upstream).key] = sockets
+
     async def add_outbound(self, service: LocalService, upstream: Upstream
                            ) -> list[trio.socket.SocketType]:
         """Open the outbound listener for ``service``'s ``upstream`` and accept on it, beside
@@ -252,7 +344,7 @@ class Proxy:
         is a ``ProxyError`` naming it, and nothing changed."""
         if self._nurseries is None or self._draining:
             raise ProxyError("the proxy is not accepting connections (starting or stopping)")
-        listener = self._outbound_listener(service, upstream)
+        listener = self._listener(outbound_spec(self.config, service, upstream))
         await self._bind(listener)
         accepting, connections = self._nurseries
         self._listeners.append(listener)
@@ -311,18 +403,17 @@ class Proxy:
                 raise
 
     async def _bind(self, listener: _Listener) -> None:
-        """Listen for ``listener``: on the socket inherited for its address if there is one."""
-        adopted = (self._inherited.take(listener.host, listener.port)
-                   if self._inherited is not None else None)
-        if adopted is not None:
-            listener.sockets = [trio.SocketListener(trio.socket.from_stdlib_socket(adopted))]
+        """Listen for ``listener``: on the socket handed to this process for it (a worker
+        process: ``given``, by the listener's key), else as ``bind_spec`` does."""
+        if self._given is not None:
+            given = self._given.pop(listener.spec.key, None)
+            if not given:
+                raise ProxyError(f"no socket was handed over for {listener.direction} "
+                                 f"listener {listener.name}")
+            listener.sockets = [trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+                                for sock in given]
             return
-        try:
-            listener.sockets = await trio.open_tcp_listeners(listener.port, host=listener.host)
-        except OSError as exc:
-            raise ProxyError(
-                f"cannot listen on {listener.host}:{listener.port} "
-                f"({listener.direction} {listener.name}): {exc.strerror or exc}") from exc
+        listener.sockets = await bind_spec(listener.spec, self._inherited)
 
     async def _close_listeners(self) -> None:
         # close, never shutdown(): an inherited socket stays listening for its other holders

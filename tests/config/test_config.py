@@ -136,11 +136,23 @@ HOST_CASES = [
     ("access_log", "json", "access_log", "expected a table, got str"),
     ("colour", "blue", "colour", "unknown key (expected one of: access_log, address, admin, ca, "
      "drain_timeout, gateways, inbound, labels, node, outbound, registry, registry_token, "
-     "registry_token_file, services, state_dir, tracing, trust_domain)"),
+     "registry_token_file, services, state_dir, tracing, trust_domain, workers)"),
     ("drain_timeout", "soon", "drain_timeout",
      "invalid duration 'soon' (use e.g. 500ms, 10s, 1m30s, 24h)"),
     ("drain_timeout", 0, "drain_timeout", "duration must be greater than zero"),
+    ("workers", 0, "workers",
+     "expected \"auto\" or a number of worker processes from 1 to 64, got 0"),
+    ("workers", "many", "workers",
+     "expected \"auto\" or a number of worker processes from 1 to 64, got 'many'"),
+    ("workers", True, "workers",
+     "expected \"auto\" or a number of worker processes from 1 to 64, got True"),
 ]
+
+
+def test_workers_default_to_auto_and_take_a_count() -> None:
+    assert parse_host_config(HOST, "a.toml").workers is None  # auto: decided on the host
+    assert parse_host_config(HOST | {"workers": "auto"}, "a.toml").workers is None
+    assert parse_host_config(HOST | {"workers": 4}, "a.toml").workers == 4
 
 
 def test_access_log_format_defaults_to_text_and_takes_each_format() -> None:

@@ -151,6 +151,23 @@ class OutlierDetector:
         h.reason = reason
         return Ejection(endpoint, duration, reason, h.ejections)
 
+    def impose(self, ejection: Ejection, now: float) -> None:
+        """Put in force an ejection decided elsewhere (another worker process of this host):
+        ``ejection.duration`` from ``now``, as if counted here; a longer one in force stays."""
+        h = self._health.get(ejection.endpoint)
+        if h is None:
+            h = self._health[ejection.endpoint] = _Health()
+        self._refresh(h, now)
+        until = now + ejection.duration
+        if h.ejected_until is not None and h.ejected_until >= until:
+            return
+        h.ejections = max(h.ejections, ejection.count)
+        h.ejected_until = until
+        h.back_since = None
+        h.consecutive_5xx = h.consecutive_connect = 0
+        h.reason = ejection.reason
+        self._out.add(ejection.endpoint)
+
     def health(self, endpoint: Hashable, now: float) -> EndpointHealth:
         h = self._health.get(endpoint)
         if h is None:

@@ -9,7 +9,9 @@ bounded amount of memory; a dropped bucket comes back full, which is what an idl
 be anyway once ``burst / requests_per_second`` seconds passed.
 
 ``RateLimits`` holds every route's buckets for one meshd, across route-table reloads: a route
-whose limit is unchanged keeps its buckets; a changed limit starts afresh (full).
+whose limit is unchanged keeps its buckets; a changed limit starts afresh (full). With
+``workers`` processes each holds its share (``meshd.workers.plan``): the rate divided among
+them, the burst too (rounded up, at least one token), so the host stays within the limit.
 """
 
 from __future__ import annotations
@@ -50,17 +52,18 @@ class TokenBucket:
 class RouteLimiter:
     """One route's limit: one bucket, or one per key (at most ``max_keys``, LRU)."""
 
-    def __init__(self, limit: RateLimit, max_keys: int = MAX_KEYS) -> None:
+    def __init__(self, limit: RateLimit, max_keys: int = MAX_KEYS, workers: int = 1) -> None:
         self.limit = limit
         self.max_keys = max_keys
+        self.rate = limit.requests_per_second / workers
+        self.burst = max(1, math.ceil(limit.burst / workers))
         self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
 
     def take(self, key: str, now: float) -> float:
         buckets = self._buckets
         bucket = buckets.get(key)
         if bucket is None:
-            bucket = buckets[key] = TokenBucket(self.limit.requests_per_second,
-                                                self.limit.burst, now)
+            bucket = buckets[key] = TokenBucket(self.rate, self.burst, now)
             if len(buckets) > self.max_keys:
                 buckets.popitem(last=False)
         else:
@@ -93,9 +96,11 @@ def retry_after(wait: float) -> int:
 class RateLimits:
     """Every rate-limited route's buckets on one meshd, by (destination, route name)."""
 
-    def __init__(self, max_keys: int = MAX_KEYS, max_routes: int = MAX_ROUTES) -> None:
+    def __init__(self, max_keys: int = MAX_KEYS, max_routes: int = MAX_ROUTES,
+                 workers: int = 1) -> None:
         self.max_keys = max_keys
         self.max_routes = max_routes
+        self.workers = workers  # this process's share is 1 / workers of each limit
         self._routes: OrderedDict[tuple[str, str], RouteLimiter] = OrderedDict()
 
     def take(self, destination: str, route: str, limit: RateLimit, key: str,
@@ -104,7 +109,7 @@ class RateLimits:
         name = (destination, route)
         limiter = self._routes.get(name)
         if limiter is None or limiter.limit != limit:
-            limiter = self._routes[name] = RouteLimiter(limit, self.max_keys)
+            limiter = self._routes[name] = RouteLimiter(limit, self.max_keys, self.workers)
             if len(self._routes) > self.max_routes:
                 self._routes.popitem(last=False)
         self._routes.move_to_end(name)

@@ -45,6 +45,13 @@ class ViewCell:
     def __init__(self, view: MeshView | None = None) -> None:
         self.current = view or MeshView()
         self._listeners: list[RoutesListener] = []
+        # called (synchronously, must not raise) after every change: routes, endpoints and
+        # external endpoints alike (the worker processes follow the supervisor's view)
+        self.changed: list[Callable[[], None]] = []
+
+    def _changed(self) -> None:
+        for hook in list(self.changed):
+            hook()
 
     def set_routes(self, routes: RouteTable) -> MeshView:
         self.current = dataclasses.replace(
@@ -52,7 +59,18 @@ class ViewCell:
         )
         for listener in list(self._listeners):
             listener(self.current)
+        self._changed()
         return self.current
+
+    def put(self, view: MeshView) -> None:
+        """Put ``view`` in force whole (a worker process following its supervisor's view);
+        the route listeners hear of it when its route table is another generation."""
+        routes_changed = view.generation != self.current.generation
+        self.current = view
+        if routes_changed:
+            for listener in list(self._listeners):
+                listener(view)
+        self._changed()
 
     def watch_routes(self, listener: RoutesListener) -> Callable[[], None]:
         """Call ``listener(view)`` (synchronously, after the swap; it must not raise) on every
@@ -69,10 +87,12 @@ class ViewCell:
         else:
             merged[service] = endpoints
         self.current = dataclasses.replace(self.current, external=MappingProxyType(merged))
+        self._changed()
         return self.current
 
     def set_endpoints(self, endpoints: EndpointSet) -> MeshView:
         merged = dict(self.current.endpoints)
         merged[endpoints.service] = endpoints
         self.current = dataclasses.replace(self.current, endpoints=MappingProxyType(merged))
+        self._changed()
         return self.current

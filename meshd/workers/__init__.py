@@ -1,0 +1,1 @@
+"""Worker processes: one meshd host's data plane spread over several processes (``workers``)."""
