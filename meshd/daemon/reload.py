@@ -133,6 +133,7 @@ _RESTART_REASONS = (
     ("outbound", "outbound listeners are bound with these settings"),
     ("admin", "the admin API is bound at start"),
     ("gateways", "a gateway's listeners, identity and registration are set up at start"),
+    ("workers", "the worker processes are started at start"),
 )
 _PERMISSIVE_REASON = ("a service in permissive mTLS mode sets how the inbound listener tells "
                       "plaintext from TLS, which is fixed at start")
@@ -144,6 +145,8 @@ _LIVE_SERVICE_FIELDS = {"name", "health", "upstreams"}  # health applies live; u
 
 
 def _value(key: str, value: object) -> str:
+    if key == "workers" and value is None:
+        return "auto"
     return "(secret)" if key in _SECRET_KEYS else str(value)
 
 

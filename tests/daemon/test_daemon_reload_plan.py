@@ -68,3 +68,8 @@ def test_drain_timeout_applies_live(tmp_path: Path) -> None:
 def test_an_access_log_format_change_is_reported_as_needing_a_restart(tmp_path: Path) -> None:
     _, restart, text = _plan({"access_log": {"format": "json"}}, tmp_path)
     assert restart == ["access_log.format"] and text == "access_log.format: text -> json"
+
+
+def test_a_workers_change_is_reported_as_needing_a_restart(tmp_path: Path) -> None:
+    _, restart, text = _plan({"workers": 4}, tmp_path)
+    assert restart == ["workers"] and text == "workers: auto -> 4"

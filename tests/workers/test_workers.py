@@ -22,8 +22,10 @@ import httpx
 import psutil
 import pytest
 import trio
+from identity.daemon_testing import until
 from mesh_testing import Mesh, open_mesh, start_daemon, wait_for
 from net_testing import free_port
+from workers_testing import gone
 
 from meshd.config.parse import routes_to_data
 from meshd.config.schema import DefaultPolicy, RouteTable
@@ -159,10 +161,7 @@ async def test_a_host_with_two_workers_serves_counts_and_survives_a_killed_worke
     # a drain ends every worker process
     pids = worker_pids(host_a)
     await host_a.stop()
-    with trio.fail_after(10):
-        while any(psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"
-                  for pid in pids):
-            await trio.sleep(0.05)
+    await gone(pids, 10)
 
 
 async def test_an_ejection_decided_by_one_worker_is_in_force_in_every_worker(
@@ -230,10 +229,9 @@ async def test_certificate_renewals_reach_every_worker(
 
     await wait_for(echoed)
     # past the first certificates' end (6 s), after renewals
+    tls = host_a.proxy.tls
     with trio.fail_after(20):
-        while host_a.proxy.tls.generation < first + 2 or \
-                not host_a.identity.status.identities:
-            await trio.sleep(0.1)
+        await until(lambda: tls.generation >= first + 2)  # renewed twice
     await trio.sleep_until(started + 7)  # every first certificate has expired by now
     for _ in range(12):
         assert await echoed()
