@@ -168,6 +168,19 @@ def _reload_lines(reload: Mapping[str, Any] | None) -> list[str]:
     return out
 
 
+def _workers_line(workers: list[Mapping[str, Any]]) -> str:
+    """``  workers: 2 (pids 11, 12), 1 restarted, 1 not ready``."""
+    pids = ", ".join(str(w.get("pid", "?")) for w in workers)
+    line = f"  workers: {len(workers)} (pids {pids})"
+    restarts = sum(int(w.get("restarts", 0)) for w in workers)
+    if restarts:
+        line += f", {restarts} restarted"
+    down = sum(1 for w in workers if not w.get("ready"))
+    if down:
+        line += f", {down} not ready"
+    return line
+
+
 def render(state: Mapping[str, Any]) -> str:
     ready = state.get("ready") is True
     out = [
@@ -177,6 +190,9 @@ def render(state: Mapping[str, Any]) -> str:
         f"{state.get('generation', 0)}, meshd {state.get('version', '?')}, "
         f"pid {state.get('process', {}).get('pid', '?')}",
     ]
+    workers = state.get("process", {}).get("workers")
+    if workers:
+        out.append(_workers_line(workers))
     out += [f"  not ready: {reason}" for reason in state.get("not_ready", [])]
     if not ready and state.get("daemon_ready") is True:
         out.append("  (meshd itself is ready: this host's outbound traffic is forwarded)")

@@ -91,9 +91,13 @@ class Load:
                 await trio.sleep(1 / RATE)
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
 async def test_reload_adds_and_removes_a_service_and_an_upstream_under_load(
-    mesh: Mesh, nursery: trio.Nursery,
+    mesh: Mesh, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, workers: str,
 ) -> None:
+    """The same with worker processes (``workers = 2``): the reload reaches every worker
+    (a listener added in each, and closed in each)."""
+    monkeypatch.setenv("MESHD_WORKERS", workers)
     await mesh.put_routes(routes_to_data(RouteTable(default_policy=DefaultPolicy.ALLOW))
                           | {"destinations": {"payments": {"timeout": 5.0}}})
     pay_port, web_port, reports_port = free_port(HOST_B), free_port(HOST_A), free_port(HOST_A)

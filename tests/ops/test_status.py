@@ -352,3 +352,12 @@ async def test_an_admin_api_over_tls_refusing_this_client_exits_3_with_one_clear
     assert err.startswith(f"meshd status: cannot read {url}: TLS: cannot verify the admin "
                           "API's certificate (")
     assert err.endswith("): is --ca this mesh's ca.crt?\n")
+
+
+def test_render_a_host_with_workers() -> None:
+    workers = [{"index": 0, "pid": 11, "ready": True, "restarts": 0},
+               {"index": 1, "pid": 12, "ready": False, "restarts": 1}]
+    text = render(STATE | {"process": STATE["process"] | {"workers": workers}})
+    assert "  up 2h03m, route generation 3, meshd 0.1.0, pid 4242\n" \
+           "  workers: 2 (pids 11, 12), 1 restarted, 1 not ready\n" in text
+    assert "workers:" not in render(STATE)  # one process: no line
