@@ -160,8 +160,27 @@ async def _main(fd: int, ready: Callable[[m.Start], None]) -> None:
     await Worker(channel, start, fds).run()
 
 
+class _WorkerTag(logging.Filter):
+    """Marks this worker's log records: ``"worker": N`` in JSON lines, ``name[worker N]`` in
+    text ones (access-log lines go out as they are)."""
+
+    def __init__(self, index: int, json: bool) -> None:
+        super().__init__()
+        self.index = index
+        self.json = json
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.json:
+            record.worker = self.index
+        elif not record.name.endswith("]"):
+            record.name = f"{record.name}[worker {self.index}]"
+        return True
+
+
 def _configure_logging(start: m.Start) -> None:
     configure(start.log_level, LogFormat.JSON if start.log_json else LogFormat.TEXT, sys.stderr)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_WorkerTag(start.index, start.log_json))
 
 
 def main(argv: list[str]) -> int:

@@ -76,6 +76,8 @@ async def two_hosts(nursery: trio.Nursery, mesh: Mesh, procs: Processes, tmp_pat
         "upstreams": [{"name": "payments", "local_port": upstream}]}], workers=2)
     meshd = await procs.meshd(toml, tmp_path / "host-a.log")
     await meshd.wait_for("meshd host-a ready")
+    for index in (0, 1):  # each worker's lines say which it is
+        await meshd.wait_for(f"[worker {index}]: inbound listener mesh on")
     conf = load_host_config(toml)
     return meshd.process, upstream, f"http://{conf.admin_host}:{conf.admin_port}"
 
