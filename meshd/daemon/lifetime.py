@@ -92,7 +92,7 @@ from meshd.registry.watch import (
 )
 from meshd.tracing.tracer import Tracer
 from meshd.workers.plan import worker_count
-from meshd.workers.supervisor import WorkerSet, usable_cores
+from meshd.workers.supervisor import Spares, WorkerSet, usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,7 @@ class Daemon:
         # data-plane processes: 1, this one serves; more, a supervisor of worker processes
         self.workers = worker_count(config.workers, os.environ, usable_cores())
         self.metrics.workers.set(self.workers)
+        self._spares = Spares()  # worker processes started early, waiting for the proxy
         self._tls: TLSState | None = None
         self._cancel = trio.CancelScope()
         self._consul: ConsulClient | None = None
@@ -236,10 +237,13 @@ class Daemon:
                                     token=registry_token(config.registry_token)) as consul:
                 self._consul = consul
                 try:
+                    if self.workers > 1:  # their imports overlap this process's start
+                        await self._spares.start(self.workers)
                     async with trio.open_nursery() as n:
                         await self._start(consul, n)
                         task_status.started()
                 finally:
+                    await self._spares.close()
                     # however the tree ends (stop, error, cancellation): no entry left behind
                     await self._deregister_all()
 
@@ -293,7 +297,7 @@ class Daemon:
         await n.start(self.tracer.run)  # the span exporter
         if self.workers > 1:
             workers = WorkerSet(config, self.view, tls, self.metrics, self.workers,
-                                inherited=self.inherited)
+                                inherited=self.inherited, spares=self._spares)
             self.metrics.worker_families = workers.worker_families
             self.proxy = workers
         else:

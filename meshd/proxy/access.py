@@ -36,7 +36,8 @@ from meshd.proxy.core.http1 import Header
 __all__ = ["ENV", "AccessEntry", "AccessLog", "AccessLogFormat", "as_envoy", "as_json",
            "as_text", "format_from_env", "response_flags"]
 
-logger = logging.getLogger("meshd.access")
+ACCESS_LOGGER = "meshd.access"
+logger = logging.getLogger(ACCESS_LOGGER)
 ENV = "MESHD_ACCESS_LOG"
 MAX_TARGET = 200
 MAX_HEADER = 200  # of a header value shown in a line (user agent, authority, ...)

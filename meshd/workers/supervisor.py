@@ -26,6 +26,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import psutil
@@ -74,7 +75,9 @@ class _ViewMarker:
 
 class WorkerSet:
     def __init__(self, config: HostConfig, view: ViewCell, tls: TLSState, metrics: Metrics,
-                 count: int, *, inherited: InheritedSockets | None = None) -> None:
+                 count: int, *, inherited: InheritedSockets | None = None,
+                 spares: Spares | None = None) -> None:
+        self._spares = spares or Spares()
         self.config = config
         self.view = view
         self.tls = tls
@@ -190,8 +193,9 @@ class WorkerSet:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 await nursery.start(self.resolver.run)
-                for worker in self._workers:
-                    await nursery.start(self._run_worker, worker)
+                async with trio.open_nursery() as starting:  # all at once: a restart is
+                    for worker in self._workers:              # as short as one start
+                        starting.start_soon(partial(nursery.start, self._run_worker, worker))
                 for spec, sockets in self._sockets.values():
                     host, port = sockets[0].socket.getsockname()[:2]
                     log.info("%s listener %s on %s:%d", spec.direction, spec.name, host, port)
@@ -355,15 +359,9 @@ class WorkerSet:
 
     async def _serve_worker(self, worker: _Worker,
                             task_status: trio.TaskStatus[None] | None) -> None:
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            process = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "meshd.workers.worker", str(child.fileno())],
-                pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL)
-        finally:
-            child.close()
-        worker.process = process
-        channel = worker.channel = Channel(trio.socket.from_stdlib_socket(parent))
+        spare = self._spares.take()
+        process, channel = spare if spare is not None else await spawn()
+        worker.process, worker.channel = process, channel
         try:
             listeners = [(key, len(sockets)) for key, (_spec, sockets) in self._sockets.items()]
             fds = [s.socket.fileno() for _spec, sockets in self._sockets.values()
@@ -436,6 +434,46 @@ class WorkerSet:
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def spawn() -> tuple[trio.Process, Channel]:
+    """A worker process, its imports under way, waiting for its ``Start`` on the channel."""
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "meshd.workers.worker", str(child.fileno())],
+            pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL)
+    except BaseException:
+        parent.close()
+        raise
+    finally:
+        child.close()
+    return process, Channel(trio.socket.from_stdlib_socket(parent))
+
+
+class Spares:
+    """Worker processes started before they are needed: a worker's start is mostly Python
+    importing its modules, which then overlaps the supervisor's own start (certificates,
+    routes, endpoints) instead of following it, so a restarted meshd accepts sooner. Those
+    not taken when the daemon ends are killed (``close``)."""
+
+    def __init__(self) -> None:
+        self._ready: list[tuple[trio.Process, Channel]] = []
+
+    async def start(self, count: int) -> None:
+        for _ in range(count):
+            self._ready.append(await spawn())
+
+    def take(self) -> tuple[trio.Process, Channel] | None:
+        return self._ready.pop(0) if self._ready else None
+
+    async def close(self) -> None:
+        while self._ready:
+            process, channel = self._ready.pop()
+            channel.close()  # (it exits when its channel closes; killed to be sure)
+            process.kill()
+            with trio.CancelScope(shield=True):
+                await process.wait()
 
 
 def _json_logs(root: logging.Logger) -> bool:

@@ -28,6 +28,7 @@ from meshd.errors import IdentityError
 from meshd.identity.tls import TLSState
 from meshd.logformat import LogFormat, configure
 from meshd.metrics import Metrics
+from meshd.proxy.access import ACCESS_LOGGER
 from meshd.proxy.core.outlier import Ejection
 from meshd.proxy.core.view import ViewCell
 from meshd.proxy.server import Proxy, WorkerRole
@@ -153,7 +154,10 @@ def _ignore_signals() -> None:
 
 async def _main(fd: int, ready: Callable[[m.Start], None]) -> None:
     channel = Channel.from_fd(fd)
-    start, fds = await channel.receive()
+    try:
+        start, fds = await channel.receive()
+    except ChannelClosed:
+        return  # a spare the supervisor never needed (it ended, or did not start a proxy)
     if not isinstance(start, m.Start):
         raise SystemExit(f"meshd worker: expected Start, got {type(start).__name__}")
     ready(start)
@@ -170,6 +174,8 @@ class _WorkerTag(logging.Filter):
         self.json = json
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == ACCESS_LOGGER:
+            return True  # its readers (``meshd up``'s split, log shippers) know it by name
         if self.json:
             record.worker = self.index
         elif not record.name.endswith("]"):
