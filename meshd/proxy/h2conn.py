@@ -85,11 +85,10 @@ class _Connection:
         """Have the writer take what the session queued once the tasks ready now have run:
         the frames of several streams, and a message's head, body and end, go out in one
         write (one system call, one TLS record) instead of one each."""
+        self._wanted = True
         if self._wake is not None:
             self._wake.set()
             self._wake = None
-        else:
-            self._wanted = True
 
     async def flush(self) -> None:
         """Queue what the session has for the writer; while the writer is blocked on the
@@ -111,8 +110,7 @@ class _Connection:
             if not self._wanted:
                 self._wake = trio.Event()
                 await self._wake.wait()
-                if self.closed:
-                    return
+                continue  # closed meanwhile, or frames to write
             self._wanted = False
             await self._write_out()
 

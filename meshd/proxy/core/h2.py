@@ -36,6 +36,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 import hyperframe.frame
+from hpack import NeverIndexedHeaderTuple
 
 from meshd.proxy.core.http1 import Framing, Header, RequestHead, ResponseHead
 
@@ -232,8 +233,10 @@ class Session:
         config = h2.config.H2Configuration(client_side=client_side, header_encoding=None,
                                            validate_inbound_headers=True,
                                            normalize_inbound_headers=True,
-                                           validate_outbound_headers=True,
-                                           normalize_outbound_headers=True)
+                                           # what we send is normalized in one pass
+                                           # (``outbound_fields``), not the library's ten
+                                           validate_outbound_headers=False,
+                                           normalize_outbound_headers=False)
         self._h2 = h2.connection.H2Connection(config=config)
         self._resets = _Rate(limits.flood_window, limits.max_resets)
         self._control = _Rate(limits.flood_window, limits.max_control)
@@ -367,7 +370,7 @@ class Session:
                      end: bool = False) -> None:
         """Raises ``SendRefused`` when the stream or the connection is closed."""
         try:
-            self._h2.send_headers(stream_id, list(headers), end_stream=end)
+            self._h2.send_headers(stream_id, outbound_fields(headers), end_stream=end)
         except h2.exceptions.ProtocolError as exc:
             raise SendRefused(str(exc) or type(exc).__name__) from exc
 
@@ -484,6 +487,30 @@ def response_head(headers: Sequence[Header], ended: bool, request_method: bytes)
     else:
         framing = Framing.CHUNKED
     return ResponseHead(status, b"", "2", tuple(fields), True, framing, length)
+
+
+# fields kept out of the HPACK dynamic table (a compression side channel could reveal them)
+SECRET_FIELDS = frozenset({b"authorization", b"proxy-authorization"})
+# connection-specific fields a header list sent on HTTP/2 must not carry (``host`` is left to
+# the builders: a request's becomes ``:authority``)
+_NOT_SENT = CONNECTION_SPECIFIC - {b"host"}
+
+
+def outbound_fields(headers: Iterable[Header]) -> list[Header]:
+    """A header list as it is sent: names lowercased, values without surrounding
+    whitespace, no connection-specific field (``te`` only as "trailers"), credentials and
+    short cookies never indexed. Pseudo-headers come first from the builders below."""
+    out: list[Header] = []
+    for name, value in headers:
+        name = name.lower()
+        if name in _NOT_SENT or (name == b"te" and value.lower() != b"trailers"):
+            continue
+        value = value.strip()
+        if name in SECRET_FIELDS or (name == b"cookie" and len(value) < 20):
+            out.append(NeverIndexedHeaderTuple(name, value))
+        else:
+            out.append((name, value))
+    return out
 
 
 def _h2_fields(headers: Iterable[Header], *, keep_length: bool) -> list[Header]:

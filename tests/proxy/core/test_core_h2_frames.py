@@ -84,3 +84,31 @@ def test_consumed_bodies_give_credit_back() -> None:
         for event in session.feed(chunk, 0.0):
             assert isinstance(event, core.Body), event
             session.consumed(event.stream_id, event.flow)
+
+
+def test_sent_header_lists_are_normalized_in_one_pass() -> None:
+    """What a session sends: names lowercased, values trimmed, connection-specific fields
+    and a ``te`` other than "trailers" left out, credentials and short cookies never
+    indexed (a compression side channel cannot reveal them), as the peer decodes it."""
+    from hpack import NeverIndexedHeaderTuple
+
+    client, server = core.Session(client_side=True), core.Session(client_side=False)
+    client.start()
+    server.start()
+    server.feed(client.outgoing(), 0.0)
+    client.feed(server.outgoing(), 0.0)
+    stream_id = client.next_stream_id()
+    client.send_headers(stream_id, [
+        (b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"a"), (b":path", b"/"),
+        (b"X-Mixed", b"  padded "), (b"Connection", b"close"), (b"keep-alive", b"5"),
+        (b"te", b"gzip"), (b"Authorization", b"Bearer secret"), (b"cookie", b"s=1"),
+        (b"cookie", b"long-enough-cookie-value=1"), (b"x-last", b"1")], end=True)
+    opened = [e for e in server.feed(client.outgoing(), 0.0) if isinstance(e, core.Opened)]
+    assert len(opened) == 1
+    headers = opened[0].headers
+    assert [(bytes(n), bytes(v)) for n, v in headers] == [
+        (b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"a"), (b":path", b"/"),
+        (b"x-mixed", b"padded"), (b"authorization", b"Bearer secret"), (b"x-last", b"1"),
+        (b"cookie", b"s=1; long-enough-cookie-value=1")]  # joined by the receiver
+    never = {bytes(h[0]) for h in headers if isinstance(h, NeverIndexedHeaderTuple)}
+    assert b"authorization" in never and b"x-mixed" not in never
