@@ -11,7 +11,9 @@
 
 Flow control is backpressure: body bytes are given back to the peer as credit only once the
 proxy has passed them on, and a sender waits for the peer's credit (``STALL_TIMEOUT`` at most,
-then the stream is reset). One writer at a time drains the session's output to the socket.
+then the stream is reset). One writer task per connection drains the session's output to the
+socket once the tasks ready at the time have queued their frames, so a batch of frames is one
+write; a sender waits while that writer is blocked on the socket.
 """
 
 from __future__ import annotations
@@ -74,20 +76,56 @@ class _Connection:
         self.streams: dict[int, _Stream] = {}
         self.closed = False
         self.close_reason = ""
-        self._writing = False
+        self._writing = False  # a write in progress
+        self._wanted = False  # frames queued while the writer was busy
+        self._wake: trio.Event | None = None  # the writer, waiting for frames
+        self._written: trio.Event | None = None  # tasks waiting for a write to end
+
+    def kick(self) -> None:
+        """Have the writer take what the session queued once the tasks ready now have run:
+        the frames of several streams, and a message's head, body and end, go out in one
+        write (one system call, one TLS record) instead of one each."""
+        self._wanted = True
+        if self._wake is not None:
+            self._wake.set()
+            self._wake = None
 
     async def flush(self) -> None:
-        """Write what the session has queued. When another task is writing, it writes ours
-        too: return at once.
-
-        Bytes taken from the session are written whole even when the calling task is
-        cancelled meanwhile (a stream reset, a timeout): they may hold other streams' frames,
-        and half a frame would break the connection for all of them. So the write is shielded,
-        bounded by ``STALL_TIMEOUT`` (then the connection is given up), and a task already
-        cancelled takes nothing."""
-        if self._writing:
-            return
+        """Queue what the session has for the writer; while the writer is blocked on the
+        socket (the peer reads slowly), wait for it: backpressure. A task already cancelled
+        raises here, its frames still go out (a reset, say)."""
+        self.kick()
         await trio.lowlevel.checkpoint_if_cancelled()
+        while self._writing and not self.closed:
+            await self._wait_written()
+
+    async def _wait_written(self) -> None:
+        if self._written is None:
+            self._written = trio.Event()
+        await self._written.wait()
+
+    async def write_loop(self) -> None:
+        """The connection's writer, until it closes."""
+        while not self.closed:
+            if not self._wanted:
+                self._wake = trio.Event()
+                await self._wake.wait()
+                continue  # closed meanwhile, or frames to write
+            self._wanted = False
+            await self._write_out()
+
+    async def write_all(self) -> None:
+        """Write what is queued now, here (a connection's first and last frames: the preface,
+        a GOAWAY), after a write the writer has in progress."""
+        while self._writing:
+            await self._wait_written()
+        await self._write_out()
+
+    async def _write_out(self) -> None:
+        """Bytes taken from the session are written whole even when the task is cancelled
+        meanwhile: they may hold other streams' frames, and half a frame would break the
+        connection for all of them. So the write is shielded, bounded by ``STALL_TIMEOUT``
+        (then the connection is given up)."""
         self._writing = True
         try:
             while True:
@@ -105,12 +143,16 @@ class _Connection:
             self._lost(f"connection failed: {exc}")
         finally:
             self._writing = False
+            if self._written is not None:
+                self._written.set()
+                self._written = None
 
     def _lost(self, reason: str) -> None:
         if self.closed:
             return
         self.closed = True
         self.close_reason = reason
+        self.kick()  # the writer ends
         for state in self.streams.values():
             state.wake()
             state.wake_window()
@@ -149,7 +191,7 @@ class _Connection:
         event = state.inbox.popleft()
         if isinstance(event, core.Body) and event.flow:
             self.session.consumed(stream_id, event.flow)
-            await self.flush()  # a window update, when half a window was used
+            self.kick()  # a window update, when half a window was used
         return event
 
     async def send_data(self, stream_id: int, state: _Stream, data: bytes) -> None:
@@ -196,11 +238,12 @@ class _Connection:
                     return
                 for event in self.session.feed(data, trio.current_time()):
                     on_event(event)
-                await self.flush()
                 failed = self.session.failed
                 if failed is not None:
+                    await self.write_all()  # the GOAWAY, before the connection closes
                     self._lost(f"HTTP/2 error: {failed.reason}")
                     return
+                self.kick()
         finally:
             if not self.closed:
                 self._lost("connection closed")
@@ -351,7 +394,7 @@ async def serve_h2(transport: trio.abc.Stream, handle: RequestHandler, idle_time
     session = core.Session(client_side=False, limits=limits)
     conn = _Connection(transport, session)
     session.start()
-    await conn.flush()
+    await conn.write_all()
     active = 0
     idle = trio.CancelScope(deadline=trio.current_time() + FIRST_REQUEST_TIMEOUT)
     stopping = False
@@ -392,7 +435,7 @@ async def serve_h2(transport: trio.abc.Stream, handle: RequestHandler, idle_time
         nonlocal stopping
         stopping = True
         session.goaway()
-        nursery.start_soon(conn.flush)
+        conn.kick()
         if active == 0:
             idle.cancel()
 
@@ -438,13 +481,14 @@ async def serve_h2(transport: trio.abc.Stream, handle: RequestHandler, idle_time
                     # connection closed; the client is told so (GOAWAY) before it closes
                     session.goaway()
                     with trio.move_on_after(STALL_TIMEOUT):
-                        await conn.flush()
+                        await conn.write_all()
                 else:
                     # a connection error (GOAWAY sent: the connection must close now) or the
                     # client gone: nobody to answer the streams in flight, stop their work
                     nursery.cancel_scope.cancel()
 
             nursery.start_soon(reader)
+            nursery.start_soon(conn.write_loop)
     finally:
         if set_drain_hook is not None:
             set_drain_hook(None)
@@ -481,10 +525,12 @@ class H2Client:
                   ) -> None:
         conn = self.conn
         conn.session.start()
-        await conn.flush()
+        await conn.write_all()
         task_status.started()
         try:
-            await conn.read(self._on_event)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(conn.write_loop)
+                await conn.read(self._on_event)
         finally:
             await trio.aclose_forcefully(conn.transport)
 
@@ -517,7 +563,7 @@ class H2Client:
     async def close(self) -> None:
         if not self.conn.closed:
             self.conn.session.goaway()
-            await self.conn.flush()
+            await self.conn.write_all()
             self.conn._lost("closed by meshd")
         await trio.aclose_forcefully(self.conn.transport)
 
@@ -576,13 +622,13 @@ class H2Upstream:
 
     async def release(self) -> None:
         """The exchange is over: the slot freed, a stream still open reset. (The slot first:
-        this runs in ``finally`` blocks of cancelled tasks, whose flush may be cut short.)"""
+        this runs in ``finally`` blocks of cancelled tasks: the writer sends the reset.)"""
         client = self.client
         client.conn.streams.pop(self.stream_id, None)
         client.idle_since = trio.current_time()
         if client.conn.session.stream_open(self.stream_id):
             client.conn.session.reset(self.stream_id, core.CANCEL)
-            await client.conn.flush()
+            client.conn.kick()
 
 
 Connector = Callable[[], Awaitable[trio.abc.HalfCloseableStream]]
