@@ -360,7 +360,10 @@ class WorkerSet:
     async def _serve_worker(self, worker: _Worker,
                             task_status: trio.TaskStatus[None] | None) -> None:
         spare = self._spares.take()
-        process, channel = spare if spare is not None else await spawn()
+        try:
+            process, channel = spare if spare is not None else await spawn()
+        except OSError as exc:  # (out of processes or descriptors: tried again later)
+            raise ProxyError(f"cannot start worker {worker.index}: {exc}") from exc
         worker.process, worker.channel = process, channel
         try:
             listeners = [(key, len(sockets)) for key, (_spec, sockets) in self._sockets.items()]
