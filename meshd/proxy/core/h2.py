@@ -28,14 +28,20 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import h2.config
-import h2.connection
+# only the error codes at import time: the rest of the h2 library (HPACK, the state machine:
+# a few MB) is loaded by the first ``Session``, so a meshd whose services and peers speak only
+# HTTP/1.1 never loads it. The methods below reach ``h2.events`` and ``h2.exceptions`` as
+# attributes of the package, which they are once ``Session.__init__`` has imported them.
 import h2.errors
-import h2.events
-import h2.exceptions
-import h2.settings
-import hyperframe.frame
+
+if TYPE_CHECKING:
+    import h2.config
+    import h2.connection
+    import h2.events
+    import h2.exceptions
+    import h2.settings
 
 from meshd.proxy.core.http1 import Framing, Header, RequestHead, ResponseHead
 
@@ -229,6 +235,11 @@ class Session:
     def __init__(self, *, client_side: bool, limits: Limits = DEFAULT_LIMITS) -> None:
         self.client_side = client_side
         self.limits = limits
+        import h2.config  # the first HTTP/2 connection loads these (see above)
+        import h2.connection
+        import h2.events
+        import h2.exceptions
+        import h2.settings
         config = h2.config.H2Configuration(client_side=client_side, header_encoding=None,
                                            validate_inbound_headers=True,
                                            normalize_inbound_headers=True,
@@ -407,6 +418,7 @@ class Session:
         if self.going_away:
             return
         self.going_away = True
+        import hyperframe.frame  # loaded with h2.connection already
         frame = hyperframe.frame.GoAwayFrame(0)
         frame.last_stream_id = self.last_peer_stream
         frame.error_code = NO_ERROR
