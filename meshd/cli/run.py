@@ -30,9 +30,11 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from meshd.conns.fdlimit import raise_nofile_limit
     from meshd.daemon.lifetime import run_daemon
+    from meshd.daemon.process import import_httpcore_without_h2
 
     config = load_host_config(args.config)
     raise_nofile_limit()  # before any socket: the connection caps are sized from it
+    import_httpcore_without_h2()  # before any httpx client: h2 only with HTTP/2 traffic
     trio.run(run_daemon, config, args.config)
     log.info("meshd %s stopped", config.node)
     return 0

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 import httpx
 import trio
 
+from meshd.client_tls import public_bundle_context
 from meshd.config.schema import LocalService
 from meshd.errors import RegistryError, RegistryNotFound
 from meshd.proxy.core.grpc import grpc_status_of
@@ -126,7 +127,7 @@ async def h2c_request(address: str, port: int, fields: list[tuple[bytes, bytes]]
 def probe_client(timeout: float = 10.0) -> httpx.AsyncClient:
     """An HTTP client for loopback probes: an HTTP(S)_PROXY from the environment must not see
     them (it would mark a healthy local app critical)."""
-    return httpx.AsyncClient(timeout=timeout, trust_env=False)
+    return httpx.AsyncClient(timeout=timeout, trust_env=False, verify=public_bundle_context())
 
 
 async def report_health(

@@ -44,7 +44,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import psutil
 import trio
 
 from meshd import systemd
@@ -209,6 +208,8 @@ class Daemon:
                 self.metrics.endpoints.labels(name, version, healthy).set(n)
 
     def snapshot(self) -> Mapping[str, Any]:
+        import psutil  # only the admin API's state needs it: loaded by the first /v1/state
+
         proc = psutil.Process(os.getpid())
         with proc.oneshot():
             process = {

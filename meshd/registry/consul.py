@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 
+from meshd.client_tls import public_bundle_context
 from meshd.config.durations import format_duration
 from meshd.config.load import read_token_file
 from meshd.errors import RegistryError, RegistryNotFound
@@ -109,6 +110,7 @@ class ConsulClient:
         # registry traffic (nor the token in its headers)
         self._http = httpx.AsyncClient(
             base_url=self.base_url, headers=headers, trust_env=False,
+            verify=public_bundle_context(),
             timeout=httpx.Timeout(REQUEST_TIMEOUT, connect=CONNECT_TIMEOUT),
             limits=httpx.Limits(max_keepalive_connections=16, keepalive_expiry=30.0),
         )

@@ -16,18 +16,21 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope
-from opentelemetry.proto.resource.v1.resource_pb2 import Resource
-from opentelemetry.proto.trace.v1.trace_pb2 import ScopeSpans, Span, Status
+from typing import TYPE_CHECKING
 
 import meshd
 
-CLIENT = Span.SpanKind.SPAN_KIND_CLIENT  # the outbound side of a hop
-SERVER = Span.SpanKind.SPAN_KIND_SERVER  # the inbound side
+# The protobuf messages (opentelemetry-proto and protobuf's runtime: a few MB) are loaded by the
+# first export, so a meshd with tracing off never loads them.
+if TYPE_CHECKING:
+    from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+    from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+# OTLP's Span.SpanKind values (fixed by the protocol; tests/tracing checks them against the
+# messages)
+SERVER = 2  # the inbound side of a hop
+CLIENT = 3  # the outbound side
 MAX_TEXT = 200  # a path or a detail longer than this is cut (it ends up in a trace store)
-SCOPE = InstrumentationScope(name="meshd", version=meshd.__version__)
 # Span.flags bits 8 and 9: "whether the parent is remote" is known, and its value
 _LOCAL_ROOT, _REMOTE_PARENT = 0x100, 0x300
 
@@ -75,6 +78,11 @@ def encode(records: Sequence[SpanRecord], host: HostResource) -> bytes:
     route, endpoint, method): that part is built once per batch and serialized, and each span
     starts as a copy of it (``MergeFromString``) before its own fields are set in place. Building
     every attribute message anew costs several times as much."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+    from opentelemetry.proto.trace.v1.trace_pb2 import ScopeSpans
+
     request = ExportTraceServiceRequest()
     scopes: dict[str, ScopeSpans] = {}
     shared: dict[tuple[object, ...], bytes] = {}
@@ -87,7 +95,7 @@ def encode(records: Sequence[SpanRecord], host: HostResource) -> bytes:
                 ("service.name", name), ("host.name", host.node), ("meshd.node", host.node),
                 ("service.instance.id", f"{host.node}/{name}")))
             scope = scopes[name] = resource_spans.scope_spans.add()
-            scope.scope.CopyFrom(SCOPE)
+            scope.scope.name, scope.scope.version = "meshd", meshd.__version__
         key = (r.kind, r.service, r.peer, r.destination, r.subset, r.route, r.endpoint,
                r.method)
         common = shared.get(key)
@@ -103,6 +111,8 @@ def encode(records: Sequence[SpanRecord], host: HostResource) -> bytes:
 def _common(r: SpanRecord, host: HostResource) -> Span:
     """What every span of ``r``'s hop, destination and method has."""
     method = r.method.decode("ascii", "replace")
+    from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
     peer = r.peer if r.peer == "unknown" else spiffe_id(host.trust_domain, r.peer)
     span = Span(name=f"{method} {r.destination}", kind=r.kind)  # type: ignore[arg-type]
     _add_attributes(span, (
@@ -136,6 +146,8 @@ def _fill(span: Span, r: SpanRecord) -> None:
     if r.grpc_status is not None:
         _add_attributes(span, (("rpc.grpc.status_code", r.grpc_status),))
     if r.status >= 500:
+        from opentelemetry.proto.trace.v1.trace_pb2 import Status
+
         span.status.code = Status.STATUS_CODE_ERROR
         span.status.message = (r.error or r.detail or str(r.status))[:MAX_TEXT]
 

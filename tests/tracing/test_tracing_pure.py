@@ -10,6 +10,7 @@ import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
+import meshd
 from meshd.config.parse import parse_host_config
 from meshd.config.schema import TracingConfig
 from meshd.errors import ConfigError
@@ -202,6 +203,7 @@ def test_encoding_decodes_with_the_official_messages() -> None:
     assert set(by_service) == {"web", "payments"}
     (client,) = by_service["web"].scope_spans[0].spans
     assert by_service["web"].scope_spans[0].scope.name == "meshd"
+    assert by_service["web"].scope_spans[0].scope.version == meshd.__version__
     assert client.trace_id.hex() == TRACE.decode() and client.span_id == b"\x11" * 8
     assert client.parent_span_id.hex() == PARENT.decode()
     assert client.kind == Span.SpanKind.SPAN_KIND_CLIENT and client.name == "POST payments"
@@ -214,6 +216,7 @@ def test_encoding_decodes_with_the_official_messages() -> None:
     assert attrs["meshd.peer.identity"].string_value == "spiffe://shop.mesh/svc/payments"
     assert client.status.code == Status.STATUS_CODE_UNSET
     (server,) = by_service["payments"].scope_spans[0].spans
+    assert server.kind == Span.SpanKind.SPAN_KIND_SERVER
     attrs = {kv.key: kv.value for kv in server.attributes}
     assert attrs["meshd.source"].string_value == "web"
     assert attrs["rpc.grpc.status_code"].int_value == 14

@@ -29,15 +29,21 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import h2.config
-import h2.connection
+# only the error codes at import time: the rest of the h2 library (HPACK, the state machine:
+# a few MB) is loaded by the first ``Session``, so a meshd whose services and peers speak only
+# HTTP/1.1 never loads it. The methods below reach ``h2.events`` and ``h2.exceptions`` as
+# attributes of the package, which they are once ``Session.__init__`` has imported them.
 import h2.errors
-import h2.events
-import h2.exceptions
-import h2.settings
-import hyperframe.frame
-from hpack import Encoder, HeaderTuple, NeverIndexedHeaderTuple
+
+if TYPE_CHECKING:
+    import h2.config
+    import h2.connection
+    import h2.events
+    import h2.exceptions
+    import h2.settings
+    from hpack import Encoder
 
 from meshd.proxy.core.http1 import Framing, Header, RequestHead, ResponseHead
 
@@ -225,16 +231,20 @@ class _FrameHeads:
         return None
 
 
-class _PlainEncoder(Encoder):
-    """HPACK without Huffman coding of the strings: in pure Python the coding is a third of
-    a header list's encoding time (about 13 of 36 µs for a typical proxied request) for some
-    25 bytes saved, and the peer's decoding is cheaper too. The dynamic table still
-    compresses what repeats."""
+def _plain_encoder() -> Encoder:
+    """An HPACK encoder without Huffman coding of the strings: in pure Python the coding is a
+    third of a header list's encoding time (about 13 of 36 µs for a typical proxied request)
+    for some 25 bytes saved, and the peer's decoding is cheaper too. The dynamic table still
+    compresses what repeats. (Made by the first ``Session``: hpack loads with it.)"""
+    from hpack import Encoder, HeaderTuple
 
-    def encode(self, headers: Iterable[HeaderTuple | tuple[bytes | str, bytes | str]
-                                       | tuple[bytes | str, bytes | str, bool | None]]
-               | dict[bytes | str, bytes | str], huffman: bool = True) -> bytes:
-        return super().encode(headers, huffman=False)
+    class PlainEncoder(Encoder):
+        def encode(self, headers: Iterable[HeaderTuple | tuple[bytes | str, bytes | str]
+                                           | tuple[bytes | str, bytes | str, bool | None]]
+                   | dict[bytes | str, bytes | str], huffman: bool = True) -> bytes:
+            return super().encode(headers, huffman=False)
+
+    return PlainEncoder()
 
 
 class Session:
@@ -243,6 +253,11 @@ class Session:
     def __init__(self, *, client_side: bool, limits: Limits = DEFAULT_LIMITS) -> None:
         self.client_side = client_side
         self.limits = limits
+        import h2.config  # the first HTTP/2 connection loads these (see above)
+        import h2.connection
+        import h2.events
+        import h2.exceptions
+        import h2.settings
         config = h2.config.H2Configuration(client_side=client_side, header_encoding=None,
                                            # checked in one pass of ours
                                            # (``field_error``), not the library's seven
@@ -253,7 +268,7 @@ class Session:
                                            validate_outbound_headers=False,
                                            normalize_outbound_headers=False)
         self._h2 = h2.connection.H2Connection(config=config)
-        self._h2.encoder = _PlainEncoder()
+        self._h2.encoder = _plain_encoder()
         self._resets = _Rate(limits.flood_window, limits.max_resets)
         self._control = _Rate(limits.flood_window, limits.max_control)
         self.failed: Failed | None = None
@@ -432,6 +447,7 @@ class Session:
         if self.going_away:
             return
         self.going_away = True
+        import hyperframe.frame  # loaded with h2.connection already
         frame = hyperframe.frame.GoAwayFrame(0)
         frame.last_stream_id = self.last_peer_stream
         frame.error_code = NO_ERROR
@@ -597,6 +613,8 @@ def outbound_fields(headers: Iterable[Header]) -> list[Header]:
     """A header list as it is sent: names lowercased, values without surrounding
     whitespace, no connection-specific field (``te`` only as "trailers"), credentials and
     short cookies never indexed. Pseudo-headers come first from the builders below."""
+    from hpack import NeverIndexedHeaderTuple  # (loaded with the connection's Session)
+
     out: list[Header] = []
     for name, value in headers:
         name = name.lower()
