@@ -84,6 +84,12 @@ class Layout:
         return HostPort(self.ip(10), 18080)
 
     @property
+    def backend_w(self) -> HostPort:
+        """A second port of the same nginx: the workers rows' backend service (meshd up wants
+        each service instance on its own address:port)."""
+        return HostPort(self.ip(10), 18085)
+
+    @property
     def mesh_outbound_h2(self) -> HostPort:
         return HostPort(self.host_a, OUTBOUND_H2_PORT)
 
@@ -133,6 +139,8 @@ class Layout:
         """The listeners the benchmark starts itself (the mesh's own come from its mesh.toml)."""
         return [
             PortClaim(self.backend.host, self.backend.port, "nginx backend", "--prefix"),
+            PortClaim(self.backend_w.host, self.backend_w.port, "nginx backend (workers rows)",
+                      "--prefix"),
             PortClaim(self.haproxy.host, self.haproxy.port, "haproxy", "--prefix"),
             PortClaim(self.hop_a.host, self.hop_a.port, "haproxy hop A", "--prefix"),
             PortClaim(self.hop_b.host, self.hop_b.port, "haproxy hop B", "--prefix"),
@@ -185,9 +193,9 @@ address = "{layout.host_d}"
 workers = {workers}
 
 [[hosts.services]]
-name = "{BACKEND_W_SERVICE}"        # the same nginx
-address = "{layout.backend.host}"
-port = {layout.backend.port}
+name = "{BACKEND_W_SERVICE}"        # the same nginx, its second port
+address = "{layout.backend_w.host}"
+port = {layout.backend_w.port}
 mtls = "permissive"
 health = {{ http = "/healthz", interval = "{health_interval}" }}
 """
@@ -251,7 +259,8 @@ default_policy = "allow"
 
 
 def nginx_conf(layout: Layout, work_dir: Path, h2c: bool = False) -> str:
-    """nginx in the foreground, one worker, no access log, a 2-byte body on every path; with
+    """nginx in the foreground, one worker, no access log, a 2-byte body on every path (on two
+    ports: the second is the workers rows' backend); with
     ``h2c`` on a second port too, h2c (HTTP/2 with prior knowledge only: nginx then takes no
     HTTP/1.1 there) for the HTTP/2 paths when nghttpd does not serve them.
     keepalive_requests (for HTTP/2 too: requests per connection) is raised so that no client
@@ -272,6 +281,7 @@ http {{
     default_type text/plain;
     server {{
         listen {layout.backend};
+        listen {layout.backend_w};
 {h2c_listen}        location / {{ return 200 "{BODY}"; }}
     }}
 }}
