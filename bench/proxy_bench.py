@@ -124,9 +124,10 @@ ProcessId = tuple[int, float]   # (pid, create time): a pid alone may be reused
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="direct vs haproxy vs meshd single hop vs haproxy two-hop TLS vs meshd "
-        "two hops (mTLS), measured with wrk against an nginx backend on loopback, and the same "
-        "over HTTP/2 (h2c in, h2 between the hops) with h2load; then meshd's RSS with idle "
-        "connections, and issue 5's targets on the last lines.")
+        "two hops (mTLS), measured with wrk against an nginx backend on loopback; the same "
+        "with meshds of N workers against haproxy with N threads; and over HTTP/2 (h2c in, h2 "
+        "between the hops) with h2load; then meshd's RSS per process with idle connections, "
+        "and issue 5's and issue 18's targets on the last lines.")
     p.add_argument("--duration", type=_positive, default=5, metavar="S",
                    help="seconds of each throughput run (default 5)")
     p.add_argument("--latency-duration", type=_positive, default=None, metavar="S",
