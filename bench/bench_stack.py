@@ -218,7 +218,11 @@ class Stack:
                     f"{self.h2c}", (meshd_a, meshd_b), H2LOAD)
         if not any(h.name == "host-d" for h in self.launch.mesh.hosts):
             return single, two, h2
-        return single, two, h2, *await self._workers_rows(client)
+        # a client of their own, closed when ready: a kept-alive probe connection would sit on
+        # one worker and show in the spread of the load's connections over the workers
+        async with probes.http_client() as own:
+            rows = await self._workers_rows(own)
+        return single, two, h2, *rows
 
     async def _workers_rows(self, client: httpx.AsyncClient) -> tuple[Target, Target]:
         """Hosts C and D (``workers = N`` each): ready when D's inbound listener answers
