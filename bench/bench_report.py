@@ -87,14 +87,10 @@ def checks(measurements: Sequence[Measurement], idle: IdleResult | None) -> list
     by_name = {m.name: m for m in measurements}
 
     def rps_ratio(mesh: str, base: str) -> float | None:
-        a, b = by_name.get(mesh), by_name.get(base)
-        return _div(a.requests_per_second, b.requests_per_second) if a and b else None
+        return _rps_ratio(by_name, mesh, base)
 
     def added_p50(mesh: str, hops: int) -> float | None:
-        a, direct = by_name.get(mesh), by_name.get("direct")
-        if a is None or direct is None or a.p50_ms is None or direct.p50_ms is None:
-            return None
-        return (a.p50_ms - direct.p50_ms) / hops
+        return _added_p50(by_name, mesh, hops)
 
     out = [
         Check("single hop req/s", f"{MESH_1HOP} / haproxy", rps_ratio(MESH_1HOP, "haproxy"),
@@ -127,14 +123,10 @@ def checks_issue18(measurements: Sequence[Measurement], idles: Sequence[IdleResu
     by_name = {m.name: m for m in measurements}
 
     def rps_ratio(mesh: str, base: str) -> float | None:
-        a, b = by_name.get(mesh), by_name.get(base)
-        return _div(a.requests_per_second, b.requests_per_second) if a and b else None
+        return _rps_ratio(by_name, mesh, base)
 
     def added_p50(mesh: str, hops: int) -> float | None:
-        a, direct = by_name.get(mesh), by_name.get("direct")
-        if a is None or direct is None or a.p50_ms is None or direct.p50_ms is None:
-            return None
-        return (a.p50_ms - direct.p50_ms) / hops
+        return _added_p50(by_name, mesh, hops)
 
     w = f"{workers} workers vs nbthread {workers}"
     out = [
@@ -403,6 +395,19 @@ def _value(c: Check) -> str:
 def _target(c: Check) -> str:
     unit = f" {c.unit}" if c.unit and c.unit != "count" else ""
     return f"{'>=' if c.at_least else '<='} {c.target:g}{unit}"
+
+
+def _rps_ratio(by_name: dict[str, Measurement], mesh: str, base: str) -> float | None:
+    a, b = by_name.get(mesh), by_name.get(base)
+    return _div(a.requests_per_second, b.requests_per_second) if a and b else None
+
+
+def _added_p50(by_name: dict[str, Measurement], mesh: str, hops: int) -> float | None:
+    """The p50 at c=1 that each of ``hops`` hops of ``mesh`` adds over the direct path."""
+    a, direct = by_name.get(mesh), by_name.get("direct")
+    if a is None or direct is None or a.p50_ms is None or direct.p50_ms is None:
+        return None
+    return (a.p50_ms - direct.p50_ms) / hops
 
 
 def _div(a: float | None, b: float | None) -> float | None:
