@@ -1,8 +1,9 @@
 """Memory with many idle connections: open ``count`` client connections to one listener (host A's
-outbound listener: the two-hop entry), send one keep-alive GET on each and read its answer (so
-each is a real proxied HTTP connection, and host A holds pooled mTLS connections to host B), leave
-them idle, and read each meshd's RSS before and after. Everything is bounded in count and time,
-and every connection is closed again before returning.
+outbound listener: the two-hop entry; host C's for the workers rows), send one keep-alive GET on
+each and read its answer (so each is a real proxied HTTP connection, and host A holds pooled mTLS
+connections to host B), leave them idle, and read the RSS of each meshd process before and after
+(a meshd with workers: its supervisor and each worker separately). Everything is bounded in count
+and time, and every connection is closed again before returning.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 
 import psutil
 import trio
+from bench_observe import process_tree
 
 from meshd.config.mesh_schema import HostPort
 from meshd.dev.supervisor import Child
@@ -32,7 +34,7 @@ MB = 1024 * 1024
 class ProcessMemory:
     """One meshd process before the idle connections were opened, and while they were held."""
 
-    label: str
+    label: str               # the meshd's label, or "<meshd> supervisor" / "<meshd> worker i"
     rss_before: int          # bytes
     rss_after: int           # bytes
     tcp_after: int | None    # established TCP connections of the process while held
@@ -41,6 +43,7 @@ class ProcessMemory:
 @dataclass(frozen=True)
 class IdleResult:
     address: str             # where the connections went
+    entry: str               # the label of the meshd listening there
     wanted: int
     opened: int
     answered: int            # with a 2xx
@@ -69,8 +72,9 @@ def raise_fd_limit(connections: int) -> int:
 
 async def hold_idle_connections(address: HostPort, meshds: Sequence[Child],
                                 count: int = IDLE_CONNECTIONS) -> IdleResult:
-    """Open ``count`` connections to ``address`` with one GET each, hold them idle for
-    ``SETTLE_SECONDS`` and read the RSS of ``meshds``; close them all again."""
+    """Open ``count`` connections to ``address`` (the listener of ``meshds[0]``) with one GET
+    each, hold them idle for ``SETTLE_SECONDS`` and read the RSS of every process of
+    ``meshds``; close them all again."""
     before = _rss(meshds)
     streams: list[trio.SocketStream] = []
     answered = 0
@@ -110,15 +114,14 @@ async def hold_idle_connections(address: HostPort, meshds: Sequence[Child],
         await trio.sleep(SETTLE_SECONDS)
         idle = trio.current_time() - started
         after = _rss(meshds)
-        tcp = {child.label: _established(child) for child in meshds}
+        tcp = _established(meshds)
     finally:
         for stream in streams:
             await trio.aclose_forcefully(stream)
-    processes = tuple(ProcessMemory(child.label, before.get(child.label, 0),
-                                    after.get(child.label, 0), tcp[child.label])
-                      for child in meshds)
-    return IdleResult(str(address), count, len(streams), answered, idle, processes,
-                      errors[0] if errors else None)
+    processes = tuple(ProcessMemory(label, before.get(label, 0), rss, tcp.get(label))
+                      for label, rss in after.items())
+    return IdleResult(str(address), meshds[0].label if meshds else "?", count, len(streams),
+                      answered, idle, processes, errors[0] if errors else None)
 
 
 async def _read_response(stream: trio.SocketStream) -> int:
@@ -151,22 +154,24 @@ async def _read_response(stream: trio.SocketStream) -> int:
 
 
 def _rss(children: Sequence[Child]) -> dict[str, int]:
+    """RSS of every process of ``children`` (a meshd with workers: each separately)."""
     out: dict[str, int] = {}
     for child in children:
-        if child.pid is None:
-            continue
-        try:
-            out[child.label] = psutil.Process(child.pid).memory_info().rss
-        except psutil.Error:
-            continue
+        for label, proc in process_tree(child):
+            try:
+                out[label] = proc.memory_info().rss
+            except psutil.Error:
+                continue
     return out
 
 
-def _established(child: Child) -> int | None:
-    if child.pid is None:
-        return None
-    try:
-        conns = psutil.Process(child.pid).net_connections(kind="tcp")
-    except psutil.Error:
-        return None
-    return sum(1 for c in conns if c.status == psutil.CONN_ESTABLISHED)
+def _established(children: Sequence[Child]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for child in children:
+        for label, proc in process_tree(child):
+            try:
+                conns = proc.net_connections(kind="tcp")
+            except psutil.Error:
+                continue
+            out[label] = sum(1 for c in conns if c.status == psutil.CONN_ESTABLISHED)
+    return out

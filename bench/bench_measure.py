@@ -6,12 +6,13 @@ every path alike)."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import median
 
+import trio
 from bench_h2load import H2loadReport, run_h2load
-from bench_observe import cpu_seconds
+from bench_observe import accepted_connections, cpu_by_process, cpu_seconds
 from bench_stack import H2LOAD, Target
 from bench_wrk import WrkReport, run_wrk
 
@@ -39,7 +40,12 @@ class Sample:
 
     load: LoadReport                       # at LoadSettings.connections (h2: c x m streams)
     latency: LoadReport                    # at c=1 (h2: one connection, one stream)
-    cpu_us_per_request: dict[str, float]   # proxy process label -> CPU µs per request
+    cpu_us_per_request: dict[str, float]   # proxy label -> CPU µs per request (all its processes)
+    # a meshd with workers: each of its processes (supervisor, worker i) -> CPU µs per request
+    cpu_by_process: dict[str, float] = field(default_factory=dict)
+    # a meshd with workers: each worker -> the connections it had accepted halfway through the
+    # throughput run (how the load generator's connections spread)
+    connections: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,9 @@ class Measurement:
     errored: int = 0       # h2load: failed because the stream or connection failed, all runs
     unfinished: int = 0    # h2load: in flight when the throughput runs ended (at most c x m)
     stalled: int = 0       # h2load: runs (throughput or c=1) that started requests, finished none
+    # medians per process of a meshd with workers, and each round's connections per worker
+    cpu_by_process: dict[str, float] = field(default_factory=dict)
+    connections: tuple[dict[str, int], ...] = ()
 
     @property
     def proxy_cpu_us(self) -> float | None:
@@ -90,6 +99,8 @@ class Measurement:
                            if isinstance(s.load, H2loadReport)),
             stalled=sum(r.stalled for s in samples for r in (s.load, s.latency)
                         if isinstance(r, H2loadReport)),
+            cpu_by_process=_medians([s.cpu_by_process for s in samples]),
+            connections=tuple(s.connections for s in samples if s.connections),
         )
 
 
@@ -99,15 +110,39 @@ async def warm_up(target: Target, settings: LoadSettings) -> None:
 
 
 async def measure_round(target: Target, settings: LoadSettings) -> Sample:
-    cpu_before = cpu_seconds(target.proxies)
-    load = await _load(target, settings, settings.seconds)
-    cpu_after = cpu_seconds(target.proxies)
+    """The throughput run with the proxies' CPU time around it (and, for a meshd with workers,
+    each process's, and each worker's accepted connections halfway through), then the c=1
+    run."""
+    cpu_before, split_before = cpu_seconds(target.proxies), cpu_by_process(target.proxies)
+    connections: dict[str, int] = {}
+    loads: list[LoadReport] = []
+
+    async def run_load() -> None:
+        loads.append(await _load(target, settings, settings.seconds))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run_load)
+        if split_before:
+            await trio.sleep(settings.seconds / 2)
+            connections = accepted_connections(target.proxies)
+    load = loads[0]
+    cpu_after, split_after = cpu_seconds(target.proxies), cpu_by_process(target.proxies)
     latency = await _load(target, settings, settings.latency_seconds, one_at_a_time=True)
-    per_request = {
-        label: (cpu_after[label] - cpu_before[label]) * 1e6 / max(load.requests, 1)
-        for label in cpu_after if label in cpu_before
-    }
-    return Sample(load, latency, per_request)
+    requests = max(load.requests, 1)
+    return Sample(load, latency, _per_request(cpu_before, cpu_after, requests),
+                  _per_request(split_before, split_after, requests), connections)
+
+
+def _per_request(before: dict[str, float], after: dict[str, float],
+                 requests: int) -> dict[str, float]:
+    return {label: (after[label] - before[label]) * 1e6 / requests
+            for label in after if label in before}
+
+
+def _medians(rounds: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Per label present in every round, the median over the rounds."""
+    labels = [label for label in rounds[0] if all(label in r for r in rounds)] if rounds else []
+    return {label: median(r[label] for r in rounds) for label in labels}
 
 
 async def _load(target: Target, settings: LoadSettings, seconds: int, *,

@@ -27,18 +27,89 @@ MAX_LOG_LINES = 8
 SampleKey = tuple[str, str, tuple[tuple[str, str], ...]]   # (process, sample name, labels)
 
 
+WORKER_MODULE = "meshd.workers.worker"   # a meshd worker's command line: python -m ... FD
+
+
+def process_tree(child: Child) -> list[tuple[str, psutil.Process]]:
+    """The processes of one proxy, each with a label: the child itself, and (a meshd with
+    ``workers = N``) its worker processes as ``<label> worker <i>`` (oldest first) and any other
+    descendant as ``<label> child <i>``; then the child itself is ``<label> supervisor``."""
+    if child.pid is None:
+        return []
+    try:
+        root = psutil.Process(child.pid)
+        below = sorted(root.children(recursive=True), key=_created)
+    except psutil.Error:
+        return []
+    if not below:
+        return [(child.label, root)]
+    workers = [p for p in below if _is_worker(p)]
+    others = [p for p in below if p not in workers]
+    return [(f"{child.label} supervisor", root),
+            *((f"{child.label} worker {i}", p) for i, p in enumerate(workers, 1)),
+            *((f"{child.label} child {i}", p) for i, p in enumerate(others, 1))]
+
+
+def _created(proc: psutil.Process) -> float:
+    try:
+        return float(proc.create_time())
+    except psutil.Error:
+        return 0.0
+
+
+def _is_worker(proc: psutil.Process) -> bool:
+    try:
+        return WORKER_MODULE in proc.cmdline()
+    except psutil.Error:
+        return False
+
+
+def _cpu(proc: psutil.Process) -> float | None:
+    try:
+        times = proc.cpu_times()
+    except psutil.Error:
+        return None
+    return float(times.user + times.system)
+
+
 def cpu_seconds(children: Iterable[Child]) -> dict[str, float]:
-    """User + system CPU seconds so far of each child's current process (absent if it is not
-    running)."""
+    """User + system CPU seconds so far of each child's current process and all its descendants
+    (a meshd with workers: the supervisor and every worker; absent if it is not running)."""
     out: dict[str, float] = {}
     for child in children:
-        if child.pid is None:
-            continue
-        try:
-            times = psutil.Process(child.pid).cpu_times()
-        except psutil.Error:
-            continue
-        out[child.label] = times.user + times.system
+        times = [t for _, proc in process_tree(child) if (t := _cpu(proc)) is not None]
+        if times:
+            out[child.label] = sum(times)
+    return out
+
+
+def cpu_by_process(children: Iterable[Child]) -> dict[str, float]:
+    """CPU seconds so far of each process of the children that have more than one (a meshd's
+    supervisor and workers, labelled as ``process_tree`` does)."""
+    out: dict[str, float] = {}
+    for child in children:
+        tree = process_tree(child)
+        if len(tree) > 1:
+            out |= {label: t for label, proc in tree if (t := _cpu(proc)) is not None}
+    return out
+
+
+def accepted_connections(children: Iterable[Child]) -> dict[str, int]:
+    """For the children with workers: how many established TCP connections each worker holds
+    on one of its own listening sockets (the connections it accepted), now."""
+    out: dict[str, int] = {}
+    for child in children:
+        tree = process_tree(child)
+        for label, proc in tree[1:] if len(tree) > 1 else ():
+            try:
+                conns = proc.net_connections(kind="tcp")
+            except psutil.Error:
+                continue
+            listening = {(c.laddr.ip, c.laddr.port) for c in conns
+                         if c.status == psutil.CONN_LISTEN}
+            out[label] = sum(1 for c in conns if c.status == psutil.CONN_ESTABLISHED
+                             and ((c.laddr.ip, c.laddr.port) in listening
+                                  or ("0.0.0.0", c.laddr.port) in listening))
     return out
 
 

@@ -3,7 +3,9 @@
 py-spy samples a running process from outside (no change to meshd, no restart), so the profile is
 of the daemon exactly as benchmarked. One ``py-spy record --format raw`` per meshd runs for as long
 as the block; idle samples (trio waiting in epoll) are left out, so the profile is the CPU spent on
-requests. Stopped with SIGINT, py-spy writes its collapsed stacks (``DIR/<meshd>.folded``, one
+requests. A meshd with workers gets one py-spy per process (its supervisor and each worker:
+``DIR/<tag>-meshd-<host>-worker-<i>.folded``), so each worker's share of the load shows too.
+Stopped with SIGINT, py-spy writes its collapsed stacks (``DIR/<meshd>.folded``, one
 line per distinct stack and its sample count: the input of flamegraph tools and speedscope); this
 module then writes ``DIR/<meshd>.txt``, the functions with the most samples on the CPU themselves
 (self) and under them (total), as shares of all samples.
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import trio
+from bench_observe import process_tree
 
 from meshd.dev.supervisor import Child
 
@@ -95,9 +98,10 @@ def format_report(label: str, samples: int, shares: Sequence[FunctionShare]) -> 
 @asynccontextmanager
 async def profiled(directory: Path | None, proxies: Sequence[Child],
                    tag: str) -> AsyncIterator[None]:
-    """Record each meshd of ``proxies`` with py-spy while the block runs (nothing if
-    ``directory`` is None) into ``DIR/<tag>-<meshd>.folded`` and ``.txt``; the profilers are
-    stopped, and the reports written, also when the block fails."""
+    """Record each meshd process of ``proxies`` (with workers: the supervisor and each worker)
+    with py-spy while the block runs (nothing if ``directory`` is None) into
+    ``DIR/<tag>-<process>.folded`` and ``.txt``; the profilers are stopped, and the reports
+    written, also when the block fails."""
     if directory is None:
         yield
         return
@@ -105,16 +109,16 @@ async def profiled(directory: Path | None, proxies: Sequence[Child],
     await trio.Path(directory).mkdir(parents=True, exist_ok=True)
     running: list[tuple[str, Path, trio.Process]] = []
     try:
-        for child in proxies:
-            if child.pid is None or not child.label.startswith("meshd"):
-                continue
-            folded = directory / f"{tag}-{child.label.replace(' ', '-')}.folded"
+        targets = [(label, proc.pid) for child in proxies if child.label.startswith("meshd")
+                   for label, proc in process_tree(child)]
+        for label, pid in targets:
+            folded = directory / f"{tag}-{label.replace(' ', '-')}.folded"
             process = await trio.lowlevel.open_process(
-                [program, "record", "--pid", str(child.pid), "--format", "raw",
+                [program, "record", "--pid", str(pid), "--format", "raw",
                  "--rate", str(SAMPLE_RATE), "--nonblocking", "--output", str(folded)],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL)
-            running.append((child.label, folded, process))
+            running.append((label, folded, process))
         yield
     finally:
         with trio.CancelScope(shield=True):

@@ -59,6 +59,9 @@ PACKAGES = {"haproxy": "haproxy", "wrk": "wrk", "nginx": "nginx-light",
             "h2load": "nghttp2-client", "nghttpd": "nghttp2-server"}
 # what serves h2c to the HTTP/2 paths (``--h2-backend``)
 NGHTTPD, NGINX = "nghttpd", "nginx"
+# the workers rows (``--workers N``, default 2: the names keep "2" whatever N is)
+MESH_1HOP_W, MESH_2HOP_W = "meshd-1hop-w2", "meshd-2hop-w2"
+HAPROXY_T, HAPROXY_2HOP_T = "haproxy-t2", "haproxy-2hop-t2"
 WRK, H2LOAD = "wrk", "h2load"   # the load generators: HTTP/1.1 and HTTP/2 (h2c)
 # nginx and haproxy live in /usr/sbin, which a user's PATH may lack
 SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin",
@@ -99,12 +102,13 @@ class Target:
     tool: str = WRK
 
 
-def write_mesh_file(layout: Layout, run_dir: RunDir) -> tuple[Path, MeshConfig]:
+def write_mesh_file(layout: Layout, run_dir: RunDir,
+                    workers: int = 0) -> tuple[Path, MeshConfig]:
     """Write the benchmark's mesh.toml (and its route table) into the run dir and parse it as
-    ``meshd up`` does."""
-    (run_dir.root / ROUTES_FILE).write_text(routes_toml())
+    ``meshd up`` does; with ``workers`` > 0 it has the workers rows' hosts C and D."""
+    (run_dir.root / ROUTES_FILE).write_text(routes_toml(workers=workers > 0))
     path = run_dir.root / "mesh.toml"
-    path.write_text(mesh_toml(layout))
+    path.write_text(mesh_toml(layout, workers=workers))
     return path, load_mesh(path)
 
 
@@ -124,8 +128,9 @@ class Stack:
 
     def __init__(self, tools: Tools, layout: Layout, run_dir: RunDir, mesh_file: Path,
                  mesh: MeshConfig, supervisor: Supervisor, console: Console,
-                 meshd_log_level: str, h2_backend: str = NGHTTPD) -> None:
+                 meshd_log_level: str, h2_backend: str = NGHTTPD, workers: int = 2) -> None:
         self.tools = tools
+        self.workers = workers   # of the workers rows' meshds, and haproxy's nbthread beside
         self.layout = layout
         self.run_dir = run_dir
         self.supervisor = supervisor
@@ -168,6 +173,16 @@ class Stack:
                                         MESHD_GROUP)
         return Target("haproxy", url, "wrk -> haproxy (HTTP, keep-alive) -> nginx", (child,))
 
+    async def start_haproxy_threads(self, client: httpx.AsyncClient) -> Target:
+        """The workers rows' baseline: one haproxy with ``nbthread N``."""
+        n = self.workers
+        conf = self._write(f"haproxy-t{n}.cfg", haproxy_l7_conf(self.layout, threads=n))
+        url = f"http://{self.layout.haproxy_threads}/"
+        child = await self._start_ready(client, f"haproxy t{n}", self._haproxy_argv(conf), url,
+                                        MESHD_GROUP)
+        return Target(HAPROXY_T, url,
+                      f"wrk -> haproxy (HTTP, keep-alive, nbthread {n}) -> nginx", (child,))
+
     async def start_haproxy_h2(self) -> Target:
         conf = self._write("haproxy-h2.cfg", haproxy_h2_conf(self.layout))
         child = await self.supervisor.start(self._spec("haproxy h2", self._haproxy_argv(conf),
@@ -177,10 +192,11 @@ class Stack:
         return Target("h2-haproxy", url, f"h2load -> haproxy (proto h2) -> {self.h2c}",
                       (child,), H2LOAD)
 
-    async def start_mesh(self, client: httpx.AsyncClient) -> tuple[Target, Target, Target]:
+    async def start_mesh(self, client: httpx.AsyncClient) -> tuple[Target, ...]:
         """``meshd up``'s bring_up: registry, CA, two ``meshd run``; ready when host A sees B,
         host B's inbound listener answers plaintext HTTP and host A's h2 outbound port answers
-        h2c. The single-hop, the two-hop and the HTTP/2 two-hop path."""
+        h2c. The single-hop, the two-hop and the HTTP/2 two-hop path; with the workers hosts
+        in the mesh.toml, the two workers rows too."""
         await bring_up(self.launch, self.console, self.supervisor)
         host_a, host_b = self.mesh_host("host-a"), self.mesh_host("host-b")
         self._check_permissive(host_b)
@@ -200,7 +216,34 @@ class Stack:
         h2 = Target("h2-meshd-2hop", h2_url,
                     "h2load -> meshd A outbound (h2c) -> h2 over mTLS -> meshd B inbound -> "
                     f"{self.h2c}", (meshd_a, meshd_b), H2LOAD)
-        return single, two, h2
+        if not any(h.name == "host-d" for h in self.launch.mesh.hosts):
+            return single, two, h2
+        # a client of their own, closed when ready: a kept-alive probe connection would sit on
+        # one worker and show in the spread of the load's connections over the workers
+        async with probes.http_client() as own:
+            rows = await self._workers_rows(own)
+        return single, two, h2, *rows
+
+    async def _workers_rows(self, client: httpx.AsyncClient) -> tuple[Target, Target]:
+        """Hosts C and D (``workers = N`` each): ready when D's inbound listener answers
+        plaintext and C's outbound listener answers through both."""
+        host_c, host_d = self.mesh_host("host-c"), self.mesh_host("host-d")
+        meshd_c, meshd_d = self.child(f"meshd {host_c.name}"), self.child(f"meshd {host_d.name}")
+        n = self.workers
+        single_url = f"http://{host_d.inbound}/"
+        await probes.wait_ready(probes.http_ok(client, single_url),
+                                what="meshd host-d's inbound listener (plaintext)",
+                                how=f"GET {single_url}", give_up_after=READY_TIMEOUT,
+                                child=meshd_d)
+        two_url = f"http://{self.layout.mesh_outbound_w}/"
+        await probes.wait_ready(probes.http_ok(client, two_url),
+                                what="meshd host-c's outbound listener", how=f"GET {two_url}",
+                                give_up_after=READY_TIMEOUT, child=meshd_c)
+        return (Target(MESH_1HOP_W, single_url,
+                       f"wrk -> meshd D inbound ({n} workers, plaintext) -> nginx", (meshd_d,)),
+                Target(MESH_2HOP_W, two_url,
+                       f"wrk -> meshd C outbound -> mTLS -> meshd D inbound ({n} workers each) "
+                       "-> nginx", (meshd_c, meshd_d)))
 
     def mesh_host(self, name: str) -> MeshHost:
         for host in self.launch.mesh.hosts:
@@ -222,6 +265,23 @@ class Stack:
         return Target("haproxy-2hop", url,
                       "wrk -> haproxy A -> TLS 1.3, client certs -> haproxy B -> nginx",
                       (hop_a, hop_b))
+
+    async def start_haproxy_two_hop_threads(self, client: httpx.AsyncClient) -> Target:
+        """The two-hop pair with ``nbthread N`` each, on its own addresses."""
+        tls = await self._certificates()
+        n = self.workers
+        conf_b = self._write(f"haproxy-hop-b-t{n}.cfg",
+                             haproxy_hop_b_conf(self.layout, tls, threads=n))
+        conf_a = self._write(f"haproxy-hop-a-t{n}.cfg",
+                             haproxy_hop_a_conf(self.layout, tls, threads=n))
+        hop_b = await self.supervisor.start(self._spec(f"haproxy hop B t{n}",
+                                                       self._haproxy_argv(conf_b), MESHD_GROUP))
+        url = f"http://{self.layout.hop_a_threads}/"
+        hop_a = await self._start_ready(client, f"haproxy hop A t{n}",
+                                        self._haproxy_argv(conf_a), url, MESHD_GROUP)
+        return Target(HAPROXY_2HOP_T, url,
+                      f"wrk -> haproxy A -> TLS 1.3, client certs -> haproxy B -> nginx "
+                      f"(nbthread {n} each)", (hop_a, hop_b))
 
     async def start_haproxy_h2_two_hop(self) -> Target:
         """The HTTP/2 pair: h2c into hop A, h2 over TLS 1.3 (ALPN h2, client certificates)

@@ -6,6 +6,13 @@
   haproxy-2hop  wrk -> haproxy A -> TLS 1.3 with client certificates -> haproxy B -> nginx
   meshd-2hop    wrk -> meshd host A outbound -> mTLS -> meshd host B inbound -> nginx
 
+the workers rows (issue 18; N = --workers, default 2), in the same interleaved rounds:
+
+  haproxy-t2       as haproxy, with nbthread N
+  meshd-1hop-w2    as meshd-1hop, through host D: a meshd with workers = N
+  haproxy-2hop-t2  as haproxy-2hop, both with nbthread N
+  meshd-2hop-w2    as meshd-2hop, through hosts C and D: meshds with workers = N
+
 and the same over HTTP/2, loaded by h2load (several connections, concurrent streams on each):
 
   h2-direct        h2load -> nginx (h2c)
@@ -15,8 +22,9 @@ and the same over HTTP/2, loaded by h2load (several connections, concurrent stre
 
 For each path: req/s at a fixed concurrency, latency p50/p99 at concurrency 1, and the proxies'
 CPU time per request; then the meshd paths' ratios to each baseline. After the rounds, 1000 idle
-client connections are held open to host A's outbound listener and each meshd's RSS is read.
-The last lines compare the results with issue 5's targets (met / not met). Everything listens on
+client connections are held open to host A's outbound listener (and then to host C's) and the
+RSS of each meshd process is read. The last lines compare the results with issue 5's targets
+and issue 18's (met / not met). Everything listens on
 loopback and every process started is stopped at the end (also on Ctrl-C or failure), which is
 checked.
 
@@ -38,7 +46,7 @@ from typing import TextIO
 import httpx
 import psutil
 import trio
-from bench_configs import LOADGEN_SERVICE, Layout
+from bench_configs import LOADGEN_SERVICE, LOADGEN_W_SERVICE, Layout
 from bench_h2load import H2LOAD_GRACE, H2loadError
 from bench_idle import (
     IDLE_CONNECTIONS,
@@ -55,7 +63,9 @@ from bench_report import (
     H2_MESH_2HOP,
     MESH_1HOP,
     MESH_2HOP,
+    TARGETS_18_TITLE,
     checks,
+    checks_issue18,
     format_checks,
     format_details,
     format_idle,
@@ -63,6 +73,10 @@ from bench_report import (
     to_json,
 )
 from bench_stack import (
+    HAPROXY_2HOP_T,
+    HAPROXY_T,
+    MESH_1HOP_W,
+    MESH_2HOP_W,
     NGHTTPD,
     NGINX,
     PACKAGES,
@@ -84,17 +98,23 @@ from meshd.errors import MeshError
 
 # issue 5's order, then the HTTP/2 paths (issue 15); the rounds are interleaved in this order
 HTTP1_PATHS = ("direct", "haproxy", MESH_1HOP, "haproxy-2hop", MESH_2HOP)
+# issue 18: N workers beside haproxy with N threads
+WORKERS_PATHS = (HAPROXY_T, MESH_1HOP_W, HAPROXY_2HOP_T, MESH_2HOP_W)
 H2_PATHS = ("h2-direct", "h2-haproxy", "h2-haproxy-2hop", H2_MESH_2HOP)
-PATHS = (*HTTP1_PATHS, *H2_PATHS)
+PATHS = (*HTTP1_PATHS, *WORKERS_PATHS, *H2_PATHS)
 # --paths shorthands: the names of earlier versions, and each protocol's paths
-PATH_ALIASES = {"meshd": (MESH_1HOP, MESH_2HOP), "http1": HTTP1_PATHS, "h2": H2_PATHS}
+PATH_ALIASES = {"meshd": (MESH_1HOP, MESH_2HOP), "http1": HTTP1_PATHS,
+                "workers": WORKERS_PATHS, "h2": H2_PATHS}
 # need the mesh (the haproxy pairs: its CA)
-MESH_PATHS = (MESH_1HOP, MESH_2HOP, "haproxy-2hop", "h2-haproxy-2hop", H2_MESH_2HOP)
+MESH_PATHS = (MESH_1HOP, MESH_2HOP, "haproxy-2hop", "h2-haproxy-2hop", H2_MESH_2HOP,
+              MESH_1HOP_W, MESH_2HOP_W, HAPROXY_2HOP_T)
+MESHD_W_PATHS = (MESH_1HOP_W, MESH_2HOP_W)   # need hosts C and D (meshds with workers)
 EXIT_OK, EXIT_FAILED, EXIT_MISSING_TOOLS, EXIT_INTERRUPTED = 0, 1, 2, 130
 # lines of the supervisor (in the console log) that say a child misbehaved
 SUPERVISOR_TROUBLE = ("exited", "did not stop", "left behind", "restart", "could not be started")
 
 HOST_A, HOST_B = "meshd host-a", "meshd host-b"
+HOST_C, HOST_D = "meshd host-c", "meshd host-d"   # the workers rows' meshds
 # seconds without load before the counts of the two meshds are compared again
 SETTLE_UNFINISHED = 5.0
 
@@ -104,9 +124,10 @@ ProcessId = tuple[int, float]   # (pid, create time): a pid alone may be reused
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="direct vs haproxy vs meshd single hop vs haproxy two-hop TLS vs meshd "
-        "two hops (mTLS), measured with wrk against an nginx backend on loopback, and the same "
-        "over HTTP/2 (h2c in, h2 between the hops) with h2load; then meshd's RSS with idle "
-        "connections, and issue 5's targets on the last lines.")
+        "two hops (mTLS), measured with wrk against an nginx backend on loopback; the same "
+        "with meshds of N workers against haproxy with N threads; and over HTTP/2 (h2c in, h2 "
+        "between the hops) with h2load; then meshd's RSS per process with idle connections, "
+        "and issue 5's and issue 18's targets on the last lines.")
     p.add_argument("--duration", type=_positive, default=5, metavar="S",
                    help="seconds of each throughput run (default 5)")
     p.add_argument("--latency-duration", type=_positive, default=None, metavar="S",
@@ -129,12 +150,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "here) or a second, HTTP/2-only port of the nginx backend")
     p.add_argument("--paths", type=_paths, default=PATHS, metavar="LIST",
                    help=f"comma-separated subset of {','.join(PATHS)} (default: all; "
-                   "'meshd' means both HTTP/1.1 meshd paths, 'http1' the HTTP/1.1 paths, 'h2' "
+                   "'meshd' means both HTTP/1.1 meshd paths, 'http1' the five HTTP/1.1 paths "
+                   "of one process or thread per proxy, 'workers' the four workers rows, 'h2' "
                    "the HTTP/2 paths)")
+    p.add_argument("--workers", type=_positive, default=2, metavar="N",
+                   help="worker processes of the workers rows' meshds (meshd-1hop-w2, "
+                   "meshd-2hop-w2) and threads of their haproxy baselines (haproxy-t2, "
+                   "haproxy-2hop-t2) (default 2; the row names keep '2')")
     p.add_argument("--idle-connections", type=_natural, default=IDLE_CONNECTIONS, metavar="N",
                    help="idle client connections held open to host A's outbound listener "
                    f"while each meshd's RSS is read, after the rounds (default {IDLE_CONNECTIONS}"
-                   f"; 0 skips it; only with {MESH_2HOP})")
+                   f"; 0 skips it; only with {MESH_2HOP}); with {MESH_2HOP_W} the same again to "
+                   "host C's")
     p.add_argument("--prefix", default="127.77.0", metavar="A.B.C",
                    help="the loopback /24 everything listens in (default 127.77.0)")
     p.add_argument("--meshd-log-level", default="warning",
@@ -192,6 +219,7 @@ class Outcome:
     measurements: list[Measurement] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)           # meshd under load
     idle: IdleResult | None = None                            # RSS with idle connections
+    idle_workers: IdleResult | None = None                    # the same, hosts C and D
     process_notes: list[str] = field(default_factory=list)   # the supervisor's complaints
     error: str | None = None
     interrupted: bool = False
@@ -270,19 +298,27 @@ async def bring_up_and_measure(stack: Stack, settings: LoadSettings, paths: tupl
                     + (f"{p50:.3f} ms" if p50 is not None else "?"))
             outcome.measurements = [Measurement.of(targets[name], samples[name])
                                     for name in paths]
-        if any(p in paths for p in (MESH_1HOP, MESH_2HOP, H2_MESH_2HOP)):
+        if any(p in paths for p in (MESH_1HOP, MESH_2HOP, H2_MESH_2HOP, *MESHD_W_PATHS)):
+            # each single-hop listener (host B's, host D's) sees wrk's probe once per run
             single_hop_runs = ((settings.warmup_seconds > 0) + 2 * settings.rounds
-                               if MESH_1HOP in paths else 0)
+                               if MESH_1HOP in paths or MESH_1HOP_W in paths else 0)
             after = await observer.snapshot(client)
             outcome.notes += observer.notes(before, after, single_hop_runs)
             outcome.notes += await unfinished_requests(observer, client, after)
         if MESH_2HOP in paths and idle_connections > 0:
-            meshds = [c for c in stack.supervisor.children if c.label.startswith("meshd ")]
             say(f"holding {idle_connections} idle connections to "
                 f"{stack.layout.mesh_outbound} (host A's outbound listener), reading RSS")
-            outcome.idle = await hold_idle_connections(stack.layout.mesh_outbound, meshds,
-                                                       idle_connections)
+            outcome.idle = await hold_idle_connections(
+                stack.layout.mesh_outbound, [stack.child(HOST_A), stack.child(HOST_B)],
+                idle_connections)
             say("  " + format_idle(outcome.idle).splitlines()[-1])
+        if MESH_2HOP_W in paths and idle_connections > 0:
+            say(f"holding {idle_connections} idle connections to "
+                f"{stack.layout.mesh_outbound_w} (host C's outbound listener), reading RSS")
+            outcome.idle_workers = await hold_idle_connections(
+                stack.layout.mesh_outbound_w, [stack.child(HOST_C), stack.child(HOST_D)],
+                idle_connections)
+            say("  " + format_idle(outcome.idle_workers).splitlines()[-1])
 
 
 async def unfinished_requests(observer: MeshObserver, client: httpx.AsyncClient,
@@ -292,16 +328,18 @@ async def unfinished_requests(observer: MeshObserver, client: httpx.AsyncClient,
     with requests in flight (h2load up to -c x -m, wrk up to -c); host A counts none of those
     whose client left before the answer, host B answered them: a gap up to about that many per
     run is expected, more means requests lost or stuck between the hops."""
-    gaps = hop_gaps(after.counters, HOST_A, HOST_B, LOADGEN_SERVICE)
-    if not gaps:
+    pairs = ((HOST_A, HOST_B, LOADGEN_SERVICE), (HOST_C, HOST_D, LOADGEN_W_SERVICE))
+    if not any(hop_gaps(after.counters, *pair) for pair in pairs):
         return []
     await trio.sleep(SETTLE_UNFINISHED)
-    gaps = hop_gaps((await observer.snapshot(client)).counters, HOST_A, HOST_B, LOADGEN_SERVICE)
-    return [f"{HOST_B} answered {inner:.0f} requests for {dest} from {LOADGEN_SERVICE}, "
-            f"{HOST_A} counted {outer:.0f} ({inner - outer:+.0f}, {SETTLE_UNFINISHED:g} s "
-            "after the load): host A does not count requests whose client left before the "
-            "answer (each load run ends with some in flight)"
-            for dest, (outer, inner) in gaps.items()]
+    counters = (await observer.snapshot(client)).counters
+    return [f"{inner_host} answered {inner:.0f} requests for {dest} from {source}, "
+            f"{outer_host} counted {outer:.0f} ({inner - outer:+.0f}, {SETTLE_UNFINISHED:g} s "
+            "after the load): the outer hop does not count requests whose client left before "
+            "the answer (each load run ends with some in flight)"
+            for outer_host, inner_host, source in pairs
+            for dest, (outer, inner) in hop_gaps(counters, outer_host, inner_host,
+                                                 source).items()]
 
 
 async def start_targets(stack: Stack, client: httpx.AsyncClient,
@@ -311,11 +349,17 @@ async def start_targets(stack: Stack, client: httpx.AsyncClient,
     steps: list[tuple[str, bool, Callable[[], Awaitable[Target | tuple[Target, ...]]]]] = [
         ("nginx", True, lambda: stack.start_backend(client)),
         ("haproxy", "haproxy" in paths, lambda: stack.start_haproxy(client)),
+        (f"haproxy nbthread {stack.workers}", HAPROXY_T in paths,
+         lambda: stack.start_haproxy_threads(client)),
         ("haproxy h2", "h2-haproxy" in paths, stack.start_haproxy_h2),
-        ("the mesh (registry, CA, 2 x meshd run)",
+        ("the mesh (registry, CA, 2 x meshd run"
+         + (f", 2 more with {stack.workers} workers each)"
+            if any(p in paths for p in MESHD_W_PATHS) else ")"),
          any(p in paths for p in MESH_PATHS), lambda: stack.start_mesh(client)),
         ("haproxy two-hop", "haproxy-2hop" in paths,
          lambda: stack.start_haproxy_two_hop(client)),
+        (f"haproxy two-hop, nbthread {stack.workers}", HAPROXY_2HOP_T in paths,
+         lambda: stack.start_haproxy_two_hop_threads(client)),
         ("haproxy h2 two-hop", "h2-haproxy-2hop" in paths, stack.start_haproxy_h2_two_hop),
     ]
     targets: dict[str, Target] = {}
@@ -409,14 +453,17 @@ def default_timeout(settings: LoadSettings, paths: tuple[str, ...]) -> float:
     grace = max(WRK_GRACE, H2LOAD_GRACE)
     per_round = settings.seconds + settings.latency_seconds + 2 * grace
     per_path = settings.warmup_seconds + grace + per_round * settings.rounds
-    idle = IDLE_TIME_LIMIT + SETTLE_SECONDS + 30.0 if MESH_2HOP in paths else 0.0
+    idle = (IDLE_TIME_LIMIT + SETTLE_SECONDS + 30.0) * ((MESH_2HOP in paths)
+                                                        + (MESH_2HOP_W in paths))
     return 180.0 + per_path * len(paths) + idle
 
 
 def print_results(outcome: Outcome, settings: LoadSettings, as_json: bool,
-                  stream: TextIO) -> None:
+                  stream: TextIO, workers: int = 2) -> None:
+    idles = [i for i in (outcome.idle, outcome.idle_workers) if i is not None]
     if as_json:
-        document = to_json(outcome.measurements, settings, outcome.notes, outcome.idle)
+        document = to_json(outcome.measurements, settings, outcome.notes, outcome.idle,
+                           outcome.idle_workers, workers)
         document["process_notes"] = outcome.process_notes
         document["machine"] = {"cpus": psutil.cpu_count(), "load_before": outcome.load_before,
                                "load_after": outcome.load_after}
@@ -428,11 +475,12 @@ def print_results(outcome: Outcome, settings: LoadSettings, as_json: bool,
             parts.append("processes (from the supervisor):\n" + "\n".join(
                 f"  {line}" for line in outcome.process_notes))
         parts.append(outcome.machine_line())
-        if outcome.idle is not None:
-            parts.append(format_idle(outcome.idle))
-        # the last lines: req/s, p50, p99 per path, the ratios, and issue 5's targets
+        parts += [format_idle(idle) for idle in idles]
+        # the last lines: req/s, p50, p99 per path, the ratios, issue 5's targets, issue 18's
         parts.append(format_summary(outcome.measurements, settings))
         parts.append(format_checks(checks(outcome.measurements, outcome.idle)))
+        parts.append(format_checks(checks_issue18(outcome.measurements, idles, workers),
+                                   TARGETS_18_TITLE))
         stream.write("\n\n".join(p for p in parts if p) + "\n")
 
 
@@ -455,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
         except ProfilerMissing as exc:
             say(str(exc))
             return EXIT_MISSING_TOOLS
-    if MESH_2HOP in args.paths and args.idle_connections > 0:
+    if (MESH_2HOP in args.paths or MESH_2HOP_W in args.paths) and args.idle_connections > 0:
         # before anything starts: the meshds inherit the limit and hold as many sockets
         fitting = raise_fd_limit(args.idle_connections)
         if fitting < args.idle_connections:
@@ -478,7 +526,8 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace, tools: Tools, layout: Layout, run_dir: RunDir,
         settings: LoadSettings) -> tuple[int, bool]:
     """The exit code, and whether to keep the run dir for debugging."""
-    mesh_file, mesh = write_mesh_file(layout, run_dir)
+    with_workers = any(p in args.paths for p in MESHD_W_PATHS)
+    mesh_file, mesh = write_mesh_file(layout, run_dir, args.workers if with_workers else 0)
     busy = ports_in_use(all_claims(layout, mesh))
     if busy:
         for line in busy:
@@ -491,7 +540,7 @@ def run(args: argparse.Namespace, tools: Tools, layout: Layout, run_dir: RunDir,
         console = Console(console_stream, color=False)
         supervisor = Supervisor(console, stop_timeout=5.0, sweep_all_descendants=True)
         stack = Stack(tools, layout, run_dir, mesh_file, mesh, supervisor, console,
-                      args.meshd_log_level, args.h2_backend)
+                      args.meshd_log_level, args.h2_backend, args.workers)
         settings = replace(settings, scratch=stack.work)   # h2load's per-request logs
         timeout = args.timeout or default_timeout(settings, args.paths)
         load_before = psutil.getloadavg()[0]
@@ -501,7 +550,7 @@ def run(args: argparse.Namespace, tools: Tools, layout: Layout, run_dir: RunDir,
     outcome.process_notes = supervisor_trouble(console_log)
     clean = verify_cleanup(outcome.started)
     if outcome.measurements:
-        print_results(outcome, settings, args.json, sys.stdout)
+        print_results(outcome, settings, args.json, sys.stdout, args.workers)
     if outcome.interrupted:
         return EXIT_INTERRUPTED, False
     if outcome.error is not None:
