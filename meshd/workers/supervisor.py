@@ -147,11 +147,14 @@ class WorkerSet:
         return [w.collected.families for w in self._workers if w.collected is not None]
 
     def processes(self) -> list[dict[str, Any]]:
-        """Each worker's pid, CPU seconds and RSS (``/v1/state``'s ``process.workers``)."""
+        """Each worker's pid, CPU seconds, RSS and accepted connections open
+        (``/v1/state``'s ``process.workers``)."""
         out = []
         for worker in self._workers:
             row: dict[str, Any] = {"index": worker.index, "ready": worker.ready,
                                    "restarts": worker.restarts}
+            if worker.collected is not None:  # (as of the last gather)
+                row["connections"] = dict(worker.collected.open_connections)
             if worker.process is not None and worker.process.returncode is None:
                 try:
                     proc = psutil.Process(worker.process.pid)

@@ -137,6 +137,7 @@ async def test_a_host_with_two_workers_serves_counts_and_survives_a_killed_worke
     state = (await http.get(f"{admin}/v1/state")).json()
     workers = state["process"]["workers"]
     assert [w["index"] for w in workers] == [0, 1] and all(w["ready"] for w in workers)
+    assert all(set(w["connections"]) >= {"inbound", "outbound", "gateway"} for w in workers)
     pids = worker_pids(host_a)
     assert len(pids) == 2 and os.getpid() not in pids
     assert all(psutil.Process(pid).ppid() == os.getpid() for pid in pids)
