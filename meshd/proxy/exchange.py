@@ -84,6 +84,9 @@ class RequestSource:
         self._body_bytes = 0
         self._events: deque[Event] = deque()
         self._eof = False
+        # the stream's read without waiting (sockio, streams), if it has one
+        self._receive_nowait: Callable[[int], bytes | None] | None = getattr(
+            stream, "receive_nowait", None)
 
     @property
     def has_input(self) -> bool:
@@ -96,6 +99,26 @@ class RequestSource:
         """Whether ``next_event`` can answer without reading (an event, the end of the
         stream, or an error to raise)."""
         return bool(self._events) or self._eof or self.reader.pending_error is not None
+
+    def fill_nowait(self) -> bool:
+        """Read and parse what the client already sent, without waiting; False when nothing
+        was there (or the stream cannot tell: it has no ``receive_nowait``). Raises like
+        ``next_event``."""
+        receive = self._receive_nowait
+        if receive is None or self.reader.pending_error is not None:
+            return False
+        try:
+            data = receive(CHUNK)
+        except STREAM_ERRORS as exc:
+            raise ClientGone(f"client connection failed: {exc}") from exc
+        if data is None:
+            return False
+        if data:
+            self._events.extend(self.reader.feed(data))
+        else:
+            self._eof = True
+            self._events.extend(self.reader.feed_eof())
+        return True
 
     async def fill(self) -> None:
         """Read once from the client and parse what came. Raises like ``next_event``."""

@@ -86,6 +86,21 @@ class SocketConnection(trio.abc.HalfCloseableStream):
         finally:
             self._receiving = False
 
+    def receive_nowait(self, max_bytes: int | None = None) -> bytes | None:
+        """What ``receive_some`` would return if it did not have to wait (b"" at the end of
+        the stream), or None if it would wait. Not a checkpoint: for a caller that would
+        otherwise set up a timeout just to wait (docs/performance.md, "What paid in meshd")."""
+        if self._receiving:
+            raise trio.BusyResourceError("another task is receiving on this connection")
+        if self._closed:
+            raise trio.ClosedResourceError("the connection is closed")
+        try:
+            return self.socket.recv(max_bytes or RECEIVE_SIZE)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            raise _broken(exc) from exc
+
     def idle_unusable(self) -> bool:
         """For a connection at rest between requests: whether something is waiting to be read
         (the peer's EOF, a reset, bytes nobody asked for). Then it cannot carry a new request:
