@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, cast
 
 import trio
 
@@ -175,6 +175,27 @@ class BodySource(Protocol):
     async def next_event(self) -> Event | RequestTrailers | None: ...
 
 
+class _KeepsReader(Protocol):
+    response_reader: object
+
+
+def _response_reader(upstream: trio.abc.Stream, request: RequestHead) -> ResponseReader:
+    """The reader of the response to ``request``: the one the upstream connection kept from
+    its previous exchange, reset, when it can be (``ResponseReader.next_response``), and kept
+    for the next (a connection of ``sockio`` or ``streams`` has a ``response_reader``)."""
+    kept = getattr(upstream, "response_reader", _MISSING)
+    if isinstance(kept, ResponseReader):
+        reader = kept.next_response(request.method, request.upgrade)
+    else:
+        reader = ResponseReader(request.method, request.upgrade)
+    if kept is not _MISSING:
+        cast(_KeepsReader, upstream).response_reader = reader
+    return reader
+
+
+_MISSING = object()
+
+
 # How much of a response held back for a retry is read (and thrown away) to keep its
 # connection; a longer one closes the connection instead.
 HELD_DRAIN_LIMIT = 64 * 1024
@@ -231,7 +252,7 @@ class Exchange:
         self._drained = False  # a held response was read to its end
         self.client_error: ProxyError | None = None
         self.upstream_error: UpstreamFailed | None = None
-        self._reader = ResponseReader(request.method, request.upgrade)
+        self._reader = _response_reader(upstream, request)
         self._pending: deque[Event] = deque()
 
     @property

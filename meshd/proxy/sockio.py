@@ -49,6 +49,9 @@ class SocketConnection(trio.abc.HalfCloseableStream):
         self._sending = False
         self._closed = False
         self._run = 0  # operations completed in a row without waiting
+        # what HTTP/1.1 keeps with an upstream connection between exchanges: its response
+        # reader (``meshd.proxy.exchange``), reset rather than built again for each request
+        self.response_reader: object = None
 
     @classmethod
     def from_trio(cls, sock: trio.socket.SocketType) -> SocketConnection:

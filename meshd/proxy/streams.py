@@ -60,6 +60,9 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._closed = False
         self._broken = False
         self.peer_serial = ""  # the peer certificate's serial (hex), once checked
+        # what HTTP/1.1 keeps with an upstream connection between exchanges: its response
+        # reader (``meshd.proxy.exchange``), reset rather than built again for each request
+        self.response_reader: object = None
 
     def peer_certificate(self) -> bytes | None:
         return self.ssl_object.getpeercert(binary_form=True)
