@@ -173,7 +173,7 @@ async def serve_requests(client: trio.abc.Stream, conn: ClientConnection, handle
     while not (conn.draining and conn.served):
         try:
             # Between requests under load the next one is usually here already: read it
-            # without the idle wait's cancel scope (docs/performance.md, "What paid").
+            # without the idle wait's cancel scope (docs/performance.md, "The HTTP/1.1 hop").
             if not source.has_input and not source.fill_nowait():
                 wait = min(idle_timeout, FIRST_REQUEST_GRACE) if conn.draining else idle_timeout
                 with trio.move_on_after(wait) as idle:

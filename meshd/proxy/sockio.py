@@ -94,7 +94,7 @@ class SocketConnection(trio.abc.HalfCloseableStream):
     def receive_nowait(self, max_bytes: int | None = None) -> bytes | None:
         """What ``receive_some`` would return if it did not have to wait (b"" at the end of
         the stream), or None if it would wait. Not a checkpoint: for a caller that would
-        otherwise set up a timeout just to wait (docs/performance.md, "What paid in meshd")."""
+        otherwise set up a timeout just to wait (docs/performance.md, "The HTTP/1.1 hop")."""
         if self._receiving:
             raise trio.BusyResourceError("another task is receiving on this connection")
         if self._closed:
