@@ -121,7 +121,7 @@ class Unbounded:
 UNBOUNDED = Unbounded()
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # a record returned once per request: not frozen, which costs ~1 µs
 class Result:
     """How a proxied request ended: the status the client got (0: none, connection cut), whether
     its connection may carry another request, why meshd answered itself, if it did, and the

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, cast
 
 import trio
 
@@ -84,6 +84,9 @@ class RequestSource:
         self._body_bytes = 0
         self._events: deque[Event] = deque()
         self._eof = False
+        # the stream's read without waiting (sockio, streams), if it has one
+        self._receive_nowait: Callable[[int], bytes | None] | None = getattr(
+            stream, "receive_nowait", None)
 
     @property
     def has_input(self) -> bool:
@@ -96,6 +99,26 @@ class RequestSource:
         """Whether ``next_event`` can answer without reading (an event, the end of the
         stream, or an error to raise)."""
         return bool(self._events) or self._eof or self.reader.pending_error is not None
+
+    def fill_nowait(self) -> bool:
+        """Read and parse what the client already sent, without waiting; False when nothing
+        was there (or the stream cannot tell: it has no ``receive_nowait``). Raises like
+        ``next_event``."""
+        receive = self._receive_nowait
+        if receive is None or self.reader.pending_error is not None:
+            return False
+        try:
+            data = receive(CHUNK)
+        except STREAM_ERRORS as exc:
+            raise ClientGone(f"client connection failed: {exc}") from exc
+        if data is None:
+            return False
+        if data:
+            self._events.extend(self.reader.feed(data))
+        else:
+            self._eof = True
+            self._events.extend(self.reader.feed_eof())
+        return True
 
     async def fill(self) -> None:
         """Read once from the client and parse what came. Raises like ``next_event``."""
@@ -150,6 +173,27 @@ class BodySource(Protocol):
     def message_done(self) -> bool: ...
 
     async def next_event(self) -> Event | RequestTrailers | None: ...
+
+
+class _KeepsReader(Protocol):
+    response_reader: object
+
+
+def _response_reader(upstream: trio.abc.Stream, request: RequestHead) -> ResponseReader:
+    """The reader of the response to ``request``: the one the upstream connection kept from
+    its previous exchange, reset, when it can be (``ResponseReader.next_response``), and kept
+    for the next (a connection of ``sockio`` or ``streams`` has a ``response_reader``)."""
+    kept = getattr(upstream, "response_reader", _MISSING)
+    if isinstance(kept, ResponseReader):
+        reader = kept.next_response(request.method, request.upgrade)
+    else:
+        reader = ResponseReader(request.method, request.upgrade)
+    if kept is not _MISSING:
+        cast(_KeepsReader, upstream).response_reader = reader
+    return reader
+
+
+_MISSING = object()
 
 
 # How much of a response held back for a retry is read (and thrown away) to keep its
@@ -208,7 +252,7 @@ class Exchange:
         self._drained = False  # a held response was read to its end
         self.client_error: ProxyError | None = None
         self.upstream_error: UpstreamFailed | None = None
-        self._reader = ResponseReader(request.method, request.upgrade)
+        self._reader = _response_reader(upstream, request)
         self._pending: deque[Event] = deque()
 
     @property

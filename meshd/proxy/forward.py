@@ -172,7 +172,9 @@ async def serve_requests(client: trio.abc.Stream, conn: ClientConnection, handle
     source = RequestSource(client)
     while not (conn.draining and conn.served):
         try:
-            if not source.has_input:
+            # Between requests under load the next one is usually here already: read it
+            # without the idle wait's cancel scope (docs/performance.md, "The HTTP/1.1 hop").
+            if not source.has_input and not source.fill_nowait():
                 wait = min(idle_timeout, FIRST_REQUEST_GRACE) if conn.draining else idle_timeout
                 with trio.move_on_after(wait) as idle:
                     conn.idle_scope = idle

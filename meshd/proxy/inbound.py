@@ -31,10 +31,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import trio
 
-from meshd.config.schema import HostConfig, LocalService, MTLSMode, Protocol
+from meshd.config.schema import (
+    Authorization,
+    HostConfig,
+    LocalService,
+    MTLSMode,
+    Protocol,
+    RouteTable,
+)
 from meshd.identity.tls import HandshakeRefused, TLSState
 from meshd.metrics import Metrics
 from meshd.proxy.access import AccessEntry, AccessLog
@@ -77,6 +85,13 @@ TLS_HANDSHAKE_RECORD = 0x16
 UNKNOWN_SOURCE = "unknown"
 
 
+class ServiceRules(NamedTuple):
+    """What a route table says about requests to one local service."""
+
+    authorization: Authorization | None
+    max_request_bytes: int | None
+
+
 @dataclass
 class InboundContext:
     config: HostConfig
@@ -88,12 +103,29 @@ class InboundContext:
     # connections to apps that speak h2c (``protocol = "http2"`` or ``"grpc"``)
     app_h2_pool: H2Pool = field(default_factory=lambda: H2Pool(APP_IDLE_TIMEOUT))
     tracer: Tracer = field(default_factory=Tracer.off)
+    # each service's rules as read from one route table, kept until the table changes (the
+    # table searches its destinations one by one on every read)
+    _rules_of: RouteTable | None = field(default=None, init=False, repr=False)
+    _rules: dict[str, ServiceRules] = field(default_factory=dict, init=False, repr=False)
+
+    def rules(self, view: MeshView, service: str) -> ServiceRules:
+        """``service``'s authorization and request body limit in ``view``'s route table."""
+        routes = view.routes
+        if routes is not self._rules_of:
+            self._rules_of, self._rules = routes, {}
+        found = self._rules.get(service)
+        if found is None:
+            dest = routes.get(service)
+            found = self._rules[service] = ServiceRules(
+                routes.authorization_for(service),
+                dest.policy.max_request_bytes if dest is not None else None)
+        return found
 
     def authorize(self, view: MeshView, service: str, caller: Caller,
                   request: RequestHead | None = None) -> Verdict:
         """The verdict of ``service``'s rules in ``view`` on ``request`` (None: a TCP
         connection); a denial is logged with the rule and counted."""
-        authorization = view.routes.authorization_for(service)
+        authorization = self.rules(view, service).authorization
         if authorization is None:
             return authorize(None, caller)
         if request is None:
@@ -226,6 +258,7 @@ class _HTTPService:
         self.connect = self._connect  # bound once, not per request
         # the caller's identity, for the app; a plaintext caller's is unknown: no header at all
         self.extra = ((SOURCE_HEADER, source.encode("ascii")),) if authenticated else ()
+        self.endpoint = f"{service.address}:{service.port}"  # for access lines and spans
 
     async def serve(self, stream: trio.abc.Stream, conn: ClientConnection, *, h2: bool) -> None:
         """Serve a caller's connection: HTTP/2 (ALPN ``h2``, or h2c in plaintext) or
@@ -244,8 +277,7 @@ class _HTTPService:
             keep = await answer_locally(source, request, conn, 403, text)
             self._record(request, started, ids, status=403, detail=text)
             return keep
-        dest = view.routes.get(self.service.name)
-        limit = dest.policy.max_request_bytes if dest is not None else None
+        limit = ctx.rules(view, self.service.name).max_request_bytes
         refused = await refuse_large_body(source, request, conn, limit)
         if refused is not None:
             self._record(request, started, ids, status=413,
@@ -298,16 +330,17 @@ class _HTTPService:
                 direction="inbound", source=self.source, destination=self.service.name,
                 method=request.method, target=request.target, status=status, duration=elapsed,
                 request_id=ids.request_id, subset=self.service.version,
-                endpoint=f"{self.service.address}:{self.service.port}", detail=detail,
-                error=error, protocol=f"HTTP/{request.version}", bytes_received=request_bytes,
+                endpoint=self.endpoint, detail=detail, error=error,
+                protocol=f"HTTP/{request.version}", bytes_received=request_bytes,
                 bytes_sent=response_bytes, headers=request.headers,
                 traceparent=ids.traceparent, grpc_status=grpc))
-        self.ctx.tracer.finish(
-            SERVER, ids, elapsed, service=self.service.name, peer=self.source,
-            destination=self.service.name, method=request.method, target=request.target,
-            status=status, subset=self.service.version,
-            endpoint=f"{self.service.address}:{self.service.port}", error=error, detail=detail,
-            grpc_status=grpc_status)
+        tracer = self.ctx.tracer
+        if tracer.sample is not None:  # tracing on (a call with these arguments costs ~1 µs)
+            tracer.finish(
+                SERVER, ids, elapsed, service=self.service.name, peer=self.source,
+                destination=self.service.name, method=request.method, target=request.target,
+                status=status, subset=self.service.version, endpoint=self.endpoint,
+                error=error, detail=detail, grpc_status=grpc_status)
 
     def count_bad_request(self, exc: ProtocolError) -> None:
         self.ctx.metrics.bad_request("inbound", self.source, self.service.name, exc.status,

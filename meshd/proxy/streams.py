@@ -60,6 +60,9 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._closed = False
         self._broken = False
         self.peer_serial = ""  # the peer certificate's serial (hex), once checked
+        # what HTTP/1.1 keeps with an upstream connection between exchanges: its response
+        # reader (``meshd.proxy.exchange``), reset rather than built again for each request
+        self.response_reader: object = None
 
     def peer_certificate(self) -> bytes | None:
         return self.ssl_object.getpeercert(binary_form=True)
@@ -134,6 +137,43 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 await self._fill()
         finally:
             self._receiving = False
+
+    def receive_nowait(self, max_bytes: int | None = None) -> bytes | None:
+        """What ``receive_some`` would return without waiting for the transport (decrypted
+        from what OpenSSL holds and what the transport has already received), or None if it
+        would wait; like ``SocketConnection.receive_nowait``. Anything out of the ordinary
+        (bytes set aside, an error found earlier, records to send first) is None: left to
+        ``receive_some``."""
+        if self._receiving:
+            raise trio.BusyResourceError("another task is receiving on this stream")
+        self._check_open()
+        receive = getattr(self.transport, "receive_nowait", None)
+        if (self._plaintext or self._eof_received or self._read_error is not None
+                or receive is None):
+            return None
+        want = max_bytes or RECEIVE_SIZE
+        for _ in range(2):  # from what OpenSSL holds; then once more after a transport read
+            try:
+                return self._read(want)  # b"": the peer's close_notify, as receive_some
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLZeroReturnError:
+                self._eof_received = True
+                return b""
+            except ssl.SSLError as exc:
+                self._broken = True
+                raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
+            if self._outgoing.pending:
+                return None  # OpenSSL has records to send first: receive_some does that
+            data = receive(RECEIVE_SIZE)
+            if data is None:
+                return None
+            if not data:
+                self._broken = True
+                raise trio.BrokenResourceError(
+                    "peer closed the connection during the TLS session (no close_notify)")
+            self._incoming.write(data)
+        return None
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self._sending:

@@ -176,3 +176,20 @@ def _returning(conn: SocketConnection) -> Connector:
     async def connect() -> trio.abc.HalfCloseableStream:
         return conn
     return connect
+
+
+async def test_receive_nowait_reads_only_what_is_already_there() -> None:
+    a, b = _pair()
+    assert b.receive_nowait() is None  # nothing sent: it would wait
+    await a.send_all(b"ready")
+    await trio.sleep(0.01)
+    assert b.receive_nowait() == b"ready"
+    assert b.receive_nowait() is None
+    await a.send_eof()
+    await trio.sleep(0.01)
+    assert b.receive_nowait() == b""  # the end of the stream, as receive_some says it
+    assert await b.receive_some() == b""
+    await a.aclose()
+    await b.aclose()
+    with pytest.raises(trio.ClosedResourceError):
+        b.receive_nowait()

@@ -185,3 +185,36 @@ async def test_a_cancelled_receive_loses_no_decrypted_bytes(identities: Path) ->
         assert await server.receive_some() == b"first"
     await client.aclose()
     await server.aclose()
+
+
+async def test_receive_nowait_decrypts_only_what_is_already_there(identities: Path) -> None:
+    """The read a keep-alive loop makes before setting up its idle wait: bytes OpenSSL or the
+    socket already hold, None when it would wait, EOF at the peer's close_notify."""
+    tls = TLSState(identities, TD, ["web", "payments"])
+    client, server = await _tls_pair(tls, over_sockets=True)
+    assert server.receive_nowait() is None
+    await client.send_all(b"request")
+    await trio.sleep(0.05)
+    assert server.receive_nowait() == b"request"
+    assert server.receive_nowait() is None
+    await client.send_all(b"second")
+    await trio.sleep(0.05)
+    with trio.fail_after(5):  # what the quick read did not take, receive_some still gets
+        assert await server.receive_some() == b"second"
+    await client.send_eof()
+    await trio.sleep(0.05)
+    assert server.receive_nowait() == b""
+    await client.aclose()
+    await server.aclose()
+
+
+async def test_receive_nowait_leaves_memory_transports_to_receive_some(
+        identities: Path) -> None:
+    tls = TLSState(identities, TD, ["web", "payments"])
+    client, server = await _tls_pair(tls)  # over trio's memory streams: no quick read there
+    await client.send_all(b"x")
+    assert server.receive_nowait() is None
+    with trio.fail_after(5):
+        assert await server.receive_some() == b"x"
+    await client.aclose()
+    await server.aclose()

@@ -390,6 +390,23 @@ class ResponseReader(_Reader):
         """Whether any byte of a response came."""
         return self._received
 
+    def next_response(self, request_method: bytes, upgrade: bool = False) -> ResponseReader:
+        """A reader for the response to the next request on the same connection: this one,
+        reset, when its response ended cleanly where llhttp saw it end too (its parser waits
+        at a message boundary: a keep-alive response read to its end, nothing after it); else
+        a new one (a HEAD response, whose body llhttp still expects, an upgrade, an error).
+        Resetting costs about a third of building a reader and its parser."""
+        if not (self.done and self.keep_alive and not self._in_message and not self.extra
+                and not self.upgraded and self._error is None and not self._events):
+            return ResponseReader(request_method, upgrade)
+        self._method = request_method
+        self._upgrade = upgrade
+        self._framing = Framing.NONE
+        self._received = False
+        self.done = False
+        self.keep_alive = False
+        return self
+
     def feed(self, data: bytes | bytearray) -> list[Event]:
         if not data:
             return []

@@ -32,9 +32,11 @@ def end_to_end(headers: Iterable[Header], *, keep_length: bool = False,
     """``headers`` without hop-by-hop ones (including those named in ``Connection``), without
     ``Content-Length`` unless ``keep_length`` (the writer sets framing itself), and without the
     lower-case names in ``drop``."""
-    # one pass (this runs on every request and every response head): the fixed set first, the
-    # names a Connection header lists (rare) in a second pass over what is left
+    # one pass (this runs on every request and every response head): the fixed set and
+    # ``drop`` (a few names: a tuple is searched faster than a set is built), the names a
+    # Connection header lists (rare) in a second pass over what is left
     removed = HOP_BY_HOP if keep_length else _HOP_BY_HOP_AND_LENGTH
+    drop = drop if isinstance(drop, tuple) else tuple(drop)
     kept: list[Header] = []
     named: list[bytes] = []
     for header in headers:
@@ -42,10 +44,10 @@ def end_to_end(headers: Iterable[Header], *, keep_length: bool = False,
         if lower in removed:
             if lower == b"connection":
                 named.append(header[1])
-        else:
+        elif lower not in drop:
             kept.append(header)
-    if named or drop:
-        more = _tokens(named) | set(drop)
+    if named:
+        more = _tokens(named)
         kept = [h for h in kept if h[0].lower() not in more]
     return kept
 
@@ -68,15 +70,16 @@ def _framing_headers(framing: Framing, length: int | None) -> list[Header]:
     return []
 
 
-def _header_lines(headers: Iterable[Header]) -> bytes:
-    return b"".join([b"%s: %s\r\n" % header for header in headers])
+def _header_lines(headers: Iterable[Header]) -> list[bytes]:
+    return [b"%s: %s\r\n" % header for header in headers]
 
 
 def serialize_request(method: bytes, target: bytes, headers: Iterable[Header],
                       framing: Framing, length: int | None = None) -> bytes:
     """An HTTP/1.1 request head; ``headers`` must be free of framing and hop-by-hop ones."""
-    return (b"%s %s HTTP/1.1\r\n" % (method, target) + _header_lines(headers)
-            + _header_lines(_framing_headers(framing, length)) + b"\r\n")
+    lines = _header_lines(headers)
+    lines.extend(_header_lines(_framing_headers(framing, length)))
+    return b"%s %s HTTP/1.1\r\n%s\r\n" % (method, target, b"".join(lines))
 
 
 def upstream_request_head(request: RequestHead, *, forwarded_for: str, default_host: str,
@@ -130,8 +133,9 @@ def serialize_response(status: int, reason: bytes, headers: Iterable[Header],
     extra = _framing_headers(framing, length)
     if connection is not None:
         extra.append((b"connection", connection))
-    return (b"HTTP/1.1 %d %s\r\n" % (status, reason or _phrase(status))
-            + _header_lines(headers) + _header_lines(extra) + b"\r\n")
+    lines = _header_lines(headers)
+    lines.extend(_header_lines(extra))
+    return b"HTTP/1.1 %d %s\r\n%s\r\n" % (status, reason or _phrase(status), b"".join(lines))
 
 
 def encode_data(framing: Framing, data: bytes) -> bytes:

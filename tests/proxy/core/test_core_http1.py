@@ -228,6 +228,35 @@ def test_bytes_after_the_response_make_the_connection_unusable() -> None:
     assert reader.extra
 
 
+@pytest.mark.parametrize("name", list(RESPONSES))
+def test_a_reader_reset_for_the_next_response_reads_it_like_a_new_one(name: str) -> None:
+    """A keep-alive upstream connection keeps its response reader: after a response read to
+    its end it is reset for the next one (each response in RESPONSES after a plain 200), and a
+    reader that cannot be (HEAD, whose body llhttp still expects; a closing response) makes
+    way for a new one."""
+    method, data, expected, keep_alive = RESPONSES[name]
+    first = ResponseReader(b"GET")
+    first.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    reader = first.next_response(method)
+    assert reader is first
+    assert not reader.done and not reader.received
+    assert _summary(reader.feed(data)) == expected
+    assert reader.done and reader.keep_alive is keep_alive and not reader.extra
+    following = reader.next_response(b"GET")
+    assert (following is reader) is (keep_alive and method != b"HEAD")
+    events = following.feed(b"HTTP/1.1 204 No Content\r\n\r\n")
+    assert _summary(events) == [("resp", 204, True, Framing.NONE, None), "END"]
+
+
+def test_a_reader_mid_response_is_never_reused() -> None:
+    reader = ResponseReader(b"GET")
+    reader.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+    assert reader.next_response(b"GET") is not reader
+    closing = ResponseReader(b"GET")
+    closing.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx")
+    assert closing.done and closing.next_response(b"GET") is not closing
+
+
 def test_response_failures() -> None:
     with pytest.raises(NoResponse):
         ResponseReader(b"GET").feed_eof()
