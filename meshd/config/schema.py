@@ -615,7 +615,17 @@ class RouteTable:
     egress: EgressMode = EgressMode.REGISTERED_ONLY
 
     def get(self, service: str) -> DestinationRoutes | None:
-        return next((d for d in self.destinations if d.service == service), None)
+        return self._by_service.get(service)
+
+    @cached_property
+    def _by_service(self) -> dict[str, DestinationRoutes]:
+        """Each destination by name (the first, as a search would find it), made on the first
+        lookup: a request looks its destination up two or three times, in O(1) however many
+        destinations the table has."""
+        index: dict[str, DestinationRoutes] = {}
+        for dest in self.destinations:
+            index.setdefault(dest.service, dest)
+        return index
 
     def authorization_for(self, service: str) -> Authorization | None:
         """The rules ``service``'s inbound side applies: its own, else none at all under
