@@ -19,6 +19,18 @@ HISTORY = 60  # rate samples kept per instance (sparklines)
 MAX_EVENTS = 500
 
 
+def process_total(process: Mapping[str, Any], key: str) -> float | None:
+    """``key`` (``cpu_seconds``, ``rss_bytes``) of a meshd as a whole: its own process and,
+    with worker processes, theirs too (``/v1/state``'s ``process.workers``). None when the
+    host does not report it."""
+    own = process.get(key)
+    if not isinstance(own, int | float):
+        return None
+    workers = process.get("workers") or []
+    return float(own) + sum(float(w[key]) for w in workers
+                            if isinstance(w, dict) and isinstance(w.get(key), int | float))
+
+
 @dataclass(frozen=True)
 class Traffic:
     """Requests of one edge leg (or any slice) over the measuring window."""
@@ -149,9 +161,8 @@ class MeshModel:
         assert poll.state is not None
         record.node = str(poll.state.get("node") or poll.node)
         record.state, record.state_at = poll.state, poll.at
-        process = poll.state.get("process") or {}
-        cpu = process.get("cpu_seconds")
-        if isinstance(cpu, int | float):
+        cpu = process_total(poll.state.get("process") or {}, "cpu_seconds")
+        if cpu is not None:
             if record._cpu is not None and poll.at > record._cpu[0] and cpu >= record._cpu[1]:
                 record.cpu_percent = 100.0 * (cpu - record._cpu[1]) / (poll.at - record._cpu[0])
             record._cpu = (poll.at, float(cpu))

@@ -11,7 +11,7 @@ from typing import Any
 from tui import fmt
 from tui.events import config_reason, split_text
 from tui.fmt import Status, worst
-from tui.model import HostRecord, MeshModel, Traffic, sum_traffic
+from tui.model import HostRecord, MeshModel, Traffic, process_total, sum_traffic
 
 SUCCESS_FAIL = 0.90
 SUCCESS_WARN = 0.99
@@ -227,7 +227,7 @@ class HostRow:
     version: str
     uptime: float | None
     cpu_percent: float | None
-    rss: float | None
+    rss: float | None  # the meshd's processes together (supervisor and workers)
     connections: tuple[int, int] | None  # open (inbound, outbound); None: not reported
     staleness: float | None
     watch_error: str
@@ -236,6 +236,7 @@ class HostRow:
     on_stored_routes: bool | None  # None: no stored table to compare with
     config_error: str
     services: tuple[str, ...]
+    workers: int = 0  # worker processes (0: the one process serves)
 
 
 def canonical(data: Any) -> str:
@@ -262,7 +263,8 @@ def host_rows(model: MeshModel, now: float, filter_text: str = "") -> list[HostR
             uptime=(float(state["uptime_seconds"]) + shift) if "uptime_seconds" in state
             else None,
             cpu_percent=host.cpu_percent if host.reachable else None,
-            rss=process.get("rss_bytes"), connections=_connections(state),
+            rss=process_total(process, "rss_bytes"), connections=_connections(state),
+            workers=len(process.get("workers") or []),
             staleness=(float(registry["staleness_seconds"]) + (0.0 if host.reachable else shift))
             if "staleness_seconds" in registry else None,
             watch_error=errors[0] if errors else "",

@@ -235,6 +235,9 @@ def host_detail(row: HostRow) -> Text:
     text.append(f" {rec.admin} ", style="dim")
     if rec.reachable:
         text.append_text(fmt.badge(Status.OK, "up " + fmt.age(row.uptime)))
+        if row.workers:
+            text.append(f" {row.workers} worker processes (CPU and RSS: all of them)",
+                        style="dim")
     else:
         text.append_text(fmt.badge(Status.FAIL, f"unreachable: {rec.error}"))
         text.append(" (never read)" if rec.state is None else

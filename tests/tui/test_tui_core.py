@@ -11,7 +11,7 @@ from tui_data import NOW, ROUTES, T0, fixed_model, observations
 from meshd.errors import ConfigError
 from meshd.metrics import Metrics
 from tui.events import split_text
-from tui.model import MeshModel
+from tui.model import MeshModel, process_total
 from tui.observe import HostPoll, Observation, RegistryPoll, instances_from_health_connect
 from tui.prom import counter_delta, parse_metrics, quantile
 from tui.split import SplitDraft, editable_destinations
@@ -328,3 +328,14 @@ def test_an_ejected_endpoint_stands_out_in_graph_and_detail() -> None:
 
 def test_host_poll_without_state_is_unreachable() -> None:
     assert not HostPoll("a:1", "a", T0, error="refused").ok
+
+
+def test_a_meshd_with_workers_counts_all_its_processes() -> None:
+    workers = [{"index": 0, "pid": 11, "cpu_seconds": 3.0, "rss_bytes": 50e6},
+               {"index": 1, "pid": 12, "cpu_seconds": 4.0, "rss_bytes": 52e6},
+               {"index": 2, "ready": False}]  # not running: nothing to add
+    process = {"pid": 10, "cpu_seconds": 1.0, "rss_bytes": 55e6, "workers": workers}
+    assert process_total(process, "cpu_seconds") == 8.0
+    assert process_total(process, "rss_bytes") == 157e6
+    assert process_total({"pid": 10, "cpu_seconds": 1.0}, "cpu_seconds") == 1.0
+    assert process_total({}, "rss_bytes") is None
