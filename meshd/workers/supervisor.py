@@ -471,7 +471,13 @@ class Spares:
             self._ready.append(await spawn())
 
     def take(self) -> tuple[trio.Process, Channel] | None:
-        return self._ready.pop(0) if self._ready else None
+        """A spare still running (one that ended meanwhile is dropped), or None."""
+        while self._ready:
+            process, channel = self._ready.pop(0)
+            if process.returncode is None:
+                return process, channel
+            channel.close()
+        return None
 
     async def close(self) -> None:
         while self._ready:
