@@ -6,20 +6,21 @@ count and no dashboard reads them); the registry carries the process collector (
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from bisect import bisect_left
+from collections.abc import Callable, Sequence
+from typing import Generic, TypeVar
 
 from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     ProcessCollector,
     disable_created_metrics,
     generate_latest,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 # A process-wide switch of prometheus_client: every registry of ours (meshd's, the registry's,
 # the CA's) leaves the ``_created`` series out.
@@ -27,6 +28,134 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                    5.0, 10.0, 30.0)
+
+
+# the histogram's upper bounds with +Inf: a duration goes in the first bucket whose bound is >= it
+LATENCY_BOUNDS = (*LATENCY_BUCKETS, float("inf"))
+_LE = tuple(floatToGoString(bound) for bound in LATENCY_BOUNDS)  # type: ignore[no-untyped-call]
+
+_REQUEST_LABELS = ("direction", "source", "destination", "subset", "code", "mtls", "grpc_status")
+_DURATION_LABELS = _REQUEST_LABELS[:5]
+_BYTES_LABELS = _REQUEST_LABELS[:4]
+
+
+class RequestSeries:
+    """The four request series (``meshd_requests_total``, ``meshd_request_duration_seconds``,
+    ``meshd_request_bytes_total``, ``meshd_response_bytes_total``) as plain numbers: one list
+    per label set (a count; a duration sum and the per-bucket counts; a byte sum), exposed by
+    this collector with the families, samples and values prometheus-client's ``Counter`` and
+    ``Histogram`` would give.
+
+    prometheus-client takes a lock per ``inc``/``observe`` (four per request and hop); the
+    request path runs in one thread per process, so the lists need none. ``collect`` may run in
+    another thread (the admin API renders in one): it copies each dict and row before reading
+    it (one step under the GIL each), so new label sets do not disturb it, and a histogram's
+    count is its buckets' sum; its sum may hold the one request being counted before its bucket
+    does, as with prometheus-client's separate locks."""
+
+    def __init__(self) -> None:
+        self._counts: dict[tuple[str, ...], list[float]] = {}     # [requests]
+        self._durations: dict[tuple[str, ...], list[float]] = {}  # [sum, per-bucket counts...]
+        self._sent: dict[tuple[str, ...], list[float]] = {}       # [request body bytes]
+        self._received: dict[tuple[str, ...], list[float]] = {}   # [response body bytes]
+        self.requests = _Family(self._counts, _REQUEST_LABELS, 1, _CountChild)
+        self.duration = _Family(self._durations, _DURATION_LABELS, 1 + len(LATENCY_BOUNDS),
+                                _DurationChild)
+        self.request_bytes = _Family(self._sent, _BYTES_LABELS, 1, _CountChild)
+        self.response_bytes = _Family(self._received, _BYTES_LABELS, 1, _CountChild)
+
+    def rows(self, direction: str, source: str, destination: str, subset: str, code: str,
+             mtls: str, grpc_status: str) -> tuple[list[float], list[float], list[float],
+                                                  list[float]]:
+        """The four rows one request adds to (each made at 0 the first time, as ``labels()``
+        does: the byte series exist from a label set's first request)."""
+        key = (direction, source, destination, subset, code, mtls, grpc_status)
+        return (self.requests.row(key), self.duration.row(key[:5]),
+                self.request_bytes.row(key[:4]), self.response_bytes.row(key[:4]))
+
+    def describe(self) -> list[Metric]:
+        return self._families(False)
+
+    def collect(self) -> list[Metric]:
+        return self._families(True)
+
+    def _families(self, with_samples: bool) -> list[Metric]:
+        requests = CounterMetricFamily(
+            "meshd_requests", "HTTP requests proxied; mtls: whether the caller was "
+            "authenticated by mutual TLS (outbound: always, the mesh hop is mTLS); grpc_status: "
+            "the gRPC status of a gRPC call (\"\" otherwise)", labels=_REQUEST_LABELS)
+        duration = HistogramMetricFamily(
+            "meshd_request_duration_seconds", "HTTP request duration, head to end of response",
+            labels=_DURATION_LABELS)
+        sent = CounterMetricFamily(
+            "meshd_request_bytes", "HTTP request body bytes sent upstream (the last try's)",
+            labels=_BYTES_LABELS)
+        received = CounterMetricFamily(
+            "meshd_response_bytes", "HTTP response body bytes sent to the client",
+            labels=_BYTES_LABELS)
+        if with_samples:
+            for family, rows in ((requests, self._counts), (sent, self._sent),
+                                 (received, self._received)):
+                for labels, row in rows.copy().items():
+                    family.add_metric(labels, row[0])
+            for labels, row in self._durations.copy().items():
+                row = row[:]
+                buckets, total = [], 0.0
+                for le, n in zip(_LE, row[1:], strict=True):
+                    total += n
+                    buckets.append((le, total))
+                duration.add_metric(labels, buckets, row[0])
+        return [requests, duration, sent, received]
+
+
+_Child = TypeVar("_Child", "_CountChild", "_DurationChild")
+
+
+class _Family(Generic[_Child]):
+    """``labels(...)`` of one request series, as on a prometheus-client metric: for code that
+    counts outside ``Metrics.request_done`` (``bad_request``)."""
+
+    def __init__(self, rows: dict[tuple[str, ...], list[float]], labelnames: Sequence[str],
+                 width: int, child: Callable[[list[float]], _Child]) -> None:
+        self._rows = rows
+        self._labelnames = tuple(labelnames)
+        self._width = width
+        self._child: Callable[[list[float]], _Child] = child
+
+    def row(self, key: tuple[str, ...]) -> list[float]:
+        row = self._rows.get(key)
+        if row is None:
+            row = self._rows.setdefault(key, [0.0] * self._width)
+        return row
+
+    def labels(self, *values: object, **named: object) -> _Child:
+        if named:
+            if values or set(named) != set(self._labelnames):
+                raise ValueError(f"labels: expected {', '.join(self._labelnames)}")
+            values = tuple(named[name] for name in self._labelnames)
+        if len(values) != len(self._labelnames):
+            raise ValueError(f"labels: expected {len(self._labelnames)} values "
+                             f"({', '.join(self._labelnames)}), got {len(values)}")
+        return self._child(self.row(tuple(str(value) for value in values)))
+
+
+class _CountChild:
+    def __init__(self, row: list[float]) -> None:
+        self._row = row
+
+    def inc(self, amount: float = 1) -> None:
+        if amount < 0:
+            raise ValueError("counters can only be incremented by non-negative amounts")
+        self._row[0] += amount
+
+
+class _DurationChild:
+    def __init__(self, row: list[float]) -> None:
+        self._row = row
+
+    def observe(self, amount: float) -> None:
+        self._row[0] += amount
+        self._row[bisect_left(LATENCY_BOUNDS, amount) + 1] += 1
 
 
 def new_registry() -> CollectorRegistry:
@@ -46,24 +175,15 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = new_registry()
-        self._request_children: dict[_RequestKey, tuple[Any, Any, Any, Any]] = {}
+        self._request_rows: dict[_RequestKey, tuple[list[float], ...]] = {}
         r = self.registry
-        self.requests = Counter(
-            "meshd_requests", "HTTP requests proxied; mtls: whether the caller was "
-            "authenticated by mutual TLS (outbound: always, the mesh hop is mTLS); grpc_status: "
-            "the gRPC status of a gRPC call (\"\" otherwise)",
-            ["direction", "source", "destination", "subset", "code", "mtls", "grpc_status"],
-            registry=r)
-        self.request_duration = Histogram(
-            "meshd_request_duration_seconds", "HTTP request duration, head to end of response",
-            ["direction", "source", "destination", "subset", "code"], buckets=LATENCY_BUCKETS,
-            registry=r)
-        self.request_bytes = Counter(
-            "meshd_request_bytes", "HTTP request body bytes sent upstream (the last try's)",
-            ["direction", "source", "destination", "subset"], registry=r)
-        self.response_bytes = Counter(
-            "meshd_response_bytes", "HTTP response body bytes sent to the client",
-            ["direction", "source", "destination", "subset"], registry=r)
+        # the four request series: plain numbers behind one collector (see RequestSeries)
+        self.request_series = RequestSeries()
+        r.register(self.request_series)
+        self.requests = self.request_series.requests
+        self.request_duration = self.request_series.duration
+        self.request_bytes = self.request_series.request_bytes
+        self.response_bytes = self.request_series.response_bytes
         self.tcp_connections = Counter(
             "meshd_tcp_connections_opened", "TCP connections proxied",
             ["direction", "source", "destination", "subset"], registry=r)
@@ -197,25 +317,22 @@ class Metrics:
                      status: int, seconds: float, *, mtls: bool = True, grpc_status: str = "",
                      request_bytes: int = 0, response_bytes: int = 0) -> None:
         """Count one proxied HTTP request, observe its duration and add its body bytes. The
-        labelled children are kept per label set: ``labels()`` costs more than the count
-        itself (this is on every request's path)."""
+        rows of the four series are kept per label set, so a request adds to four lists:
+        this is on every request's path, per hop."""
         key = (direction, source, destination, subset, status, mtls, grpc_status)
-        children = self._request_children.get(key)
-        if children is None:
-            code = str(status)
-            children = (
-                self.requests.labels(direction, source, destination, subset, code,
-                                     "true" if mtls else "false", grpc_status),
-                self.request_duration.labels(direction, source, destination, subset, code),
-                self.request_bytes.labels(direction, source, destination, subset),
-                self.response_bytes.labels(direction, source, destination, subset))
-            self._request_children[key] = children
-        children[0].inc()
-        children[1].observe(seconds)
+        rows = self._request_rows.get(key)
+        if rows is None:
+            rows = self.request_series.rows(direction, source, destination, subset, str(status),
+                                            "true" if mtls else "false", grpc_status)
+            self._request_rows[key] = rows
+        count, duration, sent, received = rows
+        count[0] += 1
+        duration[0] += seconds
+        duration[bisect_left(LATENCY_BOUNDS, seconds) + 1] += 1
         if request_bytes:
-            children[2].inc(request_bytes)
+            sent[0] += request_bytes
         if response_bytes:
-            children[3].inc(response_bytes)
+            received[0] += response_bytes
 
     def bad_request(self, direction: str, source: str, destination: str, status: int, *,
                     mtls: bool = True) -> None:
