@@ -46,7 +46,9 @@ def end_to_end(headers: Iterable[Header], *, keep_length: bool = False,
                 named.append(header[1])
         elif lower not in drop:
             kept.append(header)
-    if named:
+    # ``Connection: keep-alive`` (nginx's on every response, HTTP/1.0 clients') names a header
+    # dropped already: no second pass for it
+    if named and not (len(named) == 1 and named[0].strip().lower() == b"keep-alive"):
         more = _tokens(named)
         kept = [h for h in kept if h[0].lower() not in more]
     return kept
