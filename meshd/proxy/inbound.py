@@ -259,6 +259,7 @@ class _HTTPService:
         # the caller's identity, for the app; a plaintext caller's is unknown: no header at all
         self.extra = ((SOURCE_HEADER, source.encode("ascii")),) if authenticated else ()
         self.endpoint = f"{service.address}:{service.port}"  # for access lines and spans
+        self.app_h2 = service.protocol.app_h2  # read once, not per request
 
     async def serve(self, stream: trio.abc.Stream, conn: ClientConnection, *, h2: bool) -> None:
         """Serve a caller's connection: HTTP/2 (ALPN ``h2``, or h2c in plaintext) or
@@ -285,7 +286,7 @@ class _HTTPService:
             return refused
         # a route without retries, to the local app; meshd's own headers are meshd's: an app
         # cannot claim it never saw a request (x-meshd-error: app-connect-*)
-        if self.service.protocol.app_h2:  # h2c to the app, whatever the caller spoke
+        if self.app_h2:  # h2c to the app, whatever the caller spoke
             fields = upstream_request_fields(
                 request, forwarded_for=conn.peer, default_host=self.service.name,
                 drop=(SOURCE_HEADER,), extra=self.extra, ids=ids)

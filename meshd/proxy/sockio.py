@@ -141,7 +141,7 @@ class SocketConnection(trio.abc.HalfCloseableStream):
         await trio.lowlevel.checkpoint_if_cancelled()
         self._sending = True
         try:
-            view = memoryview(data)
+            view = data  # a memoryview only once a send fell short (rarely: small writes)
             while True:
                 if self._closed:
                     raise trio.ClosedResourceError("the connection is closed")
@@ -153,7 +153,7 @@ class SocketConnection(trio.abc.HalfCloseableStream):
                     raise _broken(exc) from exc
                 if sent == len(view):
                     break
-                view = view[sent:]
+                view = memoryview(view)[sent:]
                 self._run = 0
                 await trio.lowlevel.wait_writable(self.socket)
             await self._yield_now_and_then()

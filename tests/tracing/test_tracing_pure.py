@@ -181,6 +181,36 @@ def test_identity_carries_the_span_and_its_parent() -> None:
     assert not identify([], ones).sampled
 
 
+def _stream(chunks: list[bytes]) -> Any:
+    """A random source handing out ``chunks``' bytes in order, however they are asked for."""
+    data = bytearray(b"".join(chunks))
+
+    def take(n: int) -> bytes:
+        out = bytes(data[:n])
+        del data[:n]
+        assert len(out) == n, "the test's random bytes ran out"
+        return out
+    return take
+
+
+@pytest.mark.parametrize("sample", [None, ON, OFF])
+def test_new_identity_takes_id_span_and_trace_in_order(sample: Any) -> None:
+    # a request without id or traceparent: id, span id and trace id from the source in that
+    # order, however it is fetched; the root sampler decides the flag
+    ids = identify([(b"Host", b"payments")], _stream([bytes(range(1, 41))]), sample=sample)
+    assert ids.request_id == "01020304-0506-0708-090a-0b0c0d0e0f10"
+    assert ids.span_id == bytes(range(17, 25)).hex().encode()
+    assert ids.trace_id == bytes(range(25, 41)).hex().encode()
+    assert (ids.parent_span_id, ids.sampled) == (None, sample is ON)
+
+
+def test_new_identity_never_has_a_zero_trace_or_span() -> None:
+    # an all-zero trace id is invalid (W3C): the bytes that made one are not used
+    ids = identify([], _stream([b"\x00" * 40, b"\x22" * 16, b"\x33" * 8, b"\x44" * 16]))
+    assert ids.request_id == "22222222-2222-2222-2222-222222222222"
+    assert (ids.span_id, ids.trace_id) == (b"33" * 8, b"44" * 16)
+
+
 # -- encoding -----------------------------------------------------------------------------------
 
 def _record(**kw: Any) -> SpanRecord:

@@ -176,10 +176,9 @@ def request_framing(headers: Sequence[Header] | FramingFields, version: str = "1
         if len(tokens) != 1:
             raise ProtocolError("transfer codings other than chunked are not supported", 501)
         return Framing.CHUNKED, None
-    length = _content_length(fields.content_length)
-    if length is None:
+    if not fields.content_length:  # most requests: no body
         return Framing.NONE, None
-    return Framing.LENGTH, length
+    return Framing.LENGTH, _content_length(fields.content_length)
 
 
 def response_framing(status: int, request_method: bytes,
@@ -239,21 +238,11 @@ class _Reader:
         """An error found after the events already returned: raised by the next ``feed``."""
         return self._error
 
-    def _grow_head(self, size: int) -> None:
-        self._head_bytes += size
-        if self._head_bytes > MAX_HEAD_BYTES:
-            raise ProtocolError("message head too large", self.too_large_status)
-
-    # httptools callbacks shared by both directions
-    def on_message_begin(self) -> None:
-        self._headers = []
-        self._fields = FramingFields()
-        self._head_bytes = 0
-        self._in_head = True
-        self._in_message = True
-
+    # httptools callbacks shared by both directions (each reader has its own
+    # ``on_message_begin``)
     def on_header(self, name: bytes, value: bytes) -> None:
-        # _grow_head and FramingFields.add written out: llhttp calls this for every field
+        # the head size check and FramingFields.add written out: llhttp calls this for
+        # every field
         self._head_bytes += len(name) + len(value) + 4
         if self._head_bytes > MAX_HEAD_BYTES:
             raise ProtocolError("message head too large", self.too_large_status)
@@ -332,11 +321,19 @@ class RequestReader(_Reader):
         return []
 
     def on_message_begin(self) -> None:
-        super().on_message_begin()
+        # _Reader.on_message_begin written out (as in ``on_url``, ``on_status``, ``on_body``
+        # of the readers: llhttp calls these for every message, a call fewer each)
+        self._headers = []
+        self._fields = FramingFields()
+        self._head_bytes = 0
+        self._in_head = True
+        self._in_message = True
         self._target = bytearray()
 
     def on_url(self, url: bytes) -> None:
-        self._grow_head(len(url))
+        self._head_bytes += len(url)
+        if self._head_bytes > MAX_HEAD_BYTES:
+            raise ProtocolError("message head too large", self.too_large_status)
         self._target += url
 
     def on_headers_complete(self) -> None:
@@ -435,11 +432,17 @@ class ResponseReader(_Reader):
         if self.done:
             self.extra = True
             raise _Stop
-        super().on_message_begin()
+        self._headers = []
+        self._fields = FramingFields()
+        self._head_bytes = 0
+        self._in_head = True
+        self._in_message = True
         self._reason = bytearray()
 
     def on_status(self, reason: bytes) -> None:
-        self._grow_head(len(reason))
+        self._head_bytes += len(reason)
+        if self._head_bytes > MAX_HEAD_BYTES:
+            raise ProtocolError("message head too large", self.too_large_status)
         self._reason += reason
 
     def on_headers_complete(self) -> None:
@@ -469,7 +472,7 @@ class ResponseReader(_Reader):
         if self.done:
             self.extra = True
             raise _Stop
-        super().on_body(body)
+        self._events.append(Data(body))
 
     def on_message_complete(self) -> None:
         self._in_message = False

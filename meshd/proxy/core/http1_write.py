@@ -46,7 +46,9 @@ def end_to_end(headers: Iterable[Header], *, keep_length: bool = False,
                 named.append(header[1])
         elif lower not in drop:
             kept.append(header)
-    if named:
+    # ``Connection: keep-alive`` (nginx's on every response, HTTP/1.0 clients') names a header
+    # dropped already: no second pass for it
+    if named and not (len(named) == 1 and named[0].strip().lower() == b"keep-alive"):
         more = _tokens(named)
         kept = [h for h in kept if h[0].lower() not in more]
     return kept
@@ -62,23 +64,22 @@ def append_forwarded_for(headers: list[Header], client: str) -> list[Header]:
             (b"x-forwarded-for", value)]
 
 
-def _framing_headers(framing: Framing, length: int | None) -> list[Header]:
+def _framing_line(framing: Framing, length: int | None) -> bytes:
+    """The head line that says how the body is framed (none for ``NONE`` and ``CLOSE``)."""
     if framing is Framing.LENGTH:
-        return [(b"content-length", b"%d" % (length or 0))]
+        return b"content-length: %d\r\n" % (length or 0)
     if framing is Framing.CHUNKED:
-        return [(b"transfer-encoding", b"chunked")]
-    return []
-
-
-def _header_lines(headers: Iterable[Header]) -> list[bytes]:
-    return [b"%s: %s\r\n" % header for header in headers]
+        return b"transfer-encoding: chunked\r\n"
+    return b""
 
 
 def serialize_request(method: bytes, target: bytes, headers: Iterable[Header],
                       framing: Framing, length: int | None = None) -> bytes:
     """An HTTP/1.1 request head; ``headers`` must be free of framing and hop-by-hop ones."""
-    lines = _header_lines(headers)
-    lines.extend(_header_lines(_framing_headers(framing, length)))
+    lines = [b"%s: %s\r\n" % header for header in headers]
+    framing_line = _framing_line(framing, length)
+    if framing_line:
+        lines.append(framing_line)
     return b"%s %s HTTP/1.1\r\n%s\r\n" % (method, target, b"".join(lines))
 
 
@@ -130,11 +131,12 @@ def serialize_response(status: int, reason: bytes, headers: Iterable[Header],
                        framing: Framing, length: int | None = None,
                        connection: bytes | None = None) -> bytes:
     """An HTTP/1.1 response head; ``connection`` (``close``/``keep-alive``) is added when given."""
-    extra = _framing_headers(framing, length)
+    lines = [b"%s: %s\r\n" % header for header in headers]
+    framing_line = _framing_line(framing, length)
+    if framing_line:
+        lines.append(framing_line)
     if connection is not None:
-        extra.append((b"connection", connection))
-    lines = _header_lines(headers)
-    lines.extend(_header_lines(extra))
+        lines.append(b"connection: %s\r\n" % connection)
     return b"HTTP/1.1 %d %s\r\n%s\r\n" % (status, reason or _phrase(status), b"".join(lines))
 
 

@@ -96,6 +96,17 @@ def identify(headers: Iterable[Header],
             request_id = value.strip()
         elif lower == TRACEPARENT:
             parent = value.strip().lower() if parent is None else b"invalid"  # twice: invalid
+    if request_id is None and parent is None:
+        # A request from outside the mesh (the usual first hop): a new id and a new trace,
+        # from one fetch of random bytes in the order the general path takes them (id, span,
+        # trace), without its calls per part.
+        raw = random_bytes(40).hex()
+        span, trace = raw[32:48].encode(), raw[48:].encode()
+        if span.strip(b"0") and trace.strip(b"0"):
+            flags = b"01" if sample is not None and sample(trace, None) else b"00"
+            return RequestIdentity(
+                f"{raw[:8]}-{raw[8:12]}-{raw[12:16]}-{raw[16:20]}-{raw[20:32]}",
+                b"00-%s-%s-%s" % (trace, span, flags))
     if request_id is None or not _REQUEST_ID_RE.match(request_id):
         raw = random_bytes(16).hex()
         request_id = f"{raw[:8]}-{raw[8:12]}-{raw[12:16]}-{raw[16:20]}-{raw[20:]}".encode()

@@ -310,6 +310,11 @@ def test_hop_by_hop_headers_are_removed() -> None:
     assert end_to_end(headers, keep_length=True) == [
         (b"Host", b"a"), (b"Content-Length", b"3"), (b"X-Keep", b"yes")]
     assert end_to_end(headers, drop=(b"x-keep",)) == [(b"Host", b"a")]
+    # a Connection header naming only keep-alive, or naming another header too (two of them)
+    assert end_to_end([(b"Connection", b" Keep-Alive "), (b"X-Keep", b"yes")]) == [
+        (b"X-Keep", b"yes")]
+    assert end_to_end([(b"Connection", b"keep-alive"), (b"Connection", b"x-secret"),
+                       (b"X-Secret", b"1"), (b"X-Keep", b"yes")]) == [(b"X-Keep", b"yes")]
 
 
 def test_forwarded_for_is_appended() -> None:
