@@ -5,10 +5,21 @@ from __future__ import annotations
 
 import io
 import queue
+import shutil
 import threading
 import time
 
+import pytest
 import trio
+
+
+def required_program(name: str, package: str) -> str:
+    """The path of ``name``, a real peer the tests run (``.ci/run`` installs its Debian
+    ``package``); a clear failure naming the package when it is missing."""
+    found = shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} is not installed: apt-get install {package} (.ci/run installs it)")
+    return found
 
 
 class Output:

@@ -142,6 +142,9 @@ class TLSState:
         self.generation += 1
         log.info("TLS identities reloaded from %s (generation %d)", self.directory,
                  self.generation)
+        self._tell_watchers()
+
+    def _tell_watchers(self) -> None:
         for watcher in list(self.watchers):
             watcher()
 
@@ -220,8 +223,7 @@ class TLSState:
             if cut:
                 log.warning("closed %d open connection(s) with a peer whose certificate was "
                             "revoked (%s)", cut, ", ".join(sorted(added)))
-        for watcher in list(self.watchers):
-            watcher()
+        self._tell_watchers()
         return added
 
     def track(self, stream: TrackedConnection) -> None:

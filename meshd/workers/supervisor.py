@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-import psutil
 import trio
 from prometheus_client.metrics_core import Metric
 
@@ -149,6 +148,8 @@ class WorkerSet:
     def processes(self) -> list[dict[str, Any]]:
         """Each worker's pid, CPU seconds, RSS and accepted connections open
         (``/v1/state``'s ``process.workers``)."""
+        import psutil  # as the daemon's own state: loaded by the first /v1/state
+
         out = []
         for worker in self._workers:
             row: dict[str, Any] = {"index": worker.index, "ready": worker.ready,

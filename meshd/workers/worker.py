@@ -18,8 +18,6 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 import trio
@@ -152,7 +150,7 @@ def _ignore_signals() -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
-async def _main(fd: int, ready: Callable[[m.Start], None]) -> None:
+async def _main(fd: int) -> None:
     channel = Channel.from_fd(fd)
     try:
         start, fds = await channel.receive()
@@ -160,7 +158,7 @@ async def _main(fd: int, ready: Callable[[m.Start], None]) -> None:
         return  # a spare the supervisor never needed (it ended, or did not start a proxy)
     if not isinstance(start, m.Start):
         raise SystemExit(f"meshd worker: expected Start, got {type(start).__name__}")
-    ready(start)
+    _configure_logging(start)
     await Worker(channel, start, fds).run()
 
 
@@ -195,7 +193,7 @@ def main(argv: list[str]) -> int:
         print("usage: python -m meshd.workers.worker FD (started by a meshd supervisor)",
               file=sys.stderr)
         return 2
-    trio.run(partial(_main, int(argv[0]), _configure_logging))
+    trio.run(_main, int(argv[0]))
     return 0
 
 

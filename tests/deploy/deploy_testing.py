@@ -4,12 +4,10 @@ names they use, the recording rules' names. (Plain text and JSON: no YAML parser
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 from pathlib import Path
 
-import pytest
+from proc_testing import required_program
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -28,14 +26,8 @@ HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 
 
 def binary(name: str) -> str:
-    """The path of a Prometheus binary (Debian's package); skip without it (fail in CI, which
-    installs it)."""
-    found = shutil.which(name)
-    if found is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{name} is not installed (.ci/run installs Debian's prometheus)")
-        pytest.skip(f"{name} is not installed: apt-get install prometheus")
-    return found
+    """The path of a Prometheus binary (Debian's package ``prometheus``)."""
+    return required_program(name, "prometheus")
 
 
 def dashboard_queries() -> list[str]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import signal
 import time
 from datetime import UTC, datetime
@@ -23,6 +22,7 @@ from typing import Any
 import pytest
 from faultmesh import ADMIN, BACKENDS, FaultMesh, LoadRun
 from faultsummary import record
+from proc_testing import required_program
 
 pytestmark = pytest.mark.faults
 
@@ -356,11 +356,7 @@ def test_g_prometheus_scrapes_every_meshd(fault_mesh: FaultMesh, tmp_path: Path)
     loopback (the admin API is unauthenticated and so never leaves loopback): how a node-local
     Prometheus (or agent) watches meshd on a VM."""
     mesh = fault_mesh
-    binary = shutil.which("prometheus")
-    if binary is None:
-        if os.environ.get("CI"):
-            pytest.fail("prometheus is not installed (.ci/run installs Debian's package)")
-        pytest.skip("prometheus is not installed: apt-get install prometheus")
+    binary = required_program("prometheus", "prometheus")
     hosts = ["host-a", *BACKENDS]
     procs = []
     for host in hosts:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import shutil
 import socket
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 from net_testing import free_port
+from proc_testing import required_program
 
 pytestmark = pytest.mark.e2e
 
@@ -109,8 +109,7 @@ class Tmux:
 
 @pytest.fixture
 def tmux() -> Iterator[Tmux]:
-    if shutil.which("tmux") is None:
-        pytest.skip("tmux is not installed (.ci/run installs it)")
+    required_program("tmux", "tmux")
     t = Tmux(f"meshd-tui-test-{os.getpid()}")
     try:
         yield t

@@ -49,6 +49,12 @@ class ViewCell:
         # external endpoints alike (the worker processes follow the supervisor's view)
         self.changed: list[Callable[[], None]] = []
 
+    def _routes_changed(self) -> None:
+        """A new route table in force: its listeners, then every change hook."""
+        for listener in list(self._listeners):
+            listener(self.current)
+        self._changed()
+
     def _changed(self) -> None:
         for hook in list(self.changed):
             hook()
@@ -57,9 +63,7 @@ class ViewCell:
         self.current = dataclasses.replace(
             self.current, routes=routes, generation=self.current.generation + 1
         )
-        for listener in list(self._listeners):
-            listener(self.current)
-        self._changed()
+        self._routes_changed()
         return self.current
 
     def put(self, view: MeshView) -> None:
@@ -68,9 +72,9 @@ class ViewCell:
         routes_changed = view.generation != self.current.generation
         self.current = view
         if routes_changed:
-            for listener in list(self._listeners):
-                listener(view)
-        self._changed()
+            self._routes_changed()
+        else:
+            self._changed()
 
     def watch_routes(self, listener: RoutesListener) -> Callable[[], None]:
         """Call ``listener(view)`` (synchronously, after the swap; it must not raise) on every
