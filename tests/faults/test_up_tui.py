@@ -8,19 +8,16 @@ collides with a `meshd up` of the shop demo running on this machine.
 
 from __future__ import annotations
 
-import os
 import shlex
 import socket
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 from net_testing import free_port
-from proc_testing import required_program
+from tmux_testing import Tmux, tmux_server
 
 pytestmark = pytest.mark.e2e
 
@@ -85,36 +82,10 @@ command = ["{{python}}", "{SHOP / 'payments.py'}", "--address", "{{address}}", "
     return path
 
 
-class Tmux:
-    def __init__(self, socket_name: str) -> None:
-        self.base = ["tmux", "-L", socket_name]
-
-    def __call__(self, *args: str) -> str:
-        return subprocess.run([*self.base, *args], capture_output=True, text=True,
-                              timeout=20, check=True).stdout
-
-    def pane(self) -> str:
-        return self("capture-pane", "-p", "-t", "up")
-
-    def wait_for(self, text: str, within: float) -> str:
-        deadline = time.monotonic() + within
-        screen = ""
-        while time.monotonic() < deadline:
-            screen = self.pane()
-            if text in screen:
-                return screen
-            time.sleep(0.3)
-        raise AssertionError(f"{text!r} not on the screen within {within:g}s:\n{screen}")
-
-
 @pytest.fixture
 def tmux() -> Iterator[Tmux]:
-    required_program("tmux", "tmux")
-    t = Tmux(f"meshd-tui-test-{os.getpid()}")
-    try:
+    with tmux_server() as t:
         yield t
-    finally:
-        subprocess.run([*t.base, "kill-server"], capture_output=True, timeout=20)
 
 
 def test_up_tui_opens_the_console_and_q_stops_the_mesh(tmux: Tmux, tmp_path: Path) -> None:
@@ -127,16 +98,16 @@ def test_up_tui_opens_the_console_and_q_stops_the_mesh(tmux: Tmux, tmp_path: Pat
          f"cd {shlex.quote(str(REPO))} && NO_COLOR=1 {up}; echo \"up exited $?\"; sleep 120")
     shell = int(tmux("display-message", "-p", "-t", "up", "#{pane_pid}").strip())
 
-    screen = tmux.wait_for("1 Topology", 120)   # the console's tab bar
+    screen = tmux.wait_for("1 Topology", "up", 120)   # the console's tab bar
     tree = psutil.Process(shell).children(recursive=True)
     labels = " ".join(" ".join(p.cmdline()) for p in tree)
     assert "registry serve" in labels and "tui" in labels and "payments.py" in labels, labels
     # the console owns the terminal: no child output behind it
     assert "[registry]" not in screen and "[meshd host-a]" not in screen, screen
-    tmux.wait_for("hosts 2/2", 30)   # it found both meshds through the registry
+    tmux.wait_for("hosts 2/2", "up", 30)   # it found both meshds through the registry
 
     tmux("send-keys", "-t", "up", "q")
-    screen = tmux.wait_for("up exited", 60)
+    screen = tmux.wait_for("up exited", "up", 60)
     assert "up exited 0" in screen, screen
     assert "meshd up: stopped" in screen, screen
     assert "killed a process left behind" not in screen, screen
@@ -158,19 +129,19 @@ def test_up_in_a_terminal_keeps_a_status_line_and_no_access_lines(
                      "--run-dir", str(tmp_path / "run")])
     tmux("new-session", "-d", "-s", "up", "-x", "160", "-y", "40",
          f"cd {shlex.quote(str(REPO))} && NO_COLOR=1 {up}; echo \"up exited $?\"; sleep 120")
-    tmux.wait_for("meshd up: ready", 120)
+    tmux.wait_for("meshd up: ready", "up", 120)
     for _ in range(5):
         with socket.create_connection(front_door, timeout=10) as conn:
             conn.sendall(b"GET /checkout HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             # answered by web (whether payments answered it too is not the point here)
             assert conn.makefile("rb").readline().startswith(b"HTTP/1.")
-    screen = tmux.wait_for("5 requests, ", 20)
+    screen = tmux.wait_for("5 requests, ", "up", 20)
     assert "· 6/6 processes running" in screen, screen   # registry, ca, 2 apps, 2 meshds
     assert "meshd.access" not in screen, screen
     access = (tmp_path / "run" / "logs" / "access-host-a.log").read_text()
     assert access.count("meshd.access: outbound web -> payments") == 5, access
     tmux("send-keys", "-t", "up", "C-c")
-    screen = tmux.wait_for("up exited", 60)
+    screen = tmux.wait_for("up exited", "up", 60)
     assert "up exited 0" in screen and "meshd up: stopped" in screen, screen
     assert "req/s" not in screen.split("meshd up: SIGINT")[1], screen
 

@@ -10,11 +10,8 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
-import os
 import random
 import shlex
-import shutil
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -25,6 +22,7 @@ from pathlib import Path
 import pytest
 from operator_testing import table_in
 from textual.widgets import TabbedContent
+from tmux_testing import tmux_server
 from tui_pilot import console_errors, open_editor, until
 from tui_processes import REPO, Running, ShopAddresses, derive_shop_mesh, start
 
@@ -76,44 +74,16 @@ def shop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shop]:
 # -- a real terminal --------------------------------------------------------------------------
 
 
-class Tmux:
-    """A tmux server of our own (its own socket), so no user session is touched."""
-
-    def __init__(self) -> None:
-        self.socket = f"meshd-tui-test-{os.getpid()}"
-
-    def __call__(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["tmux", "-u", "-L", self.socket, *args], capture_output=True,
-                              text=True, timeout=10, env={**os.environ, "LANG": "C.UTF-8"})
-
-    def screen(self) -> str:
-        return self("capture-pane", "-p", "-t", "tui").stdout
-
-    def wait_for(self, check: str, within: float = 20.0) -> str:
-        deadline = time.monotonic() + within
-        text = ""
-        while time.monotonic() < deadline:
-            text = self.screen()
-            if check in text:
-                return text
-            time.sleep(0.2)
-        raise AssertionError(f"{check!r} not on the screen within {within}s:\n{text}")
-
-
-@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
 def test_topology_appears_in_a_real_terminal(shop: Shop) -> None:
-    tmux = Tmux()
     command = (f"env -u CONSUL_HTTP_TOKEN -u CONSUL_HTTP_TOKEN_FILE "
                f"XDG_RUNTIME_DIR={shlex.quote(str(shop.runtime_dir))} "
                f"{sys.executable} -m meshd tui --registry {shop.addresses.registry} "
                "--admin-port 15000")
-    try:
+    with tmux_server() as tmux:
         # wide enough for the shop's graph: gateway -> web -> payments -> bank
-        started = tmux("new-session", "-d", "-s", "tui", "-x", "150", "-y", "30",
-                       "-c", str(REPO), command)
-        assert started.returncode == 0, started.stderr
-        screen = tmux.wait_for("payments")
-        screen = tmux.wait_for("v2 ")  # the edge's second leg, once traffic views exist
+        tmux("new-session", "-d", "-s", "tui", "-x", "150", "-y", "30", "-c", str(REPO), command)
+        screen = tmux.wait_for("payments", "tui")
+        screen = tmux.wait_for("v2 ", "tui")  # the edge's second leg, once traffic views exist
         lines = screen.splitlines()
         assert any("web" in line and "├" in line for line in lines), screen
         legs = [line for line in lines if "▶" in line]
@@ -122,15 +92,13 @@ def test_topology_appears_in_a_real_terminal(shop: Shop) -> None:
         assert any("payments" in line for line in lines) and "hosts 3/3" in screen, screen
 
         tmux("send-keys", "-t", "tui", "3")  # hosts view
-        hosts = tmux.wait_for("host-c")
+        hosts = tmux.wait_for("host-c", "tui")
         assert "host-a" in hosts and "host-b" in hosts
         tmux("send-keys", "-t", "tui", "q")
         deadline = time.monotonic() + 10
-        while tmux("has-session", "-t", "tui").returncode == 0:
+        while tmux.has_session("tui"):
             assert time.monotonic() < deadline, "meshd tui did not quit on q"
             time.sleep(0.1)
-    finally:
-        tmux("kill-server")
 
 
 # -- the split editor, end to end -------------------------------------------------------------
