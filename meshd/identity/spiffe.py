@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
-from cryptography import x509
+if TYPE_CHECKING:
+    from cryptography import x509
 
 from meshd.names import MAX_NAME, NAME_RULE, is_valid_name
 
@@ -146,6 +148,8 @@ def operator_of(ids: list[str], trust_domain: str) -> str:
 
 def spiffe_ids_from_cert(cert: x509.Certificate) -> list[str]:
     """The URI SANs of ``cert`` that start with ``spiffe://`` (in certificate order)."""
+    from cryptography import x509  # the control plane's (a worker process never loads it)
+
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
@@ -159,4 +163,6 @@ def spiffe_ids_from_cert_der(der: bytes) -> list[str]:
 
     Raises ValueError if ``der`` is not a certificate.
     """
+    from cryptography import x509
+
     return spiffe_ids_from_cert(x509.load_der_x509_certificate(der))

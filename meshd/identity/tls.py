@@ -29,21 +29,20 @@ their peer's serial) are cut when their peer's serial joins it.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import ssl
 import time
 import weakref
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
-
-from cryptography import x509
+from typing import Any, Protocol
 
 from meshd.errors import IdentityError
-from meshd.identity.files import node_files
 from meshd.identity.spiffe import (
+    SCHEME,
     Kind,
     NotAnOperator,
     operator_of,
@@ -75,6 +74,32 @@ class MeshSSLObject(ssl.SSLObject):
     sni_refusal: str | None = None
 
 
+@dataclass(frozen=True)
+class CertFacts:
+    """What meshd reads from one of its own certificates: its SPIFFE IDs and its validity."""
+
+    spiffe_ids: tuple[str, ...]
+    not_before: float  # seconds since the epoch
+    not_after: float
+
+
+def read_certificate(pem: bytes) -> CertFacts:
+    """The facts of the first certificate in ``pem``. Raises ``ValueError`` for anything else.
+
+    cryptography is imported here, not with the module: a worker process is told these facts
+    by its supervisor (``TLSState(known=...)``) and never loads it (about 9 MB)."""
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(pem)
+    return CertFacts(tuple(spiffe_ids_from_cert(cert)), cert.not_valid_before_utc.timestamp(),
+                     cert.not_valid_after_utc.timestamp())
+
+
+def certificate_digest(pem: bytes) -> str:
+    """The key ``TLSState.checked`` and ``known`` use for a certificate file's contents."""
+    return hashlib.sha256(pem).hexdigest()
+
+
 def cert_path(directory: Path, service: str) -> Path:
     return directory / f"{service}.crt"
 
@@ -93,6 +118,8 @@ class _Contexts:
     unusable: dict[str, str]               # services left out, and why
     admin: ssl.SSLContext | None = None    # the admin API's, with the node certificate
     admin_not_after: float = 0.0
+    # the service certificates read for these contexts, by ``certificate_digest``
+    checked: dict[str, CertFacts] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -115,14 +142,22 @@ class TrackedConnection(Protocol):
 
 class TLSState:
     """The SSL contexts in force for one host's local services. ``clock`` is wall time in
-    seconds (injected by tests)."""
+    seconds (injected by tests).
+
+    Each certificate file is checked before it is used (its SPIFFE ID, its validity): parsed
+    here, or, given ``known`` (a worker process), looked up there by the digest of its
+    contents: the facts its supervisor read from the very same bytes (``checked``). A file
+    that is not there (written since the supervisor's check) is an ``IdentityError`` like any
+    other, and the contexts in force stay."""
 
     def __init__(self, directory: str | Path, trust_domain: str, services: Iterable[str], *,
-                 clock: Callable[[], float] = time.time, admin: bool = False) -> None:
+                 clock: Callable[[], float] = time.time, admin: bool = False,
+                 known: Mapping[str, CertFacts] | None = None) -> None:
         self.directory = Path(directory)
         self.trust_domain = trust_domain
         self.services = tuple(services)
         self.admin = admin
+        self.known = known
         self._admin_front: ssl.SSLContext | None = None
         self._clock = clock
         self._denied: frozenset[str] = frozenset()
@@ -143,6 +178,11 @@ class TLSState:
         log.info("TLS identities reloaded from %s (generation %d)", self.directory,
                  self.generation)
         self._tell_watchers()
+
+    @property
+    def checked(self) -> Mapping[str, CertFacts]:
+        """The facts of the service certificates in force, by ``certificate_digest``."""
+        return self._contexts.checked
 
     def _tell_watchers(self) -> None:
         for watcher in list(self.watchers):
@@ -183,9 +223,9 @@ class TLSState:
         return None
 
     def check_operator(self, der: bytes | None) -> str:
-        """The operator name of a verified admin client certificate: one SPIFFE ID,
+        """The operator name of a verified admin client certificate (DER): one SPIFFE ID,
         ``spiffe://<our trust domain>/operator/NAME``, not revoked. Raises ``HandshakeRefused``."""
-        ids, serial = _peer(der)
+        ids, serial = _peer_der(der)
         try:
             name = operator_of(ids, self.trust_domain)
         except NotAnOperator as exc:
@@ -246,11 +286,12 @@ class TLSState:
 
     # -- peer checks -------------------------------------------------------------------------
 
-    def check_server(self, der: bytes | None, destination: str) -> str:
-        """Raise ``HandshakeRefused`` unless the upstream is exactly ``destination`` and not
-        revoked; returns its certificate's serial."""
+    def check_server(self, cert: PeerCertificate | None, destination: str) -> str:
+        """Raise ``HandshakeRefused`` unless the upstream (its verified certificate, as
+        ``getpeercert()`` gives it) is exactly ``destination`` and not revoked; returns its
+        certificate's serial."""
         expected = spiffe_id_for(self.trust_domain, destination)
-        ids, serial = _peer(der)
+        ids, serial = _peer(cert)
         if ids != [expected]:
             raise HandshakeRefused(
                 "wrong_identity",
@@ -260,10 +301,11 @@ class TLSState:
                                    f"{serial}, which the CA revoked")
         return serial
 
-    def check_client(self, der: bytes | None) -> Peer:
-        """The calling service of a verified client certificate: its one SPIFFE ID must be a
-        service of our trust domain, its serial not revoked. Raises ``HandshakeRefused``."""
-        ids, serial = _peer(der)
+    def check_client(self, cert: PeerCertificate | None) -> Peer:
+        """The calling service of a verified client certificate (as ``getpeercert()`` gives
+        it): its one SPIFFE ID must be a service of our trust domain, its serial not revoked.
+        Raises ``HandshakeRefused``."""
+        ids, serial = _peer(cert)
         if len(ids) != 1:
             raise HandshakeRefused(
                 "wrong_identity",
@@ -290,10 +332,11 @@ class TLSState:
         clients_h2: dict[str, ssl.SSLContext] = {}
         not_after: dict[str, float] = {}
         unusable: dict[str, str] = {}
+        checked: dict[str, CertFacts] = {}
         now = self._clock()
         try:
             for service in self.services:
-                cert = self._check_certificate(service)
+                cert = self._check_certificate(service, checked)
                 reason = _unusable(cert, service, now)
                 if reason is not None:
                     log.error("%s", reason)
@@ -306,7 +349,7 @@ class TLSState:
                 clients_h2[service] = _context(ssl.PROTOCOL_TLS_CLIENT, bundle,
                                                self.directory, service)
                 clients_h2[service].set_alpn_protocols([ALPN_H2])
-                not_after[service] = cert.not_valid_after_utc.timestamp()
+                not_after[service] = cert.not_after
             server = _context(ssl.PROTOCOL_TLS_SERVER, bundle, self.directory, None)
             admin, admin_not_after = self._admin_build(bundle, now) if self.admin else (None, 0.0)
         except (OSError, ssl.SSLError) as exc:
@@ -315,15 +358,16 @@ class TLSState:
         server.sslobject_class = MeshSSLObject
         server.sni_callback = self._select_by_sni
         return _Contexts(server, by_service, clients, clients_h2, not_after, unusable, admin,
-                         admin_not_after)
+                         admin_not_after, checked)
 
     def _admin_build(self, bundle: Path, now: float) -> tuple[ssl.SSLContext | None, float]:
+        # the admin API is the supervisor's: a worker never loads the identity files' module
+        # (it brings cryptography)
+        from meshd.identity.files import node_files
+
         cert_file, key_file = node_files(self.directory)
-        try:
-            cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
-        except ValueError as exc:
-            raise IdentityError(f"{cert_file} is not a PEM certificate: {exc}") from exc
-        ids = spiffe_ids_from_cert(cert)
+        cert = self._read(cert_file, {})
+        ids = list(cert.spiffe_ids)
         try:
             td, kind, _ = parse_identity(ids[0]) if len(ids) == 1 else ("", Kind.SERVICE, "")
         except ValueError:
@@ -338,16 +382,31 @@ class TLSState:
         ctx = _front_context(ssl.CERT_REQUIRED)
         ctx.load_verify_locations(cafile=str(bundle))
         ctx.load_cert_chain(str(cert_file), str(key_file))
-        return ctx, cert.not_valid_after_utc.timestamp()
+        return ctx, cert.not_after
 
-    def _check_certificate(self, service: str) -> x509.Certificate:
+    def _read(self, path: Path, checked: dict[str, CertFacts]) -> CertFacts:
+        """The facts of the certificate in ``path`` (added to ``checked``); ``OSError`` if it
+        cannot be read, ``IdentityError`` if it is not a certificate."""
+        pem = path.read_bytes()
+        digest = certificate_digest(pem)
+        if self.known is not None:
+            facts = self.known.get(digest)
+            if facts is None:
+                raise IdentityError(f"{path} is not the certificate the supervisor checked "
+                                    "(written since?)")
+        else:
+            try:
+                facts = read_certificate(pem)
+            except ValueError as exc:
+                raise IdentityError(f"{path} is not a PEM certificate: {exc}") from exc
+        checked[digest] = facts
+        return facts
+
+    def _check_certificate(self, service: str, checked: dict[str, CertFacts]) -> CertFacts:
         path = cert_path(self.directory, service)
-        try:
-            cert = x509.load_pem_x509_certificate(path.read_bytes())
-        except ValueError as exc:
-            raise IdentityError(f"{path} is not a PEM certificate: {exc}") from exc
+        cert = self._read(path, checked)
         expected = spiffe_id_for(self.trust_domain, service)
-        ids = spiffe_ids_from_cert(cert)
+        ids = list(cert.spiffe_ids)
         if ids != [expected]:
             raise IdentityError(f"{path} is the certificate of {ids or 'nobody'}, "
                                 f"not of {expected}")
@@ -398,10 +457,32 @@ def _front_context(verify: ssl.VerifyMode) -> ssl.SSLContext:
     return ctx
 
 
-def _peer(der: bytes | None) -> tuple[list[str], str]:
-    """The SPIFFE IDs and the serial (hex) of a DER certificate (nothing for junk)."""
+# a verified peer certificate as ``SSLObject.getpeercert()`` decodes it (OpenSSL's parser)
+PeerCertificate = Mapping[str, Any]
+
+
+def _peer(cert: PeerCertificate | None) -> tuple[list[str], str]:
+    """The SPIFFE IDs (URI SANs, in certificate order) and the serial (lowercase hex, as the
+    deny list has it) of a verified peer certificate. Nothing when there is no certificate or
+    its serial cannot be read: then no identity is accepted."""
+    if not cert:
+        return [], ""
+    try:
+        serial = format(int(str(cert["serialNumber"]), 16), "x")
+        names = tuple(cert.get("subjectAltName", ()))
+    except (KeyError, TypeError, ValueError):
+        return [], ""
+    return [value for kind, value in names
+            if kind == "URI" and isinstance(value, str) and value.startswith(SCHEME)], serial
+
+
+def _peer_der(der: bytes | None) -> tuple[list[str], str]:
+    """The SPIFFE IDs and the serial (hex) of a DER certificate (nothing for junk): the admin
+    API's clients (its HTTP server hands over the DER form; cryptography is loaded there)."""
     if not der:
         return [], ""
+    from cryptography import x509
+
     try:
         cert = x509.load_der_x509_certificate(der)
     except ValueError:
@@ -409,13 +490,13 @@ def _peer(der: bytes | None) -> tuple[list[str], str]:
     return spiffe_ids_from_cert(cert), format(cert.serial_number, "x")
 
 
-def _unusable(cert: x509.Certificate, service: str, now: float) -> str | None:
-    if now < cert.not_valid_before_utc.timestamp():
+def _unusable(cert: CertFacts, service: str, now: float) -> str | None:
+    if now < cert.not_before:
         return (f"the certificate of {service} is not valid before "
-                f"{_when(cert.not_valid_before_utc.timestamp())}; not presenting it")
-    if now >= cert.not_valid_after_utc.timestamp():
+                f"{_when(cert.not_before)}; not presenting it")
+    if now >= cert.not_after:
         return (f"the certificate of {service} expired at "
-                f"{_when(cert.not_valid_after_utc.timestamp())}; not presenting it")
+                f"{_when(cert.not_after)}; not presenting it")
     return None
 
 

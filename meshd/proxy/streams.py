@@ -26,6 +26,7 @@ from meshd.identity.tls import (
     ALPN_H2,
     HandshakeRefused,
     MeshSSLObject,
+    PeerCertificate,
     TLSState,
     classify_tls_failure,
 )
@@ -64,8 +65,9 @@ class TLSStream(trio.abc.HalfCloseableStream):
         # reader (``meshd.proxy.exchange``), reset rather than built again for each request
         self.response_reader: object = None
 
-    def peer_certificate(self) -> bytes | None:
-        return self.ssl_object.getpeercert(binary_form=True)
+    def peer_certificate(self) -> PeerCertificate | None:
+        """The verified peer certificate, decoded by OpenSSL (``TLSState.check_*`` read it)."""
+        return self.ssl_object.getpeercert()
 
     def idle_unusable(self) -> bool:
         """Like ``SocketConnection.idle_unusable``: anything waiting (a close_notify, an alert,

@@ -23,8 +23,8 @@ import logging
 import random
 import time
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
-import httpx
 import trio
 
 from meshd.backoff import backoff_delay
@@ -34,6 +34,9 @@ from meshd.proxy.core.trace import RequestIdentity, Sampler
 from meshd.tracing.sampling import make_sampler
 from meshd.tracing.settings import TracingSettings, resolve
 from meshd.tracing.spans import HostResource, SpanRecord, encode
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +130,10 @@ class Tracer:
         if settings is None:
             task_status.started()
             return
+        # the HTTP client comes with tracing: a worker process that exports nothing never
+        # loads it (docs/performance.md, "A smaller process")
+        import httpx
+
         headers = {**dict(settings.headers), "content-type": CONTENT_TYPE}
         async with httpx.AsyncClient(headers=headers, timeout=None) as client:
             log.info("exporting spans to %s (sampler %s%s)", settings.endpoint, settings.sampler,
@@ -158,6 +165,8 @@ class Tracer:
 
     async def _export_batch(self, client: httpx.AsyncClient, settings: TracingSettings) -> bool:
         """Send the oldest batch; False (and the batch dropped, counted) if it failed."""
+        import httpx  # loaded by ``run`` already: a lookup
+
         batch = self._queue[:self.batch_size]
         del self._queue[:self.batch_size]
         body = encode(batch, self.host)

@@ -12,6 +12,7 @@ from types import MappingProxyType
 from typing import Any
 
 from meshd.config.schema import HostConfig, LocalService, RouteTable, Upstream
+from meshd.identity.tls import CertFacts
 from meshd.proxy.core.outlier import Ejection
 from meshd.proxy.core.view import MeshView
 from meshd.registry.model import EndpointSet
@@ -45,6 +46,9 @@ class Start:
     tls_dir: str  # the identities' directory (the supervisor writes it, the worker reads)
     tls_services: tuple[str, ...]
     denied: frozenset[str]
+    # the facts of the certificates the supervisor checked, by the digest of each file's
+    # contents: the worker checks its files against them (it never parses a certificate)
+    certificates: dict[str, CertFacts]
     log_level: int
     log_json: bool
     fds: int = 0
@@ -69,6 +73,7 @@ class SetTLS:
     generation: int
     services: tuple[str, ...]
     denied: frozenset[str]
+    certificates: dict[str, CertFacts]  # as in ``Start``
 
 
 @dataclass(frozen=True)

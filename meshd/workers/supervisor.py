@@ -297,7 +297,8 @@ class WorkerSet:
                 self._post(worker, _ViewMarker())
 
     def _tls_changed(self) -> None:
-        message = m.SetTLS(self.tls.generation, self.tls.services, self.tls.denied)
+        message = m.SetTLS(self.tls.generation, self.tls.services, self.tls.denied,
+                           dict(self.tls.checked))
         for worker in self._workers:
             self._post(worker, message)
 
@@ -378,7 +379,8 @@ class WorkerSet:
                 config=self.config, index=worker.index, count=self.count,
                 listeners=tuple(listeners), view=m.ViewParts.of(self.view.current),
                 tls_dir=str(self.tls.directory), tls_services=self.tls.services,
-                denied=self.tls.denied, log_level=root.getEffectiveLevel(),
+                denied=self.tls.denied, certificates=dict(self.tls.checked),
+                log_level=root.getEffectiveLevel(),
                 log_json=_json_logs(root), fds=len(fds))
             worker.view_pending = False
             try:

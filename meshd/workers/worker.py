@@ -47,7 +47,8 @@ class Worker:
         config = start.config
         self.metrics = Metrics()
         self.view = ViewCell(start.view.view())
-        self.tls = TLSState(start.tls_dir, config.trust_domain, start.tls_services)
+        self.tls = TLSState(start.tls_dir, config.trust_domain, start.tls_services,
+                            known=start.certificates)
         self.tls.set_denylist(start.denied)
         self._tls_generation = -1  # the supervisor's generation last followed
         sockets: dict[str, list[socket.socket]] = {}
@@ -121,6 +122,7 @@ class Worker:
 
     async def _set_tls(self, message: m.SetTLS) -> None:
         self.tls.services = message.services
+        self.tls.known = message.certificates
         if message.generation != self._tls_generation:
             for attempt in range(TLS_RETRIES):
                 try:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import socket
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
 from proxy_testing import TD, MiniCA
 
 from meshd.errors import IdentityError
@@ -88,10 +88,12 @@ async def test_handshake_checks_identities_both_ways(identities: Path) -> None:
     (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
     port = listener.socket.getsockname()[1]
     seen = []
+    client_certs = []
 
     async def server_side(transport: trio.SocketStream) -> None:
         stream, service, source = await accept_mtls(transport, tls)
         seen.append((service, source))
+        client_certs.append(stream.peer_certificate())
         await stream.send_all(await stream.receive_some())
         await stream.aclose()
 
@@ -101,32 +103,61 @@ async def test_handshake_checks_identities_both_ways(identities: Path) -> None:
         await stream.send_all(b"ping")
         assert await stream.receive_some() == b"ping"
         await stream.aclose()
-        # asking for "web" while expecting "payments" fails the client-side check
-        with pytest.raises(HandshakeRefused, match=r"expected spiffe://mesh\.test/svc/payments"):
-            tls.check_server(_leaf_der(identities, "web"), "payments")
+        # web's certificate (as the server saw it) where payments' is expected fails the
+        # client-side check; no certificate, or one without a readable serial, is no identity
+        with pytest.raises(HandshakeRefused, match=r"presented spiffe://mesh\.test/svc/web, "
+                                                   r"expected spiffe://mesh\.test/svc/payments"):
+            tls.check_server(client_certs[0], "payments")
+        for junk in (None, {}, {**client_certs[0], "serialNumber": "zz"}):
+            with pytest.raises(HandshakeRefused, match="no SPIFFE ID"):
+                tls.check_server(junk, "web")
         nursery.cancel_scope.cancel()
     assert seen == [("payments", "web")]
-
-
-def _leaf_der(directory: Path, service: str) -> bytes:
-    cert = x509.load_pem_x509_certificate((directory / f"{service}.crt").read_bytes())
-    return cert.public_bytes(Encoding.DER)
 
 
 async def test_reload_serves_new_certificates_to_new_connections_only(
         identities: Path, ca: MiniCA) -> None:
     tls = TLSState(identities, TD, ["web", "payments"])
     old_client, old_server = await _tls_pair(tls)
-    old_serial = _serial(old_client)
+    old_serial = _serial(old_client, tls)
 
     renewed = ca.write_identity(identities, "payments")
     tls.reload()
     new_client, _ = await _tls_pair(tls)
-    assert _serial(new_client) == renewed.serial_number != old_serial
+    assert _serial(new_client, tls) == renewed.serial_number != old_serial
 
     # the connection made before the reload carries on
     await old_client.send_all(b"still here")
     assert await old_server.receive_some() == b"still here"
+
+
+async def test_a_worker_checks_its_files_against_the_supervisors_facts(
+        identities: Path, ca: MiniCA) -> None:
+    """A worker process never parses a certificate: it uses a file only if the supervisor
+    read the very same bytes (``known``, by digest), and otherwise keeps what it has."""
+    supervisor = TLSState(identities, TD, ["web", "payments"])
+    worker = TLSState(identities, TD, ["web", "payments"], known=dict(supervisor.checked))
+    client, _ = await _tls_pair(worker)
+    old_serial = _serial(client, worker)
+
+    renewed = ca.write_identity(identities, "payments")  # not checked by the supervisor yet
+    with pytest.raises(IdentityError,
+                       match=r"payments\.crt is not the certificate the supervisor checked"):
+        worker.reload()
+    client, _ = await _tls_pair(worker)
+    assert _serial(client, worker) == old_serial  # the contexts in force stay
+
+    supervisor.reload()
+    worker.known = dict(supervisor.checked)
+    worker.reload()
+    client, _ = await _tls_pair(worker)
+    assert _serial(client, worker) == renewed.serial_number
+
+    # the supervisor's facts decide validity: an expired certificate is never presented
+    expired = {digest: replace(facts, not_after=0.0) for digest, facts in
+               supervisor.checked.items()}
+    assert "expired" in str(
+        TLSState(identities, TD, ["payments"], known=expired).unusable_reason("payments"))
 
 
 async def test_reload_failure_keeps_the_contexts_in_force(identities: Path) -> None:
@@ -149,10 +180,13 @@ def test_missing_or_mismatched_identity_is_an_error(tmp_path: Path, ca: MiniCA) 
         TLSState(tmp_path, TD, ["cart"])
 
 
-def _serial(stream: TLSStream) -> int:
-    der = stream.peer_certificate()
+def _serial(stream: TLSStream, tls: TLSState) -> int:
+    der = stream.ssl_object.getpeercert(binary_form=True)
     assert der is not None
-    return x509.load_der_x509_certificate(der).serial_number
+    serial = x509.load_der_x509_certificate(der).serial_number
+    # what the checks read (OpenSSL's decoding) is the same serial, in the deny list's form
+    assert tls.check_server(stream.peer_certificate(), "payments") == format(serial, "x")
+    return serial
 
 
 async def test_data_and_close_notify_read_together_over_a_socket(identities: Path) -> None:

@@ -82,6 +82,10 @@ async def two_hosts(nursery: trio.Nursery, mesh: Mesh, procs: Processes, tmp_pat
     return meshd.process, upstream, f"http://{conf.admin_host}:{conf.admin_port}"
 
 
+def _maps_cryptography(pid: int) -> bool:
+    return "/cryptography/" in Path(f"/proc/{pid}/maps").read_text()
+
+
 def workers_of(pid: int) -> list[psutil.Process]:
     return [p for p in psutil.Process(pid).children()
             if "meshd.workers.worker" in " ".join(p.cmdline())]
@@ -93,6 +97,10 @@ async def test_meshd_run_with_workers_serves_and_stops_on_sigterm_to_every_proce
     process, upstream, admin = await two_hosts(nursery, mesh, procs, tmp_path)
     workers = workers_of(process.pid)
     assert len(workers) == 2
+    # a worker never parses a certificate (its supervisor tells it what the files hold): it
+    # does not load cryptography, whose native module the supervisor has mapped
+    assert _maps_cryptography(process.pid)
+    assert not any(_maps_cryptography(w.pid) for w in workers)
 
     result = LoadResult()
     await nursery.start(steady_load, f"http://127.0.0.1:{upstream}/pay", 100, result)
