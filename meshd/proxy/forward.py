@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 
 import trio
 
@@ -52,8 +53,15 @@ class ClientConnection:
     draining: bool = False
     idle_scope: trio.CancelScope | None = None
     served: bool = False  # a request was read on it (a drain closes it when idle again)
-    # what a drain calls instead (HTTP/2: GOAWAY, then the streams in flight finish)
+    # what a drain calls instead (HTTP/2: GOAWAY, then the streams in flight finish; a
+    # parked connection: closed)
     drain_hook: Callable[[], None] | None = None
+    # Set by a server that can hold this connection idle without a task: ``park(stream,
+    # resume, idle_timeout)`` takes ``stream`` over if it is the server's own socket stream
+    # (True: the calling task returns, leaving it open; ``resume()`` serves its next request in
+    # a new task), or declines (False: the caller waits as usual).
+    park: Callable[[trio.abc.Stream, Callable[[], Awaitable[None]], float], bool] | None = None
+    parked: bool = False  # waiting without a task (``park``)
 
     def set_drain_hook(self, hook: Callable[[], None] | None) -> None:
         self.drain_hook = hook
@@ -168,6 +176,12 @@ async def serve_requests(client: trio.abc.Stream, conn: ClientConnection, handle
     A drain closes connections idle between requests at once, but gives one whose first
     request is still on its way ``FIRST_REQUEST_GRACE``: its client connected before the drain
     began and, not having reused a connection, would not retry a request left unanswered.
+
+    Idle between requests with nothing read ahead, a connection is offered to ``conn.park``
+    (when its server set one): a parked connection waits for its next bytes without a task,
+    so this returns with it open, and the server later calls this again (``resume``, with a
+    fresh ``RequestSource``) to serve it, as the same connection. Its idle timeout and a drain
+    then act in the server's waiting room instead of here.
     """
     source = RequestSource(client)
     while not (conn.draining and conn.served):
@@ -175,6 +189,10 @@ async def serve_requests(client: trio.abc.Stream, conn: ClientConnection, handle
             # Between requests under load the next one is usually here already: read it
             # without the idle wait's cancel scope (docs/performance.md, "The HTTP/1.1 hop").
             if not source.has_input and not source.fill_nowait():
+                if conn.served and conn.park is not None and conn.park(
+                        client, partial(serve_requests, client, conn, handle, idle_timeout,
+                                        on_bad_request, head_timeout), idle_timeout):
+                    return  # parked: no task while idle (docs/performance.md, round two)
                 wait = min(idle_timeout, FIRST_REQUEST_GRACE) if conn.draining else idle_timeout
                 with trio.move_on_after(wait) as idle:
                     conn.idle_scope = idle
