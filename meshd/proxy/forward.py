@@ -43,6 +43,10 @@ log = logging.getLogger(__name__)
 HEAD_TIMEOUT = 10.0
 # how long a drain waits for the first request of a connection accepted before it began
 FIRST_REQUEST_GRACE = 1.0
+# How long a connection idle between requests keeps its task before it is offered to its
+# server's keep-alive room (``ClientConnection.park``): a busy client's next request is
+# nearly always sooner, and waking a parked connection costs a new task and parser.
+PARK_AFTER = 0.1
 
 
 @dataclass(eq=False)
@@ -177,11 +181,11 @@ async def serve_requests(client: trio.abc.Stream, conn: ClientConnection, handle
     request is still on its way ``FIRST_REQUEST_GRACE``: its client connected before the drain
     began and, not having reused a connection, would not retry a request left unanswered.
 
-    Idle between requests with nothing read ahead, a connection is offered to ``conn.park``
-    (when its server set one): a parked connection waits for its next bytes without a task,
-    so this returns with it open, and the server later calls this again (``resume``, with a
-    fresh ``RequestSource``) to serve it, as the same connection. Its idle timeout and a drain
-    then act in the server's waiting room instead of here.
+    Idle between requests with nothing read ahead for ``PARK_AFTER``, a connection is offered
+    to ``conn.park`` (when its server set one): a parked connection waits for its next bytes
+    without a task, so this returns with it open, and the server later calls this again
+    (``resume``, with a fresh ``RequestSource``) to serve it, as the same connection. The rest
+    of its idle timeout and a drain then act in the server's waiting room instead of here.
     """
     source = RequestSource(client)
     while not (conn.draining and conn.served):
@@ -189,19 +193,20 @@ async def serve_requests(client: trio.abc.Stream, conn: ClientConnection, handle
             # Between requests under load the next one is usually here already: read it
             # without the idle wait's cancel scope (docs/performance.md, "The HTTP/1.1 hop").
             if not source.has_input and not source.fill_nowait():
-                if conn.served and conn.park is not None and conn.park(
-                        client, partial(serve_requests, client, conn, handle, idle_timeout,
-                                        on_bad_request, head_timeout), idle_timeout):
-                    return  # parked: no task while idle (docs/performance.md, round two)
                 wait = min(idle_timeout, FIRST_REQUEST_GRACE) if conn.draining else idle_timeout
-                with trio.move_on_after(wait) as idle:
-                    conn.idle_scope = idle
-                    try:
-                        await source.fill()
-                    finally:
-                        conn.idle_scope = None
-                if idle.cancelled_caught:
-                    return
+                # idle between requests: a moment in this task, then parked if the server can
+                parks = conn.served and conn.park is not None and wait > PARK_AFTER
+                if not await _next_bytes(source, conn, PARK_AFTER if parks else wait):
+                    if not parks or conn.draining:
+                        return  # idle too long, or a drain
+                    wait -= PARK_AFTER
+                    assert conn.park is not None
+                    if conn.park(client, partial(serve_requests, client, conn, handle,
+                                                 idle_timeout, on_bad_request, head_timeout),
+                                 wait):
+                        return  # parked: no task while idle (docs/performance.md, round two)
+                    if not await _next_bytes(source, conn, wait):
+                        return
             if not source.has_event:  # part of a head came: the rest has a deadline
                 with trio.move_on_after(head_timeout) as waited:
                     while not source.has_event:
@@ -222,6 +227,18 @@ async def serve_requests(client: trio.abc.Stream, conn: ClientConnection, handle
         conn.served = True
         if not await handle(event, source, conn):
             return
+
+
+async def _next_bytes(source: RequestSource, conn: ClientConnection, wait: float) -> bool:
+    """Wait up to ``wait`` seconds for the client's next bytes (a drain may cut it short):
+    whether they came (read into ``source``)."""
+    with trio.move_on_after(wait) as idle:
+        conn.idle_scope = idle
+        try:
+            await source.fill()
+        finally:
+            conn.idle_scope = None
+    return not idle.cancelled_caught
 
 
 async def _refuse(client: trio.abc.Stream, conn: ClientConnection, exc: ProtocolError,

@@ -170,7 +170,7 @@ async def test_pipelined_requests_are_all_answered_before_parking(lone: Lone) ->
 
 async def test_idle_timeout_closes_parked_connections_quietly(
         lone: Lone, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(meshd.proxy.outbound, "CLIENT_IDLE_TIMEOUT", 0.3)
+    monkeypatch.setattr(meshd.proxy.outbound, "CLIENT_IDLE_TIMEOUT", 1.0)
     fds = descriptors()
     streams = await connect_and_ask(lone, CLIENTS)
     try:
