@@ -14,8 +14,7 @@ neither ever costs a task (when a flood ends, thousands of them close at once).
 Two kinds of waits use it: a new connection waiting for its first bytes (``meshd.conns.guard``,
 the mTLS and gateway listeners), and an HTTP/1.1 keep-alive connection idle between requests
 (``meshd.proxy.server``: its serving task ends when it parks, and a fresh one serves its next
-request). A waiter that must leave early (a drain closes idle connections at once) is taken out
-with ``remove``.
+request; when the room closes, ``on_close`` closes them).
 """
 
 from __future__ import annotations
@@ -77,17 +76,6 @@ class WaitingRoom(Generic[S, T]):
         self._selector.register(fd, selectors.EVENT_READ)
         self._waiting[fd] = (sock, payload)
         self._deadlines.append((trio.current_time() + self.timeout, fd, sock))
-
-    def remove(self, sock: S) -> T | None:
-        """Take ``sock`` out of the room, untouched (its payload; None if it was not here)."""
-        fd = sock.fileno()
-        entry = self._waiting.get(fd)
-        if entry is None or entry[0] is not sock:
-            return None
-        assert self._selector is not None
-        self._selector.unregister(fd)
-        del self._waiting[fd]
-        return entry[1]
 
     async def run(self) -> None:
         """Hand over connections as they become readable or time out, until cancelled (a

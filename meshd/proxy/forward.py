@@ -6,6 +6,11 @@ handler; ``answer_locally`` and ``refuse_large_body`` are what a handler answers
 Forwarding a request (pooled connections, the exchange, retries, 502/504) is
 ``meshd.proxy.attempts``, the one path both directions take.
 
+A connection idle between requests for ``PARK_AFTER`` gives up its task when its server offers
+to hold it (``ClientConnection.park``: plaintext HTTP/1.1 client connections, in the server's
+keep-alive room): ``serve_requests`` then returns with the connection open, and the server calls
+it again, with a fresh ``RequestSource``, when the client's next bytes arrive.
+
 ``Expect: 100-continue`` is end to end: the header goes upstream and the upstream's ``100
 Continue`` is relayed (``Exchange``), so the app that will read the body decides whether it
 wants it; meshd never answers 100 itself. What meshd refuses on its own (403, 413 on a
@@ -46,7 +51,7 @@ FIRST_REQUEST_GRACE = 1.0
 # How long a connection idle between requests keeps its task before it is offered to its
 # server's keep-alive room (``ClientConnection.park``): a busy client's next request is
 # nearly always sooner, and waking a parked connection costs a new task and parser.
-PARK_AFTER = 0.1
+PARK_AFTER = 0.02
 
 
 @dataclass(eq=False)
@@ -57,8 +62,7 @@ class ClientConnection:
     draining: bool = False
     idle_scope: trio.CancelScope | None = None
     served: bool = False  # a request was read on it (a drain closes it when idle again)
-    # what a drain calls instead (HTTP/2: GOAWAY, then the streams in flight finish; a
-    # parked connection: closed)
+    # what a drain calls instead (HTTP/2: GOAWAY, then the streams in flight finish)
     drain_hook: Callable[[], None] | None = None
     # Set by a server that can hold this connection idle without a task: ``park(stream,
     # resume, idle_timeout)`` takes ``stream`` over if it is the server's own socket stream
@@ -195,15 +199,13 @@ async def serve_requests(client: trio.abc.Stream, conn: ClientConnection, handle
             if not source.has_input and not source.fill_nowait():
                 wait = min(idle_timeout, FIRST_REQUEST_GRACE) if conn.draining else idle_timeout
                 # idle between requests: a moment in this task, then parked if the server can
-                parks = conn.served and conn.park is not None and wait > PARK_AFTER
-                if not await _next_bytes(source, conn, PARK_AFTER if parks else wait):
-                    if not parks or conn.draining:
+                park = conn.park if conn.served and wait > PARK_AFTER else None
+                if not await _next_bytes(source, conn, wait if park is None else PARK_AFTER):
+                    if park is None or conn.draining:
                         return  # idle too long, or a drain
                     wait -= PARK_AFTER
-                    assert conn.park is not None
-                    if conn.park(client, partial(serve_requests, client, conn, handle,
-                                                 idle_timeout, on_bad_request, head_timeout),
-                                 wait):
+                    if park(client, partial(serve_requests, client, conn, handle, idle_timeout,
+                                            on_bad_request, head_timeout), wait):
                         return  # parked: no task while idle (docs/performance.md, round two)
                     if not await _next_bytes(source, conn, wait):
                         return

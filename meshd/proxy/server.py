@@ -164,16 +164,14 @@ class _Parked:
     """A client connection idle between requests in its listener's keep-alive room, and
     what serves it again (``serve_requests`` with its arguments)."""
 
-    __slots__ = ("conn", "listener", "resume", "room", "stream")
+    __slots__ = ("conn", "listener", "resume", "stream")
 
     def __init__(self, listener: _Listener, stream: SocketConnection, conn: ClientConnection,
-                 resume: Callable[[], Awaitable[None]],
-                 room: WaitingRoom[socket.socket, _Parked]) -> None:
+                 resume: Callable[[], Awaitable[None]]) -> None:
         self.listener = listener
         self.stream = stream
         self.conn = conn
         self.resume = resume
-        self.room = room
 
 
 class Proxy:
@@ -339,7 +337,8 @@ class Proxy:
 
     async def drain(self, deadline: float) -> None:
         """Stop accepting, let in-flight requests finish until ``deadline`` (trio clock), then
-        cut the rest. Returns once the proxy has stopped."""
+        cut the rest. Returns once the proxy has stopped. (Parked idle connections close with
+        their listener's keep-alive room, which ends with its accept loops.)"""
         self._draining = True
         self._accepting.cancel()
         for conn in list(self._connections):
@@ -494,8 +493,8 @@ class Proxy:
 
     async def _serve_connection(self, listener: _Listener, accepted: trio.SocketStream,
                                 peer: str) -> bool:
-        """Serve an accepted connection; True if it was parked (still open, its caps' slot
-        now released by ``_close``), False once it is closed."""
+        """Serve an accepted connection: False once it is closed, True if it was parked
+        (still open; its caps' slot is then released by ``_close`` when it closes)."""
         # the raw stream takes the socket over (sockio: the request path's I/O)
         stream = SocketConnection.from_trio(accepted.socket)
         conn = ClientConnection(peer, draining=self._draining or listener.emptied is not None)
@@ -553,41 +552,34 @@ class Proxy:
                 idle_timeout, self._wake, self._close_parked, self._close_parked,
                 on_close=self._close_parked)
             listener.nurseries[0].start_soon(room.run)
-        parked = _Parked(listener, stream, conn, resume, room)
         try:
-            room.add(stream.socket, parked)
+            room.add(stream.socket, _Parked(listener, stream, conn, resume))
         except OSError:  # closed (the listener is stopping), or no descriptor for its selector
             return False
         conn.parked = True
-        conn.drain_hook = partial(self._unpark, parked)
         return True
-
-    def _unpark(self, parked: _Parked) -> None:
-        """A drain: a parked connection is idle between requests, so it closes now."""
-        if parked.room.remove(parked.stream.socket) is not None:
-            self._close_parked(parked.stream.socket, parked)
 
     def _wake(self, _sock: socket.socket, parked: _Parked) -> None:
         """Bytes came for a parked connection: a new task serves them."""
         parked.conn.parked = False
-        parked.conn.drain_hook = None
         nurseries = parked.listener.nurseries
-        try:
-            if nurseries is None:
-                raise RuntimeError("the listener has stopped")
-            nurseries[1].start_soon(self._resume, parked)
-        except RuntimeError:  # the connections nursery is closed: the proxy is stopping
-            self._close(parked.listener, parked.stream, parked.conn, release=True)
+        if nurseries is not None:
+            try:
+                nurseries[1].start_soon(self._resume, parked)
+                return
+            except RuntimeError:  # the connections nursery is closed: the proxy is stopping
+                pass
+        self._close(parked.listener, parked.stream, parked.conn, release=True)
 
     async def _resume(self, parked: _Parked) -> None:
         await self._serve(parked.listener, parked.stream, parked.conn, parked.resume,
                           releases=True)
 
     def _close_parked(self, _sock: socket.socket, parked: _Parked) -> None:
-        """A parked connection's idle timeout, its client gone, a drain, or its listener
-        stopping: closed quietly, its caps' slot released."""
+        """A parked connection's idle timeout, its client gone, or its listener's end (a
+        drain, its removal, the proxy stopping: an idle connection closes at once): closed
+        quietly, its caps' slot released."""
         parked.conn.parked = False
-        parked.conn.drain_hook = None
         self._close(parked.listener, parked.stream, parked.conn, release=True)
 
 

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pytest
 import trio
-from proxy_mesh_testing import Mesh
-from proxy_testing import TD, MiniCA, eventually, host_config, read_until_eof, sample
+from proxy_mesh_testing import OPEN, Mesh
+from proxy_testing import TD, Backend, MiniCA, eventually, host_config, read_until_eof, sample
 
 import meshd.proxy.outbound
-from meshd.config.schema import LocalService, Upstream
+from meshd.config.schema import LocalService, MTLSMode, Upstream
 from meshd.identity.tls import TLSState
 from meshd.metrics import Metrics
-from meshd.proxy.core.view import ViewCell
+from meshd.proxy.core.view import MeshView, ViewCell
 from meshd.proxy.server import Proxy
 
 LISTENER = "outbound:web->orders"
@@ -251,3 +251,29 @@ async def test_tls_connections_between_meshds_keep_their_task(mesh: Mesh) -> Non
         assert parked(mesh.b.proxy) == parked(mesh.c.proxy) == 0
         assert sum(mesh.b.proxy.open_connections().values()) + \
             sum(mesh.c.proxy.open_connections().values()) >= 1
+
+
+async def test_permissive_inbound_plaintext_connections_park_too(
+        tmp_path: Path, nursery: trio.Nursery) -> None:
+    app = Backend("payments", "v1")
+    await nursery.start(app.serve)
+    ca = MiniCA.create()
+    ca.write_identity(tmp_path, "payments")
+    config = host_config("b", tmp_path, [LocalService("payments", app.port,
+                                                      mtls=MTLSMode.PERMISSIVE)])
+    proxy = Proxy(config, ViewCell(MeshView(routes=OPEN)),
+                  TLSState(tmp_path, TD, ["payments"]), Metrics())
+    await nursery.start(proxy.run)
+    async with await trio.open_tcp_stream(*proxy.inbound_address) as stream:
+        for _ in range(2):  # the second request on the connection that was parked
+            await stream.send_all(b"GET /version HTTP/1.1\r\nHost: payments\r\n\r\n")
+            answer = b""
+            with trio.fail_after(5):
+                while not answer.endswith(b"}}"):
+                    answer += await stream.receive_some(65536)
+            assert answer.startswith(b"HTTP/1.1 200")
+            await eventually(lambda: parked(proxy) == 1)
+            assert proxy.open_connections()["inbound"] == 1
+        assert app.requests == 2
+    await eventually(lambda: proxy.open_connections()["inbound"] == 0)
+    assert proxy.guard.process.open == 0
