@@ -200,15 +200,22 @@ async def serve_requests(client: trio.abc.Stream, conn: ClientConnection, handle
                 wait = min(idle_timeout, FIRST_REQUEST_GRACE) if conn.draining else idle_timeout
                 # idle between requests: a moment in this task, then parked if the server can
                 park = conn.park if conn.served and wait > PARK_AFTER else None
-                if not await _next_bytes(source, conn, wait if park is None else PARK_AFTER):
+                while True:
+                    with trio.move_on_after(wait if park is None else PARK_AFTER) as idle:
+                        conn.idle_scope = idle
+                        try:
+                            await source.fill()
+                        finally:
+                            conn.idle_scope = None
+                    if not idle.cancelled_caught:
+                        break
                     if park is None or conn.draining:
                         return  # idle too long, or a drain
                     wait -= PARK_AFTER
                     if park(client, partial(serve_requests, client, conn, handle, idle_timeout,
                                             on_bad_request, head_timeout), wait):
                         return  # parked: no task while idle (docs/performance.md, round two)
-                    if not await _next_bytes(source, conn, wait):
-                        return
+                    park = None  # (not this connection: the rest of the wait here)
             if not source.has_event:  # part of a head came: the rest has a deadline
                 with trio.move_on_after(head_timeout) as waited:
                     while not source.has_event:
@@ -229,18 +236,6 @@ async def serve_requests(client: trio.abc.Stream, conn: ClientConnection, handle
         conn.served = True
         if not await handle(event, source, conn):
             return
-
-
-async def _next_bytes(source: RequestSource, conn: ClientConnection, wait: float) -> bool:
-    """Wait up to ``wait`` seconds for the client's next bytes (a drain may cut it short):
-    whether they came (read into ``source``)."""
-    with trio.move_on_after(wait) as idle:
-        conn.idle_scope = idle
-        try:
-            await source.fill()
-        finally:
-            conn.idle_scope = None
-    return not idle.cancelled_caught
 
 
 async def _refuse(client: trio.abc.Stream, conn: ClientConnection, exc: ProtocolError,
