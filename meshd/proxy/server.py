@@ -19,13 +19,14 @@ connections). ``drain(deadline)`` stops accepting, lets
 requests in flight finish (idle keep-alive connections are closed at once, busy ones after
 their current response) and cuts whatever is left at the deadline.
 
-A plaintext HTTP/1.1 client connection idle between requests (nothing read ahead) gives up its
-task: ``serve_requests`` parks it in its listener's keep-alive room (``meshd.conns.waiting``,
-one per listener and idle timeout), which closes it quietly at the idle timeout, when its
-client goes away, or at a drain, and otherwise gives it a new task with its next bytes. It
-stays the same connection throughout: counted open, in ``listener.connections``, its caps'
-slot held (docs/performance.md, round two: a task and its frames cost ~10 KB per idle
-connection). TLS, HTTP/2 and TCP connections keep their task.
+A plaintext HTTP/1.1 client connection idle between requests (nothing read ahead) for
+``forward.PARK_AFTER`` gives up its task: ``serve_requests`` parks it in its listener's
+keep-alive room (``meshd.conns.waiting``, one per listener and idle timeout), which closes it
+quietly at the idle timeout, when its client goes away, or when the listener stops accepting
+(a drain, its removal), and otherwise gives it a new task with its next bytes. It stays the same
+connection throughout: counted open, in ``listener.connections``, its caps' slot held
+(docs/performance.md, round two: a task and its frames cost ~10 KB per idle connection). TLS,
+HTTP/2 and TCP connections keep their task.
 """
 
 from __future__ import annotations
