@@ -10,6 +10,7 @@ proxy itself, on a connection that stays open (a real request path, without a se
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from meshd.config.schema import LocalService, MTLSMode, Upstream
 from meshd.identity.tls import TLSState
 from meshd.metrics import Metrics
 from meshd.proxy.core.view import MeshView, ViewCell
+from meshd.proxy.forward import PARK_AFTER
 from meshd.proxy.server import Proxy
 
 LISTENER = "outbound:web->orders"
@@ -154,6 +156,31 @@ async def test_idle_connections_wait_without_a_task_and_serve_again(lone: Lone) 
         assert lone.open() == CLIENTS and lone.slots() == CLIENTS
     finally:
         await close_all(streams)
+
+
+async def test_clients_pausing_around_the_park_delay_are_all_answered(lone: Lone) -> None:
+    # pauses on both sides of PARK_AFTER: connections park and wake while others are served
+    rand = random.Random(18)
+    answered = 0
+
+    async def client(pauses: list[float]) -> None:
+        nonlocal answered
+        async with await trio.open_tcp_stream(*lone.address) as stream:
+            for pause in pauses:
+                (head,) = await ask(stream)
+                assert head.startswith(b"HTTP/1.1 503 ")
+                answered += 1
+                await trio.sleep(pause)
+
+    fds = descriptors()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            for _ in range(CLIENTS):
+                nursery.start_soon(client, [rand.uniform(0, 3 * PARK_AFTER) for _ in range(10)])
+    assert answered == CLIENTS * 10
+    await eventually(lambda: lone.open() == 0)
+    assert lone.slots() == 0 and parked(lone.proxy) == 0
+    assert descriptors() <= fds + 1
 
 
 async def test_pipelined_requests_are_all_answered_before_parking(lone: Lone) -> None:
