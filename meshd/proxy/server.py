@@ -545,7 +545,10 @@ class Proxy:
         """``ClientConnection.park`` of a connection of ``listener``: into the listener's
         keep-alive room for ``idle_timeout``, if ``client`` is the plaintext socket stream
         itself (not TLS over it) and the listener is still accepting."""
-        if client is not stream or listener.nurseries is None or conn.draining:
+        if client is not stream:  # TLS over it (or another layer): never; not asked again
+            conn.park = None
+            return False
+        if listener.nurseries is None or conn.draining:
             return False
         room = listener.rooms.get(idle_timeout)
         if room is None:
