@@ -134,15 +134,16 @@ def peer_host(sock: trio.socket.SocketType) -> str | None:
 
 
 async def accept_loop(listener: trio.SocketListener, guard: ListenerGuard,
-                      serve: Callable[[trio.SocketStream, str], Awaitable[None]],
+                      serve: Callable[[trio.SocketStream, str], Awaitable[bool | None]],
                       connections: trio.Nursery,
                       on_accept_error: Callable[[OSError], None] | None = None, *,
                       first_byte_timeout: float | None = None,
                       on_silent: Callable[[str], None] | None = None) -> None:
     """Accept until cancelled: each connection the caps admit is served by ``serve(stream,
-    source)`` in ``connections`` (and released when that returns); the others are closed at
-    once. Running out of descriptors or memory backs off, doubling up to 1 s; any other
-    accept error is raised.
+    source)`` in ``connections`` (and released when that returns, unless it returns True: it
+    kept the connection open beyond its task, and ``guard.release(source)`` is then up to
+    it); the others are closed at once. Running out of descriptors or memory backs off,
+    doubling up to 1 s; any other accept error is raised.
 
     With ``first_byte_timeout`` (for protocols where the client speaks first), a connection
     waits for its first bytes in a ``WaitingRoom``, without a task; one that sends nothing in
@@ -169,7 +170,8 @@ async def accept_loop(listener: trio.SocketListener, guard: ListenerGuard,
         if on_silent is not None:
             on_silent(source)
 
-    room: WaitingRoom[str] = WaitingRoom(first_byte_timeout, ready, silent, gone)
+    room: WaitingRoom[trio.socket.SocketType, str] = WaitingRoom(first_byte_timeout, ready,
+                                                                 silent, gone)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(room.run)
         def admitted(stream: trio.SocketStream, source: str) -> None:
@@ -209,9 +211,11 @@ async def _accept(listener: trio.SocketListener, guard: ListenerGuard,
 
 
 async def _serve_admitted(guard: ListenerGuard,
-                          serve: Callable[[trio.SocketStream, str], Awaitable[None]],
+                          serve: Callable[[trio.SocketStream, str], Awaitable[bool | None]],
                           stream: trio.SocketStream, source: str) -> None:
+    kept = False
     try:
-        await serve(stream, source)
+        kept = bool(await serve(stream, source))
     finally:
-        guard.release(source)
+        if not kept:
+            guard.release(source)

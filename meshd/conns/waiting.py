@@ -1,4 +1,4 @@
-"""The waiting room: accepted connections that have not sent a byte yet, held without a task.
+"""The waiting room: accepted connections with nothing to read yet, held without a task.
 
 A trio task per connection costs a few KB and a dozen objects the garbage collector walks on
 every full collection (the task, its coroutine frames, a cancel scope for its deadline). For a
@@ -10,6 +10,11 @@ and one deadline queue (every entry has the same timeout, so accept order is dea
 A connection gets its task once its first bytes arrive; one that sends nothing within the
 timeout is handed to ``on_timeout``, and one that goes away first (EOF, reset) to ``on_gone``:
 neither ever costs a task (when a flood ends, thousands of them close at once).
+
+Two kinds of waits use it: a new connection waiting for its first bytes (``meshd.conns.guard``,
+the mTLS and gateway listeners), and an HTTP/1.1 keep-alive connection idle between requests
+(``meshd.proxy.server``: its serving task ends when it parks, and a fresh one serves its next
+request; when the room closes, ``on_close`` closes them).
 """
 
 from __future__ import annotations
@@ -19,35 +24,47 @@ import selectors
 import socket
 from collections import deque
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 import trio
 
+
+class _Pollable(Protocol):
+    def fileno(self) -> int: ...
+
+
+S = TypeVar("S", bound=_Pollable)  # a trio socket, or a standard-library one
 T = TypeVar("T")
 
 
-class WaitingRoom(Generic[T]):
-    """Sockets waiting for their first byte, each with a payload ``T`` (what its task needs)."""
+class WaitingRoom(Generic[S, T]):
+    """Sockets ``S`` waiting for bytes to read, each with a payload ``T`` (what its task
+    needs)."""
 
-    def __init__(self, timeout: float, ready: Callable[[trio.socket.SocketType, T], None],
-                 on_timeout: Callable[[trio.socket.SocketType, T], None],
-                 on_gone: Callable[[trio.socket.SocketType, T], None]) -> None:
+    def __init__(self, timeout: float, ready: Callable[[S, T], None],
+                 on_timeout: Callable[[S, T], None], on_gone: Callable[[S, T], None], *,
+                 on_close: Callable[[S, T], None] | None = None) -> None:
         self.timeout = timeout
         self._ready = ready
+        self._on_close = on_close or ready  # who takes those still here when ``run`` ends
         self._on_timeout = on_timeout
         self._on_gone = on_gone
         # made with the first connection: a listener that never gets one spends no descriptor
         self._selector: selectors.BaseSelector | None = None
         self._opened = trio.Event()
-        self._waiting: dict[int, tuple[trio.socket.SocketType, T]] = {}
-        self._deadlines: deque[tuple[float, int, trio.socket.SocketType]] = deque()
+        self.closed = False  # ``run`` has ended: nothing can wait here any more
+        self._waiting: dict[int, tuple[S, T]] = {}
+        self._deadlines: deque[tuple[float, int, S]] = deque()
 
     def __len__(self) -> int:
         return len(self._waiting)
 
-    def add(self, sock: trio.socket.SocketType, payload: T) -> None:
+    def add(self, sock: S, payload: T) -> None:
         """Park a connection; raises ``OSError`` when the room cannot be made (no descriptor
-        left for its selector): then the caller gives the connection its task at once."""
+        left for its selector) or is closed: then the caller gives the connection its task at
+        once."""
+        if self.closed:
+            raise OSError("the waiting room is closed")
         if self._selector is None:
             selector = selectors.DefaultSelector()
             if not hasattr(selector, "fileno"):  # select()/poll(): nothing trio can wait on
@@ -62,8 +79,9 @@ class WaitingRoom(Generic[T]):
 
     async def run(self) -> None:
         """Hand over connections as they become readable or time out, until cancelled (a
-        drain). Then every connection still waiting gets its task like a readable one: its
-        first bytes may be on the way, and its task's own deadlines (or the drain's) end it."""
+        drain). Then every connection still waiting goes to ``on_close``; by default it gets
+        its task like a readable one: its first bytes may be on the way, and its task's own
+        deadlines (or the drain's) end it."""
         try:
             await self._opened.wait()
             selector = self._selector
@@ -76,13 +94,14 @@ class WaitingRoom(Generic[T]):
                     self._hand_over(key.fd, self._on_gone if _gone(key.fd) else self._ready)
                 self._expire(trio.current_time())
         finally:
+            self.closed = True
             for fd in list(self._waiting):
-                self._hand_over(fd, self._ready)
+                self._hand_over(fd, self._on_close)
             self._deadlines.clear()
             if self._selector is not None:
                 self._selector.close()
 
-    def _hand_over(self, fd: int, to: Callable[[trio.socket.SocketType, T], None]) -> None:
+    def _hand_over(self, fd: int, to: Callable[[S, T], None]) -> None:
         assert self._selector is not None
         self._selector.unregister(fd)
         sock, payload = self._waiting.pop(fd)

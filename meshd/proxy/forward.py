@@ -6,6 +6,11 @@ handler; ``answer_locally`` and ``refuse_large_body`` are what a handler answers
 Forwarding a request (pooled connections, the exchange, retries, 502/504) is
 ``meshd.proxy.attempts``, the one path both directions take.
 
+A connection idle between requests for ``PARK_AFTER`` gives up its task when its server offers
+to hold it (``ClientConnection.park``: plaintext HTTP/1.1 client connections, in the server's
+keep-alive room): ``serve_requests`` then returns with the connection open, and the server calls
+it again, with a fresh ``RequestSource``, when the client's next bytes arrive.
+
 ``Expect: 100-continue`` is end to end: the header goes upstream and the upstream's ``100
 Continue`` is relayed (``Exchange``), so the app that will read the body decides whether it
 wants it; meshd never answers 100 itself. What meshd refuses on its own (403, 413 on a
@@ -17,6 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 
 import trio
 
@@ -42,6 +48,10 @@ log = logging.getLogger(__name__)
 HEAD_TIMEOUT = 10.0
 # how long a drain waits for the first request of a connection accepted before it began
 FIRST_REQUEST_GRACE = 1.0
+# How long a connection idle between requests keeps its task before it is offered to its
+# server's keep-alive room (``ClientConnection.park``): a busy client's next request is
+# nearly always sooner, and waking a parked connection costs a new task and parser.
+PARK_AFTER = 0.02
 
 
 @dataclass(eq=False)
@@ -54,6 +64,12 @@ class ClientConnection:
     served: bool = False  # a request was read on it (a drain closes it when idle again)
     # what a drain calls instead (HTTP/2: GOAWAY, then the streams in flight finish)
     drain_hook: Callable[[], None] | None = None
+    # Set by a server that can hold this connection idle without a task: ``park(stream,
+    # resume, idle_timeout)`` takes ``stream`` over if it is the server's own socket stream
+    # (True: the calling task returns, leaving it open; ``resume()`` serves its next request in
+    # a new task), or declines (False: the caller waits as usual).
+    park: Callable[[trio.abc.Stream, Callable[[], Awaitable[None]], float], bool] | None = None
+    parked: bool = False  # waiting without a task (``park``)
 
     def set_drain_hook(self, hook: Callable[[], None] | None) -> None:
         self.drain_hook = hook
@@ -168,6 +184,12 @@ async def serve_requests(client: trio.abc.Stream, conn: ClientConnection, handle
     A drain closes connections idle between requests at once, but gives one whose first
     request is still on its way ``FIRST_REQUEST_GRACE``: its client connected before the drain
     began and, not having reused a connection, would not retry a request left unanswered.
+
+    Idle between requests with nothing read ahead for ``PARK_AFTER``, a connection is offered
+    to ``conn.park`` (when its server set one): a parked connection waits for its next bytes
+    without a task, so this returns with it open, and the server later calls this again
+    (``resume``, with a fresh ``RequestSource``) to serve it, as the same connection. The rest
+    of its idle timeout and a drain then act in the server's waiting room instead of here.
     """
     source = RequestSource(client)
     while not (conn.draining and conn.served):
@@ -176,14 +198,24 @@ async def serve_requests(client: trio.abc.Stream, conn: ClientConnection, handle
             # without the idle wait's cancel scope (docs/performance.md, "The HTTP/1.1 hop").
             if not source.has_input and not source.fill_nowait():
                 wait = min(idle_timeout, FIRST_REQUEST_GRACE) if conn.draining else idle_timeout
-                with trio.move_on_after(wait) as idle:
-                    conn.idle_scope = idle
-                    try:
-                        await source.fill()
-                    finally:
-                        conn.idle_scope = None
-                if idle.cancelled_caught:
-                    return
+                # idle between requests: a moment in this task, then parked if the server can
+                park = conn.park if conn.served and wait > PARK_AFTER else None
+                while True:
+                    with trio.move_on_after(wait if park is None else PARK_AFTER) as idle:
+                        conn.idle_scope = idle
+                        try:
+                            await source.fill()
+                        finally:
+                            conn.idle_scope = None
+                    if not idle.cancelled_caught:
+                        break
+                    if park is None or conn.draining:
+                        return  # idle too long, or a drain
+                    wait -= PARK_AFTER
+                    if park(client, partial(serve_requests, client, conn, handle, idle_timeout,
+                                            on_bad_request, head_timeout), wait):
+                        return  # parked: no task while idle (docs/performance.md, round two)
+                    park = None  # (not this connection: the rest of the wait here)
             if not source.has_event:  # part of a head came: the rest has a deadline
                 with trio.move_on_after(head_timeout) as waited:
                     while not source.has_event:

@@ -5,9 +5,11 @@
       ├─ HTTP/2 pools            (their connections' readers, and the same idle reaping)
       ├─ mirror workers          (copies of mirrored requests, from a bounded queue)
       ├─ external resolver       (external destinations' endpoints: their names looked up)
-      └─ connections nursery     (one task per accepted connection)
-           └─ accept loops       (inbound mTLS listener; one outbound listener per upstream;
-                                  the egress proxy listener, ``meshd.proxy.egress``)
+      └─ connections nursery     (one task per accepted connection, while it is busy)
+           └─ listeners          (inbound mTLS listener; one outbound listener per upstream;
+                │                 the egress proxy listener, ``meshd.proxy.egress``)
+                ├─ accept loops
+                └─ keep-alive rooms (idle HTTP/1.1 connections between requests, no task)
 
 ``run`` binds every listener first (a port in use is a ``ProxyError`` naming the address), or
 adopts the socket inherited for its address (``meshd.listen_fds``: a restart or an upgrade), and
@@ -16,6 +18,15 @@ while the others serve (``add_outbound``, ``remove_outbound``: a removed one dra
 connections). ``drain(deadline)`` stops accepting, lets
 requests in flight finish (idle keep-alive connections are closed at once, busy ones after
 their current response) and cuts whatever is left at the deadline.
+
+A plaintext HTTP/1.1 client connection idle between requests (nothing read ahead) for
+``forward.PARK_AFTER`` gives up its task: ``serve_requests`` parks it in its listener's
+keep-alive room (``meshd.conns.waiting``, one per listener and idle timeout), which closes it
+quietly at the idle timeout, when its client goes away, or when the listener stops accepting
+(a drain, its removal), and otherwise gives it a new task with its next bytes. It stays the same
+connection throughout: counted open, in ``listener.connections``, its caps' slot held
+(docs/performance.md, round two: a task and its frames cost ~10 KB per idle connection). TLS,
+HTTP/2 and TCP connections keep their task.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ import random
 import socket
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import trio
@@ -32,6 +44,7 @@ import trio
 from meshd.config.gateway import Gateway, GatewayListener
 from meshd.config.schema import HostConfig, ListenerLimits, LocalService, Upstream
 from meshd.conns.guard import ConnectionGuard, ListenerGuard, accept_loop
+from meshd.conns.waiting import WaitingRoom
 from meshd.errors import ProxyError
 from meshd.identity.tls import TLSState
 from meshd.listen_fds import InheritedSockets
@@ -134,6 +147,10 @@ class _Listener:
     # its connections, each with a scope that cuts it (a listener removed at runtime)
     connections: dict[ClientConnection, trio.CancelScope] = field(default_factory=dict)
     emptied: trio.Event | None = None  # set when a removed listener's last connection ends
+    # while it accepts: its own nursery (accept loops, keep-alive rooms) and the connections'
+    nurseries: tuple[trio.Nursery, trio.Nursery] | None = None
+    # its keep-alive rooms, by idle timeout (one, unless its handlers' timeouts differ)
+    rooms: dict[float, WaitingRoom[socket.socket, _Parked]] = field(default_factory=dict)
 
     @property
     def direction(self) -> str:
@@ -142,6 +159,20 @@ class _Listener:
     @property
     def name(self) -> str:
         return self.spec.name
+
+
+class _Parked:
+    """A client connection idle between requests in its listener's keep-alive room, and
+    what serves it again (``serve_requests`` with its arguments)."""
+
+    __slots__ = ("conn", "listener", "resume", "stream")
+
+    def __init__(self, listener: _Listener, stream: SocketConnection, conn: ClientConnection,
+                 resume: Callable[[], Awaitable[None]]) -> None:
+        self.listener = listener
+        self.stream = stream
+        self.conn = conn
+        self.resume = resume
 
 
 class Proxy:
@@ -291,9 +322,8 @@ class Proxy:
                         with self._accepting:
                             async with trio.open_nursery() as accepting:
                                 for listener in self._listeners:
-                                    for sock in listener.sockets:
-                                        accepting.start_soon(self._accept_loop, listener, sock,
-                                                             connections)
+                                    accepting.start_soon(self._run_listener, listener,
+                                                         connections)
                                 self._nurseries = (accepting, connections)
                                 self._log_listening()
                                 task_status.started()
@@ -308,7 +338,8 @@ class Proxy:
 
     async def drain(self, deadline: float) -> None:
         """Stop accepting, let in-flight requests finish until ``deadline`` (trio clock), then
-        cut the rest. Returns once the proxy has stopped."""
+        cut the rest. Returns once the proxy has stopped. (Parked idle connections close with
+        their listener's keep-alive room, which ends with its accept loops.)"""
         self._draining = True
         self._accepting.cancel()
         for conn in list(self._connections):
@@ -348,8 +379,7 @@ class Proxy:
         await self._bind(listener)
         accepting, connections = self._nurseries
         self._listeners.append(listener)
-        for sock in listener.sockets:
-            accepting.start_soon(self._accept_loop, listener, sock, connections)
+        accepting.start_soon(self._run_listener, listener, connections)
         host, port = self._bound(listener)
         log.info("outbound listener %s on %s:%d (added by a reload)", listener.name, host, port)
         return [sock.socket for sock in listener.sockets]
@@ -427,13 +457,25 @@ class Proxy:
             host, port = self._bound(listener)
             log.info("%s listener %s on %s:%d", listener.direction, listener.name, host, port)
 
+    async def _run_listener(self, listener: _Listener, connections: trio.Nursery) -> None:
+        """Accept on each of ``listener``'s sockets, and run its keep-alive rooms, until its
+        ``accepting`` scope is cancelled (a drain, its removal, the proxy stopping)."""
+        try:
+            with listener.accepting:
+                async with trio.open_nursery() as nursery:
+                    listener.nurseries = (nursery, connections)
+                    for sock in listener.sockets:
+                        nursery.start_soon(self._accept_loop, listener, sock, connections)
+        finally:
+            listener.nurseries = None
+
     async def _accept_loop(self, listener: _Listener, sock: trio.SocketListener,
                            connections: trio.Nursery) -> None:
         def accept_failed(_exc: OSError) -> None:
             self.metrics.connection_errors.labels(listener.direction, "accept_failed").inc()
 
-        async def serve(accepted: trio.SocketStream, peer: str) -> None:
-            await self._serve_connection(listener, accepted, peer)
+        async def serve(accepted: trio.SocketStream, peer: str) -> bool:
+            return await self._serve_connection(listener, accepted, peer)
 
         # A strict mTLS listener's clients speak first: they wait for their ClientHello
         # without a task. (Not outbound listeners, where a TCP upstream's server may speak
@@ -447,32 +489,102 @@ class Proxy:
                       listener.direction, peer, timeout)
             self.metrics.connection_errors.labels(listener.direction, "handshake_timeout").inc()
 
-        with listener.accepting:
-            await accept_loop(sock, listener.guard, serve, connections, accept_failed,
-                              first_byte_timeout=first_byte, on_silent=silent)
+        await accept_loop(sock, listener.guard, serve, connections, accept_failed,
+                          first_byte_timeout=first_byte, on_silent=silent)
 
     async def _serve_connection(self, listener: _Listener, accepted: trio.SocketStream,
-                                peer: str) -> None:
+                                peer: str) -> bool:
+        """Serve an accepted connection: False once it is closed, True if it was parked
+        (still open; its caps' slot is then released by ``_close`` when it closes)."""
         # the raw stream takes the socket over (sockio: the request path's I/O)
         stream = SocketConnection.from_trio(accepted.socket)
         conn = ClientConnection(peer, draining=self._draining or listener.emptied is not None)
+        conn.park = partial(self._park, listener, stream, conn)
         self._connections.add(conn)
         self._open[listener.direction] = self._open.get(listener.direction, 0) + 1
+        return await self._serve(listener, stream, conn, partial(listener.handle, stream, conn),
+                                 releases=False)
+
+    async def _serve(self, listener: _Listener, stream: SocketConnection,
+                     conn: ClientConnection, serving: Callable[[], Awaitable[None]], *,
+                     releases: bool) -> bool:
+        """One task of a connection: ``serving()``, then the connection is closed (and its
+        caps' slot released if ``releases``), unless it was parked meanwhile (True)."""
         try:
             with trio.CancelScope() as scope:
                 listener.connections[conn] = scope
-                await listener.handle(stream, conn)
+                await serving()
         except Exception:
             # A bug in one connection must not take the listener down with it.
             log.exception("%s listener %s: connection from %s failed", listener.direction,
-                          listener.name, peer)
+                          listener.name, conn.peer)
         finally:
-            self._connections.discard(conn)
-            listener.connections.pop(conn, None)
-            if listener.emptied is not None and not listener.connections:
-                listener.emptied.set()
-            self._open[listener.direction] -= 1
-            stream.close()
+            if not conn.parked:
+                self._close(listener, stream, conn, release=releases)
+        return conn.parked
+
+    def _close(self, listener: _Listener, stream: SocketConnection, conn: ClientConnection, *,
+               release: bool) -> None:
+        """A connection is done: out of the books, closed, and its caps' slot released if
+        ``release`` (else ``accept_loop`` releases it)."""
+        self._connections.discard(conn)
+        listener.connections.pop(conn, None)
+        if listener.emptied is not None and not listener.connections:
+            listener.emptied.set()
+        self._open[listener.direction] -= 1
+        conn.park = None  # (it refers back to conn)
+        stream.close()
+        if release:
+            listener.guard.release(conn.peer)
+
+    # -- idle keep-alive connections without a task --------------------------------------------
+
+    def _park(self, listener: _Listener, stream: SocketConnection, conn: ClientConnection,
+              client: trio.abc.Stream, resume: Callable[[], Awaitable[None]],
+              idle_timeout: float) -> bool:
+        """``ClientConnection.park`` of a connection of ``listener``: into the listener's
+        keep-alive room for ``idle_timeout``, if ``client`` is the plaintext socket stream
+        itself (not TLS over it) and the listener is still accepting."""
+        if client is not stream:  # TLS over it (or another layer): never; not asked again
+            conn.park = None
+            return False
+        if listener.nurseries is None or conn.draining:
+            return False
+        room = listener.rooms.get(idle_timeout)
+        if room is None:
+            room = listener.rooms[idle_timeout] = WaitingRoom(
+                idle_timeout, self._wake, self._close_parked, self._close_parked,
+                on_close=self._close_parked)
+            listener.nurseries[0].start_soon(room.run)
+        try:
+            room.add(stream.socket, _Parked(listener, stream, conn, resume))
+        except OSError:  # closed (the listener is stopping), or no descriptor for its selector
+            return False
+        conn.parked = True
+        return True
+
+    def _wake(self, _sock: socket.socket, parked: _Parked) -> None:
+        """Bytes came for a parked connection: a new task serves them."""
+        parked.conn.parked = False
+        nurseries = parked.listener.nurseries
+        if nurseries is not None:
+            try:
+                nurseries[1].start_soon(self._resume, parked)
+                return
+            except RuntimeError:  # the connections nursery is closed: the proxy is stopping
+                pass
+        self._close(parked.listener, parked.stream, parked.conn, release=True)
+
+    async def _resume(self, parked: _Parked) -> None:
+        await self._serve(parked.listener, parked.stream, parked.conn, parked.resume,
+                          releases=True)
+
+    def _close_parked(self, _sock: socket.socket, parked: _Parked) -> None:
+        """A parked connection's idle timeout, its client gone, or its listener's end (a
+        drain, its removal, the proxy stopping: an idle connection closes at once): closed
+        quietly, its caps' slot released."""
+        parked.conn.parked = False
+        self._close(parked.listener, parked.stream, parked.conn, release=True)
 
 
 def _drain_connection(conn: ClientConnection) -> None:
