@@ -165,6 +165,9 @@ async def test_rotate_finish_renews_every_meshd_now_under_load(fleet: Fleet) -> 
     load = Load()
     stop = trio.Event()
     async with httpx.AsyncClient(timeout=10) as http:
+        async def nodes_known() -> bool:  # a meshd gets its node identity beside its services'
+            return all([(await _identity(http, h))["node"] for h in fleet.hosts])
+        await wait_for(nodes_known, 30)
         before = {h.name: (await _identity(http, h))["node"]["serial"] for h in fleet.hosts}
 
         async def client() -> None:
