@@ -13,9 +13,8 @@ Patterns written into meshd's own code (a fixed grammar, known to be safe) keep 
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any, Protocol
-
-import re2
 
 # RE2 builds an automaton per pattern; this bounds its memory (RE2's own default is 8 MiB). A
 # pattern that needs more is refused when compiled, with RE2's reason.
@@ -38,14 +37,16 @@ class Pattern(Protocol):
     def search(self, text: str) -> object | None: ...
 
 
-def _options() -> Any:
+@cache
+def _re2() -> tuple[Any, Any]:
+    """The RE2 module and its options, loaded with the first pattern: a process whose routes
+    have none (most workers) never maps the library (about 2.5 MB)."""
+    import re2
+
     options = re2.Options()
     options.max_mem = MAX_PROGRAM_MEMORY
     options.log_errors = False  # RE2 would print every refused pattern on stderr
-    return options
-
-
-_OPTIONS = _options()
+    return re2, options
 
 
 def compile_pattern(text: str) -> Pattern:
@@ -53,8 +54,9 @@ def compile_pattern(text: str) -> Pattern:
     if len(text) > MAX_PATTERN_LENGTH:
         raise PatternError(f"pattern is {len(text)} characters long, at most "
                            f"{MAX_PATTERN_LENGTH} are allowed")
+    re2, options = _re2()
     try:
-        compiled: Pattern = re2.compile(text, _OPTIONS)
+        compiled: Pattern = re2.compile(text, options)
     except re2.error as exc:
         raise PatternError(_reason(exc)) from None
     return compiled

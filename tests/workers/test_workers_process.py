@@ -82,8 +82,9 @@ async def two_hosts(nursery: trio.Nursery, mesh: Mesh, procs: Processes, tmp_pat
     return meshd.process, upstream, f"http://{conf.admin_host}:{conf.admin_port}"
 
 
-def _maps_cryptography(pid: int) -> bool:
-    return "/cryptography/" in Path(f"/proc/{pid}/maps").read_text()
+def _maps(pid: int, library: str) -> bool:
+    """Whether the process has mapped a file under a folder named ``library``."""
+    return library in Path(f"/proc/{pid}/maps").read_text()
 
 
 def workers_of(pid: int) -> list[psutil.Process]:
@@ -98,9 +99,10 @@ async def test_meshd_run_with_workers_serves_and_stops_on_sigterm_to_every_proce
     workers = workers_of(process.pid)
     assert len(workers) == 2
     # a worker never parses a certificate (its supervisor tells it what the files hold): it
-    # does not load cryptography, whose native module the supervisor has mapped
-    assert _maps_cryptography(process.pid)
-    assert not any(_maps_cryptography(w.pid) for w in workers)
+    # does not load cryptography, whose native module the supervisor has mapped; nor RE2,
+    # with no pattern in its routes
+    assert _maps(process.pid, "/cryptography/")
+    assert not any(_maps(w.pid, "/cryptography/") or _maps(w.pid, "/re2/") for w in workers)
 
     result = LoadResult()
     await nursery.start(steady_load, f"http://127.0.0.1:{upstream}/pay", 100, result)
