@@ -6,7 +6,7 @@ connection that may never send anything (a flood, a scanner, a half-dead client)
 whole cost, and thousands of them make each full collection a stall of 100 ms or more for every
 other connection. So a listener parks such connections here: one selector (epoll on Linux,
 kqueue on macOS) that trio waits on as a single file descriptor, a dict entry per connection
-and one deadline queue (every entry has the same timeout, so accept order is deadline order).
+and one deadline queue (every stay has the same timeout, so arrival order is deadline order).
 A connection gets its task once its first bytes arrive; one that sends nothing within the
 timeout is handed to ``on_timeout``, and one that goes away first (EOF, reset) to ``on_gone``:
 neither ever costs a task (when a flood ends, thousands of them close at once).
@@ -19,7 +19,6 @@ request; when the room closes, ``on_close`` closes them).
 
 from __future__ import annotations
 
-import os
 import selectors
 import socket
 from collections import deque
@@ -53,8 +52,11 @@ class WaitingRoom(Generic[S, T]):
         self._selector: selectors.BaseSelector | None = None
         self._opened = trio.Event()
         self.closed = False  # ``run`` has ended: nothing can wait here any more
-        self._waiting: dict[int, tuple[S, T]] = {}
-        self._deadlines: deque[tuple[float, int, S]] = deque()
+        # by descriptor: the socket, its payload and the number of its stay (a keep-alive
+        # connection comes back on the same socket: only its latest stay's deadline counts)
+        self._waiting: dict[int, tuple[S, T, int]] = {}
+        self._deadlines: deque[tuple[float, int, int]] = deque()
+        self._stays = 0
 
     def __len__(self) -> int:
         return len(self._waiting)
@@ -74,8 +76,9 @@ class WaitingRoom(Generic[S, T]):
             self._opened.set()
         fd = sock.fileno()
         self._selector.register(fd, selectors.EVENT_READ)
-        self._waiting[fd] = (sock, payload)
-        self._deadlines.append((trio.current_time() + self.timeout, fd, sock))
+        self._stays += 1
+        self._waiting[fd] = (sock, payload, self._stays)
+        self._deadlines.append((trio.current_time() + self.timeout, fd, self._stays))
 
     async def run(self) -> None:
         """Hand over connections as they become readable or time out, until cancelled (a
@@ -104,30 +107,37 @@ class WaitingRoom(Generic[S, T]):
     def _hand_over(self, fd: int, to: Callable[[S, T], None]) -> None:
         assert self._selector is not None
         self._selector.unregister(fd)
-        sock, payload = self._waiting.pop(fd)
+        sock, payload, _ = self._waiting.pop(fd)
         to(sock, payload)
 
     def _expire(self, now: float) -> None:
         deadlines = self._deadlines
         while deadlines and deadlines[0][0] <= now:
-            _, fd, sock = deadlines.popleft()
+            _, fd, stay = deadlines.popleft()
             entry = self._waiting.get(fd)
-            if entry is not None and entry[0] is sock:  # (not a later socket on the same fd)
+            if entry is not None and entry[2] == stay:  # (not a later stay on the same fd)
                 self._hand_over(fd, self._on_timeout)
         # entries handed over early stay in the queue until their deadline: drop them in
         # bulk when they are most of it, so a busy listener's queue stays small
         if len(deadlines) > 2 * len(self._waiting) + 1024:
             self._deadlines = deque(d for d in deadlines
-                                    if self._waiting.get(d[1], (None,))[0] is d[2])
+                                    if self._waiting.get(d[1], (None, None, 0))[2] == d[2])
 
 
 def _gone(fd: int) -> bool:
     """Whether a readable socket holds its peer's EOF (or an error) rather than bytes: peeked
-    through a duplicate descriptor, leaving the socket as it is."""
-    with socket.socket(fileno=os.dup(fd)) as probe:
-        try:
-            return probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-        except BlockingIOError:
-            return False
-        except OSError:
-            return True
+    through a socket object lent the descriptor (detached again, never closed: no descriptor
+    is spent, so running out of them cannot fail this). When in doubt, not gone: its task
+    reads and finds out."""
+    try:
+        probe = socket.socket(fileno=fd)
+    except OSError:
+        return False
+    try:
+        return probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    finally:
+        probe.detach()

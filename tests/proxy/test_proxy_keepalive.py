@@ -210,6 +210,26 @@ async def test_idle_timeout_closes_parked_connections_quietly(
     assert descriptors() <= fds + 1  # (the keep-alive room's selector)
 
 
+async def test_each_stay_in_the_room_has_a_whole_idle_timeout(
+        lone: Lone, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connection parked again after a request is closed an idle timeout after that
+    request, not after its first stay's deadline."""
+    monkeypatch.setattr(meshd.proxy.outbound, "CLIENT_IDLE_TIMEOUT", 1.0)
+    (stream,) = await connect_and_ask(lone, 1)
+    try:
+        await trio.sleep(0.6)
+        (head,) = await ask(stream)  # woken, served, parked again
+        assert head.startswith(b"HTTP/1.1 503 ")
+        await eventually(lambda: parked(lone.proxy) == 1)
+        await trio.sleep(0.6)  # past the first stay's deadline, well before the second's
+        (head,) = await ask(stream)
+        assert head.startswith(b"HTTP/1.1 503 ")
+        assert await read_until_eof(stream) == b""  # and then the idle timeout closes it
+        await eventually(lambda: lone.open() == 0)
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
 async def test_a_client_that_leaves_while_parked_is_cleaned_up(lone: Lone) -> None:
     fds = descriptors()
     streams = await connect_and_ask(lone, CLIENTS)
