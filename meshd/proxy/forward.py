@@ -168,13 +168,13 @@ async def serve_http(stream: trio.abc.Stream, conn: ClientConnection, handle: An
 async def serve_requests(client: trio.abc.Stream, conn: ClientConnection, handle: Handler,
                          idle_timeout: float,
                          on_bad_request: Callable[[ProtocolError], None] | None = None,
-                         head_timeout: float = HEAD_TIMEOUT) -> None:
+                         head_timeout: float = HEAD_TIMEOUT, *, woken: bool = False) -> None:
     """The keep-alive loop of one client connection: each request head goes to ``handle``,
     which returns whether the connection may carry another. Between requests the connection
     may idle ``idle_timeout`` (then it is closed quietly); from a request's first byte its
     head must be complete within ``head_timeout`` (else 408). Malformed input is answered with
     its 4xx and the connection closed. Returns when the connection is done (the caller
-    closes it).
+    closes it), or parked (below).
 
     Each wait has its own cancel scope, entered only when the wait happens (a head that came
     whole in one read needs no head deadline), and the handler runs outside them: a deadline
@@ -189,10 +189,13 @@ async def serve_requests(client: trio.abc.Stream, conn: ClientConnection, handle
     to ``conn.park`` (when its server set one): a parked connection waits for its next bytes
     without a task, so this returns with it open, and the server later calls this again
     (``resume``, with a fresh ``RequestSource``) to serve it, as the same connection. The rest
-    of its idle timeout and a drain then act in the server's waiting room instead of here.
+    of its idle timeout and a drain then act in the server's waiting room instead of here. A
+    connection ``woken`` there has its bytes read even if a drain began since: they are a
+    request that arrived while it was idle, and it is answered (then closed).
     """
     source = RequestSource(client)
-    while not (conn.draining and conn.served):
+    while woken or not (conn.draining and conn.served):
+        woken = False
         try:
             # Between requests under load the next one is usually here already: read it
             # without the idle wait's cancel scope (docs/performance.md, "The HTTP/1.1 hop").
@@ -213,7 +216,7 @@ async def serve_requests(client: trio.abc.Stream, conn: ClientConnection, handle
                         return  # idle too long, or a drain
                     wait -= PARK_AFTER
                     if park(client, partial(serve_requests, client, conn, handle, idle_timeout,
-                                            on_bad_request, head_timeout), wait):
+                                            on_bad_request, head_timeout, woken=True), wait):
                         return  # parked: no task while idle (docs/performance.md, round two)
                     park = None  # (not this connection: the rest of the wait here)
             if not source.has_event:  # part of a head came: the rest has a deadline

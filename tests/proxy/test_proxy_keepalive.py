@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +25,12 @@ import meshd.proxy.outbound
 from meshd.config.schema import LocalService, MTLSMode, Upstream
 from meshd.identity.tls import TLSState
 from meshd.metrics import Metrics
+from meshd.proxy.core.http1 import RequestHead
 from meshd.proxy.core.view import MeshView, ViewCell
-from meshd.proxy.forward import PARK_AFTER
+from meshd.proxy.exchange import RequestSource
+from meshd.proxy.forward import PARK_AFTER, ClientConnection, answer_locally, serve_requests
 from meshd.proxy.server import Proxy
+from meshd.proxy.sockio import SocketConnection
 
 LISTENER = "outbound:web->orders"
 REQUEST = b"GET /x HTTP/1.1\r\nHost: orders\r\n\r\n"
@@ -89,7 +93,7 @@ async def ask(stream: trio.abc.Stream, request: bytes = REQUEST, count: int = 1)
     """Send ``request`` and read ``count`` whole responses (each with a Content-Length)."""
     await stream.send_all(request)
     buffered = b""
-    responses = []
+    responses: list[bytes] = []
     with trio.fail_after(5):
         while len(responses) < count:
             while b"\r\n\r\n" not in buffered:
@@ -228,6 +232,37 @@ async def test_each_stay_in_the_room_has_a_whole_idle_timeout(
         await eventually(lambda: lone.open() == 0)
     finally:
         await trio.aclose_forcefully(stream)
+
+
+@pytest.mark.parametrize("woken", [True, False])
+async def test_a_woken_connection_is_answered_though_a_drain_began(woken: bool) -> None:
+    """Bytes that woke a parked connection are a request that came while it was idle: if a
+    drain begins before its new task runs, the request is still answered (then the connection
+    closes); a connection merely idle when the drain began is closed unread."""
+    a, b = socket.socketpair()
+    client, server = SocketConnection(a), SocketConnection(b)
+    conn = ClientConnection("127.0.0.1", draining=True, served=True)
+    seen: list[bytes] = []
+
+    async def handle(request: RequestHead, source: RequestSource, conn: ClientConnection
+                     ) -> bool:
+        seen.append(request.target)
+        return await answer_locally(source, request, conn, 200, "ok")
+
+    try:
+        await client.send_all(REQUEST)
+        with trio.fail_after(5):
+            await serve_requests(server, conn, handle, 10.0, woken=woken)
+        server.close()
+        answer = await read_until_eof(client)
+        if woken:
+            assert seen == [b"/x"] and answer.startswith(b"HTTP/1.1 200 "), answer
+            assert b"connection: close" in answer.lower()
+        else:
+            assert seen == [] and answer == b""
+    finally:
+        client.close()
+        server.close()
 
 
 async def test_a_client_that_leaves_while_parked_is_cleaned_up(lone: Lone) -> None:
