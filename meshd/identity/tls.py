@@ -67,6 +67,11 @@ class HandshakeRefused(IdentityError):
         self.reason = reason
 
 
+class UncheckedCertificate(IdentityError):
+    """A worker's certificate file is not one its supervisor has checked (written since the
+    supervisor's last check): it is used once the supervisor's next ``SetTLS`` covers it."""
+
+
 class MeshSSLObject(ssl.SSLObject):
     """An SSLObject that remembers what the SNI callback saw, for the listener to read back."""
 
@@ -164,7 +169,9 @@ class TLSState:
         # open mTLS connections (both directions) by peer serial; weak: closed ones drop out
         self._open: dict[str, weakref.WeakSet[TrackedConnection]] = {}
         self._sweep_at = 1024
-        self._contexts = self._build()
+        # at the start there are no contexts to keep: a certificate the supervisor has not
+        # checked yet leaves its service unusable until the next reload
+        self._contexts = self._build(first=True)
         self.generation = 1
         # called after every change (reload, deny list): the worker processes follow
         self.watchers: list[Callable[[], None]] = []
@@ -286,7 +293,7 @@ class TLSState:
 
     # -- peer checks -------------------------------------------------------------------------
 
-    def check_server(self, cert: PeerCertificate | None, destination: str) -> str:
+    def check_server(self, cert: DecodedCertificate | None, destination: str) -> str:
         """Raise ``HandshakeRefused`` unless the upstream (its verified certificate, as
         ``getpeercert()`` gives it) is exactly ``destination`` and not revoked; returns its
         certificate's serial."""
@@ -301,7 +308,7 @@ class TLSState:
                                    f"{serial}, which the CA revoked")
         return serial
 
-    def check_client(self, cert: PeerCertificate | None) -> Peer:
+    def check_client(self, cert: DecodedCertificate | None) -> Peer:
         """The calling service of a verified client certificate (as ``getpeercert()`` gives
         it): its one SPIFFE ID must be a service of our trust domain, its serial not revoked.
         Raises ``HandshakeRefused``."""
@@ -325,7 +332,7 @@ class TLSState:
 
     # -- building ------------------------------------------------------------------------------
 
-    def _build(self) -> _Contexts:
+    def _build(self, first: bool = False) -> _Contexts:
         bundle = self.directory / BUNDLE_FILE
         by_service: dict[str, ssl.SSLContext] = {}
         clients: dict[str, ssl.SSLContext] = {}
@@ -336,7 +343,14 @@ class TLSState:
         now = self._clock()
         try:
             for service in self.services:
-                cert = self._check_certificate(service, checked)
+                try:
+                    cert = self._check_certificate(service, checked)
+                except UncheckedCertificate as exc:
+                    if not first:
+                        raise
+                    log.warning("%s; not presenting it yet", exc)
+                    unusable[service] = f"{exc}; not presenting it yet"
+                    continue
                 reason = _unusable(cert, service, now)
                 if reason is not None:
                     log.error("%s", reason)
@@ -349,6 +363,11 @@ class TLSState:
                 clients_h2[service] = _context(ssl.PROTOCOL_TLS_CLIENT, bundle,
                                                self.directory, service)
                 clients_h2[service].set_alpn_protocols([ALPN_H2])
+                # the bytes loaded are the bytes checked (a renewal writes a new file and
+                # renames it over the old: a reload caught in between is tried again)
+                path = cert_path(self.directory, service)
+                if certificate_digest(path.read_bytes()) not in checked:
+                    raise IdentityError(f"{path} changed while it was loaded")
                 not_after[service] = cert.not_after
             server = _context(ssl.PROTOCOL_TLS_SERVER, bundle, self.directory, None)
             admin, admin_not_after = self._admin_build(bundle, now) if self.admin else (None, 0.0)
@@ -392,8 +411,8 @@ class TLSState:
         if self.known is not None:
             facts = self.known.get(digest)
             if facts is None:
-                raise IdentityError(f"{path} is not the certificate the supervisor checked "
-                                    "(written since?)")
+                raise UncheckedCertificate(f"{path} is not a certificate the supervisor has "
+                                           "checked (written since its last check)")
         else:
             try:
                 facts = read_certificate(pem)
@@ -458,10 +477,10 @@ def _front_context(verify: ssl.VerifyMode) -> ssl.SSLContext:
 
 
 # a verified peer certificate as ``SSLObject.getpeercert()`` decodes it (OpenSSL's parser)
-PeerCertificate = Mapping[str, Any]
+DecodedCertificate = Mapping[str, Any]
 
 
-def _peer(cert: PeerCertificate | None) -> tuple[list[str], str]:
+def _peer(cert: DecodedCertificate | None) -> tuple[list[str], str]:
     """The SPIFFE IDs (URI SANs, in certificate order) and the serial (lowercase hex, as the
     deny list has it) of a verified peer certificate. Nothing when there is no certificate or
     its serial cannot be read: then no identity is accepted."""

@@ -24,9 +24,9 @@ import trio
 
 from meshd.identity.tls import (
     ALPN_H2,
+    DecodedCertificate,
     HandshakeRefused,
     MeshSSLObject,
-    PeerCertificate,
     TLSState,
     classify_tls_failure,
 )
@@ -65,9 +65,13 @@ class TLSStream(trio.abc.HalfCloseableStream):
         # reader (``meshd.proxy.exchange``), reset rather than built again for each request
         self.response_reader: object = None
 
-    def peer_certificate(self) -> PeerCertificate | None:
-        """The verified peer certificate, decoded by OpenSSL (``TLSState.check_*`` read it)."""
-        return self.ssl_object.getpeercert()
+    def peer_certificate(self) -> DecodedCertificate | None:
+        """The verified peer certificate, decoded by OpenSSL (``TLSState.check_*`` read it);
+        None if Python cannot decode it (a SAN that is not UTF-8): no identity, refused."""
+        try:
+            return self.ssl_object.getpeercert()
+        except ValueError:
+            return None
 
     def idle_unusable(self) -> bool:
         """Like ``SocketConnection.idle_unusable``: anything waiting (a close_notify, an alert,

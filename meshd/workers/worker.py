@@ -23,7 +23,7 @@ from typing import Any
 import trio
 
 from meshd.errors import IdentityError
-from meshd.identity.tls import TLSState
+from meshd.identity.tls import TLSState, UncheckedCertificate
 from meshd.logformat import LogFormat, configure
 from meshd.metrics import Metrics
 from meshd.proxy.access import ACCESS_LOGGER
@@ -127,6 +127,10 @@ class Worker:
             for attempt in range(TLS_RETRIES):
                 try:
                     self.tls.reload()
+                    break
+                except UncheckedCertificate as exc:  # the supervisor's next SetTLS covers it
+                    log.info("worker %d: identities not reloaded yet (%s); keeping those in "
+                             "force", self.start.index, exc)
                     break
                 except IdentityError as exc:
                     log.warning("worker %d: identities not reloaded yet (%s)%s",

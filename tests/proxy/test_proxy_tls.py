@@ -14,7 +14,7 @@ from cryptography import x509
 from proxy_testing import TD, MiniCA
 
 from meshd.errors import IdentityError
-from meshd.identity.tls import HandshakeRefused, TLSState
+from meshd.identity.tls import HandshakeRefused, TLSState, UncheckedCertificate
 from meshd.proxy.sockio import SocketConnection
 from meshd.proxy.streams import TLSStream, accept_mtls, open_mtls
 
@@ -141,17 +141,23 @@ async def test_a_worker_checks_its_files_against_the_supervisors_facts(
     old_serial = _serial(client, worker)
 
     renewed = ca.write_identity(identities, "payments")  # not checked by the supervisor yet
-    with pytest.raises(IdentityError,
-                       match=r"payments\.crt is not the certificate the supervisor checked"):
+    with pytest.raises(UncheckedCertificate,
+                       match=r"payments\.crt is not a certificate the supervisor has checked"):
         worker.reload()
     client, _ = await _tls_pair(worker)
     assert _serial(client, worker) == old_serial  # the contexts in force stay
+    # a worker starting now has nothing in force to keep: payments is refused until checked
+    starting = TLSState(identities, TD, ["web", "payments"], known=dict(supervisor.checked))
+    assert "not a certificate the supervisor has checked" in str(
+        starting.unusable_reason("payments"))
+    assert starting.unusable_reason("web") is None
 
     supervisor.reload()
-    worker.known = dict(supervisor.checked)
-    worker.reload()
-    client, _ = await _tls_pair(worker)
-    assert _serial(client, worker) == renewed.serial_number
+    for follower in (worker, starting):
+        follower.known = dict(supervisor.checked)
+        follower.reload()
+        client, _ = await _tls_pair(follower)
+        assert _serial(client, follower) == renewed.serial_number
 
     # the supervisor's facts decide validity: an expired certificate is never presented
     expired = {digest: replace(facts, not_after=0.0) for digest, facts in
