@@ -69,7 +69,9 @@ class ClientConnection:
     # (True: the calling task returns, leaving it open; ``resume()`` serves its next request in
     # a new task), or declines (False: the caller waits as usual).
     park: Callable[[trio.abc.Stream, Callable[[], Awaitable[None]], float], bool] | None = None
-    parked: bool = False  # waiting without a task (``park``)
+    # times it was parked (``park``): the task that parked it, seeing the count move, leaves it
+    # open, whatever happens to it after (woken and served by another task meanwhile)
+    parks: int = 0
 
     def set_drain_hook(self, hook: Callable[[], None] | None) -> None:
         self.drain_hook = hook

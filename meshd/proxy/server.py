@@ -510,6 +510,7 @@ class Proxy:
                      releases: bool) -> bool:
         """One task of a connection: ``serving()``, then the connection is closed (and its
         caps' slot released if ``releases``), unless it was parked meanwhile (True)."""
+        parks = conn.parks
         try:
             with trio.CancelScope() as scope:
                 listener.connections[conn] = scope
@@ -519,9 +520,10 @@ class Proxy:
             log.exception("%s listener %s: connection from %s failed", listener.direction,
                           listener.name, conn.peer)
         finally:
-            if not conn.parked:
+            handed_over = conn.parks != parks  # parked by this task: no longer its own
+            if not handed_over:
                 self._close(listener, stream, conn, release=releases)
-        return conn.parked
+        return handed_over
 
     def _close(self, listener: _Listener, stream: SocketConnection, conn: ClientConnection, *,
                release: bool) -> None:
@@ -560,12 +562,11 @@ class Proxy:
             room.add(stream.socket, _Parked(listener, stream, conn, resume))
         except OSError:  # closed (the listener is stopping), or no descriptor for its selector
             return False
-        conn.parked = True
+        conn.parks += 1
         return True
 
     def _wake(self, _sock: socket.socket, parked: _Parked) -> None:
         """Bytes came for a parked connection: a new task serves them."""
-        parked.conn.parked = False
         nurseries = parked.listener.nurseries
         if nurseries is not None:
             try:
@@ -583,7 +584,6 @@ class Proxy:
         """A parked connection's idle timeout, its client gone, or its listener's end (a
         drain, its removal, the proxy stopping: an idle connection closes at once): closed
         quietly, its caps' slot released."""
-        parked.conn.parked = False
         self._close(parked.listener, parked.stream, parked.conn, release=True)
 
 
