@@ -89,6 +89,7 @@ from bench_stack import (
 )
 from bench_wrk import WRK_GRACE, WrkError
 
+from meshd.config.mesh_schema import HostPort
 from meshd.dev import probes
 from meshd.dev.console import Console
 from meshd.dev.ports import ports_in_use
@@ -305,20 +306,19 @@ async def bring_up_and_measure(stack: Stack, settings: LoadSettings, paths: tupl
             after = await observer.snapshot(client)
             outcome.notes += observer.notes(before, after, single_hop_runs)
             outcome.notes += await unfinished_requests(observer, client, after)
+        async def hold(address: HostPort, entry: str, hosts: tuple[str, str]) -> IdleResult:
+            say(f"holding {idle_connections} idle connections to {address} ({entry}'s "
+                "outbound listener), reading RSS")
+            idle = await hold_idle_connections(address, [stack.child(h) for h in hosts],
+                                               idle_connections)
+            say("  " + format_idle(idle).splitlines()[-1])
+            return idle
+
         if MESH_2HOP in paths and idle_connections > 0:
-            say(f"holding {idle_connections} idle connections to "
-                f"{stack.layout.mesh_outbound} (host A's outbound listener), reading RSS")
-            outcome.idle = await hold_idle_connections(
-                stack.layout.mesh_outbound, [stack.child(HOST_A), stack.child(HOST_B)],
-                idle_connections)
-            say("  " + format_idle(outcome.idle).splitlines()[-1])
+            outcome.idle = await hold(stack.layout.mesh_outbound, "host A", (HOST_A, HOST_B))
         if MESH_2HOP_W in paths and idle_connections > 0:
-            say(f"holding {idle_connections} idle connections to "
-                f"{stack.layout.mesh_outbound_w} (host C's outbound listener), reading RSS")
-            outcome.idle_workers = await hold_idle_connections(
-                stack.layout.mesh_outbound_w, [stack.child(HOST_C), stack.child(HOST_D)],
-                idle_connections)
-            say("  " + format_idle(outcome.idle_workers).splitlines()[-1])
+            outcome.idle_workers = await hold(stack.layout.mesh_outbound_w, "host C",
+                                              (HOST_C, HOST_D))
 
 
 async def unfinished_requests(observer: MeshObserver, client: httpx.AsyncClient,

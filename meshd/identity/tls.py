@@ -152,8 +152,9 @@ class TLSState:
     Each certificate file is checked before it is used (its SPIFFE ID, its validity): parsed
     here, or, given ``known`` (a worker process), looked up there by the digest of its
     contents: the facts its supervisor read from the very same bytes (``checked``). A file
-    that is not there (written since the supervisor's check) is an ``IdentityError`` like any
-    other, and the contexts in force stay."""
+    that is not there (written since the supervisor's check) is ``UncheckedCertificate``: at
+    a reload the contexts in force stay; at the start its service is refused until a reload
+    finds it checked."""
 
     def __init__(self, directory: str | Path, trust_domain: str, services: Iterable[str], *,
                  clock: Callable[[], float] = time.time, admin: bool = False,

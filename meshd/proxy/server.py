@@ -147,8 +147,8 @@ class _Listener:
     # its connections, each with a scope that cuts it (a listener removed at runtime)
     connections: dict[ClientConnection, trio.CancelScope] = field(default_factory=dict)
     emptied: trio.Event | None = None  # set when a removed listener's last connection ends
-    # while it accepts: its own nursery (accept loops, keep-alive rooms) and the connections'
-    nurseries: tuple[trio.Nursery, trio.Nursery] | None = None
+    # while it accepts: its own nursery (accept loops, keep-alive rooms)
+    nursery: trio.Nursery | None = None
     # its keep-alive rooms, by idle timeout (one, unless its handlers' timeouts differ)
     rooms: dict[float, WaitingRoom[socket.socket, _Parked]] = field(default_factory=dict)
 
@@ -463,11 +463,11 @@ class Proxy:
         try:
             with listener.accepting:
                 async with trio.open_nursery() as nursery:
-                    listener.nurseries = (nursery, connections)
+                    listener.nursery = nursery
                     for sock in listener.sockets:
                         nursery.start_soon(self._accept_loop, listener, sock, connections)
         finally:
-            listener.nurseries = None
+            listener.nursery = None
 
     async def _accept_loop(self, listener: _Listener, sock: trio.SocketListener,
                            connections: trio.Nursery) -> None:
@@ -550,14 +550,14 @@ class Proxy:
         if client is not stream:  # TLS over it (or another layer): never; not asked again
             conn.park = None
             return False
-        if listener.nurseries is None or conn.draining:
+        if listener.nursery is None or conn.draining:
             return False
         room = listener.rooms.get(idle_timeout)
         if room is None:
             room = listener.rooms[idle_timeout] = WaitingRoom(
                 idle_timeout, self._wake, self._close_parked, self._close_parked,
                 on_close=self._close_parked)
-            listener.nurseries[0].start_soon(room.run)
+            listener.nursery.start_soon(room.run)
         try:
             room.add(stream.socket, _Parked(listener, stream, conn, resume))
         except OSError:  # closed (the listener is stopping), or no descriptor for its selector
@@ -567,10 +567,9 @@ class Proxy:
 
     def _wake(self, _sock: socket.socket, parked: _Parked) -> None:
         """Bytes came for a parked connection: a new task serves them."""
-        nurseries = parked.listener.nurseries
-        if nurseries is not None:
+        if parked.listener.nursery is not None and self._nurseries is not None:
             try:
-                nurseries[1].start_soon(self._resume, parked)
+                self._nurseries[1].start_soon(self._resume, parked)
                 return
             except RuntimeError:  # the connections nursery is closed: the proxy is stopping
                 pass

@@ -128,21 +128,28 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 if self._read_error is not None:
                     self._broken = True
                     raise trio.BrokenResourceError(f"TLS error: {self._read_error}")
-                try:
-                    return self._read(want)
-                except ssl.SSLWantReadError:
-                    pass
-                except ssl.SSLZeroReturnError:
-                    self._eof_received = True
-                    return b""
-                except ssl.SSLError as exc:
-                    self._broken = True
-                    raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
+                decrypted = self._decrypt(want)
+                if decrypted is not None:
+                    return decrypted
                 if self._outgoing.pending and not self._transport_send.locked():
                     await self._flush()
                 await self._fill()
         finally:
             self._receiving = False
+
+    def _decrypt(self, want: int) -> bytes | None:
+        """Up to ``want`` bytes OpenSSL can decrypt from what it holds (b"" once the peer's
+        close_notify came), or None if it needs more from the transport."""
+        try:
+            return self._read(want)
+        except ssl.SSLWantReadError:
+            return None
+        except ssl.SSLZeroReturnError:
+            self._eof_received = True
+            return b""
+        except ssl.SSLError as exc:
+            self._broken = True
+            raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
 
     def receive_nowait(self, max_bytes: int | None = None) -> bytes | None:
         """What ``receive_some`` would return without waiting for the transport (decrypted
@@ -159,16 +166,9 @@ class TLSStream(trio.abc.HalfCloseableStream):
             return None
         want = max_bytes or RECEIVE_SIZE
         for _ in range(2):  # from what OpenSSL holds; then once more after a transport read
-            try:
-                return self._read(want)  # b"": the peer's close_notify, as receive_some
-            except ssl.SSLWantReadError:
-                pass
-            except ssl.SSLZeroReturnError:
-                self._eof_received = True
-                return b""
-            except ssl.SSLError as exc:
-                self._broken = True
-                raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
+            data = self._decrypt(want)  # b"": the peer's close_notify, as receive_some
+            if data is not None:
+                return data
             if self._outgoing.pending:
                 return None  # OpenSSL has records to send first: receive_some does that
             data = receive(RECEIVE_SIZE)
