@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +148,16 @@ async def fleet(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[Fleet]:
                 except httpx.HTTPError:
                     return False
             await wait_for(serving, 60)
+
+            # host-a reaching one payments host is not the whole fleet: every meshd is up once
+            # its admin API answers with its node identity
+            async def host_ready(host: Host) -> bool:
+                try:
+                    return bool((await _identity(http, host))["node"])
+                except httpx.HTTPError:
+                    return False
+            for host in hosts:
+                await wait_for(partial(host_ready, host), 60)
             operator_serial = keys.serial_hex(
                 x509.load_pem_x509_certificate(mesh.operator.cert_pem))
         yield Fleet(ca_dir, hosts, outbound, registry, operator_serial, tmp_path)
@@ -165,9 +176,6 @@ async def test_rotate_finish_renews_every_meshd_now_under_load(fleet: Fleet) -> 
     load = Load()
     stop = trio.Event()
     async with httpx.AsyncClient(timeout=10) as http:
-        async def nodes_known() -> bool:  # a meshd gets its node identity beside its services'
-            return all([(await _identity(http, h))["node"] for h in fleet.hosts])
-        await wait_for(nodes_known, 30)
         before = {h.name: (await _identity(http, h))["node"]["serial"] for h in fleet.hosts}
 
         async def client() -> None:
